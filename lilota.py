@@ -1197,11 +1197,13 @@ class Storage:
             conn.execute(d.sql(f"INSERT INTO lilota_node ({_NODE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
                          (node_id, name, str(node_type), str(status), pid, socket.gethostname(), now, now))
 
-    def set_node_status(self, node_id, status, pid=None):
+    def set_node_status(self, node_id, status=None, pid=None):
+        """Record a node's status and/or pid (None keeps the stored value) and that it was seen now."""
         d = self.dialect
         with self._guard as conn:
-            conn.execute(d.sql("UPDATE lilota_node SET status = ?, pid = COALESCE(?, pid), last_seen_at = ? "
-                               "WHERE id = ?"), (str(status), pid, d.encode_time(_now()), node_id))
+            conn.execute(d.sql("UPDATE lilota_node SET status = COALESCE(?, status), pid = COALESCE(?, pid), "
+                               "last_seen_at = ? WHERE id = ?"),
+                         (None if status is None else str(status), pid, d.encode_time(_now()), node_id))
 
     def heartbeat(self, node_ids):
         if not node_ids:
@@ -2167,6 +2169,9 @@ class Lilota(LilotaScheduler):
                 self._wake_r, self._wake_w = os.pipe()
                 os.set_blocking(self._wake_r, False)
                 os.set_blocking(self._wake_w, False)
+                reader, writer = multiprocessing.Pipe(duplex=False)
+                os.set_blocking(writer.fileno(), False)
+                self._doorbell, self._doorbell_fd = (reader, writer), writer.fileno()
             self._thread = threading.Thread(target=self._supervise, name="lilota-supervisor", daemon=True)
             self._thread.start()
             atexit.register(self._stop_at_exit)
@@ -2229,9 +2234,6 @@ class Lilota(LilotaScheduler):
                     self._housekeeping([])
                 return
             context = multiprocessing.get_context(self.start_method)
-            reader, writer = context.Pipe(duplex=False)
-            os.set_blocking(writer.fileno(), False)
-            self._doorbell, self._doorbell_fd = (reader, writer), writer.fileno()
             handles = self._handles = [self._spawn(context, i) for i in range(self.number_of_workers)]
             crashes, restart_at = {}, {}
             next_check = next_beat = 0.0
@@ -2286,7 +2288,7 @@ class Lilota(LilotaScheduler):
                                   name=f"lilota-worker-{index}")
         process.start()
         child_end.close()
-        self.storage.set_node_status(node_id, NodeStatus.STARTING, process.pid)
+        self.storage.set_node_status(node_id, pid=process.pid)  # the child may already be running
         return _WorkerHandle(index, node_id, process, parent_end)
 
     def _read_messages(self, handle):
@@ -2397,9 +2399,10 @@ class Lilota(LilotaScheduler):
             except OSError:
                 pass
         if self._doorbell is not None:
-            for end in self._doorbell:
+            doorbell = self._doorbell
+            self._doorbell, self._doorbell_fd = None, None  # before closing: schedule() may ring it
+            for end in doorbell:
                 end.close()
-            self._doorbell, self._doorbell_fd = None, None
         self._handles = []
 
 
