@@ -303,6 +303,7 @@ class ModelProtocol(typing.Protocol):
 # stored in a documented text form and revived from the type annotations of the model they go into:
 #   datetime / date / time -> ISO 8601 string      UUID    -> canonical string
 #   Decimal                -> string ("1.10")       Enum    -> its value
+#   timedelta              -> seconds (float)
 #   dataclass              -> dict of its fields    pydantic -> model_dump(mode="json") / .dict()
 #   object with as_dict()  -> as_dict()             tuple   -> list
 # Anything else (sets, bytes, arbitrary objects, dicts with non-string keys) is a TypeError, and
@@ -328,6 +329,8 @@ def _to_json(value, path="input", _active=None):
         return value.isoformat()
     if isinstance(value, uuid.UUID):
         return str(value)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, (str, int)):  # subclasses that are not enums
@@ -438,6 +441,8 @@ def _revive(tp, value):
         return _dt.time.fromisoformat(value)
     if issubclass(tp, uuid.UUID):
         return uuid.UUID(value)
+    if issubclass(tp, timedelta):
+        return timedelta(seconds=value)
     if issubclass(tp, Decimal):
         return Decimal(value)
     if dataclasses.is_dataclass(tp) and isinstance(value, dict):
@@ -1511,6 +1516,18 @@ class _TaskFunction:
                             f"its input, and optionally a TaskProgress and a TaskContext parameter")
         self.input_model = input_model
 
+    def output(self, result):
+        """The JSON text stored for a task's return value. With an ``output_model``, the value must be
+        an instance of it or a dict that builds one (TypeError otherwise); it is stored as a dict."""
+        model = self.output_model
+        if (isinstance(model, type) and model.__module__ != "builtins" and result is not None
+                and not isinstance(result, model)):
+            if not isinstance(result, dict):
+                raise TypeError(f"task {self.name!r} returned {type(result).__name__}, but its output_model is "
+                                f"{model.__name__}: return a {model.__name__} or a dict of its fields")
+            _revive(model, result)  # raises when the dict does not fit the model
+        return dumps(result, "output")
+
     def __call__(self, stored_input, progress, context):
         args, kwargs = [], {}
         for role, value in ((self.input_param, None), (self.progress_param, progress), (self.context_param, context)):
@@ -1656,7 +1673,7 @@ class LilotaWorker:
                 result = function(task.input, progress, context)
             finally:
                 self._interruptible = False
-            output = dumps(result, "output")
+            output = function.output(result)
         except _Interrupted as stop:
             self._end_interrupted(task, node_id, str(stop), function)
             return
@@ -1848,7 +1865,7 @@ class LilotaWorker:
                 if now >= next_beat:
                     next_beat = now + self.heartbeat_interval
                     storage.heartbeat([node_id])
-                    _recover_lost_nodes(storage, self.node_timeout)
+                    _recover_lost_nodes(storage, self.node_timeout, self.retry_delay, self.retry_max_delay)
                 task = self._current
                 if can_interrupt and task is not None and self._interrupt_reason is None:
                     for hit in storage.running_tasks([node_id], only_overdue_or_cancelled=True):
@@ -1936,7 +1953,7 @@ def _ring(fd):
         pass
 
 
-def _recover_lost_nodes(storage, node_timeout, retry_delay=1.0, retry_max_delay=600.0):
+def _recover_lost_nodes(storage, node_timeout, retry_delay, retry_max_delay):
     """Mark nodes that stopped heartbeating (or whose process is gone) dead and release the running
     tasks they held: retried while attempts remain, else failed with a WorkerDiedError."""
     lost = storage.find_lost_nodes(node_timeout)
@@ -2064,6 +2081,7 @@ class Lilota(LilotaScheduler):
 
     def __init__(self, db_url=None, *, script_path=None, number_of_workers=None, stop_timeout=30.0,
                  heartbeat_interval=5.0, node_timeout=30.0, restart_delay=0.5, restart_max_delay=30.0,
+                 retry_delay=timedelta(seconds=1), retry_max_delay=timedelta(minutes=10),
                  start_method="spawn", name=None):
         super().__init__(db_url)
         self.number_of_workers = 0
@@ -2089,6 +2107,10 @@ class Lilota(LilotaScheduler):
         self.node_timeout = _seconds(node_timeout, "node_timeout", allow_zero=False)
         self.restart_delay = _seconds(restart_delay, "restart_delay")
         self.restart_max_delay = _seconds(restart_max_delay, "restart_max_delay")
+        # Backoff before a task whose worker died or timed out runs again (the worker's own
+        # retry_delay applies to tasks that raised).
+        self.retry_delay = _seconds(retry_delay, "retry_delay")
+        self.retry_max_delay = _seconds(retry_max_delay, "retry_max_delay")
         if start_method not in multiprocessing.get_all_start_methods():
             raise ConfigurationError(f"start_method must be one of {multiprocessing.get_all_start_methods()}, "
                                      f"got {start_method!r}")
@@ -2146,10 +2168,13 @@ class Lilota(LilotaScheduler):
         return self._thread is not None and self._thread.is_alive()
 
     def start(self):
-        """Start the worker processes and their supervisor (no-op when already running).
+        """Start the worker processes and their supervisor (no-op when already running; after a
+        fatal error it starts afresh).
 
         Raises StorageError subclasses when the database cannot be used and ConfigurationError for a
         database that worker processes cannot share (in-memory SQLite)."""
+        if self.node_id is not None and not self.is_running:
+            self.stop()  # the workers failed earlier: clean up before starting afresh
         with self._lock:
             if self.node_id is not None:
                 return self
@@ -2227,7 +2252,7 @@ class Lilota(LilotaScheduler):
         storage = self.storage
         handles = []
         try:
-            _recover_lost_nodes(storage, self.node_timeout)
+            _recover_lost_nodes(storage, self.node_timeout, self.retry_delay, self.retry_max_delay)
             if self.script_path is None:
                 # A scheduling-only application: keep its node alive and help recover lost nodes.
                 while not self._stop_requested.wait(self.heartbeat_interval):
@@ -2317,7 +2342,7 @@ class Lilota(LilotaScheduler):
             return None
         # A crash: release its task (retried, or failed when its attempts are used up) and restart
         # with backoff, so that a task that kills its worker cannot cause a restart storm.
-        tasks = storage.recover_tasks(handle.node_id, _error_record(
+        tasks = self._recover(handle.node_id, _error_record(
             type_name="WorkerDiedError",
             message=f"the worker process {handle.process.pid} running this task died ({_describe_exit(code)})"))
         storage.set_node_status(handle.node_id, NodeStatus.CRASHED)
@@ -2341,16 +2366,16 @@ class Lilota(LilotaScheduler):
             handle.process.kill()
             handle.process.join(5)
             if handle.killed_for == "cancel":
-                storage.recover_tasks(handle.node_id, _error_record(
+                self._recover(handle.node_id, _error_record(
                     type_name="TaskCancelledError", message="cancelled while running"),
                     final_status=TaskStatus.CANCELLED, retry=False, task_id=task.id)
             else:
-                storage.recover_tasks(handle.node_id, _error_record(
+                self._recover(handle.node_id, _error_record(
                     type_name="TaskTimeoutError",
                     message=f"task ran longer than its timeout of {task.timeout.total_seconds():g}s; "
                             f"its worker process was stopped"),
                     final_status=TaskStatus.EXPIRED, task_id=task.id)
-            storage.recover_tasks(handle.node_id, _error_record(
+            self._recover(handle.node_id, _error_record(
                 type_name="Interrupted", message="the worker was stopped while running this task"),
                 count_attempt=False)
             storage.set_node_status(handle.node_id, NodeStatus.STOPPED)
@@ -2359,10 +2384,15 @@ class Lilota(LilotaScheduler):
                         "cancelled" if handle.killed_for == "cancel" else "timed out", handle.process.pid)
             handles[i] = self._spawn(context, i)
 
+    def _recover(self, node_id, error, **options):
+        """Release the running tasks of one of our workers, retrying with this Lilota's backoff."""
+        return self.storage.recover_tasks(node_id, error, retry_delay=self.retry_delay,
+                                          retry_max_delay=self.retry_max_delay, **options)
+
     def _housekeeping(self, handles):
         try:
             self.storage.heartbeat([self.node_id] + [h.node_id for h in handles if h is not None])
-            _recover_lost_nodes(self.storage, self.node_timeout)
+            _recover_lost_nodes(self.storage, self.node_timeout, self.retry_delay, self.retry_max_delay)
         except StorageError:
             logger.warning("lilota heartbeat failed; will retry", exc_info=True)
 
@@ -2388,7 +2418,7 @@ class Lilota(LilotaScheduler):
                 continue
             h.process.join(5)
             try:
-                storage.recover_tasks(h.node_id, _error_record(
+                self._recover(h.node_id, _error_record(
                     type_name="Interrupted", message="lilota stopped while this task was running; it was queued again"),
                     count_attempt=False)
                 storage.set_node_status(h.node_id, NodeStatus.STOPPED)
@@ -2444,4 +2474,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as ``python -m lilota``: hand over to the module imported under its own name, so that worker
+    # processes (which unpickle ``lilota._worker_process_main``) and worker scripts share one lilota.
+    import lilota as _lilota
+    sys.exit(_lilota.main())

@@ -1,0 +1,180 @@
+"""The examples in examples/ run as documented: one command from the repository root, the printed
+result, exit code 0, no worker process left behind, and a rerun works."""
+
+import glob
+import importlib.util
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import unittest
+
+from tests.support import ROOT, wait_until
+
+EXAMPLES = os.path.join(ROOT, "examples")
+HAVE_PYDANTIC = importlib.util.find_spec("pydantic") is not None
+
+
+def session_members(sid):
+    """Pids of live processes in session ``sid`` (an example and the workers it started)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[4]) == sid:
+            found.append(int(entry))
+    return found
+
+
+class ExampleTestCase(unittest.TestCase):
+
+    def setUp(self):
+        # The examples keep their databases in examples/ (git-ignored); remove what a run leaves.
+        before = set(self._database_files())
+        self.addCleanup(self._remove_new_databases, before)
+
+    @staticmethod
+    def _database_files():
+        return [p for pattern in ("*.db", "*.db-wal", "*.db-shm")
+                for p in glob.glob(os.path.join(EXAMPLES, pattern))]
+
+    def _remove_new_databases(self, before):
+        for path in self._database_files():
+            if path not in before:
+                os.remove(path)
+
+    def run_example(self, name, cwd=ROOT):
+        """Run ``python examples/<name>`` in its own session; return its stdout. The example must exit
+        0, print no traceback and leave no process of its session (its workers) behind."""
+        path = os.path.join("examples", name) if cwd == ROOT else os.path.join(EXAMPLES, name)
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)   # the examples find lilota themselves when run from a checkout
+        env.pop("LILOTA_DB_URL", None)
+        proc = subprocess.Popen([sys.executable, path], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        self.assertEqual(proc.returncode, 0, f"{name} failed:\nstdout:\n{out}\nstderr:\n{err}")
+        self.assertNotIn("Traceback", err, err)
+        wait_until(lambda: not session_members(proc.pid), 10, message=f"the worker processes of {name} to exit")
+        return out
+
+    def task_rows(self, db_name):
+        connection = sqlite3.connect(os.path.join(EXAMPLES, db_name))
+        try:
+            return connection.execute("SELECT name, status, output FROM lilota_task").fetchall()
+        finally:
+            connection.close()
+
+
+class QuickExampleTest(ExampleTestCase):
+
+    def test_prints_the_sum(self):
+        out = self.run_example("quick_example.py")
+        self.assertEqual(out.splitlines(), [
+            "We add the numbers 2 and 3: ",
+            "{'sum': 5}",
+            "completed: 2 + 3 = 5",
+        ])
+        self.assertEqual(self.task_rows("quick_example.db"), [("add", "completed", '{"sum":5}')])
+
+    def test_reruns_start_from_an_empty_database(self):
+        self.run_example("quick_example.py")
+        out = self.run_example("quick_example.py")
+        self.assertIn("{'sum': 5}", out.splitlines())
+        self.assertEqual(len(self.task_rows("quick_example.db")), 1)
+
+    def test_runs_from_any_directory(self):
+        with tempfile.TemporaryDirectory() as elsewhere:
+            out = self.run_example("quick_example.py", cwd=elsewhere)
+            self.assertEqual(os.listdir(elsewhere), [], "the example wrote into the current directory")
+        self.assertIn("{'sum': 5}", out.splitlines())
+
+    def test_worker_script_runs_standalone_until_sigterm(self):
+        # python examples/myscript.py is a worker of its own: it executes a task stored by anyone.
+        import signal
+        import lilota
+        db_path = os.path.join(EXAMPLES, "quick_example.db")
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(db_path + suffix):
+                os.remove(db_path + suffix)
+        scheduler = lilota.Lilota.scheduler("sqlite:///" + db_path)
+        self.addCleanup(self._close_storage, db_path)
+        task_id = scheduler.schedule("add", {"a": 20, "b": 22})
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        worker = subprocess.Popen([sys.executable, os.path.join("examples", "myscript.py")], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            task = scheduler.wait(task_id, timeout=60)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            out, err = worker.communicate(timeout=30)
+        self.assertEqual(worker.returncode, 0, err)
+        self.assertEqual((task.status, task.output), ("completed", {"sum": 42}))
+
+    @staticmethod
+    def _close_storage(db_path):
+        import lilota
+        for key, storage in list(lilota.Storage._instances.items()):
+            if db_path in key:
+                storage.close()
+                del lilota.Storage._instances[key]
+
+
+class NumberedExamplesTest(ExampleTestCase):
+
+    def test_1_hello_world(self):
+        lines = self.run_example("1-hello-world.py").splitlines()
+        self.assertEqual(lines[0], "Hello World")
+        self.assertRegex(lines[1], r"^task [0-9a-f-]{36} completed after 1 attempt\(s\)$")
+
+    def test_2_add_two_numbers(self):
+        out = self.run_example("2-add-two-numbers.py")
+        self.assertEqual(out.splitlines(), ["{'sum': 5}", "2 + 3 = 5", "1+1, 2+2, 3+3 = [2, 4, 6]"])
+        rows = self.task_rows("2-add-two-numbers.db")
+        self.assertEqual(sorted(status for _, status, _ in rows), ["completed"] * 4)
+
+    @unittest.skipUnless(HAVE_PYDANTIC, "pydantic is not installed (pip install pydantic)")
+    def test_3_add_two_numbers_using_pydantic(self):
+        out = self.run_example("3-add-two-numbers-using-pydantic.py")
+        self.assertEqual(out.splitlines(), ["{'sum': 5}", "2 + 3 = 5 (AddOutput)"])
+
+    def test_4_using_db_inside_task(self):
+        out = self.run_example("4-using-db-inside-task.py")
+        self.assertEqual(out.splitlines(), [
+            "{'report_id': 1, 'total': '100.00', 'reports_in_database': 1}",
+            "report row: (1, 'Sales May', '2024-05-31', '100.00')",
+        ])
+        # A rerun starts from empty databases again: the report is number 1 once more.
+        self.assertEqual(self.run_example("4-using-db-inside-task.py"), out)
+
+    def test_5_setting_task_progress_manually(self):
+        lines = self.run_example("5-setting-task-progress-manually.py").splitlines()
+        self.assertEqual(lines[-1], "completed: {'processed': 5}, progress 100%")
+        progress = [int(line.split()[1].rstrip("%")) for line in lines[:-1]]
+        self.assertTrue(all(line.startswith("progress: ") for line in lines[:-1]), lines)
+        self.assertEqual(progress, sorted(set(progress)), "progress is shown once per value, increasing")
+        self.assertEqual(progress[-1], 100)
+        self.assertTrue(set(progress) <= {0, 20, 40, 60, 80, 100}, progress)
+
+    def test_every_example_is_tested(self):
+        names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(EXAMPLES, "*.py")))
+        tested = {"quick_example.py", "myscript.py", "1-hello-world.py", "2-add-two-numbers.py",
+                  "3-add-two-numbers-using-pydantic.py", "4-using-db-inside-task.py",
+                  "5-setting-task-progress-manually.py"}
+        self.assertEqual(set(names), tested)
+
+
+if __name__ == "__main__":
+    unittest.main()
