@@ -303,7 +303,7 @@ class ModelProtocol(typing.Protocol):
 # stored in a documented text form and revived from the type annotations of the model they go into:
 #   datetime / date / time -> ISO 8601 string      UUID    -> canonical string
 #   Decimal                -> string ("1.10")       Enum    -> its value
-#   timedelta              -> seconds (float)
+#   timedelta              -> seconds (float)      Enum dict keys -> their (string) values
 #   dataclass              -> dict of its fields    pydantic -> model_dump(mode="json") / .dict()
 #   object with as_dict()  -> as_dict()             tuple   -> list
 # Anything else (sets, bytes, arbitrary objects, dicts with non-string keys) is a TypeError, and
@@ -349,10 +349,11 @@ def _to_json(value, path="input", _active=None):
         if isinstance(value, dict):
             out = {}
             for key, item in value.items():
-                if not isinstance(key, str):
+                name = key.value if isinstance(key, enum.Enum) else key
+                if not isinstance(name, str):
                     raise TypeError(f"{path}: dictionary keys must be strings to be stored as JSON, "
                                     f"got key {key!r} of type {type(key).__name__}")
-                out[str(key)] = _to_json(item, f"{path}[{key!r}]", _active)
+                out[str(name)] = _to_json(item, f"{path}[{key!r}]", _active)
             return out
         if isinstance(value, (list, tuple)):
             return [_to_json(item, f"{path}[{i}]", _active) for i, item in enumerate(value)]
@@ -425,8 +426,8 @@ def _revive(tp, value):
         return origin(_revive(item, v) for v in value)
     if origin is dict:
         args = typing.get_args(tp)
-        item = args[1] if len(args) == 2 else None
-        return {k: _revive(item, v) for k, v in value.items()}
+        key_type, item = (args[0], args[1]) if len(args) == 2 else (None, None)
+        return {_revive(key_type, k): _revive(item, v) for k, v in value.items()}
     if not isinstance(tp, type):
         return value
     if isinstance(value, tp) and not isinstance(value, (dict, list)):
@@ -562,6 +563,11 @@ class Dialect:
         """A string naming the database, equal for two URLs that reach the same one."""
         return self.url
 
+    @property
+    def connection_key(self):
+        """What a process's connections are shared by: the database and the connection options."""
+        return self.identity
+
     def describe(self):
         """The database for error messages, without a password."""
         parts = self.parts
@@ -668,6 +674,10 @@ class SQLiteDialect(Dialect):
     @property
     def identity(self):
         return "sqlite::memory:" if self.memory else "sqlite:" + os.path.realpath(self.path)
+
+    @property
+    def connection_key(self):
+        return f"{self.identity}?synchronous={self.synchronous}&timeout={self.busy_timeout:g}"
 
     def describe(self):
         return "in-memory SQLite database" if self.memory else f"SQLite database {self.path!r}"
@@ -882,7 +892,7 @@ class Storage:
     def for_url(cls, url):
         """The process's storage for ``url`` (created on first use, recreated after a fork)."""
         dialect = _dialect_for_url(url)
-        key = dialect.identity
+        key = dialect.connection_key
         with cls._instances_lock:
             storage = cls._instances.get(key)
             if storage is None or storage._owner_pid != os.getpid():
@@ -1426,15 +1436,15 @@ class LilotaScheduler:
         """Cancel a task. A queued task is cancelled at once and never runs; a running task is
         stopped by its supervisor (its worker process is replaced) and ends ``cancelled``.
 
-        Returns True when the task is cancelled or being stopped, False when it had already
-        finished. Raises TaskNotFoundError for an unknown id."""
+        Returns True when the task is (or already was) cancelled or is being stopped, False when it
+        had already completed, failed or expired. Raises TaskNotFoundError for an unknown id."""
         key = _task_id(task_id)
         outcome = self.storage.cancel(key)
         if outcome is None:
             raise TaskNotFoundError(f"no task with id {key}")
         if outcome == "stopping":
             self._notify_supervisor()
-        return outcome in ("cancelled", "stopping")
+        return outcome in ("cancelled", "stopping")  # "cancelled" also when it already was
 
     def _notify_supervisor(self):
         """Called when a running task must be looked at now (Lilota wakes its supervisor)."""
