@@ -1902,26 +1902,27 @@ class LilotaWorker:
                     busy_errors = 0
                     self._execute(task, node_id)
                     continue
-                # Idle. Empty the doorbell, then claim once more: a task stored after the claim
-                # above rang the bell after its commit, so it is either seen now or wakes us below.
+                # Idle. Empty the doorbell and read the change counter, then claim once more: a
+                # task stored after that claim rang the bell or moved the counter after its
+                # commit, so it is either claimed now or wakes us below.
                 rings = _drain(doorbell) if doorbell is not None else 0
+                counter = storage.change_counter()
                 task = storage.claim(prepared, node_id, pid)
                 if task is not None:
                     if rings > 1:   # more work was announced: pass the wake-up on to another worker
                         _ring(_supervision.doorbell_writer_fd if _supervision else None)
                     self._execute(task, node_id)
                     continue
-                self._idle(waitables, doorbell)
+                self._idle(waitables, counter)
             except DatabaseBusyError:
                 busy_errors += 1
                 self.logger.warning("worker %s: database busy, retrying", node_id)
                 stopping.wait(min(1.0, 0.01 * 2 ** min(busy_errors, 7)))
 
-    def _idle(self, waitables, doorbell):
-        """Wait until the doorbell rings, another connection commits, a delayed task falls due, or
-        stop() is called."""
+    def _idle(self, waitables, counter):
+        """Wait until the doorbell rings, another connection commits (the change counter moves away
+        from ``counter``), a delayed task falls due, or stop() is called."""
         storage = self.storage
-        counter = storage.change_counter()
         due = storage.next_run_at()
         give_up = time.monotonic() + 5.0   # a periodic claim as a safety net
         while not self._stopping.is_set():
