@@ -112,6 +112,14 @@ def _backoff(attempt, base, cap):
     return delay * random.uniform(0.5, 1.0)
 
 
+def _retry_time(task, base, cap):
+    """When a task whose attempt failed runs again (epoch seconds), or None when its attempts are
+    used up. The one retry policy: every way an attempt can fail goes through here."""
+    if task.attempts < (task.max_attempts or 1):
+        return _now() + _backoff(task.attempts, base, cap)
+    return None
+
+
 # ==================================================================================================
 # 1. Models and serialization
 # ==================================================================================================
@@ -225,6 +233,7 @@ class NodeStatus(_StrEnum):
 
 
 _ALIVE_NODE_STATUSES = ("idle", "starting", "running", "stopping")
+_ALIVE_SQL = "(" + ", ".join(f"'{status}'" for status in _ALIVE_NODE_STATUSES) + ")"
 
 
 class NodeType(_StrEnum):
@@ -287,6 +296,7 @@ class Node:
     hostname: typing.Optional[str]
     created_at: datetime
     last_seen_at: datetime
+    lease_expires_at: datetime   # dead once this passes without a heartbeat
 
 
 @typing.runtime_checkable
@@ -528,7 +538,7 @@ _TASK_COLUMNS = ("id", "name", "status", "priority", "pid", "run_at", "attempts"
                  "timeout", "expires_at", "progress_percentage", "start_date_time", "end_date_time",
                  "input", "output", "error", "locked_by", "locked_at", "created_at", "cancel_requested")
 _TASK_SELECT = ", ".join(_TASK_COLUMNS)
-_NODE_COLUMNS = "id, name, type, status, pid, hostname, created_at, last_seen_at"
+_NODE_COLUMNS = "id, name, type, status, pid, hostname, created_at, last_seen_at, lease_expires_at"
 
 SCHEMA_VERSION = 1
 
@@ -567,6 +577,11 @@ class Dialect:
     def connection_key(self):
         """What a process's connections are shared by: the database and the connection options."""
         return self.identity
+
+    @property
+    def absolute_url(self):
+        """The URL naming the same database from any working directory."""
+        return self.url
 
     def describe(self):
         """The database for error messages, without a password."""
@@ -679,6 +694,13 @@ class SQLiteDialect(Dialect):
     def connection_key(self):
         return f"{self.identity}?synchronous={self.synchronous}&timeout={self.busy_timeout:g}"
 
+    @property
+    def absolute_url(self):
+        if self.memory:
+            return self.url
+        query = f"?{self.parts.query}" if self.parts.query else ""
+        return f"sqlite:///{self.path}{query}"
+
     def describe(self):
         return "in-memory SQLite database" if self.memory else f"SQLite database {self.path!r}"
 
@@ -749,8 +771,10 @@ class SQLiteDialect(Dialect):
                     status TEXT NOT NULL,
                     pid INTEGER,
                     hostname TEXT,
+                    host_key TEXT,
                     created_at REAL NOT NULL,
-                    last_seen_at REAL NOT NULL)""",
+                    last_seen_at REAL NOT NULL,
+                    lease_expires_at REAL NOT NULL)""",
             ],
         }
 
@@ -862,23 +886,35 @@ class _Guard:
 
     def __enter__(self):
         storage = self.storage
+        if storage._owner_pid != os.getpid():
+            storage._forget_parent()
         storage._lock.acquire()
+        storage._depth += 1
         try:
-            if storage._conn is None or storage._pid != os.getpid():
+            if storage._conn is None:
                 storage._open()
         except BaseException:
+            storage._depth -= 1
             storage._lock.release()
             raise
         return storage._conn
 
     def __exit__(self, exc_type, exc, tb):
+        storage = self.storage
         try:
-            if exc is not None and not isinstance(exc, LilotaError):
-                translated = self.storage.dialect.translate_error(exc)
-                if translated is not None:
-                    raise translated from exc
+            if exc is not None:
+                conn = storage._conn
+                # An exception (a signal's too) between BEGIN and COMMIT must not leave this
+                # process's one connection holding the write lock.
+                if storage._depth == 1 and conn is not None and getattr(conn, "in_transaction", False):
+                    _rollback(conn)
+                if not isinstance(exc, LilotaError):
+                    translated = storage.dialect.translate_error(exc)
+                    if translated is not None:
+                        raise translated from exc
         finally:
-            self.storage._lock.release()
+            storage._depth -= 1
+            storage._lock.release()
         return False
 
 
@@ -891,7 +927,11 @@ class Storage:
     @classmethod
     def for_url(cls, url):
         """The process's storage for ``url`` (created on first use, recreated after a fork)."""
-        dialect = _dialect_for_url(url)
+        return cls.for_dialect(_dialect_for_url(url))
+
+    @classmethod
+    def for_dialect(cls, dialect):
+        """The process's storage for the database a parsed URL names."""
         key = dialect.connection_key
         with cls._instances_lock:
             storage = cls._instances.get(key)
@@ -902,8 +942,8 @@ class Storage:
     def __init__(self, dialect):
         self.dialect = dialect
         self._lock = threading.RLock()
+        self._depth = 0               # nesting of _Guard blocks in the thread holding the lock
         self._conn = None
-        self._pid = None
         self._owner_pid = os.getpid()
         self._guard = _Guard(self)
         sql = dialect.sql
@@ -917,37 +957,43 @@ class Storage:
             "progress_percentage = CASE WHEN ? THEN progress_percentage ELSE 100 END, "
             "input = CASE WHEN ? THEN input ELSE NULL END "
             "WHERE id = ? AND status = 'running' AND locked_by = ?")
+        # Ends an attempt that did not complete. A task queued again is unlocked; one whose cancel
+        # was asked for while it ran ends cancelled instead of running again.
         self._fail_sql = sql(
-            "UPDATE lilota_task SET status = ?, run_at = COALESCE(?, run_at), end_date_time = ?, error = ?, "
-            "attempts = attempts - ?, input = CASE WHEN ? THEN input ELSE NULL END "
+            "UPDATE lilota_task SET "
+            "status = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE ? END, "
+            "run_at = COALESCE(?, run_at), "
+            "end_date_time = CASE WHEN cancel_requested = 1 THEN ? ELSE ? END, "
+            "error = ?, attempts = attempts - ?, "
+            "input = CASE WHEN ? OR cancel_requested = 1 THEN input ELSE NULL END, "
+            "locked_by = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_by END, "
+            "locked_at = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_at END "
             "WHERE id = ? AND status = 'running' AND locked_by = ?")
         self._get_sql = sql(f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id = ?")
 
     # --- connection and schema ---
 
-    def _open(self):
-        if self._conn is not None and self._pid == os.getpid():
-            return
-        # A connection inherited through fork belongs to the parent: never use or close it here.
+    def _forget_parent(self):
+        """In a child made by fork: the lock may have been held by a parent thread and the
+        connection is the parent's. Start with a new lock and no connection (never close it)."""
+        self._lock = threading.RLock()
+        self._depth = 0
         self._conn = None
-        conn = self._connect()
-        try:
-            self._migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn, self._pid = conn, os.getpid()
+        self._owner_pid = os.getpid()
 
-    def _connect(self):
+    def _open(self):
+        conn = None
         try:
-            return self.dialect.connect()
-        except LilotaError:
-            raise
-        except Exception as exc:
-            translated = self.dialect.translate_error(exc)
+            conn = self.dialect.connect()
+            self._migrate(conn)
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            translated = None if isinstance(exc, LilotaError) else self.dialect.translate_error(exc)
             if translated is not None:
                 raise translated from exc
             raise
+        self._conn = conn
 
     def _migrate(self, conn):
         """Bring the schema to SCHEMA_VERSION; safe when several processes start at once."""
@@ -961,37 +1007,25 @@ class Storage:
                 raise
             return int(row[0]) if row else 0
 
-        try:
+        current = version()
+        if current == SCHEMA_VERSION:
+            return
+        if current > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{self.dialect.describe()} has lilota schema version {current}, newer than the "
+                f"{SCHEMA_VERSION} this lilota {__version__} knows; upgrade lilota")
+        # The write lock serialises concurrent starters: the second one sees the new version.
+        _retry_busy(lambda: conn.execute(self.dialect.begin_write_sql), getattr(self.dialect, "busy_timeout", 30))
+        with _Transaction(conn, None):
+            conn.execute("CREATE TABLE IF NOT EXISTS lilota_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             current = version()
-            if current == SCHEMA_VERSION:
-                return
-            if current > SCHEMA_VERSION:
-                raise SchemaVersionError(
-                    f"{self.dialect.describe()} has lilota schema version {current}, newer than the "
-                    f"{SCHEMA_VERSION} this lilota {__version__} knows; upgrade lilota")
-            # The write lock serialises concurrent starters: the second one sees the new version.
-            _retry_busy(lambda: conn.execute(self.dialect.begin_write_sql), getattr(self.dialect, "busy_timeout", 30))
-            try:
-                conn.execute("CREATE TABLE IF NOT EXISTS lilota_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-                current = version()
-                for number, statements in sorted(self.dialect.migrations().items()):
-                    if number > current:
-                        for statement in statements:
-                            conn.execute(statement)
-                conn.execute(self.dialect.sql("DELETE FROM lilota_meta WHERE key = 'schema_version'"))
-                conn.execute(self.dialect.sql("INSERT INTO lilota_meta (key, value) VALUES ('schema_version', ?)"),
-                             (str(SCHEMA_VERSION),))
-                conn.execute("COMMIT")
-            except BaseException:
-                _rollback(conn)
-                raise
-        except LilotaError:
-            raise
-        except Exception as exc:
-            translated = self.dialect.translate_error(exc)
-            if translated is not None:
-                raise translated from exc
-            raise
+            for number, statements in sorted(self.dialect.migrations().items()):
+                if number > current:
+                    for statement in statements:
+                        conn.execute(statement)
+            conn.execute(self.dialect.sql("DELETE FROM lilota_meta WHERE key = 'schema_version'"))
+            conn.execute(self.dialect.sql("INSERT INTO lilota_meta (key, value) VALUES ('schema_version', ?)"),
+                         (str(SCHEMA_VERSION),))
 
     def ensure_ready(self):
         """Open the connection and create or migrate the schema now (raises StorageError)."""
@@ -1000,7 +1034,7 @@ class Storage:
 
     def close(self):
         with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
+            if self._conn is not None and self._owner_pid == os.getpid():
                 try:
                     self._conn.close()
                 except Exception:
@@ -1032,10 +1066,10 @@ class Storage:
 
     def _node(self, row):
         d = self.dialect
-        id_, name, type_, status, pid, hostname, created_at, last_seen_at = row
+        id_, name, type_, status, pid, hostname, created_at, last_seen_at, lease = row
         return Node(id=uuid.UUID(str(id_)), name=name, type=NodeType(type_), status=NodeStatus(status),
                     pid=pid, hostname=hostname, created_at=d.decode_time(created_at),
-                    last_seen_at=d.decode_time(last_seen_at))
+                    last_seen_at=d.decode_time(last_seen_at), lease_expires_at=d.decode_time(lease))
 
     # --- tasks: scheduling side ---
 
@@ -1091,14 +1125,26 @@ class Storage:
                 return None if row is None else row[0]
 
     def requeue(self, task_id):
-        """Put a finished task (failed, expired, cancelled) back in the queue with the same id."""
+        """Put a finished task (failed, expired, cancelled) back in the queue with the same id.
+
+        Returns False for a task in another state; raises LilotaError when its input was deleted
+        (``keep_input=False``): SQL NULL there means deleted, a stored None is the JSON ``null``."""
         sql = self.dialect.sql
         with self._guard as conn:
-            cur = conn.execute(sql("UPDATE lilota_task SET status = 'scheduled', run_at = ?, attempts = 0, "
-                                   "end_date_time = NULL, cancel_requested = 0, locked_by = NULL "
-                                   "WHERE id = ? AND status IN ('failed', 'expired', 'cancelled')"),
-                               (self.dialect.encode_time(_now()), task_id))
-            return cur.rowcount == 1
+            with self._transaction(conn):
+                cur = conn.execute(sql("UPDATE lilota_task SET status = 'scheduled', run_at = ?, attempts = 0, "
+                                       "end_date_time = NULL, cancel_requested = 0, locked_by = NULL, "
+                                       "locked_at = NULL WHERE id = ? AND input IS NOT NULL "
+                                       "AND status IN ('failed', 'expired', 'cancelled')"),
+                                   (self.dialect.encode_time(_now()), task_id))
+                if cur.rowcount == 1:
+                    return True
+                row = conn.execute(sql("SELECT status, input IS NULL FROM lilota_task WHERE id = ?"),
+                                   (task_id,)).fetchone()
+        if row is not None and row[0] in ("failed", "expired", "cancelled") and row[1]:
+            raise LilotaError(f"task {task_id} cannot run again: its input was deleted when it finished "
+                              f"(keep_input=False); schedule a new task with the input instead")
+        return False
 
     def delete_finished(self, before):
         """Delete tasks that finished before ``before`` (epoch seconds) and nodes gone since then."""
@@ -1144,26 +1190,27 @@ class Storage:
             return cur.rowcount == 1
 
     def finish_attempt(self, task, node_id, error, *, final_status=TaskStatus.FAILED, retry_at=None,
-                       count_attempt=True, keep_input=True, conn=None):
+                       count_attempt=True, keep_input=True):
         """End a running attempt that did not complete: requeue it at ``retry_at`` (epoch seconds) or
         give it its final status. ``count_attempt=False`` gives the attempt back (the task was
         interrupted through no fault of its own). False when the task was no longer this node's."""
         d = self.dialect
-        if retry_at is not None or not count_attempt:
+        now = d.encode_time(_now())
+        requeue = retry_at is not None or not count_attempt
+        if requeue:
             status, run_at, end = "scheduled", d.encode_time(retry_at if retry_at is not None else _now()), None
         else:
-            status, run_at, end = str(final_status), None, d.encode_time(_now())
-        params = (status, run_at, end, d.encode_json(dumps(error, "error")), 0 if count_attempt else 1,
-                  keep_input or status == "scheduled", str(task.id), node_id)
-        if conn is not None:
-            return conn.execute(self._fail_sql, params).rowcount == 1
+            status, run_at, end = str(final_status), None, now
+        params = (status, run_at, now, end, d.encode_json(dumps(error, "error")), 0 if count_attempt else 1,
+                  keep_input or requeue, requeue, requeue, str(task.id), node_id)
         with self._guard as conn:
             return conn.execute(self._fail_sql, params).rowcount == 1
 
-    def set_progress(self, task_id, progress):
+    def set_progress(self, task_id, node_id, progress):
         with self._guard as conn:
             conn.execute(self.dialect.sql("UPDATE lilota_task SET progress_percentage = ? "
-                                          "WHERE id = ? AND status = 'running'"), (progress, task_id))
+                                          "WHERE id = ? AND status = 'running' AND locked_by = ?"),
+                         (progress, task_id, node_id))
 
     def running_tasks(self, node_ids, *, only_overdue_or_cancelled=False):
         """Running tasks locked by the given nodes (optionally only those past expires_at or asked
@@ -1195,22 +1242,23 @@ class Storage:
             with self._transaction(conn):
                 tasks = [self._task(r) for r in conn.execute(d.sql(query), params).fetchall()]
                 for task in tasks:
-                    retry_at = None
-                    if retry and count_attempt and task.attempts < (task.max_attempts or 1):
-                        retry_at = _now() + _backoff(task.attempts, retry_delay, retry_max_delay)
+                    retry_at = _retry_time(task, retry_delay, retry_max_delay) if retry and count_attempt else None
                     record = dict(error, attempt=task.attempts)
                     self.finish_attempt(task, node_id, record, final_status=final_status, retry_at=retry_at,
-                                        count_attempt=count_attempt, conn=conn)
+                                        count_attempt=count_attempt)
         return tasks
 
     # --- nodes ---
 
-    def add_node(self, node_id, name, node_type, status, pid):
+    def add_node(self, node_id, name, node_type, status, pid, lease):
+        """Record a node of this host, alive for ``lease`` seconds unless its heartbeat renews it."""
         d = self.dialect
-        now = d.encode_time(_now())
+        now = _now()
         with self._guard as conn:
-            conn.execute(d.sql(f"INSERT INTO lilota_node ({_NODE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
-                         (node_id, name, str(node_type), str(status), pid, socket.gethostname(), now, now))
+            conn.execute(d.sql(f"INSERT INTO lilota_node ({_NODE_COLUMNS}, host_key) "
+                               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                         (node_id, name, str(node_type), str(status), pid, socket.gethostname(),
+                          d.encode_time(now), d.encode_time(now), d.encode_time(now + lease), _host_key()))
 
     def set_node_status(self, node_id, status=None, pid=None):
         """Record a node's status and/or pid (None keeps the stored value) and that it was seen now."""
@@ -1220,48 +1268,69 @@ class Storage:
                                "last_seen_at = ? WHERE id = ?"),
                          (None if status is None else str(status), pid, d.encode_time(_now()), node_id))
 
-    def heartbeat(self, node_ids):
+    def heartbeat(self, node_ids, lease):
+        """Renew the lease of nodes that are still alive; return the ids that are not (another
+        process declared them dead and recovered their tasks: they must not go on working)."""
         if not node_ids:
-            return
+            return set()
         d = self.dialect
+        now = _now()
         marks = ", ".join("?" for _ in node_ids)
         with self._guard as conn:
-            conn.execute(d.sql(f"UPDATE lilota_node SET last_seen_at = ? WHERE id IN ({marks})"),
-                         [d.encode_time(_now()), *node_ids])
+            with self._transaction(conn):
+                conn.execute(d.sql(f"UPDATE lilota_node SET last_seen_at = ?, lease_expires_at = ? "
+                                   f"WHERE id IN ({marks}) AND status IN {_ALIVE_SQL}"),
+                             [d.encode_time(now), d.encode_time(now + lease), *node_ids])
+                alive = conn.execute(d.sql(f"SELECT id FROM lilota_node WHERE id IN ({marks}) "
+                                           f"AND status IN {_ALIVE_SQL}"), list(node_ids)).fetchall()
+        return set(node_ids) - {str(row[0]) for row in alive}
 
     def nodes(self):
         with self._guard as conn:
             rows = conn.execute(f"SELECT {_NODE_COLUMNS} FROM lilota_node ORDER BY created_at").fetchall()
         return [self._node(r) for r in rows]
 
-    def find_lost_nodes(self, node_timeout):
-        """Nodes marked alive whose heartbeat is older than ``node_timeout`` seconds, or whose process
-        is gone from this host; they are marked dead and returned."""
+    def find_lost_nodes(self):
+        """Mark dead the nodes marked alive whose lease has expired, or whose process is gone from
+        this host (same host key: same machine, boot and pid namespace); return their ids."""
         d = self.dialect
-        here = socket.gethostname()
+        here = _host_key()
         with self._guard as conn:
-            rows = conn.execute(d.sql("SELECT id, pid, hostname, last_seen_at FROM lilota_node WHERE status IN "
-                                      f"({', '.join(repr(s) for s in _ALIVE_NODE_STATUSES)})")).fetchall()
-            cutoff = _now() - node_timeout
-            lost = [node_id for node_id, pid, hostname, seen in rows
-                    if d.decode_time(seen).timestamp() < cutoff
-                    or (hostname == here and pid and not _process_exists(pid))]
-            for node_id in lost:
-                conn.execute(d.sql("UPDATE lilota_node SET status = 'dead' WHERE id = ?"), (node_id,))
+            with self._transaction(conn):
+                rows = conn.execute(f"SELECT id, pid, host_key, lease_expires_at FROM lilota_node "
+                                    f"WHERE status IN {_ALIVE_SQL}").fetchall()
+                now = _now()
+                lost = [str(node_id) for node_id, pid, host_key, lease in rows
+                        if d.decode_time(lease).timestamp() < now
+                        or (host_key == here and pid and not _process_exists(pid))]
+                for node_id in lost:
+                    conn.execute(d.sql(f"UPDATE lilota_node SET status = 'dead' WHERE id = ? "
+                                       f"AND status IN {_ALIVE_SQL}"), (node_id,))
         return lost
 
     def orphaned_nodes(self):
         """Ids of nodes that are not alive but still hold running tasks."""
         with self._guard as conn:
             rows = conn.execute(
-                "SELECT DISTINCT locked_by FROM lilota_task WHERE status = 'running' AND (locked_by IS NULL "
-                "OR locked_by NOT IN (SELECT id FROM lilota_node WHERE status IN "
-                f"({', '.join(repr(s) for s in _ALIVE_NODE_STATUSES)})))").fetchall()
-        return [r[0] for r in rows]
+                "SELECT DISTINCT locked_by FROM lilota_task WHERE status = 'running' AND locked_by NOT IN "
+                f"(SELECT id FROM lilota_node WHERE status IN {_ALIVE_SQL})").fetchall()
+        return [str(r[0]) for r in rows]
+
+
+def _reset_after_fork():
+    # A thread of the parent may have held these locks at the fork; the child starts afresh (its
+    # Storage objects notice the new pid and open their own connections).
+    Storage._instances = {}
+    Storage._instances_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 class _Transaction:
-    """BEGIN (IMMEDIATE on SQLite) ... COMMIT, or ROLLBACK on error."""
+    """BEGIN (IMMEDIATE on SQLite; ``begin=None``: already begun) ... COMMIT, or ROLLBACK on error
+    (a failed COMMIT included, so that the shared connection never stays inside a transaction)."""
 
     __slots__ = ("conn", "begin")
 
@@ -1269,15 +1338,33 @@ class _Transaction:
         self.conn, self.begin = conn, begin
 
     def __enter__(self):
-        self.conn.execute(self.begin)
+        if self.begin is not None:
+            self.conn.execute(self.begin)
         return self.conn
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self.conn.execute("COMMIT")
+            try:
+                self.conn.execute("COMMIT")
+            except BaseException:
+                _rollback(self.conn)
+                raise
         else:
             _rollback(self.conn)
         return False
+
+
+@functools.lru_cache(maxsize=1)
+def _host_key():
+    """What makes a pid meaningful: the machine, its boot and the pid namespace. Two containers
+    with the same hostname but their own pid namespaces get different keys."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(open(path).read().strip() if path.endswith("boot_id") else str(os.stat(path).st_ino))
+        except OSError:
+            parts.append("-")
+    return "/".join(parts)
 
 
 def _process_exists(pid):
@@ -1340,14 +1427,21 @@ class LilotaScheduler:
 
     def __init__(self, db_url=None):
         self.db_url = db_url or os.environ.get("LILOTA_DB_URL") or DEFAULT_DB_URL
-        self._dialect = _dialect_for_url(self.db_url)  # a bad URL fails here, not at first use
+        # Parsed now: a bad URL fails here, and a relative SQLite path is fixed to the current
+        # directory of this moment, not of the first use.
+        self._dialect = _dialect_for_url(self.db_url)
         self._storage = None
 
     @property
     def storage(self):
         if self._storage is None:
-            self._storage = Storage.for_url(self.db_url)
+            self._storage = Storage.for_dialect(self._dialect)
         return self._storage
+
+    @property
+    def db_url_for_workers(self):
+        """The URL as other processes must see it (a relative SQLite path made absolute)."""
+        return self._dialect.absolute_url
 
     def _notify_workers(self):
         """Called after tasks were stored; Lilota wakes its idle worker processes here."""
@@ -1588,7 +1682,7 @@ class LilotaWorker:
         self._running = False
         self._wake_r = self._wake_w = None
         self._current = None          # the task being executed, for the keeper thread
-        self._interrupt_reason = None
+        self._interrupt = None        # (task id, reason) the keeper asked to stop
         self._interruptible = False
         self.logger = logging.getLogger("lilota.worker")
 
@@ -1644,7 +1738,7 @@ class LilotaWorker:
     @property
     def storage(self):
         if self._storage is None:
-            self._storage = Storage.for_url(self.db_url)
+            self._storage = Storage.for_dialect(self._dialect)
         return self._storage
 
     def _prepared_claim(self):
@@ -1653,8 +1747,6 @@ class LilotaWorker:
                 (t.name, t.timeout, t.max_attempts) for t in self._registry.values())
         return self._claim
 
-    def _store_progress(self, task_id, percent):
-        self.storage.set_progress(str(task_id), percent)
 
     # --- executing one task ---
 
@@ -1664,22 +1756,22 @@ class LilotaWorker:
         function = self._registry.get(task.name)
         if function is None:
             known = ", ".join(repr(n) for n in self.registered_names) or "none"
-            storage.finish_attempt(task, node_id, _error_record(
+            self.logger.warning("task %s: unknown task name %r", task.id, task.name)
+            self._record(storage.finish_attempt, task, node_id, _error_record(
                 type_name="UnknownTaskError",
                 message=f"no task named {task.name!r} is registered in this worker (registered: {known}); "
                         f"register it with @worker.register({task.name!r}) in the worker script",
                 attempt=task.attempts))
-            self.logger.warning("task %s: unknown task name %r", task.id, task.name)
             return
-        progress = TaskProgress(task.id, self._store_progress)
+        progress = TaskProgress(task.id, lambda task_id, percent: storage.set_progress(str(task_id), node_id, percent))
         context = TaskContext(task_id=task.id, name=task.name, attempt=task.attempts,
                               max_attempts=task.max_attempts or 1, progress=progress, logger=self.logger)
-        self._current, self._interrupt_reason = task, None
+        self._current, self._interrupt = task, None
         try:
             try:
                 self._interruptible = True
-                if self._interrupt_reason:  # asked to stop before we got here
-                    raise _Interrupted(self._interrupt_reason)
+                if self._interrupt is not None:  # asked to stop before we got here
+                    raise _Interrupted(self._interrupt[1])
                 result = function(task.input, progress, context)
             finally:
                 self._interruptible = False
@@ -1689,41 +1781,52 @@ class LilotaWorker:
             return
         except KeyboardInterrupt:
             # Ctrl-C of a standalone worker: give the task back to the queue and stop.
-            storage.finish_attempt(task, node_id, _error_record(type_name="Interrupted",
-                                   message="the worker was interrupted; the task was queued again"),
-                                   count_attempt=False)
+            self._record(storage.finish_attempt, task, node_id, _error_record(
+                type_name="Interrupted", message="the worker was interrupted; the task was queued again"),
+                count_attempt=False)
             raise
         except BaseException as exc:  # the task's own failure, SystemExit included
             self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts), function)
             return
         finally:
             self._current = None
-        if not storage.complete(str(task.id), node_id, output, self.set_progress_manually, function.keep_input):
+        if not self._record(storage.complete, str(task.id), node_id, output, self.set_progress_manually,
+                            function.keep_input):
             self.logger.info("task %s finished but was no longer this worker's (cancelled or recovered); "
                              "its result was not stored", task.id)
 
-    def _retry_at(self, task):
-        if task.attempts < (task.max_attempts or 1):
-            return _now() + _backoff(task.attempts, self.retry_delay, self.retry_max_delay)
-        return None
+    def _record(self, write, *args, **kwargs):
+        """Store a task's outcome, retrying while the database refuses: the worker takes no other
+        task while one's outcome is unrecorded (the task would stay running and be run again)."""
+        delay = 0.01
+        while True:
+            try:
+                return write(*args, **kwargs)
+            except StorageError as exc:
+                self.logger.warning("could not record a task's outcome (%s); retrying in %.2fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _end_failed(self, task, node_id, error, function, final_status=TaskStatus.FAILED):
-        retry_at = self._retry_at(task)
+        retry_at = _retry_time(task, self.retry_delay, self.retry_max_delay)
         self.logger.warning("task %s (%s) attempt %s/%s failed: %s: %s%s", task.id, task.name, task.attempts,
                             task.max_attempts, error["type"], error["message"], " (will retry)" if retry_at else "")
-        self.storage.finish_attempt(task, node_id, error, final_status=final_status, retry_at=retry_at,
-                                    keep_input=function.keep_input)
+        self._record(self.storage.finish_attempt, task, node_id, error, final_status=final_status,
+                     retry_at=retry_at, keep_input=function.keep_input)
 
     def _end_interrupted(self, task, node_id, reason, function):
         if reason == "cancel":
-            self.storage.finish_attempt(task, node_id, _error_record(
+            self._record(self.storage.finish_attempt, task, node_id, _error_record(
                 type_name="TaskCancelledError", message="cancelled while running", attempt=task.attempts),
                 final_status=TaskStatus.CANCELLED, keep_input=function.keep_input)
-        else:
+        elif reason == "timeout":
+            limit = f" of {task.timeout.total_seconds():g}s" if task.timeout is not None else ""
             self._end_failed(task, node_id, _error_record(
-                type_name="TaskTimeoutError", attempt=task.attempts,
-                message=f"task ran longer than its timeout of {task.timeout.total_seconds():g}s"),
+                type_name="TaskTimeoutError", attempt=task.attempts, message=f"task ran longer than its timeout{limit}"),
                 function, final_status=TaskStatus.EXPIRED)
+        else:  # "lost": another process declared this worker dead and already recovered the task
+            self.logger.error("task %s was taken from this worker (its node was declared dead); stopped it",
+                              task.id)
 
     # --- the test helper ---
 
@@ -1734,12 +1837,13 @@ class LilotaWorker:
         if self._helper_node_id is None:
             self._helper_node_id = str(uuid.uuid4())
             self.storage.add_node(self._helper_node_id, "run_pending", NodeType.WORKER, NodeStatus.RUNNING,
-                                  os.getpid())
+                                  os.getpid(), self.node_timeout)
         else:
             self.storage.set_node_status(self._helper_node_id, NodeStatus.RUNNING)
         done = []
         try:
             while limit is None or len(done) < limit:
+                self.storage.heartbeat([self._helper_node_id], self.node_timeout)
                 task = self.storage.claim(self._prepared_claim(), self._helper_node_id, os.getpid())
                 if task is None:
                     break
@@ -1773,15 +1877,11 @@ class LilotaWorker:
                 pass
 
     def _open_wake_pipe(self):
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wake_r, self._wake_w = _nonblocking_pipe()
 
     def _close_wake_pipe(self):
-        for fd in (self._wake_r, self._wake_w):
-            if fd is not None:
-                os.close(fd)
-        self._wake_r = self._wake_w = None
+        fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None  # before closing
+        _close_fds(*fds)
 
     def _start_supervised(self, supervision):
         supervisor_db = _dialect_for_url(supervision.db_url).identity
@@ -1826,7 +1926,7 @@ class LilotaWorker:
         self._prepared_claim()
         node_id = self._node_id = str(uuid.uuid4())
         storage.add_node(node_id, self.name or f"{socket.gethostname()}:{os.getpid()}", NodeType.WORKER,
-                         NodeStatus.RUNNING, os.getpid())
+                         NodeStatus.RUNNING, os.getpid(), self.node_timeout)
         self._running = True
         self._stopping.clear()
         self._open_wake_pipe()
@@ -1861,12 +1961,20 @@ class LilotaWorker:
                 self.logger.exception("could not record that worker %s stopped", node_id)
 
     def _on_interrupt_signal(self, signum, frame):
-        if self._interruptible and self._interrupt_reason:
-            raise _Interrupted(self._interrupt_reason)
+        request, task = self._interrupt, self._current
+        # Only the task the keeper meant: it may have finished, and another begun, since.
+        if self._interruptible and request is not None and task is not None and task.id == request[0]:
+            raise _Interrupted(request[1])
+
+    def _request_interrupt(self, task, reason, can_interrupt):
+        if can_interrupt and self._interrupt is None and self._current is task:
+            self._interrupt = (task.id, reason)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
 
     def _keep_standalone(self, node_id, can_interrupt):
-        """Heartbeats, recovery of lost nodes' tasks, and (in the main thread's worker) timeout and
-        cancel of the running task. Without a supervisor nobody else does these."""
+        """Heartbeats, recovery of lost nodes' tasks, and (for a worker in the main thread, where a
+        signal can interrupt the task function) timeout and cancel of the running task. Without a
+        supervisor nobody else does these."""
         storage = self.storage
         next_beat = 0.0
         while not self._stopping.is_set():
@@ -1874,14 +1982,22 @@ class LilotaWorker:
             try:
                 if now >= next_beat:
                     next_beat = now + self.heartbeat_interval
-                    storage.heartbeat([node_id])
-                    _recover_lost_nodes(storage, self.node_timeout, self.retry_delay, self.retry_max_delay)
+                    if storage.heartbeat([node_id], self.node_timeout):
+                        # Declared dead while alive (paused past its lease): the running task was
+                        # recovered elsewhere. Stop it and come back to life for the next ones.
+                        self.logger.error("worker %s was declared dead by another process; resuming", node_id)
+                        task = self._current
+                        if task is not None:
+                            self._request_interrupt(task, "lost", can_interrupt)
+                        storage.set_node_status(node_id, NodeStatus.RUNNING)
+                        storage.heartbeat([node_id], self.node_timeout)
+                    _recover_lost_nodes(storage, self.retry_delay, self.retry_max_delay)
                 task = self._current
-                if can_interrupt and task is not None and self._interrupt_reason is None:
+                if task is not None and self._interrupt is None:
                     for hit in storage.running_tasks([node_id], only_overdue_or_cancelled=True):
                         if hit.id == task.id:
-                            self._interrupt_reason = "cancel" if hit.cancel_requested else "timeout"
-                            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+                            self._request_interrupt(task, "cancel" if hit.cancel_requested else "timeout",
+                                                    can_interrupt)
             except StorageError:
                 self.logger.warning("worker %s: database unavailable for heartbeat; will retry", node_id,
                                     exc_info=True)
@@ -1941,6 +2057,20 @@ class LilotaWorker:
                 return
 
 
+def _nonblocking_pipe():
+    """A self-pipe for waking a thread that waits in select(): (read fd, write fd)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    return read_fd, write_fd
+
+
+def _close_fds(*fds):
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
+
+
 def _drain(fd):
     """Read everything waiting in a non-blocking pipe; return how many bytes there were."""
     total = 0
@@ -1955,26 +2085,25 @@ def _drain(fd):
 
 
 def _ring(fd):
-    """Write one byte to a doorbell pipe; a full pipe already holds enough wake-ups."""
+    """Write one byte to a doorbell pipe; a full pipe already holds enough wake-ups, and a closed
+    one belongs to workers that are gone."""
     if fd is None:
         return
     try:
         os.write(fd, b"\0")
-    except (BlockingIOError, InterruptedError, BrokenPipeError):
+    except OSError:
         pass
 
 
-def _recover_lost_nodes(storage, node_timeout, retry_delay, retry_max_delay):
-    """Mark nodes that stopped heartbeating (or whose process is gone) dead and release the running
+def _recover_lost_nodes(storage, retry_delay, retry_max_delay):
+    """Mark nodes whose lease expired (or whose process is gone) dead and release the running
     tasks they held: retried while attempts remain, else failed with a WorkerDiedError."""
-    lost = storage.find_lost_nodes(node_timeout)
+    lost = storage.find_lost_nodes()
     for node_id in set(lost) | set(storage.orphaned_nodes()):
-        if node_id is None:
-            continue
         tasks = storage.recover_tasks(node_id, _error_record(
             type_name="WorkerDiedError",
-            message=f"the worker node {node_id} running this task was lost (no heartbeat for "
-                    f"{node_timeout:g}s or its process is gone)"),
+            message=f"the worker node {node_id} running this task was lost (its heartbeat lease expired "
+                    f"or its process is gone)"),
             retry_delay=retry_delay, retry_max_delay=retry_max_delay)
         if tasks:
             logger.warning("recovered %d task(s) of lost node %s", len(tasks), node_id)
@@ -2007,7 +2136,10 @@ def _worker_process_main(script_path, supervision):
     _supervision = supervision
     # The script imports lilota by that name: let it find this very module (and its _supervision).
     sys.modules.setdefault("lilota", sys.modules[__name__])
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the application's to handle
+    # The supervisor owns this process's life: Ctrl-C and a SIGTERM sent to the whole process group
+    # are the application's to handle (it stops the workers gracefully); it ends them with SIGKILL.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(supervision.parent_pid)
     sys.argv = [script_path]
     sys.path.insert(0, os.path.dirname(script_path))
@@ -2040,8 +2172,9 @@ def _report_fatal(supervision, text):
 
 
 def _die_with_parent(parent_pid):
-    """On Linux, have the kernel kill this process when the supervisor's thread dies; elsewhere the
-    keeper thread notices the closed control pipe."""
+    """On Linux, have the kernel kill this process when its parent dies (the supervisor's thread,
+    or the forkserver, which exits with the application); everywhere the keeper thread also notices
+    the closed control pipe. ``parent_pid`` None: the parent is not the application (forkserver)."""
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -2049,7 +2182,7 @@ def _die_with_parent(parent_pid):
             libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except Exception:
             pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+    if parent_pid is not None and os.getppid() != parent_pid:  # it died before prctl took effect
         os._exit(1)
 
 
@@ -2073,9 +2206,8 @@ class _WorkerHandle:
         self.process = process
         self.control = control
         self.started_at = time.monotonic()
-        self.ready = False
-        self.stopping = False
-        self.killed_for = None
+        self.ready = False      # it called worker.start()
+        self.fatal = None       # what it reported before dying, if anything
 
 
 class Lilota(LilotaScheduler):
@@ -2137,6 +2269,8 @@ class Lilota(LilotaScheduler):
         self._doorbell = None
         self._doorbell_fd = None
         self._handles = []
+        self._ever_ready = False     # some worker of this run called worker.start(): the script works
+        self._owner_pid = os.getpid()
         self._lock = threading.Lock()
 
     # --- one side only ---
@@ -2197,14 +2331,14 @@ class Lilota(LilotaScheduler):
             storage.ensure_ready()
             self.node_id = str(uuid.uuid4())
             storage.add_node(self.node_id, self.name or f"{socket.gethostname()}:{os.getpid()}", NodeType.SCHEDULER,
-                             NodeStatus.RUNNING, os.getpid())
+                             NodeStatus.RUNNING, os.getpid(), self.node_timeout)
+            self._owner_pid = os.getpid()
             self._error = None
             self._failed.clear()
             self._stop_requested.clear()
+            self._ever_ready = False
             if self.script_path is not None:
-                self._wake_r, self._wake_w = os.pipe()
-                os.set_blocking(self._wake_r, False)
-                os.set_blocking(self._wake_w, False)
+                self._wake_r, self._wake_w = _nonblocking_pipe()
                 reader, writer = multiprocessing.Pipe(duplex=False)
                 os.set_blocking(writer.fileno(), False)
                 self._doorbell, self._doorbell_fd = (reader, writer), writer.fileno()
@@ -2230,15 +2364,15 @@ class Lilota(LilotaScheduler):
                 self.storage.set_node_status(self.node_id, NodeStatus.STOPPED)
             except StorageError:
                 logger.warning("could not record that node %s stopped", self.node_id, exc_info=True)
-            for fd in (self._wake_r, self._wake_w):
-                if fd is not None:
-                    os.close(fd)
-            self._wake_r = self._wake_w = None
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None  # before closing
+            _close_fds(*fds)
             self._thread = None
             self.node_id = None
             atexit.unregister(self._stop_at_exit)
 
     def _stop_at_exit(self):
+        if os.getpid() != self._owner_pid:
+            return  # a forked child of the application: the workers are its parent's
         try:
             self.stop()
         except Exception:
@@ -2258,68 +2392,74 @@ class Lilota(LilotaScheduler):
         _ring(self._wake_w)
 
     # --- the supervisor thread ---
+    #
+    # One thread owns the worker processes: it starts them, reads their messages, notices their
+    # deaths through process sentinels, kills the ones whose task is overdue or cancelled, renews
+    # their heartbeat lease, and stops them. A database error in one round is logged and retried in
+    # the next: it must not take the workers down.
 
     def _supervise(self):
-        storage = self.storage
-        handles = []
         try:
-            _recover_lost_nodes(storage, self.node_timeout, self.retry_delay, self.retry_max_delay)
+            self._housekeeping()
             if self.script_path is None:
                 # A scheduling-only application: keep its node alive and help recover lost nodes.
                 while not self._stop_requested.wait(self.heartbeat_interval):
-                    self._housekeeping([])
+                    self._housekeeping()
                 return
             context = multiprocessing.get_context(self.start_method)
-            handles = self._handles = [self._spawn(context, i) for i in range(self.number_of_workers)]
-            crashes, restart_at = {}, {}
+            self._handles = [None] * self.number_of_workers
+            restart_at = {i: 0.0 for i in range(self.number_of_workers)}
+            crashes = {}
             next_check = next_beat = 0.0
             while not self._stop_requested.is_set() and not self._failed.is_set():
-                now = time.monotonic()
-                waitables = [self._wake_r]
-                for h in handles:
-                    if h is not None:
-                        waitables += [h.control, h.process.sentinel]
-                timeout = max(0.0, min([next_check - now, next_beat - now]
-                                       + [at - now for at in restart_at.values()]))
-                ready = multiprocessing.connection.wait(waitables, timeout)
-                if self._wake_r in ready:
-                    _drain(self._wake_r)
-                    next_check = 0.0  # a cancel may be waiting
-                for i, h in enumerate(handles):
-                    if h is None:
-                        continue
-                    self._read_messages(h)
-                    if h.process.exitcode is not None or h.process.sentinel in ready:
-                        h.process.join(1)
-                        handles[i] = None
-                        delay = self._on_worker_exit(h, crashes)
-                        if delay is not None:
-                            restart_at[i] = time.monotonic() + delay
-                if self._failed.is_set() or self._stop_requested.is_set():
-                    break
-                now = time.monotonic()
-                for i, at in list(restart_at.items()):
-                    if at <= now:
-                        del restart_at[i]
-                        handles[i] = self._spawn(context, i)
-                if now >= next_check:
-                    next_check = now + 0.2
-                    self._stop_overdue_and_cancelled(handles, context)
-                if now >= next_beat:
-                    next_beat = now + self.heartbeat_interval
-                    self._housekeeping(handles)
+                try:
+                    now = time.monotonic()
+                    waitables = [self._wake_r]
+                    for h in self._handles:
+                        if h is not None:
+                            waitables += [h.control, h.process.sentinel]
+                    timeout = max(0.0, min([next_check - now, next_beat - now]
+                                           + [at - now for at in restart_at.values()]))
+                    ready = multiprocessing.connection.wait(waitables, timeout)
+                    if self._wake_r in ready:
+                        _drain(self._wake_r)
+                        next_check = 0.0  # a cancel may be waiting
+                    for i, h in enumerate(self._handles):
+                        if h is not None and (self._read_messages(h) or h.process.exitcode is not None):
+                            h.process.join(1)
+                            self._handles[i] = None
+                            restart_at[i] = time.monotonic() + self._restart_delay(h, crashes)
+                            self._on_worker_exit(h)
+                    if self._failed.is_set() or self._stop_requested.is_set():
+                        break
+                    now = time.monotonic()
+                    for i, at in sorted(restart_at.items()):
+                        if at <= now:
+                            self._handles[i] = self._spawn(context, i)
+                            del restart_at[i]
+                    if now >= next_check:
+                        next_check = now + 0.2
+                        self._stop_overdue_and_cancelled(context)
+                    if now >= next_beat:
+                        next_beat = now + self.heartbeat_interval
+                        self._housekeeping(context)
+                except StorageError:
+                    logger.warning("lilota supervisor: database error; retrying", exc_info=True)
+                    self._stop_requested.wait(0.5)
         except BaseException:
             self._fail("the lilota supervisor failed:\n" + traceback.format_exc())
         finally:
-            self._shutdown(handles)
+            self._shutdown()
 
     def _spawn(self, context, index):
         node_id = str(uuid.uuid4())
         self.storage.add_node(node_id, f"{self.name or socket.gethostname()}:worker-{index}", NodeType.WORKER,
-                              NodeStatus.STARTING, None)
+                              NodeStatus.STARTING, None, self.node_timeout)
         parent_end, child_end = context.Pipe()
         reader, writer = self._doorbell
-        supervision = _Supervision(self.db_url, node_id, child_end, reader, writer, os.getpid())
+        # Under forkserver the worker's parent is the fork server, not this process.
+        parent_pid = None if self.start_method == "forkserver" else os.getpid()
+        supervision = _Supervision(self.db_url_for_workers, node_id, child_end, reader, writer, parent_pid)
         process = context.Process(target=_worker_process_main, args=(self.script_path, supervision),
                                   name=f"lilota-worker-{index}")
         process.start()
@@ -2328,55 +2468,54 @@ class Lilota(LilotaScheduler):
         return _WorkerHandle(index, node_id, process, parent_end)
 
     def _read_messages(self, handle):
+        """Handle what a worker sent; True when its pipe closed (the process is ending)."""
         try:
             while handle.control.poll():
                 message = handle.control.recv()
                 if message[0] == "ready":
-                    handle.ready = True
+                    handle.ready = self._ever_ready = True
                 elif message[0] == "fatal":
-                    self._fail(message[1])
+                    handle.fatal = message[1]
         except (EOFError, OSError):
-            pass
+            return True
+        return False
 
-    def _on_worker_exit(self, handle, crashes):
-        """Record a worker's exit; return the delay before its replacement starts, or None."""
-        storage = self.storage
-        code = handle.process.exitcode
-        handle.control.close()
-        if handle.killed_for is not None or handle.stopping:
-            storage.set_node_status(handle.node_id, NodeStatus.STOPPED)
-            return None if handle.stopping else 0.0
-        if not handle.ready:
-            storage.set_node_status(handle.node_id, NodeStatus.CRASHED)
-            self._fail(f"worker process {handle.process.pid} ({self.script_path}) {_describe_exit(code)} "
-                       f"before calling worker.start()")
-            return None
-        # A crash: release its task (retried, or failed when its attempts are used up) and restart
-        # with backoff, so that a task that kills its worker cannot cause a restart storm.
-        tasks = self._recover(handle.node_id, _error_record(
-            type_name="WorkerDiedError",
-            message=f"the worker process {handle.process.pid} running this task died ({_describe_exit(code)})"))
-        storage.set_node_status(handle.node_id, NodeStatus.CRASHED)
+    def _restart_delay(self, handle, crashes):
+        """Backoff before a dead worker's replacement starts: a worker that keeps dying (a task that
+        kills it, a broken environment) cannot cause a restart storm."""
         lived = time.monotonic() - handle.started_at
         count = 1 if lived > 60 else crashes.get(handle.index, 0) + 1
         crashes[handle.index] = count
-        delay = _backoff(count, self.restart_delay, self.restart_max_delay)
-        logger.warning("worker process %s %s%s; restarting in %.2fs", handle.process.pid, _describe_exit(code),
-                       f" while running task {tasks[0].id}" if tasks else "", delay)
-        return delay
+        return _backoff(count, self.restart_delay, self.restart_max_delay)
 
-    def _stop_overdue_and_cancelled(self, handles, context):
+    def _on_worker_exit(self, handle):
+        """Record the death of a worker this supervisor did not stop."""
+        code = handle.process.exitcode
+        handle.control.close()
+        if not handle.ready and not self._ever_ready:
+            # The script never got a worker running: a broken script, not a crash. No restarts.
+            self.storage.set_node_status(handle.node_id, NodeStatus.CRASHED)
+            self._fail(handle.fatal or f"worker process {handle.process.pid} ({self.script_path}) "
+                                       f"{_describe_exit(code)} before calling worker.start()")
+            return
+        # A crash: release its task (retried, or failed when its attempts are used up).
+        tasks = self._recover(handle.node_id, _error_record(
+            type_name="WorkerDiedError",
+            message=f"the worker process {handle.process.pid} running this task died ({_describe_exit(code)})"))
+        self.storage.set_node_status(handle.node_id, NodeStatus.CRASHED)
+        logger.warning("worker process %s %s%s%s", handle.process.pid, _describe_exit(code),
+                       f" while running task {tasks[0].id}" if tasks else "",
+                       f":\n{handle.fatal}" if handle.fatal else "")
+
+    def _stop_overdue_and_cancelled(self, context):
         """Kill workers whose task ran past its timeout or was cancelled; record it and replace them."""
-        by_node = {h.node_id: (i, h) for i, h in enumerate(handles) if h is not None and h.ready}
+        by_node = {h.node_id: h for h in self._handles if h is not None and h.ready}
         if not by_node:
             return
-        storage = self.storage
-        for task in storage.running_tasks(list(by_node), only_overdue_or_cancelled=True):
-            i, handle = by_node[str(task.locked_by)]
-            handle.killed_for = "cancel" if task.cancel_requested else "timeout"
-            handle.process.kill()
-            handle.process.join(5)
-            if handle.killed_for == "cancel":
+        for task in self.storage.running_tasks(list(by_node), only_overdue_or_cancelled=True):
+            handle = by_node[str(task.locked_by)]
+            self._kill(handle)
+            if task.cancel_requested:
                 self._recover(handle.node_id, _error_record(
                     type_name="TaskCancelledError", message="cancelled while running"),
                     final_status=TaskStatus.CANCELLED, retry=False, task_id=task.id)
@@ -2386,53 +2525,81 @@ class Lilota(LilotaScheduler):
                     message=f"task ran longer than its timeout of {task.timeout.total_seconds():g}s; "
                             f"its worker process was stopped"),
                     final_status=TaskStatus.EXPIRED, task_id=task.id)
-            self._recover(handle.node_id, _error_record(
-                type_name="Interrupted", message="the worker was stopped while running this task"),
-                count_attempt=False)
-            storage.set_node_status(handle.node_id, NodeStatus.STOPPED)
-            handle.control.close()
             logger.info("task %s %s: worker process %s replaced", task.id,
-                        "cancelled" if handle.killed_for == "cancel" else "timed out", handle.process.pid)
-            handles[i] = self._spawn(context, i)
+                        "cancelled" if task.cancel_requested else "timed out", handle.process.pid)
+            self._replace(handle, context)
+
+    def _kill(self, handle):
+        handle.process.kill()
+        handle.process.join(5)
+        handle.control.close()
+
+    def _replace(self, handle, context):
+        """After ``_kill``: requeue what the worker still held and start its successor."""
+        self._handles[handle.index] = None
+        self._recover(handle.node_id, _error_record(
+            type_name="Interrupted", message="the worker was stopped while running this task"),
+            count_attempt=False)
+        self.storage.set_node_status(handle.node_id, NodeStatus.STOPPED)
+        self._handles[handle.index] = self._spawn(context, handle.index)
 
     def _recover(self, node_id, error, **options):
         """Release the running tasks of one of our workers, retrying with this Lilota's backoff."""
         return self.storage.recover_tasks(node_id, error, retry_delay=self.retry_delay,
                                           retry_max_delay=self.retry_max_delay, **options)
 
-    def _housekeeping(self, handles):
+    def _housekeeping(self, context=None):
+        """Renew the leases of this node and its workers and recover the tasks of lost nodes. A
+        worker declared dead by another process while alive (the application was paused past its
+        lease) has had its task recovered: it is replaced, so that it does not go on with it."""
+        live = [h for h in self._handles if h is not None]
         try:
-            self.storage.heartbeat([self.node_id] + [h.node_id for h in handles if h is not None])
-            _recover_lost_nodes(self.storage, self.node_timeout, self.retry_delay, self.retry_max_delay)
+            lost = self.storage.heartbeat([self.node_id] + [h.node_id for h in live], self.node_timeout)
+            if self.node_id in lost:
+                self.storage.set_node_status(self.node_id, NodeStatus.RUNNING)
+            for handle in live:
+                if handle.node_id in lost and context is not None:
+                    logger.error("worker %s was declared dead by another process while alive; replacing it",
+                                 handle.process.pid)
+                    self._kill(handle)
+                    self._replace(handle, context)
+            _recover_lost_nodes(self.storage, self.retry_delay, self.retry_max_delay)
         except StorageError:
             logger.warning("lilota heartbeat failed; will retry", exc_info=True)
 
-    def _shutdown(self, handles):
-        """Stop every worker: ask, wait up to the stop timeout, then kill and requeue."""
-        live = [h for h in handles if h is not None and h.process.exitcode is None]
+    def _shutdown(self):
+        """Stop every worker: ask, wait up to the stop timeout (renewing their leases meanwhile, so
+        that nobody takes their tasks), then kill and requeue."""
+        handles = [h for h in self._handles if h is not None]
+        live = [h for h in handles if h.process.exitcode is None]
         for h in live:
-            h.stopping = True
             try:
                 h.control.send(("stop",))
-            except (OSError, ValueError):
+                self.storage.set_node_status(h.node_id, NodeStatus.STOPPING)
+            except (OSError, ValueError, StorageError):
                 pass
         timeout = self._stop_timeout_now if self._stop_timeout_now is not None else self.stop_timeout
         deadline = time.monotonic() + (0.0 if self._failed.is_set() else timeout)
+        next_beat = time.monotonic() + self.heartbeat_interval
         while live and time.monotonic() < deadline:
-            multiprocessing.connection.wait([h.process.sentinel for h in live], deadline - time.monotonic())
+            multiprocessing.connection.wait([h.process.sentinel for h in live],
+                                            min(deadline, next_beat) - time.monotonic())
             live = [h for h in live if h.process.exitcode is None]
+            if live and time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self.heartbeat_interval
+                try:
+                    self.storage.heartbeat([self.node_id] + [h.node_id for h in live], self.node_timeout)
+                except StorageError:
+                    pass
         for h in live:
             h.process.kill()
-        storage = self.storage
         for h in handles:
-            if h is None:
-                continue
             h.process.join(5)
             try:
                 self._recover(h.node_id, _error_record(
                     type_name="Interrupted", message="lilota stopped while this task was running; it was queued again"),
                     count_attempt=False)
-                storage.set_node_status(h.node_id, NodeStatus.STOPPED)
+                self.storage.set_node_status(h.node_id, NodeStatus.STOPPED)
             except StorageError:
                 logger.warning("could not record the stop of worker %s", h.node_id, exc_info=True)
             try:
