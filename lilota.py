@@ -2424,12 +2424,15 @@ class Lilota(LilotaScheduler):
                     if self._wake_r in ready:
                         _drain(self._wake_r)
                         next_check = 0.0  # a cancel may be waiting
-                    for i, h in enumerate(self._handles):
-                        if h is not None and (self._read_messages(h) or h.process.exitcode is not None):
-                            h.process.join(1)
-                            self._handles[i] = None
-                            restart_at[i] = time.monotonic() + self._restart_delay(h, crashes)
-                            self._on_worker_exit(h)
+                    # All messages first: a "ready" from one worker decides whether another's
+                    # early death is a broken script or a crash.
+                    ended = [h for h in self._handles
+                             if h is not None and (self._read_messages(h) or h.process.exitcode is not None)]
+                    for h in ended:
+                        h.process.join(1)
+                        self._handles[h.index] = None
+                        restart_at[h.index] = time.monotonic() + self._restart_delay(h, crashes)
+                        self._on_worker_exit(h)
                     if self._failed.is_set() or self._stop_requested.is_set():
                         break
                     now = time.monotonic()
@@ -2557,6 +2560,7 @@ class Lilota(LilotaScheduler):
             lost = self.storage.heartbeat([self.node_id] + [h.node_id for h in live], self.node_timeout)
             if self.node_id in lost:
                 self.storage.set_node_status(self.node_id, NodeStatus.RUNNING)
+                self.storage.heartbeat([self.node_id], self.node_timeout)
             for handle in live:
                 if handle.node_id in lost and context is not None:
                     logger.error("worker %s was declared dead by another process while alive; replacing it",
