@@ -30,10 +30,8 @@ def wait_until(predicate, timeout=20.0, interval=0.01, message="condition"):
         time.sleep(interval)
 
 
-def child_pids(pid=None):
-    """Pids of the live (non-zombie) direct children of ``pid`` (default: this process), from /proc."""
-    pid = os.getpid() if pid is None else pid
-    found = []
+def live_processes():
+    """(pid, parent pid, session id) of every live (non-zombie) process, from /proc."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -42,10 +40,19 @@ def child_pids(pid=None):
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        state, ppid = fields[0], int(fields[1])
-        if ppid == pid and state != "Z":
-            found.append(int(entry))
-    return found
+        if fields[0] != "Z":
+            yield int(entry), int(fields[1]), int(fields[4])
+
+
+def child_pids(pid=None):
+    """Pids of the live direct children of ``pid`` (default: this process)."""
+    pid = os.getpid() if pid is None else pid
+    return [p for p, ppid, _ in live_processes() if ppid == pid]
+
+
+def session_members(sid):
+    """Pids of the live processes in session ``sid`` (e.g. a program and the workers it started)."""
+    return [p for p, _, session in live_processes() if session == sid]
 
 
 def process_alive(pid):

@@ -10,26 +10,10 @@ import sys
 import tempfile
 import unittest
 
-from tests.support import ROOT, wait_until
+from tests.support import ROOT, session_members, wait_until
 
 EXAMPLES = os.path.join(ROOT, "examples")
 HAVE_PYDANTIC = importlib.util.find_spec("pydantic") is not None
-
-
-def session_members(sid):
-    """Pids of live processes in session ``sid`` (an example and the workers it started)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[4]) == sid:
-            found.append(int(entry))
-    return found
 
 
 class ExampleTestCase(unittest.TestCase):
