@@ -1359,11 +1359,15 @@ def _host_key():
     """What makes a pid meaningful: the machine, its boot and the pid namespace. Two containers
     with the same hostname but their own pid namespaces get different keys."""
     parts = [socket.gethostname()]
-    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
-        try:
-            parts.append(open(path).read().strip() if path.endswith("boot_id") else str(os.stat(path).st_ino))
-        except OSError:
-            parts.append("-")
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+    except OSError:
+        parts.append("-")
+    try:
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        parts.append("-")
     return "/".join(parts)
 
 
@@ -1884,11 +1888,11 @@ class LilotaWorker:
         _close_fds(*fds)
 
     def _start_supervised(self, supervision):
-        supervisor_db = _dialect_for_url(supervision.db_url).identity
-        if self._dialect.identity != supervisor_db:
+        supervisor_db = _dialect_for_url(supervision.db_url)
+        if self._dialect.identity != supervisor_db.identity:
             raise ConfigurationError(
                 f"the worker script uses {self._dialect.describe()} but Lilota was started with "
-                f"{_dialect_for_url(supervision.db_url).describe()}; give both the same db_url "
+                f"{supervisor_db.describe()}; give both the same db_url "
                 f"(or leave LilotaWorker's db_url out to use the supervisor's)")
         node_id = supervision.node_id
         self.storage.ensure_ready()
@@ -2436,6 +2440,9 @@ class Lilota(LilotaScheduler):
                     if self._failed.is_set() or self._stop_requested.is_set():
                         break
                     now = time.monotonic()
+                    for i, h in enumerate(self._handles):
+                        if h is None and i not in restart_at:  # a replacement failed half-way
+                            restart_at[i] = now
                     for i, at in sorted(restart_at.items()):
                         if at <= now:
                             self._handles[i] = self._spawn(context, i)
@@ -2467,8 +2474,12 @@ class Lilota(LilotaScheduler):
                                   name=f"lilota-worker-{index}")
         process.start()
         child_end.close()
-        self.storage.set_node_status(node_id, pid=process.pid)  # the child may already be running
-        return _WorkerHandle(index, node_id, process, parent_end)
+        handle = _WorkerHandle(index, node_id, process, parent_end)
+        try:
+            self.storage.set_node_status(node_id, pid=process.pid)  # the child may already be running
+        except StorageError:  # the process runs all the same; the worker records its pid itself
+            logger.warning("could not record the pid of worker %s", process.pid, exc_info=True)
+        return handle
 
     def _read_messages(self, handle):
         """Handle what a worker sent; True when its pipe closed (the process is ending)."""

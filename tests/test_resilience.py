@@ -1,0 +1,568 @@
+"""Tests of the resilience fixes from the review of the concurrency paths, one per fix: fencing of a
+worker declared dead while alive, leases kept during stop(), outcome writes retried, a supervisor
+that survives database errors, forkserver/fork, SIGTERM ignored by supervised workers, retry() of a
+task whose input was deleted, relative SQLite URLs, cancel winning over retry, progress written by
+the owning node only, same-host dead-pid detection by host key, and node leases."""
+
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import unittest
+import uuid
+import warnings
+
+try:
+    from .support import ROOT, process_alive, wait_until
+    from .test_processes import WorkerTestCase
+except ImportError:  # run from inside tests/
+    from support import ROOT, process_alive, wait_until
+    from test_processes import WorkerTestCase
+
+import lilota
+from lilota import Lilota, LilotaScheduler, LilotaWorker, NodeStatus, NodeType, TaskContext
+
+#: A task that logs "start <pid> <attempt>" and, after sleeping, "done <pid> <attempt>" to runs.log
+#: (O_APPEND: one line per write, whichever process writes).
+LONG_TASK_BODY = """
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def append(text):
+    fd = os.open(os.path.join(HERE, "runs.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (text + "\\n").encode())
+    finally:
+        os.close(fd)
+
+@worker.register("long")
+def long(data, ctx: TaskContext):
+    append("start %d %d" % (os.getpid(), ctx.attempt))
+    time.sleep(data["seconds"])
+    append("done %d %d" % (os.getpid(), ctx.attempt))
+    return {"pid": os.getpid(), "attempt": ctx.attempt}
+"""
+
+#: Another process that recovers lost nodes, as a second application would, until a file appears.
+REAPER = """
+import json, os, sys, time
+sys.path.insert(0, {root!r})
+import lilota
+from lilota import Lilota
+
+storage = Lilota.scheduler({db_url!r}).storage
+rounds = 0
+while True:
+    lilota._recover_lost_nodes(storage, 0.05, 0.1)
+    rounds += 1
+    if rounds == 1:
+        open({ready!r}, "w").close()
+    if os.path.exists({stop!r}):
+        break
+    time.sleep(0.05)   # the pace of the reaper's rounds
+print(json.dumps({{"rounds": rounds}}))
+"""
+
+
+class ResilienceTestCase(WorkerTestCase):
+
+    def execute(self, sql, *params):
+        """Run one statement on a connection of the test's own (autocommit) and return its rows."""
+        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def long_script(self):
+        return self.worker_script(LONG_TASK_BODY, name="long_script.py")
+
+    def runs(self):
+        """The lines of runs.log as (event, pid, attempt)."""
+        try:
+            with open(self.path("runs.log")) as f:
+                return [(event, int(pid), int(attempt))
+                        for event, pid, attempt in (line.split() for line in f if line.strip())]
+        except FileNotFoundError:
+            return []
+
+    def node_status(self, node_id):
+        rows = self.query("SELECT status FROM lilota_node WHERE id = ?", str(node_id))
+        return rows[0][0] if rows else None
+
+
+# --- 1. fencing ------------------------------------------------------------------------------------
+
+class FenceTest(ResilienceTestCase):
+
+    def test_worker_declared_dead_while_alive_is_replaced_and_its_run_never_completes(self):
+        app = self.start_lilota(self.long_script(), 1, heartbeat_interval=0.2, retry_delay=0.05)
+        task_id = app.schedule("long", {"seconds": 2}, max_attempts=2)
+        running = self.wait_status(app, task_id, "running")
+        wait_until(lambda: [r for r in self.runs() if r[0] == "start"], 20, message="the first run to start")
+
+        # Another process declares the (alive, busy) worker dead and recovers its task. The
+        # supervisor shares this process's storage: holding its lock keeps it from heartbeating
+        # between the two steps, as a paused application would.
+        storage = lilota.Storage.for_url(self.db_url)
+        with storage._lock:
+            self.execute("UPDATE lilota_node SET status = 'dead' WHERE id = ?", str(running.locked_by))
+            lilota._recover_lost_nodes(storage, 0.05, 0.1)
+            requeued = storage.get_task(str(task_id))
+        self.assertEqual(requeued.status, "scheduled")
+        self.assertEqual(requeued.attempts, 1)
+        self.assertIsNone(requeued.locked_by)      # a requeued task is unlocked
+        self.assertEqual(requeued.error["type"], "WorkerDiedError")
+
+        # The supervisor notices its worker was fenced and replaces it: the first run is cut short.
+        wait_until(lambda: not process_alive(running.pid), 10, message="the fenced worker to be killed")
+        task = app.wait(task_id, timeout=20)
+        self.assertEqual(task.status, "completed", task.error)
+        self.assertEqual(task.attempts, 2)
+        self.assertEqual(task.output["attempt"], 2)
+        self.assertNotEqual(task.pid, running.pid)
+        self.assertEqual(task.output["pid"], task.pid)
+
+        runs = self.runs()
+        self.assertEqual([r for r in runs if r[0] == "start"], [("start", running.pid, 1), ("start", task.pid, 2)])
+        self.assertEqual([r for r in runs if r[0] == "done"], [("done", task.pid, 2)])
+        self.assertFalse(app.has_failed())
+        self.assertEqual(len(self.worker_nodes()), 2)
+        self.assertEqual(self.node_status(running.locked_by), "stopped")
+
+
+# --- 2. leases during stop -------------------------------------------------------------------------
+
+class LeaseDuringStopTest(ResilienceTestCase):
+
+    def test_stop_keeps_the_leases_while_running_tasks_finish(self):
+        app = self.start_lilota(self.long_script(), 1, node_timeout=1, heartbeat_interval=0.2, stop_timeout=5)
+        task_id = app.schedule("long", {"seconds": 2.5}, max_attempts=2)
+        running = self.wait_status(app, task_id, "running")
+
+        ready, stop_file = self.path("reaper.ready"), self.path("reaper.stop")
+        reaper = self.popen_python(self.write("reaper.py", REAPER.format(
+            root=ROOT, db_url=self.db_url, ready=ready, stop=stop_file)), stdout=subprocess.PIPE, text=True)
+        wait_until(lambda: os.path.exists(ready) or reaper.poll() is not None, 20, message="the reaper to run")
+        self.assertIsNone(reaper.poll())
+
+        errors = []
+
+        def stop():
+            try:
+                app.stop()
+            except BaseException as exc:  # reported by the test thread
+                errors.append(exc)
+        stopper = threading.Thread(target=stop, name="test-stop")
+        started = time.monotonic()
+        stopper.start()
+        self.addCleanup(stopper.join, 30)
+        wait_until(lambda: not stopper.is_alive(), 20, message="stop() to return")
+        stopped_after = time.monotonic() - started
+
+        with open(stop_file, "w"):
+            pass
+        out, _ = reaper.communicate(timeout=20)
+        self.assertEqual(reaper.returncode, 0)
+        rounds = json.loads(out)["rounds"]
+        self.assertEqual(errors, [])
+        # stop() waited for the task, well past the node timeout, while the reaper kept looking.
+        self.assertGreater(stopped_after, 1.0)
+        self.assertGreater(rounds, 10)
+
+        task = app.get_task_by_id(task_id)
+        self.assertEqual(task.status, "completed", task.error)
+        self.assertEqual(task.attempts, 1)            # never recovered
+        self.assertEqual(task.pid, running.pid)
+        self.assertEqual(self.runs(), [("start", running.pid, 1), ("done", running.pid, 1)])
+        self.assertFalse(process_alive(running.pid))
+        self.assertEqual([n[2] for n in self.worker_nodes()], ["stopped"])
+
+
+# --- 3. outcome write retried ----------------------------------------------------------------------
+
+class OutcomeWriteRetriedTest(ResilienceTestCase):
+
+    def test_completion_is_retried_while_the_database_is_locked(self):
+        url = self.db_url + "?timeout=0.1"
+        worker = LilotaWorker(url)
+        locks = []
+
+        @worker.register("lock_and_return")
+        def lock_and_return(data):
+            # Another connection takes the write lock and keeps it past the busy timeout.
+            conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False, timeout=5)
+            conn.execute("BEGIN IMMEDIATE")
+            timer = threading.Timer(0.5, conn.execute, ("ROLLBACK",))
+            locks.append((conn, timer))
+            timer.start()
+            return {"echo": data}
+
+        def release():
+            for conn, timer in locks:
+                timer.cancel()
+                timer.join(5)
+                conn.close()
+        self.addCleanup(release)
+
+        task_id = LilotaScheduler(url).schedule("lock_and_return", {"x": 1})
+        with self.assertLogs("lilota.worker", "WARNING") as logs:
+            done = worker.run_pending()
+        self.assertEqual(len(locks), 1)
+        locks[0][1].join(5)
+        self.assertTrue(any("could not record" in line for line in logs.output), logs.output)
+
+        self.assertEqual([t.id for t in done], [task_id])
+        task = LilotaScheduler(url).get_task_by_id(task_id)
+        self.assertEqual(task.status, "completed", task.error)
+        self.assertEqual(task.output, {"echo": {"x": 1}})
+        self.assertEqual(task.attempts, 1)
+        self.assertEqual(worker.run_pending(), [])
+
+
+# --- 4. supervisor survives database errors --------------------------------------------------------
+
+class SupervisorDatabaseErrorTest(ResilienceTestCase):
+
+    def test_supervisor_survives_a_locked_database_while_a_worker_dies(self):
+        script = self.script()  # the workers use the default busy timeout; the supervisor 0.2 s
+        app = Lilota(self.db_url + "?timeout=0.2", script_path=script, number_of_workers=1,
+                     heartbeat_interval=0.5, retry_delay=0.05, restart_delay=0.05)
+        app.start()
+        self.addCleanup(self._stop_and_check, app)
+        task_id = app.schedule("block_first", max_attempts=2)
+        running = self.wait_status(app, task_id, "running")
+
+        blocker = sqlite3.connect(self.db_path, isolation_level=None, timeout=30, check_same_thread=False)
+        self.addCleanup(blocker.close)
+
+        def retried(logs):
+            return sum("database error; retrying" in line for line in logs.output)
+
+        with self.assertLogs("lilota", "WARNING") as logs:
+            blocker.execute("BEGIN IMMEDIATE")
+            try:
+                os.kill(running.pid, signal.SIGKILL)
+                # Hold the lock while the supervisor handles the death and tries to restart the
+                # worker (each attempt waits out the 0.2 s busy timeout, then 0.5 s): about 1 s.
+                wait_until(lambda: app.has_failed() or retried(logs) >= 2, 20,
+                           message="the supervisor to meet the locked database twice")
+            finally:
+                blocker.execute("ROLLBACK")
+        self.assertFalse(app.has_failed(), app.error)
+
+        task = app.wait(task_id, timeout=30)
+        self.assertEqual(task.status, "completed", task.error)
+        self.assertEqual(task.attempts, 2)
+        self.assertEqual(task.output["attempt"], 2)
+        self.assertNotEqual(task.pid, running.pid)
+        self.assertTrue(process_alive(task.pid))
+        self.assertFalse(process_alive(running.pid))
+        self.assertFalse(app.has_failed(), app.error)
+        done = app.wait(app.schedule("pid"), timeout=20)
+        self.assertEqual(done.status, "completed")
+
+
+    def test_worker_dying_before_start_after_a_good_run_is_restarted(self):
+        # The second run of the script fails before worker.start() (a transient problem): the
+        # script is known to work, so this is a crash to restart, not a fatal error.
+        script = self.worker_script("""
+            HERE = os.path.dirname(os.path.abspath(__file__))
+            fd = os.open(os.path.join(HERE, "starts.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(fd, b"%d\\n" % os.getpid())
+            os.close(fd)
+            with open(os.path.join(HERE, "starts.log")) as f:
+                if len(f.read().split()) == 2:
+                    sys.exit(3)
+
+            @worker.register("pid")
+            def pid(data):
+                return {"pid": os.getpid()}
+        """)
+        app = self.start_lilota(script, 1, restart_delay=0.05)
+        first = app.wait(app.schedule("pid"), timeout=30)
+        self.assertEqual(first.status, "completed", first.error)
+        os.kill(first.pid, signal.SIGKILL)
+        wait_until(lambda: app.has_failed() or self.starts() >= 3, 30, message="the worker to be restarted twice")
+        self.assertFalse(app.has_failed(), app.error)
+
+        second = app.wait(app.schedule("pid"), timeout=30)
+        self.assertEqual(second.status, "completed", second.error)
+        self.assertNotEqual(second.pid, first.pid)
+        self.assertEqual(self.starts(), 3)
+        self.assertEqual([n[2] for n in self.worker_nodes()], ["crashed", "crashed", "running"])
+        self.assertFalse(app.has_failed(), app.error)
+
+
+# --- 5. start methods ------------------------------------------------------------------------------
+
+class StartMethodTest(ResilienceTestCase):
+
+    def check_start_method(self, method, hold_storage_lock=False):
+        if method not in multiprocessing.get_all_start_methods():
+            self.skipTest(f"start method {method} is not available here")
+        app = Lilota(self.db_url, script_path=self.script(), number_of_workers=1, start_method=method)
+        self.addCleanup(self._stop_and_check, app)
+        app.storage  # created now: start() takes no class-wide lock
+        # With hold_storage_lock, another thread of the application holds the lock a worker script
+        # takes to get its storage while the worker is forked: the child must get a fresh lock,
+        # not a copy held by a thread that does not exist there.
+        lock = lilota.Storage._instances_lock if hold_storage_lock else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            app.start()
+            wait_until(lambda: app.has_failed() or self.worker_nodes("running"), 20,
+                       message=f"a worker started with {method} to run")
+        finally:
+            if lock is not None:
+                lock.release()
+        self.assertFalse(app.has_failed(), app.error)
+
+        done = app.wait(app.schedule("pid"), timeout=30)
+        self.assertEqual(done.status, "completed", done.error)
+        self.assertEqual(done.output, {"pid": done.pid})
+        self.assertIn(done.pid, [n[1] for n in self.worker_nodes()])
+        self.assertFalse(app.has_failed(), app.error)
+
+        app.stop(timeout=5)
+        self.assertFalse(app.is_running)
+        wait_until(lambda: not process_alive(done.pid), 10, message="the worker to exit")
+        self.assertEqual([n[2] for n in self.worker_nodes()], ["stopped"])
+        self.assertFalse(app.has_failed(), app.error)
+        self.assertEqual(self.starts(), 1)
+
+    def test_forkserver(self):
+        self.addCleanup(self.stop_forkserver)
+        self.check_start_method("forkserver")
+
+    def test_fork(self):
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about fork() in a multi-threaded process: that is the point here.
+            warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
+            self.check_start_method("fork", hold_storage_lock=True)
+
+    @staticmethod
+    def stop_forkserver():
+        from multiprocessing import forkserver
+        stop = getattr(forkserver._forkserver, "_stop", None)
+        if stop is not None:
+            stop()
+
+
+# --- 6. SIGTERM ------------------------------------------------------------------------------------
+
+class SigtermTest(ResilienceTestCase):
+
+    def test_supervised_worker_ignores_sigterm(self):
+        app = self.start_lilota(self.script(), 1)
+        task_id = app.schedule("sleep", {"seconds": 1})
+        running = self.wait_status(app, task_id, "running")
+        os.kill(running.pid, signal.SIGTERM)
+
+        task = app.wait(task_id, timeout=20)
+        self.assertEqual(task.status, "completed", task.error)
+        self.assertEqual(task.output, {"slept": 1})
+        self.assertEqual(task.attempts, 1)
+        self.assertEqual(task.pid, running.pid)
+        self.assertTrue(process_alive(running.pid))
+
+        second = app.wait(app.schedule("pid"), timeout=20)
+        self.assertEqual(second.status, "completed", second.error)
+        self.assertEqual(second.pid, running.pid)
+        self.assertEqual(self.starts(), 1)
+        self.assertFalse(app.has_failed(), app.error)
+
+
+# --- 7. retry() of a task whose input was deleted --------------------------------------------------
+
+class RetryDeletedInputTest(ResilienceTestCase):
+
+    def test_retry_needs_the_input(self):
+        worker = LilotaWorker(self.db_url, retry_delay=0)
+        failing = {"on": True}
+        seen = []
+
+        @worker.register("drop", keep_input=False)
+        def drop(data):
+            seen.append(("drop", data))
+            raise ValueError("drop fails")
+
+        @worker.register("keep")
+        def keep(data):
+            seen.append(("keep", data))
+            if failing["on"]:
+                raise ValueError("keep fails")
+            return {"got": data}
+
+        scheduler = LilotaScheduler(self.db_url)
+        drop_id = scheduler.schedule("drop", {"secret": 1})
+        keep_id = scheduler.schedule("keep", {"v": 2})
+        none_id = scheduler.schedule("keep", None)
+        done = worker.run_pending()
+        self.assertEqual(sorted(str(t.id) for t in done), sorted(str(i) for i in (drop_id, keep_id, none_id)))
+        self.assertEqual({t.status for t in done}, {"failed"})
+        self.assertIsNone(scheduler.get_task_by_id(drop_id).input)
+
+        with self.assertRaisesRegex(lilota.LilotaError, "input was deleted"):
+            scheduler.retry(drop_id)
+        self.assertEqual(scheduler.get_task_by_id(drop_id).status, "failed")
+
+        failing["on"] = False
+        seen.clear()
+        self.assertTrue(scheduler.retry(keep_id))
+        self.assertTrue(scheduler.retry(none_id))
+        for task_id in (keep_id, none_id):
+            task = scheduler.get_task_by_id(task_id)
+            self.assertEqual(task.status, "scheduled")
+            self.assertEqual(task.attempts, 0)
+        done = {t.id: t for t in worker.run_pending()}
+        self.assertEqual(set(done), {keep_id, none_id})
+        self.assertEqual(done[keep_id].status, "completed")
+        self.assertEqual(done[keep_id].output, {"got": {"v": 2}})
+        self.assertEqual(done[none_id].status, "completed")
+        self.assertEqual(done[none_id].output, {"got": None})
+        self.assertEqual(sorted(seen, key=repr), sorted([("keep", {"v": 2}), ("keep", None)], key=repr))
+        self.assertEqual(scheduler.get_task_by_id(drop_id).status, "failed")  # never ran again
+
+
+# --- 8. relative SQLite URL ------------------------------------------------------------------------
+
+class RelativeUrlTest(ResilienceTestCase):
+
+    def test_relative_sqlite_path_is_fixed_at_construction(self):
+        a, b = self.path("a"), self.path("b")
+        os.mkdir(a)
+        os.mkdir(b)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(a)
+        scheduler = Lilota.scheduler("sqlite:///rel.db")
+        worker = LilotaWorker("sqlite:///rel.db")
+
+        @worker.register("echo")
+        def echo(data):
+            return data
+
+        os.chdir(b)
+        task_id = scheduler.schedule("echo", {"x": 1})
+        expected = os.path.join(a, "rel.db")
+        self.assertTrue(os.path.exists(expected))
+        self.assertFalse(os.path.exists(os.path.join(b, "rel.db")))
+        conn = sqlite3.connect(expected)
+        try:
+            self.assertEqual(conn.execute("SELECT id FROM lilota_task").fetchall(), [(str(task_id),)])
+        finally:
+            conn.close()
+
+        self.assertEqual(scheduler.db_url_for_workers, "sqlite:///" + expected)
+        self.assertTrue(expected.startswith("/"))
+        # The worker made in A works on A's database too, whatever the current directory.
+        done = worker.run_pending()
+        self.assertEqual([(t.id, t.status) for t in done], [(task_id, "completed")])
+        self.assertFalse(os.path.exists(os.path.join(b, "rel.db")))
+
+
+# --- 9. cancel wins over retry ---------------------------------------------------------------------
+
+class CancelWinsOverRetryTest(ResilienceTestCase):
+
+    def test_task_cancelled_while_running_then_failing_ends_cancelled(self):
+        worker = LilotaWorker(self.db_url, retry_delay=0)
+        calls = []
+
+        @worker.register("self_cancel")
+        def self_cancel(data, ctx: TaskContext):
+            calls.append((ctx.attempt, LilotaScheduler(self.db_url).cancel(ctx.task_id)))
+            raise RuntimeError("fails after its cancel was asked for")
+
+        task_id = LilotaScheduler(self.db_url).schedule("self_cancel", max_attempts=3)
+        done = worker.run_pending()
+        self.assertEqual(calls, [(1, True)])
+        self.assertEqual([t.id for t in done], [task_id])
+        task = done[0]
+        self.assertEqual(task.status, "cancelled")
+        self.assertEqual(task.attempts, 1)
+        self.assertEqual(task.max_attempts, 3)
+        self.assertIsNotNone(task.end_date_time)
+        self.assertEqual(worker.run_pending(), [])
+        self.assertEqual(calls, [(1, True)])
+
+
+# --- 10-12. storage: progress, dead pids, leases ---------------------------------------------------
+
+class StorageFenceTest(ResilienceTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.storage = lilota.Storage.for_url(self.db_url)
+        self.storage.ensure_ready()
+
+    def test_progress_is_written_only_by_the_owning_node(self):
+        scheduler = LilotaScheduler(self.db_url)
+        task_id = scheduler.schedule("anything")
+        owner, other = str(uuid.uuid4()), str(uuid.uuid4())
+        claimed = self.storage.claim(self.storage.prepare_claim([]), owner, os.getpid())
+        self.assertEqual(claimed.id, task_id)
+        self.assertEqual(str(claimed.locked_by), owner)
+
+        self.storage.set_progress(str(task_id), other, 50)
+        task = scheduler.get_task_by_id(task_id)
+        self.assertEqual(task.progress_percentage, 0)
+        self.assertEqual(task.status, "running")
+        self.assertEqual(str(task.locked_by), owner)
+
+        self.storage.set_progress(str(task_id), owner, 40)
+        self.assertEqual(scheduler.get_task_by_id(task_id).progress_percentage, 40)
+
+    def gone_pid(self):
+        """The pid of a process that has exited and been reaped."""
+        proc = subprocess.Popen([sys.executable, "-c", "pass"])
+        proc.wait(30)
+        if lilota._process_exists(proc.pid):  # reused already: vanishingly rare
+            self.skipTest("the pid of an exited process was reused")
+        return proc.pid
+
+    def add_node(self, pid, lease=60.0):
+        node_id = str(uuid.uuid4())
+        self.storage.add_node(node_id, "node", NodeType.WORKER, NodeStatus.RUNNING, pid, lease)
+        return node_id
+
+    def test_dead_pid_on_this_host_key_is_lost_at_once_but_not_on_another(self):
+        pid = self.gone_pid()
+        here = self.add_node(pid)
+        # Another container with the same hostname: another boot id / pid namespace.
+        there = self.add_node(pid)
+        self.execute("UPDATE lilota_node SET host_key = ? WHERE id = ?",
+                     socket.gethostname() + "/another-boot-id/4026531999", there)
+        self.assertEqual(self.query("SELECT DISTINCT hostname FROM lilota_node"), [(socket.gethostname(),)])
+        leases = dict(self.query("SELECT id, lease_expires_at FROM lilota_node"))
+        self.assertGreater(min(leases.values()), time.time() + 30)   # both leases still valid
+
+        self.assertEqual(self.storage.find_lost_nodes(), [here])
+        self.assertEqual(self.node_status(here), "dead")
+        self.assertEqual(self.node_status(there), "running")
+        self.assertEqual(self.storage.find_lost_nodes(), [])
+
+    def test_node_with_expired_lease_is_lost_and_one_with_a_valid_lease_is_not(self):
+        expired = self.add_node(os.getpid())
+        valid = self.add_node(os.getpid())
+        now = time.time()
+        # On another host: only the lease can tell. last_seen_at says the opposite of the lease.
+        self.execute("UPDATE lilota_node SET host_key = 'elsewhere/boot/1', last_seen_at = ?, "
+                     "lease_expires_at = ? WHERE id = ?", now, now - 1, expired)
+        self.execute("UPDATE lilota_node SET host_key = 'elsewhere/boot/1', last_seen_at = ?, "
+                     "lease_expires_at = ? WHERE id = ?", now - 3600, now + 60, valid)
+
+        self.assertEqual(self.storage.find_lost_nodes(), [expired])
+        self.assertEqual(self.node_status(expired), "dead")
+        self.assertEqual(self.node_status(valid), "running")
+
+
+if __name__ == "__main__":
+    unittest.main()
