@@ -2,8 +2,8 @@
 
 lilota runs long-running work (reports, image processing, e-mails, heavy computations) in background
 worker processes and keeps every task's state -- status, input, output, error, progress -- in a
-database. There is no message broker and no server to run: this one module, the standard library,
-SQLite by default and PostgreSQL when an application outgrows one machine.
+database. There is no message broker and no server to run: this one module, the standard library
+and SQLite; other databases plug in through a small dialect class (section 2).
 
 The two sides meet only in the database:
 
@@ -47,6 +47,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import typing
 import urllib.parse
 import uuid
@@ -108,7 +109,7 @@ def _backoff(attempt, base, cap):
     """Exponential backoff with jitter: about base * 2**(attempt-1), capped, randomised by up to half.
 
     The jitter spreads retries of tasks that failed together (a database hiccup, a dead host)."""
-    delay = min(cap, base * (2 ** max(0, attempt - 1)))
+    delay = min(cap, base * (2 ** min(max(0, attempt - 1), 64)))  # bounded: no float overflow
     return delay * random.uniform(0.5, 1.0)
 
 
@@ -319,9 +320,6 @@ class ModelProtocol(typing.Protocol):
 # Anything else (sets, bytes, arbitrary objects, dicts with non-string keys) is a TypeError, and
 # NaN or infinite floats a ValueError, raised before anything is written.
 
-_JSON_SCALARS = (str, int, bool, type(None))
-
-
 def _to_json(value, path="input", _active=None):
     """Convert a value to plain JSON types (dict/list/str/int/float/bool/None) or raise."""
     kind = type(value)
@@ -416,7 +414,7 @@ def _revive(tp, value):
     if tp is None or tp is typing.Any or value is None:
         return value
     origin = typing.get_origin(tp)
-    if origin is typing.Union or (sys.version_info >= (3, 10) and origin is getattr(__import__("types"), "UnionType")):
+    if origin is typing.Union or (origin is not None and origin is getattr(types, "UnionType", None)):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
             return _revive(args[0], value)
@@ -681,7 +679,9 @@ class SQLiteDialect(Dialect):
         try:
             self.busy_timeout = float(options.get("timeout", 30))
         except ValueError:
-            raise ConfigurationError(f"timeout in {url!r} must be a number of seconds") from None
+            self.busy_timeout = -1.0
+        if not 0 <= self.busy_timeout < math.inf:
+            raise ConfigurationError(f"timeout in {url!r} must be a non-negative number of seconds")
         self.synchronous = options.get("synchronous", "NORMAL").upper()
         if self.synchronous not in ("NORMAL", "FULL", "OFF", "EXTRA"):
             raise ConfigurationError(f"synchronous in {url!r} must be NORMAL or FULL (or OFF/EXTRA)")
@@ -726,7 +726,11 @@ class SQLiteDialect(Dialect):
             if not self.memory:
                 mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
                 if mode.lower() != "wal":
-                    _retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone(), self.busy_timeout)
+                    mode = _retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone(),
+                                       self.busy_timeout)[0]
+                if mode.lower() != "wal":  # e.g. a file system without shared memory
+                    logger.warning("%s could not use WAL (journal_mode is %s): writers will block readers",
+                                   self.describe(), mode)
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
         except BaseException:
             conn.close()
@@ -965,7 +969,7 @@ class Storage:
             "run_at = COALESCE(?, run_at), "
             "end_date_time = CASE WHEN cancel_requested = 1 THEN ? ELSE ? END, "
             "error = ?, attempts = attempts - ?, "
-            "input = CASE WHEN ? OR cancel_requested = 1 THEN input ELSE NULL END, "
+            "input = CASE WHEN ? OR (? AND cancel_requested = 0) THEN input ELSE NULL END, "
             "locked_by = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_by END, "
             "locked_at = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_at END "
             "WHERE id = ? AND status = 'running' AND locked_by = ?")
@@ -1202,7 +1206,7 @@ class Storage:
         else:
             status, run_at, end = str(final_status), None, now
         params = (status, run_at, now, end, d.encode_json(dumps(error, "error")), 0 if count_attempt else 1,
-                  keep_input or requeue, requeue, requeue, str(task.id), node_id)
+                  keep_input, requeue, requeue, requeue, str(task.id), node_id)
         with self._guard as conn:
             return conn.execute(self._fail_sql, params).rowcount == 1
 
@@ -1767,7 +1771,7 @@ class LilotaWorker:
                         f"register it with @worker.register({task.name!r}) in the worker script",
                 attempt=task.attempts))
             return
-        progress = TaskProgress(task.id, lambda task_id, percent: storage.set_progress(str(task_id), node_id, percent))
+        progress = TaskProgress(task.id, functools.partial(self._store_progress, node_id))
         context = TaskContext(task_id=task.id, name=task.name, attempt=task.attempts,
                               max_attempts=task.max_attempts or 1, progress=progress, logger=self.logger)
         self._current, self._interrupt = task, None
@@ -1798,6 +1802,13 @@ class LilotaWorker:
                             function.keep_input):
             self.logger.info("task %s finished but was no longer this worker's (cancelled or recovered); "
                              "its result was not stored", task.id)
+
+    def _store_progress(self, node_id, task_id, percent):
+        # Progress is informative: a database hiccup must not fail the task that reports it.
+        try:
+            self.storage.set_progress(str(task_id), node_id, percent)
+        except StorageError as exc:
+            self.logger.warning("task %s: could not store progress %s%% (%s)", task_id, percent, exc)
 
     def _record(self, write, *args, **kwargs):
         """Store a task's outcome, retrying while the database refuses: the worker takes no other

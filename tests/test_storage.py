@@ -4,7 +4,10 @@ schema creation, file modes and the specific errors for bad URLs and bad databas
 import multiprocessing
 import os
 import sqlite3
+import shutil
 import stat
+import subprocess
+import sys
 import threading
 import time
 import unittest
@@ -452,15 +455,33 @@ class DatabaseErrorTests(StorageTestCase):
         scheduler = LilotaScheduler(self.db_url)
         scheduler.schedule("x", 1)
         self.forget_storages()
-        if IS_ROOT:
-            self.skipTest("running as root, which ignores file modes: chmod 0400 cannot make the file "
-                          "read-only (test_read_only_connection covers the error instead)")
         os.chmod(self.db_path, 0o400)
         self.addCleanup(os.chmod, self.db_path, 0o600)
-        with self.assertRaises(ReadOnlyDatabaseError) as cm:
-            LilotaScheduler(self.db_url).schedule("x", 2)
-        self.assertIn("read-only", str(cm.exception))
+        out = self.schedule_without_root_powers(self.db_url)
+        self.assertIn("ReadOnlyDatabaseError", out)
+        self.assertIn("read-only", out)
         self.assertEqual(self.count_rows(), 1)
+
+    def schedule_without_root_powers(self, url):
+        """Run ``LilotaScheduler(url).schedule('x', 2)`` in a process that file modes bind and return
+        what it printed (the exception type and message, or 'ok'). Root ignores file modes, so under
+        root the process runs without the capabilities that let it (util-linux's setpriv)."""
+        code = ("import sys, lilota\n"
+                "try:\n"
+                "    lilota.LilotaScheduler(sys.argv[1]).schedule('x', 2)\n"
+                "    print('ok')\n"
+                "except lilota.LilotaError as exc:\n"
+                "    print(type(exc).__name__, exc)\n")
+        command = [sys.executable, "-c", code, url]
+        if IS_ROOT:
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                self.skipTest("running as root without util-linux's setpriv: cannot make file modes bind")
+            command = [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"] + command
+        result = subprocess.run(command, env=dict(os.environ, PYTHONPATH=support.ROOT), capture_output=True,
+                                text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout
 
     def test_read_only_connection(self):
         """A database SQLite opens read-only (here through a mode=ro URI, which binds root too)."""
@@ -480,14 +501,13 @@ class DatabaseErrorTests(StorageTestCase):
         self.assertEqual(self.count_rows(), 1)
 
     def test_read_only_directory_for_new_file(self):
-        if IS_ROOT:
-            self.skipTest("running as root, which ignores directory modes: cannot make the directory "
-                          "read-only")
         directory = self.path("ro")
         os.mkdir(directory, 0o500)
         self.addCleanup(os.chmod, directory, 0o700)
-        with self.assertRaises(ReadOnlyDatabaseError):
-            LilotaScheduler("sqlite:///" + os.path.join(directory, "x.db")).schedule("x", 1)
+        out = self.schedule_without_root_powers("sqlite:///" + os.path.join(directory, "x.db"))
+        self.assertIn("ReadOnlyDatabaseError", out)
+        self.assertIn(directory, out)
+        self.assertFalse(os.path.exists(os.path.join(directory, "x.db")))
 
 
 if __name__ == "__main__":
