@@ -20,10 +20,10 @@ import uuid
 import warnings
 
 try:
-    from .support import ROOT, process_alive, wait_until
+    from .support import ROOT, TempDirTestCase, process_alive, wait_until
     from .test_processes import WorkerTestCase
 except ImportError:  # run from inside tests/
-    from support import ROOT, process_alive, wait_until
+    from support import ROOT, TempDirTestCase, process_alive, wait_until
     from test_processes import WorkerTestCase
 
 import lilota
@@ -566,3 +566,61 @@ class StorageFenceTest(ResilienceTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class SmallGuaranteesTest(TempDirTestCase):
+    """Details found on rereading the code, each with its own failure mode."""
+
+    def test_backoff_stays_bounded_after_many_attempts(self):
+        # 2 ** 5000 as a float overflowed: a worker crashing that often killed the supervisor.
+        for attempt in (1, 64, 5000, 10 ** 6):
+            delay = lilota._backoff(attempt, 0.5, 30.0)
+            self.assertLessEqual(delay, 30.0)
+            self.assertGreaterEqual(delay, 0.25 if attempt == 1 else 15.0)
+
+    def test_progress_write_error_does_not_fail_the_task(self):
+        url = self.db_url + "?timeout=0.1"
+        worker = lilota.LilotaWorker(url)
+
+        @worker.register("report")
+        def report(data, progress: lilota.TaskProgress):
+            blocker = sqlite3.connect(self.db_path, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")
+            try:
+                progress.set(50)          # the database is locked past the busy timeout
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            return {"done": True}
+
+        task_id = lilota.LilotaScheduler(url).schedule("report", {})
+        with self.assertLogs("lilota.worker", "WARNING") as logs:
+            [task] = worker.run_pending()
+        self.assertEqual(task.id, task_id)
+        self.assertEqual(task.status, "completed")
+        self.assertEqual(task.output, {"done": True})
+        self.assertTrue(any("could not store progress" in line for line in logs.output), logs.output)
+
+    def test_cancelled_task_with_keep_input_false_keeps_no_input(self):
+        worker = lilota.LilotaWorker(self.db_url, retry_delay=0)
+        scheduler = lilota.LilotaScheduler(self.db_url)
+
+        @worker.register("secret", keep_input=False, max_attempts=3)
+        def secret(data, ctx: lilota.TaskContext):
+            scheduler.cancel(ctx.task_id)
+            raise RuntimeError("fails after its cancel was asked for")
+
+        task_id = scheduler.schedule("secret", {"password": "hunter2"})
+        [task] = worker.run_pending()
+        self.assertEqual(task.status, "cancelled")
+        self.assertIsNone(task.input)
+        raw = sqlite3.connect(self.db_path)
+        self.addCleanup(raw.close)
+        self.assertEqual(raw.execute("SELECT input FROM lilota_task WHERE id = ?", (str(task_id),)).fetchall(),
+                         [(None,)])
+
+    def test_negative_busy_timeout_is_refused(self):
+        with self.assertRaises(lilota.ConfigurationError):
+            lilota.LilotaScheduler(self.db_url + "?timeout=-1")
+        with self.assertRaises(lilota.ConfigurationError):
+            lilota.LilotaScheduler(self.db_url + "?timeout=soon")
