@@ -65,6 +65,7 @@ __all__ = [
     "DatabaseBusyError", "ReadOnlyDatabaseError", "DatabaseFullError", "CorruptDatabaseError",
     "DatabaseUnavailableError", "SchemaVersionError", "WorkerScriptError", "TaskNotFoundError",
     "TaskWaitTimeout", "TaskTimeoutError", "TaskCancelledError", "UnknownTaskError", "WorkerDiedError",
+    "TaskInterruptedError",
 ]
 
 # The seed's import paths (``from lilota.core import Lilota`` ...) name submodules of a package.
@@ -165,6 +166,10 @@ class UnknownTaskError(LilotaError, LookupError):
 
 class WorkerDiedError(LilotaError):
     """Recorded as a task's error when the worker process running it died."""
+
+
+class TaskInterruptedError(LilotaError):
+    """Recorded as a task's error when its worker was stopped and the task was queued again."""
 
 
 class StorageError(LilotaError):
@@ -274,6 +279,7 @@ class Task:
     locked_at: typing.Optional[datetime] = None
     created_at: typing.Optional[datetime] = None
     cancel_requested: bool = False
+    keep_input: typing.Optional[bool] = None   # the registered keep_input, known from the first claim
 
     @property
     def is_finished(self):
@@ -511,13 +517,11 @@ class TaskContext:
         return f"TaskContext(task_id={self.task_id!s}, name={self.name!r}, attempt={self.attempt})"
 
 
-def _error_record(exc=None, *, type_name=None, message=None, tb=None, **extra):
-    """The dict stored in ``lilota_task.error``: type, message, traceback (+ details)."""
-    if exc is not None:
-        type_name = type_name or type(exc).__name__
-        message = str(exc) if message is None else message
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) if tb is None else tb
-    record = {"type": type_name, "message": message or "", "traceback": tb or ""}
+def _error_record(exc, **extra):
+    """The dict stored in ``lilota_task.error``: the exception's type name, message and traceback
+    (empty for lilota's own records of what happened to a task), plus details such as the attempt."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) if exc.__traceback__ else ""
+    record = {"type": type(exc).__name__, "message": str(exc), "traceback": tb}
     record.update(extra)
     return record
 
@@ -534,7 +538,8 @@ def _error_record(exc=None, *, type_name=None, message=None, tb=None, **extra):
 
 _TASK_COLUMNS = ("id", "name", "status", "priority", "pid", "run_at", "attempts", "max_attempts",
                  "timeout", "expires_at", "progress_percentage", "start_date_time", "end_date_time",
-                 "input", "output", "error", "locked_by", "locked_at", "created_at", "cancel_requested")
+                 "input", "output", "error", "locked_by", "locked_at", "created_at", "cancel_requested",
+                 "keep_input")
 _TASK_SELECT = ", ".join(_TASK_COLUMNS)
 _NODE_COLUMNS = "id, name, type, status, pid, hostname, created_at, last_seen_at, lease_expires_at"
 
@@ -761,7 +766,8 @@ class SQLiteDialect(Dialect):
                     locked_by TEXT,
                     locked_at REAL,
                     created_at REAL NOT NULL,
-                    cancel_requested INTEGER NOT NULL DEFAULT 0)""",
+                    cancel_requested INTEGER NOT NULL DEFAULT 0,
+                    keep_input INTEGER)""",
                 # The claim reads this partial index in order; it holds queued tasks only, so it
                 # stays small however many finished tasks the table keeps.
                 "CREATE INDEX IF NOT EXISTS lilota_task_queue ON lilota_task (priority DESC, run_at) "
@@ -783,18 +789,22 @@ class SQLiteDialect(Dialect):
         }
 
     def prepare_claim(self, defaults):
+        # The registered defaults of each task name, applied to the row at its first claim.
         params = {}
-        timeouts, attempts = [], []
-        for i, (name, timeout, max_attempts) in enumerate(defaults):
-            params[f"n{i}"], params[f"t{i}"], params[f"a{i}"] = name, timeout, max_attempts
+        timeouts, attempts, keeps = [], [], []
+        for i, (name, timeout, max_attempts, keep_input) in enumerate(defaults):
+            params.update({f"n{i}": name, f"t{i}": timeout, f"a{i}": max_attempts, f"k{i}": int(keep_input)})
             timeouts.append(f"WHEN :n{i} THEN :t{i}")
             attempts.append(f"WHEN :n{i} THEN :a{i}")
+            keeps.append(f"WHEN :n{i} THEN :k{i}")
         timeout_case = f"CASE name {' '.join(timeouts)} ELSE NULL END" if defaults else "NULL"
         attempts_case = f"CASE name {' '.join(attempts)} ELSE 1 END" if defaults else "1"
+        keep_case = f"CASE name {' '.join(keeps)} ELSE 1 END" if defaults else "1"
         update = (f"UPDATE lilota_task SET status = 'running', pid = :pid, attempts = attempts + 1, "
                   f"locked_by = :node, locked_at = :now, start_date_time = :now, end_date_time = NULL, "
                   f"progress_percentage = 0, timeout = COALESCE(timeout, {timeout_case}), "
                   f"max_attempts = COALESCE(max_attempts, {attempts_case}), "
+                  f"keep_input = COALESCE(keep_input, {keep_case}), "
                   f"expires_at = :now + COALESCE(timeout, {timeout_case}) ")
         pick = ("SELECT id FROM lilota_task WHERE status = 'scheduled' AND run_at <= :now "
                 "ORDER BY priority DESC, run_at LIMIT 1")
@@ -956,11 +966,19 @@ class Storage:
             "INSERT INTO lilota_task (id, name, status, priority, run_at, attempts, max_attempts, timeout, "
             "progress_percentage, input, created_at, cancel_requested) "
             "VALUES (?, ?, 'scheduled', ?, ?, 0, ?, ?, 0, ?, ?, 0)")
+        # A task whose cancel() was answered "being stopped" ends cancelled even when it finished
+        # before it could be stopped: its result is discarded, as cancel() promised.
         self._complete_sql = sql(
-            "UPDATE lilota_task SET status = 'completed', output = ?, end_date_time = ?, "
+            "UPDATE lilota_task SET "
+            "status = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'completed' END, "
+            "output = CASE WHEN cancel_requested = 1 THEN NULL ELSE ? END, "
+            "error = CASE WHEN cancel_requested = 1 THEN ? ELSE error END, end_date_time = ?, "
             "progress_percentage = CASE WHEN ? THEN progress_percentage ELSE 100 END, "
-            "input = CASE WHEN ? THEN input ELSE NULL END "
+            "input = CASE WHEN keep_input = 0 THEN NULL ELSE input END "
             "WHERE id = ? AND status = 'running' AND locked_by = ?")
+        self._cancelled_late_json = dumps(_error_record(
+            TaskCancelledError("cancelled while running; it finished before it could be stopped and its "
+                               "result was discarded")), "error")
         # Ends an attempt that did not complete. A task queued again is unlocked; one whose cancel
         # was asked for while it ran ends cancelled instead of running again.
         self._fail_sql = sql(
@@ -969,7 +987,7 @@ class Storage:
             "run_at = COALESCE(?, run_at), "
             "end_date_time = CASE WHEN cancel_requested = 1 THEN ? ELSE ? END, "
             "error = ?, attempts = attempts - ?, "
-            "input = CASE WHEN ? OR (? AND cancel_requested = 0) THEN input ELSE NULL END, "
+            "input = CASE WHEN keep_input = 0 AND NOT (? AND cancel_requested = 0) THEN NULL ELSE input END, "
             "locked_by = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_by END, "
             "locked_at = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_at END "
             "WHERE id = ? AND status = 'running' AND locked_by = ?")
@@ -1056,7 +1074,7 @@ class Storage:
             return None
         d = self.dialect
         (id_, name, status, priority, pid, run_at, attempts, max_attempts, timeout, expires_at,
-         progress, start, end, input_, output, error, locked_by, locked_at, created_at, cancel) = row
+         progress, start, end, input_, output, error, locked_by, locked_at, created_at, cancel, keep_input) = row
         return Task(
             id=uuid.UUID(str(id_)), name=name, status=TaskStatus(status), priority=priority, pid=pid,
             run_at=d.decode_time(run_at), attempts=attempts, max_attempts=max_attempts,
@@ -1066,7 +1084,7 @@ class Storage:
             input=d.decode_json(input_), output=d.decode_json(output), error=d.decode_json(error),
             locked_by=None if locked_by is None else uuid.UUID(str(locked_by)),
             locked_at=d.decode_time(locked_at), created_at=d.decode_time(created_at),
-            cancel_requested=bool(cancel))
+            cancel_requested=bool(cancel), keep_input=None if keep_input is None else bool(keep_input))
 
     def _node(self, row):
         d = self.dialect
@@ -1117,8 +1135,7 @@ class Storage:
                 cur = conn.execute(sql("UPDATE lilota_task SET status = 'cancelled', end_date_time = ?, "
                                        "error = ? WHERE id = ? AND status IN ('created', 'scheduled')"),
                                    (self.dialect.encode_time(_now()), self.dialect.encode_json(dumps(
-                                       _error_record(type_name="TaskCancelledError",
-                                                     message="cancelled before it ran"), "error")), task_id))
+                                       _error_record(TaskCancelledError("cancelled before it ran")), "error")), task_id))
                 if cur.rowcount:
                     return "cancelled"
                 cur = conn.execute(sql("UPDATE lilota_task SET cancel_requested = 1 "
@@ -1185,16 +1202,17 @@ class Storage:
         value = row[0] if row else None
         return None if value is None else self.dialect.decode_time(value).timestamp()
 
-    def complete(self, task_id, node_id, output_json, keep_progress, keep_input):
-        """Mark a task completed; False when it was no longer this node's (cancelled, recovered)."""
+    def complete(self, task_id, node_id, output_json, keep_progress):
+        """Mark a task completed (cancelled, if its cancel was asked for while it ran); False when it
+        was no longer this node's (recovered elsewhere)."""
         d = self.dialect
         with self._guard as conn:
-            cur = conn.execute(self._complete_sql, (d.encode_json(output_json), d.encode_time(_now()),
-                                                    keep_progress, keep_input, task_id, node_id))
+            cur = conn.execute(self._complete_sql, (d.encode_json(output_json), d.encode_json(self._cancelled_late_json),
+                                                    d.encode_time(_now()), keep_progress, task_id, node_id))
             return cur.rowcount == 1
 
     def finish_attempt(self, task, node_id, error, *, final_status=TaskStatus.FAILED, retry_at=None,
-                       count_attempt=True, keep_input=True):
+                       count_attempt=True):
         """End a running attempt that did not complete: requeue it at ``retry_at`` (epoch seconds) or
         give it its final status. ``count_attempt=False`` gives the attempt back (the task was
         interrupted through no fault of its own). False when the task was no longer this node's."""
@@ -1206,7 +1224,7 @@ class Storage:
         else:
             status, run_at, end = str(final_status), None, now
         params = (status, run_at, now, end, d.encode_json(dumps(error, "error")), 0 if count_attempt else 1,
-                  keep_input, requeue, requeue, requeue, str(task.id), node_id)
+                  requeue, requeue, requeue, str(task.id), node_id)
         with self._guard as conn:
             return conn.execute(self._fail_sql, params).rowcount == 1
 
@@ -1294,9 +1312,10 @@ class Storage:
             rows = conn.execute(f"SELECT {_NODE_COLUMNS} FROM lilota_node ORDER BY created_at").fetchall()
         return [self._node(r) for r in rows]
 
-    def find_lost_nodes(self):
+    def find_lost_nodes(self, exclude=()):
         """Mark dead the nodes marked alive whose lease has expired, or whose process is gone from
-        this host (same host key: same machine, boot and pid namespace); return their ids."""
+        this host (same host key: same machine, boot and pid namespace); return their ids. Nodes in
+        ``exclude`` are the caller's own, which it looks after itself."""
         d = self.dialect
         here = _host_key()
         with self._guard as conn:
@@ -1305,8 +1324,9 @@ class Storage:
                                     f"WHERE status IN {_ALIVE_SQL}").fetchall()
                 now = _now()
                 lost = [str(node_id) for node_id, pid, host_key, lease in rows
-                        if d.decode_time(lease).timestamp() < now
-                        or (host_key == here and pid and not _process_exists(pid))]
+                        if str(node_id) not in exclude and (
+                            d.decode_time(lease).timestamp() < now
+                            or (host_key == here and pid and not _process_exists(pid)))]
                 for node_id in lost:
                     conn.execute(d.sql(f"UPDATE lilota_node SET status = 'dead' WHERE id = ? "
                                        f"AND status IN {_ALIVE_SQL}"), (node_id,))
@@ -1668,6 +1688,10 @@ class LilotaWorker:
     and the supervisor handles timeouts, crashes and stop.
     """
 
+    #: An idle worker claims at least this often (seconds), whatever it was told: a safety net
+    #: under the doorbell and the change counter, which are what normally wake it.
+    safety_claim_interval = 5.0
+
     def __init__(self, db_url=None, set_progress_manually=False, *, name=None, poll_interval=0.02,
                  heartbeat_interval=5.0, node_timeout=30.0, retry_delay=timedelta(seconds=1),
                  retry_max_delay=timedelta(minutes=10)):
@@ -1689,6 +1713,7 @@ class LilotaWorker:
         self._stopping = threading.Event()
         self._running = False
         self._wake_r = self._wake_w = None
+        self._fds_lock = threading.RLock()   # re-entrant: stop() may run in a signal handler
         self._current = None          # the task being executed, for the keeper thread
         self._interrupt = None        # (task id, reason) the keeper asked to stop
         self._interruptible = False
@@ -1752,7 +1777,7 @@ class LilotaWorker:
     def _prepared_claim(self):
         if self._claim is None:
             self._claim = self.storage.prepare_claim(
-                (t.name, t.timeout, t.max_attempts) for t in self._registry.values())
+                (t.name, t.timeout, t.max_attempts, t.keep_input) for t in self._registry.values())
         return self._claim
 
 
@@ -1765,11 +1790,9 @@ class LilotaWorker:
         if function is None:
             known = ", ".join(repr(n) for n in self.registered_names) or "none"
             self.logger.warning("task %s: unknown task name %r", task.id, task.name)
-            self._record(storage.finish_attempt, task, node_id, _error_record(
-                type_name="UnknownTaskError",
-                message=f"no task named {task.name!r} is registered in this worker (registered: {known}); "
-                        f"register it with @worker.register({task.name!r}) in the worker script",
-                attempt=task.attempts))
+            self._record(storage.finish_attempt, task, node_id, _error_record(UnknownTaskError(
+                f"no task named {task.name!r} is registered in this worker (registered: {known}); "
+                f"register it with @worker.register({task.name!r}) in the worker script"), attempt=task.attempts))
             return
         progress = TaskProgress(task.id, functools.partial(self._store_progress, node_id))
         context = TaskContext(task_id=task.id, name=task.name, attempt=task.attempts,
@@ -1785,21 +1808,19 @@ class LilotaWorker:
                 self._interruptible = False
             output = function.output(result)
         except _Interrupted as stop:
-            self._end_interrupted(task, node_id, str(stop), function)
+            self._end_interrupted(task, node_id, str(stop))
             return
         except KeyboardInterrupt:
             # Ctrl-C of a standalone worker: give the task back to the queue and stop.
             self._record(storage.finish_attempt, task, node_id, _error_record(
-                type_name="Interrupted", message="the worker was interrupted; the task was queued again"),
-                count_attempt=False)
+                TaskInterruptedError("the worker was interrupted; the task was queued again")), count_attempt=False)
             raise
         except BaseException as exc:  # the task's own failure, SystemExit included
-            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts), function)
+            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts))
             return
         finally:
             self._current = None
-        if not self._record(storage.complete, str(task.id), node_id, output, self.set_progress_manually,
-                            function.keep_input):
+        if not self._record(storage.complete, str(task.id), node_id, output, self.set_progress_manually):
             self.logger.info("task %s finished but was no longer this worker's (cancelled or recovered); "
                              "its result was not stored", task.id)
 
@@ -1822,23 +1843,22 @@ class LilotaWorker:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _end_failed(self, task, node_id, error, function, final_status=TaskStatus.FAILED):
+    def _end_failed(self, task, node_id, error, final_status=TaskStatus.FAILED):
         retry_at = _retry_time(task, self.retry_delay, self.retry_max_delay)
         self.logger.warning("task %s (%s) attempt %s/%s failed: %s: %s%s", task.id, task.name, task.attempts,
                             task.max_attempts, error["type"], error["message"], " (will retry)" if retry_at else "")
         self._record(self.storage.finish_attempt, task, node_id, error, final_status=final_status,
-                     retry_at=retry_at, keep_input=function.keep_input)
+                     retry_at=retry_at)
 
-    def _end_interrupted(self, task, node_id, reason, function):
+    def _end_interrupted(self, task, node_id, reason):
         if reason == "cancel":
             self._record(self.storage.finish_attempt, task, node_id, _error_record(
-                type_name="TaskCancelledError", message="cancelled while running", attempt=task.attempts),
-                final_status=TaskStatus.CANCELLED, keep_input=function.keep_input)
+                TaskCancelledError("cancelled while running"), attempt=task.attempts), final_status=TaskStatus.CANCELLED)
         elif reason == "timeout":
             limit = f" of {task.timeout.total_seconds():g}s" if task.timeout is not None else ""
             self._end_failed(task, node_id, _error_record(
-                type_name="TaskTimeoutError", attempt=task.attempts, message=f"task ran longer than its timeout{limit}"),
-                function, final_status=TaskStatus.EXPIRED)
+                TaskTimeoutError(f"task ran longer than its timeout{limit}"), attempt=task.attempts),
+                final_status=TaskStatus.EXPIRED)
         else:  # "lost": another process declared this worker dead and already recovered the task
             self.logger.error("task %s was taken from this worker (its node was declared dead); stopped it",
                               task.id)
@@ -1885,18 +1905,16 @@ class LilotaWorker:
     def stop(self):
         """Ask the worker to stop after the task it is running (safe from signal handlers and threads)."""
         self._stopping.set()
-        if self._wake_w is not None:
-            try:
-                os.write(self._wake_w, b"\0")
-            except OSError:
-                pass
+        with self._fds_lock:
+            _ring(self._wake_w)
 
     def _open_wake_pipe(self):
         self._wake_r, self._wake_w = _nonblocking_pipe()
 
     def _close_wake_pipe(self):
-        fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None  # before closing
-        _close_fds(*fds)
+        with self._fds_lock:
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None
+            _close_fds(*fds)
 
     def _start_supervised(self, supervision):
         supervisor_db = _dialect_for_url(supervision.db_url)
@@ -1969,8 +1987,8 @@ class LilotaWorker:
                 signal.signal(signum, handler)
             self._close_wake_pipe()
             try:
-                storage.recover_tasks(node_id, _error_record(type_name="Interrupted",
-                                      message="the worker stopped while running this task"), count_attempt=False)
+                storage.recover_tasks(node_id, _error_record(
+                    TaskInterruptedError("the worker stopped while running this task")), count_attempt=False)
                 storage.set_node_status(node_id, status)
             except StorageError:
                 self.logger.exception("could not record that worker %s stopped", node_id)
@@ -2055,7 +2073,7 @@ class LilotaWorker:
         from ``counter``), a delayed task falls due, or stop() is called."""
         storage = self.storage
         due = storage.next_run_at()
-        give_up = time.monotonic() + 5.0   # a periodic claim as a safety net
+        give_up = time.monotonic() + self.safety_claim_interval
         while not self._stopping.is_set():
             timeout = self.poll_interval
             if due is not None:
@@ -2110,16 +2128,16 @@ def _ring(fd):
         pass
 
 
-def _recover_lost_nodes(storage, retry_delay, retry_max_delay):
+def _recover_lost_nodes(storage, retry_delay, retry_max_delay, exclude=()):
     """Mark nodes whose lease expired (or whose process is gone) dead and release the running
-    tasks they held: retried while attempts remain, else failed with a WorkerDiedError."""
-    lost = storage.find_lost_nodes()
-    for node_id in set(lost) | set(storage.orphaned_nodes()):
-        tasks = storage.recover_tasks(node_id, _error_record(
-            type_name="WorkerDiedError",
-            message=f"the worker node {node_id} running this task was lost (its heartbeat lease expired "
-                    f"or its process is gone)"),
-            retry_delay=retry_delay, retry_max_delay=retry_max_delay)
+    tasks they held: retried while attempts remain, else failed with a WorkerDiedError. The nodes
+    in ``exclude`` are the caller's own (a supervisor handles its workers' deaths itself)."""
+    exclude = set(exclude)
+    lost = storage.find_lost_nodes(exclude)
+    for node_id in (set(lost) | set(storage.orphaned_nodes())) - exclude:
+        tasks = storage.recover_tasks(node_id, _error_record(WorkerDiedError(
+            f"the worker node {node_id} running this task was lost (its heartbeat lease expired "
+            f"or its process is gone)")), retry_delay=retry_delay, retry_max_delay=retry_max_delay)
         if tasks:
             logger.warning("recovered %d task(s) of lost node %s", len(tasks), node_id)
 
@@ -2287,6 +2305,9 @@ class Lilota(LilotaScheduler):
         self._ever_ready = False     # some worker of this run called worker.start(): the script works
         self._owner_pid = os.getpid()
         self._lock = threading.Lock()
+        # Ringing a pipe and closing it must not interleave: a number read before a close could
+        # name another file by the time of the write.
+        self._fds_lock = threading.Lock()
 
     # --- one side only ---
 
@@ -2370,7 +2391,7 @@ class Lilota(LilotaScheduler):
                 return
             self._stop_timeout_now = self.stop_timeout if timeout is None else _seconds(timeout, "timeout")
             self._stop_requested.set()
-            _ring(self._wake_w)
+            self._notify_supervisor()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
@@ -2379,8 +2400,9 @@ class Lilota(LilotaScheduler):
                 self.storage.set_node_status(self.node_id, NodeStatus.STOPPED)
             except StorageError:
                 logger.warning("could not record that node %s stopped", self.node_id, exc_info=True)
-            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None  # before closing
-            _close_fds(*fds)
+            with self._fds_lock:
+                fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None
+                _close_fds(*fds)
             self._thread = None
             self.node_id = None
             atexit.unregister(self._stop_at_exit)
@@ -2401,10 +2423,12 @@ class Lilota(LilotaScheduler):
         return False
 
     def _notify_workers(self):
-        _ring(self._doorbell_fd)
+        with self._fds_lock:
+            _ring(self._doorbell_fd)
 
     def _notify_supervisor(self):
-        _ring(self._wake_w)
+        with self._fds_lock:
+            _ring(self._wake_w)
 
     # --- the supervisor thread ---
     #
@@ -2524,9 +2548,8 @@ class Lilota(LilotaScheduler):
                                        f"{_describe_exit(code)} before calling worker.start()")
             return
         # A crash: release its task (retried, or failed when its attempts are used up).
-        tasks = self._recover(handle.node_id, _error_record(
-            type_name="WorkerDiedError",
-            message=f"the worker process {handle.process.pid} running this task died ({_describe_exit(code)})"))
+        tasks = self._recover(handle.node_id, _error_record(WorkerDiedError(
+            f"the worker process {handle.process.pid} running this task died ({_describe_exit(code)})")))
         self.storage.set_node_status(handle.node_id, NodeStatus.CRASHED)
         logger.warning("worker process %s %s%s%s", handle.process.pid, _describe_exit(code),
                        f" while running task {tasks[0].id}" if tasks else "",
@@ -2541,15 +2564,12 @@ class Lilota(LilotaScheduler):
             handle = by_node[str(task.locked_by)]
             self._kill(handle)
             if task.cancel_requested:
-                self._recover(handle.node_id, _error_record(
-                    type_name="TaskCancelledError", message="cancelled while running"),
-                    final_status=TaskStatus.CANCELLED, retry=False, task_id=task.id)
+                self._recover(handle.node_id, _error_record(TaskCancelledError("cancelled while running")),
+                              final_status=TaskStatus.CANCELLED, retry=False, task_id=task.id)
             else:
-                self._recover(handle.node_id, _error_record(
-                    type_name="TaskTimeoutError",
-                    message=f"task ran longer than its timeout of {task.timeout.total_seconds():g}s; "
-                            f"its worker process was stopped"),
-                    final_status=TaskStatus.EXPIRED, task_id=task.id)
+                self._recover(handle.node_id, _error_record(TaskTimeoutError(
+                    f"task ran longer than its timeout of {task.timeout.total_seconds():g}s; "
+                    f"its worker process was stopped")), final_status=TaskStatus.EXPIRED, task_id=task.id)
             logger.info("task %s %s: worker process %s replaced", task.id,
                         "cancelled" if task.cancel_requested else "timed out", handle.process.pid)
             self._replace(handle, context)
@@ -2563,8 +2583,7 @@ class Lilota(LilotaScheduler):
         """After ``_kill``: requeue what the worker still held and start its successor."""
         self._handles[handle.index] = None
         self._recover(handle.node_id, _error_record(
-            type_name="Interrupted", message="the worker was stopped while running this task"),
-            count_attempt=False)
+            TaskInterruptedError("the worker was stopped while running this task")), count_attempt=False)
         self.storage.set_node_status(handle.node_id, NodeStatus.STOPPED)
         self._handles[handle.index] = self._spawn(context, handle.index)
 
@@ -2589,7 +2608,8 @@ class Lilota(LilotaScheduler):
                                  handle.process.pid)
                     self._kill(handle)
                     self._replace(handle, context)
-            _recover_lost_nodes(self.storage, self.retry_delay, self.retry_max_delay)
+            own = {self.node_id} | {h.node_id for h in self._handles if h is not None}
+            _recover_lost_nodes(self.storage, self.retry_delay, self.retry_max_delay, exclude=own)
         except StorageError:
             logger.warning("lilota heartbeat failed; will retry", exc_info=True)
 
@@ -2622,9 +2642,8 @@ class Lilota(LilotaScheduler):
         for h in handles:
             h.process.join(5)
             try:
-                self._recover(h.node_id, _error_record(
-                    type_name="Interrupted", message="lilota stopped while this task was running; it was queued again"),
-                    count_attempt=False)
+                self._recover(h.node_id, _error_record(TaskInterruptedError(
+                    "lilota stopped while this task was running; it was queued again")), count_attempt=False)
                 self.storage.set_node_status(h.node_id, NodeStatus.STOPPED)
             except StorageError:
                 logger.warning("could not record the stop of worker %s", h.node_id, exc_info=True)
@@ -2632,10 +2651,9 @@ class Lilota(LilotaScheduler):
                 h.control.close()
             except OSError:
                 pass
-        if self._doorbell is not None:
-            doorbell = self._doorbell
-            self._doorbell, self._doorbell_fd = None, None  # before closing: schedule() may ring it
-            for end in doorbell:
+        with self._fds_lock:
+            doorbell, self._doorbell, self._doorbell_fd = self._doorbell, None, None
+            for end in doorbell or ():
                 end.close()
         self._handles = []
 

@@ -253,7 +253,7 @@ class ClaimTests(StorageTestCase):
         # The single UPDATE ... RETURNING statement reads the same index.
         with mock.patch.object(lilota.SQLiteDialect, "returning", True):
             dialect = lilota._dialect_for_url(self.db_url)
-            statement, extra = dialect.prepare_claim((("x", 5.0, 1),))
+            statement, extra = dialect.prepare_claim((("x", 5.0, 1, True),))
         plan = self.sql("EXPLAIN QUERY PLAN " + statement, dict(params, **extra))
         details = " | ".join(str(r[-1]) for r in plan)
         self.assertIn("lilota_task_queue", details, details)
