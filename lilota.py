@@ -63,7 +63,7 @@ __all__ = [
     "Dialect", "SQLiteDialect", "register_dialect",
     "LilotaError", "ConfigurationError", "DriverNotInstalledError", "StorageError",
     "DatabaseBusyError", "ReadOnlyDatabaseError", "DatabaseFullError", "CorruptDatabaseError",
-    "DatabaseUnavailableError", "SchemaVersionError", "WorkerScriptError", "TaskNotFoundError",
+    "DatabaseUnavailableError", "SchemaVersionError", "WorkerScriptError", "TaskNotFoundError", "UnserializableError",
     "TaskWaitTimeout", "TaskTimeoutError", "TaskCancelledError", "UnknownTaskError", "WorkerDiedError",
     "TaskInterruptedError",
 ]
@@ -138,6 +138,12 @@ class ConfigurationError(LilotaError, ValueError):
 
 class DriverNotInstalledError(LilotaError, ImportError):
     """The database driver a URL needs is not installed (the message names the package)."""
+
+
+class UnserializableError(LilotaError, TypeError, ValueError):
+    """A value cannot be stored as JSON (raised by ``schedule()`` before anything is written, and
+    recorded as the error of a task whose output cannot be stored). Both a TypeError (for a type
+    JSON lacks) and a ValueError (for NaN, infinity, cycles), so either ``except`` catches it."""
 
 
 class WorkerScriptError(LilotaError, FileNotFoundError):
@@ -323,8 +329,8 @@ class ModelProtocol(typing.Protocol):
 #   timedelta              -> seconds (float)      Enum dict keys -> their (string) values
 #   dataclass              -> dict of its fields    pydantic -> model_dump(mode="json") / .dict()
 #   object with as_dict()  -> as_dict()             tuple   -> list
-# Anything else (sets, bytes, arbitrary objects, dicts with non-string keys) is a TypeError, and
-# NaN or infinite floats a ValueError, raised before anything is written.
+# Anything else (sets, bytes, arbitrary objects, dicts with non-string keys, NaN, infinity, cycles)
+# raises UnserializableError -- a TypeError and a ValueError -- before anything is written.
 
 def _to_json(value, path="input", _active=None):
     """Convert a value to plain JSON types (dict/list/str/int/float/bool/None) or raise."""
@@ -333,7 +339,7 @@ def _to_json(value, path="input", _active=None):
         return value
     if kind is float:
         if not math.isfinite(value):
-            raise ValueError(f"{path}: {value!r} cannot be stored (JSON has no NaN or Infinity)")
+            raise UnserializableError(f"{path}: {value!r} cannot be stored (JSON has no NaN or Infinity)")
         return value
     if isinstance(value, enum.Enum):
         return _to_json(value.value, path, _active)
@@ -357,7 +363,7 @@ def _to_json(value, path="input", _active=None):
         _active = set()
     marker = id(value)
     if marker in _active:
-        raise ValueError(f"{path}: the value contains itself (a reference cycle) and cannot be stored")
+        raise UnserializableError(f"{path}: the value contains itself (a reference cycle) and cannot be stored")
     _active.add(marker)
     try:
         if isinstance(value, dict):
@@ -365,7 +371,7 @@ def _to_json(value, path="input", _active=None):
             for key, item in value.items():
                 name = key.value if isinstance(key, enum.Enum) else key
                 if not isinstance(name, str):
-                    raise TypeError(f"{path}: dictionary keys must be strings to be stored as JSON, "
+                    raise UnserializableError(f"{path}: dictionary keys must be strings to be stored as JSON, "
                                     f"got key {key!r} of type {type(key).__name__}")
                 out[str(name)] = _to_json(item, f"{path}[{key!r}]", _active)
             return out
@@ -383,7 +389,7 @@ def _to_json(value, path="input", _active=None):
     finally:
         _active.discard(marker)
     hint = " (convert it to a list)" if isinstance(value, (set, frozenset)) else ""
-    raise TypeError(f"{path}: object of type {type(value).__name__} cannot be stored as JSON{hint}; "
+    raise UnserializableError(f"{path}: object of type {type(value).__name__} cannot be stored as JSON{hint}; "
                     f"use a dataclass, a pydantic model, a dict or an object with as_dict()")
 
 
@@ -391,7 +397,7 @@ def _call_model_method(value, method, path, **kwargs):
     try:
         return getattr(value, method)(**kwargs)
     except Exception as exc:
-        raise TypeError(f"{path}: {type(value).__name__}.{method}() failed: {exc!r}") from exc
+        raise UnserializableError(f"{path}: {type(value).__name__}.{method}() failed: {exc!r}") from exc
 
 
 def dumps(value, path="input"):
@@ -399,7 +405,7 @@ def dumps(value, path="input"):
     try:
         return json.dumps(_to_json(value, path), separators=(",", ":"), allow_nan=False)
     except RecursionError:
-        raise ValueError(f"{path}: the value is nested too deeply to be stored") from None
+        raise UnserializableError(f"{path}: the value is nested too deeply to be stored") from None
 
 
 def loads(text):

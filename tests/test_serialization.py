@@ -496,9 +496,11 @@ class BadOutputTests(SerializationTestCase):
                 self.assertEqual(task.id, task_id)
                 self.assertEqual(task.status, TaskStatus.FAILED)
                 self.assertIsNone(task.output)
-                self.assertEqual(task.error["type"], "TypeError")
+                # UnserializableError: both a TypeError and a ValueError.
+                self.assertEqual(task.error["type"], "UnserializableError")
+                self.assertTrue(issubclass(lilota.UnserializableError, TypeError))
                 self.assertIn("output", task.error["message"])
-                self.assertIn("TypeError", task.error["traceback"])
+                self.assertIn("UnserializableError", task.error["traceback"])
 
     def test_nan_output_fails_the_task(self):
         @self.worker.register("nan")
@@ -508,7 +510,23 @@ class BadOutputTests(SerializationTestCase):
         self.scheduler.schedule("nan", None)
         [task] = self.worker.run_pending()
         self.assertEqual(task.status, TaskStatus.FAILED)
-        self.assertEqual(task.error["type"], "ValueError")
+        self.assertEqual(task.error["type"], "UnserializableError")
+        self.assertTrue(issubclass(lilota.UnserializableError, ValueError))
+        self.assertIn("NaN", task.error["message"])
+
+
+class UnserializableErrorTests(unittest.TestCase):
+    def test_one_exception_for_everything_that_cannot_be_stored(self):
+        """TypeError-kind and ValueError-kind refusals are one UnserializableError, catchable as both."""
+        cyclic = []
+        cyclic.append(cyclic)
+        for value in ({1, 2}, b"x", object(), {1: "a"}, float("nan"), float("inf"), cyclic):
+            with self.subTest(value=type(value).__name__):
+                with self.assertRaises(lilota.UnserializableError) as cm:
+                    lilota.dumps({"value": value})
+                self.assertIsInstance(cm.exception, TypeError)
+                self.assertIsInstance(cm.exception, ValueError)
+                self.assertIn("input['value']", str(cm.exception))
 
 
 if __name__ == "__main__":
