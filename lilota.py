@@ -72,7 +72,7 @@ __all__ = [
 # lilota is one module, so it registers itself under those names while it loads; the import system
 # looks in sys.modules right after importing the parent and finds them there.
 if __name__ != "__main__":
-    for _alias in ("core", "worker", "models", "scheduler", "stores", "storage"):
+    for _alias in ("core", "worker", "models", "scheduler"):
         sys.modules.setdefault(__name__ + "." + _alias, sys.modules[__name__])
     del _alias
 
