@@ -82,46 +82,6 @@ logger.addHandler(logging.NullHandler())
 DEFAULT_DB_URL = "sqlite:///lilota.db"
 
 
-def _now():
-    """Seconds since the epoch: the one clock every timestamp lilota stores comes from."""
-    return time.time()
-
-
-def _to_datetime(seconds):
-    return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
-
-
-def _seconds(value, what, allow_zero=True):
-    """A duration given as timedelta or a number of seconds, as float seconds (None stays None)."""
-    if value is None:
-        return None
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise TypeError(f"{what} must be a timedelta or a number of seconds, not {type(value).__name__}")
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-        raise ValueError(f"{what} must be a {'non-negative' if allow_zero else 'positive'} duration, got {value!r}")
-    return seconds
-
-
-def _backoff(attempt, base, cap):
-    """Exponential backoff with jitter: about base * 2**(attempt-1), capped, randomised by up to half.
-
-    The jitter spreads retries of tasks that failed together (a database hiccup, a dead host)."""
-    delay = min(cap, base * (2 ** min(max(0, attempt - 1), 64)))  # bounded: no float overflow
-    return delay * random.uniform(0.5, 1.0)
-
-
-def _retry_time(task, base, cap):
-    """When a task whose attempt failed runs again (epoch seconds), or None when its attempts are
-    used up. The one retry policy: every way an attempt can fail goes through here."""
-    if task.attempts < (task.max_attempts or 1):
-        return _now() + _backoff(task.attempts, base, cap)
-    return None
-
-
 # ==================================================================================================
 # 1. Models and serialization
 # ==================================================================================================
@@ -242,10 +202,6 @@ class NodeStatus(_StrEnum):
     STOPPED = "stopped"
     CRASHED = "crashed"
     DEAD = "dead"            # stopped sending heartbeats, or its process is gone
-
-
-_ALIVE_NODE_STATUSES = ("idle", "starting", "running", "stopping")
-_ALIVE_SQL = "(" + ", ".join(f"'{status}'" for status in _ALIVE_NODE_STATUSES) + ")"
 
 
 class NodeType(_StrEnum):
@@ -479,6 +435,48 @@ def _revive(tp, value):
     return value
 
 
+# --- Time and the retry policy --------------------------------------------------------------------
+
+def _now():
+    """Seconds since the epoch: the one clock every timestamp lilota stores comes from."""
+    return time.time()
+
+
+def _to_datetime(seconds):
+    return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
+
+
+def _seconds(value, what, allow_zero=True):
+    """A duration given as timedelta or a number of seconds, as float seconds (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise TypeError(f"{what} must be a timedelta or a number of seconds, not {type(value).__name__}")
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ValueError(f"{what} must be a {'non-negative' if allow_zero else 'positive'} duration, got {value!r}")
+    return seconds
+
+
+def _backoff(attempt, base, cap):
+    """Exponential backoff with jitter: about base * 2**(attempt-1), capped, randomised by up to half.
+
+    The jitter spreads retries of tasks that failed together (a database hiccup, a dead host)."""
+    delay = min(cap, base * (2 ** min(max(0, attempt - 1), 64)))  # bounded: no float overflow
+    return delay * random.uniform(0.5, 1.0)
+
+
+def _retry_time(task, base, cap):
+    """When a task whose attempt failed runs again (epoch seconds), or None when its attempts are
+    used up. The one retry policy: every way an attempt can fail goes through here."""
+    if task.attempts < (task.max_attempts or 1):
+        return _now() + _backoff(task.attempts, base, cap)
+    return None
+
+
 class TaskProgress:
     """Lets a task function store how far it has got (0-100) while it runs.
 
@@ -548,6 +546,10 @@ _TASK_COLUMNS = ("id", "name", "status", "priority", "pid", "run_at", "attempts"
                  "keep_input")
 _TASK_SELECT = ", ".join(_TASK_COLUMNS)
 _NODE_COLUMNS = "id, name, type, status, pid, hostname, created_at, last_seen_at, lease_expires_at"
+
+_ALIVE_NODE_STATUSES = ("idle", "starting", "running", "stopping")
+_ALIVE_SQL = "(" + ", ".join(f"'{status}'" for status in _ALIVE_NODE_STATUSES) + ")"
+
 
 SCHEMA_VERSION = 1
 
@@ -659,6 +661,81 @@ def _dialect_for_url(url):
                                  f"this lilota knows {known}. Other databases plug in through "
                                  f"lilota.register_dialect(scheme, DialectClass)")
     return dialect_class(url, parts)
+
+
+def _retry_busy(operation, timeout):
+    """Run ``operation``, retrying while SQLite reports a lock that its busy handler did not wait out
+    (journal-mode changes and schema creation can fail at once when several processes start)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            return operation()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def _rollback(conn):
+    try:
+        conn.execute("ROLLBACK")
+    except Exception:
+        pass
+
+
+class _Transaction:
+    """BEGIN (IMMEDIATE on SQLite; ``begin=None``: already begun) ... COMMIT, or ROLLBACK on error
+    (a failed COMMIT included, so that the shared connection never stays inside a transaction)."""
+
+    __slots__ = ("conn", "begin")
+
+    def __init__(self, conn, begin):
+        self.conn, self.begin = conn, begin
+
+    def __enter__(self):
+        if self.begin is not None:
+            self.conn.execute(self.begin)
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            try:
+                self.conn.execute("COMMIT")
+            except BaseException:
+                _rollback(self.conn)
+                raise
+        else:
+            _rollback(self.conn)
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _host_key():
+    """What makes a pid meaningful: the machine, its boot and the pid namespace. Two containers
+    with the same hostname but their own pid namespaces get different keys."""
+    parts = [socket.gethostname()]
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+    except OSError:
+        parts.append("-")
+    try:
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        parts.append("-")
+    return "/".join(parts)
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 class SQLiteDialect(Dialect):
@@ -872,28 +949,6 @@ class SQLiteDialect(Dialect):
 
 
 register_dialect("sqlite", SQLiteDialect)
-
-
-def _retry_busy(operation, timeout):
-    """Run ``operation``, retrying while SQLite reports a lock that its busy handler did not wait out
-    (journal-mode changes and schema creation can fail at once when several processes start)."""
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    while True:
-        try:
-            return operation()
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
-
-
-def _rollback(conn):
-    try:
-        conn.execute("ROLLBACK")
-    except Exception:
-        pass
 
 
 class _Guard:
@@ -1358,59 +1413,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-class _Transaction:
-    """BEGIN (IMMEDIATE on SQLite; ``begin=None``: already begun) ... COMMIT, or ROLLBACK on error
-    (a failed COMMIT included, so that the shared connection never stays inside a transaction)."""
-
-    __slots__ = ("conn", "begin")
-
-    def __init__(self, conn, begin):
-        self.conn, self.begin = conn, begin
-
-    def __enter__(self):
-        if self.begin is not None:
-            self.conn.execute(self.begin)
-        return self.conn
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            try:
-                self.conn.execute("COMMIT")
-            except BaseException:
-                _rollback(self.conn)
-                raise
-        else:
-            _rollback(self.conn)
-        return False
-
-
-@functools.lru_cache(maxsize=1)
-def _host_key():
-    """What makes a pid meaningful: the machine, its boot and the pid namespace. Two containers
-    with the same hostname but their own pid namespaces get different keys."""
-    parts = [socket.gethostname()]
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            parts.append(f.read().strip())
-    except OSError:
-        parts.append("-")
-    try:
-        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
-    except OSError:
-        parts.append("-")
-    return "/".join(parts)
-
-
-def _process_exists(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 # ==================================================================================================
 # 3. Scheduling API
 # ==================================================================================================
@@ -1602,6 +1604,58 @@ class LilotaScheduler:
 # 4. Worker
 # ==================================================================================================
 
+def _nonblocking_pipe():
+    """A self-pipe for waking a thread that waits in select(): (read fd, write fd)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    return read_fd, write_fd
+
+
+def _close_fds(*fds):
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
+
+
+def _drain(fd):
+    """Read everything waiting in a non-blocking pipe; return how many bytes there were."""
+    total = 0
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            return total
+        if not chunk:
+            return total
+        total += len(chunk)
+
+
+def _ring(fd):
+    """Write one byte to a doorbell pipe; a full pipe already holds enough wake-ups, and a closed
+    one belongs to workers that are gone."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"\0")
+    except OSError:
+        pass
+
+
+def _recover_lost_nodes(storage, retry_delay, retry_max_delay, exclude=()):
+    """Mark nodes whose lease expired (or whose process is gone) dead and release the running
+    tasks they held: retried while attempts remain, else failed with a WorkerDiedError. The nodes
+    in ``exclude`` are the caller's own (a supervisor handles its workers' deaths itself)."""
+    exclude = set(exclude)
+    lost = storage.find_lost_nodes(exclude)
+    for node_id in (set(lost) | set(storage.orphaned_nodes())) - exclude:
+        tasks = storage.recover_tasks(node_id, _error_record(WorkerDiedError(
+            f"the worker node {node_id} running this task was lost (its heartbeat lease expired "
+            f"or its process is gone)")), retry_delay=retry_delay, retry_max_delay=retry_max_delay)
+        if tasks:
+            logger.warning("recovered %d task(s) of lost node %s", len(tasks), node_id)
+
+
 class _Interrupted(BaseException):
     """Raised inside a task function by a standalone worker to stop it (timeout or cancel).
     A BaseException, so that a task's ``except Exception`` does not swallow it."""
@@ -1680,10 +1734,25 @@ class _TaskFunction:
         return self.func(*args, **kwargs)
 
 
+class _Supervision:
+    """What a worker process gets from its supervisor (pickled into the child by multiprocessing)."""
+
+    def __init__(self, db_url, node_id, control, doorbell, doorbell_writer, parent_pid):
+        self.db_url = db_url
+        self.node_id = node_id
+        self.control = control              # duplex Connection to the supervisor
+        self.doorbell = doorbell            # read end of the pipe the scheduler rings
+        self.doorbell_writer = doorbell_writer
+        self.parent_pid = parent_pid
+        self.started = False
+
+    @property
+    def doorbell_writer_fd(self):
+        return self.doorbell_writer.fileno()
+
+
 # Set in a worker process started by a supervisor (section 5) before the worker script runs.
 _supervision = None
-
-_EXIT_FATAL = 3
 
 
 class LilotaWorker:
@@ -2096,77 +2165,44 @@ class LilotaWorker:
                 return
 
 
-def _nonblocking_pipe():
-    """A self-pipe for waking a thread that waits in select(): (read fd, write fd)."""
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(read_fd, False)
-    os.set_blocking(write_fd, False)
-    return read_fd, write_fd
-
-
-def _close_fds(*fds):
-    for fd in fds:
-        if fd is not None:
-            os.close(fd)
-
-
-def _drain(fd):
-    """Read everything waiting in a non-blocking pipe; return how many bytes there were."""
-    total = 0
-    while True:
-        try:
-            chunk = os.read(fd, 4096)
-        except (BlockingIOError, InterruptedError):
-            return total
-        if not chunk:
-            return total
-        total += len(chunk)
-
-
-def _ring(fd):
-    """Write one byte to a doorbell pipe; a full pipe already holds enough wake-ups, and a closed
-    one belongs to workers that are gone."""
-    if fd is None:
-        return
-    try:
-        os.write(fd, b"\0")
-    except OSError:
-        pass
-
-
-def _recover_lost_nodes(storage, retry_delay, retry_max_delay, exclude=()):
-    """Mark nodes whose lease expired (or whose process is gone) dead and release the running
-    tasks they held: retried while attempts remain, else failed with a WorkerDiedError. The nodes
-    in ``exclude`` are the caller's own (a supervisor handles its workers' deaths itself)."""
-    exclude = set(exclude)
-    lost = storage.find_lost_nodes(exclude)
-    for node_id in (set(lost) | set(storage.orphaned_nodes())) - exclude:
-        tasks = storage.recover_tasks(node_id, _error_record(WorkerDiedError(
-            f"the worker node {node_id} running this task was lost (its heartbeat lease expired "
-            f"or its process is gone)")), retry_delay=retry_delay, retry_max_delay=retry_max_delay)
-        if tasks:
-            logger.warning("recovered %d task(s) of lost node %s", len(tasks), node_id)
-
-
 # ==================================================================================================
 # 5. Supervisor
 # ==================================================================================================
 
-class _Supervision:
-    """What a worker process gets from its supervisor (pickled into the child by multiprocessing)."""
+def _report_fatal(supervision, text):
+    try:
+        supervision.control.send(("fatal", text))
+    except Exception:
+        sys.stderr.write(text + "\n")
 
-    def __init__(self, db_url, node_id, control, doorbell, doorbell_writer, parent_pid):
-        self.db_url = db_url
-        self.node_id = node_id
-        self.control = control              # duplex Connection to the supervisor
-        self.doorbell = doorbell            # read end of the pipe the scheduler rings
-        self.doorbell_writer = doorbell_writer
-        self.parent_pid = parent_pid
-        self.started = False
 
-    @property
-    def doorbell_writer_fd(self):
-        return self.doorbell_writer.fileno()
+def _die_with_parent(parent_pid):
+    """On Linux, have the kernel kill this process when its parent dies (the supervisor's thread,
+    or the forkserver, which exits with the application); everywhere the keeper thread also notices
+    the closed control pipe. ``parent_pid`` None: the parent is not the application (forkserver)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass
+    if parent_pid is not None and os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(1)
+
+
+def _describe_exit(code):
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+_EXIT_FATAL = 3  # a worker process's exit code when its script could not start
 
 
 def _worker_process_main(script_path, supervision):
@@ -2201,39 +2237,6 @@ def _worker_process_main(script_path, supervision):
                                    f"call it (e.g. under `if __name__ == \"__main__\":`) so that the worker "
                                    f"executes tasks")
         os._exit(_EXIT_FATAL)
-
-
-def _report_fatal(supervision, text):
-    try:
-        supervision.control.send(("fatal", text))
-    except Exception:
-        sys.stderr.write(text + "\n")
-
-
-def _die_with_parent(parent_pid):
-    """On Linux, have the kernel kill this process when its parent dies (the supervisor's thread,
-    or the forkserver, which exits with the application); everywhere the keeper thread also notices
-    the closed control pipe. ``parent_pid`` None: the parent is not the application (forkserver)."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except Exception:
-            pass
-    if parent_pid is not None and os.getppid() != parent_pid:  # it died before prctl took effect
-        os._exit(1)
-
-
-def _describe_exit(code):
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
 
 
 class _WorkerHandle:
