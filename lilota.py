@@ -186,6 +186,7 @@ class TaskStatus(_StrEnum):
 
     @property
     def is_finished(self):
+        """True for the final statuses: completed, failed, expired, cancelled."""
         return self in _FINISHED
 
 
@@ -205,6 +206,8 @@ class NodeStatus(_StrEnum):
 
 
 class NodeType(_StrEnum):
+    """What a node is: a worker process, or an application that schedules (and supervises)."""
+
     SCHEDULER = "scheduler"
     WORKER = "worker"
 
@@ -537,8 +540,8 @@ def _error_record(exc, **extra):
 # ``Storage`` holds all the SQL that is the same everywhere. A ``Dialect`` knows one database: how
 # to connect, its placeholders and types, its DDL, its claim statement and how to notice that other
 # connections wrote. Storage writes every statement with ``?`` placeholders and asks the dialect to
-# translate. Each process keeps one connection per database (``Storage.for_url``), shared by its
-# threads behind a lock.
+# translate. Each process keeps one connection per database and URL options (``Storage.for_dialect``),
+# shared by its threads behind a lock.
 
 _TASK_COLUMNS = ("id", "name", "status", "priority", "pid", "run_at", "attempts", "max_attempts",
                  "timeout", "expires_at", "progress_percentage", "start_date_time", "end_date_time",
@@ -605,36 +608,49 @@ class Dialect:
         return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
     def connect(self):
+        """A new DB-API connection in autocommit mode (raise a StorageError subclass if impossible)."""
         raise NotImplementedError
 
     def migrations(self):
+        """{schema version: [DDL statements]}; each version's statements create what it adds."""
         raise NotImplementedError
 
     def prepare_claim(self, defaults):
+        """Build the claim once per worker. ``defaults``: (name, timeout seconds, max_attempts,
+        keep_input) of each registered task, written to a task's row at its first claim."""
         raise NotImplementedError
 
     def claim(self, conn, prepared, node_id, pid, now):
+        """Atomically mark the next due task running for ``node_id``; return its row or None."""
         raise NotImplementedError
 
     def sql(self, text):
+        """``text`` with lilota's ``?`` placeholders in the driver's style."""
         return text if self.placeholder == "?" else text.replace("?", self.placeholder)
 
     def encode_time(self, seconds):
+        """Epoch seconds as the value stored in a time column."""
         return seconds
 
     def decode_time(self, value):
+        """A stored time column as an aware UTC datetime (None stays None)."""
         return _to_datetime(value)
 
     def encode_json(self, text):
+        """JSON text as the value stored in a JSON column."""
         return text
 
     def decode_json(self, value):
+        """A stored JSON column as Python values."""
         return loads(value)
 
     def change_counter(self, conn):
+        """A cheap value that changes when other connections commit; None if there is none (then
+        idle workers notice other processes' tasks by their periodic claim only)."""
         return None
 
     def translate_error(self, exc):
+        """The StorageError to raise for a driver exception, or None to let it through."""
         return None
 
 
@@ -1116,6 +1132,7 @@ class Storage:
             pass
 
     def close(self):
+        """Close this process's connection (the next operation opens a new one)."""
         with self._lock:
             if self._conn is not None and self._owner_pid == os.getpid():
                 try:
@@ -1171,6 +1188,7 @@ class Storage:
                 conn.executemany(self._insert_sql, params)
 
     def get_task(self, task_id):
+        """The Task stored under ``task_id`` (a canonical UUID string), or None."""
         with self._guard as conn:
             return self._task(conn.execute(self._get_sql, (task_id,)).fetchone())
 
@@ -1182,6 +1200,7 @@ class Storage:
             return (row[0] if row else None), self.dialect.change_counter(conn)
 
     def change_counter(self):
+        """The dialect's change counter on this process's connection (see Dialect.change_counter)."""
         with self._guard as conn:
             return self.dialect.change_counter(conn)
 
@@ -1241,13 +1260,10 @@ class Storage:
                                  "AND last_seen_at < ?"), (cutoff,))
                 return cur.rowcount
 
-    def count_by_status(self):
-        with self._guard as conn:
-            return dict(conn.execute("SELECT status, COUNT(*) FROM lilota_task GROUP BY status").fetchall())
-
     # --- tasks: worker side ---
 
     def prepare_claim(self, defaults):
+        """The dialect's claim, built for these registered defaults (see Dialect.prepare_claim)."""
         return self.dialect.prepare_claim(tuple(defaults))
 
     def claim(self, prepared, node_id, pid):
@@ -1290,6 +1306,7 @@ class Storage:
             return conn.execute(self._fail_sql, params).rowcount == 1
 
     def set_progress(self, task_id, node_id, progress):
+        """Store a running task's progress, if ``node_id`` still holds it."""
         with self._guard as conn:
             conn.execute(self.dialect.sql("UPDATE lilota_task SET progress_percentage = ? "
                                           "WHERE id = ? AND status = 'running' AND locked_by = ?"),
@@ -1369,6 +1386,7 @@ class Storage:
         return set(node_ids) - {str(row[0]) for row in alive}
 
     def nodes(self):
+        """Every row of lilota_node as a Node, oldest first."""
         with self._guard as conn:
             rows = conn.execute(f"SELECT {_NODE_COLUMNS} FROM lilota_node ORDER BY created_at").fetchall()
         return [self._node(r) for r in rows]
@@ -1470,6 +1488,7 @@ class LilotaScheduler:
 
     @property
     def storage(self):
+        """The process's :class:`Storage` for this database, opened on first use."""
         if self._storage is None:
             self._storage = Storage.for_dialect(self._dialect)
         return self._storage
@@ -1839,12 +1858,14 @@ class LilotaWorker:
 
     @property
     def registered_names(self):
+        """The names of the registered tasks, sorted."""
         return sorted(self._registry)
 
     # --- storage helpers ---
 
     @property
     def storage(self):
+        """The process's :class:`Storage` for this database, opened on first use."""
         if self._storage is None:
             self._storage = Storage.for_dialect(self._dialect)
         return self._storage
@@ -2355,6 +2376,7 @@ class Lilota(LilotaScheduler):
 
     @property
     def is_running(self):
+        """True while the supervisor thread runs (from start() until stop() or a fatal error)."""
         return self._thread is not None and self._thread.is_alive()
 
     def start(self):
