@@ -5,6 +5,7 @@ task whose input was deleted, relative SQLite URLs, cancel winning over retry, p
 the owning node only, same-host dead-pid detection by host key, and node leases."""
 
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -30,7 +31,8 @@ import lilota
 from lilota import Lilota, LilotaScheduler, LilotaWorker, NodeStatus, NodeType, TaskContext
 
 #: A task that logs "start <pid> <attempt>" and, after sleeping, "done <pid> <attempt>" to runs.log
-#: (O_APPEND: one line per write, whichever process writes).
+#: (O_APPEND: one line per write, whichever process writes). data: "seconds" (a number, or a list
+#: with one per attempt), and "until": a file in the test directory to wait for after sleeping.
 LONG_TASK_BODY = """
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -44,7 +46,10 @@ def append(text):
 @worker.register("long")
 def long(data, ctx: TaskContext):
     append("start %d %d" % (os.getpid(), ctx.attempt))
-    time.sleep(data["seconds"])
+    seconds = data.get("seconds", 0)
+    time.sleep(seconds[ctx.attempt - 1] if isinstance(seconds, list) else seconds)
+    while data.get("until") and not os.path.exists(os.path.join(HERE, data["until"])):
+        time.sleep(0.01)
     append("done %d %d" % (os.getpid(), ctx.attempt))
     return {"pid": os.getpid(), "attempt": ctx.attempt}
 """
@@ -103,7 +108,10 @@ class FenceTest(ResilienceTestCase):
 
     def test_worker_declared_dead_while_alive_is_replaced_and_its_run_never_completes(self):
         app = self.start_lilota(self.long_script(), 1, heartbeat_interval=0.2, retry_delay=0.05)
-        task_id = app.schedule("long", {"seconds": 2}, max_attempts=2)
+        # The first run lasts far longer than the supervisor may take to notice the fence (it is
+        # killed then, so this costs no time): a "done" of it means it was not stopped. The second
+        # run is short.
+        task_id = app.schedule("long", {"seconds": [20, 0.2]}, max_attempts=2)
         running = self.wait_status(app, task_id, "running")
         wait_until(lambda: [r for r in self.runs() if r[0] == "start"], 20, message="the first run to start")
 
@@ -142,8 +150,13 @@ class FenceTest(ResilienceTestCase):
 class LeaseDuringStopTest(ResilienceTestCase):
 
     def test_stop_keeps_the_leases_while_running_tasks_finish(self):
-        app = self.start_lilota(self.long_script(), 1, node_timeout=1, heartbeat_interval=0.2, stop_timeout=5)
-        task_id = app.schedule("long", {"seconds": 2.5}, max_attempts=2)
+        # node_timeout leaves the supervisor 1.8 s between two heartbeats before a reaper may fence
+        # its worker: enough on a loaded machine. The task runs until the test releases it, which
+        # it does once stop() has been waiting for it for well over node_timeout.
+        node_timeout = 2.0
+        app = self.start_lilota(self.long_script(), 1, node_timeout=node_timeout, heartbeat_interval=0.2,
+                                stop_timeout=60)
+        task_id = app.schedule("long", {"until": "release"}, max_attempts=2)
         running = self.wait_status(app, task_id, "running")
 
         ready, stop_file = self.path("reaper.ready"), self.path("reaper.stop")
@@ -163,6 +176,17 @@ class LeaseDuringStopTest(ResilienceTestCase):
         started = time.monotonic()
         stopper.start()
         self.addCleanup(stopper.join, 30)
+        self.addCleanup(lambda: open(self.path("release"), "w").close())  # never leave the task blocked
+        # Let stop() wait for the task for node_timeout and more, while the reaper keeps looking.
+        hold = node_timeout + 1.5
+        wait_until(lambda: not stopper.is_alive() or time.monotonic() - started > hold, 30,
+                   message=f"stop() to wait {hold}s")
+        self.assertTrue(stopper.is_alive(), f"stop() returned while the task was running: {errors}")
+        during = app.get_task_by_id(task_id)
+        self.assertEqual((during.status, during.attempts, during.locked_by),
+                         ("running", 1, running.locked_by), during.error)
+        with open(self.path("release"), "w"):
+            pass
         wait_until(lambda: not stopper.is_alive(), 20, message="stop() to return")
         stopped_after = time.monotonic() - started
 
@@ -173,7 +197,7 @@ class LeaseDuringStopTest(ResilienceTestCase):
         rounds = json.loads(out)["rounds"]
         self.assertEqual(errors, [])
         # stop() waited for the task, well past the node timeout, while the reaper kept looking.
-        self.assertGreater(stopped_after, 1.0)
+        self.assertGreater(stopped_after, hold)
         self.assertGreater(rounds, 10)
 
         task = app.get_task_by_id(task_id)
@@ -193,27 +217,43 @@ class OutcomeWriteRetriedTest(ResilienceTestCase):
         url = self.db_url + "?timeout=0.1"
         worker = LilotaWorker(url)
         locks = []
+        met_the_lock = threading.Event()
 
         @worker.register("lock_and_return")
         def lock_and_return(data):
-            # Another connection takes the write lock and keeps it past the busy timeout.
+            # Another connection takes the write lock and keeps it until the worker has failed to
+            # record the outcome at least once (past its busy timeout), however slow the machine.
             conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False, timeout=5)
             conn.execute("BEGIN IMMEDIATE")
-            timer = threading.Timer(0.5, conn.execute, ("ROLLBACK",))
-            locks.append((conn, timer))
-            timer.start()
+
+            def hold():
+                met_the_lock.wait(30)
+                conn.execute("ROLLBACK")
+            holder = threading.Thread(target=hold, name="test-lock-holder")
+            locks.append((conn, holder))
+            holder.start()
             return {"echo": data}
 
         def release():
-            for conn, timer in locks:
-                timer.cancel()
-                timer.join(5)
+            met_the_lock.set()
+            for conn, holder in locks:
+                holder.join(5)
                 conn.close()
         self.addCleanup(release)
 
+        class Notice(logging.Handler):
+            def emit(self, record):
+                if "could not record" in record.getMessage():
+                    met_the_lock.set()
+
         task_id = LilotaScheduler(url).schedule("lock_and_return", {"x": 1})
         with self.assertLogs("lilota.worker", "WARNING") as logs:
-            done = worker.run_pending()
+            notice = Notice()
+            logging.getLogger("lilota.worker").addHandler(notice)
+            try:
+                done = worker.run_pending()
+            finally:
+                logging.getLogger("lilota.worker").removeHandler(notice)
         self.assertEqual(len(locks), 1)
         locks[0][1].join(5)
         self.assertTrue(any("could not record" in line for line in logs.output), logs.output)
@@ -564,10 +604,6 @@ class StorageFenceTest(ResilienceTestCase):
         self.assertEqual(self.node_status(valid), "running")
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class SmallGuaranteesTest(TempDirTestCase):
     """Details found on rereading the code, each with its own failure mode."""
 
@@ -624,3 +660,7 @@ class SmallGuaranteesTest(TempDirTestCase):
             lilota.LilotaScheduler(self.db_url + "?timeout=-1")
         with self.assertRaises(lilota.ConfigurationError):
             lilota.LilotaScheduler(self.db_url + "?timeout=soon")
+
+
+if __name__ == "__main__":
+    unittest.main()

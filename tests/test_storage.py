@@ -26,6 +26,9 @@ from lilota import (ConfigurationError, CorruptDatabaseError, DatabaseBusyError,
                     SchemaVersionError, TaskStatus)
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+#: SQLite 3.35+ runs UPDATE ... RETURNING; before that lilota claims through its fallback (a supported
+#: platform), so the RETURNING path can only be forced, and checked, where SQLite has it.
+SQLITE_HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 
 
 # --- code run in child processes (module level: started with "spawn") ----------------------------
@@ -212,9 +215,19 @@ class ClaimTests(StorageTestCase):
         self.assertEqual(rows, {"a": "running", "b": "running", "c": "running", "d": "running",
                                 "e": "scheduled", "f": "running", "g": "running"})
 
+    @unittest.skipUnless(SQLITE_HAS_RETURNING, f"SQLite {sqlite3.sqlite_version} < 3.35 has no RETURNING; "
+                                               f"lilota uses the fallback here (tested below)")
+    def test_returning_is_the_default_where_sqlite_has_it(self):
+        self.assertTrue(lilota.SQLiteDialect.returning, "this SQLite has RETURNING; the main path is used")
+
     def test_claim_order(self):
-        self.assertTrue(lilota.SQLiteDialect.returning, "this SQLite has RETURNING; the main path is tested")
+        # Whichever path this SQLite uses by default (RETURNING from 3.35 on, the fallback before).
         self.check_order()
+
+    @unittest.skipUnless(SQLITE_HAS_RETURNING, f"SQLite {sqlite3.sqlite_version} < 3.35 has no RETURNING")
+    def test_claim_order_with_returning(self):
+        with mock.patch.object(lilota.SQLiteDialect, "returning", True):
+            self.check_order()
 
     def test_claim_order_fallback_without_returning(self):
         with mock.patch.object(lilota.SQLiteDialect, "returning", False):
@@ -226,8 +239,9 @@ class ClaimTests(StorageTestCase):
         for returning in (True, False):
             with self.subTest(returning=returning), \
                     mock.patch.object(lilota.SQLiteDialect, "returning", returning):
-                if not returning:
-                    self.sql("UPDATE lilota_task SET status = 'scheduled', attempts = 0")
+                if returning and not SQLITE_HAS_RETURNING:
+                    self.skipTest(f"SQLite {sqlite3.sqlite_version} < 3.35 has no RETURNING")
+                self.sql("UPDATE lilota_task SET status = 'scheduled', attempts = 0")  # queued again for this path
                 [task] = self.claim_all(node)
                 self.assertEqual(task.id, task_id)
                 self.assertEqual(task.pid, os.getpid())
@@ -250,6 +264,8 @@ class ClaimTests(StorageTestCase):
         details = " | ".join(str(r[-1]) for r in plan)
         self.assertIn("lilota_task_queue", details, details)
         self.assertNotIn("TEMP B-TREE", details.upper(), "the index must also give the order: " + details)
+        if not SQLITE_HAS_RETURNING:
+            return  # SQLite < 3.35 cannot prepare the RETURNING statement; the fallback is checked above
         # The single UPDATE ... RETURNING statement reads the same index.
         with mock.patch.object(lilota.SQLiteDialect, "returning", True):
             dialect = lilota._dialect_for_url(self.db_url)
