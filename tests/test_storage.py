@@ -95,6 +95,21 @@ class StorageTestCase(support.TempDirTestCase):
                 p.join(5)
                 self.fail(f"child process {p.pid} did not finish")
 
+    def run_together(self, target, argument_lists):
+        """Start one spawned process per argument list, release them at the same moment (each
+        target gets the start Event and a result Queue last), and return what each put."""
+        ctx = self.spawn_context()
+        start, results = ctx.Event(), ctx.Queue()
+        processes = [ctx.Process(target=target, args=(*args, start, results)) for args in argument_lists]
+        for p in processes:
+            p.start()
+        start.set()
+        outcomes = [results.get(timeout=60) for _ in processes]
+        self.join_all(processes)
+        results.close()
+        results.join_thread()
+        return outcomes
+
 
 class SchemaTests(StorageTestCase):
     def test_tables_and_schema_version(self):
@@ -159,16 +174,7 @@ class SchemaTests(StorageTestCase):
                 self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
 
     def test_concurrent_schema_creation(self):
-        ctx = self.spawn_context()
-        start, results = ctx.Event(), ctx.Queue()
-        processes = [ctx.Process(target=_create_schema, args=(self.db_url, start, results)) for _ in range(6)]
-        for p in processes:
-            p.start()
-        start.set()
-        outcomes = [results.get(timeout=60) for _ in processes]
-        self.join_all(processes)
-        results.close()
-        results.join_thread()
+        outcomes = self.run_together(_create_schema, [(self.db_url,)] * 6)
         self.assertEqual(outcomes, [None] * 6, "every process must open the new database")
         self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("1",)])
         tables = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -311,18 +317,8 @@ class ClaimTests(StorageTestCase):
 
     def _claim_in_processes(self, fallback):
         ids = {str(i) for i in self.scheduler.schedule_many("x", list(range(400)))}
-        ctx = self.spawn_context()
-        start, results = ctx.Event(), ctx.Queue()
         nodes = [str(uuid.uuid4()) for _ in range(8)]
-        processes = [ctx.Process(target=_claim_until_empty, args=(self.db_url, node, fallback, start, results))
-                     for node in nodes]
-        for p in processes:
-            p.start()
-        start.set()
-        outcomes = [results.get(timeout=60) for _ in processes]
-        self.join_all(processes)
-        results.close()
-        results.join_thread()
+        outcomes = self.run_together(_claim_until_empty, [(self.db_url, node, fallback) for node in nodes])
         self.assertEqual([error for _, _, error in outcomes], [None] * 8)
         claimed = [i for _, mine, _ in outcomes for i in mine]
         self.assertEqual(len(claimed), len(set(claimed)), "a task was claimed by two processes")
