@@ -2500,6 +2500,9 @@ class Lilota(LilotaScheduler):
                              if h is not None and (self._read_messages(h) or h.process.exitcode is not None)]
                     for h in ended:
                         h.process.join(1)
+                        if h.process.exitcode is None:  # its pipe closed but it lingers: end it
+                            h.process.kill()
+                            h.process.join(5)
                         self._handles[h.index] = None
                         restart_at[h.index] = time.monotonic() + self._restart_delay(h, crashes)
                         self._on_worker_exit(h)
