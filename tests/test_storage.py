@@ -258,6 +258,15 @@ class ClaimTests(StorageTestCase):
                 self.assertAlmostEqual((task.expires_at - task.start_date_time).total_seconds(), 7, places=3)
                 self.assertEqual(task.input, {"v": 1})
 
+    def test_next_due_time_is_read_from_an_index(self):
+        """An idle worker asks when the next queued task falls due on every wake: with many delayed
+        tasks a scan would cost each worker a pass over the whole queue."""
+        self.scheduler.schedule_many("x", list(range(50)), delay=3600)
+        plan = self.sql("EXPLAIN QUERY PLAN " + self.storage._next_run_at_sql)
+        details = " ".join(str(row[-1]) for row in plan)
+        self.assertIn("lilota_task_due", details, details)
+        self.assertNotIn("SCAN", details.upper().replace("SCAN LILOTA_TASK USING", ""), details)
+
     def test_claim_uses_the_queue_index(self):
         for i in range(50):
             self.scheduler.schedule("x", i, priority=i % 3)
