@@ -30,6 +30,8 @@ import dataclasses
 import datetime as _dt
 import enum
 import functools
+import getpass
+import importlib
 import inspect
 import json
 import logging
@@ -38,6 +40,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
+import re
 import runpy
 import select
 import signal
@@ -60,7 +63,7 @@ __all__ = [
     "Lilota", "LilotaScheduler", "LilotaWorker",
     "Task", "TaskStatus", "TaskProgress", "TaskContext", "ModelProtocol",
     "Node", "NodeStatus", "NodeType",
-    "Dialect", "SQLiteDialect", "register_dialect",
+    "Dialect", "SQLiteDialect", "PostgreSQLDialect", "DBAPIConnection", "register_dialect",
     "LilotaError", "ConfigurationError", "DriverNotInstalledError", "StorageError",
     "DatabaseBusyError", "ReadOnlyDatabaseError", "DatabaseFullError", "CorruptDatabaseError",
     "DatabaseUnavailableError", "SchemaVersionError", "WorkerScriptError", "TaskNotFoundError", "UnserializableError",
@@ -568,12 +571,23 @@ class Dialect:
     * ``prepare_claim(defaults)`` and ``claim(conn, prepared, node_id, pid, now)``: the one atomic
       statement that picks the next due task and marks it running;
     * ``encode_time``/``decode_time`` and ``encode_json``/``decode_json``: column types;
+    * ``time_param``/``json_param``: how a time or JSON parameter is written, with a cast where the
+      database cannot infer its type (inside CASE); Storage writes every such parameter this way;
+    * ``begin_migration(conn)``: the first step of the schema's transaction (a lock, a schema);
     * ``change_counter(conn)``: a cheap value that changes when other connections commit (or None);
-    * ``translate_error(exc)``: a specific :class:`StorageError` for a driver exception.
+    * ``listen()``: a connection that is told when tasks are queued (or None);
+    * ``translate_error(exc)``: a specific :class:`StorageError` for a driver exception, and
+      ``connection_lost(exc)``: whether the connection is gone (the next operation opens a new one).
+
+    Storage uses a connection as the standard library's ``sqlite3`` offers it: ``execute()`` and
+    ``executemany()`` return the cursor. :class:`DBAPIConnection` gives any DB-API 2.0 connection
+    that shape.
     """
 
     name = "generic"
     placeholder = "?"
+    time_param = "?"
+    json_param = "?"
     begin_write_sql = "BEGIN"
     #: False for a database that exists only inside one process (SQLite ``:memory:``).
     shared_between_processes = True
@@ -624,8 +638,13 @@ class Dialect:
         """Atomically mark the next due task running for ``node_id``; return its row or None."""
         raise NotImplementedError
 
+    def begin_migration(self, conn):
+        """Called first inside the transaction that creates or migrates the schema: serialise
+        concurrent migrators here if the database's BEGIN does not already."""
+
     def sql(self, text):
-        """``text`` with lilota's ``?`` placeholders in the driver's style."""
+        """``text`` with lilota's ``?`` placeholders in the driver's style (lilota's statements
+        contain no other ``?`` and no ``%``)."""
         return text if self.placeholder == "?" else text.replace("?", self.placeholder)
 
     def encode_time(self, seconds):
@@ -649,9 +668,18 @@ class Dialect:
         idle workers notice other processes' tasks by their periodic claim only)."""
         return None
 
+    def listen(self):
+        """A listener woken when tasks are queued: an object with ``fileno()`` (None while the
+        database cannot be reached) and ``drain()``, or None when this database has no such thing."""
+        return None
+
     def translate_error(self, exc):
         """The StorageError to raise for a driver exception, or None to let it through."""
         return None
+
+    def connection_lost(self, exc):
+        """True when ``exc`` means the connection is unusable and a new one must be opened."""
+        return False
 
 
 _DIALECTS = {}
@@ -975,6 +1003,442 @@ class SQLiteDialect(Dialect):
 register_dialect("sqlite", SQLiteDialect)
 
 
+class DBAPIConnection:
+    """A DB-API 2.0 connection in the shape Storage uses (that of ``sqlite3``): ``execute()`` and
+    ``executemany()`` return the cursor, and ``in_transaction`` says whether a BEGIN is open.
+    The connection must be in autocommit mode: lilota writes BEGIN and COMMIT itself."""
+
+    __slots__ = ("raw", "in_transaction")
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.in_transaction = False
+
+    def execute(self, sql, params=()):
+        cursor = self.raw.cursor()
+        verb = sql[:8].upper()
+        if verb.startswith("BEGIN"):
+            self.in_transaction = True
+        elif verb.startswith(("COMMIT", "ROLLBACK")):
+            self.in_transaction = False
+        if params:
+            cursor.execute(sql, params)
+        else:
+            cursor.execute(sql)
+        return cursor
+
+    def executemany(self, sql, seq_of_params):
+        cursor = self.raw.cursor()
+        cursor.executemany(sql, seq_of_params)
+        return cursor
+
+    def fileno(self):
+        raw = self.raw
+        if hasattr(raw, "fileno"):
+            return raw.fileno()
+        return raw._usock.fileno()  # pg8000 keeps its socket there
+
+    def close(self):
+        self.in_transaction = False
+        self.raw.close()
+
+
+# PostgreSQL drivers in the order one is chosen when the URL names none:
+# URL suffix -> (module to import, what to pip install)
+_POSTGRES_DRIVERS = {
+    "psycopg": ("psycopg", "psycopg[binary]"),
+    "psycopg2": ("psycopg2", "psycopg2-binary"),
+    "pg8000": ("pg8000", "pg8000"),
+}
+
+# SQLSTATE classes and codes (https://www.postgresql.org/docs/current/errcodes-appendix.html)
+_PG_CONNECTION_LOST = ("08", "57P01", "57P02", "57P03")
+_PG_BUSY = ("40001", "40P01", "55P03")
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,55}\Z")
+
+
+def _sqlstate(exc):
+    """The SQLSTATE of a PostgreSQL driver's exception, or None (e.g. a network error)."""
+    for attribute in ("sqlstate", "pgcode"):   # psycopg 3, psycopg2
+        code = getattr(exc, attribute, None)
+        if code:
+            return code
+    args = getattr(exc, "args", ())
+    if args and isinstance(args[0], dict):     # pg8000
+        return args[0].get("C")
+    return None
+
+
+class PostgreSQLDialect(Dialect):
+    """PostgreSQL through psycopg 3, psycopg2 or pg8000 (whichever the URL names, else the first
+    installed): JSONB payloads, ``timestamptz`` times, a ``FOR UPDATE SKIP LOCKED`` claim, and
+    LISTEN/NOTIFY so that idle workers wake when a task is queued.
+
+    URLs: ``postgresql://user:password@host:port/database`` (also ``postgres://`` and
+    ``postgresql+psycopg://``, ``+psycopg2``, ``+pg8000``). Query options go to the driver
+    (``sslmode``, ``connect_timeout``, ``application_name`` ...), except ``schema``: the schema
+    lilota's tables live in (created if missing; default: the server's search_path).
+    """
+
+    name = "postgresql"
+    placeholder = "%s"
+    time_param = "CAST(? AS timestamptz)"
+    json_param = "CAST(? AS jsonb)"
+    begin_write_sql = "BEGIN"
+    #: Key of the advisory lock that serialises schema migrations.
+    migration_lock_key = 0x6C696C6F7461  # "lilota"
+
+    def __init__(self, url, parts):
+        super().__init__(url, parts)
+        driver = parts.scheme.lower().partition("+")[2]
+        if driver and driver not in _POSTGRES_DRIVERS:
+            raise ConfigurationError(f"unknown PostgreSQL driver {driver!r} in {self.describe()}; "
+                                     f"use one of: " + ", ".join(f"postgresql+{d}://" for d in _POSTGRES_DRIVERS))
+        self.driver = driver or None
+        self.options = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+        self.schema = self.options.pop("schema", None)
+        if self.schema is not None and not _IDENTIFIER.match(self.schema):
+            raise ConfigurationError(f"schema={self.schema!r} in {self.describe()} is not a plain "
+                                     f"identifier (letters, digits, _; at most 56 characters)")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigurationError(f"the port in {self.describe()} is not a number") from None
+        self.host = parts.hostname or self.options.pop("host", None)
+        self.port = port or int(self.options.pop("port", 0) or 5432)
+        self.user = urllib.parse.unquote(parts.username) if parts.username else None
+        self.password = urllib.parse.unquote(parts.password) if parts.password else None
+        self.database = urllib.parse.unquote(parts.path.lstrip("/")) or None
+        self._module = None
+
+    def describe(self):
+        netloc = self.parts.hostname or ""
+        if self.parts.port:
+            netloc += f":{self.parts.port}"
+        if self.parts.username:
+            netloc = f"{self.parts.username}@{netloc}"
+        schema = f" (schema {self.schema})" if getattr(self, "schema", None) else ""
+        return f"PostgreSQL database {self.parts.path.lstrip('/') or '(default)'!r} at {netloc or 'localhost'}{schema}"
+
+    @property
+    def identity(self):
+        return f"postgresql://{self.host or 'localhost'}:{self.port}/{self.database or self.user or ''}" \
+               f"?schema={self.schema or ''}"
+
+    @property
+    def connection_key(self):
+        options = "&".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.identity}&driver={self.driver or ''}&user={self.user or ''}&{options}"
+
+    # --- connecting ---
+
+    def _driver_module(self):
+        if self._module is None:
+            names = [self.driver] if self.driver else list(_POSTGRES_DRIVERS)
+            for name in names:
+                try:
+                    self._module = importlib.import_module(_POSTGRES_DRIVERS[name][0])
+                    self.driver = name
+                    break
+                except ImportError:
+                    continue
+            else:
+                wanted = " or ".join(repr(_POSTGRES_DRIVERS[n][1]) for n in names)
+                raise DriverNotInstalledError(
+                    f"{self.describe()} needs a PostgreSQL driver: pip install {wanted}"
+                    + ("" if self.driver else " (or psycopg2-binary, or pg8000)"))
+        return self._module
+
+    def _connect_raw(self):
+        module = self._driver_module()
+        options = dict(self.options)
+        if self.driver == "pg8000":
+            return self._connect_pg8000(module, options)
+        options.setdefault("connect_timeout", "10")
+        kwargs = {"host": self.host, "port": self.port, "user": self.user, "password": self.password,
+                  "dbname": self.database}
+        kwargs.update(options)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if self.driver == "psycopg":
+            conn = module.connect(autocommit=True, **kwargs)
+            # Hand JSON columns over as text: lilota's one deserializer reads them.
+            text_loader = importlib.import_module("psycopg.types.string").TextLoader
+            conn.adapters.register_loader("jsonb", text_loader)
+            conn.adapters.register_loader("json", text_loader)
+        else:
+            conn = module.connect(**kwargs)
+            conn.autocommit = True
+            extras = importlib.import_module("psycopg2.extras")
+            extras.register_default_jsonb(conn_or_curs=conn, loads=lambda text: text)
+            extras.register_default_json(conn_or_curs=conn, loads=lambda text: text)
+        return conn
+
+    def _connect_pg8000(self, module, options):
+        kwargs = {"host": self.host or "localhost", "port": self.port, "database": self.database,
+                  "user": self.user or getpass.getuser(), "password": self.password}
+        sslmode = options.pop("sslmode", "disable")
+        if sslmode in ("require", "verify-ca", "verify-full"):
+            import ssl
+            context = ssl.create_default_context()
+            if sslmode == "require":
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            elif sslmode == "verify-ca":
+                context.check_hostname = False
+            kwargs["ssl_context"] = context
+        elif sslmode not in ("disable", "allow", "prefer"):
+            raise ConfigurationError(f"sslmode={sslmode!r} in {self.describe()} is not a libpq sslmode")
+        if "connect_timeout" in options:
+            kwargs["timeout"] = float(options.pop("connect_timeout"))
+        if "application_name" in options:
+            kwargs["application_name"] = options.pop("application_name")
+        if options:
+            raise ConfigurationError(f"URL option(s) {sorted(options)} are not supported with pg8000 "
+                                     f"({self.describe()}); it knows sslmode, connect_timeout, application_name")
+        conn = module.dbapi.connect(**{k: v for k, v in kwargs.items() if v is not None})
+        conn.autocommit = True
+        for oid in (114, 3802):   # json, jsonb: as text, for lilota's one deserializer
+            conn.register_in_adapter(oid, lambda text: text)
+        return conn
+
+    def connect(self):
+        raw = self._connect_raw()
+        conn = DBAPIConnection(raw)
+        try:
+            conn.execute("SET TIME ZONE 'UTC'")
+            if self.schema:
+                conn.execute(f'SET search_path TO "{self.schema}"')
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    # --- schema ---
+
+    def begin_migration(self, conn):
+        # CREATE ... IF NOT EXISTS is not safe against a concurrent twin in PostgreSQL; this lock,
+        # held until the transaction ends, makes every other starting process wait here.
+        conn.execute(f"SELECT pg_advisory_xact_lock({self.migration_lock_key})")
+        if self.schema:
+            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+
+    def migrations(self):
+        statuses = ", ".join(f"'{s.value}'" for s in TaskStatus)
+        return {
+            1: [
+                f"""CREATE TABLE IF NOT EXISTS lilota_task (
+                    id uuid PRIMARY KEY,
+                    name text NOT NULL,
+                    status text NOT NULL CHECK (status IN ({statuses})),
+                    priority integer NOT NULL DEFAULT 0,
+                    pid integer,
+                    run_at timestamptz NOT NULL,
+                    attempts integer NOT NULL DEFAULT 0,
+                    max_attempts integer,
+                    timeout double precision,
+                    expires_at timestamptz,
+                    progress_percentage integer NOT NULL DEFAULT 0,
+                    start_date_time timestamptz,
+                    end_date_time timestamptz,
+                    input jsonb,
+                    output jsonb,
+                    error jsonb,
+                    locked_by uuid,
+                    locked_at timestamptz,
+                    created_at timestamptz NOT NULL,
+                    cancel_requested smallint NOT NULL DEFAULT 0,
+                    keep_input smallint)""",
+                # The same three partial indexes as on SQLite: the claim walks the queue index in
+                # claim order; finished tasks are in none of them.
+                "CREATE INDEX IF NOT EXISTS lilota_task_queue ON lilota_task (priority DESC, run_at) "
+                "WHERE status = 'scheduled'",
+                "CREATE INDEX IF NOT EXISTS lilota_task_running ON lilota_task (locked_by) "
+                "WHERE status = 'running'",
+                "CREATE INDEX IF NOT EXISTS lilota_task_due ON lilota_task (run_at) "
+                "WHERE status = 'scheduled' AND run_at > created_at",
+                """CREATE TABLE IF NOT EXISTS lilota_node (
+                    id uuid PRIMARY KEY,
+                    name text,
+                    type text NOT NULL,
+                    status text NOT NULL,
+                    pid integer,
+                    hostname text,
+                    host_key text,
+                    created_at timestamptz NOT NULL,
+                    last_seen_at timestamptz NOT NULL,
+                    lease_expires_at timestamptz NOT NULL)""",
+                # Wake-up: whoever queues a task -- schedule(), a retry, a requeue, a row written
+                # by hand -- notifies the listening workers of this schema, once per transaction.
+                """CREATE OR REPLACE FUNCTION lilota_notify_queued() RETURNS trigger
+                   LANGUAGE plpgsql AS $$
+                   BEGIN
+                       PERFORM pg_notify('lilota_' || TG_TABLE_SCHEMA, '');
+                       RETURN NULL;
+                   END $$""",
+                "CREATE TRIGGER lilota_task_inserted AFTER INSERT ON lilota_task "
+                "FOR EACH STATEMENT EXECUTE FUNCTION lilota_notify_queued()",
+                "CREATE TRIGGER lilota_task_requeued AFTER UPDATE OF status ON lilota_task FOR EACH ROW "
+                "WHEN (NEW.status = 'scheduled' AND OLD.status <> 'scheduled') "
+                "EXECUTE FUNCTION lilota_notify_queued()",
+            ],
+        }
+
+    # --- the claim ---
+
+    def prepare_claim(self, defaults):
+        params, slots = [], []
+
+        def param(value, cast=None, slot=None):
+            if slot is not None:
+                slots.append((len(params), slot))
+            params.append(value)
+            return f"CAST(%s AS {cast})" if cast else "%s"
+
+        def case(field, cast, fallback):
+            if not defaults:
+                return fallback
+            index = ("name", "timeout", "max_attempts", "keep_input").index(field)
+            whens = " ".join(f"WHEN {param(d[0])} THEN {param(int(d[index]) if field == 'keep_input' else d[index], cast)}"
+                             for d in defaults)
+            return f"CASE name {whens} ELSE {fallback} END"
+
+        # Placeholders are positional: the parts are built in the order they appear.
+        sql = (f"UPDATE lilota_task SET status = 'running', pid = {param(None, 'integer', 'pid')}, "
+               f"attempts = attempts + 1, locked_by = {param(None, 'uuid', 'node')}, "
+               f"locked_at = {param(None, 'timestamptz', 'now')}, "
+               f"start_date_time = {param(None, 'timestamptz', 'now')}, end_date_time = NULL, "
+               f"progress_percentage = 0, "
+               f"timeout = COALESCE(timeout, {case('timeout', 'double precision', 'NULL')}), "
+               f"max_attempts = COALESCE(max_attempts, {case('max_attempts', 'integer', '1')}), "
+               f"keep_input = COALESCE(keep_input, {case('keep_input', 'smallint', '1')}), "
+               f"expires_at = {param(None, 'timestamptz', 'now')} + "
+               f"make_interval(secs => COALESCE(timeout, {case('timeout', 'double precision', 'NULL')})) "
+               # SKIP LOCKED: concurrent claimers take the next row instead of queueing behind a lock.
+               f"WHERE id = (SELECT id FROM lilota_task WHERE status = 'scheduled' "
+               f"AND run_at <= {param(None, 'timestamptz', 'now')} ORDER BY priority DESC, run_at "
+               f"LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {_TASK_SELECT}")
+        return sql, tuple(params), tuple(slots)
+
+    def claim(self, conn, prepared, node_id, pid, now):
+        sql, template, slots = prepared
+        values = {"node": node_id, "pid": pid, "now": now}
+        params = list(template)
+        for index, slot in slots:
+            params[index] = values[slot]
+        return conn.execute(sql, params).fetchone()
+
+    # --- types ---
+
+    def encode_time(self, seconds):
+        return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
+
+    def decode_time(self, value):
+        return None if value is None else value.astimezone(timezone.utc)
+
+    # --- wake-up and errors ---
+
+    def listen(self):
+        return _PostgresListener(self)
+
+    def _is_driver_error(self, exc):
+        module = self._module
+        return module is not None and isinstance(exc, getattr(module, "Error", ()))
+
+    def connection_lost(self, exc):
+        if not self._is_driver_error(exc):
+            return False
+        code = _sqlstate(exc)
+        if code is None:
+            # No SQLSTATE: the driver's own network or closed-connection error.
+            return isinstance(exc, (self._module.OperationalError, self._module.InterfaceError))
+        return code.startswith(_PG_CONNECTION_LOST)
+
+    def translate_error(self, exc):
+        if not self._is_driver_error(exc):
+            return None
+        code = _sqlstate(exc) or ""
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc.args[0] if exc.args else None, dict):   # pg8000's error dict
+            first_line = exc.args[0].get("M", first_line)
+        where = self.describe()
+        if self.connection_lost(exc) or code.startswith(("28", "53", "57")) and code != "53100":
+            return DatabaseUnavailableError(f"cannot reach {where} ({first_line}); lilota reconnects "
+                                            f"when it is back -- check that the server runs and accepts this URL")
+        if code == "3D000":
+            return DatabaseUnavailableError(f"{where} does not exist ({first_line}); create it "
+                                            f"(createdb {self.database or ''}) or change db_url")
+        if code in _PG_BUSY:
+            return DatabaseBusyError(f"{where} could not lock a row in time ({first_line}); retry")
+        if code == "25006":
+            return ReadOnlyDatabaseError(f"cannot write to {where}: the server is read-only "
+                                         f"({first_line}); point db_url at the primary")
+        if code == "53100":
+            return DatabaseFullError(f"cannot write to {where}: its disk is full ({first_line}); free space "
+                                     f"or run cleanup() to delete old tasks")
+        if code == "42P01":
+            return DatabaseUnavailableError(f"{where} lost its lilota tables ({first_line}); were they "
+                                            f"dropped while lilota was running?")
+        if code == "22P05":
+            return UnserializableError(f"PostgreSQL cannot store this payload in JSONB ({first_line}); "
+                                       f"the character U+0000 is not allowed in its strings")
+        if code == "42501":
+            return ReadOnlyDatabaseError(f"{where}: permission denied ({first_line}); grant the user "
+                                         f"rights on lilota's tables and schema")
+        return StorageError(f"{where}: {first_line}")
+
+
+class _PostgresListener:
+    """A connection of its own that LISTENs for "tasks were queued" in lilota's schema. An idle
+    worker selects on its socket; whatever arrives there is a reason to claim again."""
+
+    def __init__(self, dialect):
+        self.dialect = dialect
+        self.conn = None
+        self.owner_pid = os.getpid()
+
+    def fileno(self):
+        """The socket to wait on, with LISTEN in place (a new connection when the old one broke);
+        None while the server cannot be reached."""
+        if self.owner_pid != os.getpid():   # a forked child must not share the parent's socket
+            self.conn, self.owner_pid = None, os.getpid()
+        if self.conn is None:
+            try:
+                conn = self.dialect.connect()
+                row = conn.execute("SELECT relnamespace::regnamespace::text FROM pg_class "
+                                   "WHERE oid = to_regclass('lilota_task')").fetchone()
+                schema = (row[0] if row else None) or "public"
+                conn.execute('LISTEN "lilota_' + schema.strip('"').replace('"', '""') + '"')
+            except Exception:
+                logger.debug("cannot listen for notifications from %s", self.dialect.describe(), exc_info=True)
+                return None
+            self.conn = conn
+        try:
+            return self.conn.fileno()
+        except Exception:
+            self.close()
+            return None
+
+    def drain(self):
+        """Consume what arrived: the drivers read notifications while they read a reply."""
+        try:
+            self.conn.execute("SELECT 1").fetchall()
+        except Exception:
+            self.close()   # broken: the next fileno() reconnects and LISTENs again
+
+    def close(self):
+        conn, self.conn = self.conn, None
+        if conn is not None and self.owner_pid == os.getpid():
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+
+register_dialect("postgresql", PostgreSQLDialect)
+register_dialect("postgres", PostgreSQLDialect)
+
+
 class _Guard:
     """Holds the storage lock for one operation and turns driver errors into StorageErrors."""
 
@@ -1008,6 +1472,8 @@ class _Guard:
                 if storage._depth == 1 and conn is not None and getattr(conn, "in_transaction", False):
                     _rollback(conn)
                 if not isinstance(exc, LilotaError):
+                    if storage.dialect.connection_lost(exc):
+                        storage._discard_connection()
                     translated = storage.dialect.translate_error(exc)
                     if translated is not None:
                         raise translated from exc
@@ -1046,18 +1512,21 @@ class Storage:
         self._owner_pid = os.getpid()
         self._guard = _Guard(self)
         sql = dialect.sql
+        # Statements write ``?`` for a plain parameter and T / J for a time / JSON one.
+        T, J = dialect.time_param, dialect.json_param
+        self._listener = None
         # Hot statements, translated once.
         self._insert_sql = sql(
             "INSERT INTO lilota_task (id, name, status, priority, run_at, attempts, max_attempts, timeout, "
             "progress_percentage, input, created_at, cancel_requested) "
-            "VALUES (?, ?, 'scheduled', ?, ?, 0, ?, ?, 0, ?, ?, 0)")
+            f"VALUES (?, ?, 'scheduled', ?, {T}, 0, ?, ?, 0, {J}, {T}, 0)")
         # A task whose cancel() was answered "being stopped" ends cancelled even when it finished
         # before it could be stopped: its result is discarded, as cancel() promised.
         self._complete_sql = sql(
             "UPDATE lilota_task SET "
             "status = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'completed' END, "
-            "output = CASE WHEN cancel_requested = 1 THEN NULL ELSE ? END, "
-            "error = CASE WHEN cancel_requested = 1 THEN ? ELSE error END, end_date_time = ?, "
+            f"output = CASE WHEN cancel_requested = 1 THEN NULL ELSE {J} END, "
+            f"error = CASE WHEN cancel_requested = 1 THEN {J} ELSE error END, end_date_time = {T}, "
             "progress_percentage = CASE WHEN ? THEN progress_percentage ELSE 100 END, "
             "input = CASE WHEN keep_input = 0 THEN NULL ELSE input END "
             "WHERE id = ? AND status = 'running' AND locked_by = ?")
@@ -1069,9 +1538,9 @@ class Storage:
         self._fail_sql = sql(
             "UPDATE lilota_task SET "
             "status = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE ? END, "
-            "run_at = COALESCE(?, run_at), "
-            "end_date_time = CASE WHEN cancel_requested = 1 THEN ? ELSE ? END, "
-            "error = ?, attempts = attempts - ?, "
+            f"run_at = COALESCE({T}, run_at), "
+            f"end_date_time = CASE WHEN cancel_requested = 1 THEN {T} ELSE {T} END, "
+            f"error = {J}, attempts = attempts - ?, "
             "input = CASE WHEN keep_input = 0 AND NOT (? AND cancel_requested = 0) THEN NULL ELSE input END, "
             "locked_by = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_by END, "
             "locked_at = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_at END "
@@ -1089,7 +1558,17 @@ class Storage:
         self._lock = threading.RLock()
         self._depth = 0
         self._conn = None
+        self._listener = None
         self._owner_pid = os.getpid()
+
+    def _discard_connection(self):
+        """Drop a connection the database closed: the next operation opens a new one."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
 
     def _open(self):
         conn = None
@@ -1127,6 +1606,7 @@ class Storage:
         # The write lock serialises concurrent starters: the second one sees the new version.
         _retry_busy(lambda: conn.execute(self.dialect.begin_write_sql), getattr(self.dialect, "busy_timeout", 30))
         with _Transaction(conn, None):
+            self.dialect.begin_migration(conn)
             conn.execute("CREATE TABLE IF NOT EXISTS lilota_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             current = version()
             for number, statements in sorted(self.dialect.migrations().items()):
@@ -1143,14 +1623,27 @@ class Storage:
             pass
 
     def close(self):
-        """Close this process's connection (the next operation opens a new one)."""
+        """Close this process's connections (the next operation opens a new one)."""
         with self._lock:
-            if self._conn is not None and self._owner_pid == os.getpid():
-                try:
-                    self._conn.close()
-                except Exception:
-                    pass
-            self._conn = None
+            if self._owner_pid == os.getpid():
+                self._discard_connection()
+                if self._listener:
+                    self._listener.close()
+            self._conn = self._listener = None
+
+    def listen_fd(self):
+        """A file descriptor that becomes readable when a task is queued (with the listening in
+        place before this returns), or None: then change_counter() is what moves."""
+        if self._listener is None:
+            self._listener = self.dialect.listen()
+            if self._listener is None:
+                self._listener = False
+        return self._listener.fileno() if self._listener else None
+
+    def drain_notifications(self):
+        """Consume what made listen_fd() readable."""
+        if self._listener:
+            self._listener.drain()
 
     def _transaction(self, conn):
         return _Transaction(conn, self.dialect.begin_write_sql)
@@ -1223,11 +1716,11 @@ class Storage:
 
         Returns "cancelled", "stopping", or the status it already had when it cannot be cancelled;
         None for an unknown id."""
-        sql = self.dialect.sql
+        sql, T, J = self.dialect.sql, self.dialect.time_param, self.dialect.json_param
         with self._guard as conn:
             with self._transaction(conn):
-                cur = conn.execute(sql("UPDATE lilota_task SET status = 'cancelled', end_date_time = ?, "
-                                       "error = ? WHERE id = ? AND status IN ('created', 'scheduled')"),
+                cur = conn.execute(sql(f"UPDATE lilota_task SET status = 'cancelled', end_date_time = {T}, "
+                                       f"error = {J} WHERE id = ? AND status IN ('created', 'scheduled')"),
                                    (self.dialect.encode_time(_now()), self.dialect.encode_json(dumps(
                                        _error_record(TaskCancelledError("cancelled before it ran")), "error")), task_id))
                 if cur.rowcount:
@@ -1244,10 +1737,10 @@ class Storage:
 
         Returns False for a task in another state; raises LilotaError when its input was deleted
         (``keep_input=False``): SQL NULL there means deleted, a stored None is the JSON ``null``."""
-        sql = self.dialect.sql
+        sql, T, J = self.dialect.sql, self.dialect.time_param, self.dialect.json_param
         with self._guard as conn:
             with self._transaction(conn):
-                cur = conn.execute(sql("UPDATE lilota_task SET status = 'scheduled', run_at = ?, attempts = 0, "
+                cur = conn.execute(sql(f"UPDATE lilota_task SET status = 'scheduled', run_at = {T}, attempts = 0, "
                                        "end_date_time = NULL, cancel_requested = 0, locked_by = NULL, "
                                        "locked_at = NULL WHERE id = ? AND input IS NOT NULL "
                                        "AND status IN ('failed', 'expired', 'cancelled')"),
@@ -1263,15 +1756,15 @@ class Storage:
 
     def delete_finished(self, before):
         """Delete tasks that finished before ``before`` (epoch seconds) and nodes gone since then."""
-        sql = self.dialect.sql
+        sql, T, J = self.dialect.sql, self.dialect.time_param, self.dialect.json_param
         cutoff = self.dialect.encode_time(before)
         with self._guard as conn:
             with self._transaction(conn):
                 cur = conn.execute(sql("DELETE FROM lilota_task WHERE status IN "
-                                       "('completed', 'failed', 'expired', 'cancelled') AND end_date_time < ?"),
+                                       f"('completed', 'failed', 'expired', 'cancelled') AND end_date_time < {T}"),
                                    (cutoff,))
                 conn.execute(sql("DELETE FROM lilota_node WHERE status IN ('stopped', 'crashed', 'dead') "
-                                 "AND last_seen_at < ?"), (cutoff,))
+                                 f"AND last_seen_at < {T}"), (cutoff,))
                 return cur.rowcount
 
     # --- tasks: worker side ---
@@ -1336,7 +1829,7 @@ class Storage:
         query = f"SELECT {_TASK_SELECT} FROM lilota_task WHERE status = 'running' AND locked_by IN ({marks})"
         params = list(node_ids)
         if only_overdue_or_cancelled:
-            query += " AND (expires_at <= ? OR cancel_requested = 1)"
+            query += f" AND (expires_at <= {d.time_param} OR cancel_requested = 1)"
             params.append(d.encode_time(_now()))
         with self._guard as conn:
             return [self._task(row) for row in conn.execute(d.sql(query), params).fetchall()]
@@ -1369,8 +1862,8 @@ class Storage:
         d = self.dialect
         now = _now()
         with self._guard as conn:
-            conn.execute(d.sql(f"INSERT INTO lilota_node ({_NODE_COLUMNS}, host_key) "
-                               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+            conn.execute(d.sql(f"INSERT INTO lilota_node ({_NODE_COLUMNS}, host_key) VALUES "
+                               f"(?, ?, ?, ?, ?, ?, {d.time_param}, {d.time_param}, {d.time_param}, ?)"),
                          (node_id, name, str(node_type), str(status), pid, socket.gethostname(),
                           d.encode_time(now), d.encode_time(now), d.encode_time(now + lease), _host_key()))
 
@@ -1379,7 +1872,7 @@ class Storage:
         d = self.dialect
         with self._guard as conn:
             conn.execute(d.sql("UPDATE lilota_node SET status = COALESCE(?, status), pid = COALESCE(?, pid), "
-                               "last_seen_at = ? WHERE id = ?"),
+                               f"last_seen_at = {d.time_param} WHERE id = ?"),
                          (None if status is None else str(status), pid, d.encode_time(_now()), node_id))
 
     def heartbeat(self, node_ids, lease):
@@ -1392,7 +1885,8 @@ class Storage:
         marks = ", ".join("?" for _ in node_ids)
         with self._guard as conn:
             with self._transaction(conn):
-                conn.execute(d.sql(f"UPDATE lilota_node SET last_seen_at = ?, lease_expires_at = ? "
+                conn.execute(d.sql(f"UPDATE lilota_node SET last_seen_at = {d.time_param}, "
+                                   f"lease_expires_at = {d.time_param} "
                                    f"WHERE id IN ({marks}) AND status IN {_ALIVE_SQL}"),
                              [d.encode_time(now), d.encode_time(now + lease), *node_ids])
                 alive = conn.execute(d.sql(f"SELECT id FROM lilota_node WHERE id IN ({marks}) "
@@ -1588,11 +2082,12 @@ class LilotaScheduler:
                 raise TaskWaitTimeout(f"task {key} is still {status} after {limit:g}s")
             pause = delay if deadline is None else min(delay, max(0.0, deadline - now))
             time.sleep(pause)
-            delay = min(delay * 1.5, 0.005 if counter is not None else 0.05)
+            delay = min(delay * 1.5, 0.005 if counter is not None else 0.01)
             # Re-read the row when another connection committed, and at least every 50 ms (writes
-            # made through this process's own connection do not move the counter).
+            # made through this process's own connection do not move the counter). Without a
+            # counter (PostgreSQL), re-read it each time: a primary-key lookup.
             new_counter = storage.change_counter() if counter is not None else None
-            if new_counter != counter or time.monotonic() - last_read > 0.05:
+            if counter is None or new_counter != counter or time.monotonic() - last_read > 0.05:
                 status, counter = storage.task_state(key)
                 last_read = time.monotonic()
 
@@ -2154,34 +2649,55 @@ class LilotaWorker:
         pid = os.getpid()
         stopping = self._stopping
         waitables = [self._wake_r] + ([doorbell] if doorbell is not None else [])
-        busy_errors = 0
+        errors = 0
+        claim_lost = False
         while not stopping.is_set():
             try:
+                if claim_lost:
+                    self._release_lost_claim(node_id)
+                    claim_lost = False
                 task = storage.claim(prepared, node_id, pid)
                 if task is not None:
-                    busy_errors = 0
+                    errors = 0
                     self._execute(task, node_id)
                     continue
-                # Idle. Empty the doorbell and read the change counter, then claim once more: a
-                # task stored after that claim rang the bell or moved the counter after its
-                # commit, so it is either claimed now or wakes us below.
+                # Idle. Empty the doorbell, read the change counter and make sure the listener
+                # listens, then claim once more: a task stored after that claim rang the bell,
+                # moved the counter or notified after its commit, so it is either claimed now or
+                # wakes us below.
                 rings = _drain(doorbell) if doorbell is not None else 0
                 counter = storage.change_counter()
+                listening = storage.listen_fd()
                 task = storage.claim(prepared, node_id, pid)
+                errors = 0
                 if task is not None:
                     if rings > 1:   # more work was announced: pass the wake-up on to another worker
                         _ring(_supervision.doorbell_writer_fd if _supervision else None)
                     self._execute(task, node_id)
                     continue
-                self._idle(waitables, counter)
-            except DatabaseBusyError:
-                busy_errors += 1
-                self.logger.warning("worker %s: database busy, retrying", node_id)
-                stopping.wait(min(1.0, 0.01 * 2 ** min(busy_errors, 7)))
+                self._idle(waitables if listening is None else waitables + [listening], counter,
+                           listening)
+            except (DatabaseBusyError, DatabaseUnavailableError) as exc:
+                # A lock held too long, or the server gone (restarting, network): wait and go on.
+                # A claim whose reply was lost may have been committed: release it first.
+                claim_lost = claim_lost or isinstance(exc, DatabaseUnavailableError)
+                errors += 1
+                self.logger.warning("worker %s: %s; retrying", node_id, exc)
+                stopping.wait(min(2.0, 0.01 * 2 ** min(errors, 8)))
 
-    def _idle(self, waitables, counter):
+    def _release_lost_claim(self, node_id):
+        """Requeue tasks this worker holds but does not execute: claimed by a statement whose
+        reply the lost connection swallowed. Such an attempt does not count."""
+        for task in self.storage.recover_tasks(node_id, _error_record(TaskInterruptedError(
+                "the connection to the database was lost while this task was being claimed")),
+                count_attempt=False):
+            self.logger.warning("worker %s: requeued task %s, claimed as the connection was lost", node_id,
+                                task.id)
+
+    def _idle(self, waitables, counter, listening=None):
         """Wait until the doorbell rings, another connection commits (the change counter moves away
-        from ``counter``), a delayed task falls due, or stop() is called."""
+        from ``counter``) or notifies (``listening`` is readable), a delayed task falls due, or
+        stop() is called."""
         storage = self.storage
         due = storage.next_run_at()
         give_up = time.monotonic() + self.safety_claim_interval
@@ -2193,6 +2709,8 @@ class LilotaWorker:
             if ready:
                 if self._wake_r in ready:
                     _drain(self._wake_r)
+                if listening is not None and listening in ready:
+                    storage.drain_notifications()
                 return
             if due is not None and _now() >= due:
                 return

@@ -222,7 +222,7 @@ class ApiErrorTest(TempDirTestCase):
 
     def test_unknown_dialect_names_the_hook(self):
         with self.assertRaisesRegex(lilota.ConfigurationError, "register_dialect"):
-            lilota.LilotaScheduler("postgresql://localhost/app")
+            lilota.LilotaScheduler("mysql://localhost/app")
 
 
 if __name__ == "__main__":
