@@ -10,6 +10,7 @@ import tempfile
 import textwrap
 import time
 import unittest
+import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -64,8 +65,86 @@ def process_alive(pid):
     return state != "Z"
 
 
+# --- backends -----------------------------------------------------------------------------------
+#
+# Tests run on SQLite. A test class decorated with @on_every_backend runs a second time on
+# PostgreSQL (a subclass named <Class>OnPostgres) when LILOTA_TEST_POSTGRES_URL names a server;
+# each such test gets a schema of its own, dropped afterwards. Without a server those tests are
+# skipped with a message -- except under CI=true, where they fail.
+
+POSTGRES_URL = os.environ.get("LILOTA_TEST_POSTGRES_URL", "")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+_postgres_problem = []   # the reason PostgreSQL cannot be used, once known
+
+
+def postgres_problem():
+    """None when the PostgreSQL test server is usable, else why not."""
+    if not _postgres_problem:
+        if not POSTGRES_URL:
+            problem = ("PostgreSQL tests need a server: set LILOTA_TEST_POSTGRES_URL, e.g. "
+                       "postgresql://postgres@127.0.0.1:5432/test, and install a driver (pip install 'psycopg[binary]')")
+        else:
+            try:
+                conn = lilota._dialect_for_url(POSTGRES_URL).connect()
+                conn.close()
+                problem = None
+            except Exception as exc:
+                problem = f"PostgreSQL test server {POSTGRES_URL} is not usable: {exc}"
+        _postgres_problem.append(problem)
+    return _postgres_problem[0]
+
+
+def require_postgres(test):
+    """Skip ``test`` (fail it under CI=true) when the PostgreSQL test server is not usable."""
+    problem = postgres_problem()
+    if problem is not None:
+        if IN_CI:
+            test.fail(problem + " (CI=true: PostgreSQL tests must run)")
+        test.skipTest(problem)
+
+
+def postgres_admin(statement, url=None):
+    """Run one statement on the test server (outside any test schema)."""
+    conn = lilota._dialect_for_url(url or POSTGRES_URL).connect()
+    try:
+        return conn.execute(statement).fetchall() if statement.lstrip().upper().startswith("SELECT") \
+            else conn.execute(statement)
+    finally:
+        conn.close()
+
+
+def with_query(url, **options):
+    """``url`` with query options added."""
+    extra = "&".join(f"{key}={value}" for key, value in options.items())
+    return url + ("&" if "?" in url else "?") + extra
+
+
+def on_every_backend(cls):
+    """Run the test class on SQLite and again on PostgreSQL (see the section comment)."""
+    module = sys.modules[cls.__module__]
+    name = cls.__name__ + "OnPostgres"
+    setattr(module, name, type(name, (cls,), {"backend": "postgres", "__module__": cls.__module__,
+                                               "__qualname__": name}))
+    return cls
+
+
+def sqlite_only(reason):
+    """Mark a test of a class run on every backend as meaningful on SQLite only."""
+    def decorate(test):
+        def run(self, *args, **kwargs):
+            if self.backend != "sqlite":
+                self.skipTest(f"SQLite only: {reason}")
+            return test(self, *args, **kwargs)
+        run.__name__, run.__doc__ = test.__name__, test.__doc__
+        return run
+    return decorate
+
+
 class TempDirTestCase(unittest.TestCase):
-    """A test with its own directory and SQLite database, removed afterwards."""
+    """A test with its own directory and database (a SQLite file, or a PostgreSQL schema for
+    classes run on every backend), removed afterwards."""
+
+    backend = "sqlite"
 
     def setUp(self):
         super().setUp()
@@ -73,11 +152,33 @@ class TempDirTestCase(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
         self.db_path = os.path.join(self.dir, "lilota.db")
         self.db_url = "sqlite:///" + self.db_path
+        self.schema = None
+        if self.backend == "postgres":
+            require_postgres(self)
+            self.db_path = None
+            self.schema = "lilota_test_" + uuid.uuid4().hex[:16]
+            self.db_url = with_query(POSTGRES_URL, schema=self.schema)
+            self.addCleanup(postgres_admin, f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
         self.addCleanup(self._close_storages)
+
+    def db_execute(self, statement, *params):
+        """Run one statement (``?`` placeholders) on a connection of the test's own to its database
+        and return the rows ([] for a statement without any)."""
+        dialect = lilota._dialect_for_url(self.db_url)
+        conn = dialect.connect()
+        try:
+            cursor = conn.execute(dialect.sql(statement), params)
+            return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
+        finally:
+            conn.close()
+
+    def db_time(self, seconds):
+        """Epoch seconds as the test database stores a time (for db_execute parameters)."""
+        return lilota._dialect_for_url(self.db_url).encode_time(seconds)
 
     def _close_storages(self):
         for key, storage in list(lilota.Storage._instances.items()):
-            if self.dir in key:
+            if self.dir in key or (self.schema and f"schema={self.schema}" in key):
                 storage.close()
                 del lilota.Storage._instances[key]
 

@@ -51,11 +51,7 @@ class ApiTestCase(support.TempDirTestCase):
             raise ZeroDivisionError(f"boom {data}")
 
     def sql(self, query, params=()):
-        conn = sqlite3.connect(self.db_path, isolation_level=None)
-        try:
-            return conn.execute(query, params).fetchall()
-        finally:
-            conn.close()
+        return self.db_execute(query, *params)
 
     def count_rows(self):
         self.lilota.storage.ensure_ready()
@@ -83,6 +79,7 @@ class ImportPathTests(support.TempDirTestCase):
         self.assertEqual(result.stdout.strip(), "imports ok")
 
 
+@support.on_every_backend
 class ScheduleTests(ApiTestCase):
     def test_schedule_returns_uuid_without_start_or_workers(self):
         for scheduler in (self.lilota, Lilota.scheduler(self.db_url), LilotaScheduler(self.db_url)):
@@ -174,13 +171,20 @@ class ScheduleTests(ApiTestCase):
     def test_schedule_many_is_one_transaction(self):
         """A database error on the third row rolls back the first two."""
         self.lilota.storage.ensure_ready()
-        self.sql("CREATE TRIGGER refuse BEFORE INSERT ON lilota_task WHEN NEW.input = '3' "
-                 "BEGIN SELECT RAISE(ABORT, 'refused by test'); END")
+        if self.backend == "sqlite":
+            self.sql("CREATE TRIGGER refuse BEFORE INSERT ON lilota_task WHEN NEW.input = '3' "
+                     "BEGIN SELECT RAISE(ABORT, 'refused by test'); END")
+        else:
+            self.sql("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                     "$$ BEGIN RAISE EXCEPTION 'refused by test'; END $$")
+            self.sql("CREATE TRIGGER refuse BEFORE INSERT ON lilota_task FOR EACH ROW "
+                     "WHEN (NEW.input = '3'::jsonb) EXECUTE FUNCTION refuse()")
         with self.assertRaises(lilota.StorageError):
             self.lilota.schedule_many("add", [1, 2, 3, 4])
         self.assertEqual(self.count_rows(), 0)
 
 
+@support.on_every_backend
 class TaskRecordTests(ApiTestCase):
     def test_get_task_by_id(self):
         task_id = self.lilota.schedule("add", AddInput(1, 2))
@@ -266,6 +270,7 @@ class TaskRecordTests(ApiTestCase):
         self.assertIs(done[known].status, TaskStatus.COMPLETED)
 
 
+@support.on_every_backend
 class WaitTests(ApiTestCase):
     def test_wait_returns_finished_task(self):
         task_id = self.lilota.schedule("add", AddInput(4, 4))
@@ -305,6 +310,7 @@ class WaitTests(ApiTestCase):
             self.lilota.wait("garbage", timeout=1)
 
 
+@support.on_every_backend
 class CancelRetryCleanupTests(ApiTestCase):
     def test_cancel_queued_task(self):
         task_id = self.lilota.schedule("add", AddInput(1, 2))
@@ -366,7 +372,7 @@ class CancelRetryCleanupTests(ApiTestCase):
         running = self.lilota.schedule("add", AddInput(1, 5), delay=timedelta(hours=1))
         self.lilota.cancel(old_cancelled)
         self.worker.run_pending()
-        long_ago = time.time() - 3 * 86400
+        long_ago = self.db_time(time.time() - 3 * 86400)
         for task_id in (old_done, old_failed, old_cancelled):
             self.sql("UPDATE lilota_task SET end_date_time = ? WHERE id = ?", (long_ago, str(task_id)))
         # Queued and running tasks are never deleted, whatever their dates say.
@@ -375,7 +381,7 @@ class CancelRetryCleanupTests(ApiTestCase):
         self.sql("UPDATE lilota_task SET status = 'running', end_date_time = ?, created_at = ? WHERE id = ?",
                  (long_ago, long_ago, str(running)))
         self.assertEqual(self.lilota.cleanup(older_than=timedelta(days=1)), 3)
-        remaining = {uuid.UUID(r[0]) for r in self.sql("SELECT id FROM lilota_task")}
+        remaining = {uuid.UUID(str(r[0])) for r in self.sql("SELECT id FROM lilota_task")}
         self.assertEqual(remaining, {recent_done, queued, running})
         self.assertIsNone(self.lilota.get_task_by_id(old_done))
         self.assertEqual(self.lilota.cleanup(older_than=timedelta(days=1)), 0)
@@ -384,6 +390,7 @@ class CancelRetryCleanupTests(ApiTestCase):
             self.lilota.cleanup(older_than=timedelta(days=-1))
 
 
+@support.on_every_backend
 class NodeTests(ApiTestCase):
     def test_get_all_nodes(self):
         self.assertEqual(self.lilota.get_all_nodes(), [])
@@ -413,6 +420,7 @@ class NodeTests(ApiTestCase):
         self.assertIs(statuses[scheduler_node.id], NodeStatus.STOPPED)
 
 
+@support.on_every_backend
 class ProgressTests(ApiTestCase):
     def test_task_progress_set_validates(self):
         stored = []
@@ -478,6 +486,7 @@ class ProgressTests(ApiTestCase):
         self.assertEqual(task.progress_percentage, 60)
 
 
+@support.on_every_backend
 class RegisterTests(ApiTestCase):
     def test_register_validation(self):
         worker = LilotaWorker(self.db_url)
@@ -533,6 +542,7 @@ class RegisterTests(ApiTestCase):
         self.assertEqual(outputs, {"defaults": 42, "no-input": "done"})
 
 
+@support.on_every_backend
 class RetryAttemptTests(ApiTestCase):
     def test_retry_keeps_id_and_counts_attempts(self):
         attempts = []

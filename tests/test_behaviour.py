@@ -5,26 +5,25 @@ import os
 import sqlite3
 import sys
 import threading
+import time
 import unittest
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
 try:
-    from .support import TempDirTestCase, wait_until
+    from .support import TempDirTestCase, wait_until, on_every_backend, sqlite_only
 except ImportError:  # run from inside tests/
-    from support import TempDirTestCase, wait_until
+    from support import TempDirTestCase, wait_until, on_every_backend, sqlite_only
 
 import lilota
 
 
+@on_every_backend
 class KeepInputTest(TempDirTestCase):
 
     def raw_input(self, task_id):
-        conn = sqlite3.connect(self.db_path)
-        try:
-            return conn.execute("SELECT input FROM lilota_task WHERE id = ?", (str(task_id),)).fetchone()[0]
-        finally:
-            conn.close()
+        return self.db_execute("SELECT input FROM lilota_task WHERE id = ?", str(task_id))[0][0]
 
     def test_task_that_times_out_under_the_supervisor_keeps_no_input(self):
         script = self.worker_script("""
@@ -66,6 +65,7 @@ class KeepInputTest(TempDirTestCase):
         self.assertEqual(task.input, {"n": 1})
 
 
+@on_every_backend
 class CancelWinsOverLateCompletionTest(TempDirTestCase):
 
     def test_task_that_finishes_after_its_cancel_ends_cancelled(self):
@@ -111,6 +111,7 @@ class CancelWinsOverLateCompletionTest(TempDirTestCase):
         self.assertIsNone(task.output)
 
 
+@on_every_backend
 class IdleWakeUpTest(TempDirTestCase):
     """What ends an idle worker's wait, with the periodic safety claim switched off so that only
     the mechanism under test can end it (the waits are bounded by generous deadlines)."""
@@ -130,11 +131,22 @@ class IdleWakeUpTest(TempDirTestCase):
         return thread
 
     def test_commit_by_another_connection_wakes_it(self):
-        counter = self.worker.storage.change_counter()
-        thread = self.wait_idle([self.worker._wake_r], counter)
-        other = sqlite3.connect(self.db_path, isolation_level=None)
-        self.addCleanup(other.close)
-        other.execute("INSERT INTO lilota_meta (key, value) VALUES ('touched', '1')")
+        """SQLite: any commit moves PRAGMA data_version. PostgreSQL: a task queued by anyone
+        NOTIFYs the listening connection."""
+        storage = self.worker.storage
+        counter = storage.change_counter()
+        listening = storage.listen_fd()
+        self.assertEqual(listening is None, self.backend == "sqlite")
+        waitables = [self.worker._wake_r] + ([listening] if listening is not None else [])
+        thread = threading.Thread(target=self.worker._idle, args=(waitables, counter, listening), daemon=True)
+        thread.start()
+        self.addCleanup(self.worker.stop)
+        if self.backend == "sqlite":
+            self.db_execute("INSERT INTO lilota_meta (key, value) VALUES ('touched', '1')")
+        else:
+            now = self.db_time(time.time())
+            self.db_execute("INSERT INTO lilota_task (id, name, status, run_at, created_at) "
+                            "VALUES (?, 'by-hand', 'scheduled', ?, ?)", str(uuid.uuid4()), now, now)
         thread.join(30)
         self.assertFalse(thread.is_alive(), "a commit by another process did not wake the idle worker")
 

@@ -7,10 +7,10 @@ import textwrap
 import unittest
 
 try:
-    from .support import ROOT, process_alive, wait_until
+    from .support import ROOT, process_alive, wait_until, on_every_backend, sqlite_only
     from .test_processes import WorkerTestCase
 except ImportError:  # run from inside tests/
-    from support import ROOT, process_alive, wait_until
+    from support import ROOT, process_alive, wait_until, on_every_backend, sqlite_only
     from test_processes import WorkerTestCase
 
 from lilota import LilotaScheduler
@@ -28,6 +28,7 @@ if __name__ == "__main__":
 """
 
 
+@on_every_backend
 class WorkerKilledTest(WorkerTestCase):
 
     def kill_worker_running(self, app, task_id):
@@ -99,6 +100,7 @@ class WorkerKilledTest(WorkerTestCase):
         self.assertFalse(app.has_failed())
 
 
+@on_every_backend
 class ApplicationKilledTest(WorkerTestCase):
 
     def test_killed_application_workers_exit_and_task_is_recovered(self):
@@ -140,6 +142,7 @@ class ApplicationKilledTest(WorkerTestCase):
         self.assertFalse(app.has_failed())
 
 
+@on_every_backend
 class LostNodeTest(WorkerTestCase):
 
     def test_frozen_standalone_worker_task_is_recovered_through_heartbeats(self):

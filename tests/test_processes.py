@@ -15,9 +15,9 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 try:
-    from .support import ROOT, TempDirTestCase, child_pids, process_alive, wait_until
+    from .support import ROOT, TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend, sqlite_only
 except ImportError:  # run from inside tests/
-    from support import ROOT, TempDirTestCase, child_pids, process_alive, wait_until
+    from support import ROOT, TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend, sqlite_only
 
 import lilota
 from lilota import Lilota, LilotaScheduler
@@ -123,19 +123,15 @@ class WorkerTestCase(TempDirTestCase):
                                   name=name)
 
     def query(self, sql, *params):
-        conn = sqlite3.connect(self.db_path, timeout=30)
-        try:
-            return conn.execute(sql, params).fetchall()
-        finally:
-            conn.close()
+        return self.db_execute(sql, *params)
 
     def worker_nodes(self, status=None):
         """(id, pid, status, name) of the worker nodes, oldest first ([] before the schema exists)."""
         try:
             rows = self.query("SELECT id, pid, status, name FROM lilota_node WHERE type = 'worker' "
                               "ORDER BY created_at")
-        except sqlite3.OperationalError as exc:
-            if "no such table" not in str(exc):
+        except Exception as exc:
+            if "no such table" not in str(exc) and "does not exist" not in str(exc):
                 raise
             return []
         return [r for r in rows if status is None or r[2] == status]
@@ -168,6 +164,7 @@ class WorkerTestCase(TempDirTestCase):
         return [pid for pid in child_pids() if pid != tracker]
 
 
+@on_every_backend
 class ManyWorkersTest(WorkerTestCase):
 
     def test_500_tasks_over_two_applications_run_exactly_once(self):
@@ -206,6 +203,7 @@ class ManyWorkersTest(WorkerTestCase):
             self.assertFalse(process_alive(pid))
 
 
+@on_every_backend
 class FailureAndRetryTest(WorkerTestCase):
 
     def test_exception_fails_task_and_worker_lives_on(self):
@@ -280,6 +278,7 @@ class FailureAndRetryTest(WorkerTestCase):
         self.assertGreater(delays[3], delays[0], delays)
 
 
+@on_every_backend
 class TimeoutTest(WorkerTestCase):
 
     def test_timeout_expires_task_and_replaces_worker(self):
@@ -380,6 +379,7 @@ class BrokenScriptTest(WorkerTestCase):
         """ % other, "other.db", "lilota.db", "same db_url")
 
 
+@on_every_backend
 class StopTest(WorkerTestCase):
 
     def test_stop_lets_a_short_task_finish(self):
@@ -421,6 +421,7 @@ class StopTest(WorkerTestCase):
         self.assertNotEqual(task.pid, running.pid)
 
 
+@on_every_backend
 class CancelTest(WorkerTestCase):
 
     def test_cancel_queued_task_never_runs(self):
@@ -483,6 +484,7 @@ class CancelTest(WorkerTestCase):
         self.assertEqual(scheduler.get_task_by_id(task_id), first)
 
 
+@on_every_backend
 class PickUpTest(WorkerTestCase):
 
     def test_idle_workers_pick_up_task_scheduled_by_another_process(self):
@@ -531,6 +533,7 @@ class PickUpTest(WorkerTestCase):
         self.assertEqual(order, high + low)  # high first; within a priority, oldest run_at first
 
 
+@on_every_backend
 class StandaloneWorkerTest(WorkerTestCase):
 
     def test_standalone_worker_runs_tasks_times_out_cooperatively_and_stops_on_sigterm(self):

@@ -21,10 +21,10 @@ import uuid
 import warnings
 
 try:
-    from .support import ROOT, TempDirTestCase, process_alive, wait_until
+    from .support import ROOT, TempDirTestCase, process_alive, wait_until, on_every_backend, sqlite_only
     from .test_processes import WorkerTestCase
 except ImportError:  # run from inside tests/
-    from support import ROOT, TempDirTestCase, process_alive, wait_until
+    from support import ROOT, TempDirTestCase, process_alive, wait_until, on_every_backend, sqlite_only
     from test_processes import WorkerTestCase
 
 import lilota
@@ -79,11 +79,7 @@ class ResilienceTestCase(WorkerTestCase):
 
     def execute(self, sql, *params):
         """Run one statement on a connection of the test's own (autocommit) and return its rows."""
-        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        try:
-            return conn.execute(sql, params).fetchall()
-        finally:
-            conn.close()
+        return self.db_execute(sql, *params)
 
     def long_script(self):
         return self.worker_script(LONG_TASK_BODY, name="long_script.py")
@@ -104,6 +100,7 @@ class ResilienceTestCase(WorkerTestCase):
 
 # --- 1. fencing ------------------------------------------------------------------------------------
 
+@on_every_backend
 class FenceTest(ResilienceTestCase):
 
     def test_worker_declared_dead_while_alive_is_replaced_and_its_run_never_completes(self):
@@ -147,6 +144,7 @@ class FenceTest(ResilienceTestCase):
 
 # --- 2. leases during stop -------------------------------------------------------------------------
 
+@on_every_backend
 class LeaseDuringStopTest(ResilienceTestCase):
 
     def test_stop_keeps_the_leases_while_running_tasks_finish(self):
@@ -211,8 +209,10 @@ class LeaseDuringStopTest(ResilienceTestCase):
 
 # --- 3. outcome write retried ----------------------------------------------------------------------
 
+@on_every_backend
 class OutcomeWriteRetriedTest(ResilienceTestCase):
 
+    @sqlite_only("the busy timeout and the write lock held by another connection are SQLite's")
     def test_completion_is_retried_while_the_database_is_locked(self):
         url = self.db_url + "?timeout=0.1"
         worker = LilotaWorker(url)
@@ -342,6 +342,7 @@ class SupervisorDatabaseErrorTest(ResilienceTestCase):
 
 # --- 5. start methods ------------------------------------------------------------------------------
 
+@on_every_backend
 class StartMethodTest(ResilienceTestCase):
 
     def check_start_method(self, method, hold_storage_lock=False):
@@ -398,6 +399,7 @@ class StartMethodTest(ResilienceTestCase):
 
 # --- 6. SIGTERM ------------------------------------------------------------------------------------
 
+@on_every_backend
 class SigtermTest(ResilienceTestCase):
 
     def test_supervised_worker_ignores_sigterm(self):
@@ -422,6 +424,7 @@ class SigtermTest(ResilienceTestCase):
 
 # --- 7. retry() of a task whose input was deleted --------------------------------------------------
 
+@on_every_backend
 class RetryDeletedInputTest(ResilienceTestCase):
 
     def test_retry_needs_the_input(self):
@@ -510,6 +513,7 @@ class RelativeUrlTest(ResilienceTestCase):
 
 # --- 9. cancel wins over retry ---------------------------------------------------------------------
 
+@on_every_backend
 class CancelWinsOverRetryTest(ResilienceTestCase):
 
     def test_task_cancelled_while_running_then_failing_ends_cancelled(self):
@@ -536,6 +540,7 @@ class CancelWinsOverRetryTest(ResilienceTestCase):
 
 # --- 10-12. storage: progress, dead pids, leases ---------------------------------------------------
 
+@on_every_backend
 class StorageFenceTest(ResilienceTestCase):
 
     def setUp(self):
@@ -582,7 +587,7 @@ class StorageFenceTest(ResilienceTestCase):
                      socket.gethostname() + "/another-boot-id/4026531999", there)
         self.assertEqual(self.query("SELECT DISTINCT hostname FROM lilota_node"), [(socket.gethostname(),)])
         leases = dict(self.query("SELECT id, lease_expires_at FROM lilota_node"))
-        self.assertGreater(min(leases.values()), time.time() + 30)   # both leases still valid
+        self.assertGreater(min(leases.values()), self.db_time(time.time() + 30))   # both leases still valid
 
         self.assertEqual(self.storage.find_lost_nodes(), [here])
         self.assertEqual(self.node_status(here), "dead")
@@ -595,9 +600,9 @@ class StorageFenceTest(ResilienceTestCase):
         now = time.time()
         # On another host: only the lease can tell. last_seen_at says the opposite of the lease.
         self.execute("UPDATE lilota_node SET host_key = 'elsewhere/boot/1', last_seen_at = ?, "
-                     "lease_expires_at = ? WHERE id = ?", now, now - 1, expired)
+                     "lease_expires_at = ? WHERE id = ?", self.db_time(now), self.db_time(now - 1), expired)
         self.execute("UPDATE lilota_node SET host_key = 'elsewhere/boot/1', last_seen_at = ?, "
-                     "lease_expires_at = ? WHERE id = ?", now - 3600, now + 60, valid)
+                     "lease_expires_at = ? WHERE id = ?", self.db_time(now - 3600), self.db_time(now + 60), valid)
 
         self.assertEqual(self.storage.find_lost_nodes(), [expired])
         self.assertEqual(self.node_status(expired), "dead")

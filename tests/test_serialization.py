@@ -142,11 +142,7 @@ class SerializationTestCase(support.TempDirTestCase):
         self.received = []
 
     def count_rows(self):
-        conn = sqlite3.connect(self.db_path)
-        try:
-            return conn.execute("SELECT COUNT(*) FROM lilota_task").fetchone()[0]
-        finally:
-            conn.close()
+        return self.db_execute("SELECT COUNT(*) FROM lilota_task")[0][0]
 
     def run_one(self, name, value, **options):
         """Schedule one task, run it in-process and return the stored Task."""
@@ -166,6 +162,7 @@ class SerializationTestCase(support.TempDirTestCase):
         return echo
 
 
+@support.on_every_backend
 class DataclassTests(SerializationTestCase):
     def test_nested_dataclass_round_trip(self):
         self.echo(input_model=Person, output_model=Person)
@@ -256,6 +253,7 @@ class DataclassTests(SerializationTestCase):
         self.assertEqual(self.received, [AddInput(1, 2)])
 
 
+@support.on_every_backend
 class PlainValueTests(SerializationTestCase):
     def test_dict_without_model(self):
         self.echo()
@@ -308,6 +306,7 @@ class PlainValueTests(SerializationTestCase):
         self.assertEqual(task.output, {"x": 3, "y": 6})
 
 
+@support.on_every_backend
 class PydanticTests(SerializationTestCase):
     def test_pydantic_v2_round_trip(self):
         pydantic = _pydantic()
@@ -386,6 +385,7 @@ class PydanticTests(SerializationTestCase):
         self.assertEqual(Receipt(**task.output), Receipt(count=1, placed=placed))
 
 
+@support.on_every_backend
 class TaskDecoratorTests(SerializationTestCase):
     def test_models_and_context_inferred_from_annotations(self):
         contexts = []
@@ -420,6 +420,7 @@ class TaskDecoratorTests(SerializationTestCase):
         self.assertEqual(task.output, {"ok": True})
 
 
+@support.on_every_backend
 class BadInputTests(SerializationTestCase):
     def assert_refused(self, exc_type, value, *fragments):
         for schedule in (lambda: self.scheduler.schedule("echo", value),
@@ -479,6 +480,7 @@ class BadInputTests(SerializationTestCase):
         self.assertEqual(task.output, {"a": {"k": 1}, "b": {"k": 1}, "c": [{"k": 1}, {"k": 1}]})
 
 
+@support.on_every_backend
 class BadOutputTests(SerializationTestCase):
     def test_unserializable_output_fails_the_task(self):
         @self.worker.register("bad")

@@ -5,13 +5,14 @@ import threading
 import unittest
 
 try:
-    from .support import TempDirTestCase, child_pids, process_alive, wait_until
+    from .support import TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend, sqlite_only
 except ImportError:  # run from inside tests/
-    from support import TempDirTestCase, child_pids, process_alive, wait_until
+    from support import TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend, sqlite_only
 
 import lilota
 
 
+@on_every_backend
 class ThreadedApplicationTest(TempDirTestCase):
 
     def test_many_threads_schedule_and_wait_while_workers_run(self):
