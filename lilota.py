@@ -1218,6 +1218,33 @@ class Storage:
         with self._guard as conn:
             return self.dialect.change_counter(conn)
 
+    def list_tasks(self, status=None, name=None, limit=None):
+        """Tasks newest first, only those with ``status`` and/or ``name`` when given, at most ``limit``."""
+        query, conditions, params = f"SELECT {_TASK_SELECT} FROM lilota_task", [], []
+        for column, value in (("status", status), ("name", name)):
+            if value is not None:
+                conditions.append(f"{column} = ?")
+                params.append(value)
+        if conditions:
+            query += " WHERE " + " AND ".join(conditions)
+        query += " ORDER BY created_at DESC, id"
+        if limit is not None:
+            query += " LIMIT ?"
+            params.append(limit)
+        with self._guard as conn:
+            return [self._task(row) for row in conn.execute(self.dialect.sql(query), params).fetchall()]
+
+    def task_counts(self, finished_since=()):
+        """Rows (name, status, count, *finished) for every name and status present, where ``finished``
+        holds, for each time in ``finished_since`` (epoch seconds), how many of those tasks ended then
+        or later (only a finished task has an end_date_time)."""
+        d = self.dialect
+        windows = "".join(", SUM(CASE WHEN end_date_time >= ? THEN 1 ELSE 0 END)" for _ in finished_since)
+        query = f"SELECT name, status, COUNT(*){windows} FROM lilota_task GROUP BY name, status"
+        with self._guard as conn:
+            rows = conn.execute(d.sql(query), [d.encode_time(t) for t in finished_since]).fetchall()
+        return [(name, status, *(int(n or 0) for n in counts)) for name, status, *counts in rows]
+
     def cancel(self, task_id):
         """Cancel a queued task, or ask for a running one to be stopped.
 
@@ -1566,6 +1593,41 @@ class LilotaScheduler:
     def get_task_by_id(self, task_id):
         """The stored :class:`Task`, or None when there is no task with that id."""
         return self.storage.get_task(_task_id(task_id))
+
+    def list_tasks(self, status=None, name=None, limit=100):
+        """Stored tasks, newest first: only those with ``status`` (a TaskStatus or its value) and/or
+        ``name`` when given, at most ``limit`` of them (None: all). ValueError for an unknown status."""
+        if status is not None:
+            try:
+                status = TaskStatus(status).value
+            except ValueError:
+                raise ValueError(f"unknown task status {status!r}; the statuses are "
+                                 f"{', '.join(s.value for s in TaskStatus)}") from None
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+        return self.storage.list_tasks(status, name, limit)
+
+    def stats(self):
+        """Task counts and recent throughput, as plain values: ``total``; ``by_status``, the count of
+        every status; ``by_name``, {name: {status: count}}; and ``last_minute`` / ``last_hour``, the
+        tasks that finished in that window per final status, in all (``finished``) and ``per_second``."""
+        now = _now()
+        windows = (("last_minute", 60), ("last_hour", 3600))
+        finals = [s.value for s in TaskStatus if s.is_finished]
+        result = {"total": 0, "by_status": {s.value: 0 for s in TaskStatus}, "by_name": {}}
+        recent = {key: dict.fromkeys(finals, 0) for key, _ in windows}
+        for name, status, count, *finished in self.storage.task_counts([now - s for _, s in windows]):
+            result["total"] += count
+            result["by_status"][status] = result["by_status"].get(status, 0) + count
+            result["by_name"].setdefault(name, {})[status] = count
+            for (key, _), n in zip(windows, finished):
+                if status in recent[key]:
+                    recent[key][status] += n
+        for key, seconds in windows:
+            total = sum(recent[key].values())
+            result[key] = dict(recent[key], finished=total, per_second=round(total / seconds, 3))
+        result["by_name"] = dict(sorted(result["by_name"].items()))
+        return result
 
     def wait(self, task_id, timeout=None):
         """Block until the task is finished (completed, failed, expired or cancelled) and return it.

@@ -1,8 +1,10 @@
-"""`python -m lilota worker`: runs the worker processes of a script until SIGTERM, and reports a bad
-script as one line on stderr with a non-zero exit code."""
+"""The command line, `python -m lilota`, driven as a subprocess against a real database, and the
+scheduler queries it stands on (list_tasks, stats)."""
 
 import signal
+import sqlite3
 import subprocess
+import time
 import unittest
 
 try:
@@ -43,6 +45,64 @@ class WorkerCommandTest(TempDirTestCase):
         result = self.run_python("-m", "lilota", "worker", script, "-n", "1", "--db", self.db_url, timeout=60)
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertIn("RuntimeError: cannot start", result.stderr)
+
+
+class QueryApiTest(TempDirTestCase):
+    """LilotaScheduler.list_tasks() and stats(): what `list` and `stats` show."""
+
+    def setUp(self):
+        super().setUp()
+        self.scheduler = lilota.LilotaScheduler(self.db_url)
+        self.worker = lilota.LilotaWorker(self.db_url)
+        self.worker.register("add")(lambda data: data["a"] + data["b"])
+
+        @self.worker.register("boom")
+        def boom(data):
+            raise ValueError("boom")
+
+    def test_list_tasks_newest_first_with_filters_and_limit(self):
+        first = self.scheduler.schedule("add", {"a": 1, "b": 2})
+        failing = self.scheduler.schedule("boom", {})
+        self.worker.run_pending()
+        queued = self.scheduler.schedule("add", {"a": 3, "b": 4}, delay=60)
+        self.assertEqual([t.id for t in self.scheduler.list_tasks()], [queued, failing, first])
+        self.assertEqual([t.id for t in self.scheduler.list_tasks(status="failed")], [failing])
+        self.assertEqual([t.id for t in self.scheduler.list_tasks(status=lilota.TaskStatus.SCHEDULED,
+                                                                  name="add")], [queued])
+        self.assertEqual([t.id for t in self.scheduler.list_tasks(name="add", limit=1)], [queued])
+        self.assertEqual(self.scheduler.list_tasks(name="nothing"), [])
+        self.assertEqual(self.scheduler.list_tasks(limit=None)[-1].output, 3)
+
+    def test_list_tasks_rejects_unknown_status_and_bad_limit(self):
+        with self.assertRaisesRegex(ValueError, "unknown task status 'done'.*completed"):
+            self.scheduler.list_tasks(status="done")
+        for limit in (0, -1, 1.5, True):
+            with self.assertRaises(ValueError):
+                self.scheduler.list_tasks(limit=limit)
+
+    def test_stats_counts_per_status_and_name_and_recent_throughput(self):
+        self.scheduler.schedule_many("add", [{"a": i, "b": 1} for i in range(3)])
+        self.scheduler.schedule("boom", {})
+        self.worker.run_pending()
+        self.scheduler.schedule("add", {"a": 0, "b": 0}, delay=60)
+        old = self.scheduler.schedule("add", {"a": 0, "b": 0})
+        self.worker.run_pending()
+        # One task finished two hours ago: counted, but in neither window.
+        with sqlite3.connect(self.db_path) as conn:
+            conn.execute("UPDATE lilota_task SET end_date_time = ? WHERE id = ?", (time.time() - 7200, str(old)))
+        conn.close()
+        stats = self.scheduler.stats()
+        self.assertEqual(stats["total"], 6)
+        self.assertEqual(stats["by_status"], {"created": 0, "scheduled": 1, "running": 0, "completed": 4,
+                                              "failed": 1, "expired": 0, "cancelled": 0})
+        self.assertEqual(stats["by_name"], {"add": {"completed": 4, "scheduled": 1}, "boom": {"failed": 1}})
+        for window, seconds in (("last_minute", 60), ("last_hour", 3600)):
+            self.assertEqual(stats[window], {"completed": 3, "failed": 1, "expired": 0, "cancelled": 0,
+                                             "finished": 4, "per_second": round(4 / seconds, 3)})
+
+    def test_stats_of_an_empty_database(self):
+        stats = self.scheduler.stats()
+        self.assertEqual((stats["total"], stats["by_name"], stats["last_hour"]["finished"]), (0, {}, 0))
 
 
 if __name__ == "__main__":
