@@ -1711,6 +1711,33 @@ class Storage:
         with self._guard as conn:
             return self.dialect.change_counter(conn)
 
+    def list_tasks(self, status=None, name=None, limit=None):
+        """Tasks newest first, only those with ``status`` and/or ``name`` when given, at most ``limit``."""
+        query, conditions, params = f"SELECT {_TASK_SELECT} FROM lilota_task", [], []
+        for column, value in (("status", status), ("name", name)):
+            if value is not None:
+                conditions.append(f"{column} = ?")
+                params.append(value)
+        if conditions:
+            query += " WHERE " + " AND ".join(conditions)
+        query += " ORDER BY created_at DESC, id"
+        if limit is not None:
+            query += " LIMIT ?"
+            params.append(limit)
+        with self._guard as conn:
+            return [self._task(row) for row in conn.execute(self.dialect.sql(query), params).fetchall()]
+
+    def task_counts(self, finished_since=()):
+        """Rows (name, status, count, *finished) for every name and status present, where ``finished``
+        holds, for each time in ``finished_since`` (epoch seconds), how many of those tasks ended then
+        or later (only a finished task has an end_date_time)."""
+        d = self.dialect
+        windows = "".join(", SUM(CASE WHEN end_date_time >= ? THEN 1 ELSE 0 END)" for _ in finished_since)
+        query = f"SELECT name, status, COUNT(*){windows} FROM lilota_task GROUP BY name, status"
+        with self._guard as conn:
+            rows = conn.execute(d.sql(query), [d.encode_time(t) for t in finished_since]).fetchall()
+        return [(name, status, *(int(n or 0) for n in counts)) for name, status, *counts in rows]
+
     def cancel(self, task_id):
         """Cancel a queued task, or ask for a running one to be stopped.
 
@@ -2060,6 +2087,41 @@ class LilotaScheduler:
     def get_task_by_id(self, task_id):
         """The stored :class:`Task`, or None when there is no task with that id."""
         return self.storage.get_task(_task_id(task_id))
+
+    def list_tasks(self, status=None, name=None, limit=100):
+        """Stored tasks, newest first: only those with ``status`` (a TaskStatus or its value) and/or
+        ``name`` when given, at most ``limit`` of them (None: all). ValueError for an unknown status."""
+        if status is not None:
+            try:
+                status = TaskStatus(status).value
+            except ValueError:
+                raise ValueError(f"unknown task status {status!r}; the statuses are "
+                                 f"{', '.join(s.value for s in TaskStatus)}") from None
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+        return self.storage.list_tasks(status, name, limit)
+
+    def stats(self):
+        """Task counts and recent throughput, as plain values: ``total``; ``by_status``, the count of
+        every status; ``by_name``, {name: {status: count}}; and ``last_minute`` / ``last_hour``, the
+        tasks that finished in that window per final status, in all (``finished``) and ``per_second``."""
+        now = _now()
+        windows = (("last_minute", 60), ("last_hour", 3600))
+        finals = [s.value for s in TaskStatus if s.is_finished]
+        result = {"total": 0, "by_status": {s.value: 0 for s in TaskStatus}, "by_name": {}}
+        recent = {key: dict.fromkeys(finals, 0) for key, _ in windows}
+        for name, status, count, *finished in self.storage.task_counts([now - s for _, s in windows]):
+            result["total"] += count
+            result["by_status"][status] = result["by_status"].get(status, 0) + count
+            result["by_name"].setdefault(name, {})[status] = count
+            for (key, _), n in zip(windows, finished):
+                if status in recent[key]:
+                    recent[key][status] += n
+        for key, seconds in windows:
+            total = sum(recent[key].values())
+            result[key] = dict(recent[key], finished=total, per_second=round(total / seconds, 3))
+        result["by_name"] = dict(sorted(result["by_name"].items()))
+        return result
 
     def wait(self, task_id, timeout=None):
         """Block until the task is finished (completed, failed, expired or cancelled) and return it.
@@ -3228,38 +3290,624 @@ class Lilota(LilotaScheduler):
 # ==================================================================================================
 # 6. Command line
 # ==================================================================================================
+#
+# ``python -m lilota`` (``lilota`` once installed). ``worker`` runs worker processes in the
+# foreground; the other commands look after tasks through LilotaScheduler. Results go to stdout
+# (``--json``: one JSON document, or JSON lines for lists), progress to stderr, and every failure is
+# one line on stderr with one of these exit codes:
 
-def main(argv=None):
-    """``python -m lilota``: run worker processes for a script in the foreground."""
+_EXIT_NOT_COMPLETED = 1   # the task failed/expired/was cancelled, the action was refused, workers failed
+_EXIT_USAGE = 2           # bad arguments or input: JSON, duration, id, status, URL, missing script
+_EXIT_NOT_FOUND = 3       # no task with that id
+_EXIT_DATABASE = 4        # the database cannot be used (missing, corrupt, locked, read-only ...)
+_EXIT_TIMEOUT = 5         # wait --timeout passed before the task finished
+_EXIT_INTERRUPTED = 130   # Ctrl-C
+
+_EXIT_CODES_HELP = """\
+Exit codes: 0 done; 1 the task did not complete, the action was refused or the workers failed;
+2 bad usage or input; 3 no such task; 4 the database cannot be used; 5 wait timed out;
+130 interrupted. Errors are one line on stderr."""
+
+
+class _CliError(Exception):
+    """A failure the command line reports as one line on stderr with an exit code."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def _exit_code(exc):
+    """The exit code for an error lilota raised (see the table above)."""
+    if isinstance(exc, TaskNotFoundError):
+        return _EXIT_NOT_FOUND
+    if isinstance(exc, TaskWaitTimeout):
+        return _EXIT_TIMEOUT
+    if isinstance(exc, StorageError):
+        return _EXIT_DATABASE
+    if isinstance(exc, (ConfigurationError, WorkerScriptError, DriverNotInstalledError)):
+        return _EXIT_USAGE
+    return _EXIT_NOT_COMPLETED
+
+
+# --- Reading arguments ----------------------------------------------------------------------------
+
+_DURATION_UNITS = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0), ("d", 86400.0))
+
+
+def _parse_duration(text):
+    """Seconds from ``500ms``, ``30s``, ``5m``, ``2h``, ``7d`` or a bare number of seconds."""
+    import argparse
+    number, factor = text.strip(), 1.0
+    for unit, seconds in _DURATION_UNITS:   # "ms" before "s" and "m"
+        if number.endswith(unit):
+            number, factor = number[:-len(unit)], seconds
+            break
+    value = math.nan
+    if number[:1].isdigit() or number[:1] == ".":   # no sign, no "inf" or "nan"
+        try:
+            value = float(number) * factor
+        except ValueError:
+            pass
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: write a number and a unit, "
+                                         f"e.g. 500ms, 30s, 5m, 2h or 7d")
+    return value
+
+
+def _positive_int(text):
+    """An int of at least 1 (for --limit, --max-attempts, -n)."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _task_id_arg(text):
+    """A task id argument in its canonical form (a one-line usage error when it is not a UUID)."""
+    import argparse
+    try:
+        return _task_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parse_json_input(text):
+    """The task input from a JSON argument (``-``: standard input; none: null). A syntax error is a
+    usage error naming its line and column, raised before anything is written."""
+    if text is None:
+        return None
+    if text == "-":
+        text = sys.stdin.read()
+
+    def reject(constant):
+        raise ValueError(f"{constant} is not allowed in JSON input")
+
+    try:
+        return json.loads(text, parse_constant=reject)
+    except json.JSONDecodeError as exc:
+        raise _CliError(f"invalid JSON input at line {exc.lineno}, column {exc.colno}: {exc.msg}",
+                        _EXIT_USAGE) from None
+    except (ValueError, RecursionError) as exc:
+        raise _CliError(f"invalid JSON input: {exc}", _EXIT_USAGE) from None
+
+
+def _scheduler(args, create=False):
+    """The LilotaScheduler for ``--db``. Commands that only look after tasks (``create=False``)
+    refuse an SQLite file that does not exist rather than leave an empty database behind a typo."""
+    scheduler = LilotaScheduler(args.db)
+    dialect = scheduler._dialect
+    if not create and isinstance(dialect, SQLiteDialect) and not dialect.memory \
+            and not os.path.exists(dialect.path):
+        raise DatabaseUnavailableError(f"no lilota database at {dialect.path} (check --db or $LILOTA_DB_URL); "
+                                       f"it is created when a task is scheduled or a worker starts")
+    return scheduler
+
+
+# --- Writing results ------------------------------------------------------------------------------
+
+def _print_json(value):
+    """One JSON document on one line (a list is printed as one of these per item: JSON lines)."""
+    print(json.dumps(value))
+
+
+def _format_duration(seconds):
+    """``850ms``, ``12.3s``, ``5m03s``, ``2h``, ``7d04h``: the two largest units, zeros dropped."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}".rstrip("0").rstrip(".") + "s"
+    whole = int(seconds)
+    for big, size, small, small_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if whole >= size:
+            rest = (whole % size) // small_size
+            return f"{whole // size}{big}" + (f"{rest:02d}{small}" if rest else "")
+    return f"{whole}s"
+
+
+def _format_age(moment, now):
+    """How long ago (or, for a future moment, in how long) a datetime is: ``3s ago``, ``in 5m``."""
+    if moment is None:
+        return "-"
+    seconds = (now - moment).total_seconds()
+    return f"{_format_duration(seconds)} ago" if seconds >= 0 else f"in {_format_duration(-seconds)}"
+
+
+def _format_time(moment, now):
+    """A datetime in full, UTC, with how long ago it was."""
+    if moment is None:
+        return "-"
+    return f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} UTC ({_format_age(moment, now)})"
+
+
+def _table(headers, rows, right=()):
+    """Columns padded to their widest cell, two spaces apart; the columns numbered in ``right``
+    aligned right."""
+    rows = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
+    return "\n".join("  ".join(cell.rjust(width) if i in right else cell.ljust(width)
+                               for i, (cell, width) in enumerate(zip(row, widths))).rstrip()
+                     for row in [list(headers)] + rows)
+
+
+def _short(text, width=40):
+    """Text cut to ``width`` characters for a table cell."""
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _one_line(text):
+    """Several lines joined into one, for an error line."""
+    return " ".join(str(text).split())
+
+
+def _task_row(task, now):
+    """A task as a row of the ``list`` table: id, name, status, progress, attempts, age, duration."""
+    attempts = f"{task.attempts}/{task.max_attempts if task.max_attempts is not None else '-'}"
+    start, end = task.start_date_time, task.end_date_time
+    duration = "-" if start is None else _format_duration(((end or now) - start).total_seconds())
+    return [task.id, _short(task.name), task.status, f"{task.progress_percentage}%", attempts,
+            _format_age(task.created_at, now).replace(" ago", ""), duration]
+
+
+def _describe_task(task, now):
+    """Every field of a task, one per line; input, output and error pretty-printed, the error's
+    traceback in full."""
+    lines = []
+    for field in dataclasses.fields(task):
+        value = getattr(task, field.name)
+        if field.name in ("input", "output", "error"):
+            continue
+        if isinstance(value, datetime):
+            value = _format_time(value, now)
+        elif isinstance(value, timedelta):
+            value = _format_duration(value.total_seconds())
+        lines.append(f"{field.name + ':':<22}{'-' if value is None else value}")
+    for name in ("input", "output"):
+        text = json.dumps(getattr(task, name), indent=2, ensure_ascii=False)
+        lines.append(f"{name}:\n  " + text.replace("\n", "\n  ") if "\n" in text else f"{name + ':':<22}{text}")
+    error = dict(task.error or {})
+    traceback_text = error.pop("traceback", "")
+    lines.append("error:" if task.error else f"{'error:':<22}-")
+    lines += [f"  {key + ':':<20}{value}" for key, value in error.items()]
+    if traceback_text:
+        lines.append("  traceback:")
+        lines += ["    " + line for line in traceback_text.rstrip("\n").splitlines()]
+    return "\n".join(lines)
+
+
+def _node_liveness(node, now):
+    """``alive`` while a node says it runs and its lease holds, ``lease expired`` when it says it
+    runs but has stopped renewing (another lilota process will declare it dead), else ``-``."""
+    if str(node.status) not in _ALIVE_NODE_STATUSES:
+        return "-"
+    return "alive" if node.lease_expires_at > now else "lease expired"
+
+
+def _report_end(task, as_json):
+    """Print a finished task: its output (``--json``: the whole task) on stdout. Exit code 0 when
+    it completed; else a _CliError with its error on one line."""
+    if as_json:
+        _print_json(task.as_dict())
+    elif task.status == TaskStatus.COMPLETED:
+        print(json.dumps(task.output, indent=2, ensure_ascii=False))
+    if task.status != TaskStatus.COMPLETED:
+        error = task.error or {}
+        detail = f": {error.get('type')}: {_one_line(error.get('message', ''))}" if error else ""
+        raise _CliError(f"task {task.id} {task.status}{detail}", _EXIT_NOT_COMPLETED)
+    return 0
+
+
+class _ProgressDisplay:
+    """A task's progress on a stream while the command line waits for it: on a terminal one bar
+    redrawn in place, otherwise a plain line each time the status or the percentage changes."""
+
+    WIDTH = 30
+
+    def __init__(self, stream, enabled=True):
+        self.stream = stream
+        self.enabled = enabled
+        self.tty = enabled and stream.isatty()
+        self.drawn = False   # a bar is on the terminal's current line
+        self.last = None     # (status, percent) of the last plain line
+
+    def show(self, task):
+        if not self.enabled:
+            return
+        percent = task.progress_percentage
+        if self.tty:
+            done = self.WIDTH * percent // 100
+            since = task.start_date_time or task.created_at
+            elapsed = ((task.end_date_time or datetime.now(timezone.utc)) - since).total_seconds()
+            self.stream.write(f"\r\x1b[K[{'#' * done}{'-' * (self.WIDTH - done)}] {percent:3d}%  "
+                              f"{task.status}  {_format_duration(elapsed)}")
+            self.drawn = True
+        elif (task.status, percent) != self.last:
+            self.last = (task.status, percent)
+            self.stream.write(f"{task.status} {percent}%\n")
+        self.stream.flush()
+
+    def close(self):
+        """End the bar's line, so that what follows starts on a line of its own."""
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
+
+
+def _wait_for(scheduler, task_id, timeout, display):
+    """Wait until the task finishes, showing its progress every 0.2 s; return the finished Task.
+    TaskNotFoundError for an unknown id, TaskWaitTimeout when ``timeout`` seconds pass first."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        task = scheduler.get_task_by_id(task_id)
+        if task is None:
+            raise TaskNotFoundError(f"no task with id {task_id}")
+        display.show(task)
+        while not task.is_finished:
+            step = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
+            try:
+                task = scheduler.wait(task_id, timeout=step)
+            except TaskWaitTimeout:
+                task = scheduler.get_task_by_id(task_id)
+                if task is None:
+                    raise TaskNotFoundError(f"task {task_id} was deleted while waiting for it") from None
+            display.show(task)
+            if not task.is_finished and deadline is not None and time.monotonic() >= deadline:
+                raise TaskWaitTimeout(f"task {task_id} is still {task.status} after {_format_duration(timeout)}")
+        return task
+    finally:
+        display.close()
+
+
+class _WorkerEvents:
+    """Prints a line when a worker process of this command starts, and when it stops, crashes or is
+    lost, from its row in ``lilota_node`` (the supervisor names its workers ``<name>:worker-<index>``).
+    A row tells the latest status only: a worker that started and ended between two looks gets both
+    lines at once, in that order."""
+
+    ENDS = {NodeStatus.STOPPED: "stopped", NodeStatus.CRASHED: "crashed", NodeStatus.DEAD: "lost (its lease expired)"}
+
+    def __init__(self, scheduler, name):
+        self.scheduler = scheduler
+        self.prefix = name + ":"
+        self.since = _now() - 1.0   # a row of an earlier run whose pid was the same is older
+        self.said = {}              # node id -> the words printed for it
+
+    def report(self):
+        try:
+            nodes = self.scheduler.get_all_nodes()   # oldest first: a replacement after its predecessor
+        except StorageError:
+            return   # the supervisor rides out database trouble; the next look tells
+        for node in nodes:
+            if (node.type != NodeType.WORKER or not (node.name or "").startswith(self.prefix)
+                    or node.created_at.timestamp() < self.since):
+                continue
+            said = self.said.setdefault(node.id, set())
+            # The process exists once the supervisor has recorded its pid (or the worker its status).
+            if "started" not in said and (node.pid is not None or node.status != NodeStatus.STARTING):
+                self._say(node, "started", said)
+            end = self.ENDS.get(node.status)
+            if end is not None and end not in said:
+                self._say(node, end, said)
+
+    def _say(self, node, word, said):
+        said.add(word)
+        pid = "" if node.pid is None else f" (pid {node.pid})"
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {node.name[len(self.prefix):]} {word}{pid}", flush=True)
+
+
+# --- Commands -------------------------------------------------------------------------------------
+#
+# Each command's docstring is its --help description.
+
+def _cmd_worker(args):
+    """Run the worker processes of SCRIPT in the foreground until Ctrl-C or SIGTERM, which stop them
+    gracefully: running tasks get --stop-timeout to finish, the rest go back to the queue. Prints
+    a line when a worker starts, stops or crashes. A script that cannot start is a fatal error:
+    its traceback on stderr and exit code 1."""
+    if args.verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    app = Lilota.workers(args.script, args.workers, args.db, stop_timeout=args.stop_timeout, name=name)
+    # The handler only records the signal (taking a lock there could deadlock with the interrupted
+    # code); the loop below looks at it. Signals during the stop change nothing: it stays graceful.
+    signals = []
+    handlers = {sig: signal.signal(sig, lambda signum, frame: signals.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    events = _WorkerEvents(app, name)
+    try:
+        app.start()
+        print(f"lilota: {app.number_of_workers} worker process(es) of {app.script_path} on "
+              f"{app._dialect.describe()}; Ctrl-C or SIGTERM stops them", flush=True)
+        while not signals and not app.has_failed():
+            time.sleep(0.25)
+            events.report()
+        if signals:
+            print(f"lilota: stopping; running tasks have {_format_duration(app.stop_timeout)} to finish",
+                  flush=True)
+    finally:
+        app.stop()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    events.report()
+    if app.has_failed():
+        raise _CliError(app.error, _EXIT_NOT_COMPLETED)
+    return 0
+
+
+def _cmd_schedule(args):
+    """Store a task NAME with the JSON input (none: null; '-': read it from standard input) and
+    print its id. The input is checked before anything is written. With --wait, wait for the task
+    (progress on stderr) and print its output; the exit code says whether it completed."""
+    data = _parse_json_input(args.input)
+    scheduler = _scheduler(args, create=True)
+    try:
+        task_id = scheduler.schedule(args.name, data, delay=args.delay, priority=args.priority,
+                                     max_attempts=args.max_attempts)
+    except (TypeError, ValueError) as exc:   # a bad name or priority, an input JSON cannot hold
+        raise _CliError(_one_line(exc), _EXIT_USAGE) from None
+    if not args.wait:
+        if args.json:
+            _print_json({"id": str(task_id)})
+        else:
+            print(task_id)
+        return 0
+    if not args.json:
+        print(task_id, flush=True)
+    task = _wait_for(scheduler, task_id, None, _ProgressDisplay(sys.stderr, enabled=not args.json))
+    return _report_end(task, args.json)
+
+
+def _cmd_list(args):
+    """List tasks, newest first, as a table: id, name, status, progress, attempts (made/allowed),
+    age and duration (of the last attempt, so far while it runs)."""
+    scheduler = _scheduler(args)
+    tasks = scheduler.list_tasks(status=args.status, name=args.name, limit=args.limit + 1)
+    more, tasks = len(tasks) > args.limit, tasks[:args.limit]
+    if args.json:
+        for task in tasks:
+            _print_json(task.as_dict())
+        return 0
+    if not tasks:
+        print("no tasks")
+        return 0
+    now = datetime.now(timezone.utc)
+    print(_table(["ID", "NAME", "STATUS", "PROGRESS", "ATTEMPTS", "AGE", "DURATION"],
+                 [_task_row(task, now) for task in tasks], right={3, 5, 6}))
+    if more:
+        print(f"(the newest {args.limit}; --limit shows more)")
+    return 0
+
+
+def _cmd_show(args):
+    """Show every field of a task; input, output and error pretty-printed, with the traceback."""
+    task = _scheduler(args).get_task_by_id(args.id)
+    if task is None:
+        raise TaskNotFoundError(f"no task with id {args.id}")
+    if args.json:
+        _print_json(task.as_dict())
+    else:
+        print(_describe_task(task, datetime.now(timezone.utc)))
+    return 0
+
+
+def _cmd_wait(args):
+    """Wait until a task ends, showing its progress on stderr (a live bar on a terminal, a line
+    per change otherwise), then print its output. Exit code 0 when it completed, 1 when it failed,
+    expired or was cancelled, 5 when --timeout passed first (the task goes on)."""
+    scheduler = _scheduler(args)
+    task = _wait_for(scheduler, args.id, args.timeout, _ProgressDisplay(sys.stderr, enabled=not args.json))
+    return _report_end(task, args.json)
+
+
+def _cmd_cancel(args):
+    """Cancel a task: a queued one never runs; a running one is stopped by its supervisor (its
+    worker process is replaced). Exit code 1 when it had already completed, failed or expired."""
+    scheduler = _scheduler(args)
+    if not scheduler.cancel(args.id):
+        task = scheduler.get_task_by_id(args.id)
+        raise _CliError(f"task {args.id} already {task.status if task else 'ended'}; nothing to cancel",
+                        _EXIT_NOT_COMPLETED)
+    task = scheduler.get_task_by_id(args.id)
+    if task is not None and task.status == TaskStatus.RUNNING:
+        print(f"task {args.id} is running: asked its worker to stop it")
+    else:
+        print(f"task {args.id} cancelled")
+    return 0
+
+
+def _cmd_retry(args):
+    """Queue a failed, expired or cancelled task again, under the same id, with its attempts
+    reset. Exit code 1 for a task in another state or whose input was deleted (keep_input=False)."""
+    scheduler = _scheduler(args)
+    if not scheduler.retry(args.id):
+        task = scheduler.get_task_by_id(args.id)
+        raise _CliError(f"task {args.id} is {task.status if task else 'gone'}; only failed, expired or "
+                        f"cancelled tasks can be retried", _EXIT_NOT_COMPLETED)
+    print(f"task {args.id} queued again")
+    return 0
+
+
+def _cmd_cleanup(args):
+    """Delete the tasks that finished longer ago than --older-than (and nodes gone since then).
+    Queued and running tasks are never deleted."""
+    deleted = _scheduler(args).cleanup(older_than=args.older_than)
+    print(f"deleted {deleted} task(s) that finished more than {_format_duration(args.older_than)} ago")
+    return 0
+
+
+def _cmd_nodes(args):
+    """List the nodes, oldest first: worker processes and the applications that schedule or
+    supervise them, with their liveness (alive while their heartbeat lease holds)."""
+    nodes = _scheduler(args).get_all_nodes()
+    now = datetime.now(timezone.utc)
+    if args.json:
+        for node in nodes:
+            _print_json(dict(_to_json(node, "node"), liveness=_node_liveness(node, now)))
+        return 0
+    if not nodes:
+        print("no nodes")
+        return 0
+    print(_table(["ID", "NAME", "TYPE", "STATUS", "PID", "LAST SEEN", "LIVENESS"],
+                 [[n.id, _short(n.name or "-"), n.type, n.status, "-" if n.pid is None else n.pid,
+                   _format_age(n.last_seen_at, now), _node_liveness(n, now)] for n in nodes], right={4}))
+    return 0
+
+
+def _cmd_stats(args):
+    """Count the tasks per status and per name, and show the throughput: tasks that finished in the
+    last minute and the last hour."""
+    stats = _scheduler(args).stats()
+    if args.json:
+        _print_json(stats)
+        return 0
+    shown = [s.value for s in TaskStatus if s is not TaskStatus.CREATED or stats["by_status"]["created"]]
+    print(_table(["STATUS", "COUNT"], [[s, stats["by_status"][s]] for s in shown] + [["total", stats["total"]]],
+                 right={1}))
+    if stats["by_name"]:
+        print()
+        print(_table(["NAME"] + [s.upper() for s in shown] + ["TOTAL"],
+                     [[_short(name)] + [counts.get(s, 0) for s in shown] + [sum(counts.values())]
+                      for name, counts in stats["by_name"].items()], right=set(range(1, len(shown) + 2))))
+    print()
+    for key, label in (("last_minute", "last minute"), ("last_hour", "last hour")):
+        window = stats[key]
+        print(f"{label + ':':<13}{window['finished']} finished ({window['per_second']:g}/s): "
+              + ", ".join(f"{window[s.value]} {s}" for s in TaskStatus if s.is_finished))
+    return 0
+
+
+# --- The parser and main() ------------------------------------------------------------------------
+
+_EXAMPLES = {
+    "worker": "{prog} worker myscript.py -n 4 --db sqlite:////srv/app/lilota.db",
+    "schedule": "{prog} schedule add '{{\"a\": 2, \"b\": 3}}' --delay 30s --priority 5 --wait",
+    "list": "{prog} list --status failed --name add --limit 10",
+    "show": "{prog} show 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e",
+    "wait": "{prog} wait 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e --timeout 5m",
+    "cancel": "{prog} cancel 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e",
+    "retry": "{prog} retry 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e",
+    "cleanup": "{prog} cleanup --older-than 7d",
+    "nodes": "{prog} nodes --json",
+    "stats": "{prog} stats",
+}
+
+
+def _build_parser(prog):
+    """The argparse parser of every command, each with its --help (the command's docstring and an
+    example)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m lilota", description="lilota: durable background tasks.")
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):   # one line and exit code 2, instead of argparse's usage dump
+            raise _CliError(f"{message} (see {self.prog} --help)", _EXIT_USAGE)
+
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = Parser(prog=prog, formatter_class=raw,
+                    description="lilota: durable background tasks. Run workers and look after tasks.",
+                    epilog="The database is --db URL, else $LILOTA_DB_URL, else sqlite:///lilota.db.\n"
+                           + _EXIT_CODES_HELP + "\n\nExample:\n  " + _EXAMPLES["schedule"].format(prog=prog)
+                           + f"\n  {prog} list --status failed\n  {prog} CMD --help")
     parser.add_argument("--version", action="version", version=f"lilota {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("worker", help="run worker processes for a worker script until Ctrl-C",
-                              description="Example: python -m lilota worker myscript.py -n 4 --db sqlite:///lilota.db")
-    run.add_argument("script", help="the worker script (it creates a LilotaWorker and calls worker.start())")
-    run.add_argument("-n", "--workers", type=int, default=None, help="number of worker processes (default: CPUs)")
-    run.add_argument("--db", default=None, help="database URL (default: $LILOTA_DB_URL, then sqlite:///lilota.db)")
-    args = parser.parse_args(argv)
+    database = Parser(add_help=False)
+    database.add_argument("--db", metavar="URL", default=None,
+                          help="database URL (default: $LILOTA_DB_URL, then sqlite:///lilota.db)")
+    as_json = Parser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="machine-readable output: JSON (lines for lists)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name, run, summary, reads=True):
+        description = inspect.cleandoc(run.__doc__) + "\n\nExample:\n  " + _EXAMPLES[name].format(prog=prog)
+        sub = commands.add_parser(name, help=summary, description=description, formatter_class=raw,
+                                  parents=[database, as_json] if reads else [database])
+        sub.set_defaults(run=run)
+        return sub
+
+    sub = command("worker", _cmd_worker, "run worker processes for a worker script until Ctrl-C", reads=False)
+    sub.add_argument("script", help="the worker script (it creates a LilotaWorker and calls worker.start())")
+    sub.add_argument("-n", "--workers", type=_positive_int, default=None,
+                     help="number of worker processes (default: the number of CPUs)")
+    sub.add_argument("--stop-timeout", type=_parse_duration, default=30.0, metavar="DURATION",
+                     help="how long running tasks may finish after Ctrl-C/SIGTERM (default: 30s)")
+    sub.add_argument("-v", "--verbose", action="store_true", help="also print lilota's log (crashes, retries)")
+
+    sub = command("schedule", _cmd_schedule, "store a task and print its id")
+    sub.add_argument("name", help="the registered task name")
+    sub.add_argument("input", nargs="?", metavar="JSON", help="the input as JSON ('-': read standard input)")
+    sub.add_argument("--delay", type=_parse_duration, metavar="DURATION", help="run it this much later")
+    sub.add_argument("--priority", type=int, default=0, help="higher runs first (default: 0)")
+    sub.add_argument("--max-attempts", type=_positive_int, metavar="N",
+                     help="executions allowed, the first included (default: the registered value)")
+    sub.add_argument("--wait", action="store_true", help="wait for the task and print its output")
+
+    sub = command("list", _cmd_list, "list tasks as a table")
+    sub.add_argument("--status", choices=[s.value for s in TaskStatus], help="only tasks with this status")
+    sub.add_argument("--name", help="only tasks with this name")
+    sub.add_argument("--limit", type=_positive_int, default=20, metavar="K", help="at most K tasks (default: 20)")
+
+    command("show", _cmd_show, "show every field of a task").add_argument("id", type=_task_id_arg, metavar="ID")
+
+    sub = command("wait", _cmd_wait, "wait for a task with a progress bar")
+    sub.add_argument("id", type=_task_id_arg, metavar="ID")
+    sub.add_argument("--timeout", type=_parse_duration, metavar="DURATION", help="give up after this long")
+
+    command("cancel", _cmd_cancel, "cancel a task", reads=False).add_argument("id", type=_task_id_arg, metavar="ID")
+    command("retry", _cmd_retry, "queue a failed, expired or cancelled task again",
+            reads=False).add_argument("id", type=_task_id_arg, metavar="ID")
+    command("cleanup", _cmd_cleanup, "delete old finished tasks", reads=False).add_argument(
+        "--older-than", type=_parse_duration, default=30 * 86400.0, metavar="DURATION",
+        help="delete tasks that finished longer ago than this (default: 30d)")
+    command("nodes", _cmd_nodes, "list workers and schedulers with their liveness")
+    command("stats", _cmd_stats, "task counts per status and name, and throughput")
+    return parser
+
+
+def main(argv=None):
+    """``python -m lilota``: the command line. Returns the exit code (see ``--help``)."""
+    prog = "lilota" if os.path.basename(sys.argv[0]) == "lilota" else "python -m lilota"
     try:
-        lilota = Lilota.workers(args.script, args.workers, args.db)
-        lilota.start()
-    except LilotaError as exc:
+        args = _build_parser(prog).parse_args(argv)
+        return args.run(args)
+    except _CliError as exc:
         print(f"lilota: {exc}", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.is_set() and not lilota.has_failed():
-            stop.wait(0.2)
+        return exc.code
+    except LilotaError as exc:
+        print(f"lilota: {_one_line(exc)}", file=sys.stderr)
+        return _exit_code(exc)
     except KeyboardInterrupt:
-        pass
-    lilota.stop()
-    if lilota.has_failed():
-        print(f"lilota: {lilota.error}", file=sys.stderr)
-        return 1
-    return 0
+        return _EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout went away (`lilota list | head`): stop quietly, and keep Python's
+        # final flush from complaining about it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _EXIT_NOT_COMPLETED
 
 
 if __name__ == "__main__":
