@@ -1732,7 +1732,8 @@ class Storage:
         holds, for each time in ``finished_since`` (epoch seconds), how many of those tasks ended then
         or later (only a finished task has an end_date_time)."""
         d = self.dialect
-        windows = "".join(", SUM(CASE WHEN end_date_time >= ? THEN 1 ELSE 0 END)" for _ in finished_since)
+        windows = "".join(f", SUM(CASE WHEN end_date_time >= {d.time_param} THEN 1 ELSE 0 END)"
+                          for _ in finished_since)
         query = f"SELECT name, status, COUNT(*){windows} FROM lilota_task GROUP BY name, status"
         with self._guard as conn:
             rows = conn.execute(d.sql(query), [d.encode_time(t) for t in finished_since]).fetchall()
