@@ -573,7 +573,7 @@ class Dialect:
     * ``encode_time``/``decode_time`` and ``encode_json``/``decode_json``: column types;
     * ``time_param``/``json_param``: how a time or JSON parameter is written, with a cast where the
       database cannot infer its type (inside CASE); Storage writes every such parameter this way;
-    * ``begin_migration(conn)``: the first step of the schema's transaction (a lock, a schema);
+    * ``begin_migration(conn)``: BEGIN the schema's transaction, serialised against other processes;
     * ``change_counter(conn)``: a cheap value that changes when other connections commit (or None);
     * ``listen()``: a connection that is told when tasks are queued (or None);
     * ``translate_error(exc)``: a specific :class:`StorageError` for a driver exception, and
@@ -639,8 +639,9 @@ class Dialect:
         raise NotImplementedError
 
     def begin_migration(self, conn):
-        """Called first inside the transaction that creates or migrates the schema: serialise
-        concurrent migrators here if the database's BEGIN does not already."""
+        """Begin the transaction that creates or migrates the schema, so that a concurrent
+        migrator waits until it has ended (and then finds the schema up to date)."""
+        conn.execute(self.begin_write_sql)
 
     def sql(self, text):
         """``text`` with lilota's ``?`` placeholders in the driver's style (lilota's statements
@@ -920,6 +921,11 @@ class SQLiteDialect(Dialect):
                     lease_expires_at REAL NOT NULL)""",
             ],
         }
+
+    def begin_migration(self, conn):
+        # BEGIN IMMEDIATE takes the write lock that serialises concurrent starters; when several
+        # processes create the file at once it can fail at once instead of waiting: retry then.
+        _retry_busy(lambda: conn.execute(self.begin_write_sql), self.busy_timeout)
 
     def prepare_claim(self, defaults):
         # The registered defaults of each task name, applied to the row at its first claim.
@@ -1219,6 +1225,7 @@ class PostgreSQLDialect(Dialect):
     def begin_migration(self, conn):
         # CREATE ... IF NOT EXISTS is not safe against a concurrent twin in PostgreSQL; this lock,
         # held until the transaction ends, makes every other starting process wait here.
+        conn.execute("BEGIN")
         conn.execute(f"SELECT pg_advisory_xact_lock({self.migration_lock_key})")
         if self.schema:
             conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
@@ -1604,9 +1611,8 @@ class Storage:
                 f"{self.dialect.describe()} has lilota schema version {current}, newer than the "
                 f"{SCHEMA_VERSION} this lilota {__version__} knows; upgrade lilota")
         # The write lock serialises concurrent starters: the second one sees the new version.
-        _retry_busy(lambda: conn.execute(self.dialect.begin_write_sql), getattr(self.dialect, "busy_timeout", 30))
+        self.dialect.begin_migration(conn)
         with _Transaction(conn, None):
-            self.dialect.begin_migration(conn)
             conn.execute("CREATE TABLE IF NOT EXISTS lilota_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             current = version()
             for number, statements in sorted(self.dialect.migrations().items()):
