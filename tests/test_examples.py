@@ -12,9 +12,9 @@ import tempfile
 import unittest
 
 try:
-    from .support import ROOT, session_members, wait_until
+    from .support import ROOT, TempDirTestCase, postgres_admin, require_postgres, session_members, wait_until
 except ImportError:  # run from inside tests/ (or discovered with -s tests)
-    from support import ROOT, session_members, wait_until
+    from support import ROOT, TempDirTestCase, postgres_admin, require_postgres, session_members, wait_until
 
 EXAMPLES = os.path.join(ROOT, "examples")
 
@@ -136,6 +136,116 @@ class QuickExampleTest(ExampleTestCase):
             if db_path in key:
                 storage.close()
                 del lilota.Storage._instances[key]
+
+
+# The seed README's quick example, as written there: PostgreSQL through psycopg 3 at
+# localhost:5432, database lilota_sample, the worker script at sample/myscript.py.
+SEED_WORKER_SCRIPT = """
+from dataclasses import dataclass
+from lilota.worker import LilotaWorker
+
+
+@dataclass
+class AddInput():
+    a: int
+    b: int
+
+
+@dataclass
+class AddOutput():
+  sum: int
+
+
+worker = LilotaWorker(
+  db_url="postgresql+psycopg://postgres:postgres@localhost:5432/lilota_sample"
+)
+
+
+@worker.register("add", input_model=AddInput, output_model=AddOutput)
+def add(input: AddInput) -> AddOutput:
+  return AddOutput(input.a + input.b)
+
+
+def main():
+  worker.start()
+
+
+if __name__ == "__main__":
+  main()
+"""
+
+SEED_APPLICATION = """
+from dataclasses import dataclass
+from lilota.core import Lilota
+from lilota.models import Task
+import time
+
+
+@dataclass
+class AddInput():
+    a: int
+    b: int
+
+
+@dataclass
+class AddOutput():
+  sum: int
+
+
+lilota = Lilota(
+  db_url="postgresql+psycopg://postgres:postgres@localhost:5432/lilota_sample",
+  script_path="sample/myscript.py",
+  number_of_workers=8
+)
+
+
+def main():
+  # Start lilota
+  lilota.start()
+
+  # Schedule a task
+  task_id = lilota.schedule("add", AddInput(a=2, b=3))
+
+  # Wait one second because Lilota runs in the background and decides when to pick up a task.
+  # This is normally not needed. We do it here because we want to wait until the task 
+  # has been executed.
+  time.sleep(1)
+
+  # Retrieve task information from the database and print the result
+  task: Task = lilota.get_task_by_id(task_id)
+  print(f"We add the numbers 2 and 3: ")
+  print(task.output)
+
+
+if __name__ == "__main__":
+  main()
+"""
+
+
+class SeedPostgresExampleTest(TempDirTestCase):
+    """The seed's own example with its PostgreSQL URL, unchanged, against a lilota_sample database
+    made afresh (as its reader would: createdb lilota_sample)."""
+
+    def test_seed_quick_example_runs_as_written(self):
+        require_postgres(self)
+        postgres_admin("DROP DATABASE IF EXISTS lilota_sample WITH (FORCE)")
+        postgres_admin("CREATE DATABASE lilota_sample")
+        self.addCleanup(postgres_admin, "DROP DATABASE IF EXISTS lilota_sample WITH (FORCE)")
+        os.mkdir(self.path("sample"))
+        self.write("sample/myscript.py", SEED_WORKER_SCRIPT)
+        self.write("app.py", SEED_APPLICATION)
+        proc = self.run_python("app.py", timeout=120)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        # The seed sleeps one second and hopes: on a loaded machine eight workers may still be
+        # starting then, and the task's output None. What must hold is that it ran, and right.
+        lines = proc.stdout.splitlines()
+        self.assertEqual(lines[0], "We add the numbers 2 and 3: ")
+        self.assertIn(lines[1], ("{'sum': 5}", "None"))
+        # (Stopping at exit lets the running task finish, so it is completed either way.)
+        rows = postgres_admin("SELECT name, status, output::text FROM lilota_task",
+                              url=os.environ["LILOTA_TEST_POSTGRES_URL"].rsplit("/", 1)[0] + "/lilota_sample")
+        self.assertEqual(rows, [("add", "completed", '{"sum": 5}')])
 
 
 class NumberedExamplesTest(ExampleTestCase):
