@@ -1129,8 +1129,10 @@ class PostgreSQLDialect(Dialect):
 
     @property
     def identity(self):
-        return f"postgresql://{self.host or 'localhost'}:{self.port}/{self.database or self.user or ''}" \
-               f"?schema={self.schema or ''}"
+        host = self.host or "localhost"
+        if host in ("127.0.0.1", "::1"):   # the same server as "localhost" (or the default)
+            host = "localhost"
+        return f"postgresql://{host}:{self.port}/{self.database or self.user or ''}?schema={self.schema or ''}"
 
     @property
     def connection_key(self):
@@ -1427,9 +1429,14 @@ class _PostgresListener:
             return None
 
     def drain(self):
-        """Consume what arrived: the drivers read notifications while they read a reply."""
+        """Consume what arrived, if anything did: the drivers read notifications while they read a
+        reply. A busy worker calls this now and then too, so that notifications do not pile up in
+        the server's queue while it never idles."""
+        if self.conn is None:
+            return
         try:
-            self.conn.execute("SELECT 1").fetchall()
+            if select.select([self.conn.fileno()], [], [], 0)[0]:
+                self.conn.execute("SELECT 1").fetchall()
         except Exception:
             self.close()   # broken: the next fileno() reconnects and LISTENs again
 
@@ -1647,7 +1654,7 @@ class Storage:
         return self._listener.fileno() if self._listener else None
 
     def drain_notifications(self):
-        """Consume what made listen_fd() readable."""
+        """Consume the notifications that have arrived, if any (without waiting)."""
         if self._listener:
             self._listener.drain()
 
@@ -2720,6 +2727,7 @@ class LilotaWorker:
         waitables = [self._wake_r] + ([doorbell] if doorbell is not None else [])
         errors = 0
         claim_lost = False
+        drained_at = time.monotonic()
         while not stopping.is_set():
             try:
                 if claim_lost:
@@ -2729,6 +2737,9 @@ class LilotaWorker:
                 if task is not None:
                     errors = 0
                     self._execute(task, node_id)
+                    if time.monotonic() - drained_at > 1.0:
+                        storage.drain_notifications()
+                        drained_at = time.monotonic()
                     continue
                 # Idle. Empty the doorbell, read the change counter and make sure the listener
                 # listens, then claim once more: a task stored after that claim rang the bell,
