@@ -560,6 +560,60 @@ _ALIVE_SQL = "(" + ", ".join(f"'{status}'" for status in _ALIVE_NODE_STATUSES) +
 SCHEMA_VERSION = 1
 
 
+def _schema_v1(**types):
+    """The tables and indexes of schema version 1, in a dialect's column types: ``id``, ``text``,
+    ``integer``, ``real``, ``time``, ``json`` and ``flag`` (0/1)."""
+    t = types
+    statuses = ", ".join(f"'{s.value}'" for s in TaskStatus)
+    return [
+        f"""CREATE TABLE IF NOT EXISTS lilota_task (
+            id {t['id']} PRIMARY KEY,
+            name {t['text']} NOT NULL,
+            status {t['text']} NOT NULL CHECK (status IN ({statuses})),
+            priority {t['integer']} NOT NULL DEFAULT 0,
+            pid {t['integer']},
+            run_at {t['time']} NOT NULL,
+            attempts {t['integer']} NOT NULL DEFAULT 0,
+            max_attempts {t['integer']},
+            timeout {t['real']},
+            expires_at {t['time']},
+            progress_percentage {t['integer']} NOT NULL DEFAULT 0,
+            start_date_time {t['time']},
+            end_date_time {t['time']},
+            input {t['json']},
+            output {t['json']},
+            error {t['json']},
+            locked_by {t['id']},
+            locked_at {t['time']},
+            created_at {t['time']} NOT NULL,
+            cancel_requested {t['flag']} NOT NULL DEFAULT 0,
+            keep_input {t['flag']})""",
+        # The claim reads this partial index in order; it holds queued tasks only, so it stays
+        # small however many finished tasks the table keeps.
+        "CREATE INDEX IF NOT EXISTS lilota_task_queue ON lilota_task (priority DESC, run_at) "
+        "WHERE status = 'scheduled'",
+        "CREATE INDEX IF NOT EXISTS lilota_task_running ON lilota_task (locked_by) "
+        "WHERE status = 'running'",
+        # When the next delayed task falls due: what an idle worker sleeps until. Without it that
+        # is a scan of the queue on every idle wake of every worker. Only tasks due later than they
+        # were stored (delays, retries) are in it: tasks due at once, the bulk, cost no second
+        # index write.
+        "CREATE INDEX IF NOT EXISTS lilota_task_due ON lilota_task (run_at) "
+        "WHERE status = 'scheduled' AND run_at > created_at",
+        f"""CREATE TABLE IF NOT EXISTS lilota_node (
+            id {t['id']} PRIMARY KEY,
+            name {t['text']},
+            type {t['text']} NOT NULL,
+            status {t['text']} NOT NULL,
+            pid {t['integer']},
+            hostname {t['text']},
+            host_key {t['text']},
+            created_at {t['time']} NOT NULL,
+            last_seen_at {t['time']} NOT NULL,
+            lease_expires_at {t['time']} NOT NULL)""",
+    ]
+
+
 class Dialect:
     """How lilota talks to one kind of database. Subclass it and ``register_dialect()`` it to add one.
 
@@ -871,56 +925,8 @@ class SQLiteDialect(Dialect):
         return conn
 
     def migrations(self):
-        statuses = ", ".join(f"'{s.value}'" for s in TaskStatus)
-        return {
-            1: [
-                f"""CREATE TABLE IF NOT EXISTS lilota_task (
-                    id TEXT PRIMARY KEY,
-                    name TEXT NOT NULL,
-                    status TEXT NOT NULL CHECK (status IN ({statuses})),
-                    priority INTEGER NOT NULL DEFAULT 0,
-                    pid INTEGER,
-                    run_at REAL NOT NULL,
-                    attempts INTEGER NOT NULL DEFAULT 0,
-                    max_attempts INTEGER,
-                    timeout REAL,
-                    expires_at REAL,
-                    progress_percentage INTEGER NOT NULL DEFAULT 0,
-                    start_date_time REAL,
-                    end_date_time REAL,
-                    input TEXT,
-                    output TEXT,
-                    error TEXT,
-                    locked_by TEXT,
-                    locked_at REAL,
-                    created_at REAL NOT NULL,
-                    cancel_requested INTEGER NOT NULL DEFAULT 0,
-                    keep_input INTEGER)""",
-                # The claim reads this partial index in order; it holds queued tasks only, so it
-                # stays small however many finished tasks the table keeps.
-                "CREATE INDEX IF NOT EXISTS lilota_task_queue ON lilota_task (priority DESC, run_at) "
-                "WHERE status = 'scheduled'",
-                "CREATE INDEX IF NOT EXISTS lilota_task_running ON lilota_task (locked_by) "
-                "WHERE status = 'running'",
-                # When the next delayed task falls due: what an idle worker sleeps until. Without it
-                # that is a scan of the queue on every idle wake of every worker. Only tasks due
-                # later than they were stored (delays, retries) are in it: tasks due at once, the
-                # bulk, cost no second index write.
-                "CREATE INDEX IF NOT EXISTS lilota_task_due ON lilota_task (run_at) "
-                "WHERE status = 'scheduled' AND run_at > created_at",
-                """CREATE TABLE IF NOT EXISTS lilota_node (
-                    id TEXT PRIMARY KEY,
-                    name TEXT,
-                    type TEXT NOT NULL,
-                    status TEXT NOT NULL,
-                    pid INTEGER,
-                    hostname TEXT,
-                    host_key TEXT,
-                    created_at REAL NOT NULL,
-                    last_seen_at REAL NOT NULL,
-                    lease_expires_at REAL NOT NULL)""",
-            ],
-        }
+        return {1: _schema_v1(id="TEXT", text="TEXT", integer="INTEGER", real="REAL", time="REAL",
+                              json="TEXT", flag="INTEGER")}
 
     def begin_migration(self, conn):
         # BEGIN IMMEDIATE takes the write lock that serialises concurrent starters; when several
@@ -1233,50 +1239,9 @@ class PostgreSQLDialect(Dialect):
             conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
 
     def migrations(self):
-        statuses = ", ".join(f"'{s.value}'" for s in TaskStatus)
         return {
-            1: [
-                f"""CREATE TABLE IF NOT EXISTS lilota_task (
-                    id uuid PRIMARY KEY,
-                    name text NOT NULL,
-                    status text NOT NULL CHECK (status IN ({statuses})),
-                    priority integer NOT NULL DEFAULT 0,
-                    pid integer,
-                    run_at timestamptz NOT NULL,
-                    attempts integer NOT NULL DEFAULT 0,
-                    max_attempts integer,
-                    timeout double precision,
-                    expires_at timestamptz,
-                    progress_percentage integer NOT NULL DEFAULT 0,
-                    start_date_time timestamptz,
-                    end_date_time timestamptz,
-                    input jsonb,
-                    output jsonb,
-                    error jsonb,
-                    locked_by uuid,
-                    locked_at timestamptz,
-                    created_at timestamptz NOT NULL,
-                    cancel_requested smallint NOT NULL DEFAULT 0,
-                    keep_input smallint)""",
-                # The same three partial indexes as on SQLite: the claim walks the queue index in
-                # claim order; finished tasks are in none of them.
-                "CREATE INDEX IF NOT EXISTS lilota_task_queue ON lilota_task (priority DESC, run_at) "
-                "WHERE status = 'scheduled'",
-                "CREATE INDEX IF NOT EXISTS lilota_task_running ON lilota_task (locked_by) "
-                "WHERE status = 'running'",
-                "CREATE INDEX IF NOT EXISTS lilota_task_due ON lilota_task (run_at) "
-                "WHERE status = 'scheduled' AND run_at > created_at",
-                """CREATE TABLE IF NOT EXISTS lilota_node (
-                    id uuid PRIMARY KEY,
-                    name text,
-                    type text NOT NULL,
-                    status text NOT NULL,
-                    pid integer,
-                    hostname text,
-                    host_key text,
-                    created_at timestamptz NOT NULL,
-                    last_seen_at timestamptz NOT NULL,
-                    lease_expires_at timestamptz NOT NULL)""",
+            1: _schema_v1(id="uuid", text="text", integer="integer", real="double precision",
+                          time="timestamptz", json="jsonb", flag="smallint") + [
                 # Wake-up: whoever queues a task -- schedule(), a retry, a requeue, a row written
                 # by hand -- notifies the listening workers of this schema, once per transaction.
                 """CREATE OR REPLACE FUNCTION lilota_notify_queued() RETURNS trigger
