@@ -1068,6 +1068,8 @@ _PG_CONNECTION_LOST = ("08", "57P01", "57P02", "57P03")
 _PG_BUSY = ("40001", "40P01", "55P03")
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,55}\Z")
+# In JSON text: a string (kept as it is), or a number with a positive exponent (1e+16).
+_STRING_OR_EXPONENT_FLOAT = re.compile(r'("(?:[^"\\]|\\.)*")|(-?\d+(?:\.\d+)?[eE]\+\d+)')
 
 
 def _sqlstate(exc):
@@ -1159,9 +1161,7 @@ class PostgreSQLDialect(Dialect):
                     continue
             else:
                 wanted = " or ".join(repr(_POSTGRES_DRIVERS[n][1]) for n in names)
-                raise DriverNotInstalledError(
-                    f"{self.describe()} needs a PostgreSQL driver: pip install {wanted}"
-                    + ("" if self.driver else " (or psycopg2-binary, or pg8000)"))
+                raise DriverNotInstalledError(f"{self.describe()} needs a PostgreSQL driver: pip install {wanted}")
         return self._module
 
     def _connect_raw(self):
@@ -1191,8 +1191,10 @@ class PostgreSQLDialect(Dialect):
     def _connect_pg8000(self, module, options):
         kwargs = {"host": self.host or "localhost", "port": self.port, "database": self.database,
                   "user": self.user or getpass.getuser(), "password": self.password}
-        sslmode = options.pop("sslmode", "disable")
-        if sslmode in ("require", "verify-ca", "verify-full"):
+        sslmode = options.pop("sslmode", "prefer")
+        if sslmode in ("disable", "allow"):
+            kwargs["ssl_context"] = False    # pg8000's default (None) uses SSL whenever offered
+        elif sslmode in ("require", "verify-ca", "verify-full"):
             import ssl
             context = ssl.create_default_context()
             if sslmode == "require":
@@ -1201,10 +1203,10 @@ class PostgreSQLDialect(Dialect):
             elif sslmode == "verify-ca":
                 context.check_hostname = False
             kwargs["ssl_context"] = context
-        elif sslmode not in ("disable", "allow", "prefer"):
+        elif sslmode != "prefer":
             raise ConfigurationError(f"sslmode={sslmode!r} in {self.describe()} is not a libpq sslmode")
-        if "connect_timeout" in options:
-            kwargs["timeout"] = float(options.pop("connect_timeout"))
+        # pg8000 has one timeout for every socket operation; lilota's statements are short.
+        kwargs["timeout"] = float(options.pop("connect_timeout", 10))
         if "application_name" in options:
             kwargs["application_name"] = options.pop("application_name")
         if options:
@@ -1310,22 +1312,31 @@ class PostgreSQLDialect(Dialect):
     def decode_time(self, value):
         return None if value is None else value.astimezone(timezone.utc)
 
+    def encode_json(self, text):
+        # JSONB keeps numbers as numeric, which prints 1e+16 as 10000000000000000: an int when read
+        # back. Written out in full with ".0", such a float comes back a float, and the same one.
+        if text is not None and "e+" in text:
+            text = _STRING_OR_EXPONENT_FLOAT.sub(
+                lambda m: m.group(1) or format(Decimal(m.group(2)), "f") + ".0", text)
+        return text
+
     # --- wake-up and errors ---
 
     def listen(self):
         return _PostgresListener(self)
 
     def _is_driver_error(self, exc):
+        # pg8000 lets some socket errors (a reset connection) out unwrapped: OSError is ours too.
         module = self._module
-        return module is not None and isinstance(exc, getattr(module, "Error", ()))
+        return module is not None and isinstance(exc, (getattr(module, "Error", ()), OSError))
 
     def connection_lost(self, exc):
         if not self._is_driver_error(exc):
             return False
         code = _sqlstate(exc)
         if code is None:
-            # No SQLSTATE: the driver's own network or closed-connection error.
-            return isinstance(exc, (self._module.OperationalError, self._module.InterfaceError))
+            # No SQLSTATE: the driver's own network or closed-connection error, or the socket's.
+            return isinstance(exc, (self._module.OperationalError, self._module.InterfaceError, OSError))
         return code.startswith(_PG_CONNECTION_LOST)
 
     def translate_error(self, exc):
@@ -1336,12 +1347,17 @@ class PostgreSQLDialect(Dialect):
         if isinstance(exc.args[0] if exc.args else None, dict):   # pg8000's error dict
             first_line = exc.args[0].get("M", first_line)
         where = self.describe()
-        if self.connection_lost(exc) or code.startswith(("28", "53", "57")) and code != "53100":
-            return DatabaseUnavailableError(f"cannot reach {where} ({first_line}); lilota reconnects "
-                                            f"when it is back -- check that the server runs and accepts this URL")
-        if code == "3D000":
+        # psycopg reports a refused login without a SQLSTATE: its message says which it was.
+        if code == "3D000" or (not code and re.search(r'database "[^"]*" does not exist', first_line)):
             return DatabaseUnavailableError(f"{where} does not exist ({first_line}); create it "
                                             f"(createdb {self.database or ''}) or change db_url")
+        if code.startswith("28") or (not code and re.search(r"authentication failed|no pg_hba\.conf entry|"
+                                                            r"role \"[^\"]*\" does not exist", first_line)):
+            return DatabaseUnavailableError(f"{where} refused the login ({first_line}); check the user and "
+                                            f"password in db_url and the server's pg_hba.conf")
+        if self.connection_lost(exc) or code.startswith(("53", "57")) and code != "53100":
+            return DatabaseUnavailableError(f"cannot reach {where} ({first_line}); lilota reconnects "
+                                            f"when it is back -- check that the server runs and accepts this URL")
         if code in _PG_BUSY:
             return DatabaseBusyError(f"{where} could not lock a row in time ({first_line}); retry")
         if code == "25006":
@@ -1743,7 +1759,7 @@ class Storage:
 
         Returns False for a task in another state; raises LilotaError when its input was deleted
         (``keep_input=False``): SQL NULL there means deleted, a stored None is the JSON ``null``."""
-        sql, T, J = self.dialect.sql, self.dialect.time_param, self.dialect.json_param
+        sql, T = self.dialect.sql, self.dialect.time_param
         with self._guard as conn:
             with self._transaction(conn):
                 cur = conn.execute(sql(f"UPDATE lilota_task SET status = 'scheduled', run_at = {T}, attempts = 0, "
@@ -1762,7 +1778,7 @@ class Storage:
 
     def delete_finished(self, before):
         """Delete tasks that finished before ``before`` (epoch seconds) and nodes gone since then."""
-        sql, T, J = self.dialect.sql, self.dialect.time_param, self.dialect.json_param
+        sql, T = self.dialect.sql, self.dialect.time_param
         cutoff = self.dialect.encode_time(before)
         with self._guard as conn:
             with self._transaction(conn):

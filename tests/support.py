@@ -172,6 +172,22 @@ class TempDirTestCase(unittest.TestCase):
         finally:
             conn.close()
 
+    def worker_nodes(self, status=None):
+        """(id, pid, status, name) of the worker nodes, oldest first ([] before the schema exists)."""
+        try:
+            rows = self.db_execute("SELECT id, pid, status, name FROM lilota_node WHERE type = 'worker' "
+                                   "ORDER BY created_at")
+        except Exception as exc:
+            if "no such table" not in str(exc) and "does not exist" not in str(exc):
+                raise
+            return []
+        return [r for r in rows if status is None or r[2] == status]
+
+    def wait_workers_running(self, count, timeout=30):
+        """Wait until ``count`` worker processes have started executing (idle in their loop)."""
+        return wait_until(lambda: len(self.worker_nodes("running")) >= count, timeout,
+                          message=f"{count} running worker node(s)")
+
     def db_time(self, seconds):
         """Epoch seconds as the test database stores a time (for db_execute parameters)."""
         return lilota._dialect_for_url(self.db_url).encode_time(seconds)

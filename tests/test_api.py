@@ -4,7 +4,6 @@ records, wait/cancel/retry/cleanup, nodes, progress, registration, Lilota's own 
 Tasks run through LilotaWorker.run_pending(); no worker processes are started."""
 
 import os
-import sqlite3
 import threading
 import time
 import unittest

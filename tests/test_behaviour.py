@@ -1,8 +1,6 @@
 """Behaviours that each guard one promise: keep_input on every way a task ends, cancel winning over a
 late completion, what wakes an idle worker, and the errors of the API that have no other test."""
 
-import os
-import sqlite3
 import sys
 import threading
 import time
@@ -12,9 +10,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 try:
-    from .support import TempDirTestCase, wait_until, on_every_backend, sqlite_only
+    from .support import TempDirTestCase, wait_until, on_every_backend
 except ImportError:  # run from inside tests/
-    from support import TempDirTestCase, wait_until, on_every_backend, sqlite_only
+    from support import TempDirTestCase, wait_until, on_every_backend
 
 import lilota
 

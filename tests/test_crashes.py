@@ -3,14 +3,13 @@ kills its own worker every time (poison pill), and an application killed with it
 
 import os
 import signal
-import textwrap
 import unittest
 
 try:
-    from .support import ROOT, process_alive, wait_until, on_every_backend, sqlite_only
+    from .support import ROOT, process_alive, wait_until, on_every_backend
     from .test_processes import WorkerTestCase
 except ImportError:  # run from inside tests/
-    from support import ROOT, process_alive, wait_until, on_every_backend, sqlite_only
+    from support import ROOT, process_alive, wait_until, on_every_backend
     from test_processes import WorkerTestCase
 
 from lilota import LilotaScheduler

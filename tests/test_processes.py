@@ -7,17 +7,15 @@ import collections
 import json
 import os
 import signal
-import sqlite3
-import sys
 import textwrap
 import unittest
 import uuid
 from datetime import datetime, timedelta, timezone
 
 try:
-    from .support import ROOT, TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend, sqlite_only
+    from .support import ROOT, TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend
 except ImportError:  # run from inside tests/
-    from support import ROOT, TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend, sqlite_only
+    from support import ROOT, TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend
 
 import lilota
 from lilota import Lilota, LilotaScheduler
@@ -124,22 +122,6 @@ class WorkerTestCase(TempDirTestCase):
 
     def query(self, sql, *params):
         return self.db_execute(sql, *params)
-
-    def worker_nodes(self, status=None):
-        """(id, pid, status, name) of the worker nodes, oldest first ([] before the schema exists)."""
-        try:
-            rows = self.query("SELECT id, pid, status, name FROM lilota_node WHERE type = 'worker' "
-                              "ORDER BY created_at")
-        except Exception as exc:
-            if "no such table" not in str(exc) and "does not exist" not in str(exc):
-                raise
-            return []
-        return [r for r in rows if status is None or r[2] == status]
-
-    def wait_workers_running(self, count, timeout=30):
-        """Wait until ``count`` worker processes have started executing (idle in their loop)."""
-        return wait_until(lambda: len(self.worker_nodes("running")) >= count, timeout,
-                          message=f"{count} running worker node(s)")
 
     def wait_status(self, app, task_id, status, timeout=20):
         return wait_until(lambda: (lambda t: t if t is not None and t.status == status else None)(

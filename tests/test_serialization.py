@@ -5,7 +5,6 @@ Everything runs in this process (LilotaWorker.run_pending), no worker processes.
 import dataclasses
 import enum
 import os
-import sqlite3
 import unittest
 import uuid
 from dataclasses import dataclass, field

@@ -5,9 +5,9 @@ import threading
 import unittest
 
 try:
-    from .support import TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend, sqlite_only
+    from .support import TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend
 except ImportError:  # run from inside tests/
-    from support import TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend, sqlite_only
+    from support import TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend
 
 import lilota
 
