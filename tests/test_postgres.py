@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import statistics
+import subprocess
 import struct
 import sys
 import threading
@@ -795,6 +796,44 @@ class ReconnectTest(PostgresTestCase):
         self.assertEqual({attempt for _, attempt, _ in runs}, {1})
         self.assertEqual([r[2] for r in self.worker_nodes()], ["running", "running"])
         self.assertFalse(app.has_failed())
+
+    def test_server_restart_while_tasks_run(self):
+        """A real restart of the server, when LILOTA_TEST_POSTGRES_RESTART holds the command that
+        restarts it (.ci/run sets it; it disturbs every other user of the server)."""
+        command = os.environ.get("LILOTA_TEST_POSTGRES_RESTART")
+        if not command:
+            self.skipTest("set LILOTA_TEST_POSTGRES_RESTART to a command restarting the test server, e.g. "
+                          "'pg_ctlcluster --skip-systemctl-redirect 15 main restart', to run this test")
+        app = self.start_lilota(self.worker_script(WORKER_BODY), 2)
+        self.wait_workers_running(2)
+        ids = [str(t) for t in app.schedule_many("logged", [{"i": i, "sleep": 0.02} for i in range(300)])]
+        wait_until(lambda: len(self.runs()) >= 20, 20, message="the first tasks to run")
+        restart = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
+        self.assertEqual(restart.returncode, 0, restart.stderr)
+        ran_before = len(self.runs())
+        self.assertLess(ran_before, 300, "the tasks ended before the restart: make them longer")
+        # While the server starts again, schedule() may fail with the clear error; then it works.
+        errors = []
+        late = None
+        deadline = time.monotonic() + 60
+        while late is None:
+            try:
+                late = app.schedule("logged", {"i": "after the restart"})
+            except DatabaseUnavailableError as exc:
+                errors.append(exc)
+                self.assertLess(time.monotonic(), deadline, f"schedule() failed for 60 s: {errors[-1]}")
+                time.sleep(0.1)
+        for exc in errors:
+            self.assertClearUnavailable(exc)
+        ids.append(str(late))
+        wait_until(lambda: self.status_counts().get("completed") == 301, 90, 0.2,
+                   message="every task scheduled to complete after the restart")
+        self.assertEqual(self.status_counts(), {"completed": 301})
+        self.assertEqual({task_id for task_id, _, _ in self.runs()}, set(ids))
+        self.assertEqual([r[2] for r in self.worker_nodes()], ["running", "running"])
+        self.assertFalse(app.has_failed())
+        report(f"server restart: {ran_before} of 300 tasks had run; schedule() refused "
+               f"{len(errors)} time(s) while the server came back; every task completed")
 
     def test_schedule_while_the_server_is_unreachable_is_database_unavailable(self):
         host, port, user, database = server_address()
