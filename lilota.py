@@ -1551,6 +1551,14 @@ class LilotaScheduler:
         else:
             delay = _seconds(delay, "delay")
             when = _now() + delay if delay else None   # None: due at once, at the time it is stored
+        if when is not None:
+            # A time that cannot be read back as a datetime would break every read of the row,
+            # and the idle workers' look at the next due time.
+            try:
+                _to_datetime(when)
+            except (OverflowError, OSError, ValueError):
+                raise ValueError(f"{'run_at' if run_at is not None else 'delay'} puts the task beyond the "
+                                 f"dates lilota can store (year 9999 at the latest)") from None
         if isinstance(inputs, (str, bytes, dict)) or not hasattr(inputs, "__iter__"):
             raise TypeError("schedule_many() takes an iterable of inputs, e.g. a list")
         ids, rows = [], []
