@@ -288,13 +288,16 @@ class ModelProtocol(typing.Protocol):
 #   timedelta              -> seconds (float)      Enum dict keys -> their (string) values
 #   dataclass              -> dict of its fields    pydantic -> model_dump(mode="json") / .dict()
 #   object with as_dict()  -> as_dict()             tuple   -> list
-# Anything else (sets, bytes, arbitrary objects, dicts with non-string keys, NaN, infinity, cycles)
-# raises UnserializableError -- a TypeError and a ValueError -- before anything is written.
+# Anything else (sets, bytes, arbitrary objects, dicts with non-string keys, NaN, infinity, cycles,
+# strings holding surrogate code points) raises UnserializableError -- a TypeError and a ValueError --
+# before anything is written.
 
 def _to_json(value, path="input", _active=None):
     """Convert a value to plain JSON types (dict/list/str/int/float/bool/None) or raise."""
     kind = type(value)
     if kind in (str, int, bool) or value is None:
+        if kind is str and not value.isascii():
+            _check_text(value, path)
         return value
     if kind is float:
         if not math.isfinite(value):
@@ -313,7 +316,7 @@ def _to_json(value, path="input", _active=None):
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, (str, int)):  # subclasses that are not enums
-        return str(value) if isinstance(value, str) else int(value)
+        return _check_text(str(value), path) if isinstance(value, str) else int(value)
     if isinstance(value, float):
         return _to_json(float(value), path, _active)
 
@@ -332,7 +335,7 @@ def _to_json(value, path="input", _active=None):
                 if not isinstance(name, str):
                     raise UnserializableError(f"{path}: dictionary keys must be strings to be stored as JSON, "
                                     f"got key {key!r} of type {type(key).__name__}")
-                out[str(name)] = _to_json(item, f"{path}[{key!r}]", _active)
+                out[_check_text(str(name), path)] = _to_json(item, f"{path}[{key!r}]", _active)
             return out
         if isinstance(value, (list, tuple)):
             return [_to_json(item, f"{path}[{i}]", _active) for i, item in enumerate(value)]
@@ -350,6 +353,21 @@ def _to_json(value, path="input", _active=None):
     hint = " (convert it to a list)" if isinstance(value, (set, frozenset)) else ""
     raise UnserializableError(f"{path}: object of type {type(value).__name__} cannot be stored as JSON{hint}; "
                     f"use a dataclass, a pydantic model, a dict or an object with as_dict()")
+
+
+def _check_text(text, path):
+    """``text`` if it is Unicode text; surrogate code points are not: JSON would merge a pair of them
+    into one character on the way back, and databases refuse a lone one."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnserializableError(f"{path}: the string {text[max(0, exc.start - 10):exc.end + 10]!r} holds the "
+                                  f"surrogate code point {text[exc.start]!r}, which is not Unicode text and "
+                                  f"cannot be stored (decode bytes with errors='replace', or store them as "
+                                  f"base64)") from None
+    return text
 
 
 def _call_model_method(value, method, path, **kwargs):
