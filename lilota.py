@@ -292,6 +292,12 @@ class ModelProtocol(typing.Protocol):
 # strings holding surrogate code points) raises UnserializableError -- a TypeError and a ValueError --
 # before anything is written.
 
+#: How deeply containers may nest in a payload. A fixed limit, so that whether a value can be stored
+#: does not depend on how deep the caller's stack is, and a worker can always read back what was
+#: stored (json.loads and the model revival recurse too).
+_MAX_NESTING = 200
+
+
 def _to_json(value, path="input", _active=None):
     """Convert a value to plain JSON types (dict/list/str/int/float/bool/None) or raise."""
     kind = type(value)
@@ -320,12 +326,16 @@ def _to_json(value, path="input", _active=None):
     if isinstance(value, float):
         return _to_json(float(value), path, _active)
 
-    # Containers and models: guard against cycles, which json would reject less helpfully.
+    # Containers and models: guard against cycles, which json would reject less helpfully. _active
+    # holds the containers between the top and here, so its size is the nesting depth.
     if _active is None:
         _active = set()
     marker = id(value)
     if marker in _active:
         raise UnserializableError(f"{path}: the value contains itself (a reference cycle) and cannot be stored")
+    if len(_active) >= _MAX_NESTING:
+        raise UnserializableError(f"{path}: the value is nested too deeply to be stored (more than "
+                                  f"{_MAX_NESTING} levels)")
     _active.add(marker)
     try:
         if isinstance(value, dict):

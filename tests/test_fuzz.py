@@ -70,6 +70,35 @@ class EdgeCaseTest(support.TempDirTestCase):
         self.assertEqual(task.error["type"], "UnserializableError")
         self.assertIn("surrogate", task.error["message"])
 
+    def test_nesting_limit_is_fixed_whatever_the_callers_stack(self):
+        """Whether a deep value could be stored depended on how deep the caller's stack was (at most
+        about 500 levels from the top, fewer from deeper down), and a value stored from a shallow
+        stack could be too deep for the worker to read back."""
+        def nest(levels):
+            value = "leaf"
+            for i in range(levels):
+                value = [value] if i % 2 else {"k": value}
+            return value
+
+        def deeper(frames, call):
+            return call() if frames == 0 else deeper(frames - 1, call)
+
+        limit = 200
+        for levels in (limit + 1, 480):
+            with self.subTest(levels=levels):
+                with self.assertRaisesRegex(UnserializableError, f"nested too deeply.*{limit}"):
+                    self.scheduler.schedule("echo", nest(levels))
+        self.assertEqual(self.count_rows(), 0)
+        # The limit itself is accepted from a deep stack too, and a worker reads it back.
+        value = nest(limit)
+        shallow = self.scheduler.schedule("echo", value)
+        deep = deeper(300, lambda: self.scheduler.schedule("echo", value))
+        done = deeper(300, self.worker.run_pending)
+        self.assertEqual({t.id for t in done}, {shallow, deep})
+        for task in done:
+            self.assertEqual(task.status, TaskStatus.COMPLETED, task.error)
+            self.assertEqual(task.output, value)
+
 
 if __name__ == "__main__":
     unittest.main()
