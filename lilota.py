@@ -393,6 +393,10 @@ def dumps(value, path="input"):
         return json.dumps(_to_json(value, path), separators=(",", ":"), allow_nan=False)
     except RecursionError:
         raise UnserializableError(f"{path}: the value is nested too deeply to be stored") from None
+    except UnserializableError:
+        raise
+    except ValueError as exc:  # an int with more digits than Python turns into text (sys.get_int_max_str_digits)
+        raise UnserializableError(f"{path}: {exc}") from None
 
 
 def loads(text):

@@ -6,6 +6,7 @@ TypeError or ValueError that says what was wrong, writing nothing."""
 
 import dataclasses
 import sqlite3
+import sys
 import unittest
 
 try:
@@ -98,6 +99,21 @@ class EdgeCaseTest(support.TempDirTestCase):
         for task in done:
             self.assertEqual(task.status, TaskStatus.COMPLETED, task.error)
             self.assertEqual(task.output, value)
+
+    @unittest.skipUnless(hasattr(sys, "get_int_max_str_digits"), "this Python converts ints of any length")
+    def test_int_too_long_for_text_is_an_unserializable_error(self):
+        """json.dumps raised a bare ValueError for an int of more digits than Python converts to text,
+        where every other value that cannot be stored raises UnserializableError."""
+        too_long = 10 ** (sys.get_int_max_str_digits() + 1)
+        for value in (too_long, {"n": [too_long]}):
+            with self.assertRaises(UnserializableError) as cm:
+                self.scheduler.schedule("echo", value)
+            self.assertIn("input", str(cm.exception))
+            self.assertIn("digits", str(cm.exception))
+        self.assertEqual(self.count_rows(), 0)
+        self.scheduler.schedule("echo", 10 ** 300)
+        [task] = self.worker.run_pending()
+        self.assertEqual(task.output, 10 ** 300)
 
 
 if __name__ == "__main__":
