@@ -1196,16 +1196,31 @@ class Storage:
         d = self.dialect
         (id_, name, status, priority, pid, run_at, attempts, max_attempts, timeout, expires_at,
          progress, start, end, input_, output, error, locked_by, locked_at, created_at, cancel, keep_input) = row
-        return Task(
-            id=uuid.UUID(str(id_)), name=name, status=TaskStatus(status), priority=priority, pid=pid,
-            run_at=d.decode_time(run_at), attempts=attempts, max_attempts=max_attempts,
-            timeout=None if timeout is None else timedelta(seconds=float(timeout)),
-            expires_at=d.decode_time(expires_at), progress_percentage=progress,
-            start_date_time=d.decode_time(start), end_date_time=d.decode_time(end),
-            input=d.decode_json(input_), output=d.decode_json(output), error=d.decode_json(error),
-            locked_by=None if locked_by is None else uuid.UUID(str(locked_by)),
-            locked_at=d.decode_time(locked_at), created_at=d.decode_time(created_at),
-            cancel_requested=bool(cancel), keep_input=None if keep_input is None else bool(keep_input))
+        try:
+            return Task(
+                id=uuid.UUID(str(id_)), name=name, status=TaskStatus(status), priority=priority, pid=pid,
+                run_at=d.decode_time(run_at), attempts=attempts, max_attempts=max_attempts,
+                timeout=None if timeout is None else timedelta(seconds=float(timeout)),
+                expires_at=d.decode_time(expires_at), progress_percentage=progress,
+                start_date_time=d.decode_time(start), end_date_time=d.decode_time(end),
+                input=d.decode_json(input_), output=d.decode_json(output), error=d.decode_json(error),
+                locked_by=None if locked_by is None else uuid.UUID(str(locked_by)),
+                locked_at=d.decode_time(locked_at), created_at=d.decode_time(created_at),
+                cancel_requested=bool(cancel), keep_input=None if keep_input is None else bool(keep_input))
+        except Exception as exc:  # a row written or damaged by something else than lilota
+            column = "row"
+            for name_, value, decode in (("id", id_, lambda v: uuid.UUID(str(v))), ("input", input_, d.decode_json),
+                                         ("output", output, d.decode_json), ("error", error, d.decode_json)):
+                try:
+                    decode(value)
+                except Exception:
+                    column = name_
+                    break
+            error = CorruptDatabaseError(f"task {id_!s:.60}: its stored {column} cannot be read "
+                                         f"({type(exc).__name__}: {str(exc):.200}); it was not written by "
+                                         f"lilota or was damaged")
+            error.column = column
+            raise error from exc
 
     def _node(self, row):
         d = self.dialect
@@ -1313,10 +1328,24 @@ class Storage:
         return self.dialect.prepare_claim(tuple(defaults))
 
     def claim(self, prepared, node_id, pid):
-        """Atomically take the next due task for ``node_id`` and mark it running (None if none)."""
-        now = self.dialect.encode_time(_now())
-        with self._guard as conn:
-            return self._task(self.dialect.claim(conn, prepared, node_id, pid, now))
+        """Atomically take the next due task for ``node_id`` and mark it running (None if none). A
+        claimed row whose id, input, output or error cannot be read is failed, with the reason as its
+        error, and the next is taken."""
+        while True:
+            now = self.dialect.encode_time(_now())
+            with self._guard as conn:
+                row = self.dialect.claim(conn, prepared, node_id, pid, now)
+            try:
+                return self._task(row)
+            except CorruptDatabaseError as exc:
+                if exc.column == "row":   # not the task's own data: do not fail task after task for it
+                    raise
+                logger.warning("%s", exc)
+                with self._guard as conn:
+                    conn.execute(self.dialect.sql(
+                        "UPDATE lilota_task SET status = 'failed', end_date_time = ?, error = ? "
+                        "WHERE id = ? AND status = 'running' AND locked_by = ?"),
+                        (now, self.dialect.encode_json(dumps(_error_record(exc), "error")), row[0], node_id))
 
     def next_run_at(self):
         """Epoch seconds at which the earliest delayed queued task falls due, or None."""
