@@ -868,6 +868,9 @@ class SQLiteDialect(Dialect):
                     logger.warning("%s could not use WAL (journal_mode is %s): writers will block readers",
                                    self.describe(), mode)
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            # Deleted content (an input dropped by keep_input=False, cleaned-up tasks) is overwritten,
+            # in its page and in freed overflow pages, whatever default SQLite was built with.
+            conn.execute("PRAGMA secure_delete=ON")
         except BaseException:
             conn.close()
             raise

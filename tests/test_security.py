@@ -8,12 +8,13 @@ import sqlite3
 import unittest
 import uuid
 from dataclasses import dataclass
+from unittest import mock
 
 try:
-    from .support import ROOT, wait_until
+    from .support import ROOT, TempDirTestCase, wait_until
     from .test_processes import WorkerTestCase
 except ImportError:  # run from inside tests/
-    from support import ROOT, wait_until
+    from support import ROOT, TempDirTestCase, wait_until
     from test_processes import WorkerTestCase
 
 import lilota
@@ -147,6 +148,66 @@ class MaliciousRowTest(MaliciousRowTestCase):
         self.assertEqual(task.error["type"], "TypeError")
         self.assertIn("__class__", task.error["message"])
         self.assertFalse(os.path.exists(self.path(CANARY)))
+
+
+class KeepInputLeavesNoCopyTest(TempDirTestCase):
+
+    def test_no_copy_of_the_input_in_the_file_once_finished(self):
+        """keep_input=False set the column to NULL, but SQLite keeps deleted content in the page it
+        was on and in freed overflow pages unless secure_delete is on, which depends on how SQLite
+        was built (off in SQLite's own builds, on in Debian's): a large input stayed in the file."""
+        real_connect = sqlite3.connect
+
+        def connect_like_a_default_build(*args, **kwargs):
+            conn = real_connect(*args, **kwargs)
+            conn.execute("PRAGMA secure_delete = OFF")
+            return conn
+
+        token = uuid.uuid4().hex
+        small, big = f"SECRET-SMALL-{token}", f"SECRET-BIG-{token}-" + "z" * 30_000   # big: overflow pages
+        kept = f"KEPT-{token}"
+        with mock.patch.object(lilota.sqlite3, "connect", connect_like_a_default_build):
+            scheduler = LilotaScheduler(self.db_url)
+            worker = LilotaWorker(self.db_url, retry_delay=0)
+
+            @worker.register("secret", keep_input=False, max_attempts=2)
+            def secret(data, ctx: lilota.TaskContext):
+                if data.get("fail") == "always" or (data.get("fail") == "first" and ctx.attempt == 1):
+                    raise RuntimeError("this attempt fails")
+                return {"length": len(data["s"])}
+
+            @worker.register("kept")
+            def kept_task(data):
+                return {"length": len(data["s"])}
+
+            ids = [scheduler.schedule("secret", {"s": s, "fail": fail})
+                   for s in (small, big) for fail in (None, "first", "always")]
+            ids += scheduler.schedule_many("secret", [{"s": small}, {"s": big}])
+            kept_id = scheduler.schedule("kept", {"s": kept})
+            while worker.run_pending():
+                pass      # the retries fall due at once (retry_delay=0)
+            for task_id in ids:
+                task = scheduler.get_task_by_id(task_id)
+                self.assertTrue(task.is_finished, task)
+                self.assertIsNone(task.input)
+            self.assertEqual(scheduler.get_task_by_id(kept_id).input, {"s": kept})
+
+        # A checkpoint moves every page to the database file and empties the WAL.
+        conn = real_connect(self.db_path, isolation_level=None)
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            self.assertEqual(busy, 0)
+            self.assertEqual(conn.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
+        finally:
+            conn.close()
+        data = b""
+        for suffix in ("", "-wal", "-journal"):
+            if os.path.exists(self.db_path + suffix):
+                with open(self.db_path + suffix, "rb") as f:
+                    data += f.read()
+        self.assertTrue(kept.encode() in data, "the scan finds an input that is kept")
+        for marker in (f"SECRET-SMALL-{token}".encode(), f"SECRET-BIG-{token}".encode(), b"z" * 1000):
+            self.assertEqual(data.find(marker), -1, f"{marker[:20]!r}... is still in the file's bytes")
 
 
 if __name__ == "__main__":
