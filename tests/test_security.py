@@ -5,6 +5,7 @@ in the file's bytes."""
 import json
 import os
 import sqlite3
+import stat
 import unittest
 import uuid
 from dataclasses import dataclass
@@ -208,6 +209,119 @@ class KeepInputLeavesNoCopyTest(TempDirTestCase):
         self.assertTrue(kept.encode() in data, "the scan finds an input that is kept")
         for marker in (f"SECRET-SMALL-{token}".encode(), f"SECRET-BIG-{token}".encode(), b"z" * 1000):
             self.assertEqual(data.find(marker), -1, f"{marker[:20]!r}... is still in the file's bytes")
+
+
+MARK = "Zq7HOSTILE"   # in every hostile value below, so that it can be looked for in the SQL text
+
+
+class ParameterisedSqlTest(TempDirTestCase):
+    """Every value reaches SQLite as a bound parameter: no name, input, id, node name or error ever
+    appears in the text of a statement. (lilota has no configurable table prefix: the table names
+    are fixed, so there is no identifier to validate.)"""
+
+    def test_hostile_values_never_enter_the_sql_text(self):
+        statements = []
+
+        class Recording(sqlite3.Connection):
+            def execute(self, sql, *args):
+                statements.append(sql)
+                return super().execute(sql, *args)
+
+            def executemany(self, sql, *args):
+                statements.append(sql)
+                return super().executemany(sql, *args)
+
+        real_connect = sqlite3.connect
+
+        def recording_connect(*args, **kwargs):
+            return real_connect(*args, factory=Recording, **kwargs)
+
+        directory = self.path(f"{MARK}'; DROP TABLE lilota_task; --")
+        os.mkdir(directory)
+        url = "sqlite:///" + os.path.join(directory, f'{MARK} "quoted" name.db')
+        names = [f"{MARK}' OR '1'='1", f'{MARK}"; DROP TABLE lilota_task; --', f"{MARK} %s ? :n0 $1 @p",
+                 f"{MARK}') ; DELETE FROM lilota_node; --", f"{MARK}\\' --"]
+        payload = {f"{MARK} key'); --": f"{MARK} value'); DELETE FROM lilota_task; --", "n": [1, f"{MARK}\"'"]}
+        with mock.patch.object(lilota.sqlite3, "connect", recording_connect):
+            app = lilota.Lilota.scheduler(url, name=f"{MARK}'); DROP TABLE lilota_node; --")
+            app.start()
+            try:
+                worker = LilotaWorker(url, retry_delay=0)
+                for i, name in enumerate(names):
+                    worker.register(name)(self._task(i))
+                ids = [app.schedule(name, payload) for name in names]
+                ids += app.schedule_many(names[0], [payload, {MARK: MARK}])
+                later = app.schedule(names[1], payload, delay=3600)
+                done = worker.run_pending()
+                self.assertEqual(len(done), len(ids))
+                self.assertTrue(app.cancel(later))
+                failed = [t.id for t in done if t.status == TaskStatus.FAILED]
+                self.assertTrue(failed)
+                self.assertTrue(app.retry(failed[0]))
+                worker.run_pending()
+                for task_id in ids:
+                    self.assertTrue(app.wait(task_id, timeout=5).is_finished)
+                self.assertEqual({app.get_task_by_id(i).name for i in ids}, set(names))
+                self.assertEqual(app.get_task_by_id(ids[0]).input, payload)
+                self.assertIn(MARK, app.get_task_by_id(failed[0]).error["message"])
+                self.assertTrue(any(MARK in (n.name or "") for n in app.get_all_nodes()))
+                for hostile_id in (f"{MARK}' OR '1'='1", f"{ids[0]}' OR '1'='1", f"{ids[0]}; --"):
+                    with self.assertRaises(ValueError):
+                        app.get_task_by_id(hostile_id)
+                    with self.assertRaises(ValueError):
+                        app.cancel(hostile_id)
+                list_tasks = getattr(app, "list_tasks", None)   # the command line's query, where present
+                if list_tasks is not None:
+                    self.assertEqual(len(list_tasks(name=names[2])), 1)
+                    with self.assertRaises(ValueError):
+                        list_tasks(status=f"{MARK}' OR '1'='1")
+                self.assertEqual(app.cleanup(older_than=0), len(ids) + 1)
+            finally:
+                app.stop()
+        self.assertGreater(len(statements), 20)
+        leaked = [sql for sql in statements if MARK in sql]
+        self.assertEqual(leaked, [], "a value was written into SQL text")
+        conn = real_connect(os.path.join(directory, f'{MARK} "quoted" name.db'))
+        try:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            self.assertLessEqual({"lilota_task", "lilota_node", "lilota_meta"}, tables)
+            self.assertEqual(conn.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _task(i):
+        def run(data):
+            if i == 3:
+                raise RuntimeError(f"{MARK}'); DROP TABLE lilota_task; -- failed")
+            return {"echo": data}
+        return run
+
+
+class FileModeTest(TempDirTestCase):
+    """The database lilota creates, and SQLite's -wal and -shm beside it, are readable by their owner
+    only, whatever the umask of the process that creates them."""
+
+    def modes(self, path):
+        return {suffix: stat.S_IMODE(os.stat(path + suffix).st_mode) for suffix in ("", "-wal", "-shm")}
+
+    def test_created_by_the_application_under_umask_000(self):
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        LilotaScheduler(self.db_url).schedule("echo", {"secret": 1})   # the connection stays open
+        self.assertEqual(self.modes(self.db_path), {"": 0o600, "-wal": 0o600, "-shm": 0o600})
+
+    def test_created_by_a_standalone_worker_under_umask_000(self):
+        path = self.path("worker-made.db")
+        code = (f"import os, stat, json, sys\n"
+                f"os.umask(0)\n"
+                f"from lilota import LilotaWorker\n"
+                f"worker = LilotaWorker('sqlite:///{path}')\n"
+                f"worker.run_pending()\n"
+                f"print(json.dumps({{s: stat.S_IMODE(os.stat({path!r} + s).st_mode) for s in ('', '-wal', '-shm')}}))\n")
+        result = self.run_python("-c", code, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout), {"": 0o600, "-wal": 0o600, "-shm": 0o600})
 
 
 if __name__ == "__main__":
