@@ -948,8 +948,10 @@ class SQLiteDialect(Dialect):
                   f"expires_at = :now + COALESCE(timeout, {timeout_case}) ")
         # INDEXED BY: the planner would rather take lilota_task_due for "run_at <= :now" and sort
         # every due task; the queue index yields them in claim order and stops at the first.
-        pick = ("SELECT id FROM lilota_task INDEXED BY lilota_task_queue "
-                "WHERE status = 'scheduled' AND run_at <= :now ORDER BY priority DESC, run_at LIMIT 1")
+        # A task due when it was stored (run_at <= created_at) is due whatever the clock says
+        # since: a clock stepped back must not hold back the queue.
+        pick = ("SELECT id FROM lilota_task INDEXED BY lilota_task_queue WHERE status = 'scheduled' "
+                "AND (run_at <= :now OR run_at <= created_at) ORDER BY priority DESC, run_at LIMIT 1")
         if self.returning:
             return (f"{update} WHERE id = ({pick}) RETURNING {_TASK_SELECT}", params)
         return ((pick, f"{update} WHERE id = :id AND status = 'scheduled'",
