@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from unittest import mock
 
 try:
-    from .support import ROOT, TempDirTestCase, wait_until
+    from .support import TempDirTestCase, wait_until
     from .test_processes import WorkerTestCase
 except ImportError:  # run from inside tests/
-    from support import ROOT, TempDirTestCase, wait_until
+    from support import TempDirTestCase, wait_until
     from test_processes import WorkerTestCase
 
 import lilota
