@@ -1,0 +1,149 @@
+"""Storage faults on the supervisor's side (the API's side is in test_storage.py): a read-only file,
+a directory without write permission, a corrupt file and a full disk, at start() and while workers
+run. Each gives a clear error, starts no crash loop, and loses nothing already stored."""
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import unittest
+from unittest import mock
+
+try:
+    from .support import ROOT, child_pids, wait_until
+    from .test_processes import WorkerTestCase
+except ImportError:  # run from inside tests/
+    from support import ROOT, child_pids, wait_until
+    from test_processes import WorkerTestCase
+
+import lilota
+from lilota import CorruptDatabaseError, DatabaseFullError, LilotaScheduler, LilotaWorker, TaskStatus
+
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+#: Starts a Lilota with 2 workers and reports: the outcome of start(), the worker processes it left.
+START_APP = """
+import json, multiprocessing, sys
+sys.path.insert(0, {root!r})
+import lilota
+
+if __name__ == "__main__":
+    app = lilota.Lilota(sys.argv[1], script_path=sys.argv[2], number_of_workers=2)
+    try:
+        app.start()
+        outcome = "started"
+    except lilota.LilotaError as exc:
+        outcome = "%s: %s" % (type(exc).__name__, exc)
+    print(json.dumps({{"outcome": outcome, "children": len(multiprocessing.active_children()),
+                      "running": app.is_running, "failed": app.has_failed()}}))
+    app.stop(timeout=5)
+"""
+
+#: Worker-script lines that give every connection of the worker process the page limit written in
+#: max_pages (when the file exists): the same "disk" as the test process sees.
+CAPPED_CONNECTIONS = """
+import sqlite3
+import lilota
+_connect = sqlite3.connect
+def _capped(*args, **kwargs):
+    conn = _connect(*args, **kwargs)
+    limit = os.path.join(os.path.dirname(os.path.abspath(__file__)), "max_pages")
+    if os.path.exists(limit):
+        with open(limit) as f:
+            conn.execute("PRAGMA max_page_count = %d" % int(f.read()))
+    return conn
+lilota.sqlite3 = type(sys)("sqlite3_capped")
+lilota.sqlite3.__dict__.update(sqlite3.__dict__)
+lilota.sqlite3.connect = _capped
+"""
+
+
+class StorageFaultTestCase(WorkerTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.start_app = self.write("start_app.py", START_APP.format(root=ROOT))
+
+    def start_elsewhere(self, url, script, without_root_powers=False):
+        """Run START_APP in a new process (one that file modes bind, if asked) and return its report."""
+        command = [sys.executable, self.start_app, url, script]
+        if without_root_powers and IS_ROOT:
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                self.skipTest("running as root without util-linux's setpriv: cannot make file modes bind")
+            command = [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"] + command
+        result = subprocess.run(command, cwd=self.dir, capture_output=True, text=True, timeout=120,
+                                env=dict(os.environ, PYTHONPATH=ROOT))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return json.loads(result.stdout.splitlines()[-1])
+
+    def stored(self, count=3):
+        """A database holding ``count`` queued tasks; returns their ids."""
+        scheduler = LilotaScheduler(self.db_url)
+        ids = [scheduler.schedule("echo", {"n": i}) for i in range(count)]
+        self._close_storages()
+        return ids
+
+    def check_all_run(self, ids):
+        app = self.start_lilota(self.script(), 1)
+        for n, task_id in enumerate(ids):
+            task = app.wait(task_id, timeout=30)
+            self.assertEqual((task.status, task.output), (TaskStatus.COMPLETED, {"n": n}))
+
+
+class FaultAtStartTest(StorageFaultTestCase):
+
+    def check_refused(self, report, error, *fragments):
+        self.assertEqual(report["outcome"].split(":")[0], error, report)
+        for fragment in fragments:
+            self.assertIn(fragment, report["outcome"])
+        self.assertEqual(report["children"], 0, "no worker process may start")
+        self.assertFalse(report["running"])
+        self.assertFalse(report["failed"], "start() raised; there is nothing to restart")
+
+    def test_read_only_file(self):
+        ids = self.stored()
+        os.chmod(self.db_path, 0o400)
+        self.addCleanup(os.chmod, self.db_path, 0o600)
+        self.check_refused(self.start_elsewhere(self.db_url, self.script(), without_root_powers=True),
+                           "ReadOnlyDatabaseError", "read-only", self.db_path)
+        os.chmod(self.db_path, 0o600)
+        self.check_all_run(ids)
+
+    def test_directory_without_write_permission(self):
+        ids = self.stored()
+        script = self.script()
+        os.chmod(self.dir, 0o500)
+        self.addCleanup(os.chmod, self.dir, 0o700)
+        self.check_refused(self.start_elsewhere(self.db_url, script, without_root_powers=True),
+                           "ReadOnlyDatabaseError", "read-only")
+        self.check_refused(self.start_elsewhere("sqlite:///" + self.path("new.db"), script, without_root_powers=True),
+                           "ReadOnlyDatabaseError", "cannot create", self.dir)
+        os.chmod(self.dir, 0o700)
+        self.assertFalse(os.path.exists(self.path("new.db")))
+        self.check_all_run(ids)
+
+    def test_corrupt_file(self):
+        garbage = b"this is not a database, just some garbage bytes\x00\xff" * 300
+        with open(self.db_path, "wb") as f:
+            f.write(garbage)
+        children = set(child_pids())
+        app = lilota.Lilota(self.db_url, script_path=self.script(), number_of_workers=2)
+        with self.assertRaises(CorruptDatabaseError) as cm:
+            app.start()
+        self.assertIn(self.db_path, str(cm.exception))
+        self.assertFalse(app.is_running)
+        self.assertFalse(app.has_failed())
+        self.assertEqual(set(child_pids()) - children, set(), "no worker process may start")
+        with self.assertRaises(CorruptDatabaseError):
+            app.start()      # again: the same clear error, still no worker
+        self.assertEqual(set(child_pids()) - children, set())
+        app.stop()
+        with open(self.db_path, "rb") as f:
+            self.assertEqual(f.read(), garbage, "lilota must not write over a file it cannot read")
+
+
+if __name__ == "__main__":
+    unittest.main()
