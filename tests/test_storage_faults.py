@@ -8,15 +8,16 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 import unittest
 from unittest import mock
 
 try:
     from .support import ROOT, child_pids, wait_until
-    from .test_processes import WorkerTestCase
+    from .test_processes import WORKER_BODY, WorkerTestCase
 except ImportError:  # run from inside tests/
     from support import ROOT, child_pids, wait_until
-    from test_processes import WorkerTestCase
+    from test_processes import WORKER_BODY, WorkerTestCase
 
 import lilota
 from lilota import CorruptDatabaseError, DatabaseFullError, LilotaScheduler, LilotaWorker, TaskStatus
@@ -42,11 +43,12 @@ if __name__ == "__main__":
 """
 
 #: Worker-script lines that give every connection of the worker process the page limit written in
-#: max_pages (when the file exists): the same "disk" as the test process sees.
-CAPPED_CONNECTIONS = """
+#: max_pages (when the file exists): the same full "disk" as the test process sees. And a task
+#: whose output takes room.
+FULL_DISK_TASKS = """
 import sqlite3
-import lilota
 _connect = sqlite3.connect
+
 def _capped(*args, **kwargs):
     conn = _connect(*args, **kwargs)
     limit = os.path.join(os.path.dirname(os.path.abspath(__file__)), "max_pages")
@@ -54,9 +56,12 @@ def _capped(*args, **kwargs):
         with open(limit) as f:
             conn.execute("PRAGMA max_page_count = %d" % int(f.read()))
     return conn
-lilota.sqlite3 = type(sys)("sqlite3_capped")
-lilota.sqlite3.__dict__.update(sqlite3.__dict__)
-lilota.sqlite3.connect = _capped
+
+sqlite3.connect = _capped
+
+@worker.register("grow")
+def grow(data):
+    return {"n": data["n"], "pad": "z" * data["size"]}
 """
 
 
@@ -143,6 +148,61 @@ class FaultAtStartTest(StorageFaultTestCase):
         app.stop()
         with open(self.db_path, "rb") as f:
             self.assertEqual(f.read(), garbage, "lilota must not write over a file it cannot read")
+
+
+class FullDiskWhileRunningTest(StorageFaultTestCase):
+
+    def test_full_database_under_running_workers(self):
+        """A worker whose claim met a full database died of the DatabaseFullError and was restarted,
+        to die again at its next claim: a crash loop for as long as the disk stayed full."""
+        script = self.worker_script("RETRY_DELAY = 0.05\nWORKER_OPTIONS = {}\n" + WORKER_BODY + FULL_DISK_TASKS,
+                                    name="full_disk_worker.py")
+        # Old finished tasks take most of the file; then the file may not grow any more.
+        scheduler = LilotaScheduler(self.db_url)
+        worker = LilotaWorker(self.db_url)
+        worker.register("echo")(lambda data: data)
+        scheduler.schedule_many("echo", [{"pad": "x" * 3000}] * 150)
+        worker.run_pending()
+        queued = scheduler.schedule_many("grow", [{"n": n, "size": 40_000} for n in range(4)])
+        with scheduler.storage._guard as conn:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        self._close_storages()
+        with open(self.path("max_pages"), "w") as f:
+            f.write(str(pages))
+        real_connect = sqlite3.connect
+
+        def capped(*args, **kwargs):
+            conn = real_connect(*args, **kwargs)
+            conn.execute(f"PRAGMA max_page_count = {pages}")
+            return conn
+        patcher = mock.patch.object(lilota.sqlite3, "connect", capped)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+        app = self.start_lilota(script, 2, restart_delay=0.05, heartbeat_interval=0.2)
+        with self.assertRaises(DatabaseFullError) as cm:
+            app.schedule("grow", {"n": 9, "pad": "y" * 50_000})
+        self.assertIn("full", str(cm.exception))
+        # The workers claim the queued tasks and cannot store their outputs: they wait, and live.
+        wait_until(lambda: self.query("SELECT COUNT(*) FROM lilota_task WHERE status = 'running'") == [(2,)], 30,
+                   message="both workers to hold a task whose output does not fit")
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:   # a while with the disk full: nobody dies
+            self.assertEqual(self.starts(), 2)
+            self.assertFalse(app.has_failed(), app.error)
+            time.sleep(0.1)
+
+        # Making room (here by deleting old tasks) lets everything through; nothing was lost.
+        self.assertEqual(app.cleanup(older_than=0), 150)
+        for task_id in queued:
+            task = app.wait(task_id, timeout=60)
+            self.assertEqual(task.status, TaskStatus.COMPLETED, task.error)
+            self.assertEqual(len(task.output["pad"]), 40_000)
+            self.assertEqual(task.attempts, 1)
+        self.assertEqual(app.wait(app.schedule("grow", {"n": 5, "size": 10}), timeout=30).status, TaskStatus.COMPLETED)
+        self.assertEqual(self.starts(), 2, "no worker process died")
+        self.assertEqual([n[2] for n in self.worker_nodes()], ["running", "running"])
+        self.assertFalse(app.has_failed(), app.error)
 
 
 if __name__ == "__main__":
