@@ -2248,9 +2248,11 @@ class LilotaWorker:
                     self._execute(task, node_id)
                     continue
                 self._idle(waitables, counter)
-            except DatabaseBusyError:
+            except StorageError as exc:
+                # Locked, full, briefly unreachable: wait it out here. A worker that died of it
+                # would be replaced by one that meets the same error: a crash loop.
                 busy_errors += 1
-                self.logger.warning("worker %s: database busy, retrying", node_id)
+                self.logger.warning("worker %s: database error, retrying: %s", node_id, exc)
                 stopping.wait(min(1.0, 0.01 * 2 ** min(busy_errors, 7)))
 
     def _idle(self, waitables, counter):

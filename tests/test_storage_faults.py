@@ -205,5 +205,51 @@ class FullDiskWhileRunningTest(StorageFaultTestCase):
         self.assertFalse(app.has_failed(), app.error)
 
 
+#: Worker-script lines: while the file "claim-fails" exists, every claim of this worker process fails
+#: with the StorageError named in it (as a full disk fails the claim's write to the WAL).
+FAILING_CLAIMS = """
+import lilota
+HERE = os.path.dirname(os.path.abspath(__file__))
+_claim = worker.storage.claim
+
+def _failing_claim(*args, **kwargs):
+    flag = os.path.join(HERE, "claim-fails")
+    if os.path.exists(flag):
+        with open(flag) as f:
+            raise getattr(lilota, f.read().strip())("simulated: database or disk is full")
+    return _claim(*args, **kwargs)
+
+worker.storage.claim = _failing_claim
+"""
+
+
+class WorkerLoopStorageErrorTest(StorageFaultTestCase):
+
+    def test_worker_waits_out_storage_errors_of_its_claim(self):
+        """Only DatabaseBusyError was waited out by the worker loop: any other StorageError from a
+        claim (SQLITE_FULL also comes from appending to the WAL on a full disk, an I/O error) ended
+        the worker process, and each replacement died the same way: a crash loop."""
+        script = self.worker_script("RETRY_DELAY = 0.05\nWORKER_OPTIONS = {}\n" + WORKER_BODY + FAILING_CLAIMS,
+                                    name="failing_claims_worker.py")
+        app = self.start_lilota(script, 1, restart_delay=0.05)
+        self.assertEqual(app.wait(app.schedule("echo", {"n": 0}), timeout=30).status, TaskStatus.COMPLETED)
+        for error in ("DatabaseFullError", "DatabaseUnavailableError"):
+            with self.subTest(error=error):
+                with open(self.path("claim-fails"), "w") as f:
+                    f.write(error)
+                waiting = app.schedule("echo", {"n": 1})    # rings the idle worker: it claims, and fails
+                deadline = time.monotonic() + 1.5
+                while time.monotonic() < deadline:          # a while of failing claims: nobody dies
+                    self.assertEqual(self.starts(), 1)
+                    time.sleep(0.1)
+                self.assertEqual(app.get_task_by_id(waiting).status, TaskStatus.SCHEDULED)
+                os.unlink(self.path("claim-fails"))
+                task = app.wait(waiting, timeout=30)
+                self.assertEqual((task.status, task.attempts), (TaskStatus.COMPLETED, 1))
+        self.assertEqual(self.starts(), 1, "the worker process lived through it")
+        self.assertEqual([n[2] for n in self.worker_nodes()], ["running"])
+        self.assertFalse(app.has_failed(), app.error)
+
+
 if __name__ == "__main__":
     unittest.main()
