@@ -681,6 +681,11 @@ class Dialect:
         idle workers notice other processes' tasks by their periodic claim only)."""
         return None
 
+    def file_identity(self):
+        """What identifies the file the database lives in (it changes when the file is deleted or
+        replaced), or None for a database that is not a local file."""
+        return None
+
     def translate_error(self, exc):
         """The StorageError to raise for a driver exception, or None to let it through."""
         return None
@@ -981,6 +986,15 @@ class SQLiteDialect(Dialect):
     def change_counter(self, conn):
         return conn.execute("PRAGMA data_version").fetchone()[0]
 
+    def file_identity(self):
+        if self.memory:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return "missing"
+        return (st.st_dev, st.st_ino)
+
     def translate_error(self, exc):
         if not isinstance(exc, sqlite3.Error):
             return None
@@ -1029,6 +1043,11 @@ class _Guard:
         try:
             if storage._conn is None:
                 storage._open()
+            elif storage._depth == 1 and time.monotonic() >= storage._file_check_at and storage._file_replaced():
+                raise DatabaseUnavailableError(
+                    f"{storage.dialect.describe()} was deleted or replaced while lilota was using it; "
+                    f"what was stored in it since is not in the file now at that path, which the next "
+                    f"call opens (creating an empty database if there is none)")
         except BaseException:
             storage._depth -= 1
             storage._lock.release()
@@ -1082,6 +1101,8 @@ class Storage:
         self._conn = None
         self._owner_pid = os.getpid()
         self._guard = _Guard(self)
+        self._file = None             # the dialect's file_identity() when the connection was opened
+        self._file_check_at = 0.0     # monotonic time of the next look at it
         sql = dialect.sql
         # Hot statements, translated once.
         self._insert_sql = sql(
@@ -1141,6 +1162,21 @@ class Storage:
                 raise translated from exc
             raise
         self._conn = conn
+        self._file = self.dialect.file_identity()
+        self._file_check_at = time.monotonic() + self.file_check_interval
+
+    #: How often (seconds) an operation first checks that the database file is still the one open.
+    file_check_interval = 1.0
+
+    def _file_replaced(self):
+        """Close the connection if its file is no longer the one at the database's path (deleted or
+        replaced: a process that went on with it would share a database nobody else can reach)."""
+        self._file_check_at = time.monotonic() + self.file_check_interval
+        if self.dialect.file_identity() == self._file:
+            return False
+        logger.error("%s was deleted or replaced while in use; closing the connection to it", self.dialect.describe())
+        self.close()
+        return True
 
     def _migrate(self, conn):
         """Bring the schema to SCHEMA_VERSION; safe when several processes start at once."""
@@ -1175,9 +1211,13 @@ class Storage:
                          (str(SCHEMA_VERSION),))
 
     def ensure_ready(self):
-        """Open the connection and create or migrate the schema now (raises StorageError)."""
-        with self._guard:
-            pass
+        """Open the connection and create or migrate the schema now (raises StorageError); a file
+        deleted or replaced since the connection was opened is opened afresh."""
+        with self._lock:
+            if self._conn is not None and self._owner_pid == os.getpid():
+                self._file_replaced()
+            with self._guard:
+                pass
 
     def close(self):
         """Close this process's connection (the next operation opens a new one)."""
@@ -2424,6 +2464,7 @@ class Lilota(LilotaScheduler):
         self._doorbell_fd = None
         self._handles = []
         self._ever_ready = False     # some worker of this run called worker.start(): the script works
+        self._db_file = None         # the database file's identity at start()
         self._owner_pid = os.getpid()
         self._lock = threading.Lock()
         # Ringing a pipe and closing it must not interleave: a number read before a close could
@@ -2487,6 +2528,7 @@ class Lilota(LilotaScheduler):
                                          f"or run tasks in-process with worker.run_pending() in tests")
             storage = self.storage
             storage.ensure_ready()
+            self._db_file = self._dialect.file_identity()
             self.node_id = str(uuid.uuid4())
             storage.add_node(self.node_id, self.name or f"{socket.gethostname()}:{os.getpid()}", NodeType.SCHEDULER,
                              NodeStatus.RUNNING, os.getpid(), self.node_timeout)
@@ -2564,7 +2606,7 @@ class Lilota(LilotaScheduler):
             self._housekeeping()
             if self.script_path is None:
                 # A scheduling-only application: keep its node alive and help recover lost nodes.
-                while not self._stop_requested.wait(self.heartbeat_interval):
+                while not self._stop_requested.wait(self.heartbeat_interval) and not self._failed.is_set():
                     self._housekeeping()
                 return
             context = multiprocessing.get_context(self.start_method)
@@ -2721,6 +2763,11 @@ class Lilota(LilotaScheduler):
         """Renew the leases of this node and its workers and recover the tasks of lost nodes. A
         worker declared dead by another process while alive (the application was paused past its
         lease) has had its task recovered: it is replaced, so that it does not go on with it."""
+        if self._db_file is not None and self._dialect.file_identity() != self._db_file:
+            self._fail(f"{self._dialect.describe()} was deleted or replaced while lilota was running; the "
+                       f"workers were stopped, as they would go on with a database no other process can "
+                       f"reach. Call start() again to use the database now at that path")
+            return
         live = [h for h in self._handles if h is not None]
         try:
             lost = self.storage.heartbeat([self.node_id] + [h.node_id for h in live], self.node_timeout)

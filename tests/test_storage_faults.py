@@ -13,14 +13,15 @@ import unittest
 from unittest import mock
 
 try:
-    from .support import ROOT, child_pids, wait_until
+    from .support import ROOT, child_pids, process_alive, wait_until
     from .test_processes import WORKER_BODY, WorkerTestCase
 except ImportError:  # run from inside tests/
-    from support import ROOT, child_pids, wait_until
+    from support import ROOT, child_pids, process_alive, wait_until
     from test_processes import WORKER_BODY, WorkerTestCase
 
 import lilota
-from lilota import CorruptDatabaseError, DatabaseFullError, LilotaScheduler, LilotaWorker, TaskStatus
+from lilota import (CorruptDatabaseError, DatabaseFullError, DatabaseUnavailableError, LilotaScheduler, LilotaWorker,
+                    TaskStatus)
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -248,6 +249,48 @@ class WorkerLoopStorageErrorTest(StorageFaultTestCase):
                 self.assertEqual((task.status, task.attempts), (TaskStatus.COMPLETED, 1))
         self.assertEqual(self.starts(), 1, "the worker process lived through it")
         self.assertEqual([n[2] for n in self.worker_nodes()], ["running"])
+        self.assertFalse(app.has_failed(), app.error)
+
+
+class DeletedDatabaseTest(StorageFaultTestCase):
+
+    def test_database_deleted_under_running_workers(self):
+        """lilota went on with the file it had open after it was deleted: the application and its
+        workers shared a database no other process could reach (one starting afterwards created a
+        new, empty one at the path, and the tasks it stored there never ran), and all they stored
+        was gone when they exited. Nobody was told."""
+        app = self.start_lilota(self.script(), 2, heartbeat_interval=0.2)
+        api = LilotaScheduler(self.db_url + "?timeout=29")   # a connection of its own, as in another process
+        done = api.schedule("echo", {"n": 0})
+        self.assertEqual(api.wait(done, timeout=30).status, TaskStatus.COMPLETED)
+        workers = [h.process.pid for h in app._handles]
+        for suffix in ("", "-wal", "-shm"):
+            os.unlink(self.db_path + suffix)
+
+        # The supervisor: a clear fatal error; its workers are stopped and not restarted.
+        self.assertTrue(app.wait_for_failure(10), "the supervisor must notice")
+        self.assertIn("deleted or replaced", app.error)
+        self.assertIn(self.db_path, app.error)
+        for pid in workers:
+            wait_until(lambda: not process_alive(pid), 10, message=f"worker {pid} to stop")
+        self.assertEqual(self.starts(), 2)
+
+        # The API: a clear error once lilota notices (within a second); then the file at the path.
+        def error():
+            try:
+                api.get_task_by_id(done)
+            except DatabaseUnavailableError as exc:
+                return str(exc)
+            return None
+        message = wait_until(error, 10, interval=0.05, message="the API to report the deleted file")
+        self.assertIn("deleted or replaced", message)
+        self.assertIn(self.db_path, message)
+        self.assertIsNone(api.get_task_by_id(done), "a new, empty database")
+
+        # Started again, lilota uses the new file: what is stored from now on runs.
+        later = api.schedule("echo", {"n": 1})
+        app.start()
+        self.assertEqual(app.wait(later, timeout=30).output, {"n": 1})
         self.assertFalse(app.has_failed(), app.error)
 
 
