@@ -217,7 +217,11 @@ def _failing_claim(*args, **kwargs):
     flag = os.path.join(HERE, "claim-fails")
     if os.path.exists(flag):
         with open(flag) as f:
-            raise getattr(lilota, f.read().strip())("simulated: database or disk is full")
+            error = f.read().strip()
+        fd = os.open(os.path.join(HERE, "failed-claims.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(fd, ("%s %d\\n" % (error, os.getpid())).encode())
+        os.close(fd)
+        raise getattr(lilota, error)("simulated: database or disk is full")
     return _claim(*args, **kwargs)
 
 worker.storage.claim = _failing_claim
@@ -225,6 +229,14 @@ worker.storage.claim = _failing_claim
 
 
 class WorkerLoopStorageErrorTest(StorageFaultTestCase):
+
+    def failed_claims(self, error):
+        """Pids of the worker processes whose claims failed with ``error``, one per failure."""
+        try:
+            with open(self.path("failed-claims.log")) as f:
+                return [int(pid) for name, pid in (line.split() for line in f) if name == error]
+        except FileNotFoundError:
+            return []
 
     def test_worker_waits_out_storage_errors_of_its_claim(self):
         """Only DatabaseBusyError was waited out by the worker loop: any other StorageError from a
@@ -239,10 +251,10 @@ class WorkerLoopStorageErrorTest(StorageFaultTestCase):
                 with open(self.path("claim-fails"), "w") as f:
                     f.write(error)
                 waiting = app.schedule("echo", {"n": 1})    # rings the idle worker: it claims, and fails
-                deadline = time.monotonic() + 1.5
-                while time.monotonic() < deadline:          # a while of failing claims: nobody dies
-                    self.assertEqual(self.starts(), 1)
-                    time.sleep(0.1)
+                wait_until(lambda: len(self.failed_claims(error)) >= 3, 30, message="three failed claims")
+                self.assertEqual(set(self.failed_claims(error)), {app._handles[0].process.pid},
+                                 "the same worker process failed them all")
+                self.assertEqual(self.starts(), 1)
                 self.assertEqual(app.get_task_by_id(waiting).status, TaskStatus.SCHEDULED)
                 os.unlink(self.path("claim-fails"))
                 task = app.wait(waiting, timeout=30)
