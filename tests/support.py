@@ -4,6 +4,7 @@ and checks that no worker process outlives a test."""
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,14 @@ class TempDirTestCase(unittest.TestCase):
 
     def path(self, name):
         return os.path.join(self.dir, name)
+
+    def db_rows(self, sql, *params):
+        """Run one statement on a connection of the test's own (autocommit) and return its rows."""
+        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
 
     def write(self, name, text):
         """Write a file (dedented) into the test directory and return its path."""

@@ -34,20 +34,11 @@ from lilota import LilotaScheduler, TaskStatus
 SOAK_SECONDS = float(os.environ.get("LILOTA_SOAK_SECONDS") or 0)
 SEED = int(os.environ.get("LILOTA_CHAOS_SEED", "6"))
 
-#: The worker script's tasks. "work" logs "<task id> <attempt> <pid>" to runs.log when it starts;
-#: the others kill or cripple the worker process that runs them.
+#: Tasks added to test_processes' worker script (its append() logs a line with O_APPEND). "work"
+#: logs "<task id> <attempt> <pid>" to runs.log when it starts; the others kill or cripple the
+#: worker process that runs them.
 CHAOS_TASKS = """
 import signal
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-def append(name, text):
-    fd = os.open(os.path.join(HERE, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (text + "\\n").encode())
-    finally:
-        os.close(fd)
-
-append("starts.log", str(os.getpid()))
 
 @worker.register("work", timeout=300)
 def work(data, ctx: TaskContext):
@@ -240,7 +231,7 @@ class Killer(threading.Thread):
 class ChaosTestCase(WorkerTestCase):
 
     def chaos_script(self):
-        return self.worker_script(CHAOS_TASKS, name="chaos_worker.py")
+        return self.script(name="chaos_worker.py", more_tasks=CHAOS_TASKS)
 
     def check_alive(self, procs):
         """True while every process runs; fails the test with its output once one has ended."""

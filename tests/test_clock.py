@@ -1,7 +1,6 @@
 """Time: tasks due in the distant past or the far future, times lilota cannot store, and a clock that
 jumps (lilota takes every timestamp from ``lilota._now()``, which these tests replace)."""
 
-import sqlite3
 import threading
 import time
 import unittest
@@ -46,13 +45,6 @@ class ClockTestCase(support.TempDirTestCase):
             self.ran.append(data)
             return data
 
-    def count_rows(self):
-        conn = sqlite3.connect(self.db_path)
-        try:
-            return conn.execute("SELECT COUNT(*) FROM lilota_task").fetchone()[0]
-        finally:
-            conn.close()
-
 
 class ExtremeTimesTest(ClockTestCase):
 
@@ -67,7 +59,7 @@ class ExtremeTimesTest(ClockTestCase):
                 with self.assertRaisesRegex(ValueError, "9999") as cm:
                     self.scheduler.schedule("job", "never", **options)
                 self.assertIn("run_at" if "run_at" in options else "delay", str(cm.exception))
-        self.assertEqual(self.count_rows(), 1, "a refused task must not be stored")
+        self.assertEqual(self.db_rows("SELECT COUNT(*) FROM lilota_task"), [(1,)], "a refused task must not be stored")
 
         far = self.scheduler.schedule("job", "far", run_at=datetime(9999, 12, 31, 23, 59, 58, tzinfo=UTC))
         oldest = self.scheduler.schedule("job", "oldest", run_at=datetime(1, 1, 2, tzinfo=UTC))

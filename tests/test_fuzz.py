@@ -273,13 +273,10 @@ class EdgeCaseTest(support.TempDirTestCase):
             return {"text": data["text"] + "\udc80"}
 
     def count_rows(self):
-        conn = sqlite3.connect(self.db_path)
         try:
-            return conn.execute("SELECT COUNT(*) FROM lilota_task").fetchone()[0]
-        except sqlite3.OperationalError:
+            return self.db_rows("SELECT COUNT(*) FROM lilota_task")[0][0]
+        except sqlite3.OperationalError:   # no table: nothing was ever stored
             return 0
-        finally:
-            conn.close()
 
     def test_strings_with_surrogate_code_points_are_refused(self):
         """A surrogate pair written as two code points came back as one character (JSON decodes the
@@ -362,13 +359,6 @@ class FuzzTest(support.TempDirTestCase):
         def echo(data):
             return data
 
-    def raw(self, query, params=()):
-        conn = sqlite3.connect(self.db_path, isolation_level=None)
-        try:
-            return conn.execute(query, params).fetchall()
-        finally:
-            conn.close()
-
     def check_clear(self, exc, case):
         self.assertIsInstance(exc, (TypeError, ValueError), case)
         self.assertGreater(len(str(exc)), 10, f"{case}: the message must say what was wrong: {exc!r}")
@@ -426,8 +416,8 @@ class FuzzTest(support.TempDirTestCase):
         self.assertGreater(counts["refused"], CASES // 20, counts)
 
         # The database holds exactly the accepted tasks, and is sound.
-        self.assertEqual(self.raw("SELECT COUNT(*) FROM lilota_task"), [(len(accepted),)])
-        self.assertEqual(self.raw("PRAGMA integrity_check"), [("ok",)])
+        self.assertEqual(self.db_rows("SELECT COUNT(*) FROM lilota_task"), [(len(accepted),)])
+        self.assertEqual(self.db_rows("PRAGMA integrity_check"), [("ok",)])
 
         # A worker receives every accepted input exactly as stored and returns it unchanged. (Tasks
         # with other names fail as unknown, with a clear error and no harm to the worker.)
@@ -444,7 +434,7 @@ class FuzzTest(support.TempDirTestCase):
             else:
                 self.assertEqual(task.status, TaskStatus.FAILED)
                 self.assertEqual(task.error["type"], "UnknownTaskError")
-        self.assertEqual(self.raw("PRAGMA integrity_check"), [("ok",)])
+        self.assertEqual(self.db_rows("PRAGMA integrity_check"), [("ok",)])
 
 
 

@@ -79,11 +79,7 @@ class ResilienceTestCase(WorkerTestCase):
 
     def execute(self, sql, *params):
         """Run one statement on a connection of the test's own (autocommit) and return its rows."""
-        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        try:
-            return conn.execute(sql, params).fetchall()
-        finally:
-            conn.close()
+        return self.db_rows(sql, *params)
 
     def long_script(self):
         return self.worker_script(LONG_TASK_BODY, name="long_script.py")

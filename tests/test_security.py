@@ -47,13 +47,6 @@ def crafted_payloads(directory):
 
 class MaliciousRowTestCase(WorkerTestCase):
 
-    def execute(self, sql, *params):
-        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        try:
-            return conn.execute(sql, params).fetchall()
-        finally:
-            conn.close()
-
     def plant(self, scheduler, name="echo"):
         """Schedule one task per crafted payload and overwrite the column; return {id: payload}."""
         planted = {}
@@ -61,7 +54,7 @@ class MaliciousRowTestCase(WorkerTestCase):
             # Queued for later, then made due in the statement that plants the value: no worker
             # can take the harmless version first.
             task_id = scheduler.schedule(name, {"harmless": True}, delay=3600)
-            self.execute(f"UPDATE lilota_task SET {column} = ?, run_at = created_at WHERE id = ?", value, str(task_id))
+            self.db_rows(f"UPDATE lilota_task SET {column} = ?, run_at = created_at WHERE id = ?", value, str(task_id))
             planted[value if column == "id" else task_id] = (column, value, valid)
         return planted
 
@@ -73,7 +66,7 @@ class MaliciousRowTestCase(WorkerTestCase):
                     self.assertEqual(task.status, TaskStatus.COMPLETED, task.error)
                     self.assertEqual(json.dumps(task.output, allow_nan=True), json.dumps(json.loads(value)))
                     continue
-                status, error = self.execute("SELECT status, error FROM lilota_task WHERE id = ?", str(task_id))[0]
+                status, error = self.db_rows("SELECT status, error FROM lilota_task WHERE id = ?", str(task_id))[0]
                 self.assertEqual(status, "failed")
                 error = json.loads(error)
                 self.assertEqual(error["type"], "CorruptDatabaseError")
@@ -107,7 +100,7 @@ class MaliciousRowTest(MaliciousRowTestCase):
         for task_id, n in ((good_before, 1), (good_after, 2)):
             self.assertEqual(scheduler.get_task_by_id(task_id).output, {"n": n})
         self.check_outcomes(scheduler, planted)
-        self.assertEqual(self.execute("SELECT COUNT(*) FROM lilota_task WHERE status = 'running'"), [(0,)])
+        self.assertEqual(self.db_rows("SELECT COUNT(*) FROM lilota_task WHERE status = 'running'"), [(0,)])
 
     def test_crafted_rows_do_not_kill_worker_processes(self):
         scheduler = LilotaScheduler(self.db_url)
@@ -118,7 +111,7 @@ class MaliciousRowTest(MaliciousRowTestCase):
         goods = [app.schedule("echo", {"n": i}) for i in range(20)]
         for task_id in goods:
             self.assertEqual(app.wait(task_id, timeout=20).status, TaskStatus.COMPLETED)
-        wait_until(lambda: self.execute("SELECT COUNT(*) FROM lilota_task WHERE status IN "
+        wait_until(lambda: self.db_rows("SELECT COUNT(*) FROM lilota_task WHERE status IN "
                                         "('scheduled', 'running')") == [(0,)], 30, message="every task to end")
         self.check_outcomes(app, planted)
         self.assertEqual(self.starts(), 2, "no worker process died")
@@ -141,7 +134,7 @@ class MaliciousRowTest(MaliciousRowTestCase):
             return {"sum": data.a + data.b}
 
         task_id = scheduler.schedule("add", AddInput(a=1, b=2))
-        self.execute("UPDATE lilota_task SET input = ? WHERE id = ?",
+        self.db_rows("UPDATE lilota_task SET input = ? WHERE id = ?",
                      json.dumps({"a": 1, "b": 2, "__class__": "os.system", "__init__": "touch " + CANARY}),
                      str(task_id))
         [task] = worker.run_pending()

@@ -13,10 +13,10 @@ from unittest import mock
 
 try:
     from .support import ROOT, child_pids, process_alive, wait_until
-    from .test_processes import WORKER_BODY, WorkerTestCase
+    from .test_processes import WorkerTestCase
 except ImportError:  # run from inside tests/
     from support import ROOT, child_pids, process_alive, wait_until
-    from test_processes import WORKER_BODY, WorkerTestCase
+    from test_processes import WorkerTestCase
 
 import lilota
 from lilota import (CorruptDatabaseError, DatabaseFullError, DatabaseUnavailableError, LilotaScheduler, LilotaWorker,
@@ -155,8 +155,7 @@ class FullDiskWhileRunningTest(StorageFaultTestCase):
     def test_full_database_under_running_workers(self):
         """A worker whose claim met a full database died of the DatabaseFullError and was restarted,
         to die again at its next claim: a crash loop for as long as the disk stayed full."""
-        script = self.worker_script("RETRY_DELAY = 0.05\nWORKER_OPTIONS = {}\n" + WORKER_BODY + FULL_DISK_TASKS,
-                                    name="full_disk_worker.py")
+        script = self.script(name="full_disk_worker.py", more_tasks=FULL_DISK_TASKS)
         # Old finished tasks take most of the file; then the file may not grow any more.
         scheduler = LilotaScheduler(self.db_url)
         worker = LilotaWorker(self.db_url)
@@ -206,7 +205,6 @@ class FullDiskWhileRunningTest(StorageFaultTestCase):
 #: with the StorageError named in it (as a full disk fails the claim's write to the WAL).
 FAILING_CLAIMS = """
 import lilota
-HERE = os.path.dirname(os.path.abspath(__file__))
 _claim = worker.storage.claim
 
 def _failing_claim(*args, **kwargs):
@@ -238,8 +236,7 @@ class WorkerLoopStorageErrorTest(StorageFaultTestCase):
         """Only DatabaseBusyError was waited out by the worker loop: any other StorageError from a
         claim (SQLITE_FULL also comes from appending to the WAL on a full disk, an I/O error) ended
         the worker process, and each replacement died the same way: a crash loop."""
-        script = self.worker_script("RETRY_DELAY = 0.05\nWORKER_OPTIONS = {}\n" + WORKER_BODY + FAILING_CLAIMS,
-                                    name="failing_claims_worker.py")
+        script = self.script(name="failing_claims_worker.py", more_tasks=FAILING_CLAIMS)
         app = self.start_lilota(script, 1, restart_delay=0.05)
         self.assertEqual(app.wait(app.schedule("echo", {"n": 0}), timeout=30).status, TaskStatus.COMPLETED)
         for error in ("DatabaseFullError", "DatabaseUnavailableError"):
