@@ -75,8 +75,8 @@ def hog(data):
 
 #: An application process: runs 2 workers and schedules "work" tasks in random batches (one by one
 #: or with schedule_many), logging each id once schedule() returned it, with at most BACKLOG of its
-#: tasks unfinished; until it scheduled `total` (0: until stop-scheduling exists), then idles until
-#: the stop file exists.
+#: tasks unfinished; until it scheduled `total` (0: until stop-scheduling exists), then writes its
+#: name to done-scheduling.log and idles until the stop file exists.
 CHAOS_APP = """
 import collections, json, os, random, sys, time
 sys.path.insert(0, {root!r})
@@ -116,6 +116,7 @@ if __name__ == "__main__":
         append("scheduled.log", [str(i) for i in ids])
         outstanding.extend(ids)
         scheduled += n
+    append("done-scheduling.log", [name])
     while not os.path.exists(os.path.join(HERE, "stop")) and not app.has_failed():
         time.sleep(0.05)
     app.stop(timeout=10)
@@ -254,15 +255,10 @@ class ChaosTestCase(WorkerTestCase):
         tasks = {row[0]: (row[1], row[2], row[3], json.loads(row[4])["type"] if row[4] else None) for row in rows}
         return tasks if ids is None else {i: tasks.get(i) for i in ids}
 
-    def finished_count(self, ids):
-        marks = ",".join("?" * len(ids))
-        total = 0
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            total += self.query(f"SELECT COUNT(*) FROM lilota_task WHERE id IN ({marks}) AND status IN "
-                                "('completed', 'failed', 'expired', 'cancelled')", *chunk)[0][0]
-        return total
+    def finished(self):
+        """How many tasks are finished (each test's database holds only the tasks it checks)."""
+        return self.query("SELECT COUNT(*) FROM lilota_task WHERE status IN "
+                          "('completed', 'failed', 'expired', 'cancelled')")[0][0]
 
     def check_runs(self, ids, kills, interrupted_pids=()):
         """The at-least-once ledger: returns {"duplicates": n, "attempts lost to kills": n}."""
@@ -314,15 +310,13 @@ class WorkerKillTest(ChaosTestCase):
         started = time.monotonic()
 
         if soak:
-            wait_until(lambda: time.monotonic() - started > SOAK_SECONDS, SOAK_SECONDS + 60, interval=1,
-                       message="the soak to end")
+            wait_until(lambda: self.check_alive(apps) and time.monotonic() - started > SOAK_SECONDS,
+                       SOAK_SECONDS + 60, interval=1, message="the soak to end")
             open(self.path("stop-scheduling"), "w").close()
-            wait_until(lambda: len(self.read_lines("scheduled.log")) > 0, 30, message="some tasks")
-        else:
-            wait_until(lambda: self.check_alive(apps) and len(self.read_lines("scheduled.log")) >= 2 * total_per_app,
-                       180, interval=0.2, message="both applications to schedule their tasks")
-        wait_until(lambda: self.check_alive(apps) and len(self.read_lines("scheduled.log")) ==
-                   self.finished_count([i for (i,) in self.read_lines("scheduled.log")]), 240, interval=0.5,
+        wait_until(lambda: self.check_alive(apps) and len(self.read_lines("done-scheduling.log")) == 2,
+                   180, interval=0.2, message="both applications to finish scheduling")
+        ids = [i for (i,) in self.read_lines("scheduled.log")]
+        wait_until(lambda: self.check_alive(apps) and self.finished() == len(ids), 240, interval=0.5,
                    message="every scheduled task to finish")
         killer.stop()
         self.assertIsNone(killer.error)
@@ -334,7 +328,6 @@ class WorkerKillTest(ChaosTestCase):
             outputs.append(json.loads(out.decode().splitlines()[-1]))
         elapsed = time.monotonic() - started
 
-        ids = [i for (i,) in self.read_lines("scheduled.log")]
         self.assertEqual(len(ids), len(set(ids)))
         self.assertEqual(len(ids), sum(o["scheduled"] for o in outputs))
         if not soak:
@@ -391,7 +384,7 @@ class ApplicationKillTest(ChaosTestCase):
 
         def running():
             return dict(self.query("SELECT id, pid FROM lilota_task WHERE status = 'running'"))
-        wait_until(lambda: self.finished_count(ids) >= 40 and len(running()) == 3, 60,
+        wait_until(lambda: self.finished() >= 40 and len(running()) == 3, 60,
                    message="the application to be mid-run, each of its workers on a task")
         doomed_workers = set(session_members(proc.pid)) - {proc.pid}
         os.kill(proc.pid, signal.SIGKILL)
@@ -467,7 +460,7 @@ class ContentionTest(ChaosTestCase):
         self.assertEqual(errors, [], "an error reached a scheduling process")
         ids = [i for n in range(8) for (i,) in self.read_lines(f"scheduled-{n}.log")]
         self.assertEqual(len(ids), sum(o["scheduled"] for o in outputs))
-        wait_until(lambda: self.finished_count(ids) == len(ids), 180, interval=0.5, message="every task to finish")
+        wait_until(lambda: self.finished() == len(ids), 180, interval=0.5, message="every task to finish")
         rss_after = {h.process.pid: rss_kib(h.process.pid) for h in app._handles if h is not None}
         self.assertEqual(self.query("SELECT status, COUNT(*) FROM lilota_task GROUP BY status"),
                          [("completed", len(ids))])
