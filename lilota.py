@@ -1261,11 +1261,11 @@ class Storage:
                 except Exception:
                     column = name_
                     break
-            error = CorruptDatabaseError(f"task {id_!s:.60}: its stored {column} cannot be read "
-                                         f"({type(exc).__name__}: {str(exc):.200}); it was not written by "
-                                         f"lilota or was damaged")
-            error.column = column
-            raise error from exc
+            unreadable = CorruptDatabaseError(f"task {id_!s:.60}: its stored {column} cannot be read "
+                                              f"({type(exc).__name__}: {str(exc):.200}); it was not written "
+                                              f"by lilota or was damaged")
+            unreadable.column = column
+            raise unreadable from exc
 
     def _node(self, row):
         d = self.dialect
@@ -1383,8 +1383,8 @@ class Storage:
             try:
                 return self._task(row)
             except CorruptDatabaseError as exc:
-                if exc.column == "row":   # not the task's own data: do not fail task after task for it
-                    raise
+                if getattr(exc, "column", "row") == "row":
+                    raise   # not the task's own data: failing task after task for it would not help
                 logger.warning("%s", exc)
                 with self._guard as conn:
                     conn.execute(self.dialect.sql(
