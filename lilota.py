@@ -291,13 +291,22 @@ class ModelProtocol(typing.Protocol):
 #   timedelta              -> seconds (float)      Enum dict keys -> their (string) values
 #   dataclass              -> dict of its fields    pydantic -> model_dump(mode="json") / .dict()
 #   object with as_dict()  -> as_dict()             tuple   -> list
-# Anything else (sets, bytes, arbitrary objects, dicts with non-string keys, NaN, infinity, cycles)
-# raises UnserializableError -- a TypeError and a ValueError -- before anything is written.
+# Anything else (sets, bytes, arbitrary objects, dicts with non-string keys, NaN, infinity, cycles,
+# strings holding surrogate code points) raises UnserializableError -- a TypeError and a ValueError --
+# before anything is written.
+
+#: How deeply containers may nest in a payload. A fixed limit, so that whether a value can be stored
+#: does not depend on how deep the caller's stack is, and a worker can always read back what was
+#: stored (json.loads and the model revival recurse too).
+_MAX_NESTING = 200
+
 
 def _to_json(value, path="input", _active=None):
     """Convert a value to plain JSON types (dict/list/str/int/float/bool/None) or raise."""
     kind = type(value)
     if kind in (str, int, bool) or value is None:
+        if kind is str and not value.isascii():
+            _check_text(value, path)
         return value
     if kind is float:
         if not math.isfinite(value):
@@ -316,16 +325,20 @@ def _to_json(value, path="input", _active=None):
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, (str, int)):  # subclasses that are not enums
-        return str(value) if isinstance(value, str) else int(value)
+        return _check_text(str(value), path) if isinstance(value, str) else int(value)
     if isinstance(value, float):
         return _to_json(float(value), path, _active)
 
-    # Containers and models: guard against cycles, which json would reject less helpfully.
+    # Containers and models: guard against cycles, which json would reject less helpfully. _active
+    # holds the containers between the top and here, so its size is the nesting depth.
     if _active is None:
         _active = set()
     marker = id(value)
     if marker in _active:
         raise UnserializableError(f"{path}: the value contains itself (a reference cycle) and cannot be stored")
+    if len(_active) >= _MAX_NESTING:
+        raise UnserializableError(f"{path}: the value is nested too deeply to be stored (more than "
+                                  f"{_MAX_NESTING} levels)")
     _active.add(marker)
     try:
         if isinstance(value, dict):
@@ -335,7 +348,7 @@ def _to_json(value, path="input", _active=None):
                 if not isinstance(name, str):
                     raise UnserializableError(f"{path}: dictionary keys must be strings to be stored as JSON, "
                                     f"got key {key!r} of type {type(key).__name__}")
-                out[str(name)] = _to_json(item, f"{path}[{key!r}]", _active)
+                out[_check_text(str(name), path)] = _to_json(item, f"{path}[{key!r}]", _active)
             return out
         if isinstance(value, (list, tuple)):
             return [_to_json(item, f"{path}[{i}]", _active) for i, item in enumerate(value)]
@@ -355,6 +368,21 @@ def _to_json(value, path="input", _active=None):
                     f"use a dataclass, a pydantic model, a dict or an object with as_dict()")
 
 
+def _check_text(text, path):
+    """``text`` if it is Unicode text; surrogate code points are not: JSON would merge a pair of them
+    into one character on the way back, and databases refuse a lone one."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnserializableError(f"{path}: the string {text[max(0, exc.start - 10):exc.end + 10]!r} holds the "
+                                  f"surrogate code point {text[exc.start]!r}, which is not Unicode text and "
+                                  f"cannot be stored (decode bytes with errors='replace', or store them as "
+                                  f"base64)") from None
+    return text
+
+
 def _call_model_method(value, method, path, **kwargs):
     try:
         return getattr(value, method)(**kwargs)
@@ -368,6 +396,10 @@ def dumps(value, path="input"):
         return json.dumps(_to_json(value, path), separators=(",", ":"), allow_nan=False)
     except RecursionError:
         raise UnserializableError(f"{path}: the value is nested too deeply to be stored") from None
+    except UnserializableError:
+        raise
+    except ValueError as exc:  # an int with more digits than Python turns into text (sys.get_int_max_str_digits)
+        raise UnserializableError(f"{path}: {exc}") from None
 
 
 def loads(text):
@@ -728,6 +760,11 @@ class Dialect:
         database cannot be reached) and ``drain()``, or None when this database has no such thing."""
         return None
 
+    def file_identity(self):
+        """What identifies the file the database lives in (it changes when the file is deleted or
+        replaced), or None for a database that is not a local file."""
+        return None
+
     def translate_error(self, exc):
         """The StorageError to raise for a driver exception, or None to let it through."""
         return None
@@ -919,6 +956,9 @@ class SQLiteDialect(Dialect):
                     logger.warning("%s could not use WAL (journal_mode is %s): writers will block readers",
                                    self.describe(), mode)
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            # Deleted content (an input dropped by keep_input=False, cleaned-up tasks) is overwritten,
+            # in its page and in freed overflow pages, whatever default SQLite was built with.
+            conn.execute("PRAGMA secure_delete=ON")
         except BaseException:
             conn.close()
             raise
@@ -953,8 +993,10 @@ class SQLiteDialect(Dialect):
                   f"expires_at = :now + COALESCE(timeout, {timeout_case}) ")
         # INDEXED BY: the planner would rather take lilota_task_due for "run_at <= :now" and sort
         # every due task; the queue index yields them in claim order and stops at the first.
-        pick = ("SELECT id FROM lilota_task INDEXED BY lilota_task_queue "
-                "WHERE status = 'scheduled' AND run_at <= :now ORDER BY priority DESC, run_at LIMIT 1")
+        # A task due when it was stored (run_at <= created_at) is due whatever the clock says
+        # since: a clock stepped back must not hold back the queue.
+        pick = ("SELECT id FROM lilota_task INDEXED BY lilota_task_queue WHERE status = 'scheduled' "
+                "AND (run_at <= :now OR run_at <= created_at) ORDER BY priority DESC, run_at LIMIT 1")
         if self.returning:
             return (f"{update} WHERE id = ({pick}) RETURNING {_TASK_SELECT}", params)
         return ((pick, f"{update} WHERE id = :id AND status = 'scheduled'",
@@ -983,6 +1025,15 @@ class SQLiteDialect(Dialect):
 
     def change_counter(self, conn):
         return conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def file_identity(self):
+        if self.memory:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return "missing"
+        return (st.st_dev, st.st_ino)
 
     def translate_error(self, exc):
         if not isinstance(exc, sqlite3.Error):
@@ -1291,8 +1342,10 @@ class PostgreSQLDialect(Dialect):
                f"expires_at = {param(None, 'timestamptz', 'now')} + "
                f"make_interval(secs => COALESCE(timeout, {case('timeout', 'double precision', 'NULL')})) "
                # SKIP LOCKED: concurrent claimers take the next row instead of queueing behind a lock.
+               # A task due when it was stored (run_at <= created_at) is due whatever the clock says.
                f"WHERE id = (SELECT id FROM lilota_task WHERE status = 'scheduled' "
-               f"AND run_at <= {param(None, 'timestamptz', 'now')} ORDER BY priority DESC, run_at "
+               f"AND (run_at <= {param(None, 'timestamptz', 'now')} OR run_at <= created_at) "
+               f"ORDER BY priority DESC, run_at "
                f"LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {_TASK_SELECT}")
         return sql, tuple(params), tuple(slots)
 
@@ -1451,6 +1504,11 @@ class _Guard:
         try:
             if storage._conn is None:
                 storage._open()
+            elif storage._depth == 1 and time.monotonic() >= storage._file_check_at and storage._file_replaced():
+                raise DatabaseUnavailableError(
+                    f"{storage.dialect.describe()} was deleted or replaced while lilota was using it; "
+                    f"what was stored in it since is not in the file now at that path, which the next "
+                    f"call opens (creating an empty database if there is none)")
         except BaseException:
             storage._depth -= 1
             storage._lock.release()
@@ -1506,6 +1564,8 @@ class Storage:
         self._conn = None
         self._owner_pid = os.getpid()
         self._guard = _Guard(self)
+        self._file = None             # the dialect's file_identity() when the connection was opened
+        self._file_check_at = 0.0     # monotonic time of the next look at it
         sql = dialect.sql
         # Statements write ``?`` for a plain parameter and T / J for a time / JSON one.
         T, J = dialect.time_param, dialect.json_param
@@ -1578,6 +1638,21 @@ class Storage:
                 raise translated from exc
             raise
         self._conn = conn
+        self._file = self.dialect.file_identity()
+        self._file_check_at = time.monotonic() + self.file_check_interval
+
+    #: How often (seconds) an operation first checks that the database file is still the one open.
+    file_check_interval = 1.0
+
+    def _file_replaced(self):
+        """Close the connection if its file is no longer the one at the database's path (deleted or
+        replaced: a process that went on with it would share a database nobody else can reach)."""
+        self._file_check_at = time.monotonic() + self.file_check_interval
+        if self.dialect.file_identity() == self._file:
+            return False
+        logger.error("%s was deleted or replaced while in use; closing the connection to it", self.dialect.describe())
+        self.close()
+        return True
 
     def _migrate(self, conn):
         """Bring the schema to SCHEMA_VERSION; safe when several processes start at once."""
@@ -1612,9 +1687,13 @@ class Storage:
                          (str(SCHEMA_VERSION),))
 
     def ensure_ready(self):
-        """Open the connection and create or migrate the schema now (raises StorageError)."""
-        with self._guard:
-            pass
+        """Open the connection and create or migrate the schema now (raises StorageError); a file
+        deleted or replaced since the connection was opened is opened afresh."""
+        with self._lock:
+            if self._conn is not None and self._owner_pid == os.getpid():
+                self._file_replaced()
+            with self._guard:
+                pass
 
     def close(self):
         """Close this process's connections (the next operation opens a new one)."""
@@ -1651,16 +1730,31 @@ class Storage:
         d = self.dialect
         (id_, name, status, priority, pid, run_at, attempts, max_attempts, timeout, expires_at,
          progress, start, end, input_, output, error, locked_by, locked_at, created_at, cancel, keep_input) = row
-        return Task(
-            id=uuid.UUID(str(id_)), name=name, status=TaskStatus(status), priority=priority, pid=pid,
-            run_at=d.decode_time(run_at), attempts=attempts, max_attempts=max_attempts,
-            timeout=None if timeout is None else timedelta(seconds=float(timeout)),
-            expires_at=d.decode_time(expires_at), progress_percentage=progress,
-            start_date_time=d.decode_time(start), end_date_time=d.decode_time(end),
-            input=d.decode_json(input_), output=d.decode_json(output), error=d.decode_json(error),
-            locked_by=None if locked_by is None else uuid.UUID(str(locked_by)),
-            locked_at=d.decode_time(locked_at), created_at=d.decode_time(created_at),
-            cancel_requested=bool(cancel), keep_input=None if keep_input is None else bool(keep_input))
+        try:
+            return Task(
+                id=uuid.UUID(str(id_)), name=name, status=TaskStatus(status), priority=priority, pid=pid,
+                run_at=d.decode_time(run_at), attempts=attempts, max_attempts=max_attempts,
+                timeout=None if timeout is None else timedelta(seconds=float(timeout)),
+                expires_at=d.decode_time(expires_at), progress_percentage=progress,
+                start_date_time=d.decode_time(start), end_date_time=d.decode_time(end),
+                input=d.decode_json(input_), output=d.decode_json(output), error=d.decode_json(error),
+                locked_by=None if locked_by is None else uuid.UUID(str(locked_by)),
+                locked_at=d.decode_time(locked_at), created_at=d.decode_time(created_at),
+                cancel_requested=bool(cancel), keep_input=None if keep_input is None else bool(keep_input))
+        except Exception as exc:  # a row written or damaged by something else than lilota
+            column = "row"
+            for name_, value, decode in (("id", id_, lambda v: uuid.UUID(str(v))), ("input", input_, d.decode_json),
+                                         ("output", output, d.decode_json), ("error", error, d.decode_json)):
+                try:
+                    decode(value)
+                except Exception:
+                    column = name_
+                    break
+            unreadable = CorruptDatabaseError(f"task {id_!s:.60}: its stored {column} cannot be read "
+                                              f"({type(exc).__name__}: {str(exc):.200}); it was not written "
+                                              f"by lilota or was damaged")
+            unreadable.column = column
+            raise unreadable from exc
 
     def _node(self, row):
         d = self.dialect
@@ -1796,10 +1890,24 @@ class Storage:
         return self.dialect.prepare_claim(tuple(defaults))
 
     def claim(self, prepared, node_id, pid):
-        """Atomically take the next due task for ``node_id`` and mark it running (None if none)."""
-        now = self.dialect.encode_time(_now())
-        with self._guard as conn:
-            return self._task(self.dialect.claim(conn, prepared, node_id, pid, now))
+        """Atomically take the next due task for ``node_id`` and mark it running (None if none). A
+        claimed row whose id, input, output or error cannot be read is failed, with the reason as its
+        error, and the next is taken."""
+        while True:
+            now = self.dialect.encode_time(_now())
+            with self._guard as conn:
+                row = self.dialect.claim(conn, prepared, node_id, pid, now)
+            try:
+                return self._task(row)
+            except CorruptDatabaseError as exc:
+                if getattr(exc, "column", "row") == "row":
+                    raise   # not the task's own data: failing task after task for it would not help
+                logger.warning("%s", exc)
+                with self._guard as conn:
+                    conn.execute(self.dialect.sql(
+                        "UPDATE lilota_task SET status = 'failed', end_date_time = ?, error = ? "
+                        "WHERE id = ? AND status = 'running' AND locked_by = ?"),
+                        (now, self.dialect.encode_json(dumps(_error_record(exc), "error")), row[0], node_id))
 
     def next_run_at(self):
         """Epoch seconds at which the earliest delayed queued task falls due, or None."""
@@ -2067,6 +2175,14 @@ class LilotaScheduler:
         else:
             delay = _seconds(delay, "delay")
             when = _now() + delay if delay else None   # None: due at once, at the time it is stored
+        if when is not None:
+            # A time that cannot be read back as a datetime would break every read of the row,
+            # and the idle workers' look at the next due time.
+            try:
+                _to_datetime(when)
+            except (OverflowError, OSError, ValueError):
+                raise ValueError(f"{'run_at' if run_at is not None else 'delay'} puts the task beyond the "
+                                 f"dates lilota can store (year 9999 at the latest)") from None
         if isinstance(inputs, (str, bytes, dict)) or not hasattr(inputs, "__iter__"):
             raise TypeError("schedule_many() takes an iterable of inputs, e.g. a list")
         ids, rows = [], []
@@ -2738,12 +2854,14 @@ class LilotaWorker:
                     continue
                 self._idle(waitables if listening is None else waitables + [listening], counter,
                            listening)
-            except (DatabaseBusyError, DatabaseUnavailableError) as exc:
-                # A lock held too long, or the server gone (restarting, network): wait and go on.
-                # A claim whose reply was lost may have been committed: release it first.
+            except StorageError as exc:
+                # Locked, full, the server gone (restarting, network): wait it out here. A worker
+                # that died of it would be replaced by one that meets the same error: a crash loop.
+                # A claim whose reply was lost with the connection may have been committed:
+                # release it first.
                 claim_lost = claim_lost or isinstance(exc, DatabaseUnavailableError)
                 errors += 1
-                self.logger.warning("worker %s: %s; retrying", node_id, exc)
+                self.logger.warning("worker %s: database error, retrying: %s", node_id, exc)
                 stopping.wait(min(2.0, 0.01 * 2 ** min(errors, 8)))
 
     def _release_lost_claim(self, node_id):
@@ -2927,6 +3045,7 @@ class Lilota(LilotaScheduler):
         self._doorbell_fd = None
         self._handles = []
         self._ever_ready = False     # some worker of this run called worker.start(): the script works
+        self._db_file = None         # the database file's identity at start()
         self._owner_pid = os.getpid()
         self._lock = threading.Lock()
         # Ringing a pipe and closing it must not interleave: a number read before a close could
@@ -2990,6 +3109,7 @@ class Lilota(LilotaScheduler):
                                          f"or run tasks in-process with worker.run_pending() in tests")
             storage = self.storage
             storage.ensure_ready()
+            self._db_file = self._dialect.file_identity()
             self.node_id = str(uuid.uuid4())
             storage.add_node(self.node_id, self.name or f"{socket.gethostname()}:{os.getpid()}", NodeType.SCHEDULER,
                              NodeStatus.RUNNING, os.getpid(), self.node_timeout)
@@ -3067,7 +3187,7 @@ class Lilota(LilotaScheduler):
             self._housekeeping()
             if self.script_path is None:
                 # A scheduling-only application: keep its node alive and help recover lost nodes.
-                while not self._stop_requested.wait(self.heartbeat_interval):
+                while not self._stop_requested.wait(self.heartbeat_interval) and not self._failed.is_set():
                     self._housekeeping()
                 return
             context = multiprocessing.get_context(self.start_method)
@@ -3224,6 +3344,11 @@ class Lilota(LilotaScheduler):
         """Renew the leases of this node and its workers and recover the tasks of lost nodes. A
         worker declared dead by another process while alive (the application was paused past its
         lease) has had its task recovered: it is replaced, so that it does not go on with it."""
+        if self._db_file is not None and self._dialect.file_identity() != self._db_file:
+            self._fail(f"{self._dialect.describe()} was deleted or replaced while lilota was running; the "
+                       f"workers were stopped, as they would go on with a database no other process can "
+                       f"reach. Call start() again to use the database now at that path")
+            return
         live = [h for h in self._handles if h is not None]
         try:
             lost = self.storage.heartbeat([self.node_id] + [h.node_id for h in live], self.node_timeout)

@@ -42,7 +42,7 @@ def live_processes():
         except OSError:
             continue
         if fields[0] != "Z":
-            yield int(entry), int(fields[1]), int(fields[4])
+            yield int(entry), int(fields[1]), int(fields[3])   # state, ppid, pgrp, session
 
 
 def child_pids(pid=None):

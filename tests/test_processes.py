@@ -115,10 +115,11 @@ if __name__ == "__main__":
 class WorkerTestCase(TempDirTestCase):
     """Helpers shared by the process tests."""
 
-    def script(self, retry_delay=0.05, name="worker_script.py", **options):
-        """The worker script with WORKER_BODY's tasks; ``options`` go to its LilotaWorker."""
-        return self.worker_script(f"RETRY_DELAY = {retry_delay!r}\nWORKER_OPTIONS = {options!r}\n" + WORKER_BODY,
-                                  name=name)
+    def script(self, retry_delay=0.05, name="worker_script.py", more_tasks="", **options):
+        """The worker script with WORKER_BODY's tasks (and the code in ``more_tasks``); ``options``
+        go to its LilotaWorker."""
+        return self.worker_script(f"RETRY_DELAY = {retry_delay!r}\nWORKER_OPTIONS = {options!r}\n" + WORKER_BODY
+                                  + more_tasks, name=name)
 
     def query(self, sql, *params):
         return self.db_execute(sql, *params)
