@@ -168,7 +168,9 @@ class TempDirTestCase(unittest.TestCase):
         conn = dialect.connect()
         try:
             cursor = conn.execute(dialect.sql(statement), params)
-            return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
+            rows = cursor.fetchall() if cursor.description else []
+            # Ids as the text SQLite stores, whatever type the driver gives a uuid column.
+            return [tuple(str(v) if isinstance(v, uuid.UUID) else v for v in row) for row in rows]
         finally:
             conn.close()
 

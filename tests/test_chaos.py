@@ -21,11 +21,11 @@ import time
 import unittest
 
 try:
-    from .support import ROOT, child_pids, session_members, wait_until
+    from .support import ROOT, child_pids, on_every_backend, session_members, wait_until
     from .test_crashes import KILLABLE_APP
     from .test_processes import WorkerTestCase
 except ImportError:  # run from inside tests/
-    from support import ROOT, child_pids, session_members, wait_until
+    from support import ROOT, child_pids, on_every_backend, session_members, wait_until
     from test_crashes import KILLABLE_APP
     from test_processes import WorkerTestCase
 
@@ -292,6 +292,7 @@ class ChaosTestCase(WorkerTestCase):
         return {"duplicates": duplicates, "attempts lost to kills": lost}
 
 
+@on_every_backend
 class WorkerKillTest(ChaosTestCase):
 
     def test_random_sigkills_lose_nothing_and_run_twice_only_what_was_killed(self):
@@ -368,6 +369,7 @@ class WorkerKillTest(ChaosTestCase):
         self.assertLess(last_w - first_w, 20 * 1024, f"worker RSS grew from {first_w} KiB to {last_w} KiB")
 
 
+@on_every_backend
 class ApplicationKillTest(ChaosTestCase):
 
     def test_killed_application_leaves_no_orphans_and_a_new_one_finishes_every_task(self):
@@ -407,6 +409,7 @@ class ApplicationKillTest(ChaosTestCase):
         self.assertFalse(app.has_failed())
 
 
+@on_every_backend
 class PoisonPillTest(ChaosTestCase):
 
     def test_tasks_that_kill_their_worker_fail_alone(self):

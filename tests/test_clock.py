@@ -46,6 +46,7 @@ class ClockTestCase(support.TempDirTestCase):
             return data
 
 
+@support.on_every_backend
 class ExtremeTimesTest(ClockTestCase):
 
     def test_times_beyond_year_9999_are_refused_at_schedule(self):
@@ -71,6 +72,7 @@ class ExtremeTimesTest(ClockTestCase):
         self.assertEqual(self.scheduler.get_task_by_id(far).status, TaskStatus.SCHEDULED)
 
 
+@support.on_every_backend
 class ClockJumpTest(ClockTestCase):
 
     def names_run(self):
