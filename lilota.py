@@ -1277,7 +1277,10 @@ class PostgreSQLDialect(Dialect):
             if self.schema:
                 conn.execute(f'SET search_path TO "{self.schema}"')
         except BaseException:
-            conn.close()
+            try:
+                conn.close()
+            except Exception:
+                pass
             raise
         return conn
 
@@ -1632,7 +1635,10 @@ class Storage:
             self._migrate(conn)
         except BaseException as exc:
             if conn is not None:
-                conn.close()
+                try:
+                    conn.close()
+                except Exception:   # a connection the server dropped may fail to close, too
+                    pass
             translated = None if isinstance(exc, LilotaError) else self.dialect.translate_error(exc)
             if translated is not None:
                 raise translated from exc
