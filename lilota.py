@@ -26,6 +26,7 @@ dies mid-task the task is retried (or failed, when its attempts are used up) wit
 """
 
 import atexit
+import collections
 import dataclasses
 import datetime as _dt
 import enum
@@ -563,7 +564,9 @@ def _error_record(exc, **extra):
     """The dict stored in ``lilota_task.error``: the exception's type name, message and traceback
     (empty for lilota's own records of what happened to a task), plus details such as the attempt."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) if exc.__traceback__ else ""
-    record = {"type": type(exc).__name__, "message": str(exc), "traceback": tb}
+    # U+0000 written out: PostgreSQL cannot store the character itself in JSONB.
+    record = {"type": type(exc).__name__, "message": str(exc).replace("\x00", "\\x00"),
+              "traceback": tb.replace("\x00", "\\x00")}
     record.update(extra)
     return record
 
@@ -772,6 +775,10 @@ class Dialect:
     def connection_lost(self, exc):
         """True when ``exc`` means the connection is unusable and a new one must be opened."""
         return False
+
+    def missing_table(self, exc):
+        """True when ``exc`` says a table does not exist (the schema is not created yet)."""
+        return "no such table" in str(exc) or "does not exist" in str(exc)
 
 
 _DIALECTS = {}
@@ -1115,12 +1122,12 @@ _POSTGRES_DRIVERS = {
 }
 
 # SQLSTATE classes and codes (https://www.postgresql.org/docs/current/errcodes-appendix.html)
-_PG_CONNECTION_LOST = ("08", "57P01", "57P02", "57P03")
+_PG_CONNECTION_LOST = ("08", "57P01", "57P02", "57P03", "57P05")
 _PG_BUSY = ("40001", "40P01", "55P03")
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,55}\Z")
 # In JSON text: a string (kept as it is), or a number with a positive exponent (1e+16).
-_STRING_OR_EXPONENT_FLOAT = re.compile(r'("(?:[^"\\]|\\.)*")|(-?\d+(?:\.\d+)?[eE]\+\d+)')
+_STRING_OR_EXPONENT_FLOAT = re.compile(r'("[^"\\]*(?:\\.[^"\\]*)*")|(-?\d+(?:\.\d+)?[eE]\+\d+)')
 
 
 def _sqlstate(exc):
@@ -1221,6 +1228,11 @@ class PostgreSQLDialect(Dialect):
         if self.driver == "pg8000":
             return self._connect_pg8000(module, options)
         options.setdefault("connect_timeout", "10")
+        # A network that drops packets silently would block a statement (and the process's storage
+        # lock) for many minutes: notice a dead peer within about 30 s instead.
+        for option, value in (("keepalives", "1"), ("keepalives_idle", "10"), ("keepalives_interval", "5"),
+                              ("keepalives_count", "3"), ("tcp_user_timeout", "30000")):
+            options.setdefault(option, value)
         kwargs = {"host": self.host, "port": self.port, "user": self.user, "password": self.password,
                   "dbname": self.database}
         kwargs.update(options)
@@ -1256,7 +1268,6 @@ class PostgreSQLDialect(Dialect):
             kwargs["ssl_context"] = context
         elif sslmode != "prefer":
             raise ConfigurationError(f"sslmode={sslmode!r} in {self.describe()} is not a libpq sslmode")
-        # pg8000 has one timeout for every socket operation; lilota's statements are short.
         kwargs["timeout"] = float(options.pop("connect_timeout", 10))
         if "application_name" in options:
             kwargs["application_name"] = options.pop("application_name")
@@ -1264,6 +1275,9 @@ class PostgreSQLDialect(Dialect):
             raise ConfigurationError(f"URL option(s) {sorted(options)} are not supported with pg8000 "
                                      f"({self.describe()}); it knows sslmode, connect_timeout, application_name")
         conn = module.dbapi.connect(**{k: v for k, v in kwargs.items() if v is not None})
+        # pg8000's timeout holds for every later read too: keep it for connecting only (a long
+        # statement is not a lost server; TCP keepalive, on by default, finds a dead peer).
+        conn._usock.settimeout(None)
         conn.autocommit = True
         for oid in (114, 3802):   # json, jsonb: as text, for lilota's one deserializer
             conn.register_in_adapter(oid, lambda text: text)
@@ -1381,12 +1395,19 @@ class PostgreSQLDialect(Dialect):
     def listen(self):
         return _PostgresListener(self)
 
+    def missing_table(self, exc):
+        return _sqlstate(exc) in ("42P01", "3F000")   # undefined table, undefined schema
+
     def _is_driver_error(self, exc):
         # pg8000 lets some socket errors (a reset connection) out unwrapped: OSError is ours too.
         module = self._module
         return module is not None and isinstance(exc, (getattr(module, "Error", ()), OSError))
 
     def connection_lost(self, exc):
+        if not isinstance(exc, Exception):
+            # KeyboardInterrupt or a task's interruption inside a statement: the driver may have
+            # sent it and not read the reply. That connection is out of step; open another.
+            return self._module is not None
         if not self._is_driver_error(exc):
             return False
         code = _sqlstate(exc)
@@ -1411,7 +1432,7 @@ class PostgreSQLDialect(Dialect):
                                                             r"role \"[^\"]*\" does not exist", first_line)):
             return DatabaseUnavailableError(f"{where} refused the login ({first_line}); check the user and "
                                             f"password in db_url and the server's pg_hba.conf")
-        if self.connection_lost(exc) or code.startswith(("53", "57")) and code != "53100":
+        if self.connection_lost(exc) or (code.startswith(("53", "57P")) and code != "53100"):
             return DatabaseUnavailableError(f"cannot reach {where} ({first_line}); lilota reconnects "
                                             f"when it is back -- check that the server runs and accepts this URL")
         if code in _PG_BUSY:
@@ -1428,6 +1449,8 @@ class PostgreSQLDialect(Dialect):
         if code == "22P05":
             return UnserializableError(f"PostgreSQL cannot store this payload in JSONB ({first_line}); "
                                        f"the character U+0000 is not allowed in its strings")
+        if code == "54000":
+            return UnserializableError(f"PostgreSQL cannot store this payload ({first_line}); make it smaller")
         if code == "42501":
             return ReadOnlyDatabaseError(f"{where}: permission denied ({first_line}); grant the user "
                                          f"rights on lilota's tables and schema")
@@ -1436,48 +1459,74 @@ class PostgreSQLDialect(Dialect):
 
 class _PostgresListener:
     """A connection of its own that LISTENs for "tasks were queued" in lilota's schema. An idle
-    worker selects on its socket; whatever arrives there is a reason to claim again."""
+    worker selects on its socket; whatever arrives there is a reason to claim again. The worker's
+    keeper thread drains it while a task runs, hence the lock."""
 
     def __init__(self, dialect):
         self.dialect = dialect
         self.conn = None
         self.owner_pid = os.getpid()
+        self.lock = threading.Lock()
 
     def fileno(self):
-        """The socket to wait on, with LISTEN in place (a new connection when the old one broke);
-        None while the server cannot be reached."""
-        if self.owner_pid != os.getpid():   # a forked child must not share the parent's socket
-            self.conn, self.owner_pid = None, os.getpid()
-        if self.conn is None:
+        """Connect and LISTEN if not done yet (again after the connection broke), and return the
+        socket to wait on; None while the server cannot be reached."""
+        with self.lock:
+            if self.owner_pid != os.getpid():   # a forked child must not share the parent's socket
+                self.conn, self.owner_pid, self.lock = None, os.getpid(), threading.Lock()
+            if self.conn is None:
+                try:
+                    self.conn = self._connect()
+                except Exception:
+                    logger.debug("cannot listen for notifications from %s", self.dialect.describe(),
+                                 exc_info=True)
+                    return None
             try:
-                conn = self.dialect.connect()
-                row = conn.execute("SELECT relnamespace::regnamespace::text FROM pg_class "
-                                   "WHERE oid = to_regclass('lilota_task')").fetchone()
-                schema = (row[0] if row else None) or "public"
-                conn.execute('LISTEN "lilota_' + schema.strip('"').replace('"', '""') + '"')
+                return self.conn.fileno()
             except Exception:
-                logger.debug("cannot listen for notifications from %s", self.dialect.describe(), exc_info=True)
+                self._close()
                 return None
-            self.conn = conn
+
+    def _connect(self):
+        conn = self.dialect.connect()
         try:
-            return self.conn.fileno()
-        except Exception:
-            self.close()
-            return None
+            raw = conn.raw
+            # The drivers keep every notification they read unless told otherwise: lilota only
+            # needs to know that one came.
+            if self.dialect.driver == "psycopg":
+                raw.add_notify_handler(lambda notification: None)
+            elif self.dialect.driver == "psycopg2":
+                raw.notifies = collections.deque(maxlen=1)
+            row = conn.execute("SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                               "WHERE c.oid = to_regclass('lilota_task')").fetchone()
+            channel = "lilota_" + (row[0] if row else "public")
+            conn.execute('LISTEN "' + channel.replace('"', '""') + '"')
+        except BaseException:
+            try:
+                conn.close()
+            except Exception:
+                pass
+            raise
+        return conn
 
     def drain(self):
-        """Consume what arrived, if anything did: the drivers read notifications while they read a
-        reply. A busy worker calls this now and then too, so that notifications do not pile up in
-        the server's queue while it never idles."""
-        if self.conn is None:
-            return
+        """Consume what arrived, if anything did (without waiting): the drivers read notifications
+        while they read a reply. Unread, they would pile up in the server's queue."""
+        if not self.lock.acquire(blocking=False):
+            return   # the other thread is at it
         try:
-            if select.select([self.conn.fileno()], [], [], 0)[0]:
+            if self.conn is not None and select.select([self.conn.fileno()], [], [], 0)[0]:
                 self.conn.execute("SELECT 1").fetchall()
         except Exception:
-            self.close()   # broken: the next fileno() reconnects and LISTENs again
+            self._close()   # broken: the next fileno() reconnects and LISTENs again
+        finally:
+            self.lock.release()
 
     def close(self):
+        with self.lock:
+            self._close()
+
+    def _close(self):
         conn, self.conn = self.conn, None
         if conn is not None and self.owner_pid == os.getpid():
             try:
@@ -1573,6 +1622,7 @@ class Storage:
         # Statements write ``?`` for a plain parameter and T / J for a time / JSON one.
         T, J = dialect.time_param, dialect.json_param
         self._listener = None
+        self._unreachable_at = -math.inf   # time.monotonic() when the database was last out of reach
         # Hot statements, translated once.
         self._insert_sql = sql(
             "INSERT INTO lilota_task (id, name, status, priority, run_at, attempts, max_attempts, timeout, "
@@ -1621,6 +1671,7 @@ class Storage:
 
     def _discard_connection(self):
         """Drop a connection the database closed: the next operation opens a new one."""
+        self._unreachable_at = time.monotonic()
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -1640,6 +1691,8 @@ class Storage:
                 except Exception:   # a connection the server dropped may fail to close, too
                     pass
             translated = None if isinstance(exc, LilotaError) else self.dialect.translate_error(exc)
+            if isinstance(translated or exc, DatabaseUnavailableError):
+                self._unreachable_at = time.monotonic()
             if translated is not None:
                 raise translated from exc
             raise
@@ -1666,7 +1719,7 @@ class Storage:
             try:
                 row = conn.execute("SELECT value FROM lilota_meta WHERE key = 'schema_version'").fetchone()
             except Exception as exc:
-                if "no such table" in str(exc) or "does not exist" in str(exc):
+                if self.dialect.missing_table(exc):
                     _rollback(conn)
                     return 0
                 raise
@@ -2035,12 +2088,17 @@ class Storage:
             rows = conn.execute(f"SELECT {_NODE_COLUMNS} FROM lilota_node ORDER BY created_at").fetchall()
         return [self._node(r) for r in rows]
 
-    def find_lost_nodes(self, exclude=()):
+    def find_lost_nodes(self, exclude=(), settle=0.0):
         """Mark dead the nodes marked alive whose lease has expired, or whose process is gone from
         this host (same host key: same machine, boot and pid namespace); return their ids. Nodes in
-        ``exclude`` are the caller's own, which it looks after itself."""
+        ``exclude`` are the caller's own, which it looks after itself.
+
+        Leases are not judged until this process has reached the database for ``settle`` seconds
+        without a break: when it was out of reach, so perhaps was everyone, and nobody could renew
+        a lease; the living need that long to renew theirs before the others are declared dead."""
         d = self.dialect
         here = _host_key()
+        judge_leases = time.monotonic() - self._unreachable_at >= settle
         with self._guard as conn:
             with self._transaction(conn):
                 rows = conn.execute(f"SELECT id, pid, host_key, lease_expires_at FROM lilota_node "
@@ -2048,7 +2106,7 @@ class Storage:
                 now = _now()
                 lost = [str(node_id) for node_id, pid, host_key, lease in rows
                         if str(node_id) not in exclude and (
-                            d.decode_time(lease).timestamp() < now
+                            (judge_leases and d.decode_time(lease).timestamp() < now)
                             or (host_key == here and pid and not _process_exists(pid)))]
                 for node_id in lost:
                     conn.execute(d.sql(f"UPDATE lilota_node SET status = 'dead' WHERE id = ? "
@@ -2251,6 +2309,7 @@ class LilotaScheduler:
         storage = self.storage
         status, counter = storage.task_state(key)
         delay, last_read = 0.0005, time.monotonic()
+        started = last_read
         while True:
             if status is None:
                 raise TaskNotFoundError(f"no task with id {key}")
@@ -2261,7 +2320,11 @@ class LilotaScheduler:
                 raise TaskWaitTimeout(f"task {key} is still {status} after {limit:g}s")
             pause = delay if deadline is None else min(delay, max(0.0, deadline - now))
             time.sleep(pause)
-            delay = min(delay * 1.5, 0.005 if counter is not None else 0.01)
+            if counter is not None:
+                cap = 0.005
+            else:   # each look is a query: quick during the first second, then every 100 ms
+                cap = 0.01 if time.monotonic() - started < 1.0 else 0.1
+            delay = min(delay * 1.5, cap)
             # Re-read the row when another connection committed, and at least every 50 ms (writes
             # made through this process's own connection do not move the counter). Without a
             # counter (PostgreSQL), re-read it each time: a primary-key lookup.
@@ -2350,12 +2413,13 @@ def _ring(fd):
         pass
 
 
-def _recover_lost_nodes(storage, retry_delay, retry_max_delay, exclude=()):
+def _recover_lost_nodes(storage, retry_delay, retry_max_delay, exclude=(), settle=0.0):
     """Mark nodes whose lease expired (or whose process is gone) dead and release the running
     tasks they held: retried while attempts remain, else failed with a WorkerDiedError. The nodes
-    in ``exclude`` are the caller's own (a supervisor handles its workers' deaths itself)."""
+    in ``exclude`` are the caller's own (a supervisor handles its workers' deaths itself);
+    ``settle``: see Storage.find_lost_nodes."""
     exclude = set(exclude)
-    lost = storage.find_lost_nodes(exclude)
+    lost = storage.find_lost_nodes(exclude, settle)
     for node_id in (set(lost) | set(storage.orphaned_nodes())) - exclude:
         tasks = storage.recover_tasks(node_id, _error_record(WorkerDiedError(
             f"the worker node {node_id} running this task was lost (its heartbeat lease expired "
@@ -2605,7 +2669,12 @@ class LilotaWorker:
             return
         finally:
             self._current = None
-        if not self._record(storage.complete, str(task.id), node_id, output, self.set_progress_manually):
+        try:
+            stored = self._record(storage.complete, str(task.id), node_id, output, self.set_progress_manually)
+        except UnserializableError as exc:   # the database refused this output (PostgreSQL: U+0000, size)
+            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts))
+            return
+        if not stored:
             self.logger.info("task %s finished but was no longer this worker's (cancelled or recovered); "
                              "its result was not stored", task.id)
 
@@ -2730,6 +2799,10 @@ class LilotaWorker:
     def _listen_to_supervisor(self, control):
         while True:
             try:
+                if not control.poll(1.0):
+                    if self._current is not None:
+                        self.storage.drain_notifications()   # the loop does not, while a task runs
+                    continue
                 message = control.recv()
             except (EOFError, OSError):
                 # The application that started us is gone: workers never outlive it. A running task
@@ -2809,8 +2882,11 @@ class LilotaWorker:
                             self._request_interrupt(task, "lost", can_interrupt)
                         storage.set_node_status(node_id, NodeStatus.RUNNING)
                         storage.heartbeat([node_id], self.node_timeout)
-                    _recover_lost_nodes(storage, self.retry_delay, self.retry_max_delay)
+                    _recover_lost_nodes(storage, self.retry_delay, self.retry_max_delay,
+                                        settle=self.node_timeout)
                 task = self._current
+                if task is not None:
+                    storage.drain_notifications()   # the loop does not, while the task runs
                 if task is not None and self._interrupt is None:
                     for hit in storage.running_tasks([node_id], only_overdue_or_cancelled=True):
                         if hit.id == task.id:
@@ -3368,7 +3444,8 @@ class Lilota(LilotaScheduler):
                     self._kill(handle)
                     self._replace(handle, context)
             own = {self.node_id} | {h.node_id for h in self._handles if h is not None}
-            _recover_lost_nodes(self.storage, self.retry_delay, self.retry_max_delay, exclude=own)
+            _recover_lost_nodes(self.storage, self.retry_delay, self.retry_max_delay, exclude=own,
+                                settle=self.node_timeout)
         except StorageError:
             logger.warning("lilota heartbeat failed; will retry", exc_info=True)
 
