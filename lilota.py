@@ -776,6 +776,11 @@ class Dialect:
         """True when ``exc`` means the connection is unusable and a new one must be opened."""
         return False
 
+    def connection_closed(self, conn):
+        """True when an idle connection is known to be closed by the other side (checked before
+        each operation, so it must be cheap); the operation then opens a new one."""
+        return False
+
     def missing_table(self, exc):
         """True when ``exc`` says a table does not exist (the schema is not created yet)."""
         return "no such table" in str(exc) or "does not exist" in str(exc)
@@ -1398,6 +1403,14 @@ class PostgreSQLDialect(Dialect):
     def missing_table(self, exc):
         return _sqlstate(exc) in ("42P01", "3F000")   # undefined table, undefined schema
 
+    def connection_closed(self, conn):
+        # Between statements the server says nothing, unless it is going away: a termination
+        # notice, or the end of the stream. Either way this connection is finished.
+        try:
+            return bool(select.select([conn.fileno()], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
+
     def _is_driver_error(self, exc):
         # pg8000 lets some socket errors (a reset connection) out unwrapped: OSError is ours too.
         module = self._module
@@ -1554,6 +1567,8 @@ class _Guard:
         storage._lock.acquire()
         storage._depth += 1
         try:
+            if storage._conn is not None and storage._depth == 1 and storage.dialect.connection_closed(storage._conn):
+                storage._discard_connection()   # e.g. the server restarted while it was idle
             if storage._conn is None:
                 storage._open()
             elif storage._depth == 1 and time.monotonic() >= storage._file_check_at and storage._file_replaced():
