@@ -833,6 +833,14 @@ def _rollback(conn):
         pass
 
 
+def _close_quietly(conn):
+    """Close a connection that may already be broken: a dropped one can fail to close, too."""
+    try:
+        conn.close()
+    except Exception:
+        pass
+
+
 class _Transaction:
     """BEGIN (IMMEDIATE on SQLite; ``begin=None``: already begun) ... COMMIT, or ROLLBACK on error
     (a failed COMMIT included, so that the shared connection never stays inside a transaction)."""
@@ -1296,10 +1304,7 @@ class PostgreSQLDialect(Dialect):
             if self.schema:
                 conn.execute(f'SET search_path TO "{self.schema}"')
         except BaseException:
-            try:
-                conn.close()
-            except Exception:
-                pass
+            _close_quietly(conn)
             raise
         return conn
 
@@ -1515,10 +1520,7 @@ class _PostgresListener:
             channel = "lilota_" + (row[0] if row else "public")
             conn.execute('LISTEN "' + channel.replace('"', '""') + '"')
         except BaseException:
-            try:
-                conn.close()
-            except Exception:
-                pass
+            _close_quietly(conn)
             raise
         return conn
 
@@ -1542,10 +1544,7 @@ class _PostgresListener:
     def _close(self):
         conn, self.conn = self.conn, None
         if conn is not None and self.owner_pid == os.getpid():
-            try:
-                conn.close()
-            except Exception:
-                pass
+            _close_quietly(conn)
 
 
 register_dialect("postgresql", PostgreSQLDialect)
@@ -1689,10 +1688,7 @@ class Storage:
         self._unreachable_at = time.monotonic()
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                pass
+            _close_quietly(conn)
 
     def _open(self):
         conn = None
@@ -1701,10 +1697,7 @@ class Storage:
             self._migrate(conn)
         except BaseException as exc:
             if conn is not None:
-                try:
-                    conn.close()
-                except Exception:   # a connection the server dropped may fail to close, too
-                    pass
+                _close_quietly(conn)
             translated = None if isinstance(exc, LilotaError) else self.dialect.translate_error(exc)
             if isinstance(translated or exc, DatabaseUnavailableError):
                 self._unreachable_at = time.monotonic()
