@@ -1567,7 +1567,7 @@ class _Guard:
         storage._depth += 1
         try:
             if storage._conn is not None and storage._depth == 1 and storage.dialect.connection_closed(storage._conn):
-                storage._discard_connection()   # e.g. the server restarted while it was idle
+                storage._discard_connection(lost=True)   # e.g. the server restarted while it was idle
             if storage._conn is None:
                 storage._open()
             elif storage._depth == 1 and time.monotonic() >= storage._file_check_at and storage._file_replaced():
@@ -1592,7 +1592,7 @@ class _Guard:
                     _rollback(conn)
                 if not isinstance(exc, LilotaError):
                     if storage.dialect.connection_lost(exc):
-                        storage._discard_connection()
+                        storage._discard_connection(lost=True)
                     translated = storage.dialect.translate_error(exc)
                     if translated is not None:
                         raise translated from exc
@@ -1683,9 +1683,10 @@ class Storage:
         self._listener = None
         self._owner_pid = os.getpid()
 
-    def _discard_connection(self):
-        """Drop a connection the database closed: the next operation opens a new one."""
-        self._unreachable_at = time.monotonic()
+    def _discard_connection(self, lost=False):
+        """Drop the connection (``lost``: the database closed it): the next operation opens a new one."""
+        if lost:
+            self._unreachable_at = time.monotonic()
         conn, self._conn = self._conn, None
         if conn is not None:
             _close_quietly(conn)
