@@ -1,0 +1,223 @@
+"""lilota's side of the benchmark: one repetition of one workload per process.
+
+    python bench/lilota_workloads.py WORKLOAD --url URL [--n N] [--workers K] ...
+
+prints one JSON line (see common.emit). Run by bench/run.py; each run gets a fresh database.
+Times of claims and completions are read from the task rows afterwards (start_date_time,
+end_date_time), so that measuring adds no work to the workers while they run.
+"""
+
+import gc
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import lilota  # noqa: E402
+from lilota import Lilota, NodeType, NodeStatus  # noqa: E402
+
+from common import emit, percentile, rss_kib, db_bytes, wait_until  # noqa: E402
+
+TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lilota_tasks.py")
+
+
+class Raw:
+    """A separate connection for the measurements, through the dialect's documented interface."""
+
+    def __init__(self, app):
+        self.dialect = app.storage.dialect
+        self.conn = self.dialect.connect()
+
+    def rows(self, sql, params=()):
+        cur = self.conn.cursor()
+        try:
+            cur.execute(self.dialect.sql(sql), params)
+            return cur.fetchall()
+        finally:
+            cur.close()
+
+    def window(self):
+        """(completed count, first claim, last completion) in epoch seconds."""
+        count, first, last = self.rows("SELECT COUNT(*), MIN(start_date_time), MAX(end_date_time) "
+                                       "FROM lilota_task WHERE status = 'completed'")[0]
+        d = self.dialect
+        return count, d.decode_time(first).timestamp(), d.decode_time(last).timestamp()
+
+    def unfinished(self):
+        return self.rows("SELECT COUNT(*) FROM lilota_task WHERE status IN ('scheduled', 'running')")[0][0]
+
+    def close(self):
+        self.conn.close()
+
+
+def _worker_pids(app):
+    return [n.pid for n in app.get_all_nodes()
+            if n.type == NodeType.WORKER and n.status == NodeStatus.RUNNING and n.pid]
+
+
+def _wait_workers_ready(app, k, timeout=60):
+    wait_until(lambda: len(_worker_pids(app)) >= k, timeout)
+
+
+def enqueue_one(args):
+    app = Lilota.scheduler(args.url)
+    app.storage.ensure_ready()          # connection and schema are not part of the figure
+    inputs = [{"i": i} for i in range(args.n)]
+    schedule = app.schedule
+    t0 = time.perf_counter()
+    for value in inputs:
+        schedule("noop", value)
+    elapsed = time.perf_counter() - t0
+    emit(rate=args.n / elapsed, n=args.n, seconds=elapsed)
+
+
+def enqueue_many(args):
+    app = Lilota.scheduler(args.url)
+    app.storage.ensure_ready()
+    inputs = [{"i": i} for i in range(args.n)]
+    t0 = time.perf_counter()
+    app.schedule_many("noop", inputs)
+    elapsed = time.perf_counter() - t0
+    emit(rate=args.n / elapsed, n=args.n, seconds=elapsed)
+
+
+def _drain(app, raw, ids, timeout):
+    """Wait for the queue to empty: wait() on the last task stored, then the stragglers."""
+    app.wait(ids[-1], timeout=timeout)
+    wait_until(lambda: raw.unfinished() == 0, timeout)
+
+
+def drain(args, task="noop", ideal_task_seconds=None):
+    app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers, stop_timeout=60)
+    ids = app.schedule_many(task, [{"i": i} for i in range(args.n)])
+    raw = Raw(app)
+    app.start()
+    try:
+        _drain(app, raw, ids, timeout=600)
+    finally:
+        app.stop()
+    count, first, last = raw.window()
+    raw.close()
+    result = dict(rate=count / (last - first), n=count, seconds=last - first, workers=args.workers)
+    if ideal_task_seconds:
+        # Wall time each task cost a worker beyond its own work (seconds).
+        result["overhead"] = (last - first) * args.workers / count - ideal_task_seconds
+    emit(**result)
+
+
+def mixed(args):
+    drain(args, task="cpu10", ideal_task_seconds=0.010)
+
+
+def latency(args):
+    app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers)
+    app.start()
+    try:
+        _wait_workers_ready(app, args.workers)
+        for _ in range(2):   # warm up: first claims, imports
+            app.wait(app.schedule("stamp"), timeout=60)
+        pickup, done = [], []
+        rng = random.Random(1)
+        for _ in range(args.samples):
+            time.sleep(rng.uniform(0.25, 1.25))       # idle: the workers are asleep again
+            task_id = app.schedule("stamp")
+            t0 = time.time()
+            task = app.wait(task_id, timeout=60)
+            t1 = time.time()
+            pickup.append(task.output["t"] - t0)
+            done.append(t1 - t0)
+    finally:
+        app.stop()
+    emit(samples=len(pickup),
+         pickup_p50=percentile(pickup, 50), pickup_p95=percentile(pickup, 95), pickup_max=max(pickup),
+         done_p50=percentile(done, 50), done_p95=percentile(done, 95), done_max=max(done))
+
+
+def startup(args):
+    """Lilota.start() to the first completed task; then the RSS of the idle workers."""
+    app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers)
+    app.storage.ensure_ready()
+    t0 = time.perf_counter()
+    app.start()
+    try:
+        app.wait(app.schedule("noop"), timeout=60)
+        startup_s = time.perf_counter() - t0
+        _wait_workers_ready(app, args.workers)
+        time.sleep(1.0)      # idle for a while
+        rss = [rss_kib(pid) for pid in _worker_pids(app)]
+        app_rss = rss_kib(os.getpid())
+    finally:
+        app.stop()
+    emit(startup=startup_s, worker_rss_kib=max(r for r in rss if r), app_rss_kib=app_rss)
+
+
+def footprint(args):
+    """Schedule N tasks one by one while the workers run them; RSS and database size afterwards."""
+    app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers, stop_timeout=60)
+    app.start()
+    try:
+        _wait_workers_ready(app, args.workers)
+        gc.collect()
+        app_before = rss_kib(os.getpid())
+        last = None
+        for i in range(args.n):
+            last = app.schedule("noop", {"i": i})
+        raw = Raw(app)
+        _drain(app, raw, [last], timeout=600)
+        raw.close()
+        time.sleep(0.5)
+        gc.collect()
+        app_after = rss_kib(os.getpid())
+        workers_after = [rss_kib(pid) for pid in _worker_pids(app)]
+    finally:
+        app.stop()
+    size = db_bytes(args.url) if args.url.startswith("sqlite") else None
+    emit(n=args.n, app_rss_before_kib=app_before, app_rss_after_kib=app_after,
+         worker_rss_after_kib=max(r for r in workers_after if r),
+         db_bytes=size, bytes_per_task=None if size is None else size / args.n)
+
+
+def scale(args):
+    """Queue ``depth`` tasks (bulk), then measure the drain of the first ``n`` of them."""
+    app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers, stop_timeout=60)
+    app.storage.ensure_ready()
+    chunk = 100_000
+    marker = None
+    t0 = time.perf_counter()
+    for start in range(0, args.depth, chunk):
+        ids = app.schedule_many("noop", [None] * min(chunk, args.depth - start))
+        if marker is None:
+            marker = ids[min(args.n, len(ids)) - 1]
+    fill = time.perf_counter() - t0
+    raw = Raw(app)
+    app.start()
+    try:
+        app.wait(marker, timeout=600)      # tasks are claimed in the order they were stored
+    finally:
+        app.stop()
+    count, first, last = raw.window()
+    raw.close()
+    emit(rate=count / (last - first), n=count, depth=args.depth, fill_seconds=fill, workers=args.workers)
+
+
+WORKLOADS = {f.__name__: f for f in (enqueue_one, enqueue_many, drain, mixed, latency, startup, footprint, scale)}
+
+
+def main():
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workload", choices=sorted(WORKLOADS))
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=25)
+    parser.add_argument("--depth", type=int, default=10_000)
+    args = parser.parse_args()
+    WORKLOADS[args.workload](args)
+
+
+if __name__ == "__main__":
+    main()

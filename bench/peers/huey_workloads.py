@@ -1,0 +1,145 @@
+"""huey (SqliteHuey) side of the benchmark; runs inside huey's throw-away virtual environment.
+
+    python huey_workloads.py WORKLOAD --db PATH [--n N] [--workers K] [--samples S]
+
+The consumer runs as a separate process (``consumer`` below) with process workers, as a user
+would run ``huey_consumer -k process -w K``. huey keeps no claim or completion times, so a drain
+is timed by watching the queue from this process every 5 ms: from the first task taken off the
+queue to the queue being empty (the no-op task that was taken last ends microseconds later).
+"""
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from common import emit, percentile, rss_kib, children_of, wait_until  # noqa: E402
+
+
+def _tasks(db):
+    os.environ["BENCH_HUEY_DB"] = db
+    sys.path.insert(0, HERE)
+    import huey_tasks
+    return huey_tasks
+
+
+def _consumer(db, workers):
+    env = dict(os.environ, BENCH_HUEY_DB=db)
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), "consumer", "--db", db,
+                             "--workers", str(workers)], env=env, stderr=subprocess.DEVNULL)
+
+
+def _stop(proc):
+    proc.send_signal(signal.SIGINT)   # graceful
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def consumer(args):
+    tasks = _tasks(args.db)
+    tasks.huey.create_consumer(workers=args.workers, worker_type="process").run()
+
+
+def enqueue_one(args):
+    tasks = _tasks(args.db)
+    tasks.huey.storage.queue_size()    # connection and schema are not part of the figure
+    noop = tasks.noop
+    t0 = time.perf_counter()
+    for i in range(args.n):
+        noop(i)
+    elapsed = time.perf_counter() - t0
+    emit(rate=args.n / elapsed, n=args.n, seconds=elapsed)
+
+
+def drain(args, task="noop", ideal_task_seconds=None):
+    tasks = _tasks(args.db)
+    function = getattr(tasks, task)
+    for i in range(args.n):
+        function(i)
+    storage = tasks.huey.storage
+    proc = _consumer(args.db, args.workers)
+    try:
+        while storage.queue_size() >= args.n:
+            time.sleep(0.005)
+        first = time.time()
+        while storage.queue_size() > 0:
+            time.sleep(0.005)
+        last = time.time()
+    finally:
+        _stop(proc)
+    result = dict(rate=args.n / (last - first), n=args.n, seconds=last - first, workers=args.workers)
+    if ideal_task_seconds:
+        result["overhead"] = (last - first) * args.workers / args.n - ideal_task_seconds
+    emit(**result)
+
+
+def mixed(args):
+    drain(args, task="cpu10", ideal_task_seconds=0.010)
+
+
+def latency(args):
+    tasks = _tasks(args.db)
+    proc = _consumer(args.db, args.workers)
+    try:
+        for _ in range(2):
+            tasks.stamp().get(blocking=True, timeout=60)
+        pickup, done = [], []
+        rng = random.Random(1)
+        for _ in range(args.samples):
+            time.sleep(rng.uniform(0.25, 1.25))
+            result = tasks.stamp()
+            t0 = time.time()
+            started = result.get(blocking=True, timeout=60)   # huey's own way to wait
+            t1 = time.time()
+            pickup.append(started - t0)
+            done.append(t1 - t0)
+    finally:
+        _stop(proc)
+    emit(samples=len(pickup),
+         pickup_p50=percentile(pickup, 50), pickup_p95=percentile(pickup, 95), pickup_max=max(pickup),
+         done_p50=percentile(done, 50), done_p95=percentile(done, 95), done_max=max(done))
+
+
+def startup(args):
+    tasks = _tasks(args.db)
+    tasks.huey.storage.queue_size()
+    t0 = time.perf_counter()
+    proc = _consumer(args.db, args.workers)
+    try:
+        tasks.stamp().get(blocking=True, timeout=60, backoff=1.0, max_delay=0.005)
+        startup_s = time.perf_counter() - t0
+        time.sleep(1.0)
+        workers = wait_until(lambda: [p for p in children_of(proc.pid)][:args.workers] or None, 10)
+        rss = [rss_kib(pid) for pid in workers]
+        consumer_rss = rss_kib(proc.pid)
+    finally:
+        _stop(proc)
+    emit(startup=startup_s, worker_rss_kib=max(r for r in rss if r), consumer_rss_kib=consumer_rss,
+         app_rss_kib=rss_kib(os.getpid()))
+
+
+WORKLOADS = {f.__name__: f for f in (consumer, enqueue_one, drain, mixed, latency, startup)}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workload", choices=sorted(WORKLOADS))
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=25)
+    args = parser.parse_args()
+    WORKLOADS[args.workload](args)
+
+
+if __name__ == "__main__":
+    main()
