@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.environ.get("BENCH_LILOTA_PATH") or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lilota import LilotaWorker  # noqa: E402
 

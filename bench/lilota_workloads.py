@@ -13,8 +13,9 @@ import random
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# BENCH_LILOTA_PATH: the directory of another lilota.py to measure (run.py --baseline).
+sys.path.insert(0, os.environ.get("BENCH_LILOTA_PATH") or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 
 import lilota  # noqa: E402
 from lilota import Lilota, NodeType, NodeStatus  # noqa: E402

@@ -6,6 +6,7 @@
     python bench/run.py --only drain,latency # some workloads only (names: see --help)
     python bench/run.py --backend postgres   # PostgreSQL (when lilota has its dialect and the server answers)
     python bench/run.py --no-peers           # lilota and the floor only
+    python bench/run.py --quick --baseline ../old-checkout   # A/B: this lilota.py against another one
 
 Every repetition of every workload runs in a new process on a new, empty database. Repetitions
 of the systems are interleaved (lilota, floor, huey, upstream lilota, then again), so that noise
@@ -45,14 +46,19 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 UPSTREAM_REGISTER_VERSION = "1.0.0"   # the last upstream release with LilotaWorker.register
 
 
+# Workload processes write and use byte-code caches, as an installed package has them (this
+# machine sets PYTHONDONTWRITEBYTECODE; compiling lilota.py at every start costs each worker
+# about 3 MB and tens of milliseconds).
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
 # --- systems --------------------------------------------------------------------------------------
 
 class System:
     """One thing measured: how to run a workload script of it with a database URL."""
 
-    def __init__(self, key, label, python, script, db_arg="--url", note=""):
+    def __init__(self, key, label, python, script, db_arg="--url", env=None):
         self.key, self.label, self.python, self.script, self.db_arg = key, label, python, script, db_arg
-        self.note = note
+        self.env = dict(ENV, **(env or {}))
 
     def command(self, workload, db, params):
         target = db.path if self.db_arg == "--db" else db.url
@@ -123,9 +129,16 @@ def make_systems(args, log):
         System("lilota", "lilota (this)", base, os.path.join(BENCH, "lilota_workloads.py")),
         System("floor", "floor (raw SQL loop)", base, os.path.join(BENCH, "floor.py")),
     ]
+    if args.baseline:
+        # Another lilota.py, run through the same workloads: an A/B comparison of a change.
+        systems.insert(1, System("baseline", f"lilota baseline ({args.baseline})", base,
+                                 os.path.join(BENCH, "lilota_workloads.py"),
+                                 env={"BENCH_LILOTA_PATH": os.path.abspath(args.baseline)}))
     skipped = []
     if args.no_peers:
         return systems, ["peers: --no-peers"]
+    if args.baseline:
+        return systems, ["peers: --baseline compares two lilotas"]
     if args.backend == "sqlite":
         huey = _venv("huey", sys.executable, "huey", args.refresh_peers, log)
         if huey:
@@ -238,18 +251,14 @@ WORKLOAD_GROUPS = {
 
 # --- running --------------------------------------------------------------------------------------
 
-# Workload processes write and use byte-code caches, as an installed package has them (this
-# machine sets PYTHONDONTWRITEBYTECODE; compiling lilota.py at every start costs each worker
-# about 3 MB and tens of milliseconds).
-ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-
 
 def run_one(system, workload, params, backend, timeout, log):
     """One repetition in a new process on a fresh database: the result dict, or None."""
     try:
         with FreshDatabase(backend) as db:
             cmd = system.command(workload, db, params)
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=ENV)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+                                  env=system.env)
     except subprocess.TimeoutExpired:
         log(f"    {system.key} {workload}: timed out after {timeout}s")
         return None
@@ -265,7 +274,7 @@ def run_one(system, workload, params, backend, timeout, log):
 
 
 def _system_plan(case, system):
-    plan = case.plan.get(system.key)
+    plan = case.plan.get("lilota" if system.key == "baseline" else system.key)
     if plan is None and system.key.startswith("up-"):
         plan = case.plan.get("up")
     return plan
@@ -506,6 +515,9 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated: " + ", ".join(WORKLOAD_GROUPS))
     parser.add_argument("--no-peers", action="store_true", help="measure lilota and the floor only")
     parser.add_argument("--refresh-peers", action="store_true", help="reinstall the peers' virtual environments")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also measure the lilota.py in DIR (e.g. a checkout of the commit before a "
+                             "change), interleaved with this one: an A/B comparison (no peers)")
     parser.add_argument("--write", action="store_true", help="rewrite bench/RESULTS.md after a --quick or --only run")
     args = parser.parse_args()
 
