@@ -291,6 +291,9 @@ class ModelProtocol(typing.Protocol):
 # Anything else (sets, bytes, arbitrary objects, dicts with non-string keys, NaN, infinity, cycles)
 # raises UnserializableError -- a TypeError and a ValueError -- before anything is written.
 
+_JSON_SCALARS = frozenset({str, int, bool, type(None)})   # JSON values as they are (exact types only)
+
+
 def _to_json(value, path="input", _active=None):
     """Convert a value to plain JSON types (dict/list/str/int/float/bool/None) or raise."""
     kind = type(value)
@@ -332,13 +335,18 @@ def _to_json(value, path="input", _active=None):
                 if not isinstance(name, str):
                     raise UnserializableError(f"{path}: dictionary keys must be strings to be stored as JSON, "
                                     f"got key {key!r} of type {type(key).__name__}")
-                out[str(name)] = _to_json(item, f"{path}[{key!r}]", _active)
+                # Exact str/int/bool/None stay as they are: no path to format for them.
+                out[str(name)] = item if type(item) in _JSON_SCALARS else _to_json(item, f"{path}[{key!r}]", _active)
             return out
         if isinstance(value, (list, tuple)):
-            return [_to_json(item, f"{path}[{i}]", _active) for i, item in enumerate(value)]
+            return [item if type(item) in _JSON_SCALARS else _to_json(item, f"{path}[{i}]", _active)
+                    for i, item in enumerate(value)]
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            return {f.name: _to_json(getattr(value, f.name), f"{path}.{f.name}", _active)
-                    for f in dataclasses.fields(value)}
+            out = {}
+            for f in dataclasses.fields(value):
+                item = getattr(value, f.name)
+                out[f.name] = item if type(item) in _JSON_SCALARS else _to_json(item, f"{path}.{f.name}", _active)
+            return out
         if hasattr(value, "model_dump") and hasattr(type(value), "model_fields"):  # pydantic v2
             return _to_json(_call_model_method(value, "model_dump", path, mode="json"), path, _active)
         if hasattr(value, "dict") and hasattr(type(value), "__fields__"):  # pydantic v1
@@ -359,10 +367,40 @@ def _call_model_method(value, method, path, **kwargs):
         raise UnserializableError(f"{path}: {type(value).__name__}.{method}() failed: {exc!r}") from exc
 
 
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # stateless: safe to share
+
+
+def _is_plain_json(value, depth=0):
+    """True when ``value`` is JSON as it stands: exact str, int, bool, None and finite floats, in
+    exact lists and dicts with exact str keys. ``_to_json`` returns such a value unchanged, so it
+    can go to the encoder as it is. Anything else -- subclasses, tuples, models, NaN, values nested
+    deeper than 32 (a cycle among them) -- takes the careful path, which also names what is wrong."""
+    kind = type(value)
+    if kind in _JSON_SCALARS:
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    if depth > 32:
+        return False
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str or (type(item) not in _JSON_SCALARS and not _is_plain_json(item, depth + 1)):
+                return False
+        return True
+    if kind is list:
+        for item in value:
+            if type(item) not in _JSON_SCALARS and not _is_plain_json(item, depth + 1):
+                return False
+        return True
+    return False
+
+
 def dumps(value, path="input"):
     """Serialize a payload to the JSON text lilota stores (raises TypeError / ValueError)."""
     try:
-        return json.dumps(_to_json(value, path), separators=(",", ":"), allow_nan=False)
+        if _is_plain_json(value):
+            return _JSON_ENCODER.encode(value)
+        return _JSON_ENCODER.encode(_to_json(value, path))
     except RecursionError:
         raise UnserializableError(f"{path}: the value is nested too deeply to be stored") from None
 
