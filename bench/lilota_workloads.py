@@ -201,7 +201,7 @@ def scale(args):
         app.stop()
     count, first, last = raw.window()
     raw.close()
-    emit(rate=count / (last - first), n=count, depth=args.depth, fill_seconds=fill, workers=args.workers)
+    emit(rate=count / (last - first), n=count, depth=args.depth, fill_rate=args.depth / fill, workers=args.workers)
 
 
 WORKLOADS = {f.__name__: f for f in (enqueue_one, enqueue_many, drain, mixed, latency, startup, footprint, scale)}

@@ -235,9 +235,11 @@ def make_cases(quick):
         }),
     ]
     for depth in ((10_000, 100_000) if q else (10_000, 100_000, 1_000_000)):
-        cases.append(Case(f"scale{depth}", f"scale: drain of the first {'5,000' if q else '20,000'} tasks "
-                                           f"with {depth:,} queued (2 workers)", rate, {
-            "lilota": ("scale", dict(depth=depth, n=min(depth, 5000 if q else 20000), workers=2), 1 if q else 3),
+        measured = min(depth, 5000 if q else 20000)
+        cases.append(Case(f"scale{depth}", f"scale: drain of the first {measured:,} tasks "
+                                           f"with {depth:,} queued (2 workers)",
+                          rate + [("fill_rate", "fill: schedule_many(), 100k a call", "tasks/s", True)], {
+            "lilota": ("scale", dict(depth=depth, n=measured, workers=2), 1 if q else 3),
         }))
     return cases
 
