@@ -370,6 +370,27 @@ def _call_model_method(value, method, path, **kwargs):
 _JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # stateless: safe to share
 
 
+def _make_plain_encoder():
+    """CPython's C encoder with lilota's settings, made once (``json.dumps`` makes one per call),
+    for values that ``_is_plain_json`` has checked: they cannot contain themselves, so it needs no
+    cycle bookkeeping. None where the C encoder is missing or differs; then the encoder above serves."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    try:
+        encoder = make(None, _JSON_ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",",
+                       False, False, False)
+        sample = {"a": [1, 2.5, None, True, "\u00e9\ud800"], "": {}}
+        if "".join(encoder(sample, 0)) != _JSON_ENCODER.encode(sample):
+            return None
+    except Exception:
+        return None
+    return encoder
+
+
+_PLAIN_ENCODER = _make_plain_encoder()
+
+
 def _is_plain_json(value, depth=0):
     """True when ``value`` is JSON as it stands: exact str, int, bool, None and finite floats, in
     exact lists and dicts with exact str keys. ``_to_json`` returns such a value unchanged, so it
@@ -399,7 +420,7 @@ def dumps(value, path="input"):
     """Serialize a payload to the JSON text lilota stores (raises TypeError / ValueError)."""
     try:
         if _is_plain_json(value):
-            return _JSON_ENCODER.encode(value)
+            return "".join(_PLAIN_ENCODER(value, 0)) if _PLAIN_ENCODER else _JSON_ENCODER.encode(value)
         return _JSON_ENCODER.encode(_to_json(value, path))
     except RecursionError:
         raise UnserializableError(f"{path}: the value is nested too deeply to be stored") from None
