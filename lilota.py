@@ -1835,6 +1835,13 @@ class _TaskFunction:
         return dumps(result, "output")
 
     def __call__(self, stored_input, progress, context):
+        if self.progress_param is None and self.context_param is None:  # the common case: input only
+            if self.input_param is None:
+                return self.func()
+            value = _revive(self.input_model, stored_input)
+            if self.input_param in self.positional_only:
+                return self.func(value)
+            return self.func(**{self.input_param: value})
         args, kwargs = [], {}
         for role, value in ((self.input_param, None), (self.progress_param, progress), (self.context_param, context)):
             if role is None:
@@ -1985,9 +1992,12 @@ class LilotaWorker:
                 f"no task named {task.name!r} is registered in this worker (registered: {known}); "
                 f"register it with @worker.register({task.name!r}) in the worker script"), attempt=task.attempts))
             return
-        progress = TaskProgress(task.id, functools.partial(self._store_progress, node_id))
-        context = TaskContext(task_id=task.id, name=task.name, attempt=task.attempts,
-                              max_attempts=task.max_attempts or 1, progress=progress, logger=self.logger)
+        progress = context = None
+        if function.progress_param is not None or function.context_param is not None:  # only if it takes them
+            progress = TaskProgress(task.id, functools.partial(self._store_progress, node_id))
+            if function.context_param is not None:
+                context = TaskContext(task_id=task.id, name=task.name, attempt=task.attempts,
+                                      max_attempts=task.max_attempts or 1, progress=progress, logger=self.logger)
         self._current, self._interrupt = task, None
         try:
             try:
