@@ -17,7 +17,6 @@ import time
 sys.path.insert(0, os.environ.get("BENCH_LILOTA_PATH") or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 
-import lilota  # noqa: E402
 from lilota import Lilota, NodeType, NodeStatus  # noqa: E402
 
 from common import emit, percentile, rss_kib, db_bytes, wait_until  # noqa: E402

@@ -56,12 +56,15 @@ ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 class System:
     """One thing measured: how to run a workload script of it with a database URL."""
 
-    def __init__(self, key, label, python, script, db_arg="--url", env=None):
+    def __init__(self, key, label, python, script, db_arg="--url", env=None, postgres_scheme=None):
         self.key, self.label, self.python, self.script, self.db_arg = key, label, python, script, db_arg
         self.env = dict(ENV, **(env or {}))
+        self.postgres_scheme = postgres_scheme   # e.g. SQLAlchemy's "postgresql+psycopg"
 
     def command(self, workload, db, params):
         target = db.path if self.db_arg == "--db" else db.url
+        if self.postgres_scheme and target.startswith("postgresql://"):
+            target = self.postgres_scheme + target[len("postgresql"):]
         cmd = [self.python, self.script, workload, self.db_arg, target]
         for name, value in params.items():
             cmd += [f"--{name}", str(value)]
@@ -124,7 +127,10 @@ def make_systems(args, log):
     # lilota and the floor run in an empty venv of this Python, like huey: the same interpreter
     # without whatever the base installation imports at start-up (a .pth file can add megabytes
     # to every process, workers included).
-    base = _venv("base", sys.executable, None, args.refresh_peers, log) or sys.executable
+    if args.backend == "sqlite":
+        base = _venv("base", sys.executable, None, args.refresh_peers, log) or sys.executable
+    else:   # lilota's PostgreSQL dialect needs a driver
+        base = _venv("base-pg", sys.executable, "psycopg[binary]", args.refresh_peers, log) or sys.executable
     systems = [
         System("lilota", "lilota (this)", base, os.path.join(BENCH, "lilota_workloads.py")),
         System("floor", "floor (raw SQL loop)", base, os.path.join(BENCH, "floor.py")),
@@ -161,7 +167,8 @@ def make_systems(args, log):
             version = _pip_version(exe, "lilota")
             systems.append(System(f"up-{version}" if name != "lilota-newest" else "up-newest",
                                   f"upstream lilota {version}" + (" (newest)" if name == "lilota-newest" else ""),
-                                  exe, os.path.join(BENCH, "peers", "upstream_workloads.py")))
+                                  exe, os.path.join(BENCH, "peers", "upstream_workloads.py"),
+                                  postgres_scheme="postgresql+psycopg"))
     return systems, skipped
 
 
