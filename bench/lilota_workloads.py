@@ -39,11 +39,17 @@ class Raw:
         finally:
             cur.close()
 
-    def window(self):
-        """(completed count, first claim, last completion) in epoch seconds."""
-        count, first, last = self.rows("SELECT COUNT(*), MIN(start_date_time), MAX(end_date_time) "
-                                       "FROM lilota_task WHERE status = 'completed'")[0]
+    def window(self, since=None):
+        """(completed count, first claim, last completion) in epoch seconds; ``since``: only the
+        tasks claimed from then on."""
         d = self.dialect
+        sql = ("SELECT COUNT(*), MIN(start_date_time), MAX(end_date_time) FROM lilota_task "
+               "WHERE status = 'completed'")
+        params = ()
+        if since is not None:
+            sql += " AND start_date_time >= ?"
+            params = (d.encode_time(since),)
+        count, first, last = self.rows(sql, params)[0]
         return count, d.decode_time(first).timestamp(), d.decode_time(last).timestamp()
 
     def unfinished(self):
@@ -181,7 +187,9 @@ def footprint(args):
 
 
 def scale(args):
-    """Queue ``depth`` tasks (bulk), then measure the drain of the first ``n`` of them."""
+    """Queue ``depth`` tasks (bulk), then measure the drain of the first ``n`` of them, counting
+    only the claims made once every worker is running: the same number of tasks, drained by the
+    same number of workers, at every depth."""
     app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers, stop_timeout=60)
     app.storage.ensure_ready()
     chunk = 100_000
@@ -195,10 +203,12 @@ def scale(args):
     raw = Raw(app)
     app.start()
     try:
+        _wait_workers_ready(app, args.workers)
+        ready = time.time()
         app.wait(marker, timeout=600)      # tasks are claimed in the order they were stored
     finally:
         app.stop()
-    count, first, last = raw.window()
+    count, first, last = raw.window(since=ready)
     raw.close()
     emit(rate=count / (last - first), n=count, depth=args.depth, fill_rate=args.depth / fill, workers=args.workers)
 

@@ -7,6 +7,7 @@
     python bench/run.py --backend postgres   # PostgreSQL (when lilota has its dialect and the server answers)
     python bench/run.py --no-peers           # lilota and the floor only
     python bench/run.py --quick --baseline ../old-checkout   # A/B: this lilota.py against another one
+    python bench/run.py --only enqueue,drain --url-options synchronous=FULL   # another durability setting
 
 Every repetition of every workload runs in a new process on a new, empty database. Repetitions
 of the systems are interleaved (lilota, floor, huey, upstream lilota, then again), so that noise
@@ -56,15 +57,18 @@ ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 class System:
     """One thing measured: how to run a workload script of it with a database URL."""
 
-    def __init__(self, key, label, python, script, db_arg="--url", env=None, postgres_scheme=None):
+    def __init__(self, key, label, python, script, db_arg="--url", env=None, postgres_scheme=None, url_options=""):
         self.key, self.label, self.python, self.script, self.db_arg = key, label, python, script, db_arg
         self.env = dict(ENV, **(env or {}))
         self.postgres_scheme = postgres_scheme   # e.g. SQLAlchemy's "postgresql+psycopg"
+        self.url_options = url_options           # lilota URL options, e.g. "synchronous=FULL"
 
     def command(self, workload, db, params):
         target = db.path if self.db_arg == "--db" else db.url
         if self.postgres_scheme and target.startswith("postgresql://"):
             target = self.postgres_scheme + target[len("postgresql"):]
+        if self.url_options:
+            target += "?" + self.url_options
         cmd = [self.python, self.script, workload, self.db_arg, target]
         for name, value in params.items():
             cmd += [f"--{name}", str(value)]
@@ -131,15 +135,18 @@ def make_systems(args, log):
         base = _venv("base", sys.executable, None, args.refresh_peers, log) or sys.executable
     else:   # lilota's PostgreSQL dialect needs a driver
         base = _venv("base-pg", sys.executable, "psycopg[binary]", args.refresh_peers, log) or sys.executable
+    options = args.url_options
+    shown = f" ?{options}" if options else ""
     systems = [
-        System("lilota", "lilota (this)", base, os.path.join(BENCH, "lilota_workloads.py")),
-        System("floor", "floor (raw SQL loop)", base, os.path.join(BENCH, "floor.py")),
+        System("lilota", f"lilota (this){shown}", base, os.path.join(BENCH, "lilota_workloads.py"),
+               url_options=options),
+        System("floor", f"floor (raw SQL loop){shown}", base, os.path.join(BENCH, "floor.py"), url_options=options),
     ]
     if args.baseline:
         # Another lilota.py, run through the same workloads: an A/B comparison of a change.
-        systems.insert(1, System("baseline", f"lilota baseline ({args.baseline})", base,
+        systems.insert(1, System("baseline", f"lilota baseline ({args.baseline}){shown}", base,
                                  os.path.join(BENCH, "lilota_workloads.py"),
-                                 env={"BENCH_LILOTA_PATH": os.path.abspath(args.baseline)}))
+                                 env={"BENCH_LILOTA_PATH": os.path.abspath(args.baseline)}, url_options=options))
     skipped = []
     if args.no_peers:
         return systems, ["peers: --no-peers"]
@@ -242,9 +249,9 @@ def make_cases(quick):
         }),
     ]
     for depth in ((10_000, 100_000) if q else (10_000, 100_000, 1_000_000)):
-        measured = min(depth, 5000 if q else 20000)
-        cases.append(Case(f"scale{depth}", f"scale: drain of the first {measured:,} tasks "
-                                           f"with {depth:,} queued (2 workers)",
+        measured = 5000 if q else 10_000
+        cases.append(Case(f"scale{depth}", f"scale: {depth:,} queued, drain of the first {measured:,} "
+                                           f"(claims once both workers run)",
                           rate + [("fill_rate", "fill: schedule_many(), 100k a call", "tasks/s", True)], {
             "lilota": ("scale", dict(depth=depth, n=measured, workers=2), 1 if q else 3),
         }))
@@ -527,6 +534,9 @@ def main():
     parser.add_argument("--baseline", metavar="DIR",
                         help="also measure the lilota.py in DIR (e.g. a checkout of the commit before a "
                              "change), interleaved with this one: an A/B comparison (no peers)")
+    parser.add_argument("--url-options", default="", metavar="QUERY",
+                        help="options appended to lilota's (and the floor's) database URL, e.g. "
+                             "synchronous=FULL or synchronous=OFF")
     parser.add_argument("--write", action="store_true", help="rewrite bench/RESULTS.md after a --quick or --only run")
     args = parser.parse_args()
 
@@ -606,7 +616,7 @@ def main():
         report += [f"| {name} | {figure} | {verdict} |" for name, figure, verdict in targets]
         report.append("")
     report += [f"- {note}" for note in notes]
-    if not args.quick and not only or args.write:
+    if args.write or not (args.quick or only or args.baseline or args.url_options):
         write_results("\n".join(report).rstrip())
         log(f"wrote {os.path.relpath(RESULTS_MD, REPO_ROOT)}")
 
