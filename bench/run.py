@@ -57,8 +57,10 @@ ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 class System:
     """One thing measured: how to run a workload script of it with a database URL."""
 
-    def __init__(self, key, label, python, script, db_arg="--url", env=None, postgres_scheme=None, url_options=""):
+    def __init__(self, key, label, python, script, db_arg="--url", env=None, postgres_scheme=None, url_options="",
+                 detail=""):
         self.key, self.label, self.python, self.script, self.db_arg = key, label, python, script, db_arg
+        self.detail = detail                     # shown in the list of systems, not in the table
         self.env = dict(ENV, **(env or {}))
         self.postgres_scheme = postgres_scheme   # e.g. SQLAlchemy's "postgresql+psycopg"
         self.url_options = url_options           # lilota URL options, e.g. "synchronous=FULL"
@@ -172,10 +174,12 @@ def make_systems(args, log):
                 skipped.append(f"upstream {requirement}: could not be installed")
                 continue
             version = _pip_version(exe, "lilota")
+            python = subprocess.run([exe, "-c", "import platform; print(platform.python_version())"],
+                                    capture_output=True, text=True).stdout.strip()
             systems.append(System(f"up-{version}" if name != "lilota-newest" else "up-newest",
                                   f"upstream lilota {version}" + (" (newest)" if name == "lilota-newest" else ""),
                                   exe, os.path.join(BENCH, "peers", "upstream_workloads.py"),
-                                  postgres_scheme="postgresql+psycopg"))
+                                  postgres_scheme="postgresql+psycopg", detail=f"on Python {python}"))
     return systems, skipped
 
 
@@ -611,7 +615,8 @@ def main():
               f"Python {info['python']}, SQLite {info['sqlite']}. Load average at start {load_start}, "
               f"at end {load_end}.", ""]
     for backend, systems, table, targets in sections:
-        report += [f"### {backend}", "", "Systems: " + "; ".join(s.label for s in systems) + ".", "",
+        report += [f"### {backend}", "", "Systems: " + "; ".join(s.label + (f" {s.detail}" if s.detail else "")
+                                                   for s in systems) + ".", "",
                    render(table, markdown=True), "", "| target | figure | |", "|---|---|---|"]
         report += [f"| {name} | {figure} | {verdict} |" for name, figure, verdict in targets]
         report.append("")
