@@ -162,6 +162,19 @@ def db_bytes(url):
     return total
 
 
+def main(workloads, db_arg="--url", **defaults):
+    """The command line of a workload script: ``SCRIPT WORKLOAD --url URL [--n N] ...``; runs the
+    workload function named, with the parsed arguments."""
+    import argparse   # here, not at the top: see the module's docstring
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workload", choices=sorted(workloads))
+    parser.add_argument(db_arg, required=True)
+    for name in ("n", "workers", "samples", "depth"):
+        parser.add_argument(f"--{name}", type=int, default=defaults.get(name, 0))
+    args = parser.parse_args()
+    workloads[args.workload](args)
+
+
 def wait_until(predicate, timeout, interval=0.02):
     """Poll ``predicate`` until it returns a true value or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout

@@ -14,7 +14,6 @@ PostgreSQL the driver's connection as lilota's dialect opens it, in autocommit m
 the database's work and the loop around it, nothing else.
 """
 
-import argparse
 import json
 import os
 import sqlite3
@@ -25,7 +24,7 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import emit, sqlite_path  # noqa: E402
+from common import main, emit, sqlite_path  # noqa: E402
 
 INSERT = ("INSERT INTO lilota_task (id, name, status, priority, run_at, attempts, progress_percentage, "
           "input, created_at, cancel_requested) VALUES (?, 'noop', 'scheduled', 0, ?, 0, 0, ?, ?, 0)")
@@ -125,17 +124,17 @@ def claim_complete(db, n):
     return elapsed
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("workload", choices=["insert", "insert_many", "claim_complete"])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--n", type=int, default=10_000)
-    args = parser.parse_args()
-    db = Database(args.url)
-    elapsed = globals()[args.workload](db, args.n)
-    db.conn.close()
-    emit(rate=args.n / elapsed, n=args.n, seconds=elapsed)
+def _measure(loop):
+    def workload(args):
+        db = Database(args.url)
+        elapsed = loop(db, args.n)
+        db.conn.close()
+        emit(rate=args.n / elapsed, n=args.n, seconds=elapsed)
+    return workload
+
+
+WORKLOADS = {loop.__name__: _measure(loop) for loop in (insert, insert_many, claim_complete)}
 
 
 if __name__ == "__main__":
-    main()
+    main(WORKLOADS, n=10_000)

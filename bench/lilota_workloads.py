@@ -19,7 +19,7 @@ sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 
 from lilota import Lilota, NodeType, NodeStatus  # noqa: E402
 
-from common import emit, percentile, rss_kib, db_bytes, wait_until  # noqa: E402
+from common import main, emit, percentile, rss_kib, db_bytes, wait_until  # noqa: E402
 
 TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lilota_tasks.py")
 
@@ -216,18 +216,5 @@ def scale(args):
 WORKLOADS = {f.__name__: f for f in (enqueue_one, enqueue_many, drain, mixed, latency, startup, footprint, scale)}
 
 
-def main():
-    import argparse
-    parser = argparse.ArgumentParser()
-    parser.add_argument("workload", choices=sorted(WORKLOADS))
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--n", type=int, default=10_000)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=25)
-    parser.add_argument("--depth", type=int, default=10_000)
-    args = parser.parse_args()
-    WORKLOADS[args.workload](args)
-
-
 if __name__ == "__main__":
-    main()
+    main(WORKLOADS, n=10_000, workers=2, samples=25, depth=10_000)

@@ -430,51 +430,43 @@ def evaluate_targets(all_results, backend):
     """[(target, figure, verdict)] for the targets of issue 5 / DESIGN.md §6."""
     out = []
 
-    def add(name, figure, ok):
-        out.append((name, figure, "not measured" if ok is None else ("met" if ok else "MISSED")))
+    def check(name, value, shown, ok):
+        """A target on a figure: its text (``shown(value)``) and whether ``ok(value)``."""
+        if value is None:
+            out.append((name, "-", "not measured"))
+        else:
+            out.append((name, shown(value), "met" if ok(value) else "MISSED"))
+
+    def median(case, field="rate"):
+        return _median(all_results, case, "lilota", field)
+
+    def share(name, case, reference_case, reference_system, least):
+        """A target on lilota's median as a share of a reference measured in the same run."""
+        mine, reference = median(case), _median(all_results, reference_case, reference_system, "rate")
+        check(name, (mine, reference) if mine and reference else None,
+              lambda v: f"{v[0]:,.0f}/s = {v[0] / v[1]:.0%} of {v[1]:,.0f}/s", lambda v: v[0] >= least * v[1])
 
     if backend != "sqlite":
-        pick = _median(all_results, "latency", "lilota", "pickup_p50")
-        drain4 = _median(all_results, "drain4", "lilota", "rate")
-        add("PostgreSQL: idle pick-up p50 ≤ 10 ms (NOTIFY)", "-" if pick is None else f"{pick * 1000:.1f} ms",
-            None if pick is None else pick <= 0.010)
-        add("PostgreSQL: drain with 4 workers ≥ 3,000/s", "-" if drain4 is None else f"{drain4:,.0f}/s",
-            None if drain4 is None else drain4 >= 3000)
+        check("PostgreSQL: idle pick-up p50 ≤ 10 ms (NOTIFY)", median("latency", "pickup_p50"),
+              lambda v: f"{v * 1000:.1f} ms", lambda v: v <= 0.010)
+        check("PostgreSQL: drain with 4 workers ≥ 3,000/s", median("drain4"),
+              lambda v: f"{v:,.0f}/s", lambda v: v >= 3000)
         return out
-    drain2 = _median(all_results, "drain2", "lilota", "rate")
-    floor_cc = _median(all_results, "drain1", "floor", "rate")
-    if drain2 and floor_cc:
-        add("drain, 2 workers ≥ 50 % of the floor's claim+complete loop",
-            f"{drain2:,.0f}/s = {drain2 / floor_cc:.0%} of {floor_cc:,.0f}/s", drain2 >= 0.5 * floor_cc)
-    else:
-        add("drain, 2 workers ≥ 50 % of the floor's claim+complete loop", "-", None)
+    share("drain, 2 workers ≥ 50 % of the floor's claim+complete loop", "drain2", "drain1", "floor", 0.5)
     runs = all_results.get("latency", {}).get("lilota", [])
-    p50 = summary([r["pickup_p50"] for r in runs])[0] if runs else None
-    worst = max(r["pickup_max"] for r in runs) if runs else None
-    add("idle pick-up latency p50 ≤ 5 ms", "-" if p50 is None else f"{p50 * 1000:.2f} ms (median of runs)",
-        None if p50 is None else p50 <= 0.005)
-    add("idle pick-up latency max ≤ 50 ms", "-" if worst is None else f"{worst * 1000:.1f} ms (max of all samples)",
-        None if worst is None else worst <= 0.050)
-    one = _median(all_results, "enqueue", "lilota", "rate")
-    floor_insert = _median(all_results, "enqueue", "floor", "rate")
-    if one and floor_insert:
-        add("schedule() one by one ≥ 60 % of the floor's INSERT loop",
-            f"{one:,.0f}/s = {one / floor_insert:.0%} of {floor_insert:,.0f}/s", one >= 0.6 * floor_insert)
-        add("schedule() one by one ≥ 15,000/s (DESIGN.md §6)", f"{one:,.0f}/s", one >= 15000)
-    else:
-        add("schedule() one by one ≥ 60 % of the floor's INSERT loop", "-", None)
-    many = _median(all_results, "enqueue_many", "lilota", "rate")
-    add("schedule_many() ≥ 100,000 tasks/s", "-" if many is None else f"{many:,.0f}/s",
-        None if many is None else many >= 100_000)
-    rss = _median(all_results, "startup", "lilota", "worker_rss_kib")
-    add("idle worker RSS ≤ 20 MiB", "-" if rss is None else f"{rss / 1024:.1f} MiB", None if rss is None else rss <= 20 * 1024)
-    r10k = _median(all_results, "scale10000", "lilota", "rate")
-    r1m = _median(all_results, "scale1000000", "lilota", "rate")
-    if r10k and r1m:
-        add("drain rate with 1M queued within 20 % of the rate with 10k",
-            f"{r1m:,.0f}/s vs {r10k:,.0f}/s = {r1m / r10k:.0%}", r1m >= 0.8 * r10k)
-    else:
-        add("drain rate with 1M queued within 20 % of the rate with 10k", "-", None)
+    check("idle pick-up latency p50 ≤ 5 ms", summary([r["pickup_p50"] for r in runs])[0],
+          lambda v: f"{v * 1000:.2f} ms (median of runs)", lambda v: v <= 0.005)
+    check("idle pick-up latency max ≤ 50 ms", max(r["pickup_max"] for r in runs) if runs else None,
+          lambda v: f"{v * 1000:.1f} ms (max of all samples)", lambda v: v <= 0.050)
+    share("schedule() one by one ≥ 60 % of the floor's INSERT loop", "enqueue", "enqueue", "floor", 0.6)
+    check("schedule() one by one ≥ 15,000/s (DESIGN.md §6)", median("enqueue"),
+          lambda v: f"{v:,.0f}/s", lambda v: v >= 15000)
+    check("schedule_many() ≥ 100,000 tasks/s", median("enqueue_many"), lambda v: f"{v:,.0f}/s", lambda v: v >= 100_000)
+    check("idle worker RSS ≤ 20 MiB", median("startup", "worker_rss_kib"),
+          lambda v: f"{v / 1024:.1f} MiB", lambda v: v <= 20 * 1024)
+    r10k, r1m = median("scale10000"), median("scale1000000")
+    check("drain rate with 1M queued within 20 % of the rate with 10k", (r1m, r10k) if r10k and r1m else None,
+          lambda v: f"{v[0]:,.0f}/s vs {v[1]:,.0f}/s = {v[0] / v[1]:.0%}", lambda v: v[0] >= 0.8 * v[1])
     return out
 
 

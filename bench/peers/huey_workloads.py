@@ -8,7 +8,6 @@ is timed by watching the queue from this process every 5 ms: from the first task
 queue to the queue being empty (the no-op task that was taken last ends microseconds later).
 """
 
-import argparse
 import os
 import random
 import signal
@@ -19,7 +18,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import emit, percentile, rss_kib, children_of, wait_until  # noqa: E402
+from common import main, emit, percentile, rss_kib, children_of, wait_until  # noqa: E402
 
 
 def _tasks(db):
@@ -130,16 +129,5 @@ def startup(args):
 WORKLOADS = {f.__name__: f for f in (consumer, enqueue_one, drain, mixed, latency, startup)}
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("workload", choices=sorted(WORKLOADS))
-    parser.add_argument("--db", required=True)
-    parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=25)
-    args = parser.parse_args()
-    WORKLOADS[args.workload](args)
-
-
 if __name__ == "__main__":
-    main()
+    main(WORKLOADS, "--db", n=2000, workers=2, samples=25)

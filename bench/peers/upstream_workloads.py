@@ -10,7 +10,6 @@ and ``output``. There is no bulk schedule and no ``wait()``: waiting is polling 
 Its workers sleep 0.1 s after every task and back off to 5 s when idle, by design.
 """
 
-import argparse
 import logging
 import os
 import random
@@ -20,7 +19,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import emit, percentile, rss_kib, children_of, wait_until  # noqa: E402
+from common import main, emit, percentile, rss_kib, children_of, wait_until  # noqa: E402
 
 TASKS = os.path.join(HERE, "upstream_tasks.py")
 
@@ -135,16 +134,5 @@ def startup(args):
 WORKLOADS = {f.__name__: f for f in (enqueue_one, drain, mixed, latency, startup)}
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("workload", choices=sorted(WORKLOADS))
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--n", type=int, default=50)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=20)
-    args = parser.parse_args()
-    WORKLOADS[args.workload](args)
-
-
 if __name__ == "__main__":
-    main()
+    main(WORKLOADS, n=50, workers=2, samples=20)
