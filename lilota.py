@@ -1656,7 +1656,12 @@ class LilotaScheduler:
         limit = _seconds(timeout, "timeout")
         deadline = None if limit is None else time.monotonic() + limit
         storage = self.storage
-        status, counter = storage.task_state(key)
+        # The change counter is read before the row, never after it: a commit that lands between
+        # the two reads then moves the counter away from the value kept here, and the row is read
+        # again at once. (Read after the row, the counter could already include a completion the
+        # row missed, and wait() slept until its 50 ms re-read.)
+        counter = storage.change_counter()
+        status = storage.task_state(key)[0]
         delay, last_read = 0.0005, time.monotonic()
         while True:
             if status is None:
@@ -1673,7 +1678,8 @@ class LilotaScheduler:
             # made through this process's own connection do not move the counter).
             new_counter = storage.change_counter() if counter is not None else None
             if new_counter != counter or time.monotonic() - last_read > 0.05:
-                status, counter = storage.task_state(key)
+                counter = new_counter
+                status = storage.task_state(key)[0]
                 last_read = time.monotonic()
 
     def cancel(self, task_id):
