@@ -77,6 +77,33 @@ def percentile(values, p):
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
+def emit_drain(count, first, last, workers, ideal_task_seconds=None, **extra):
+    """Emit a drain's rate: ``count`` tasks from ``first`` claim to ``last`` completion (epoch
+    seconds); with ``ideal_task_seconds``, also the wall time each task cost a worker beyond it."""
+    result = dict(rate=count / (last - first), n=count, seconds=last - first, workers=workers, **extra)
+    if ideal_task_seconds:
+        result["overhead"] = (last - first) * workers / count - ideal_task_seconds
+    emit(**result)
+
+
+def emit_latency(samples, run_one, **extra):
+    """Take ``samples`` latency samples, each after an idle gap of 0.25-1.25 s (the same seeded
+    gaps for every system), and emit their percentiles. ``run_one()`` schedules a task that
+    returns its start time and waits for it the system's own way; it returns (the time schedule()
+    returned, the time the task started, the time the wait ended)."""
+    import random
+    rng = random.Random(1)
+    pickup, done = [], []
+    for _ in range(samples):
+        time.sleep(rng.uniform(0.25, 1.25))    # idle: the workers are asleep again
+        scheduled, started, finished = run_one()
+        pickup.append(started - scheduled)
+        done.append(finished - scheduled)
+    emit(samples=len(pickup),
+         pickup_p50=percentile(pickup, 50), pickup_p95=percentile(pickup, 95), pickup_max=max(pickup),
+         done_p50=percentile(done, 50), done_p95=percentile(done, 95), done_max=max(done), **extra)
+
+
 # --- fresh databases ------------------------------------------------------------------------------
 
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -9,7 +9,6 @@ end_date_time), so that measuring adds no work to the workers while they run.
 
 import gc
 import os
-import random
 import sys
 import time
 
@@ -19,7 +18,7 @@ sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 
 from lilota import Lilota, NodeType, NodeStatus  # noqa: E402
 
-from common import main, emit, percentile, rss_kib, db_bytes, wait_until  # noqa: E402
+from common import main, emit, emit_drain, emit_latency, rss_kib, db_bytes, wait_until  # noqa: E402
 
 TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lilota_tasks.py")
 
@@ -107,11 +106,7 @@ def drain(args, task="noop", ideal_task_seconds=None):
         app.stop()
     count, first, last = raw.window()
     raw.close()
-    result = dict(rate=count / (last - first), n=count, seconds=last - first, workers=args.workers)
-    if ideal_task_seconds:
-        # Wall time each task cost a worker beyond its own work (seconds).
-        result["overhead"] = (last - first) * args.workers / count - ideal_task_seconds
-    emit(**result)
+    emit_drain(count, first, last, args.workers, ideal_task_seconds)
 
 
 def mixed(args):
@@ -125,21 +120,16 @@ def latency(args):
         _wait_workers_ready(app, args.workers)
         for _ in range(2):   # warm up: first claims, imports
             app.wait(app.schedule("stamp"), timeout=60)
-        pickup, done = [], []
-        rng = random.Random(1)
-        for _ in range(args.samples):
-            time.sleep(rng.uniform(0.25, 1.25))       # idle: the workers are asleep again
+
+        def run_one():
             task_id = app.schedule("stamp")
-            t0 = time.time()
+            scheduled = time.time()
             task = app.wait(task_id, timeout=60)
-            t1 = time.time()
-            pickup.append(task.output["t"] - t0)
-            done.append(t1 - t0)
+            return scheduled, task.output["t"], time.time()
+
+        emit_latency(args.samples, run_one)
     finally:
         app.stop()
-    emit(samples=len(pickup),
-         pickup_p50=percentile(pickup, 50), pickup_p95=percentile(pickup, 95), pickup_max=max(pickup),
-         done_p50=percentile(done, 50), done_p95=percentile(done, 95), done_max=max(done))
 
 
 def startup(args):

@@ -9,7 +9,6 @@ queue to the queue being empty (the no-op task that was taken last ends microsec
 """
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import main, emit, percentile, rss_kib, children_of, wait_until  # noqa: E402
+from common import main, emit, emit_drain, emit_latency, rss_kib, children_of, wait_until  # noqa: E402
 
 
 def _tasks(db):
@@ -75,10 +74,7 @@ def drain(args, task="noop", ideal_task_seconds=None):
         last = time.time()
     finally:
         _stop(proc)
-    result = dict(rate=args.n / (last - first), n=args.n, seconds=last - first, workers=args.workers)
-    if ideal_task_seconds:
-        result["overhead"] = (last - first) * args.workers / args.n - ideal_task_seconds
-    emit(**result)
+    emit_drain(args.n, first, last, args.workers, ideal_task_seconds)
 
 
 def mixed(args):
@@ -91,21 +87,16 @@ def latency(args):
     try:
         for _ in range(2):
             tasks.stamp().get(blocking=True, timeout=60)
-        pickup, done = [], []
-        rng = random.Random(1)
-        for _ in range(args.samples):
-            time.sleep(rng.uniform(0.25, 1.25))
+
+        def run_one():
             result = tasks.stamp()
-            t0 = time.time()
+            scheduled = time.time()
             started = result.get(blocking=True, timeout=60)   # huey's own way to wait
-            t1 = time.time()
-            pickup.append(started - t0)
-            done.append(t1 - t0)
+            return scheduled, started, time.time()
+
+        emit_latency(args.samples, run_one)
     finally:
         _stop(proc)
-    emit(samples=len(pickup),
-         pickup_p50=percentile(pickup, 50), pickup_p95=percentile(pickup, 95), pickup_max=max(pickup),
-         done_p50=percentile(done, 50), done_p95=percentile(done, 95), done_max=max(done))
 
 
 def startup(args):

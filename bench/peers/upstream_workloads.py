@@ -12,14 +12,13 @@ Its workers sleep 0.1 s after every task and back off to 5 s when idle, by desig
 
 import logging
 import os
-import random
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import main, emit, percentile, rss_kib, children_of, wait_until  # noqa: E402
+from common import main, emit, emit_drain, emit_latency, rss_kib, children_of, wait_until  # noqa: E402
 
 TASKS = os.path.join(HERE, "upstream_tasks.py")
 
@@ -80,11 +79,7 @@ def drain(args, task="noop", ideal_task_seconds=None):
     tasks = [workers.get_task_by_id(i) for i in ids]
     first = min(t.start_date_time for t in tasks).timestamp()
     last = max(t.end_date_time for t in tasks).timestamp()
-    result = dict(rate=args.n / (last - first), n=args.n, seconds=last - first, workers=args.workers,
-                  version=_version())
-    if ideal_task_seconds:
-        result["overhead"] = (last - first) * args.workers / args.n - ideal_task_seconds
-    emit(**result)
+    emit_drain(args.n, first, last, args.workers, ideal_task_seconds, version=_version())
 
 
 def mixed(args):
@@ -98,21 +93,16 @@ def latency(args):
     try:
         for _ in range(2):
             _wait_done(app.get_task_by_id, app.schedule("stamp"))
-        pickup, done = [], []
-        rng = random.Random(1)
-        for _ in range(args.samples):
-            time.sleep(rng.uniform(0.25, 1.25))
+
+        def run_one():
             task_id = app.schedule("stamp")
-            t0 = time.time()
+            scheduled = time.time()
             task = _wait_done(app.get_task_by_id, task_id)
-            t1 = time.time()
-            pickup.append(task.output["t"] - t0)
-            done.append(t1 - t0)
+            return scheduled, task.output["t"], time.time()
+
+        emit_latency(args.samples, run_one, version=_version())
     finally:
         app.stop()
-    emit(samples=len(pickup),
-         pickup_p50=percentile(pickup, 50), pickup_p95=percentile(pickup, 95), pickup_max=max(pickup),
-         done_p50=percentile(done, 50), done_p95=percentile(done, 95), done_max=max(done), version=_version())
 
 
 def startup(args):
