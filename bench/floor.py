@@ -1,0 +1,140 @@
+"""The floor: the same SQL work as lilota, in a raw loop in one process, with no library around it.
+
+    python bench/floor.py insert|insert_many|claim_complete --url URL --n N
+
+* insert:         N single-row INSERTs, each its own (durable) transaction -- what schedule() does.
+* insert_many:    N rows in one executemany() transaction -- what schedule_many() does.
+* claim_complete: N queued tasks, then a loop of the claim UPDATE ... RETURNING followed by the
+                  completion UPDATE, each its own transaction -- what a worker does per task.
+
+The schema is lilota's (created through lilota, so that the indexes are the same); the loops use
+the driver directly with the same connection settings (SQLite: WAL, lilota's synchronous; on
+PostgreSQL the driver's connection as lilota's dialect opens it, in autocommit mode). The rows
+(time-ordered ids and JSON inputs like lilota's) are made before the clock starts: the floor is
+the database's work and the loop around it, nothing else.
+"""
+
+import json
+import os
+import sqlite3
+import sys
+import time
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import main, emit, sqlite_path  # noqa: E402
+
+INSERT = ("INSERT INTO lilota_task (id, name, status, priority, run_at, attempts, progress_percentage, "
+          "input, created_at, cancel_requested) VALUES (?, 'noop', 'scheduled', 0, ?, 0, 0, ?, ?, 0)")
+
+CLAIM = {
+    "sqlite": ("UPDATE lilota_task SET status = 'running', pid = ?, attempts = attempts + 1, locked_by = ?, "
+               "locked_at = ?, start_date_time = ? WHERE id = (SELECT id FROM lilota_task "
+               "INDEXED BY lilota_task_queue WHERE status = 'scheduled' AND run_at <= ? "
+               "ORDER BY priority DESC, run_at LIMIT 1) RETURNING id, name, input"),
+    "postgresql": ("UPDATE lilota_task SET status = 'running', pid = ?, attempts = attempts + 1, locked_by = ?, "
+                   "locked_at = ?, start_date_time = ? WHERE id = (SELECT id FROM lilota_task "
+                   "WHERE status = 'scheduled' AND run_at <= ? ORDER BY priority DESC, run_at LIMIT 1 "
+                   "FOR UPDATE SKIP LOCKED) RETURNING id, name, input"),
+}
+COMPLETE = ("UPDATE lilota_task SET status = 'completed', output = ?, end_date_time = ?, "
+            "progress_percentage = 100 WHERE id = ? AND status = 'running' AND locked_by = ?")
+
+
+class Database:
+    """The driver's connection and what differs between databases: placeholders, and how a time
+    and a JSON value are stored (asked of lilota's dialect, which made the schema)."""
+
+    def __init__(self, url):
+        import lilota
+        storage = lilota.Storage.for_url(url)
+        storage.ensure_ready()             # lilota's schema, indexes included
+        storage.close()
+        self.dialect = dialect = storage.dialect
+        self.kind = "sqlite" if url.startswith("sqlite") else "postgresql"
+        if self.kind == "sqlite":
+            self.conn = sqlite3.connect(sqlite_path(url), isolation_level=None, timeout=30)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute(f"PRAGMA synchronous={dialect.synchronous}")
+            self.cur = self.conn
+        else:
+            self.conn = dialect.connect()      # the driver's connection, in autocommit mode
+            self.cur = self.conn.cursor()
+        self.time, self.json = dialect.encode_time, dialect.encode_json
+        self.insert, self.claim, self.complete = (dialect.sql(INSERT), dialect.sql(CLAIM[self.kind]),
+                                                  dialect.sql(COMPLETE))
+
+    def begin(self):
+        self.cur.execute("BEGIN IMMEDIATE" if self.kind == "sqlite" else "BEGIN")
+
+    def commit(self):
+        self.cur.execute("COMMIT")
+
+
+def _ids(n):
+    """Time-ordered version 7 UUIDs, as lilota makes them (the key order decides how the primary
+    key index grows, so the floor writes the same kind of keys)."""
+    prefix = (time.time_ns() // 1_000_000) << 80 | (7 << 76) | (0b10 << 62)
+    mask = (1 << 76) - 1 - (0b11 << 62)
+    return [str(uuid.UUID(int=prefix | (int.from_bytes(os.urandom(10), "big") & mask))) for _ in range(n)]
+
+
+def _rows(db, n):
+    now = db.time(time.time())
+    return [(task_id, now, db.json(json.dumps({"i": i}, separators=(",", ":"))), now)
+            for i, task_id in enumerate(_ids(n))]
+
+
+def insert(db, n):
+    rows = _rows(db, n)
+    execute, sql = db.cur.execute, db.insert
+    t0 = time.perf_counter()
+    for row in rows:
+        execute(sql, row)
+    return time.perf_counter() - t0
+
+
+def insert_many(db, n):
+    rows = _rows(db, n)
+    t0 = time.perf_counter()
+    db.begin()
+    db.cur.executemany(db.insert, rows)
+    db.commit()
+    return time.perf_counter() - t0
+
+
+def claim_complete(db, n):
+    insert_many(db, n)
+    node, pid = str(uuid.uuid4()), os.getpid()
+    cur, claim, complete, encode = db.cur, db.claim, db.complete, db.time
+    done = 0
+    t0 = time.perf_counter()
+    while True:
+        now = encode(time.time())
+        result = cur.execute(claim, (pid, node, now, now, now))   # psycopg2's execute returns None
+        rows = (cur if result is None else result).fetchall()
+        if not rows:
+            break
+        cur.execute(complete, (None, encode(time.time()), rows[0][0], node))
+        done += 1
+    elapsed = time.perf_counter() - t0
+    assert done == n, (done, n)
+    return elapsed
+
+
+def _measure(loop):
+    def workload(args):
+        db = Database(args.url)
+        elapsed = loop(db, args.n)
+        db.conn.close()
+        emit(rate=args.n / elapsed, n=args.n, seconds=elapsed)
+    return workload
+
+
+WORKLOADS = {loop.__name__: _measure(loop) for loop in (insert, insert_many, claim_complete)}
+
+
+if __name__ == "__main__":
+    main(WORKLOADS, n=10_000)

@@ -1,0 +1,210 @@
+"""lilota's side of the benchmark: one repetition of one workload per process.
+
+    python bench/lilota_workloads.py WORKLOAD --url URL [--n N] [--workers K] ...
+
+prints one JSON line (see common.emit). Run by bench/run.py; each run gets a fresh database.
+Times of claims and completions are read from the task rows afterwards (start_date_time,
+end_date_time), so that measuring adds no work to the workers while they run.
+"""
+
+import gc
+import os
+import sys
+import time
+
+# BENCH_LILOTA_PATH: the directory of another lilota.py to measure (run.py --baseline).
+sys.path.insert(0, os.environ.get("BENCH_LILOTA_PATH") or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+
+from lilota import Lilota, NodeType, NodeStatus  # noqa: E402
+
+from common import main, emit, emit_drain, emit_latency, rss_kib, db_bytes, wait_until  # noqa: E402
+
+TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lilota_tasks.py")
+
+
+class Raw:
+    """A separate connection for the measurements, through the dialect's documented interface."""
+
+    def __init__(self, app):
+        self.dialect = app.storage.dialect
+        self.conn = self.dialect.connect()
+
+    def rows(self, sql, params=()):
+        cur = self.conn.cursor()
+        try:
+            cur.execute(self.dialect.sql(sql), params)
+            return cur.fetchall()
+        finally:
+            cur.close()
+
+    def window(self, since=None):
+        """(completed count, first claim, last completion) in epoch seconds; ``since``: only the
+        tasks claimed from then on."""
+        d = self.dialect
+        sql = ("SELECT COUNT(*), MIN(start_date_time), MAX(end_date_time) FROM lilota_task "
+               "WHERE status = 'completed'")
+        params = ()
+        if since is not None:
+            sql += " AND start_date_time >= ?"
+            params = (d.encode_time(since),)
+        count, first, last = self.rows(sql, params)[0]
+        return count, d.decode_time(first).timestamp(), d.decode_time(last).timestamp()
+
+    def unfinished(self):
+        return self.rows("SELECT COUNT(*) FROM lilota_task WHERE status IN ('scheduled', 'running')")[0][0]
+
+    def close(self):
+        self.conn.close()
+
+
+def _worker_pids(app):
+    return [n.pid for n in app.get_all_nodes()
+            if n.type == NodeType.WORKER and n.status == NodeStatus.RUNNING and n.pid]
+
+
+def _wait_workers_ready(app, k, timeout=60):
+    wait_until(lambda: len(_worker_pids(app)) >= k, timeout)
+
+
+def enqueue_one(args):
+    app = Lilota.scheduler(args.url)
+    app.storage.ensure_ready()          # connection and schema are not part of the figure
+    inputs = [{"i": i} for i in range(args.n)]
+    schedule = app.schedule
+    t0 = time.perf_counter()
+    for value in inputs:
+        schedule("noop", value)
+    elapsed = time.perf_counter() - t0
+    emit(rate=args.n / elapsed, n=args.n, seconds=elapsed)
+
+
+def enqueue_many(args):
+    app = Lilota.scheduler(args.url)
+    app.storage.ensure_ready()
+    inputs = [{"i": i} for i in range(args.n)]
+    t0 = time.perf_counter()
+    app.schedule_many("noop", inputs)
+    elapsed = time.perf_counter() - t0
+    emit(rate=args.n / elapsed, n=args.n, seconds=elapsed)
+
+
+def _drain(app, raw, ids, timeout):
+    """Wait for the queue to empty: wait() on the last task stored, then the stragglers."""
+    app.wait(ids[-1], timeout=timeout)
+    wait_until(lambda: raw.unfinished() == 0, timeout)
+
+
+def drain(args, task="noop", ideal_task_seconds=None):
+    app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers, stop_timeout=60)
+    ids = app.schedule_many(task, [{"i": i} for i in range(args.n)])
+    raw = Raw(app)
+    app.start()
+    try:
+        _drain(app, raw, ids, timeout=600)
+    finally:
+        app.stop()
+    count, first, last = raw.window()
+    raw.close()
+    emit_drain(count, first, last, args.workers, ideal_task_seconds)
+
+
+def mixed(args):
+    drain(args, task="cpu10", ideal_task_seconds=0.010)
+
+
+def latency(args):
+    app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers)
+    app.start()
+    try:
+        _wait_workers_ready(app, args.workers)
+        for _ in range(2):   # warm up: first claims, imports
+            app.wait(app.schedule("stamp"), timeout=60)
+
+        def run_one():
+            task_id = app.schedule("stamp")
+            scheduled = time.time()
+            task = app.wait(task_id, timeout=60)
+            return scheduled, task.output["t"], time.time()
+
+        emit_latency(args.samples, run_one)
+    finally:
+        app.stop()
+
+
+def startup(args):
+    """Lilota.start() to the first completed task; then the RSS of the idle workers."""
+    app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers)
+    app.storage.ensure_ready()
+    t0 = time.perf_counter()
+    app.start()
+    try:
+        app.wait(app.schedule("noop"), timeout=60)
+        startup_s = time.perf_counter() - t0
+        _wait_workers_ready(app, args.workers)
+        time.sleep(1.0)      # idle for a while
+        rss = [rss_kib(pid) for pid in _worker_pids(app)]
+        app_rss = rss_kib(os.getpid())
+    finally:
+        app.stop()
+    emit(startup=startup_s, worker_rss_kib=max(r for r in rss if r), app_rss_kib=app_rss)
+
+
+def footprint(args):
+    """Schedule N tasks one by one while the workers run them; RSS and database size afterwards."""
+    app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers, stop_timeout=60)
+    app.start()
+    try:
+        _wait_workers_ready(app, args.workers)
+        gc.collect()
+        app_before = rss_kib(os.getpid())
+        last = None
+        for i in range(args.n):
+            last = app.schedule("noop", {"i": i})
+        raw = Raw(app)
+        _drain(app, raw, [last], timeout=600)
+        raw.close()
+        time.sleep(0.5)
+        gc.collect()
+        app_after = rss_kib(os.getpid())
+        workers_after = [rss_kib(pid) for pid in _worker_pids(app)]
+    finally:
+        app.stop()
+    size = db_bytes(args.url) if args.url.startswith("sqlite") else None
+    emit(n=args.n, app_rss_before_kib=app_before, app_rss_after_kib=app_after,
+         worker_rss_after_kib=max(r for r in workers_after if r),
+         db_bytes=size, bytes_per_task=None if size is None else size / args.n)
+
+
+def scale(args):
+    """Queue ``depth`` tasks (bulk), then measure the drain of the first ``n`` of them, counting
+    only the claims made once every worker is running: the same number of tasks, drained by the
+    same number of workers, at every depth."""
+    app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers, stop_timeout=60)
+    app.storage.ensure_ready()
+    chunk = 100_000
+    marker = None
+    t0 = time.perf_counter()
+    for start in range(0, args.depth, chunk):
+        ids = app.schedule_many("noop", [None] * min(chunk, args.depth - start))
+        if marker is None:
+            marker = ids[min(args.n, len(ids)) - 1]
+    fill = time.perf_counter() - t0
+    raw = Raw(app)
+    app.start()
+    try:
+        _wait_workers_ready(app, args.workers)
+        ready = time.time()
+        app.wait(marker, timeout=600)      # tasks are claimed in the order they were stored
+    finally:
+        app.stop()
+    count, first, last = raw.window(since=ready)
+    raw.close()
+    emit(rate=count / (last - first), n=count, depth=args.depth, fill_rate=args.depth / fill, workers=args.workers)
+
+
+WORKLOADS = {f.__name__: f for f in (enqueue_one, enqueue_many, drain, mixed, latency, startup, footprint, scale)}
+
+
+if __name__ == "__main__":
+    main(WORKLOADS, n=10_000, workers=2, samples=25, depth=10_000)
