@@ -31,9 +31,9 @@ class Raw:
         self.conn = self.dialect.connect()
 
     def rows(self, sql, params=()):
-        cur = self.conn.cursor()
+        # Dialect connections have sqlite3's shape: execute() returns the cursor.
+        cur = self.conn.execute(self.dialect.sql(sql), params)
         try:
-            cur.execute(self.dialect.sql(sql), params)
             return cur.fetchall()
         finally:
             cur.close()
@@ -46,7 +46,7 @@ class Raw:
                "WHERE status = 'completed'")
         params = ()
         if since is not None:
-            sql += " AND start_date_time >= ?"
+            sql += f" AND start_date_time >= {d.time_param}"
             params = (d.encode_time(since),)
         count, first, last = self.rows(sql, params)[0]
         return count, d.decode_time(first).timestamp(), d.decode_time(last).timestamp()
