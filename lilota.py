@@ -3,7 +3,8 @@
 lilota runs long-running work (reports, image processing, e-mails, heavy computations) in background
 worker processes and keeps every task's state -- status, input, output, error, progress -- in a
 database. There is no message broker and no server to run: this one module, the standard library
-and SQLite; other databases plug in through a small dialect class (section 2).
+and SQLite -- or PostgreSQL through a driver you install, when an application outgrows one machine;
+other databases plug in through a small dialect class (section 2).
 
 The two sides meet only in the database:
 
