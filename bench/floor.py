@@ -60,8 +60,10 @@ class Database:
             self.conn.execute(f"PRAGMA synchronous={dialect.synchronous}")
             self.cur = self.conn
         else:
-            self.conn = dialect.connect()      # the driver's connection, in autocommit mode
-            self.cur = self.conn.cursor()
+            # lilota's wrapper around the driver's connection (opened in autocommit mode, with
+            # lilota's settings); the loops use one cursor of the driver's own.
+            self.conn = dialect.connect()
+            self.cur = self.conn.raw.cursor()
         self.time, self.json = dialect.encode_time, dialect.encode_json
         self.insert, self.claim, self.complete = (dialect.sql(INSERT), dialect.sql(CLAIM[self.kind]),
                                                   dialect.sql(COMPLETE))
