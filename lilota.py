@@ -736,6 +736,7 @@ class Dialect:
     * ``migrations()``: for each schema version, the DDL statements that create it;
     * ``prepare_claim(defaults)`` and ``claim(conn, prepared, node_id, pid, now)``: the one atomic
       statement that picks the next due task and marks it running;
+    * ``complete_and_claim(...)``, optional: a completion and the next claim in one commit;
     * ``encode_time``/``decode_time`` and ``encode_json``/``decode_json``: column types;
     * ``time_param``/``json_param``: how a time or JSON parameter is written, with a cast where the
       database cannot infer its type (inside CASE); Storage writes every such parameter this way;
@@ -803,6 +804,14 @@ class Dialect:
     def claim(self, conn, prepared, node_id, pid, now):
         """Atomically mark the next due task running for ``node_id``; return its row or None."""
         raise NotImplementedError
+
+    def complete_and_claim(self, conn, completion, prepared, node_id, pid, now):
+        """Run ``completion`` (an UPDATE: its sql and parameters) and ``claim()`` in one commit, so
+        that both happen or neither. Returns (rows the completion changed, the claimed row or None);
+        None when this dialect cannot, having done nothing: Storage then runs them one after the
+        other. A busy worker completes and claims once per task; one commit instead of two is
+        what it saves."""
+        return None
 
     def begin_migration(self, conn):
         """Begin the transaction that creates or migrates the schema, so that a concurrent
@@ -1098,6 +1107,13 @@ class SQLiteDialect(Dialect):
             return (f"{update} WHERE id = ({pick}) RETURNING {_TASK_SELECT}", params)
         return ((pick, f"{update} WHERE id = :id AND status = 'scheduled'",
                  f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id = :id"), params)
+
+    def complete_and_claim(self, conn, completion, prepared, node_id, pid, now):
+        if not self.returning:
+            return None   # that claim is a transaction of its own
+        with _Transaction(conn, self.begin_write_sql):
+            changed = conn.execute(*completion).rowcount
+            return changed, self.claim(conn, prepared, node_id, pid, now)
 
     def claim(self, conn, prepared, node_id, pid, now):
         sql, params = prepared
@@ -1454,12 +1470,26 @@ class PostgreSQLDialect(Dialect):
         return sql, tuple(params), tuple(slots)
 
     def claim(self, conn, prepared, node_id, pid, now):
-        sql, template, slots = prepared
+        return conn.execute(prepared[0], self._claim_params(prepared, node_id, pid, now)).fetchone()
+
+    def complete_and_claim(self, conn, completion, prepared, node_id, pid, now):
+        # One statement: one round trip and one commit. Every data-modifying WITH clause runs, once,
+        # in one snapshot; the completed row is running, so the claim cannot pick it. The outer
+        # join returns the completion's count when there is no task left to claim.
+        complete_sql, complete_params = completion
+        row = conn.execute(
+            f"WITH done AS ({complete_sql} RETURNING 1), next AS ({prepared[0]}) "
+            f"SELECT (SELECT COUNT(*) FROM done), next.* FROM (SELECT 1) AS one LEFT JOIN next ON TRUE",
+            [*complete_params, *self._claim_params(prepared, node_id, pid, now)]).fetchone()
+        return row[0], (row[1:] if row[1] is not None else None)
+
+    def _claim_params(self, prepared, node_id, pid, now):
+        _, template, slots = prepared
         values = {"node": node_id, "pid": pid, "now": now}
         params = list(template)
         for index, slot in slots:
             params[index] = values[slot]
-        return conn.execute(sql, params).fetchone()
+        return params
 
     # --- types ---
 
@@ -2042,17 +2072,25 @@ class Storage:
             now = self.dialect.encode_time(_now())
             with self._guard as conn:
                 row = self.dialect.claim(conn, prepared, node_id, pid, now)
-            try:
-                return self._task(row)
-            except CorruptDatabaseError as exc:
-                if getattr(exc, "column", "row") == "row":
-                    raise   # not the task's own data: failing task after task for it would not help
-                logger.warning("%s", exc)
-                with self._guard as conn:
-                    conn.execute(self.dialect.sql(
-                        "UPDATE lilota_task SET status = 'failed', end_date_time = ?, error = ? "
-                        "WHERE id = ? AND status = 'running' AND locked_by = ?"),
-                        (now, self.dialect.encode_json(dumps(_error_record(exc), "error")), row[0], node_id))
+            task = self._claimed(row, node_id, now)
+            if task is not False:
+                return task
+
+    def _claimed(self, row, node_id, now):
+        """The Task of a row this node just claimed (None for no row); False when the task's own
+        id, input, output or error cannot be read: it is then failed, with the reason as its error."""
+        try:
+            return self._task(row)
+        except CorruptDatabaseError as exc:
+            if getattr(exc, "column", "row") == "row":
+                raise   # not the task's own data: failing task after task for it would not help
+            logger.warning("%s", exc)
+            with self._guard as conn:
+                conn.execute(self.dialect.sql(
+                    "UPDATE lilota_task SET status = 'failed', end_date_time = ?, error = ? "
+                    "WHERE id = ? AND status = 'running' AND locked_by = ?"),
+                    (now, self.dialect.encode_json(dumps(_error_record(exc), "error")), row[0], node_id))
+            return False
 
     def next_run_at(self):
         """Epoch seconds at which the earliest delayed queued task falls due, or None."""
@@ -2064,11 +2102,31 @@ class Storage:
     def complete(self, task_id, node_id, output_json, keep_progress):
         """Mark a task completed (cancelled, if its cancel was asked for while it ran); False when it
         was no longer this node's (recovered elsewhere)."""
-        d = self.dialect
         with self._guard as conn:
-            cur = conn.execute(self._complete_sql, (d.encode_json(output_json), d.encode_json(self._cancelled_late_json),
-                                                    d.encode_time(_now()), keep_progress, task_id, node_id))
+            cur = conn.execute(self._complete_sql, self._completion(task_id, node_id, output_json, keep_progress,
+                                                                    self.dialect.encode_time(_now())))
             return cur.rowcount == 1
+
+    def complete_and_claim(self, task_id, node_id, output_json, keep_progress, prepared, pid):
+        """complete() this task and claim() the next in one commit: (whether the output was stored,
+        the next Task or None). None when the dialect cannot do both at once; nothing was done then.
+        A StorageError means neither was stored, unless it is DatabaseUnavailableError: with the
+        connection lost, both may have been."""
+        d = self.dialect
+        now = d.encode_time(_now())
+        completion = (self._complete_sql, self._completion(task_id, node_id, output_json, keep_progress, now))
+        with self._guard as conn:
+            result = d.complete_and_claim(conn, completion, prepared, node_id, pid, now)
+        if result is None:
+            return None
+        changed, row = result
+        task = self._claimed(row, node_id, now)
+        return changed == 1, (task or None)   # an unreadable one was failed: the caller claims again
+
+    def _completion(self, task_id, node_id, output_json, keep_progress, now):
+        d = self.dialect
+        return (d.encode_json(output_json), d.encode_json(self._cancelled_late_json), now, keep_progress,
+                task_id, node_id)
 
     def finish_attempt(self, task, node_id, error, *, final_status=TaskStatus.FAILED, retry_at=None,
                        count_attempt=True):
@@ -2675,6 +2733,7 @@ class LilotaWorker:
         self._registry = {}
         self._storage = None
         self._claim = None
+        self._claim_lost = False      # a claim may have been committed with its reply lost
         self._node_id = None
         self._helper_node_id = None
         self._stopping = threading.Event()
@@ -2752,8 +2811,10 @@ class LilotaWorker:
 
     # --- executing one task ---
 
-    def _execute(self, task, node_id):
-        """Run one claimed task and store its outcome. Never raises for the task's own errors."""
+    def _execute(self, task, node_id, claim_next=None):
+        """Run one claimed task and store its outcome. Never raises for the task's own errors.
+        With ``claim_next`` (the prepared claim), a completion claims the next task in its commit,
+        unless stop() was called meanwhile: returns that task, or None."""
         storage = self.storage
         function = self._registry.get(task.name)
         if function is None:
@@ -2762,7 +2823,7 @@ class LilotaWorker:
             self._record(storage.finish_attempt, task, node_id, _error_record(UnknownTaskError(
                 f"no task named {task.name!r} is registered in this worker (registered: {known}); "
                 f"register it with @worker.register({task.name!r}) in the worker script"), attempt=task.attempts))
-            return
+            return None
         progress = context = None
         if function.progress_param is not None or function.context_param is not None:  # only if it takes them
             progress = TaskProgress(task.id, functools.partial(self._store_progress, node_id))
@@ -2781,7 +2842,7 @@ class LilotaWorker:
             output = function.output(result)
         except _Interrupted as stop:
             self._end_interrupted(task, node_id, str(stop))
-            return
+            return None
         except KeyboardInterrupt:
             # Ctrl-C of a standalone worker: give the task back to the queue and stop.
             self._record(storage.finish_attempt, task, node_id, _error_record(
@@ -2789,17 +2850,43 @@ class LilotaWorker:
             raise
         except BaseException as exc:  # the task's own failure, SystemExit included
             self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts))
-            return
+            return None
         finally:
             self._current = None
         try:
-            stored = self._record(storage.complete, str(task.id), node_id, output, self.set_progress_manually)
+            stored, next_task = self._store_output(task, node_id, output, claim_next)
         except UnserializableError as exc:   # the database refused this output (PostgreSQL: U+0000, size)
             self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts))
-            return
+            return None
         if not stored:
             self.logger.info("task %s finished but was no longer this worker's (cancelled or recovered); "
                              "its result was not stored", task.id)
+        return next_task
+
+    def _store_output(self, task, node_id, output, claim_next):
+        """Store a completed task's output: (stored, the next task claimed in the same commit or None)."""
+        storage = self.storage
+        lost = False
+        if claim_next is not None and not self._stopping.is_set():
+            try:
+                result = storage.complete_and_claim(str(task.id), node_id, output, self.set_progress_manually,
+                                                    claim_next, os.getpid())
+                if result is not None:
+                    return result
+            except UnserializableError:
+                raise
+            except StorageError as exc:
+                # Nothing was stored; with the connection lost, perhaps both were: the loop then
+                # releases the claim before it claims again.
+                lost = isinstance(exc, DatabaseUnavailableError)
+                self._claim_lost = self._claim_lost or lost
+                self.logger.warning("could not record a task's outcome (%s); retrying", exc)
+        stored = self._record(storage.complete, str(task.id), node_id, output, self.set_progress_manually)
+        if not stored and lost:   # the commit whose reply was lost may have stored it
+            row = self._record(storage.get_task, str(task.id))
+            stored = (row is not None and str(row.locked_by) == node_id
+                      and row.status in (TaskStatus.COMPLETED, TaskStatus.CANCELLED))
+        return stored, None
 
     def _store_progress(self, node_id, task_id, percent):
         # Progress is informative: a database hiccup must not fail the task that reports it.
@@ -2852,17 +2939,26 @@ class LilotaWorker:
                                   os.getpid(), self.node_timeout)
         else:
             self.storage.set_node_status(self._helper_node_id, NodeStatus.RUNNING)
-        done = []
+        done, held, prepared = [], None, self._prepared_claim()
         try:
             while limit is None or len(done) < limit:
                 self.storage.heartbeat([self._helper_node_id], self.node_timeout)
-                task = self.storage.claim(self._prepared_claim(), self._helper_node_id, os.getpid())
+                task, held = held, None
                 if task is None:
-                    break
-                self._execute(task, self._helper_node_id)
+                    task = self.storage.claim(prepared, self._helper_node_id, os.getpid())
+                    if task is None:
+                        break
+                # As a worker does: a completion claims the next task, unless the limit is reached.
+                last = limit is not None and len(done) + 1 >= limit
+                held = self._execute(task, self._helper_node_id, None if last else prepared)
                 done.append(self.storage.get_task(str(task.id)))
         finally:
-            self.storage.set_node_status(self._helper_node_id, NodeStatus.STOPPED)
+            try:
+                if held is not None:   # claimed by the last completion, not run: an error on the way
+                    self.storage.finish_attempt(held, self._helper_node_id, _error_record(TaskInterruptedError(
+                        "run_pending() stopped before running this task")), count_attempt=False)
+            finally:
+                self.storage.set_node_status(self._helper_node_id, NodeStatus.STOPPED)
         return done
 
     # --- the worker loop ---
@@ -3028,43 +3124,44 @@ class LilotaWorker:
         stopping = self._stopping
         waitables = [self._wake_r] + ([doorbell] if doorbell is not None else [])
         errors = 0
-        claim_lost = False
+        self._claim_lost = False
         drained_at = time.monotonic()
         while not stopping.is_set():
             try:
-                if claim_lost:
+                if self._claim_lost:
                     self._release_lost_claim(node_id)
-                    claim_lost = False
+                    self._claim_lost = False
                 task = storage.claim(prepared, node_id, pid)
-                if task is not None:
+                if task is None:
+                    # Idle. Empty the doorbell, read the change counter and make sure the listener
+                    # listens, then claim once more: a task stored after that claim rang the bell,
+                    # moved the counter or notified after its commit, so it is either claimed now
+                    # or wakes us below.
+                    rings = _drain(doorbell) if doorbell is not None else 0
+                    counter = storage.change_counter()
+                    listening = storage.listen_fd()
+                    task = storage.claim(prepared, node_id, pid)
                     errors = 0
-                    self._execute(task, node_id)
+                    if task is None:
+                        self._idle(waitables if listening is None else waitables + [listening], counter,
+                                   listening)
+                        continue
+                    if rings > 1:   # more work was announced: pass the wake-up on to another worker
+                        _ring(_supervision.doorbell_writer_fd if _supervision else None)
+                errors = 0
+                # Busy: each completion claims the next task in its own commit, until none is due
+                # or stop() is called.
+                while task is not None:
+                    task = self._execute(task, node_id, prepared)
                     if time.monotonic() - drained_at > 1.0:
                         storage.drain_notifications()
                         drained_at = time.monotonic()
-                    continue
-                # Idle. Empty the doorbell, read the change counter and make sure the listener
-                # listens, then claim once more: a task stored after that claim rang the bell,
-                # moved the counter or notified after its commit, so it is either claimed now or
-                # wakes us below.
-                rings = _drain(doorbell) if doorbell is not None else 0
-                counter = storage.change_counter()
-                listening = storage.listen_fd()
-                task = storage.claim(prepared, node_id, pid)
-                errors = 0
-                if task is not None:
-                    if rings > 1:   # more work was announced: pass the wake-up on to another worker
-                        _ring(_supervision.doorbell_writer_fd if _supervision else None)
-                    self._execute(task, node_id)
-                    continue
-                self._idle(waitables if listening is None else waitables + [listening], counter,
-                           listening)
             except StorageError as exc:
                 # Locked, full, the server gone (restarting, network): wait it out here. A worker
                 # that died of it would be replaced by one that meets the same error: a crash loop.
                 # A claim whose reply was lost with the connection may have been committed:
                 # release it first.
-                claim_lost = claim_lost or isinstance(exc, DatabaseUnavailableError)
+                self._claim_lost = self._claim_lost or isinstance(exc, DatabaseUnavailableError)
                 errors += 1
                 self.logger.warning("worker %s: database error, retrying: %s", node_id, exc)
                 stopping.wait(min(2.0, 0.01 * 2 ** min(errors, 8)))

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import unittest
+import unittest.mock
 import uuid
 import warnings
 
@@ -606,6 +607,158 @@ class StorageFenceTest(ResilienceTestCase):
         self.assertEqual(self.storage.find_lost_nodes(), [expired])
         self.assertEqual(self.node_status(expired), "dead")
         self.assertEqual(self.node_status(valid), "running")
+
+
+@on_every_backend
+class CompleteAndClaimTest(ResilienceTestCase):
+    """A busy worker stores a task's completion and claims its next task in one commit."""
+
+    def setUp(self):
+        super().setUp()
+        self.storage = lilota.Storage.for_url(self.db_url)
+        self.storage.ensure_ready()
+        self.scheduler = LilotaScheduler(self.db_url)
+        self.prepared = self.storage.prepare_claim([])
+
+    def status(self, task_id):
+        task = self.scheduler.get_task_by_id(task_id)
+        return task.status, task.attempts, None if task.locked_by is None else str(task.locked_by)
+
+    def test_the_completion_claims_the_next_task_in_its_commit(self):
+        first, second = self.scheduler.schedule("a", priority=1), self.scheduler.schedule("b")
+        node = str(uuid.uuid4())
+        self.assertEqual(self.storage.claim(self.prepared, node, os.getpid()).id, first)
+
+        stored, following = self.storage.complete_and_claim(str(first), node, json.dumps({"x": 1}), False,
+                                                           self.prepared, os.getpid())
+        self.assertTrue(stored)
+        self.assertEqual(following.id, second)
+        self.assertEqual((following.status, following.attempts, str(following.locked_by)), ("running", 1, node))
+        task = self.scheduler.get_task_by_id(first)
+        self.assertEqual((task.status, task.output, task.progress_percentage), ("completed", {"x": 1}, 100))
+        self.assertEqual(self.status(second), ("running", 1, node))
+
+        # The queue is empty: the completion alone.
+        self.assertEqual(self.storage.complete_and_claim(str(second), node, "null", False, self.prepared,
+                                                         os.getpid()), (True, None))
+        self.assertEqual(self.status(second)[0], "completed")
+
+    def test_a_completion_that_is_not_this_nodes_still_claims(self):
+        mine, theirs = self.scheduler.schedule("a", priority=1), self.scheduler.schedule("b", priority=1)
+        queued = self.scheduler.schedule("c")
+        owner, other = str(uuid.uuid4()), str(uuid.uuid4())
+        self.storage.claim(self.prepared, owner, os.getpid())
+        self.storage.claim(self.prepared, owner, os.getpid())
+        stored, following = self.storage.complete_and_claim(str(theirs), other, "1", False, self.prepared,
+                                                           os.getpid())
+        self.assertFalse(stored)   # recovered and claimed elsewhere, say: not other's to complete
+        self.assertEqual(following.id, queued)
+        self.assertEqual(self.status(theirs), ("running", 1, owner))
+        self.assertEqual(self.status(mine), ("running", 1, owner))
+        self.assertEqual(self.status(queued), ("running", 1, other))
+
+    def test_a_claim_that_fails_takes_the_completion_with_it(self):
+        first, second = self.scheduler.schedule("a", priority=1), self.scheduler.schedule("b")
+        node = str(uuid.uuid4())
+        self.storage.claim(self.prepared, node, os.getpid())
+        # The same claim, made to break the status CHECK constraint when it updates the next row.
+        broken = (self.prepared[0].replace("status = 'running'", "status = 'no such status'", 1),
+                  *self.prepared[1:])
+        self.assertNotEqual(broken, self.prepared)
+        with self.assertRaises(lilota.StorageError):
+            self.storage.complete_and_claim(str(first), node, "1", False, broken, os.getpid())
+        self.assertEqual(self.status(first), ("running", 1, node))
+        self.assertEqual(self.status(second), ("scheduled", 0, None))
+        self.assertIsNone(self.scheduler.get_task_by_id(first).output)
+        # The connection is usable afterwards, outside any transaction.
+        self.assertEqual(self.storage.complete_and_claim(str(first), node, "2", False, self.prepared,
+                                                         os.getpid())[0], True)
+        self.assertEqual(self.scheduler.get_task_by_id(first).output, 2)
+
+    def run_worker(self, worker, count):
+        """Start a standalone worker in a thread, wait for ``count`` tasks to finish, stop it."""
+        thread = threading.Thread(target=worker.start, name="test-worker", daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 30)
+        self.addCleanup(worker.stop)
+        wait_until(lambda: self.scheduler.stats()["by_status"].get("completed", 0) >= count, 60,
+                   message=f"{count} tasks to complete")
+        worker.stop()
+        thread.join(30)
+        self.assertFalse(thread.is_alive())
+
+    def test_a_busy_worker_claims_through_its_completions(self):
+        worker = LilotaWorker(self.db_url)
+        worker.register("noop")(lambda data: data)
+        ids = [self.scheduler.schedule("noop", {"i": i}) for i in range(30)]
+        combined = []
+        real = lilota.Storage.complete_and_claim
+
+        def counting(storage, *args, **kwargs):
+            result = real(storage, *args, **kwargs)
+            combined.append(result)
+            return result
+        with unittest.mock.patch.object(lilota.Storage, "complete_and_claim", counting):
+            self.run_worker(worker, 30)
+        # All were queued before the worker started: the first is claimed alone, each next one by
+        # the completion of the one before.
+        self.assertEqual(len(combined), 30)
+        self.assertEqual([next_task.id for _, next_task in combined[:-1]], ids[1:])
+        self.assertEqual(combined[-1], (True, None))
+        for i, task_id in enumerate(ids):
+            task = self.scheduler.get_task_by_id(task_id)
+            self.assertEqual((task.status, task.output, task.attempts), ("completed", {"i": i}, 1))
+
+    def test_a_lost_reply_releases_the_claim_and_keeps_the_completion(self):
+        worker = LilotaWorker(self.db_url)
+        runs = []
+
+        @worker.register("noop")
+        def noop(data):
+            runs.append(data["i"])
+            return data
+        ids = [self.scheduler.schedule("noop", {"i": i}) for i in range(6)]
+        real = lilota.Storage.complete_and_claim
+        calls = []
+
+        def lose_the_third_reply(storage, *args, **kwargs):
+            result = real(storage, *args, **kwargs)   # committed...
+            calls.append(result)
+            if len(calls) == 3:                      # ...but the reply never arrives
+                raise lilota.DatabaseUnavailableError("connection lost (test)")
+            return result
+        with unittest.mock.patch.object(lilota.Storage, "complete_and_claim", lose_the_third_reply), \
+                self.assertLogs("lilota.worker", "INFO") as logs:
+            self.run_worker(worker, 6)
+        self.assertEqual(calls[2][1].id, ids[3])   # the task claimed by the lost commit
+        self.assertTrue(any(f"requeued task {ids[3]}" in line for line in logs.output), logs.output)
+        self.assertFalse(any("was not stored" in line for line in logs.output), logs.output)
+        self.assertEqual(sorted(runs), list(range(6)))   # each ran once
+        for i, task_id in enumerate(ids):
+            task = self.scheduler.get_task_by_id(task_id)
+            # The released claim gave its attempt back.
+            self.assertEqual((task.status, task.output, task.attempts), ("completed", {"i": i}, 1))
+
+    def test_stop_during_a_task_claims_no_next_task(self):
+        worker = LilotaWorker(self.db_url)
+        ran = []
+
+        @worker.register("stopper")
+        def stopper(data):
+            ran.append(data["i"])
+            worker.stop()
+            return data
+        ids = [self.scheduler.schedule("stopper", {"i": i}) for i in range(3)]
+        thread = threading.Thread(target=worker.start, name="test-worker", daemon=True)
+        thread.start()
+        self.addCleanup(worker.stop)
+        thread.join(60)
+        self.assertFalse(thread.is_alive())
+        self.assertEqual(ran, [0])
+        self.assertEqual(self.status(ids[0])[0], "completed")
+        for task_id in ids[1:]:
+            self.assertEqual(self.status(task_id), ("scheduled", 0, None))
+            self.assertIsNone(self.scheduler.get_task_by_id(task_id).error)
 
 
 class SmallGuaranteesTest(TempDirTestCase):
