@@ -2120,8 +2120,14 @@ class Storage:
         if result is None:
             return None
         changed, row = result
-        task = self._claimed(row, node_id, now)
-        return changed == 1, (task or None)   # an unreadable one was failed: the caller claims again
+        try:
+            task = self._claimed(row, node_id, now) or None   # an unreadable one was failed
+        except StorageError as exc:
+            # The completion is stored whatever became of the row claimed with it (its failure
+            # could not be recorded, or it is damaged beyond its payload): the caller claims again.
+            logger.warning("%s", exc)
+            task = None
+        return changed == 1, task
 
     def _completion(self, task_id, node_id, output_json, keep_progress, now):
         d = self.dialect
