@@ -1230,6 +1230,7 @@ _POSTGRES_DRIVERS = {
 # SQLSTATE classes and codes (https://www.postgresql.org/docs/current/errcodes-appendix.html)
 _PG_CONNECTION_LOST = ("08", "57P01", "57P02", "57P03", "57P05")
 _PG_BUSY = ("40001", "40P01", "55P03")
+_PG_SYNCHRONOUS_COMMIT = ("on", "off", "local", "remote_write", "remote_apply")
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,55}\Z")
 # In JSON text: a string (kept as it is), or a number with a positive exponent (1e+16).
@@ -1255,8 +1256,10 @@ class PostgreSQLDialect(Dialect):
 
     URLs: ``postgresql://user:password@host:port/database`` (also ``postgres://`` and
     ``postgresql+psycopg://``, ``+psycopg2``, ``+pg8000``). Query options go to the driver
-    (``sslmode``, ``connect_timeout``, ``application_name`` ...), except ``schema``: the schema
-    lilota's tables live in (created if missing; default: the server's search_path).
+    (``sslmode``, ``connect_timeout``, ``application_name`` ...), except lilota's own: ``schema``,
+    the schema lilota's tables live in (created if missing; default: the server's search_path), and
+    ``synchronous_commit``, set on each of lilota's connections (``off`` trades durability across a
+    server crash for speed; default: the server's setting).
     """
 
     name = "postgresql"
@@ -1279,6 +1282,12 @@ class PostgreSQLDialect(Dialect):
         if self.schema is not None and not _IDENTIFIER.match(self.schema):
             raise ConfigurationError(f"schema={self.schema!r} in {self.describe()} is not a plain "
                                      f"identifier (letters, digits, _; at most 56 characters)")
+        self.synchronous_commit = self.options.pop("synchronous_commit", None)
+        if self.synchronous_commit is not None:
+            self.synchronous_commit = self.synchronous_commit.lower()
+            if self.synchronous_commit not in _PG_SYNCHRONOUS_COMMIT:
+                raise ConfigurationError(f"synchronous_commit={self.synchronous_commit!r} in {self.describe()} "
+                                         f"must be one of: {', '.join(_PG_SYNCHRONOUS_COMMIT)}")
         try:
             port = parts.port
         except ValueError:
@@ -1309,7 +1318,8 @@ class PostgreSQLDialect(Dialect):
     @property
     def connection_key(self):
         options = "&".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.identity}&driver={self.driver or ''}&user={self.user or ''}&{options}"
+        return (f"{self.identity}&driver={self.driver or ''}&user={self.user or ''}"
+                f"&synchronous_commit={self.synchronous_commit or ''}&{options}")
 
     # --- connecting ---
 
@@ -1394,6 +1404,8 @@ class PostgreSQLDialect(Dialect):
         conn = DBAPIConnection(raw)
         try:
             conn.execute("SET TIME ZONE 'UTC'")
+            if self.synchronous_commit:   # checked against a fixed list: safe to write into SQL
+                conn.execute(f"SET synchronous_commit TO {self.synchronous_commit}")
             if self.schema:
                 conn.execute(f'SET search_path TO "{self.schema}"')
         except BaseException:

@@ -259,6 +259,33 @@ class UrlAndDriverTest(PostgresTestCase):
                     conn.close()
                 self.assertEqual(row, (app_name, user or "postgres", database, self.schema, port, False))
 
+    def test_synchronous_commit_is_set_on_lilotas_connections_with_every_driver(self):
+        def setting(url):
+            conn = lilota._dialect_for_url(url).connect()
+            try:
+                return conn.execute("SELECT current_setting('synchronous_commit')").fetchone()[0]
+            finally:
+                conn.close()
+        server_default = setting(server_url())
+        for driver in DRIVERS:
+            with self.subTest(driver=driver):
+                if not installed(driver):
+                    self.skipTest(f"{driver} is not installed")
+                for value in ("off", "OFF", "local", "on"):
+                    url = server_url(scheme=f"postgresql+{driver}", schema=self.schema, synchronous_commit=value)
+                    self.assertEqual(setting(url), value.lower())
+                scheduler, task = self.round_trip(server_url(scheme=f"postgresql+{driver}", schema=self.schema,
+                                                             synchronous_commit="off"))
+                self.addCleanup(scheduler.storage.close)
+                self.assertEqual(task.status, "completed", task.error)
+                self.assertEqual(setting(server_url(scheme=f"postgresql+{driver}")), server_default)
+        for bad in ("fast", "off; DROP TABLE lilota_task", ""):
+            with self.subTest(bad=bad):
+                with self.assertRaises(ConfigurationError) as caught:
+                    LilotaScheduler(server_url(synchronous_commit=urllib.parse.quote(bad)))
+                self.assertIn("synchronous_commit=", str(caught.exception))
+                self.assertIn("on, off, local, remote_write, remote_apply", str(caught.exception))
+
     def test_large_floats_keep_their_type_and_value(self):
         floats = [1e16, 1e300, 1.7976931348623157e308, -2.5e20]
         _, task = self.round_trip(self.db_url, {"floats": floats})
