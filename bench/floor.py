@@ -5,7 +5,10 @@
 * insert:         N single-row INSERTs, each its own (durable) transaction -- what schedule() does.
 * insert_many:    N rows in one executemany() transaction -- what schedule_many() does.
 * claim_complete: N queued tasks, then a loop of the claim UPDATE ... RETURNING followed by the
-                  completion UPDATE, each its own transaction -- what a worker does per task.
+                  completion UPDATE, each its own transaction -- the floor the issue defines.
+* claim_complete_one_commit: the same two statements, but each completion and the claim of the
+                  next task in one commit, as a busy lilota worker does: one transaction on SQLite,
+                  one statement (two data-modifying WITH clauses) on PostgreSQL.
 
 The schema is lilota's (created through lilota, so that the indexes are the same); the loops use
 the driver directly with the same connection settings (SQLite: WAL, lilota's synchronous; on
@@ -41,6 +44,9 @@ CLAIM = {
 }
 COMPLETE = ("UPDATE lilota_task SET status = 'completed', output = ?, end_date_time = ?, "
             "progress_percentage = 100 WHERE id = ? AND status = 'running' AND locked_by = ?")
+# PostgreSQL: the completion and the next claim in one statement (parameters: completion's, claim's).
+COMPLETE_AND_CLAIM = (f"WITH done AS ({COMPLETE}), next AS ({CLAIM['postgresql']}) "
+                      "SELECT next.* FROM (SELECT 1) AS one LEFT JOIN next ON TRUE")
 
 
 class Database:
@@ -67,6 +73,7 @@ class Database:
         self.time, self.json = dialect.encode_time, dialect.encode_json
         self.insert, self.claim, self.complete = (dialect.sql(INSERT), dialect.sql(CLAIM[self.kind]),
                                                   dialect.sql(COMPLETE))
+        self.complete_and_claim = dialect.sql(COMPLETE_AND_CLAIM)
 
     def begin(self):
         self.cur.execute("BEGIN IMMEDIATE" if self.kind == "sqlite" else "BEGIN")
@@ -126,6 +133,34 @@ def claim_complete(db, n):
     return elapsed
 
 
+def claim_complete_one_commit(db, n):
+    insert_many(db, n)
+    node, pid = str(uuid.uuid4()), os.getpid()
+    cur, claim, complete, encode = db.cur, db.claim, db.complete, db.time
+    done = 0
+    t0 = time.perf_counter()
+    now = encode(time.time())
+    result = cur.execute(claim, (pid, node, now, now, now))
+    rows = (cur if result is None else result).fetchall()
+    row = rows[0] if rows else None
+    while row is not None:
+        now = encode(time.time())
+        if db.kind == "sqlite":
+            db.begin()
+            cur.execute(complete, (None, now, row[0], node))
+            rows = cur.execute(claim, (pid, node, now, now, now)).fetchall()   # all: the statement ends
+            db.commit()
+            row = rows[0] if rows else None
+        else:
+            result = cur.execute(db.complete_and_claim, (None, now, row[0], node, pid, node, now, now, now))
+            row = (cur if result is None else result).fetchone()
+            row = row if row[0] is not None else None
+        done += 1
+    elapsed = time.perf_counter() - t0
+    assert done == n, (done, n)
+    return elapsed
+
+
 def _measure(loop):
     def workload(args):
         db = Database(args.url)
@@ -135,7 +170,8 @@ def _measure(loop):
     return workload
 
 
-WORKLOADS = {loop.__name__: _measure(loop) for loop in (insert, insert_many, claim_complete)}
+WORKLOADS = {loop.__name__: _measure(loop) for loop in (insert, insert_many, claim_complete,
+                                                        claim_complete_one_commit)}
 
 
 if __name__ == "__main__":

@@ -143,6 +143,8 @@ def make_systems(args, log):
         System("lilota", f"lilota (this){shown}", base, os.path.join(BENCH, "lilota_workloads.py"),
                url_options=options),
         System("floor", f"floor (raw SQL loop){shown}", base, os.path.join(BENCH, "floor.py"), url_options=options),
+        System("floor1", f"floor, one commit per task{shown}", base, os.path.join(BENCH, "floor.py"),
+               url_options=options),
     ]
     if args.baseline:
         # Another lilota.py, run through the same workloads: an A/B comparison of a change.
@@ -216,9 +218,10 @@ def make_cases(quick):
         cases.append(Case(f"drain{k}", f"drain: no-op tasks, {k} worker{'s' if k > 1 else ''}", rate, {
             "lilota": ("drain", dict(n=5000 if q else 20000, workers=k), reps),
             "floor": ("claim_complete", dict(n=5000 if q else 20000), reps) if k == 1 else None,
+            "floor1": ("claim_complete_one_commit", dict(n=5000 if q else 20000), reps) if k == 1 else None,
             "huey": ("drain", dict(n=2000 if q else 5000, workers=k), reps),
             "up": ("drain", dict(up, workers=k), few),
-        }, borrow={} if k == 1 else {"floor": "drain1"}))
+        }, borrow={} if k == 1 else {"floor": "drain1", "floor1": "drain1"}))
     ms = lambda field, title: (field, title, "ms", False)  # noqa: E731
     cases += [
         Case("latency", "latency on an idle system (2 workers, 20 samples per run, idle gaps 0.25-1.25 s)",
@@ -577,9 +580,9 @@ def main():
             for name in only:
                 wanted.update(WORKLOAD_GROUPS[name])
             if "floor" in only or "peers" in only:
-                keep = {"lilota", "floor"} if "floor" in only else set()
+                keep = {"lilota", "floor", "floor1"} if "floor" in only else set()
                 if "peers" in only:
-                    keep |= {s.key for s in systems if s.key not in ("floor",)}
+                    keep |= {s.key for s in systems if s.key not in ("floor", "floor1")}
                 systems = [s for s in systems if s.key in keep]
             if wanted:
                 cases = [c for c in cases if c.key in wanted]
