@@ -794,6 +794,34 @@ class CompleteAndClaimTest(ResilienceTestCase):
         self.assertEqual(self.status(ids[2]), ("scheduled", 0, None))
         self.assertEqual([t.status for t in worker.run_pending()], ["completed", "completed"])
 
+    def test_stop_during_the_commit_gives_the_claimed_task_back(self):
+        worker = LilotaWorker(self.db_url)
+        ran = []
+
+        @worker.register("noop")
+        def noop(data):
+            ran.append(data["i"])
+            return data
+        ids = [self.scheduler.schedule("noop", {"i": i}) for i in range(3)]
+        real = lilota.Storage.complete_and_claim
+
+        def stop_arrives_meanwhile(storage, *args, **kwargs):
+            result = real(storage, *args, **kwargs)
+            worker.stop()
+            return result
+        thread = threading.Thread(target=worker.start, name="test-worker", daemon=True)
+        with unittest.mock.patch.object(lilota.Storage, "complete_and_claim", stop_arrives_meanwhile):
+            thread.start()
+            self.addCleanup(worker.stop)
+            thread.join(60)
+        self.assertFalse(thread.is_alive())
+        self.assertEqual(ran, [0])
+        task = self.scheduler.get_task_by_id(ids[1])   # claimed by the completion of the first
+        self.assertEqual((task.status, task.attempts, task.locked_by), ("scheduled", 0, None))
+        self.assertEqual(task.error["type"], "TaskInterruptedError")
+        self.assertIn("stopped before running", task.error["message"])
+        self.assertEqual(self.status(ids[2]), ("scheduled", 0, None))
+
     def test_stop_during_a_task_claims_no_next_task(self):
         worker = LilotaWorker(self.db_url)
         ran = []
