@@ -1490,8 +1490,8 @@ class PostgreSQLDialect(Dialect):
         # join returns the completion's count when there is no task left to claim.
         complete_sql, complete_params = completion
         row = conn.execute(
-            f"WITH done AS ({complete_sql} RETURNING 1), next AS ({prepared[0]}) "
-            f"SELECT (SELECT COUNT(*) FROM done), next.* FROM (SELECT 1) AS one LEFT JOIN next ON TRUE",
+            f"WITH done AS ({complete_sql} RETURNING 1), claimed AS ({prepared[0]}) "
+            f"SELECT (SELECT COUNT(*) FROM done), claimed.* FROM (SELECT 1) AS one LEFT JOIN claimed ON TRUE",
             [*complete_params, *self._claim_params(prepared, node_id, pid, now)]).fetchone()
         return row[0], (row[1:] if row[1] is not None else None)
 
@@ -2122,8 +2122,8 @@ class Storage:
     def complete_and_claim(self, task_id, node_id, output_json, keep_progress, prepared, pid):
         """complete() this task and claim() the next in one commit: (whether the output was stored,
         the next Task or None). None when the dialect cannot do both at once; nothing was done then.
-        A StorageError means neither was stored, unless it is DatabaseUnavailableError: with the
-        connection lost, both may have been."""
+        A StorageError may come before the commit or after it (the connection lost on the way, or
+        the claimed row unreadable as claim() finds it): the completion may be stored or not."""
         d = self.dialect
         now = d.encode_time(_now())
         completion = (self._complete_sql, self._completion(task_id, node_id, output_json, keep_progress, now))
@@ -2132,14 +2132,7 @@ class Storage:
         if result is None:
             return None
         changed, row = result
-        try:
-            task = self._claimed(row, node_id, now) or None   # an unreadable one was failed
-        except StorageError as exc:
-            # The completion is stored whatever became of the row claimed with it (its failure
-            # could not be recorded, or it is damaged beyond its payload): the caller claims again.
-            logger.warning("%s", exc)
-            task = None
-        return changed == 1, task
+        return changed == 1, self._claimed(row, node_id, now) or None   # an unreadable one was failed
 
     def _completion(self, task_id, node_id, output_json, keep_progress, now):
         d = self.dialect
@@ -2884,7 +2877,7 @@ class LilotaWorker:
     def _store_output(self, task, node_id, output, claim_next):
         """Store a completed task's output: (stored, the next task claimed in the same commit or None)."""
         storage = self.storage
-        lost = False
+        failed = False
         if claim_next is not None and not self._stopping.is_set():
             try:
                 result = storage.complete_and_claim(str(task.id), node_id, output, self.set_progress_manually,
@@ -2894,13 +2887,14 @@ class LilotaWorker:
             except UnserializableError:
                 raise
             except StorageError as exc:
-                # Nothing was stored; with the connection lost, perhaps both were: the loop then
-                # releases the claim before it claims again.
-                lost = isinstance(exc, DatabaseUnavailableError)
-                self._claim_lost = self._claim_lost or lost
-                self.logger.warning("could not record a task's outcome (%s); retrying", exc)
+                # Stored or not, and a task claimed or not: with the connection lost, the loop
+                # releases what this node holds before it claims again (sets _claim_lost).
+                failed = True
+                self._claim_lost = self._claim_lost or isinstance(exc, DatabaseUnavailableError)
+                self.logger.warning("could not record a task's outcome with the next claim (%s); "
+                                    "storing it alone", exc)
         stored = self._record(storage.complete, str(task.id), node_id, output, self.set_progress_manually)
-        if not stored and lost:   # the commit whose reply was lost may have stored it
+        if not stored and failed:   # the failed call may have committed it
             row = self._record(storage.get_task, str(task.id))
             stored = (row is not None and str(row.locked_by) == node_id
                       and row.status in (TaskStatus.COMPLETED, TaskStatus.CANCELLED))
@@ -2957,26 +2951,30 @@ class LilotaWorker:
                                   os.getpid(), self.node_timeout)
         else:
             self.storage.set_node_status(self._helper_node_id, NodeStatus.RUNNING)
-        done, held, prepared = [], None, self._prepared_claim()
+        node_id, done, task, prepared = self._helper_node_id, [], None, self._prepared_claim()
+        self._claim_lost = False
         try:
             while limit is None or len(done) < limit:
-                self.storage.heartbeat([self._helper_node_id], self.node_timeout)
-                task, held = held, None
+                self.storage.heartbeat([node_id], self.node_timeout)
+                if self._claim_lost:
+                    self._release_lost_claim(node_id)
+                    self._claim_lost = False
                 if task is None:
-                    task = self.storage.claim(prepared, self._helper_node_id, os.getpid())
+                    task = self.storage.claim(prepared, node_id, os.getpid())
                     if task is None:
                         break
                 # As a worker does: a completion claims the next task, unless the limit is reached.
                 last = limit is not None and len(done) + 1 >= limit
-                held = self._execute(task, self._helper_node_id, None if last else prepared)
-                done.append(self.storage.get_task(str(task.id)))
+                finished, task = task, self._execute(task, node_id, None if last else prepared)
+                done.append(self.storage.get_task(str(finished.id)))
         finally:
             try:
-                if held is not None:   # claimed by the last completion, not run: an error on the way
-                    self.storage.finish_attempt(held, self._helper_node_id, _error_record(TaskInterruptedError(
-                        "run_pending() stopped before running this task")), count_attempt=False)
+                # A task claimed by the last completion and not run (an error on the way, Ctrl-C)
+                # goes back to the queue; the attempt does not count.
+                self.storage.recover_tasks(node_id, _error_record(TaskInterruptedError(
+                    "run_pending() stopped before running this task")), count_attempt=False)
             finally:
-                self.storage.set_node_status(self._helper_node_id, NodeStatus.STOPPED)
+                self.storage.set_node_status(node_id, NodeStatus.STOPPED)
         return done
 
     # --- the worker loop ---
@@ -3142,7 +3140,7 @@ class LilotaWorker:
         stopping = self._stopping
         waitables = [self._wake_r] + ([doorbell] if doorbell is not None else [])
         errors = 0
-        self._claim_lost = False
+        self._claim_lost = False   # also set by _store_output, when a completion's claim may be lost
         drained_at = time.monotonic()
         while not stopping.is_set():
             try:
@@ -3159,8 +3157,8 @@ class LilotaWorker:
                     counter = storage.change_counter()
                     listening = storage.listen_fd()
                     task = storage.claim(prepared, node_id, pid)
-                    errors = 0
                     if task is None:
+                        errors = 0
                         self._idle(waitables if listening is None else waitables + [listening], counter,
                                    listening)
                         continue
@@ -3171,6 +3169,11 @@ class LilotaWorker:
                 # or stop() is called.
                 while task is not None:
                     task = self._execute(task, node_id, prepared)
+                    if task is not None and stopping.is_set():
+                        # stop() came while the commit that claimed it was under way: give it back.
+                        self._record(storage.finish_attempt, task, node_id, _error_record(TaskInterruptedError(
+                            "the worker stopped before running this task")), count_attempt=False)
+                        break
                     if time.monotonic() - drained_at > 1.0:
                         storage.drain_notifications()
                         drained_at = time.monotonic()

@@ -279,6 +279,10 @@ class UrlAndDriverTest(PostgresTestCase):
                 self.addCleanup(scheduler.storage.close)
                 self.assertEqual(task.status, "completed", task.error)
                 self.assertEqual(setting(server_url(scheme=f"postgresql+{driver}")), server_default)
+        # A process keeps one connection per database and settings: not one for both.
+        plain, off = server_url(schema=self.schema), server_url(schema=self.schema, synchronous_commit="off")
+        self.assertIsNot(lilota.Storage.for_url(off), lilota.Storage.for_url(plain))
+        self.assertIs(lilota.Storage.for_url(off), lilota.Storage.for_url(off))
         for bad in ("fast", "off; DROP TABLE lilota_task", ""):
             with self.subTest(bad=bad):
                 with self.assertRaises(ConfigurationError) as caught:

@@ -615,6 +615,9 @@ class CompleteAndClaimTest(ResilienceTestCase):
 
     def setUp(self):
         super().setUp()
+        if self.backend == "sqlite" and not lilota.SQLiteDialect.returning:
+            self.skipTest("SQLite before 3.35 has no RETURNING: its claim is a transaction of its own, "
+                          "and a completion and a claim are two commits (test_without_returning_...)")
         self.storage = lilota.Storage.for_url(self.db_url)
         self.storage.ensure_ready()
         self.scheduler = LilotaScheduler(self.db_url)
@@ -739,6 +742,86 @@ class CompleteAndClaimTest(ResilienceTestCase):
             # The released claim gave its attempt back.
             self.assertEqual((task.status, task.output, task.attempts), ("completed", {"i": i}, 1))
 
+    def test_an_error_after_the_commit_releases_the_claimed_task(self):
+        worker = LilotaWorker(self.db_url)
+        runs = []
+
+        @worker.register("noop")
+        def noop(data):
+            runs.append(data["i"])
+            return data
+        ids = [self.scheduler.schedule("noop", {"i": i}) for i in range(5)]
+        real = lilota.Storage._claimed
+        calls = []
+
+        def lost_after_the_commit(storage, row, *args):
+            calls.append(row and str(row[0]))
+            if len(calls) == 3:   # committed, then the connection went before the row was taken
+                raise lilota.DatabaseUnavailableError("connection lost (test)")
+            return real(storage, row, *args)
+        with unittest.mock.patch.object(lilota.Storage, "_claimed", lost_after_the_commit), \
+                self.assertLogs("lilota.worker", "INFO") as logs:
+            self.run_worker(worker, 5)
+        self.assertEqual(calls[2], str(ids[2]))
+        self.assertTrue(any(f"requeued task {ids[2]}" in line for line in logs.output), logs.output)
+        self.assertFalse(any("was not stored" in line for line in logs.output), logs.output)
+        self.assertEqual(sorted(runs), list(range(5)))
+        for i, task_id in enumerate(ids):
+            task = self.scheduler.get_task_by_id(task_id)
+            self.assertEqual((task.status, task.output, task.attempts), ("completed", {"i": i}, 1))
+
+    def test_run_pending_with_a_limit_claims_nothing_past_it(self):
+        worker = LilotaWorker(self.db_url)
+        worker.register("noop")(lambda data: data)
+        ids = [self.scheduler.schedule("noop", {"i": i}) for i in range(4)]
+        self.assertEqual([t.id for t in worker.run_pending(limit=2)], ids[:2])
+        for task_id in ids[2:]:
+            self.assertEqual(self.status(task_id), ("scheduled", 0, None))
+            self.assertIsNone(self.scheduler.get_task_by_id(task_id).error)   # never claimed and given back
+        self.assertEqual([t.id for t in worker.run_pending()], ids[2:])
+
+    def test_run_pending_gives_back_a_task_claimed_but_not_run(self):
+        worker = LilotaWorker(self.db_url)
+        worker.register("noop")(lambda data: data)
+        ids = [self.scheduler.schedule("noop", {"i": i}) for i in range(3)]
+        with unittest.mock.patch.object(lilota.Storage, "get_task", side_effect=KeyboardInterrupt):
+            with self.assertRaises(KeyboardInterrupt):   # Ctrl-C after the first completion's commit
+                worker.run_pending()
+        self.assertEqual(self.status(ids[0])[0], "completed")
+        task = self.scheduler.get_task_by_id(ids[1])   # claimed by that commit: back in the queue
+        self.assertEqual((task.status, task.attempts, task.locked_by), ("scheduled", 0, None))
+        self.assertEqual(task.error["type"], "TaskInterruptedError")
+        self.assertEqual(self.status(ids[2]), ("scheduled", 0, None))
+        self.assertEqual([t.status for t in worker.run_pending()], ["completed", "completed"])
+
+    def test_stop_during_the_commit_gives_the_claimed_task_back(self):
+        worker = LilotaWorker(self.db_url)
+        ran = []
+
+        @worker.register("noop")
+        def noop(data):
+            ran.append(data["i"])
+            return data
+        ids = [self.scheduler.schedule("noop", {"i": i}) for i in range(3)]
+        real = lilota.Storage.complete_and_claim
+
+        def stop_arrives_meanwhile(storage, *args, **kwargs):
+            result = real(storage, *args, **kwargs)
+            worker.stop()
+            return result
+        thread = threading.Thread(target=worker.start, name="test-worker", daemon=True)
+        with unittest.mock.patch.object(lilota.Storage, "complete_and_claim", stop_arrives_meanwhile):
+            thread.start()
+            self.addCleanup(worker.stop)
+            thread.join(60)
+        self.assertFalse(thread.is_alive())
+        self.assertEqual(ran, [0])
+        task = self.scheduler.get_task_by_id(ids[1])   # claimed by the completion of the first
+        self.assertEqual((task.status, task.attempts, task.locked_by), ("scheduled", 0, None))
+        self.assertEqual(task.error["type"], "TaskInterruptedError")
+        self.assertIn("stopped before running", task.error["message"])
+        self.assertEqual(self.status(ids[2]), ("scheduled", 0, None))
+
     def test_stop_during_a_task_claims_no_next_task(self):
         worker = LilotaWorker(self.db_url)
         ran = []
@@ -759,6 +842,30 @@ class CompleteAndClaimTest(ResilienceTestCase):
         for task_id in ids[1:]:
             self.assertEqual(self.status(task_id), ("scheduled", 0, None))
             self.assertIsNone(self.scheduler.get_task_by_id(task_id).error)
+
+
+class CompleteAndClaimWithoutReturningTest(ResilienceTestCase):
+
+    def test_without_returning_a_completion_and_a_claim_are_two_commits(self):
+        """SQLite before 3.35 (and a dialect whose claim is a transaction of its own): the dialect
+        declines, and the worker stores the completion, then claims."""
+        worker = LilotaWorker(self.db_url)
+        worker.register("noop")(lambda data: data)
+        scheduler = LilotaScheduler(self.db_url)
+        ids = [scheduler.schedule("noop", {"i": i}) for i in range(5)]
+        real = lilota.Storage.complete_and_claim
+        results = []
+
+        def recording(storage, *args, **kwargs):
+            results.append(real(storage, *args, **kwargs))
+            return results[-1]
+        with unittest.mock.patch.object(lilota.SQLiteDialect, "returning", False), \
+                unittest.mock.patch.object(lilota.Storage, "complete_and_claim", recording):
+            done = worker.run_pending()
+        self.assertEqual([t.id for t in done], ids)
+        self.assertEqual(results, [None] * 5)   # asked at every completion; declined, nothing done
+        for i, task in enumerate(done):
+            self.assertEqual((task.status, task.output, task.attempts), ("completed", {"i": i}, 1))
 
 
 class SmallGuaranteesTest(TempDirTestCase):
