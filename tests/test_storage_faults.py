@@ -265,6 +265,7 @@ class DeletedDatabaseTest(StorageFaultTestCase):
         new, empty one at the path, and the tasks it stored there never ran), and all they stored
         was gone when they exited. Nobody was told."""
         app = self.start_lilota(self.script(), 2, heartbeat_interval=0.2)
+        self.wait_workers_running(2)   # both running before the file goes: none is restarted after
         api = LilotaScheduler(self.db_url + "?timeout=29")   # a connection of its own, as in another process
         done = api.schedule("echo", {"n": 0})
         self.assertEqual(api.wait(done, timeout=30).status, TaskStatus.COMPLETED)
