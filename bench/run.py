@@ -1,10 +1,11 @@
 """lilota's benchmark: lilota against the raw database floor and its peers, in one run.
 
-    python bench/run.py                      # the full run (about 10 minutes); rewrites the results
-                                             # block of bench/RESULTS.md
+    python bench/run.py                      # the full run, SQLite then PostgreSQL (~35 minutes on a
+                                             # slow 2-core machine); rewrites the results block of
+                                             # bench/RESULTS.md
     python bench/run.py --quick              # fewer, smaller runs for development (RESULTS.md untouched)
     python bench/run.py --only drain,latency # some workloads only (names: see --help)
-    python bench/run.py --backend postgres   # PostgreSQL (when lilota has its dialect and the server answers)
+    python bench/run.py --backend postgres   # PostgreSQL only (skipped, with the reason, when no server answers)
     python bench/run.py --no-peers           # lilota and the floor only
     python bench/run.py --quick --baseline ../old-checkout   # A/B: this lilota.py against another one
     python bench/run.py --only enqueue,drain --url-options synchronous=FULL   # another durability setting
