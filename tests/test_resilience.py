@@ -712,15 +712,28 @@ class CompleteAndClaimTest(ResilienceTestCase):
             task = self.scheduler.get_task_by_id(task_id)
             self.assertEqual((task.status, task.output, task.attempts), ("completed", {"i": i}, 1))
 
-    def test_a_lost_reply_releases_the_claim_and_keeps_the_completion(self):
-        worker = LilotaWorker(self.db_url)
-        runs = []
+    def recording_worker(self, count):
+        """A worker whose no-op task records each run, and ``count`` tasks queued for it."""
+        worker, runs = LilotaWorker(self.db_url), []
 
         @worker.register("noop")
         def noop(data):
             runs.append(data["i"])
             return data
-        ids = [self.scheduler.schedule("noop", {"i": i}) for i in range(6)]
+        return worker, runs, [self.scheduler.schedule("noop", {"i": i}) for i in range(count)]
+
+    def assert_released_and_each_run_once(self, released, runs, ids, logs):
+        """The task claimed by a commit whose outcome the worker could not see was requeued, giving
+        its attempt back; every task ran once and completed; no completion was reported lost."""
+        self.assertTrue(any(f"requeued task {released}" in line for line in logs.output), logs.output)
+        self.assertFalse(any("was not stored" in line for line in logs.output), logs.output)
+        self.assertEqual(sorted(runs), list(range(len(ids))))
+        for i, task_id in enumerate(ids):
+            task = self.scheduler.get_task_by_id(task_id)
+            self.assertEqual((task.status, task.output, task.attempts), ("completed", {"i": i}, 1))
+
+    def test_a_lost_reply_releases_the_claim_and_keeps_the_completion(self):
+        worker, runs, ids = self.recording_worker(6)
         real = lilota.Storage.complete_and_claim
         calls = []
 
@@ -734,23 +747,10 @@ class CompleteAndClaimTest(ResilienceTestCase):
                 self.assertLogs("lilota.worker", "INFO") as logs:
             self.run_worker(worker, 6)
         self.assertEqual(calls[2][1].id, ids[3])   # the task claimed by the lost commit
-        self.assertTrue(any(f"requeued task {ids[3]}" in line for line in logs.output), logs.output)
-        self.assertFalse(any("was not stored" in line for line in logs.output), logs.output)
-        self.assertEqual(sorted(runs), list(range(6)))   # each ran once
-        for i, task_id in enumerate(ids):
-            task = self.scheduler.get_task_by_id(task_id)
-            # The released claim gave its attempt back.
-            self.assertEqual((task.status, task.output, task.attempts), ("completed", {"i": i}, 1))
+        self.assert_released_and_each_run_once(ids[3], runs, ids, logs)
 
     def test_an_error_after_the_commit_releases_the_claimed_task(self):
-        worker = LilotaWorker(self.db_url)
-        runs = []
-
-        @worker.register("noop")
-        def noop(data):
-            runs.append(data["i"])
-            return data
-        ids = [self.scheduler.schedule("noop", {"i": i}) for i in range(5)]
+        worker, runs, ids = self.recording_worker(5)
         real = lilota.Storage._claimed
         calls = []
 
@@ -762,13 +762,8 @@ class CompleteAndClaimTest(ResilienceTestCase):
         with unittest.mock.patch.object(lilota.Storage, "_claimed", lost_after_the_commit), \
                 self.assertLogs("lilota.worker", "INFO") as logs:
             self.run_worker(worker, 5)
-        self.assertEqual(calls[2], str(ids[2]))
-        self.assertTrue(any(f"requeued task {ids[2]}" in line for line in logs.output), logs.output)
-        self.assertFalse(any("was not stored" in line for line in logs.output), logs.output)
-        self.assertEqual(sorted(runs), list(range(5)))
-        for i, task_id in enumerate(ids):
-            task = self.scheduler.get_task_by_id(task_id)
-            self.assertEqual((task.status, task.output, task.attempts), ("completed", {"i": i}, 1))
+        self.assertEqual(calls[2], str(ids[2]))   # the task claimed by that commit
+        self.assert_released_and_each_run_once(ids[2], runs, ids, logs)
 
     def test_run_pending_with_a_limit_claims_nothing_past_it(self):
         worker = LilotaWorker(self.db_url)
