@@ -808,9 +808,9 @@ class Dialect:
     def complete_and_claim(self, conn, completion, prepared, node_id, pid, now):
         """Run ``completion`` (an UPDATE: its sql and parameters) and ``claim()`` in one commit, so
         that both happen or neither. Returns (rows the completion changed, the claimed row or None);
-        None when this dialect cannot, having done nothing: Storage then runs them one after the
-        other. A busy worker completes and claims once per task; one commit instead of two is
-        what it saves."""
+        None when this dialect cannot, having done nothing: the worker then stores the completion
+        and claims in two commits. A busy worker completes and claims once per task; one commit
+        instead of two is what it saves."""
         return None
 
     def begin_migration(self, conn):
@@ -3165,8 +3165,8 @@ class LilotaWorker:
                     if rings > 1:   # more work was announced: pass the wake-up on to another worker
                         _ring(_supervision.doorbell_writer_fd if _supervision else None)
                 errors = 0
-                # Busy: each completion claims the next task in its own commit, until none is due
-                # or stop() is called.
+                # Busy: each completion claims the next task in the completion's commit, until none
+                # is due or stop() is called.
                 while task is not None:
                     task = self._execute(task, node_id, prepared)
                     if task is not None and stopping.is_set():
