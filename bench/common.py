@@ -196,7 +196,7 @@ def main(workloads, db_arg="--url", **defaults):
     parser = argparse.ArgumentParser()
     parser.add_argument("workload", choices=sorted(workloads))
     parser.add_argument(db_arg, required=True)
-    for name in ("n", "workers", "samples", "depth"):
+    for name in ("n", "workers", "samples", "depth", "busy"):
         parser.add_argument(f"--{name}", type=int, default=defaults.get(name, 0))
     args = parser.parse_args()
     workloads[args.workload](args)

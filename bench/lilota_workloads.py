@@ -150,6 +150,34 @@ def startup(args):
     emit(startup=startup_s, worker_rss_kib=max(r for r in rss if r), app_rss_kib=app_rss)
 
 
+def first_task(args):
+    """Lilota.start() to the first task completed, the task scheduled right after start() as the
+    README's example does, with ``--workers`` worker processes; with ``--busy N``, N busy-loop
+    processes keep the cores busy from before start() until the task is done (other work on the
+    machine)."""
+    import subprocess   # here, not at the top: see common's docstring
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers)
+        app.storage.ensure_ready()      # the schema exists, as in an application's second run
+        if spinners:
+            time.sleep(0.3)             # the spinners are running, not starting
+        t0 = time.perf_counter()
+        app.start()
+        try:
+            app.wait(app.schedule("noop"), timeout=60)
+            elapsed = time.perf_counter() - t0
+        finally:
+            for spinner in spinners:
+                spinner.kill()
+            app.stop()
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    emit(startup=elapsed, workers=args.workers, busy=args.busy)
+
+
 def footprint(args):
     """Schedule N tasks one by one while the workers run them; RSS and database size afterwards."""
     app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers, stop_timeout=60)
@@ -203,8 +231,9 @@ def scale(args):
     emit(rate=count / (last - first), n=count, depth=args.depth, fill_rate=args.depth / fill, workers=args.workers)
 
 
-WORKLOADS = {f.__name__: f for f in (enqueue_one, enqueue_many, drain, mixed, latency, startup, footprint, scale)}
+WORKLOADS = {f.__name__: f for f in (enqueue_one, enqueue_many, drain, mixed, latency, startup, first_task,
+                                        footprint, scale)}
 
 
 if __name__ == "__main__":
-    main(WORKLOADS, n=10_000, workers=2, samples=25, depth=10_000)
+    main(WORKLOADS, n=10_000, workers=2, samples=25, depth=10_000, busy=0)

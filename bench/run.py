@@ -256,6 +256,18 @@ def make_cases(quick):
             "lilota": ("footprint", dict(n=20_000 if q else 100_000, workers=2), 1),
         }),
     ]
+    # start() to the first task done, as the README's example meets it: the machine idle, and with
+    # every core kept busy by busy-loop processes (other work running). DESIGN.md §6: 8 workers
+    # ≤ 1.5× 1 worker.
+    cores = os.cpu_count() or 1
+    for busy in (0, cores):
+        for k in (1, 2, 8):
+            load = f", {busy} busy-loop processes" if busy else ", idle machine"
+            cases.append(Case(f"start{k}{'_busy' if busy else ''}",
+                              f"startup: start() -> first task done, {k} worker{'s' if k > 1 else ''}{load}",
+                              [("startup", "start() -> first task completed", "ms", False)], {
+                "lilota": ("first_task", dict(workers=k, busy=busy), 3 if q else 7),
+            }))
     for depth in ((10_000, 100_000) if q else (10_000, 100_000, 1_000_000)):
         measured = 5000 if q else 10_000
         cases.append(Case(f"scale{depth}", f"scale: {depth:,} queued, drain of the first {measured:,} "
@@ -268,7 +280,8 @@ def make_cases(quick):
 
 WORKLOAD_GROUPS = {
     "enqueue": ("enqueue", "enqueue_many"), "drain": ("drain1", "drain2", "drain4"), "latency": ("latency",),
-    "mixed": ("mixed",), "footprint": ("startup", "footprint"), "scale": ("scale10000", "scale100000", "scale1000000"),
+    "mixed": ("mixed",), "footprint": ("startup", "footprint"),
+    "startup": tuple(f"start{k}{load}" for load in ("", "_busy") for k in (1, 2, 8)), "scale": ("scale10000", "scale100000", "scale1000000"),
     "floor": (), "peers": (),
 }
 
@@ -450,6 +463,11 @@ def evaluate_targets(all_results, backend):
         check(name, (mine, reference) if mine and reference else None,
               lambda v: f"{v[0]:,.0f}/s = {v[0] / v[1]:.0%} of {v[1]:,.0f}/s", lambda v: v[0] >= least * v[1])
 
+    for load, shown in (("", "idle"), ("_busy", "cores busy")):
+        one, eight = median(f"start1{load}", "startup"), median(f"start8{load}", "startup")
+        check(f"start() -> first task done, 8 workers ≤ 1.5× 1 worker ({shown})",
+              (eight, one) if one and eight else None,
+              lambda v: f"{v[0] * 1000:.0f} ms vs {v[1] * 1000:.0f} ms = {v[0] / v[1]:.2f}×", lambda v: v[0] <= 1.5 * v[1])
     if backend != "sqlite":
         check("PostgreSQL: idle pick-up p50 ≤ 10 ms (NOTIFY)", median("latency", "pickup_p50"),
               lambda v: f"{v * 1000:.1f} ms", lambda v: v <= 0.010)
