@@ -68,7 +68,7 @@ __all__ = [
     "Dialect", "SQLiteDialect", "PostgreSQLDialect", "DBAPIConnection", "register_dialect",
     "LilotaError", "ConfigurationError", "DriverNotInstalledError", "StorageError",
     "DatabaseBusyError", "ReadOnlyDatabaseError", "DatabaseFullError", "CorruptDatabaseError",
-    "DatabaseUnavailableError", "SchemaVersionError", "WorkerScriptError", "TaskNotFoundError", "UnserializableError",
+    "DatabaseUnavailableError", "SchemaVersionError", "WorkerScriptError", "WorkersFailedError", "TaskNotFoundError", "UnserializableError",
     "TaskWaitTimeout", "TaskTimeoutError", "TaskCancelledError", "UnknownTaskError", "WorkerDiedError",
     "TaskInterruptedError",
 ]
@@ -113,6 +113,12 @@ class UnserializableError(LilotaError, TypeError, ValueError):
 
 class WorkerScriptError(LilotaError, FileNotFoundError):
     """The worker script given to Lilota does not exist or is not a file."""
+
+
+class WorkersFailedError(LilotaError):
+    """Raised by ``Lilota.wait()`` once the application's workers failed for good (a broken worker
+    script, a failed supervisor): no worker of this application will run the task. The message is
+    ``Lilota.error``, e.g. the worker script's traceback."""
 
 
 class TaskNotFoundError(LilotaError, LookupError):
@@ -2478,7 +2484,8 @@ class LilotaScheduler:
         """Block until the task is finished (completed, failed, expired or cancelled) and return it.
 
         Raises TaskNotFoundError for an unknown id and TaskWaitTimeout when ``timeout`` (seconds or
-        timedelta) passes first; the task itself is not affected."""
+        timedelta) passes first; the task itself is not affected. On a Lilota whose workers failed
+        for good (``has_failed()``), an unfinished task raises WorkersFailedError at once."""
         key = _task_id(task_id)
         limit = _seconds(timeout, "timeout")
         deadline = None if limit is None else time.monotonic() + limit
@@ -2496,6 +2503,7 @@ class LilotaScheduler:
                 raise TaskNotFoundError(f"no task with id {key}")
             if TaskStatus(status).is_finished:
                 return storage.get_task(key)
+            self._check_workers()
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise TaskWaitTimeout(f"task {key} is still {status} after {limit:g}s")
@@ -2514,6 +2522,10 @@ class LilotaScheduler:
                 counter = new_counter
                 status = storage.task_state(key)[0]
                 last_read = time.monotonic()
+
+    def _check_workers(self):
+        """Called by wait() while the task is unfinished; Lilota raises there when its workers failed
+        for good (waiting on would never end)."""
 
     def cancel(self, task_id):
         """Cancel a task. A queued task is cancelled at once and never runs; a running task is
@@ -2705,7 +2717,8 @@ class _Supervision:
         self.doorbell = doorbell            # read end of the pipe the scheduler rings
         self.doorbell_writer = doorbell_writer
         self.parent_pid = parent_pid
-        self.started = False
+        self.start_called = False           # the script called worker.start() ...
+        self.started = False                # ... and it got the worker running
 
     @property
     def doorbell_writer_fd(self):
@@ -2988,6 +3001,7 @@ class LilotaWorker:
             raise LilotaError("this worker is already running")
         supervision = _supervision
         if supervision is not None and not supervision.started:
+            supervision.start_called = True
             return self._start_supervised(supervision)
         return self._start_standalone()
 
@@ -3282,10 +3296,16 @@ def _worker_process_main(script_path, supervision):
                                        f"before calling worker.start()")
             os._exit(_EXIT_FATAL)
         raise
-    except BaseException:
+    except BaseException as exc:
         if not supervision.started:
-            _report_fatal(supervision, f"the worker script {script_path} failed before calling worker.start():\n"
-                                       + traceback.format_exc())
+            if not getattr(supervision, "start_called", False):
+                text = f"the worker script {script_path} failed before calling worker.start():\n" \
+                       + traceback.format_exc()
+            elif isinstance(exc, ConfigurationError):   # e.g. another database than the application's
+                text = f"worker.start() in the worker script {script_path} refused to run: {exc}"
+            else:
+                text = f"worker.start() in the worker script {script_path} failed:\n" + traceback.format_exc()
+            _report_fatal(supervision, text)
             os._exit(_EXIT_FATAL)
         raise
     if not supervision.started:
@@ -3407,6 +3427,10 @@ class Lilota(LilotaScheduler):
             self._error = text
             self._failed.set()
             logger.error("lilota workers failed: %s", text)
+
+    def _check_workers(self):
+        if self._failed.is_set():
+            raise WorkersFailedError(self._error)
 
     # --- start and stop ---
 
