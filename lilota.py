@@ -3445,6 +3445,16 @@ class Lilota(LilotaScheduler):
 
         Raises StorageError subclasses when the database cannot be used and ConfigurationError for a
         database that worker processes cannot share (in-memory SQLite)."""
+        if self.script_path is not None and _supervision is not None:
+            # A worker process runs its script as __main__: a script that starts Lilota (tasks and
+            # application in one file) would start workers in every worker, without end.
+            raise ConfigurationError(
+                f"Lilota.start() was called inside a lilota worker process: the worker script "
+                f"{sys.argv[0]} starts Lilota with workers itself, and a worker process runs its script as "
+                f"__main__, so `if __name__ == \"__main__\":` does not keep it from running there. Put the "
+                f"tasks in a script of their own (the LilotaWorker, its tasks, and worker.start() under "
+                f"`if __name__ == \"__main__\":`) and give that as script_path; keep Lilota(...) and "
+                f"start() in the application, under its own `if __name__ == \"__main__\":` guard")
         if self.node_id is not None and not self.is_running:
             self.stop()  # the workers failed earlier: clean up before starting afresh
         with self._lock:
