@@ -3338,6 +3338,11 @@ class Lilota(LilotaScheduler):
     exit) lets running tasks finish for ``stop_timeout`` seconds, then stops the rest and queues
     them again. Worker processes are started with ``spawn`` by default, so the application's own
     entry point must be guarded by ``if __name__ == "__main__":`` as with any multiprocessing program.
+
+    Signals (in the main thread): a SIGTERM while the workers run ends the application as Ctrl-C
+    does (SystemExit, which stops lilota gracefully), unless the application handles SIGTERM
+    itself; a SIGINT or SIGTERM during stop() stops the workers at once. Either way the tasks
+    still running go back to the queue, their attempt not counted.
     """
 
     def __init__(self, db_url=None, *, script_path=None, number_of_workers=None, stop_timeout=30.0,
@@ -3383,6 +3388,8 @@ class Lilota(LilotaScheduler):
         self._thread = None
         self._stop_requested = threading.Event()
         self._stop_timeout_now = None
+        self._stop_at_once = False   # a signal came during stop(): kill the workers now, requeue their tasks
+        self._in_stop = False        # stop() is under way (read by the signal handler)
         self._wake_r = self._wake_w = None
         self._doorbell = None
         self._doorbell_fd = None
@@ -3474,6 +3481,7 @@ class Lilota(LilotaScheduler):
             self._error = None
             self._failed.clear()
             self._stop_requested.clear()
+            self._stop_at_once = False
             self._ever_ready = False
             if self.script_path is not None:
                 self._wake_r, self._wake_w = _nonblocking_pipe()
@@ -3483,11 +3491,14 @@ class Lilota(LilotaScheduler):
             self._thread = threading.Thread(target=self._supervise, name="lilota-supervisor", daemon=True)
             self._thread.start()
             atexit.register(self._stop_at_exit)
+            self._catch_sigterm()
         return self
 
     def stop(self, timeout=None):
         """Stop the workers: running tasks get ``timeout`` seconds (default ``stop_timeout``) to
-        finish; those still running then are stopped and queued again. Blocks until done."""
+        finish; those still running then are stopped and queued again. Blocks until done. Called
+        in the main thread, a SIGINT (Ctrl-C) or SIGTERM meanwhile cuts the wait short: the workers
+        are stopped at once and their tasks queued again."""
         with self._lock:
             if self.node_id is None:
                 return
@@ -3495,27 +3506,82 @@ class Lilota(LilotaScheduler):
             self._stop_requested.set()
             self._notify_supervisor()
             thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-        with self._lock:
-            try:
-                self.storage.set_node_status(self.node_id, NodeStatus.STOPPED)
-            except StorageError:
-                logger.warning("could not record that node %s stopped", self.node_id, exc_info=True)
-            with self._fds_lock:
-                fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None
-                _close_fds(*fds)
-            self._thread = None
-            self.node_id = None
-            atexit.unregister(self._stop_at_exit)
+        restore = self._catch_stop_signals()
+        try:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join()
+            with self._lock:
+                try:
+                    self.storage.set_node_status(self.node_id, NodeStatus.STOPPED)
+                except StorageError:
+                    logger.warning("could not record that node %s stopped", self.node_id, exc_info=True)
+                with self._fds_lock:
+                    fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None
+                    _close_fds(*fds)
+                self._thread = None
+                self.node_id = None
+                atexit.unregister(self._stop_at_exit)
+        finally:
+            restore()
 
     def _stop_at_exit(self):
         if os.getpid() != self._owner_pid:
             return  # a forked child of the application: the workers are its parent's
         try:
-            self.stop()
+            try:
+                self.stop()
+            except KeyboardInterrupt:   # Ctrl-C before stop() took over the signals: stop at once
+                self._stop_at_once = True
+                self.stop(timeout=0)
         except Exception:
             logger.exception("stopping lilota at exit failed")
+
+    # --- signals ---
+    #
+    # Python runs signal handlers in the main thread, between two bytecodes of whatever it is doing
+    # there; the handler below therefore takes no lock (the interrupted code may hold it): it sets
+    # a flag and rings the supervisor's pipe, which stop() closes only after the flag is read.
+
+    def _catch_sigterm(self):
+        """Have SIGTERM end the application as Ctrl-C does (an exception, so that stop() runs at
+        exit and the tasks are queued again), where SIGTERM would otherwise kill the process on the
+        spot and take the workers and their tasks with it. Only in the main thread, and only when
+        the application has not chosen a handler of its own."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, self._on_signal)
+        except (ValueError, OSError):
+            pass
+
+    def _catch_stop_signals(self):
+        """While stop() runs in the main thread, a SIGINT or SIGTERM means "stop now". Returns the
+        function that puts the previous handlers back."""
+        self._in_stop = True
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    previous[signum] = signal.signal(signum, self._on_signal)
+                except (ValueError, OSError):
+                    pass
+
+        def restore():
+            for signum, handler in previous.items():
+                if handler == self._on_signal and self.node_id is None:
+                    handler = signal.SIG_DFL   # the SIGTERM handler of start(): stopped, no longer needed
+                if handler is not None:
+                    signal.signal(signum, handler)
+            self._in_stop = False
+        return restore
+
+    def _on_signal(self, signum, frame):
+        if self._in_stop:
+            self._stop_at_once = True
+            _ring(self._wake_w)
+            return
+        raise SystemExit(128 + signum)   # SIGTERM while running: exit through stop(), as Ctrl-C does
 
     def __enter__(self):
         return self.start()
@@ -3738,9 +3804,13 @@ class Lilota(LilotaScheduler):
         timeout = self._stop_timeout_now if self._stop_timeout_now is not None else self.stop_timeout
         deadline = time.monotonic() + (0.0 if self._failed.is_set() else timeout)
         next_beat = time.monotonic() + self.heartbeat_interval
-        while live and time.monotonic() < deadline:
-            multiprocessing.connection.wait([h.process.sentinel for h in live],
-                                            min(deadline, next_beat) - time.monotonic())
+        # A signal during stop() (see _on_signal) rings the wake pipe: stop at once.
+        wake = [self._wake_r] if self._wake_r is not None else []
+        while live and time.monotonic() < deadline and not self._stop_at_once:
+            ready = multiprocessing.connection.wait([h.process.sentinel for h in live] + wake,
+                                                    max(0.0, min(deadline, next_beat) - time.monotonic()))
+            if wake and wake[0] in ready:
+                _drain(wake[0])
             live = [h for h in live if h.process.exitcode is None]
             if live and time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + self.heartbeat_interval
