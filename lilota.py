@@ -3345,6 +3345,10 @@ class Lilota(LilotaScheduler):
     still running go back to the queue, their attempt not counted.
     """
 
+    #: The first worker process starts alone, the others once it is ready (or after this many
+    #: seconds): eight interpreters starting together share the cores, and the first is ready last.
+    first_worker_head_start = 2.0
+
     def __init__(self, db_url=None, *, script_path=None, number_of_workers=None, stop_timeout=30.0,
                  heartbeat_interval=5.0, node_timeout=30.0, restart_delay=0.5, restart_max_delay=30.0,
                  retry_delay=timedelta(seconds=1), retry_max_delay=timedelta(minutes=10),
@@ -3615,7 +3619,11 @@ class Lilota(LilotaScheduler):
                 return
             context = multiprocessing.get_context(self.start_method)
             self._handles = [None] * self.number_of_workers
-            restart_at = {i: 0.0 for i in range(self.number_of_workers)}
+            # The first worker starts alone: it is ready as fast as a single worker would be, and a
+            # broken script fails once. The others start when it is ready (or after its head start).
+            restart_at = {0: 0.0}
+            held = set(range(1, self.number_of_workers))
+            held_until = time.monotonic() + self.first_worker_head_start
             crashes = {}
             next_check = next_beat = 0.0
             while not self._stop_requested.is_set() and not self._failed.is_set():
@@ -3626,7 +3634,8 @@ class Lilota(LilotaScheduler):
                         if h is not None:
                             waitables += [h.control, h.process.sentinel]
                     timeout = max(0.0, min([next_check - now, next_beat - now]
-                                           + [at - now for at in restart_at.values()]))
+                                           + [at - now for at in restart_at.values()]
+                                           + ([held_until - now] if held else [])))
                     ready = multiprocessing.connection.wait(waitables, timeout)
                     if self._wake_r in ready:
                         _drain(self._wake_r)
@@ -3646,8 +3655,11 @@ class Lilota(LilotaScheduler):
                     if self._failed.is_set() or self._stop_requested.is_set():
                         break
                     now = time.monotonic()
+                    if held and (self._ever_ready or now >= held_until):
+                        restart_at.update(dict.fromkeys(held, now))
+                        held = set()
                     for i, h in enumerate(self._handles):
-                        if h is None and i not in restart_at:  # a replacement failed half-way
+                        if h is None and i not in restart_at and i not in held:  # a replacement failed half-way
                             restart_at[i] = now
                     for i, at in sorted(restart_at.items()):
                         if at <= now:
