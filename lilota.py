@@ -4190,8 +4190,9 @@ class _WorkerEvents:
 
 def _cmd_worker(args):
     """Run the worker processes of SCRIPT in the foreground until Ctrl-C or SIGTERM, which stop them
-    gracefully: running tasks get --stop-timeout to finish, the rest go back to the queue. Prints
-    a line when a worker starts, stops or crashes. A script that cannot start is a fatal error:
+    gracefully: running tasks get --stop-timeout to finish, the rest go back to the queue; a second
+    one stops them at once, their tasks back in the queue. Prints a line when a worker starts, stops
+    or crashes. A script that cannot start is a fatal error:
     its traceback on stderr and exit code 1."""
     if args.verbose:
         handler = logging.StreamHandler(sys.stderr)
@@ -4201,7 +4202,8 @@ def _cmd_worker(args):
     name = f"{socket.gethostname()}:{os.getpid()}"
     app = Lilota.workers(args.script, args.workers, args.db, stop_timeout=args.stop_timeout, name=name)
     # The handler only records the signal (taking a lock there could deadlock with the interrupted
-    # code); the loop below looks at it. Signals during the stop change nothing: it stays graceful.
+    # code); the loop below looks at it. During the stop, Lilota.stop() handles them: a second
+    # signal stops the workers at once.
     signals = []
     handlers = {sig: signal.signal(sig, lambda signum, frame: signals.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -4214,8 +4216,8 @@ def _cmd_worker(args):
             time.sleep(0.25)
             events.report()
         if signals:
-            print(f"lilota: stopping; running tasks have {_format_duration(app.stop_timeout)} to finish",
-                  flush=True)
+            print(f"lilota: stopping; running tasks have {_format_duration(app.stop_timeout)} to finish "
+                  f"(Ctrl-C again: stop now, they go back to the queue)", flush=True)
     finally:
         app.stop()
         for sig, handler in handlers.items():
