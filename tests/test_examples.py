@@ -272,6 +272,26 @@ class SeedPostgresExampleTest(TempDirTestCase):
         self.assertEqual(rows, [(task_id, "add", "completed", '{"sum": 5}', 1)])
 
 
+class SeedSQLiteExampleOnBusyCoresTest(TempDirTestCase):
+    """The seed's quick example as written, with a SQLite URL, while busy-loop processes keep every
+    core busy (other work on the machine): eight workers, schedule(), time.sleep(1), and the output
+    must be there. The first worker starts alone, so it is ready about as soon as one alone would be."""
+
+    def test_seed_quick_example_prints_the_sum_with_every_core_busy(self):
+        url = "sqlite:///lilota_sample.db"
+        os.mkdir(self.path("sample"))
+        self.write("sample/myscript.py", SEED_WORKER_SCRIPT.replace(SEED_URL, url))
+        self.write("app.py", SEED_APPLICATION.replace(SEED_URL, url))
+        for _ in range(os.cpu_count() or 1):
+            spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            self.addCleanup(spinner.wait)
+            self.addCleanup(spinner.kill)
+        proc = self.run_python("app.py", timeout=120)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        self.assertEqual(proc.stdout.splitlines(), ["We add the numbers 2 and 3: ", "{'sum': 5}"])
+
+
 class NumberedExamplesTest(ExampleTestCase):
 
     def test_1_hello_world(self):
