@@ -3573,8 +3573,8 @@ class Lilota(LilotaScheduler):
 
         def restore():
             for signum, handler in previous.items():
-                if handler == self._on_signal and self.node_id is None:
-                    handler = signal.SIG_DFL   # the SIGTERM handler of start(): stopped, no longer needed
+                if handler == self._on_signal and self.node_id is None:   # start()'s: no longer needed
+                    handler = signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler
                 if handler is not None:
                     signal.signal(signum, handler)
             self._in_stop = False
