@@ -73,13 +73,22 @@ __all__ = [
     "TaskInterruptedError",
 ]
 
-# The seed's import paths (``from lilota.core import Lilota`` ...) name submodules of a package.
-# lilota is one module, so it registers itself under those names while it loads; the import system
-# looks in sys.modules right after importing the parent and finds them there.
+# The original lilota's import paths (``from lilota.core import Lilota`` ...) name submodules of a
+# package. lilota is one module, so it registers itself under those names while it loads; the import
+# system looks in sys.modules right after importing the parent and finds them there. ``import
+# lilota.core`` then reads ``lilota.core`` as an attribute, which the module __getattr__ below
+# answers (an attribute lookup only: inside this file the names stay free).
+_SUBMODULE_ALIASES = ("core", "worker", "models", "scheduler")
 if __name__ != "__main__":
-    for _alias in ("core", "worker", "models", "scheduler"):
+    for _alias in _SUBMODULE_ALIASES:
         sys.modules.setdefault(__name__ + "." + _alias, sys.modules[__name__])
     del _alias
+
+
+def __getattr__(name):
+    if name in _SUBMODULE_ALIASES:
+        return sys.modules[__name__]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 logger = logging.getLogger("lilota")
 logger.addHandler(logging.NullHandler())

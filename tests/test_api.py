@@ -77,6 +77,26 @@ class ImportPathTests(support.TempDirTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout.strip(), "imports ok")
 
+    def test_import_of_a_submodule_then_attribute_access(self):
+        code = (
+            "import lilota.core, lilota.worker, lilota.models, lilota.scheduler\n"
+            "import lilota\n"
+            "assert lilota.core.Lilota is lilota.Lilota\n"
+            "assert lilota.worker.LilotaWorker is lilota.LilotaWorker\n"
+            "assert lilota.models.Task is lilota.Task\n"
+            "assert lilota.scheduler.LilotaScheduler is lilota.LilotaScheduler\n"
+            "try:\n"
+            "    lilota.no_such_thing\n"
+            "except AttributeError as exc:\n"
+            "    assert 'no_such_thing' in str(exc)\n"
+            "else:\n"
+            "    raise SystemExit('an unknown attribute must raise AttributeError')\n"
+            "print('imports ok')\n"
+        )
+        result = self.run_python("-c", code, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), "imports ok")
+
 
 @support.on_every_backend
 class ScheduleTests(ApiTestCase):
