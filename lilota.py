@@ -2685,7 +2685,7 @@ class _TaskFunction:
                 if isinstance(annotation, type) and annotation not in (dict, object) or typing.get_origin(annotation):
                     input_model = annotation
         if wants_progress and self.progress_param is None and free:
-            self.progress_param = free.pop(0).name  # the seed's style: def task(data, task_progress)
+            self.progress_param = free.pop(0).name  # the original lilota's style: def task(data, task_progress)
         missing = [p.name for p in free if p.default is p.empty]
         if missing:
             raise TypeError(f"task {name!r}: lilota cannot fill parameter(s) {missing}; a task function takes "
