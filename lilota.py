@@ -70,7 +70,7 @@ __all__ = [
     "DatabaseBusyError", "ReadOnlyDatabaseError", "DatabaseFullError", "CorruptDatabaseError",
     "DatabaseUnavailableError", "SchemaVersionError", "WorkerScriptError", "TaskNotFoundError", "UnserializableError",
     "TaskWaitTimeout", "TaskTimeoutError", "TaskCancelledError", "UnknownTaskError", "WorkerDiedError",
-    "TaskInterruptedError",
+    "TaskInterruptedError", "Retry",
 ]
 
 # The seed's import paths (``from lilota.core import Lilota`` ...) name submodules of a package.
@@ -169,6 +169,33 @@ class DatabaseUnavailableError(StorageError):
 
 class SchemaVersionError(StorageError):
     """The database was written by a newer lilota whose schema this version does not know."""
+
+
+class Retry(Exception):
+    """Raise it in a task function to run the task again later: ``raise lilota.Retry(delay=30)``.
+
+    Not a failure: the task goes back to ``scheduled`` with ``run_at`` = now + ``delay`` (a
+    timedelta or seconds, at least 0), or at ``at`` (an aware datetime; one in the past means at
+    once). The attempt is given back -- ``attempts`` and ``max_attempts`` are as before the run --
+    ``error`` keeps what an earlier failed attempt stored, and progress starts again from 0.
+    ``retry_on``/``no_retry_on`` do not apply to it. A task that raises it every time runs every
+    time it is asked to, like a poller, until it returns, fails or is cancelled."""
+
+    def __init__(self, delay=None, *, at=None):
+        if (delay is None) == (at is None):
+            raise TypeError("Retry needs either delay= (a timedelta or seconds) or at= (an aware datetime)")
+        if at is not None:
+            if not isinstance(at, datetime):
+                raise TypeError(f"Retry(at=...) must be a datetime, not {type(at).__name__}")
+            if at.tzinfo is None or at.utcoffset() is None:
+                raise ValueError("Retry(at=...) must be timezone-aware, e.g. datetime.now(timezone.utc) + timedelta(minutes=5)")
+        self.delay = _seconds(delay, "Retry delay")
+        self.at = at
+        super().__init__(f"retry in {self.delay:g}s" if at is None else f"retry at {at.isoformat()}")
+
+    def run_at(self, now):
+        """When the task runs again (epoch seconds), given the current time."""
+        return now + self.delay if self.at is None else max(now, self.at.timestamp())
 
 
 # --- Statuses -------------------------------------------------------------------------------------
@@ -1786,6 +1813,23 @@ class Storage:
             "locked_by = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_by END, "
             "locked_at = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_at END "
             "WHERE id = ? AND status = 'running' AND locked_by = ?")
+        # A task that raised Retry: queued again at the time it asked for, its attempt given back,
+        # its last error kept, its progress from 0 again; a cancel asked for while it ran wins.
+        self._snooze_sql = sql(
+            "UPDATE lilota_task SET "
+            "status = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'scheduled' END, "
+            f"run_at = CASE WHEN cancel_requested = 1 THEN run_at ELSE {T} END, "
+            f"end_date_time = CASE WHEN cancel_requested = 1 THEN {T} ELSE NULL END, "
+            f"error = CASE WHEN cancel_requested = 1 THEN {J} ELSE error END, "
+            "attempts = CASE WHEN cancel_requested = 1 THEN attempts ELSE attempts - 1 END, "
+            "progress_percentage = CASE WHEN cancel_requested = 1 THEN progress_percentage ELSE 0 END, "
+            "input = CASE WHEN keep_input = 0 AND cancel_requested = 1 THEN NULL ELSE input END, "
+            "locked_by = CASE WHEN cancel_requested = 1 THEN locked_by ELSE NULL END, "
+            "locked_at = CASE WHEN cancel_requested = 1 THEN locked_at ELSE NULL END "
+            "WHERE id = ? AND status = 'running' AND locked_by = ?")
+        self._cancelled_retry_json = dumps(_error_record(
+            TaskCancelledError("cancelled while running; the task asked to run again (Retry), which the "
+                               "cancel overrides")), "error")
         self._get_sql = sql(f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id = ?")
         # Called when a claim found nothing due: then every queued task is a delayed one.
         self._next_run_at_sql = ("SELECT MIN(run_at) FROM lilota_task "
@@ -2155,6 +2199,16 @@ class Storage:
                   requeue, requeue, requeue, str(task.id), node_id)
         with self._guard as conn:
             return conn.execute(self._fail_sql, params).rowcount == 1
+
+    def snooze(self, task, node_id, run_at):
+        """Queue a running task again at ``run_at`` (epoch seconds) because it raised Retry: not a
+        failure, the attempt does not count (cancelled instead, if that was asked for while it ran).
+        False when the task was no longer this node's."""
+        d = self.dialect
+        now = d.encode_time(_now())
+        params = (d.encode_time(run_at), now, d.encode_json(self._cancelled_retry_json), str(task.id), node_id)
+        with self._guard as conn:
+            return conn.execute(self._snooze_sql, params).rowcount == 1
 
     def set_progress(self, task_id, node_id, progress):
         """Store a running task's progress, if ``node_id`` still holds it."""
@@ -2615,16 +2669,39 @@ class _Interrupted(BaseException):
     A BaseException, so that a task's ``except Exception`` does not swallow it."""
 
 
+def _exception_types(value, what):
+    """``retry_on``/``no_retry_on`` as a tuple of exception classes (None stays None): one class or
+    an iterable of them, else TypeError."""
+    if value is None:
+        return None
+    if isinstance(value, type):
+        value = (value,)
+    elif isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{what} must be an exception class or a tuple of them, not {type(value).__name__}")
+    value = tuple(value)
+    for item in value:
+        if not (isinstance(item, type) and issubclass(item, BaseException)):
+            raise TypeError(f"{what} must hold exception classes (e.g. (ConnectionError, TimeoutError)), "
+                            f"got {item!r}")
+        if issubclass(item, Retry):
+            raise ValueError(f"{what} cannot hold Retry: raising Retry always runs the task again, "
+                             f"it is not a failure")
+    return value
+
+
 class _TaskFunction:
     """A registered task function with what lilota needs to call it."""
 
-    def __init__(self, name, func, input_model, output_model, wants_progress, timeout, max_attempts, keep_input):
+    def __init__(self, name, func, input_model, output_model, wants_progress, timeout, max_attempts, keep_input,
+                 retry_on=None, no_retry_on=None):
         self.name = name
         self.func = func
         self.output_model = output_model
         self.timeout = _seconds(timeout, f"timeout of task {name!r}", allow_zero=False)
         self.max_attempts = _check_attempts(max_attempts, f"max_attempts of task {name!r}")
         self.keep_input = bool(keep_input)
+        self.retry_on = _exception_types(retry_on, f"retry_on of task {name!r}")
+        self.no_retry_on = _exception_types(no_retry_on, f"no_retry_on of task {name!r}")
         try:
             signature = inspect.signature(func)
         except (TypeError, ValueError):
@@ -2661,6 +2738,14 @@ class _TaskFunction:
             raise TypeError(f"task {name!r}: lilota cannot fill parameter(s) {missing}; a task function takes "
                             f"its input, and optionally a TaskProgress and a TaskContext parameter")
         self.input_model = input_model
+
+    def retries(self, exc):
+        """Whether a failed attempt that raised ``exc`` may be retried (while attempts remain): not
+        when it is a ``no_retry_on`` type (which wins over ``retry_on``), nor when ``retry_on`` is
+        given and it is none of those types. A timeout counts as a TaskTimeoutError."""
+        if self.no_retry_on is not None and isinstance(exc, self.no_retry_on):
+            return False
+        return self.retry_on is None or isinstance(exc, self.retry_on)
 
     def output(self, result):
         """The JSON text stored for a task's return value. With an ``output_model``, the value must be
@@ -2759,7 +2844,7 @@ class LilotaWorker:
     # --- registration ---
 
     def register(self, name, input_model=None, output_model=None, task_progress=None,
-                 timeout=timedelta(minutes=5), max_attempts=1, keep_input=True):
+                 timeout=timedelta(minutes=5), max_attempts=1, keep_input=True, retry_on=None, no_retry_on=None):
         """Decorator registering a task function under ``name``.
 
         The function receives its input as an ``input_model`` instance (the stored dict when there
@@ -2768,16 +2853,24 @@ class LilotaWorker:
         A run longer than ``timeout`` (None: no limit) is stopped and ends expired; ``max_attempts``
         counts every execution (1: no retry). ``keep_input=False`` deletes the input once the task
         has finished for good.
+
+        ``retry_on`` (an exception class or a tuple of them): only failures raising one of these
+        (or a subclass) are retried, any other ends the task at once; ``no_retry_on``: failures
+        raising one of these end the task at once, others are retried. A type matching both is not
+        retried. A timeout counts as :class:`TaskTimeoutError` (a ``TimeoutError``); a worker
+        crash is retried whatever the filters. Raising :class:`Retry` is never a failure.
         """
         def decorator(func):
             self._add(_TaskFunction(_check_name(name), func, input_model, output_model, bool(task_progress),
-                                    timeout, max_attempts, keep_input))
+                                    timeout, max_attempts, keep_input, retry_on, no_retry_on))
             return func
         return decorator
 
-    def task(self, func=None, *, name=None, timeout=timedelta(minutes=5), max_attempts=1, keep_input=True):
+    def task(self, func=None, *, name=None, timeout=timedelta(minutes=5), max_attempts=1, keep_input=True,
+             retry_on=None, no_retry_on=None):
         """Decorator registering a task under the function's name (or ``name``), with the input and
-        output models read from its annotations: ``@worker.task`` or ``@worker.task(name=...)``."""
+        output models read from its annotations: ``@worker.task`` or ``@worker.task(name=...)``.
+        The other options are those of :meth:`register`."""
         def decorator(fn):
             hints = {}
             try:
@@ -2787,7 +2880,7 @@ class LilotaWorker:
             output_model = hints.get("return")
             self._add(_TaskFunction(_check_name(name or fn.__name__), fn, None,
                                     None if output_model is type(None) else output_model,
-                                    False, timeout, max_attempts, keep_input))
+                                    False, timeout, max_attempts, keep_input, retry_on, no_retry_on))
             return fn
         return decorator(func) if func is not None else decorator
 
@@ -2852,7 +2945,10 @@ class LilotaWorker:
                 self._interruptible = False
             output = function.output(result)
         except _Interrupted as stop:
-            self._end_interrupted(task, node_id, str(stop))
+            self._end_interrupted(task, node_id, str(stop), function)
+            return None
+        except Retry as retry:   # asked for, not a failure
+            self._end_retry(task, node_id, retry)
             return None
         except KeyboardInterrupt:
             # Ctrl-C of a standalone worker: give the task back to the queue and stop.
@@ -2860,14 +2956,14 @@ class LilotaWorker:
                 TaskInterruptedError("the worker was interrupted; the task was queued again")), count_attempt=False)
             raise
         except BaseException as exc:  # the task's own failure, SystemExit included
-            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts))
+            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts), retry=function.retries(exc))
             return None
         finally:
             self._current = None
         try:
             stored, next_task = self._store_output(task, node_id, output, claim_next)
         except UnserializableError as exc:   # the database refused this output (PostgreSQL: U+0000, size)
-            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts))
+            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts), retry=function.retries(exc))
             return None
         if not stored:
             self.logger.info("task %s finished but was no longer this worker's (cancelled or recovered); "
@@ -2919,22 +3015,30 @@ class LilotaWorker:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _end_failed(self, task, node_id, error, final_status=TaskStatus.FAILED):
-        retry_at = _retry_time(task, self.retry_delay, self.retry_max_delay)
+    def _end_failed(self, task, node_id, error, final_status=TaskStatus.FAILED, retry=True):
+        """End a failed attempt: retried with backoff while attempts remain, unless ``retry`` is
+        False (the error's type is excluded by retry_on/no_retry_on): then final at once."""
+        retry_at = _retry_time(task, self.retry_delay, self.retry_max_delay) if retry else None
+        note = " (will retry)" if retry_at else "" if retry else " (not retried: retry_on/no_retry_on)"
         self.logger.warning("task %s (%s) attempt %s/%s failed: %s: %s%s", task.id, task.name, task.attempts,
-                            task.max_attempts, error["type"], error["message"], " (will retry)" if retry_at else "")
+                            task.max_attempts, error["type"], error["message"], note)
         self._record(self.storage.finish_attempt, task, node_id, error, final_status=final_status,
                      retry_at=retry_at)
 
-    def _end_interrupted(self, task, node_id, reason):
+    def _end_retry(self, task, node_id, retry):
+        run_at = retry.run_at(_now())
+        self.logger.info("task %s (%s) asked to run again in %.3gs", task.id, task.name, max(0.0, run_at - _now()))
+        self._record(self.storage.snooze, task, node_id, run_at)
+
+    def _end_interrupted(self, task, node_id, reason, function=None):
         if reason == "cancel":
             self._record(self.storage.finish_attempt, task, node_id, _error_record(
                 TaskCancelledError("cancelled while running"), attempt=task.attempts), final_status=TaskStatus.CANCELLED)
         elif reason == "timeout":
             limit = f" of {task.timeout.total_seconds():g}s" if task.timeout is not None else ""
-            self._end_failed(task, node_id, _error_record(
-                TaskTimeoutError(f"task ran longer than its timeout{limit}"), attempt=task.attempts),
-                final_status=TaskStatus.EXPIRED)
+            timeout = TaskTimeoutError(f"task ran longer than its timeout{limit}")
+            self._end_failed(task, node_id, _error_record(timeout, attempt=task.attempts),
+                             final_status=TaskStatus.EXPIRED, retry=function is None or function.retries(timeout))
         else:  # "lost": another process declared this worker dead and already recovered the task
             self.logger.error("task %s was taken from this worker (its node was declared dead); stopped it",
                               task.id)
@@ -3021,6 +3125,10 @@ class LilotaWorker:
         self._open_wake_pipe()
         doorbell = supervision.doorbell.fileno()
         os.set_blocking(doorbell, False)
+        # The supervisor stops tasks that run past their timeout: tell it which are not retried then.
+        final_timeouts = [t.name for t in self._registry.values() if not t.retries(TaskTimeoutError())]
+        if final_timeouts:
+            supervision.control.send(("no_timeout_retry", final_timeouts))
         supervision.control.send(("ready", os.getpid()))
         keeper = threading.Thread(target=self._listen_to_supervisor, args=(supervision.control,),
                                   name="lilota-keeper", daemon=True)
@@ -3306,6 +3414,7 @@ class _WorkerHandle:
         self.started_at = time.monotonic()
         self.ready = False      # it called worker.start()
         self.fatal = None       # what it reported before dying, if anything
+        self.no_timeout_retry = frozenset()   # task names whose timeout ends them (retry_on/no_retry_on)
 
 
 class Lilota(LilotaScheduler):
@@ -3596,6 +3705,8 @@ class Lilota(LilotaScheduler):
                     handle.ready = self._ever_ready = True
                 elif message[0] == "fatal":
                     handle.fatal = message[1]
+                elif message[0] == "no_timeout_retry":
+                    handle.no_timeout_retry = frozenset(message[1])
         except (EOFError, OSError):
             return True
         return False
@@ -3640,7 +3751,8 @@ class Lilota(LilotaScheduler):
             else:
                 self._recover(handle.node_id, _error_record(TaskTimeoutError(
                     f"task ran longer than its timeout of {task.timeout.total_seconds():g}s; "
-                    f"its worker process was stopped")), final_status=TaskStatus.EXPIRED, task_id=task.id)
+                    f"its worker process was stopped")), final_status=TaskStatus.EXPIRED, task_id=task.id,
+                    retry=task.name not in handle.no_timeout_retry)
             logger.info("task %s %s: worker process %s replaced", task.id,
                         "cancelled" if task.cancel_requested else "timed out", handle.process.pid)
             self._replace(handle, context)
