@@ -696,7 +696,7 @@ _ALIVE_NODE_STATUSES = ("idle", "starting", "running", "stopping")
 _ALIVE_SQL = "(" + ", ".join(f"'{status}'" for status in _ALIVE_NODE_STATUSES) + ")"
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _schema_v1(**types):
@@ -750,6 +750,24 @@ def _schema_v1(**types):
             created_at {t['time']} NOT NULL,
             last_seen_at {t['time']} NOT NULL,
             lease_expires_at {t['time']} NOT NULL)""",
+    ]
+
+
+_FINISHED_SQL = "status IN ('completed', 'failed', 'expired', 'cancelled')"
+
+#: lilota_meta's key for when old finished tasks were last deleted (see Storage.take_turn).
+_RETENTION_KEY = "retention_ran_at"
+
+
+def _schema_v2():
+    """What schema version 2 adds (the same on every database): the finished tasks by end time,
+    so that deleting old ones (keep_finished, cleanup) reads only those, in batches, instead of
+    scanning the table; and the lilota_meta row through which nodes take turns at it. Only
+    finished tasks are in the index: the queue's writes do not touch it, a completion adds one entry."""
+    return [
+        f"CREATE INDEX IF NOT EXISTS lilota_task_finished ON lilota_task (end_date_time) WHERE {_FINISHED_SQL}",
+        f"INSERT INTO lilota_meta (key, value) SELECT '{_RETENTION_KEY}', '0' "
+        f"WHERE NOT EXISTS (SELECT 1 FROM lilota_meta WHERE key = '{_RETENTION_KEY}')",
     ]
 
 
@@ -1099,7 +1117,8 @@ class SQLiteDialect(Dialect):
 
     def migrations(self):
         return {1: _schema_v1(id="TEXT", text="TEXT", integer="INTEGER", real="REAL", time="REAL",
-                              json="TEXT", flag="INTEGER")}
+                              json="TEXT", flag="INTEGER"),
+                2: _schema_v2()}
 
     def begin_migration(self, conn):
         # BEGIN IMMEDIATE takes the write lock that serialises concurrent starters; when several
@@ -1468,6 +1487,7 @@ class PostgreSQLDialect(Dialect):
                 "WHEN (NEW.status = 'scheduled' AND OLD.status <> 'scheduled') "
                 "EXECUTE FUNCTION lilota_notify_queued()",
             ],
+            2: _schema_v2(),
         }
 
     # --- the claim ---
@@ -2101,18 +2121,66 @@ class Storage:
                               f"(keep_input=False); schedule a new task with the input instead")
         return False
 
-    def delete_finished(self, before):
-        """Delete tasks that finished before ``before`` (epoch seconds) and nodes gone since then."""
-        sql, T = self.dialect.sql, self.dialect.time_param
+    #: Tasks deleted per transaction by delete_finished().
+    delete_batch_size = 500
+
+    def delete_finished(self, before, batch_size=None, stop=None):
+        """Delete tasks that finished before ``before`` (epoch seconds), oldest first, then nodes
+        gone since then; return how many tasks were deleted.
+
+        Each batch of ``batch_size`` tasks (default ``delete_batch_size``) is a transaction of its
+        own, and the next waits as long as the last took: workers get the database in between
+        (SQLite has one writer). ``stop``, a threading.Event, ends it between batches."""
+        batch_size = batch_size or self.delete_batch_size
         cutoff = self.dialect.encode_time(before)
+        total = 0
+        while True:
+            started = time.monotonic()
+            deleted = self._delete_batch(cutoff, batch_size)
+            total += deleted
+            if deleted < batch_size:
+                break
+            pause = min(1.0, max(0.001, time.monotonic() - started))
+            if stop.wait(pause) if stop is not None else time.sleep(pause):
+                break
+        with self._guard as conn:
+            conn.execute(self.dialect.sql("DELETE FROM lilota_node WHERE status IN ('stopped', 'crashed', 'dead') "
+                                          f"AND last_seen_at < {self.dialect.time_param}"), (cutoff,))
+        return total
+
+    def _delete_batch(self, cutoff, batch_size):
+        """One statement (one transaction): delete up to ``batch_size`` of the oldest tasks that
+        finished before ``cutoff``, found through the index of finished tasks."""
+        with self._guard as conn:
+            return conn.execute(self.dialect.sql(
+                f"DELETE FROM lilota_task WHERE id IN (SELECT id FROM lilota_task WHERE {_FINISHED_SQL} "
+                f"AND end_date_time < {self.dialect.time_param} ORDER BY end_date_time LIMIT ?)"),
+                (cutoff, batch_size)).rowcount
+
+    def take_turn(self, key, interval, now):
+        """Compare-and-set on the time stored in lilota_meta under ``key``: True for the one caller,
+        among all processes and hosts on this database, whose turn it is -- the last turn was at
+        least ``interval`` seconds before ``now`` (or as far after it: a clock that was wrong) --
+        and then stores ``now``; False for everyone else."""
+        sql = self.dialect.sql
         with self._guard as conn:
             with self._transaction(conn):
-                cur = conn.execute(sql("DELETE FROM lilota_task WHERE status IN "
-                                       f"('completed', 'failed', 'expired', 'cancelled') AND end_date_time < {T}"),
-                                   (cutoff,))
-                conn.execute(sql("DELETE FROM lilota_node WHERE status IN ('stopped', 'crashed', 'dead') "
-                                 f"AND last_seen_at < {T}"), (cutoff,))
-                return cur.rowcount
+                row = conn.execute(sql("SELECT value FROM lilota_meta WHERE key = ?"), (key,)).fetchone()
+                if row is None:   # a database whose schema did not create the row (a custom dialect)
+                    return conn.execute(sql(
+                        "INSERT INTO lilota_meta (key, value) SELECT CAST(? AS TEXT), CAST(? AS TEXT) "
+                        "WHERE NOT EXISTS (SELECT 1 FROM lilota_meta WHERE key = ?)"),
+                        (key, repr(now), key)).rowcount == 1
+                try:
+                    last = float(row[0])
+                except ValueError:
+                    last = -math.inf
+                if abs(now - last) < interval:
+                    return False
+                # Only if nobody changed it since it was read: of two nodes that both read an old
+                # time, one changes the row and the other's UPDATE matches nothing.
+                return conn.execute(sql("UPDATE lilota_meta SET value = ? WHERE key = ? AND value = ?"),
+                                    (repr(now), key, row[0])).rowcount == 1
 
     # --- tasks: worker side ---
 
@@ -2599,12 +2667,69 @@ class LilotaScheduler:
 
     def cleanup(self, older_than=timedelta(days=30)):
         """Delete tasks that finished more than ``older_than`` ago (and long-gone nodes);
-        return how many tasks were deleted. Queued and running tasks are never deleted."""
+        return how many tasks were deleted. Queued and running tasks are never deleted. It deletes
+        in batches, each a transaction of its own, so that running workers are not held up."""
         return self.storage.delete_finished(_now() - _seconds(older_than, "older_than"))
 
     def get_all_nodes(self):
         """Every node recorded in ``lilota_node``: worker processes and scheduling applications."""
         return self.storage.nodes()
+
+
+class _Retention:
+    """``keep_finished``: deletes finished tasks older than that, in a background thread of a
+    supervisor (Lilota) or standalone worker -- shortly after it starts, then every
+    ``interval`` (a tenth of keep_finished, at most 5 minutes). Of all the nodes on a database
+    only one deletes in each interval: the one whose compare-and-set on lilota_meta's time of the
+    last turn succeeds (Storage.take_turn). It deletes as cleanup() does, in batches."""
+
+    #: Seconds after start before the first turn.
+    first_delay = 1.0
+    #: Tasks deleted per transaction (None: Storage.delete_batch_size).
+    batch_size = None
+
+    def __init__(self, owner, keep_finished):
+        self.owner = owner           # what has the ``storage``: a LilotaScheduler or LilotaWorker
+        self.keep_finished = keep_finished
+        self.interval = max(1.0, min(keep_finished / 10, 300.0))
+        self._stop = threading.Event()
+        self._thread = None
+
+    def step(self, now=None, stop=None):
+        """Take this interval's turn if no other node has: delete and return how many tasks were
+        deleted; None when it was not this node's turn. ``now``: epoch seconds (tests)."""
+        now = _now() if now is None else now
+        storage = self.owner.storage
+        if not storage.take_turn(_RETENTION_KEY, self.interval, now):
+            return None
+        deleted = storage.delete_finished(now - self.keep_finished, self.batch_size, stop)
+        if deleted:
+            logger.info("deleted %d task(s) that finished more than %gs ago (keep_finished)", deleted,
+                        self.keep_finished)
+        return deleted
+
+    def _run(self):
+        wait = min(self.first_delay, self.interval)
+        while not self._stop.wait(wait):
+            wait = self.interval
+            try:
+                self.step(stop=self._stop)
+            except StorageError:
+                logger.warning("lilota could not delete old finished tasks; will retry", exc_info=True)
+            except Exception:
+                logger.exception("lilota could not delete old finished tasks; will retry")
+
+    def start(self):
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="lilota-retention", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
 
 # ==================================================================================================
@@ -2807,6 +2932,10 @@ class LilotaWorker:
     Run standalone (``python myscript.py``) it executes tasks until stopped (Ctrl-C, SIGTERM or
     ``stop()``). Run by :class:`Lilota` (``script_path=``), each worker process runs the script
     and the supervisor handles timeouts, crashes and stop.
+
+    ``keep_finished`` (a timedelta or seconds; None: keep them until ``cleanup()``): a standalone
+    worker deletes finished tasks older than that in the background, as Lilota does; under a
+    supervisor it is ignored, the supervisor's own ``keep_finished`` applies.
     """
 
     #: An idle worker claims at least this often (seconds), whatever it was told: a safety net
@@ -2815,7 +2944,7 @@ class LilotaWorker:
 
     def __init__(self, db_url=None, set_progress_manually=False, *, name=None, poll_interval=0.02,
                  heartbeat_interval=5.0, node_timeout=30.0, retry_delay=timedelta(seconds=1),
-                 retry_max_delay=timedelta(minutes=10)):
+                 retry_max_delay=timedelta(minutes=10), keep_finished=None):
         self.db_url = db_url or (_supervision.db_url if _supervision else None) \
             or os.environ.get("LILOTA_DB_URL") or DEFAULT_DB_URL
         self._dialect = _dialect_for_url(self.db_url)
@@ -2826,6 +2955,8 @@ class LilotaWorker:
         self.node_timeout = _seconds(node_timeout, "node_timeout", allow_zero=False)
         self.retry_delay = _seconds(retry_delay, "retry_delay")
         self.retry_max_delay = _seconds(retry_max_delay, "retry_max_delay")
+        # Standalone only: under a supervisor, the supervisor's keep_finished is what applies.
+        self.keep_finished = _seconds(keep_finished, "keep_finished", allow_zero=False)
         self._registry = {}
         self._storage = None
         self._claim = None
@@ -3172,6 +3303,7 @@ class LilotaWorker:
         keeper = threading.Thread(target=self._keep_standalone, args=(node_id, in_main_thread),
                                   name="lilota-keeper", daemon=True)
         keeper.start()
+        retention = _Retention(self, self.keep_finished).start() if self.keep_finished else None
         status = NodeStatus.STOPPED
         try:
             self._loop(node_id, None)
@@ -3184,6 +3316,8 @@ class LilotaWorker:
             self._running = False
             self._stopping.set()
             keeper.join(timeout=2 * self.heartbeat_interval)
+            if retention is not None:
+                retention.stop()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self._close_wake_pipe()
@@ -3427,12 +3561,16 @@ class Lilota(LilotaScheduler):
     exit) lets running tasks finish for ``stop_timeout`` seconds, then stops the rest and queues
     them again. Worker processes are started with ``spawn`` by default, so the application's own
     entry point must be guarded by ``if __name__ == "__main__":`` as with any multiprocessing program.
+
+    ``keep_finished`` (a timedelta or seconds; default None: keep them until ``cleanup()``): while
+    started, finished tasks that ended longer ago than that are deleted in the background, in
+    batches; when several nodes share the database, one of them does it in each interval.
     """
 
     def __init__(self, db_url=None, *, script_path=None, number_of_workers=None, stop_timeout=30.0,
                  heartbeat_interval=5.0, node_timeout=30.0, restart_delay=0.5, restart_max_delay=30.0,
                  retry_delay=timedelta(seconds=1), retry_max_delay=timedelta(minutes=10),
-                 start_method="spawn", name=None):
+                 start_method="spawn", name=None, keep_finished=None):
         super().__init__(db_url)
         self.number_of_workers = 0
         self.script_path = None
@@ -3466,6 +3604,9 @@ class Lilota(LilotaScheduler):
                                      f"got {start_method!r}")
         self.start_method = start_method
         self.name = name
+        # Old finished tasks are deleted in the background while started (None: kept until cleanup()).
+        self.keep_finished = _seconds(keep_finished, "keep_finished", allow_zero=False)
+        self._retention = _Retention(self, self.keep_finished) if self.keep_finished else None
         self.node_id = None
         self._error = None
         self._failed = threading.Event()
@@ -3616,6 +3757,8 @@ class Lilota(LilotaScheduler):
 
     def _supervise(self):
         try:
+            if self._retention is not None:
+                self._retention.start()
             self._housekeeping()
             if self.script_path is None:
                 # A scheduling-only application: keep its node alive and help recover lost nodes.
@@ -3805,6 +3948,8 @@ class Lilota(LilotaScheduler):
     def _shutdown(self):
         """Stop every worker: ask, wait up to the stop timeout (renewing their leases meanwhile, so
         that nobody takes their tasks), then kill and requeue."""
+        if self._retention is not None:
+            self._retention.stop()
         handles = [h for h in self._handles if h is not None]
         live = [h for h in handles if h.process.exitcode is None]
         for h in live:

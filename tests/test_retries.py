@@ -3,6 +3,7 @@
 Most tasks run through LilotaWorker.run_pending(); the timeout filter under a supervisor and the
 background retention of a started Lilota use real processes and threads."""
 
+import threading
 import time
 import unittest
 import uuid
@@ -263,6 +264,180 @@ class RetryExceptionTests(RetryTestCase):
         self.assertIn("Retry", lilota.__all__)
         from lilota.worker import Retry as worker_retry
         self.assertIs(worker_retry, Retry)
+
+
+@support.on_every_backend
+class RetentionTests(RetryTestCase):
+    HOUR = 3600.0
+
+    def setUp(self):
+        super().setUp()
+
+        @self.worker.register("add")
+        def add(data):
+            return data["a"] + data["b"]
+
+        @self.worker.register("boom")
+        def boom(data):
+            raise ValueError("boom")
+
+    def finished_tasks(self, count, name="add", ended_ago=None):
+        """``count`` tasks run to their end (ended ``ended_ago`` seconds ago when given); their ids."""
+        ids = self.lilota.schedule_many(name, [{"a": i, "b": 1} for i in range(count)])
+        self.assertEqual(len(self.worker.run_pending()), count)
+        if ended_ago is not None:
+            self.backdate(ids, ended_ago)
+        return ids
+
+    def backdate(self, ids, ended_ago, column="end_date_time"):
+        when = self.db_time(time.time() - ended_ago)
+        for task_id in ids:
+            self.db_execute(f"UPDATE lilota_task SET {column} = ? WHERE id = ?", when, str(task_id))
+
+    def remaining(self):
+        return {uuid.UUID(str(r[0])) for r in self.db_execute("SELECT id FROM lilota_task")}
+
+    def stored_turn(self):
+        return self.db_execute("SELECT value FROM lilota_meta WHERE key = 'retention_ran_at'")[0][0]
+
+    def test_a_started_lilota_deletes_old_finished_tasks(self):
+        old = self.finished_tasks(3, ended_ago=2 * self.HOUR)
+        [old_failed] = self.finished_tasks(1, "boom", ended_ago=2 * self.HOUR)
+        [old_cancelled] = self.lilota.schedule_many("add", [{"a": 0, "b": 0}], delay=60)
+        self.lilota.cancel(old_cancelled)
+        self.backdate([old_cancelled], 2 * self.HOUR)
+        recent = self.finished_tasks(2, ended_ago=0.5 * self.HOUR)
+        # Queued and running tasks stay, whatever their dates say.
+        [queued, running] = self.lilota.schedule_many("add", [{"a": 1, "b": 1}] * 2, delay=self.HOUR)
+        for column in ("created_at", "end_date_time"):
+            self.backdate([queued, running], 3 * self.HOUR, column)
+        self.db_execute("UPDATE lilota_task SET status = 'running' WHERE id = ?", str(running))
+
+        app = Lilota(self.db_url, keep_finished=timedelta(hours=1))
+        self.assertEqual(app.keep_finished, self.HOUR)
+        self.assertEqual(self.remaining(), {*old, old_failed, old_cancelled, *recent, queued, running})
+        app.start()
+        self.addCleanup(app.stop)
+        support.wait_until(lambda: self.remaining() == {*recent, queued, running}, 20,
+                           message="the old finished tasks to be deleted")
+        app.stop()
+        self.assertNotEqual(self.stored_turn(), "0", "the node took its turn")
+
+    def test_a_standalone_worker_deletes_old_finished_tasks(self):
+        old = self.finished_tasks(2, ended_ago=2 * self.HOUR)
+        recent = self.finished_tasks(1, ended_ago=0)
+        worker = LilotaWorker(self.db_url, keep_finished=self.HOUR)
+        thread = threading.Thread(target=worker.start, daemon=True)
+        thread.start()
+        try:
+            support.wait_until(lambda: self.remaining() == set(recent), 20,
+                               message="the old finished tasks to be deleted")
+            self.assertTrue(set(old).isdisjoint(self.remaining()))
+        finally:
+            worker.stop()
+            thread.join(30)
+        self.assertFalse(thread.is_alive())
+
+    def test_one_node_deletes_per_interval(self):
+        a = Lilota(self.db_url, keep_finished=timedelta(hours=1))
+        b = Lilota(self.db_url, keep_finished=timedelta(hours=1))
+        interval = a._retention.interval
+        self.assertEqual(interval, 300.0, "a tenth of keep_finished, at most 5 minutes")
+        self.finished_tasks(2, ended_ago=2 * self.HOUR)
+        now = time.time()
+        self.assertEqual(a._retention.step(now=now), 2)
+        self.assertEqual(self.stored_turn(), repr(now))
+        self.finished_tasks(1, ended_ago=2 * self.HOUR)
+        self.assertIsNone(b._retention.step(now=now + 1), "a's turn lasts the interval, for every node")
+        self.assertIsNone(a._retention.step(now=now + interval - 1))
+        self.assertEqual(len(self.remaining()), 1)
+        self.assertEqual(b._retention.step(now=now + interval), 1)
+        self.assertEqual(self.stored_turn(), repr(now + interval))
+        # A time far from the stored one in the other direction: a clock that was wrong; not stuck.
+        self.assertEqual(a._retention.step(now=now - 2 * interval), 0)
+
+    def test_take_turn_is_a_compare_and_set(self):
+        """Several connections (as several hosts would) take the same turn at once: one gets it."""
+        storages = [lilota.Storage(lilota._dialect_for_url(self.db_url)) for _ in range(4)]
+        for storage in storages:
+            self.addCleanup(storage.close)
+            storage.ensure_ready()
+        barrier = threading.Barrier(len(storages))
+        results = []
+        now = time.time()
+
+        def take(storage):
+            barrier.wait(10)
+            results.append(storage.take_turn("retention_ran_at", 60, now))
+
+        threads = [threading.Thread(target=take, args=(storage,)) for storage in storages]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(sorted(results), [False, False, False, True])
+        # The row missing (e.g. deleted by hand): the first caller creates it and has the turn.
+        self.db_execute("DELETE FROM lilota_meta WHERE key = 'retention_ran_at'")
+        self.assertTrue(storages[0].take_turn("retention_ran_at", 60, now))
+        self.assertFalse(storages[1].take_turn("retention_ran_at", 60, now + 1))
+
+    def test_deletes_in_batches(self):
+        old = self.finished_tasks(23, ended_ago=2 * self.HOUR)
+        recent = self.finished_tasks(2, ended_ago=0)
+        app = Lilota(self.db_url, keep_finished=self.HOUR)
+        app._retention.batch_size = 5
+        batches = []
+        delete_batch = lilota.Storage._delete_batch
+
+        def spy(storage, cutoff, batch_size):
+            batches.append(delete_batch(storage, cutoff, batch_size))
+            return batches[-1]
+
+        with mock.patch.object(lilota.Storage, "_delete_batch", spy):
+            self.assertEqual(app._retention.step(), 23)
+            self.assertEqual(batches, [5, 5, 5, 5, 3])
+            self.assertEqual(self.remaining(), set(recent))
+            # cleanup() deletes the same way.
+            del batches[:]
+            self.lilota.storage.delete_batch_size = 1
+            self.addCleanup(setattr, self.lilota.storage, "delete_batch_size", lilota.Storage.delete_batch_size)
+            self.assertEqual(self.lilota.cleanup(older_than=0), 2)
+            self.assertEqual(batches, [1, 1, 0])
+        self.assertTrue(old)
+
+    def test_keep_finished_arguments(self):
+        for bad in (0, -1, timedelta(0)):
+            with self.subTest(keep_finished=bad), self.assertRaises(ValueError):
+                Lilota(self.db_url, keep_finished=bad)
+            with self.subTest(keep_finished=bad), self.assertRaises(ValueError):
+                LilotaWorker(self.db_url, keep_finished=bad)
+        with self.assertRaises(TypeError):
+            Lilota(self.db_url, keep_finished="7d")
+        self.assertIsNone(Lilota(self.db_url).keep_finished)
+        self.assertIsNone(Lilota(self.db_url)._retention)
+        script = self.worker_script("pass")
+        workers = Lilota.workers(script, 1, self.db_url, keep_finished=timedelta(days=7))
+        self.assertEqual(workers.keep_finished, 7 * 86400.0)
+        self.assertEqual(LilotaWorker(self.db_url, keep_finished=60).keep_finished, 60.0)
+        self.assertEqual(Lilota(self.db_url, keep_finished=5)._retention.interval, 1.0)
+
+    def test_schema_1_is_migrated_to_2(self):
+        """A database made by the previous lilota (schema 1) gets the index of finished tasks and the
+        row of turns when it is opened, keeping its tasks."""
+        [task_id] = self.finished_tasks(1)
+        self.lilota.storage.close()
+        self.db_execute("DROP INDEX lilota_task_finished")
+        self.db_execute("DELETE FROM lilota_meta WHERE key = 'retention_ran_at'")
+        self.db_execute("UPDATE lilota_meta SET value = '1' WHERE key = 'schema_version'")
+        self._close_storages()
+        self.assertEqual(Lilota(self.db_url).get_task_by_id(task_id).status, TaskStatus.COMPLETED)
+        self.assertEqual(self.db_execute("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("2",)])
+        self.assertEqual(self.stored_turn(), "0")
+        if self.backend == "sqlite":
+            query = "SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'lilota_task_finished'"
+        else:
+            query = f"SELECT indexname FROM pg_indexes WHERE schemaname = '{self.schema}' AND indexname = 'lilota_task_finished'"
+        self.assertEqual(self.db_execute(query), [("lilota_task_finished",)])
 
 
 if __name__ == "__main__":
