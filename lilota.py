@@ -4340,7 +4340,8 @@ def _cmd_worker(args):
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     name = f"{socket.gethostname()}:{os.getpid()}"
-    app = Lilota.workers(args.script, args.workers, args.db, stop_timeout=args.stop_timeout, name=name)
+    app = Lilota.workers(args.script, args.workers, args.db, stop_timeout=args.stop_timeout, name=name,
+                         keep_finished=args.keep_finished)
     # The handler only records the signal (taking a lock there could deadlock with the interrupted
     # code); the loop below looks at it. Signals during the stop change nothing: it stays graceful.
     signals = []
@@ -4561,6 +4562,8 @@ def _build_parser(prog):
                      help="number of worker processes (default: the number of CPUs)")
     sub.add_argument("--stop-timeout", type=_parse_duration, default=30.0, metavar="DURATION",
                      help="how long running tasks may finish after Ctrl-C/SIGTERM (default: 30s)")
+    sub.add_argument("--keep-finished", type=_parse_duration, default=None, metavar="DURATION",
+                     help="delete finished tasks older than this meanwhile, e.g. 7d (default: keep them)")
     sub.add_argument("-v", "--verbose", action="store_true", help="also print lilota's log (crashes, retries)")
 
     sub = command("schedule", _cmd_schedule, "store a task and print its id")

@@ -421,6 +421,11 @@ class RetentionTests(RetryTestCase):
         self.assertEqual(LilotaWorker(self.db_url, keep_finished=60).keep_finished, 60.0)
         self.assertEqual(Lilota(self.db_url, keep_finished=5)._retention.interval, 1.0)
 
+    def test_command_line_worker_option(self):
+        parser = lilota._build_parser("lilota")
+        self.assertEqual(parser.parse_args(["worker", "s.py", "--keep-finished", "7d"]).keep_finished, 7 * 86400.0)
+        self.assertIsNone(parser.parse_args(["worker", "s.py"]).keep_finished)
+
     def test_schema_1_is_migrated_to_2(self):
         """A database made by the previous lilota (schema 1) gets the index of finished tasks and the
         row of turns when it is opened, keeping its tasks."""
