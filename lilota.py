@@ -70,7 +70,7 @@ __all__ = [
     "DatabaseBusyError", "ReadOnlyDatabaseError", "DatabaseFullError", "CorruptDatabaseError",
     "DatabaseUnavailableError", "SchemaVersionError", "WorkerScriptError", "TaskNotFoundError", "UnserializableError",
     "TaskWaitTimeout", "TaskTimeoutError", "TaskCancelledError", "UnknownTaskError", "WorkerDiedError",
-    "TaskInterruptedError",
+    "TaskInterruptedError", "Retry",
 ]
 
 # The original lilota's import paths (``from lilota.core import Lilota`` ...) name submodules of a
@@ -178,6 +178,33 @@ class DatabaseUnavailableError(StorageError):
 
 class SchemaVersionError(StorageError):
     """The database was written by a newer lilota whose schema this version does not know."""
+
+
+class Retry(Exception):
+    """Raise it in a task function to run the task again later: ``raise lilota.Retry(delay=30)``.
+
+    Not a failure: the task goes back to ``scheduled`` with ``run_at`` = now + ``delay`` (a
+    timedelta or seconds, at least 0), or at ``at`` (an aware datetime; one in the past means at
+    once). The attempt is given back -- ``attempts`` and ``max_attempts`` are as before the run --
+    ``error`` keeps what an earlier failed attempt stored, and progress starts again from 0.
+    ``retry_on``/``no_retry_on`` do not apply to it. A task that raises it every time runs every
+    time it is asked to, like a poller, until it returns, fails or is cancelled."""
+
+    def __init__(self, delay=None, *, at=None):
+        if (delay is None) == (at is None):
+            raise TypeError("Retry needs either delay= (a timedelta or seconds) or at= (an aware datetime)")
+        if at is not None:
+            if not isinstance(at, datetime):
+                raise TypeError(f"Retry(at=...) must be a datetime, not {type(at).__name__}")
+            if at.tzinfo is None or at.utcoffset() is None:
+                raise ValueError("Retry(at=...) must be timezone-aware, e.g. datetime.now(timezone.utc) + timedelta(minutes=5)")
+        self.delay = _seconds(delay, "Retry delay")
+        self.at = at
+        super().__init__(f"retry in {self.delay:g}s" if at is None else f"retry at {at.isoformat()}")
+
+    def run_at(self, now):
+        """When the task runs again (epoch seconds), given the current time."""
+        return now + self.delay if self.at is None else max(now, self.at.timestamp())
 
 
 # --- Statuses -------------------------------------------------------------------------------------
@@ -678,7 +705,7 @@ _ALIVE_NODE_STATUSES = ("idle", "starting", "running", "stopping")
 _ALIVE_SQL = "(" + ", ".join(f"'{status}'" for status in _ALIVE_NODE_STATUSES) + ")"
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _schema_v1(**types):
@@ -732,6 +759,24 @@ def _schema_v1(**types):
             created_at {t['time']} NOT NULL,
             last_seen_at {t['time']} NOT NULL,
             lease_expires_at {t['time']} NOT NULL)""",
+    ]
+
+
+_FINISHED_SQL = "status IN ('completed', 'failed', 'expired', 'cancelled')"
+
+#: lilota_meta's key for when old finished tasks were last deleted (see Storage.take_turn).
+_RETENTION_KEY = "retention_ran_at"
+
+
+def _schema_v2():
+    """What schema version 2 adds (the same on every database): the finished tasks by end time,
+    so that deleting old ones (keep_finished, cleanup) reads only those, in batches, instead of
+    scanning the table; and the lilota_meta row through which nodes take turns at it. Only
+    finished tasks are in the index: the queue's writes do not touch it, a completion adds one entry."""
+    return [
+        f"CREATE INDEX IF NOT EXISTS lilota_task_finished ON lilota_task (end_date_time) WHERE {_FINISHED_SQL}",
+        f"INSERT INTO lilota_meta (key, value) SELECT '{_RETENTION_KEY}', '0' "
+        f"WHERE NOT EXISTS (SELECT 1 FROM lilota_meta WHERE key = '{_RETENTION_KEY}')",
     ]
 
 
@@ -1081,7 +1126,8 @@ class SQLiteDialect(Dialect):
 
     def migrations(self):
         return {1: _schema_v1(id="TEXT", text="TEXT", integer="INTEGER", real="REAL", time="REAL",
-                              json="TEXT", flag="INTEGER")}
+                              json="TEXT", flag="INTEGER"),
+                2: _schema_v2()}
 
     def begin_migration(self, conn):
         # BEGIN IMMEDIATE takes the write lock that serialises concurrent starters; when several
@@ -1450,6 +1496,7 @@ class PostgreSQLDialect(Dialect):
                 "WHEN (NEW.status = 'scheduled' AND OLD.status <> 'scheduled') "
                 "EXECUTE FUNCTION lilota_notify_queued()",
             ],
+            2: _schema_v2(),
         }
 
     # --- the claim ---
@@ -1795,6 +1842,23 @@ class Storage:
             "locked_by = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_by END, "
             "locked_at = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_at END "
             "WHERE id = ? AND status = 'running' AND locked_by = ?")
+        # A task that raised Retry: queued again at the time it asked for, its attempt given back,
+        # its last error kept, its progress from 0 again; a cancel asked for while it ran wins.
+        self._snooze_sql = sql(
+            "UPDATE lilota_task SET "
+            "status = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'scheduled' END, "
+            f"run_at = CASE WHEN cancel_requested = 1 THEN run_at ELSE {T} END, "
+            f"end_date_time = CASE WHEN cancel_requested = 1 THEN {T} ELSE NULL END, "
+            f"error = CASE WHEN cancel_requested = 1 THEN {J} ELSE error END, "
+            "attempts = CASE WHEN cancel_requested = 1 THEN attempts ELSE attempts - 1 END, "
+            "progress_percentage = CASE WHEN cancel_requested = 1 THEN progress_percentage ELSE 0 END, "
+            "input = CASE WHEN keep_input = 0 AND cancel_requested = 1 THEN NULL ELSE input END, "
+            "locked_by = CASE WHEN cancel_requested = 1 THEN locked_by ELSE NULL END, "
+            "locked_at = CASE WHEN cancel_requested = 1 THEN locked_at ELSE NULL END "
+            "WHERE id = ? AND status = 'running' AND locked_by = ?")
+        self._cancelled_retry_json = dumps(_error_record(
+            TaskCancelledError("cancelled while running; the task asked to run again (Retry), which the "
+                               "cancel overrides")), "error")
         self._get_sql = sql(f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id = ?")
         # Called when a claim found nothing due: then every queued task is a delayed one.
         self._next_run_at_sql = ("SELECT MIN(run_at) FROM lilota_task "
@@ -2066,18 +2130,66 @@ class Storage:
                               f"(keep_input=False); schedule a new task with the input instead")
         return False
 
-    def delete_finished(self, before):
-        """Delete tasks that finished before ``before`` (epoch seconds) and nodes gone since then."""
-        sql, T = self.dialect.sql, self.dialect.time_param
+    #: Tasks deleted per transaction by delete_finished().
+    delete_batch_size = 500
+
+    def delete_finished(self, before, batch_size=None, stop=None):
+        """Delete tasks that finished before ``before`` (epoch seconds), oldest first, then nodes
+        gone since then; return how many tasks were deleted.
+
+        Each batch of ``batch_size`` tasks (default ``delete_batch_size``) is a transaction of its
+        own, and the next waits as long as the last took: workers get the database in between
+        (SQLite has one writer). ``stop``, a threading.Event, ends it between batches."""
+        batch_size = batch_size or self.delete_batch_size
         cutoff = self.dialect.encode_time(before)
+        total = 0
+        while True:
+            started = time.monotonic()
+            deleted = self._delete_batch(cutoff, batch_size)
+            total += deleted
+            if deleted < batch_size:
+                break
+            pause = min(1.0, max(0.001, time.monotonic() - started))
+            if stop.wait(pause) if stop is not None else time.sleep(pause):
+                break
+        with self._guard as conn:
+            conn.execute(self.dialect.sql("DELETE FROM lilota_node WHERE status IN ('stopped', 'crashed', 'dead') "
+                                          f"AND last_seen_at < {self.dialect.time_param}"), (cutoff,))
+        return total
+
+    def _delete_batch(self, cutoff, batch_size):
+        """One statement (one transaction): delete up to ``batch_size`` of the oldest tasks that
+        finished before ``cutoff``, found through the index of finished tasks."""
+        with self._guard as conn:
+            return conn.execute(self.dialect.sql(
+                f"DELETE FROM lilota_task WHERE id IN (SELECT id FROM lilota_task WHERE {_FINISHED_SQL} "
+                f"AND end_date_time < {self.dialect.time_param} ORDER BY end_date_time LIMIT ?)"),
+                (cutoff, batch_size)).rowcount
+
+    def take_turn(self, key, interval, now):
+        """Compare-and-set on the time stored in lilota_meta under ``key``: True for the one caller,
+        among all processes and hosts on this database, whose turn it is -- the last turn was at
+        least ``interval`` seconds before ``now`` (or as far after it: a clock that was wrong) --
+        and then stores ``now``; False for everyone else."""
+        sql = self.dialect.sql
         with self._guard as conn:
             with self._transaction(conn):
-                cur = conn.execute(sql("DELETE FROM lilota_task WHERE status IN "
-                                       f"('completed', 'failed', 'expired', 'cancelled') AND end_date_time < {T}"),
-                                   (cutoff,))
-                conn.execute(sql("DELETE FROM lilota_node WHERE status IN ('stopped', 'crashed', 'dead') "
-                                 f"AND last_seen_at < {T}"), (cutoff,))
-                return cur.rowcount
+                row = conn.execute(sql("SELECT value FROM lilota_meta WHERE key = ?"), (key,)).fetchone()
+                if row is None:   # a database whose schema did not create the row (a custom dialect)
+                    return conn.execute(sql(
+                        "INSERT INTO lilota_meta (key, value) SELECT CAST(? AS TEXT), CAST(? AS TEXT) "
+                        "WHERE NOT EXISTS (SELECT 1 FROM lilota_meta WHERE key = ?)"),
+                        (key, repr(now), key)).rowcount == 1
+                try:
+                    last = float(row[0])
+                except ValueError:
+                    last = -math.inf
+                if abs(now - last) < interval:
+                    return False
+                # Only if nobody changed it since it was read: of two nodes that both read an old
+                # time, one changes the row and the other's UPDATE matches nothing.
+                return conn.execute(sql("UPDATE lilota_meta SET value = ? WHERE key = ? AND value = ?"),
+                                    (repr(now), key, row[0])).rowcount == 1
 
     # --- tasks: worker side ---
 
@@ -2164,6 +2276,16 @@ class Storage:
                   requeue, requeue, requeue, str(task.id), node_id)
         with self._guard as conn:
             return conn.execute(self._fail_sql, params).rowcount == 1
+
+    def snooze(self, task, node_id, run_at):
+        """Queue a running task again at ``run_at`` (epoch seconds) because it raised Retry: not a
+        failure, the attempt does not count (cancelled instead, if that was asked for while it ran).
+        False when the task was no longer this node's."""
+        d = self.dialect
+        now = d.encode_time(_now())
+        params = (d.encode_time(run_at), now, d.encode_json(self._cancelled_retry_json), str(task.id), node_id)
+        with self._guard as conn:
+            return conn.execute(self._snooze_sql, params).rowcount == 1
 
     def set_progress(self, task_id, node_id, progress):
         """Store a running task's progress, if ``node_id`` still holds it."""
@@ -2575,12 +2697,69 @@ class LilotaScheduler:
 
     def cleanup(self, older_than=timedelta(days=30)):
         """Delete tasks that finished more than ``older_than`` ago (and long-gone nodes);
-        return how many tasks were deleted. Queued and running tasks are never deleted."""
+        return how many tasks were deleted. Queued and running tasks are never deleted. It deletes
+        in batches, each a transaction of its own, so that running workers are not held up."""
         return self.storage.delete_finished(_now() - _seconds(older_than, "older_than"))
 
     def get_all_nodes(self):
         """Every node recorded in ``lilota_node``: worker processes and scheduling applications."""
         return self.storage.nodes()
+
+
+class _Retention:
+    """``keep_finished``: deletes finished tasks older than that, in a background thread of a
+    supervisor (Lilota) or standalone worker -- shortly after it starts, then every
+    ``interval`` (a tenth of keep_finished, at most 5 minutes). Of all the nodes on a database
+    only one deletes in each interval: the one whose compare-and-set on lilota_meta's time of the
+    last turn succeeds (Storage.take_turn). It deletes as cleanup() does, in batches."""
+
+    #: Seconds after start before the first turn.
+    first_delay = 1.0
+    #: Tasks deleted per transaction (None: Storage.delete_batch_size).
+    batch_size = None
+
+    def __init__(self, owner, keep_finished):
+        self.owner = owner           # what has the ``storage``: a LilotaScheduler or LilotaWorker
+        self.keep_finished = keep_finished
+        self.interval = max(1.0, min(keep_finished / 10, 300.0))
+        self._stop = threading.Event()
+        self._thread = None
+
+    def step(self, now=None, stop=None):
+        """Take this interval's turn if no other node has: delete and return how many tasks were
+        deleted; None when it was not this node's turn. ``now``: epoch seconds (tests)."""
+        now = _now() if now is None else now
+        storage = self.owner.storage
+        if not storage.take_turn(_RETENTION_KEY, self.interval, now):
+            return None
+        deleted = storage.delete_finished(now - self.keep_finished, self.batch_size, stop)
+        if deleted:
+            logger.info("deleted %d task(s) that finished more than %gs ago (keep_finished)", deleted,
+                        self.keep_finished)
+        return deleted
+
+    def _run(self):
+        wait = min(self.first_delay, self.interval)
+        while not self._stop.wait(wait):
+            wait = self.interval
+            try:
+                self.step(stop=self._stop)
+            except StorageError:
+                logger.warning("lilota could not delete old finished tasks; will retry", exc_info=True)
+            except Exception:
+                logger.exception("lilota could not delete old finished tasks; will retry")
+
+    def start(self):
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="lilota-retention", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
 
 # ==================================================================================================
@@ -2645,16 +2824,39 @@ class _Interrupted(BaseException):
     A BaseException, so that a task's ``except Exception`` does not swallow it."""
 
 
+def _exception_types(value, what):
+    """``retry_on``/``no_retry_on`` as a tuple of exception classes (None stays None): one class or
+    an iterable of them, else TypeError."""
+    if value is None:
+        return None
+    if isinstance(value, type):
+        value = (value,)
+    elif isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{what} must be an exception class or a tuple of them, not {type(value).__name__}")
+    value = tuple(value)
+    for item in value:
+        if not (isinstance(item, type) and issubclass(item, BaseException)):
+            raise TypeError(f"{what} must hold exception classes (e.g. (ConnectionError, TimeoutError)), "
+                            f"got {item!r}")
+        if issubclass(item, Retry):
+            raise ValueError(f"{what} cannot hold Retry: raising Retry always runs the task again, "
+                             f"it is not a failure")
+    return value
+
+
 class _TaskFunction:
     """A registered task function with what lilota needs to call it."""
 
-    def __init__(self, name, func, input_model, output_model, wants_progress, timeout, max_attempts, keep_input):
+    def __init__(self, name, func, input_model, output_model, wants_progress, timeout, max_attempts, keep_input,
+                 retry_on=None, no_retry_on=None):
         self.name = name
         self.func = func
         self.output_model = output_model
         self.timeout = _seconds(timeout, f"timeout of task {name!r}", allow_zero=False)
         self.max_attempts = _check_attempts(max_attempts, f"max_attempts of task {name!r}")
         self.keep_input = bool(keep_input)
+        self.retry_on = _exception_types(retry_on, f"retry_on of task {name!r}")
+        self.no_retry_on = _exception_types(no_retry_on, f"no_retry_on of task {name!r}")
         try:
             signature = inspect.signature(func)
         except (TypeError, ValueError):
@@ -2691,6 +2893,14 @@ class _TaskFunction:
             raise TypeError(f"task {name!r}: lilota cannot fill parameter(s) {missing}; a task function takes "
                             f"its input, and optionally a TaskProgress and a TaskContext parameter")
         self.input_model = input_model
+
+    def retries(self, exc):
+        """Whether a failed attempt that raised ``exc`` may be retried (while attempts remain): not
+        when it is a ``no_retry_on`` type (which wins over ``retry_on``), nor when ``retry_on`` is
+        given and it is none of those types. A timeout counts as a TaskTimeoutError."""
+        if self.no_retry_on is not None and isinstance(exc, self.no_retry_on):
+            return False
+        return self.retry_on is None or isinstance(exc, self.retry_on)
 
     def output(self, result):
         """The JSON text stored for a task's return value. With an ``output_model``, the value must be
@@ -2752,6 +2962,10 @@ class LilotaWorker:
     Run standalone (``python myscript.py``) it executes tasks until stopped (Ctrl-C, SIGTERM or
     ``stop()``). Run by :class:`Lilota` (``script_path=``), each worker process runs the script
     and the supervisor handles timeouts, crashes and stop.
+
+    ``keep_finished`` (a timedelta or seconds; None: keep them until ``cleanup()``): a standalone
+    worker deletes finished tasks older than that in the background, as Lilota does; under a
+    supervisor it is ignored, the supervisor's own ``keep_finished`` applies.
     """
 
     #: An idle worker claims at least this often (seconds), whatever it was told: a safety net
@@ -2760,7 +2974,7 @@ class LilotaWorker:
 
     def __init__(self, db_url=None, set_progress_manually=False, *, name=None, poll_interval=0.02,
                  heartbeat_interval=5.0, node_timeout=30.0, retry_delay=timedelta(seconds=1),
-                 retry_max_delay=timedelta(minutes=10)):
+                 retry_max_delay=timedelta(minutes=10), keep_finished=None):
         self.db_url = db_url or (_supervision.db_url if _supervision else None) \
             or os.environ.get("LILOTA_DB_URL") or DEFAULT_DB_URL
         self._dialect = _dialect_for_url(self.db_url)
@@ -2771,6 +2985,8 @@ class LilotaWorker:
         self.node_timeout = _seconds(node_timeout, "node_timeout", allow_zero=False)
         self.retry_delay = _seconds(retry_delay, "retry_delay")
         self.retry_max_delay = _seconds(retry_max_delay, "retry_max_delay")
+        # Standalone only: under a supervisor, the supervisor's keep_finished is what applies.
+        self.keep_finished = _seconds(keep_finished, "keep_finished", allow_zero=False)
         self._registry = {}
         self._storage = None
         self._claim = None
@@ -2789,7 +3005,7 @@ class LilotaWorker:
     # --- registration ---
 
     def register(self, name, input_model=None, output_model=None, task_progress=None,
-                 timeout=timedelta(minutes=5), max_attempts=1, keep_input=True):
+                 timeout=timedelta(minutes=5), max_attempts=1, keep_input=True, retry_on=None, no_retry_on=None):
         """Decorator registering a task function under ``name``.
 
         The function receives its input as an ``input_model`` instance (the stored dict when there
@@ -2798,16 +3014,24 @@ class LilotaWorker:
         A run longer than ``timeout`` (None: no limit) is stopped and ends expired; ``max_attempts``
         counts every execution (1: no retry). ``keep_input=False`` deletes the input once the task
         has finished for good.
+
+        ``retry_on`` (an exception class or a tuple of them): only failures raising one of these
+        (or a subclass) are retried, any other ends the task at once; ``no_retry_on``: failures
+        raising one of these end the task at once, others are retried. A type matching both is not
+        retried. A timeout counts as :class:`TaskTimeoutError` (a ``TimeoutError``); a worker
+        crash is retried whatever the filters. Raising :class:`Retry` is never a failure.
         """
         def decorator(func):
             self._add(_TaskFunction(_check_name(name), func, input_model, output_model, bool(task_progress),
-                                    timeout, max_attempts, keep_input))
+                                    timeout, max_attempts, keep_input, retry_on, no_retry_on))
             return func
         return decorator
 
-    def task(self, func=None, *, name=None, timeout=timedelta(minutes=5), max_attempts=1, keep_input=True):
+    def task(self, func=None, *, name=None, timeout=timedelta(minutes=5), max_attempts=1, keep_input=True,
+             retry_on=None, no_retry_on=None):
         """Decorator registering a task under the function's name (or ``name``), with the input and
-        output models read from its annotations: ``@worker.task`` or ``@worker.task(name=...)``."""
+        output models read from its annotations: ``@worker.task`` or ``@worker.task(name=...)``.
+        The other options are those of :meth:`register`."""
         def decorator(fn):
             hints = {}
             try:
@@ -2817,7 +3041,7 @@ class LilotaWorker:
             output_model = hints.get("return")
             self._add(_TaskFunction(_check_name(name or fn.__name__), fn, None,
                                     None if output_model is type(None) else output_model,
-                                    False, timeout, max_attempts, keep_input))
+                                    False, timeout, max_attempts, keep_input, retry_on, no_retry_on))
             return fn
         return decorator(func) if func is not None else decorator
 
@@ -2882,7 +3106,10 @@ class LilotaWorker:
                 self._interruptible = False
             output = function.output(result)
         except _Interrupted as stop:
-            self._end_interrupted(task, node_id, str(stop))
+            self._end_interrupted(task, node_id, str(stop), function)
+            return None
+        except Retry as retry:   # asked for, not a failure
+            self._end_retry(task, node_id, retry)
             return None
         except KeyboardInterrupt:
             # Ctrl-C of a standalone worker: give the task back to the queue and stop.
@@ -2890,14 +3117,14 @@ class LilotaWorker:
                 TaskInterruptedError("the worker was interrupted; the task was queued again")), count_attempt=False)
             raise
         except BaseException as exc:  # the task's own failure, SystemExit included
-            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts))
+            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts), retry=function.retries(exc))
             return None
         finally:
             self._current = None
         try:
             stored, next_task = self._store_output(task, node_id, output, claim_next)
         except UnserializableError as exc:   # the database refused this output (PostgreSQL: U+0000, size)
-            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts))
+            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts), retry=function.retries(exc))
             return None
         if not stored:
             self.logger.info("task %s finished but was no longer this worker's (cancelled or recovered); "
@@ -2949,22 +3176,30 @@ class LilotaWorker:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _end_failed(self, task, node_id, error, final_status=TaskStatus.FAILED):
-        retry_at = _retry_time(task, self.retry_delay, self.retry_max_delay)
+    def _end_failed(self, task, node_id, error, final_status=TaskStatus.FAILED, retry=True):
+        """End a failed attempt: retried with backoff while attempts remain, unless ``retry`` is
+        False (the error's type is excluded by retry_on/no_retry_on): then final at once."""
+        retry_at = _retry_time(task, self.retry_delay, self.retry_max_delay) if retry else None
+        note = " (will retry)" if retry_at else "" if retry else " (not retried: retry_on/no_retry_on)"
         self.logger.warning("task %s (%s) attempt %s/%s failed: %s: %s%s", task.id, task.name, task.attempts,
-                            task.max_attempts, error["type"], error["message"], " (will retry)" if retry_at else "")
+                            task.max_attempts, error["type"], error["message"], note)
         self._record(self.storage.finish_attempt, task, node_id, error, final_status=final_status,
                      retry_at=retry_at)
 
-    def _end_interrupted(self, task, node_id, reason):
+    def _end_retry(self, task, node_id, retry):
+        run_at = retry.run_at(_now())
+        self.logger.info("task %s (%s) asked to run again in %.3gs", task.id, task.name, max(0.0, run_at - _now()))
+        self._record(self.storage.snooze, task, node_id, run_at)
+
+    def _end_interrupted(self, task, node_id, reason, function=None):
         if reason == "cancel":
             self._record(self.storage.finish_attempt, task, node_id, _error_record(
                 TaskCancelledError("cancelled while running"), attempt=task.attempts), final_status=TaskStatus.CANCELLED)
         elif reason == "timeout":
             limit = f" of {task.timeout.total_seconds():g}s" if task.timeout is not None else ""
-            self._end_failed(task, node_id, _error_record(
-                TaskTimeoutError(f"task ran longer than its timeout{limit}"), attempt=task.attempts),
-                final_status=TaskStatus.EXPIRED)
+            timeout = TaskTimeoutError(f"task ran longer than its timeout{limit}")
+            self._end_failed(task, node_id, _error_record(timeout, attempt=task.attempts),
+                             final_status=TaskStatus.EXPIRED, retry=function is None or function.retries(timeout))
         else:  # "lost": another process declared this worker dead and already recovered the task
             self.logger.error("task %s was taken from this worker (its node was declared dead); stopped it",
                               task.id)
@@ -3051,6 +3286,10 @@ class LilotaWorker:
         self._open_wake_pipe()
         doorbell = supervision.doorbell.fileno()
         os.set_blocking(doorbell, False)
+        # The supervisor stops tasks that run past their timeout: tell it which are not retried then.
+        final_timeouts = [t.name for t in self._registry.values() if not t.retries(TaskTimeoutError())]
+        if final_timeouts:
+            supervision.control.send(("no_timeout_retry", final_timeouts))
         supervision.control.send(("ready", os.getpid()))
         keeper = threading.Thread(target=self._listen_to_supervisor, args=(supervision.control,),
                                   name="lilota-keeper", daemon=True)
@@ -3094,6 +3333,7 @@ class LilotaWorker:
         keeper = threading.Thread(target=self._keep_standalone, args=(node_id, in_main_thread),
                                   name="lilota-keeper", daemon=True)
         keeper.start()
+        retention = _Retention(self, self.keep_finished).start() if self.keep_finished else None
         status = NodeStatus.STOPPED
         try:
             self._loop(node_id, None)
@@ -3106,6 +3346,8 @@ class LilotaWorker:
             self._running = False
             self._stopping.set()
             keeper.join(timeout=2 * self.heartbeat_interval)
+            if retention is not None:
+                retention.stop()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self._close_wake_pipe()
@@ -3336,6 +3578,7 @@ class _WorkerHandle:
         self.started_at = time.monotonic()
         self.ready = False      # it called worker.start()
         self.fatal = None       # what it reported before dying, if anything
+        self.no_timeout_retry = frozenset()   # task names whose timeout ends them (retry_on/no_retry_on)
 
 
 class Lilota(LilotaScheduler):
@@ -3348,12 +3591,16 @@ class Lilota(LilotaScheduler):
     exit) lets running tasks finish for ``stop_timeout`` seconds, then stops the rest and queues
     them again. Worker processes are started with ``spawn`` by default, so the application's own
     entry point must be guarded by ``if __name__ == "__main__":`` as with any multiprocessing program.
+
+    ``keep_finished`` (a timedelta or seconds; default None: keep them until ``cleanup()``): while
+    started, finished tasks that ended longer ago than that are deleted in the background, in
+    batches; when several nodes share the database, one of them does it in each interval.
     """
 
     def __init__(self, db_url=None, *, script_path=None, number_of_workers=None, stop_timeout=30.0,
                  heartbeat_interval=5.0, node_timeout=30.0, restart_delay=0.5, restart_max_delay=30.0,
                  retry_delay=timedelta(seconds=1), retry_max_delay=timedelta(minutes=10),
-                 start_method="spawn", name=None):
+                 start_method="spawn", name=None, keep_finished=None):
         super().__init__(db_url)
         self.number_of_workers = 0
         self.script_path = None
@@ -3387,6 +3634,9 @@ class Lilota(LilotaScheduler):
                                      f"got {start_method!r}")
         self.start_method = start_method
         self.name = name
+        # Old finished tasks are deleted in the background while started (None: kept until cleanup()).
+        self.keep_finished = _seconds(keep_finished, "keep_finished", allow_zero=False)
+        self._retention = _Retention(self, self.keep_finished) if self.keep_finished else None
         self.node_id = None
         self._error = None
         self._failed = threading.Event()
@@ -3537,6 +3787,8 @@ class Lilota(LilotaScheduler):
 
     def _supervise(self):
         try:
+            if self._retention is not None:
+                self._retention.start()
             self._housekeeping()
             if self.script_path is None:
                 # A scheduling-only application: keep its node alive and help recover lost nodes.
@@ -3626,6 +3878,8 @@ class Lilota(LilotaScheduler):
                     handle.ready = self._ever_ready = True
                 elif message[0] == "fatal":
                     handle.fatal = message[1]
+                elif message[0] == "no_timeout_retry":
+                    handle.no_timeout_retry = frozenset(message[1])
         except (EOFError, OSError):
             return True
         return False
@@ -3670,7 +3924,8 @@ class Lilota(LilotaScheduler):
             else:
                 self._recover(handle.node_id, _error_record(TaskTimeoutError(
                     f"task ran longer than its timeout of {task.timeout.total_seconds():g}s; "
-                    f"its worker process was stopped")), final_status=TaskStatus.EXPIRED, task_id=task.id)
+                    f"its worker process was stopped")), final_status=TaskStatus.EXPIRED, task_id=task.id,
+                    retry=task.name not in handle.no_timeout_retry)
             logger.info("task %s %s: worker process %s replaced", task.id,
                         "cancelled" if task.cancel_requested else "timed out", handle.process.pid)
             self._replace(handle, context)
@@ -3723,6 +3978,8 @@ class Lilota(LilotaScheduler):
     def _shutdown(self):
         """Stop every worker: ask, wait up to the stop timeout (renewing their leases meanwhile, so
         that nobody takes their tasks), then kill and requeue."""
+        if self._retention is not None:
+            self._retention.stop()
         handles = [h for h in self._handles if h is not None]
         live = [h for h in handles if h.process.exitcode is None]
         for h in live:
@@ -4113,7 +4370,8 @@ def _cmd_worker(args):
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     name = f"{socket.gethostname()}:{os.getpid()}"
-    app = Lilota.workers(args.script, args.workers, args.db, stop_timeout=args.stop_timeout, name=name)
+    app = Lilota.workers(args.script, args.workers, args.db, stop_timeout=args.stop_timeout, name=name,
+                         keep_finished=args.keep_finished)
     # The handler only records the signal (taking a lock there could deadlock with the interrupted
     # code); the loop below looks at it. Signals during the stop change nothing: it stays graceful.
     signals = []
@@ -4334,6 +4592,8 @@ def _build_parser(prog):
                      help="number of worker processes (default: the number of CPUs)")
     sub.add_argument("--stop-timeout", type=_parse_duration, default=30.0, metavar="DURATION",
                      help="how long running tasks may finish after Ctrl-C/SIGTERM (default: 30s)")
+    sub.add_argument("--keep-finished", type=_parse_duration, default=None, metavar="DURATION",
+                     help="delete finished tasks older than this meanwhile, e.g. 7d (default: keep them)")
     sub.add_argument("-v", "--verbose", action="store_true", help="also print lilota's log (crashes, retries)")
 
     sub = command("schedule", _cmd_schedule, "store a task and print its id")
