@@ -320,6 +320,59 @@ class ModelProtocol(typing.Protocol):
         ...
 
 
+# --- Task ids -------------------------------------------------------------------------------------
+
+_V7_MARKS = (7 << 76) | (0b10 << 62)        # its version (7) and variant (RFC 9562) bits
+_V7_RANDOM_BITS = 74                        # rand_a (12 bits) and rand_b (62 bits)
+_V7_STEP_BITS = 48                          # the random step between two ids of one millisecond
+_V7_SEQUENCE = [0, 0]                       # the last id made in this process: [milliseconds, random]
+_V7_LOCK = threading.Lock()
+
+
+def _new_task_ids(count):
+    """``count`` new task ids: version 7 UUIDs (RFC 9562), the current time in milliseconds followed
+    by 74 bits from os.urandom, increasing within a process (RFC 9562's "monotonic random" method).
+
+    Ids made later sort later, so a new task's entry in the primary-key index lands next to the
+    newest ones instead of on a random page of an index that grows with every task kept: with
+    random (version 4) ids, inserting 100,000 tasks into a table that already held 200,000 ran at
+    about half the speed of inserting them into an empty one; with these it does not slow down.
+
+    The first id of a millisecond takes 73 random bits; each further id in the same millisecond
+    (or after the clock stepped back) is the one before plus a random step of up to 2**48, so ids
+    made by one process strictly increase, in creation order. Ids of different processes made in
+    the same millisecond do not sort among each other. When the steps run out (some 30 million ids
+    in one millisecond), the millisecond is borrowed from the future, as the RFC allows."""
+    random_bytes = os.urandom(10 * count)
+    from_bytes, make = int.from_bytes, uuid.UUID
+    first_mask = (1 << (_V7_RANDOM_BITS - 1)) - 1
+    step_mask = (1 << _V7_STEP_BITS) - 1
+    limit = 1 << _V7_RANDOM_BITS
+    low_mask = (1 << 62) - 1
+    ids = []
+    with _V7_LOCK:
+        now = time.time_ns() // 1_000_000
+        millis, rand = _V7_SEQUENCE
+        for i in range(0, 10 * count, 10):
+            fresh = from_bytes(random_bytes[i:i + 10], "big")
+            if now > millis:
+                millis, rand = now, fresh & first_mask
+            else:
+                rand += 1 + (fresh & step_mask)
+                if rand >= limit:
+                    millis, rand = millis + 1, fresh >> 8 & first_mask
+            ids.append(make(int=millis << 80 | _V7_MARKS | (rand >> 62) << 64 | (rand & low_mask)))
+        _V7_SEQUENCE[:] = (millis, rand)
+    return ids
+
+
+def _first_task_id_at(seconds):
+    """The smallest task id that _new_task_ids() can make at epoch ``seconds``: every task created
+    before then has a smaller id, which lets the primary key find old tasks without an index of
+    their own."""
+    return str(uuid.UUID(int=int(seconds * 1000) << 80 | _V7_MARKS))
+
+
 # --- Serialization --------------------------------------------------------------------------------
 #
 # Payloads are JSON, never pickle: a row must not be able to run code. Values that JSON lacks are
@@ -705,7 +758,7 @@ _ALIVE_NODE_STATUSES = ("idle", "starting", "running", "stopping")
 _ALIVE_SQL = "(" + ", ".join(f"'{status}'" for status in _ALIVE_NODE_STATUSES) + ")"
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 1
 
 
 def _schema_v1(**types):
@@ -766,18 +819,6 @@ _FINISHED_SQL = "status IN ('completed', 'failed', 'expired', 'cancelled')"
 
 #: lilota_meta's key for when old finished tasks were last deleted (see Storage.take_turn).
 _RETENTION_KEY = "retention_ran_at"
-
-
-def _schema_v2():
-    """What schema version 2 adds (the same on every database): the finished tasks by end time,
-    so that deleting old ones (keep_finished, cleanup) reads only those, in batches, instead of
-    scanning the table; and the lilota_meta row through which nodes take turns at it. Only
-    finished tasks are in the index: the queue's writes do not touch it, a completion adds one entry."""
-    return [
-        f"CREATE INDEX IF NOT EXISTS lilota_task_finished ON lilota_task (end_date_time) WHERE {_FINISHED_SQL}",
-        f"INSERT INTO lilota_meta (key, value) SELECT '{_RETENTION_KEY}', '0' "
-        f"WHERE NOT EXISTS (SELECT 1 FROM lilota_meta WHERE key = '{_RETENTION_KEY}')",
-    ]
 
 
 class Dialect:
@@ -1126,8 +1167,7 @@ class SQLiteDialect(Dialect):
 
     def migrations(self):
         return {1: _schema_v1(id="TEXT", text="TEXT", integer="INTEGER", real="REAL", time="REAL",
-                              json="TEXT", flag="INTEGER"),
-                2: _schema_v2()}
+                              json="TEXT", flag="INTEGER")}
 
     def begin_migration(self, conn):
         # BEGIN IMMEDIATE takes the write lock that serialises concurrent starters; when several
@@ -1496,7 +1536,6 @@ class PostgreSQLDialect(Dialect):
                 "WHEN (NEW.status = 'scheduled' AND OLD.status <> 'scheduled') "
                 "EXECUTE FUNCTION lilota_notify_queued()",
             ],
-            2: _schema_v2(),
         }
 
     # --- the claim ---
@@ -2133,38 +2172,49 @@ class Storage:
     #: Tasks deleted per transaction by delete_finished().
     delete_batch_size = 500
 
-    def delete_finished(self, before, batch_size=None, stop=None):
+    def delete_finished(self, before, batch_size=None, stop=None, everywhere=True):
         """Delete tasks that finished before ``before`` (epoch seconds), oldest first, then nodes
         gone since then; return how many tasks were deleted.
 
-        Each batch of ``batch_size`` tasks (default ``delete_batch_size``) is a transaction of its
-        own, and the next waits as long as the last took: workers get the database in between
-        (SQLite has one writer). ``stop``, a threading.Event, ends it between batches."""
+        Old tasks are found through the primary key: lilota's ids grow with time
+        (_first_task_id_at), so a task that finished before ``before`` was created before it and
+        has a smaller id -- no index of finished tasks is needed, which would cost every completion
+        a write. Each batch of ``batch_size`` tasks (default ``delete_batch_size``) is a transaction
+        of its own, and the next waits as long as the last took: workers get the database in
+        between (SQLite has one writer). ``stop``, a threading.Event, ends it between batches.
+        ``everywhere`` then also deletes, in one statement that reads the whole table, the old
+        finished tasks whose ids are not lilota's (rows written by other tools, or made on a host
+        whose clock was ahead); keep_finished leaves those to cleanup()."""
         batch_size = batch_size or self.delete_batch_size
         cutoff = self.dialect.encode_time(before)
+        bound = _first_task_id_at(before)
+        sql, T = self.dialect.sql, self.dialect.time_param
         total = 0
         while True:
             started = time.monotonic()
-            deleted = self._delete_batch(cutoff, batch_size)
+            deleted = self._delete_batch(bound, cutoff, batch_size)
             total += deleted
             if deleted < batch_size:
                 break
             pause = min(1.0, max(0.001, time.monotonic() - started))
             if stop.wait(pause) if stop is not None else time.sleep(pause):
-                break
+                return total
         with self._guard as conn:
-            conn.execute(self.dialect.sql("DELETE FROM lilota_node WHERE status IN ('stopped', 'crashed', 'dead') "
-                                          f"AND last_seen_at < {self.dialect.time_param}"), (cutoff,))
+            if everywhere:
+                total += conn.execute(sql(f"DELETE FROM lilota_task WHERE id >= ? AND {_FINISHED_SQL} "
+                                          f"AND end_date_time < {T}"), (bound, cutoff)).rowcount
+            conn.execute(sql(f"DELETE FROM lilota_node WHERE status IN ('stopped', 'crashed', 'dead') "
+                             f"AND last_seen_at < {T}"), (cutoff,))
         return total
 
-    def _delete_batch(self, cutoff, batch_size):
-        """One statement (one transaction): delete up to ``batch_size`` of the oldest tasks that
-        finished before ``cutoff``, found through the index of finished tasks."""
+    def _delete_batch(self, bound, cutoff, batch_size):
+        """One statement (one transaction): delete up to ``batch_size`` of the oldest tasks created
+        before the id ``bound`` that finished before ``cutoff``, read along the primary key."""
         with self._guard as conn:
             return conn.execute(self.dialect.sql(
-                f"DELETE FROM lilota_task WHERE id IN (SELECT id FROM lilota_task WHERE {_FINISHED_SQL} "
-                f"AND end_date_time < {self.dialect.time_param} ORDER BY end_date_time LIMIT ?)"),
-                (cutoff, batch_size)).rowcount
+                f"DELETE FROM lilota_task WHERE id IN (SELECT id FROM lilota_task WHERE id < ? AND {_FINISHED_SQL} "
+                f"AND end_date_time < {self.dialect.time_param} ORDER BY id LIMIT ?)"),
+                (bound, cutoff, batch_size)).rowcount
 
     def take_turn(self, key, interval, now):
         """Compare-and-set on the time stored in lilota_meta under ``key``: True for the one caller,
@@ -2173,23 +2223,28 @@ class Storage:
         and then stores ``now``; False for everyone else."""
         sql = self.dialect.sql
         with self._guard as conn:
-            with self._transaction(conn):
-                row = conn.execute(sql("SELECT value FROM lilota_meta WHERE key = ?"), (key,)).fetchone()
-                if row is None:   # a database whose schema did not create the row (a custom dialect)
-                    return conn.execute(sql(
-                        "INSERT INTO lilota_meta (key, value) SELECT CAST(? AS TEXT), CAST(? AS TEXT) "
-                        "WHERE NOT EXISTS (SELECT 1 FROM lilota_meta WHERE key = ?)"),
-                        (key, repr(now), key)).rowcount == 1
-                try:
-                    last = float(row[0])
-                except ValueError:
-                    last = -math.inf
-                if abs(now - last) < interval:
-                    return False
-                # Only if nobody changed it since it was read: of two nodes that both read an old
-                # time, one changes the row and the other's UPDATE matches nothing.
-                return conn.execute(sql("UPDATE lilota_meta SET value = ? WHERE key = ? AND value = ?"),
-                                    (repr(now), key, row[0])).rowcount == 1
+            row = conn.execute(sql("SELECT value FROM lilota_meta WHERE key = ?"), (key,)).fetchone()
+        if row is None:   # the first turn ever on this database: the row is made by whoever gets there
+            try:
+                with self._guard as conn:
+                    with self._transaction(conn):
+                        return conn.execute(sql(
+                            "INSERT INTO lilota_meta (key, value) SELECT CAST(? AS TEXT), CAST(? AS TEXT) "
+                            "WHERE NOT EXISTS (SELECT 1 FROM lilota_meta WHERE key = ?)"),
+                            (key, repr(now), key)).rowcount == 1
+            except StorageError:
+                return False   # another node made it at the same moment (a duplicate key): its turn
+        try:
+            last = float(row[0])
+        except ValueError:
+            last = -math.inf
+        if abs(now - last) < interval:
+            return False
+        # Only if nobody changed it since it was read: of two nodes that both read an old time, one
+        # changes the row and the other's UPDATE matches nothing.
+        with self._guard as conn:
+            return conn.execute(sql("UPDATE lilota_meta SET value = ? WHERE key = ? AND value = ?"),
+                                (repr(now), key, row[0])).rowcount == 1
 
     # --- tasks: worker side ---
 
@@ -2437,50 +2492,6 @@ def _task_id(value):
             raise ValueError(f"{value!r} is not a task id (expected a UUID like "
                              f"'12345678-1234-5678-1234-567812345678')") from None
     raise TypeError(f"a task id must be a UUID or a string, not {type(value).__name__}")
-
-
-_V7_MARKS = (7 << 76) | (0b10 << 62)        # its version (7) and variant (RFC 9562) bits
-_V7_RANDOM_BITS = 74                        # rand_a (12 bits) and rand_b (62 bits)
-_V7_STEP_BITS = 48                          # the random step between two ids of one millisecond
-_V7_SEQUENCE = [0, 0]                       # the last id made in this process: [milliseconds, random]
-_V7_LOCK = threading.Lock()
-
-
-def _new_task_ids(count):
-    """``count`` new task ids: version 7 UUIDs (RFC 9562), the current time in milliseconds followed
-    by 74 bits from os.urandom, increasing within a process (RFC 9562's "monotonic random" method).
-
-    Ids made later sort later, so a new task's entry in the primary-key index lands next to the
-    newest ones instead of on a random page of an index that grows with every task kept: with
-    random (version 4) ids, inserting 100,000 tasks into a table that already held 200,000 ran at
-    about half the speed of inserting them into an empty one; with these it does not slow down.
-
-    The first id of a millisecond takes 73 random bits; each further id in the same millisecond
-    (or after the clock stepped back) is the one before plus a random step of up to 2**48, so ids
-    made by one process strictly increase, in creation order. Ids of different processes made in
-    the same millisecond do not sort among each other. When the steps run out (some 30 million ids
-    in one millisecond), the millisecond is borrowed from the future, as the RFC allows."""
-    random_bytes = os.urandom(10 * count)
-    from_bytes, make = int.from_bytes, uuid.UUID
-    first_mask = (1 << (_V7_RANDOM_BITS - 1)) - 1
-    step_mask = (1 << _V7_STEP_BITS) - 1
-    limit = 1 << _V7_RANDOM_BITS
-    low_mask = (1 << 62) - 1
-    ids = []
-    with _V7_LOCK:
-        now = time.time_ns() // 1_000_000
-        millis, rand = _V7_SEQUENCE
-        for i in range(0, 10 * count, 10):
-            fresh = from_bytes(random_bytes[i:i + 10], "big")
-            if now > millis:
-                millis, rand = now, fresh & first_mask
-            else:
-                rand += 1 + (fresh & step_mask)
-                if rand >= limit:
-                    millis, rand = millis + 1, fresh >> 8 & first_mask
-            ids.append(make(int=millis << 80 | _V7_MARKS | (rand >> 62) << 64 | (rand & low_mask)))
-        _V7_SEQUENCE[:] = (millis, rand)
-    return ids
 
 
 def _check_name(name):
@@ -2732,7 +2743,7 @@ class _Retention:
         storage = self.owner.storage
         if not storage.take_turn(_RETENTION_KEY, self.interval, now):
             return None
-        deleted = storage.delete_finished(now - self.keep_finished, self.batch_size, stop)
+        deleted = storage.delete_finished(now - self.keep_finished, self.batch_size, stop, everywhere=False)
         if deleted:
             logger.info("deleted %d task(s) that finished more than %gs ago (keep_finished)", deleted,
                         self.keep_finished)

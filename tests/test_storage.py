@@ -116,11 +116,10 @@ class SchemaTests(StorageTestCase):
         LilotaScheduler(self.db_url).storage.ensure_ready()
         tables = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.assertLessEqual({"lilota_task", "lilota_node", "lilota_meta"}, tables)
-        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("2",)])
-        self.assertEqual(lilota.SCHEMA_VERSION, 2)
+        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("1",)])
+        self.assertEqual(lilota.SCHEMA_VERSION, 1)
         indexes = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'index'")}
         self.assertIn("lilota_task_queue", indexes)
-        self.assertIn("lilota_task_finished", indexes)
         columns = {r[1] for r in self.sql("PRAGMA table_info(lilota_task)")}
         for name in ("id", "name", "pid", "status", "run_at", "attempts", "max_attempts", "timeout", "expires_at",
                      "progress_percentage", "start_date_time", "end_date_time", "input", "output", "error",
@@ -154,14 +153,14 @@ class SchemaTests(StorageTestCase):
         scheduler = LilotaScheduler(self.db_url)
         scheduler.schedule("x", 1)
         self.forget_storages()
-        self.sql("UPDATE lilota_meta SET value = '3' WHERE key = 'schema_version'")
+        self.sql("UPDATE lilota_meta SET value = '2' WHERE key = 'schema_version'")
         with self.assertRaises(SchemaVersionError) as cm:
             LilotaScheduler(self.db_url).schedule("x", 2)
-        self.assertIn("3", str(cm.exception))
+        self.assertIn("2", str(cm.exception))
         self.assertIn("upgrade", str(cm.exception).lower())
         self.assertIsInstance(cm.exception, lilota.StorageError)
         self.assertEqual(self.count_rows(), 1)
-        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("3",)])
+        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("2",)])
 
     def test_file_mode_is_owner_only(self):
         old_umask = os.umask(0o022)
@@ -177,8 +176,7 @@ class SchemaTests(StorageTestCase):
     def test_concurrent_schema_creation(self):
         outcomes = self.run_together(_create_schema, [(self.db_url,)] * 6)
         self.assertEqual(outcomes, [None] * 6, "every process must open the new database")
-        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("2",)])
-        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'retention_ran_at'"), [("0",)])
+        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("1",)])
         tables = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.assertLessEqual({"lilota_task", "lilota_node", "lilota_meta"}, tables)
         self.assertEqual(self.sql("PRAGMA journal_mode")[0][0].lower(), "wal")
