@@ -64,7 +64,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Lilota", "LilotaScheduler", "LilotaWorker",
     "Task", "TaskStatus", "TaskProgress", "TaskContext", "ModelProtocol",
-    "Node", "NodeStatus", "NodeType",
+    "Node", "NodeStatus", "NodeType", "LilotaMode",
     "Dialect", "SQLiteDialect", "PostgreSQLDialect", "DBAPIConnection", "register_dialect",
     "LilotaError", "ConfigurationError", "DriverNotInstalledError", "StorageError",
     "DatabaseBusyError", "ReadOnlyDatabaseError", "DatabaseFullError", "CorruptDatabaseError",
@@ -251,6 +251,14 @@ class NodeType(_StrEnum):
 
     SCHEDULER = "scheduler"
     WORKER = "worker"
+
+
+class LilotaMode(_StrEnum):
+    """What a :class:`Lilota` runs (``Lilota(..., mode=...)``, as in upstream lilota 1.x)."""
+
+    ALL = "all"              # schedules, and runs worker processes when it has a script_path
+    SCHEDULER = "scheduler"  # only schedules: no worker script, no worker processes
+    WORKERS = "workers"      # only runs worker processes: schedule() raises RuntimeError
 
 
 # --- Records --------------------------------------------------------------------------------------
@@ -2174,7 +2182,7 @@ class Storage:
 
     def delete_finished(self, before, batch_size=None, stop=None, everywhere=True):
         """Delete tasks that finished before ``before`` (epoch seconds), oldest first, then nodes
-        gone since then; return how many tasks were deleted.
+        gone since then; return how many rows of each: ``{"tasks": n, "nodes": n}``.
 
         Old tasks are found through the primary key: lilota's ids grow with time
         (_first_task_id_at), so a task that finished before ``before`` was created before it and
@@ -2198,14 +2206,14 @@ class Storage:
                 break
             pause = min(1.0, max(0.001, time.monotonic() - started))
             if stop.wait(pause) if stop is not None else time.sleep(pause):
-                return total
+                return {"tasks": total, "nodes": 0}
         with self._guard as conn:
             if everywhere:
                 total += conn.execute(sql(f"DELETE FROM lilota_task WHERE id >= ? AND {_FINISHED_SQL} "
                                           f"AND end_date_time < {T}"), (bound, cutoff)).rowcount
-            conn.execute(sql(f"DELETE FROM lilota_node WHERE status IN ('stopped', 'crashed', 'dead') "
-                             f"AND last_seen_at < {T}"), (cutoff,))
-        return total
+            nodes = conn.execute(sql(f"DELETE FROM lilota_node WHERE status IN ('stopped', 'crashed', 'dead') "
+                                     f"AND last_seen_at < {T}"), (cutoff,)).rowcount
+        return {"tasks": total, "nodes": nodes}
 
     def _delete_batch(self, bound, cutoff, batch_size):
         """One statement (one transaction): delete up to ``batch_size`` of the oldest tasks created
@@ -2245,6 +2253,17 @@ class Storage:
         with self._guard as conn:
             return conn.execute(sql("UPDATE lilota_meta SET value = ? WHERE key = ? AND value = ?"),
                                 (repr(now), key, row[0])).rowcount == 1
+
+    def delete_task(self, task_id):
+        """Delete one task whatever its status; False when there was none with that id."""
+        with self._guard as conn:
+            return conn.execute(self.dialect.sql("DELETE FROM lilota_task WHERE id = ?"), (task_id,)).rowcount == 1
+
+    def has_unfinished_tasks(self):
+        """Whether any task is queued or running."""
+        with self._guard as conn:
+            return conn.execute("SELECT 1 FROM lilota_task WHERE status IN ('created', 'scheduled', 'running') "
+                                "LIMIT 1").fetchone() is not None
 
     # --- tasks: worker side ---
 
@@ -2429,6 +2448,13 @@ class Storage:
             rows = conn.execute(f"SELECT {_NODE_COLUMNS} FROM lilota_node ORDER BY created_at").fetchall()
         return [self._node(r) for r in rows]
 
+    def node(self, node_id):
+        """The Node stored under ``node_id``, or None."""
+        with self._guard as conn:
+            row = conn.execute(self.dialect.sql(f"SELECT {_NODE_COLUMNS} FROM lilota_node WHERE id = ?"),
+                               (node_id,)).fetchone()
+        return None if row is None else self._node(row)
+
     def find_lost_nodes(self, exclude=(), settle=0.0):
         """Mark dead the nodes marked alive whose lease has expired, or whose process is gone from
         this host (same host key: same machine, boot and pid namespace); return their ids. Nodes in
@@ -2515,19 +2541,97 @@ def _check_attempts(value, what="max_attempts"):
     return value
 
 
+def _positive(name, value):
+    _seconds(value, name, allow_zero=False)
+
+
+def _non_negative(name, value):
+    _seconds(value, name)
+
+
+def _jitter(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    if not 0 < value < 1:
+        raise ValueError(f"{name} must be greater than 0 and smaller than 1, got {value!r}")
+
+
+def _logging_level(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{name} must be a level of the logging module (e.g. logging.INFO or 'INFO'), "
+                        f"not {type(value).__name__}")
+    if isinstance(value, str) and not isinstance(logging.getLevelName(value), int):
+        raise ValueError(f"{name}: unknown logging level {value!r}")
+
+
+#: The constructor arguments of upstream lilota 1.x (``LilotaWorker``, ``LilotaScheduler``, ``Lilota``),
+#: accepted so that its applications run unchanged: upstream name -> (the argument of ours it sets,
+#: or None where lilota has no such knob; the check upstream's value must pass). README: "Coming
+#: from lilota 1.x".
+_UPSTREAM_OPTIONS = {
+    "node_heartbeat_interval": ("heartbeat_interval", _positive),
+    "scheduler_heartbeat_interval": ("heartbeat_interval", _positive),
+    "node_timeout_sec": ("node_timeout", _positive),
+    "scheduler_timeout_sec": ("node_timeout", _positive),
+    "stop_worker_timeout": ("stop_timeout", _non_negative),
+    "logging_level": (None, _logging_level),             # the level of the "lilota" logger
+    "node_heartbeat_interval_jitter": (None, _jitter),   # no effect: our heartbeats need no jitter
+    "task_heartbeat_interval": (None, _positive),        # no effect: an idle worker is woken, it
+    "max_task_heartbeat_interval": (None, _positive),    # does not back off polling
+    "process_manager_interval": (None, _positive),       # no effect: the supervisor is woken by events
+}
+
+
+def _upstream_options(constructor, given, *ours):
+    """Check the upstream arguments among ``given`` (the ``locals()`` of ``constructor``, where None
+    means not given) and return the values of the arguments ``ours`` with upstream's folded in.
+    Ours and upstream's both given with different values is a ConfigurationError (a ValueError).
+    A ``logging_level`` sets the level of the ``lilota`` logger (and so of all of lilota's loggers)."""
+    defaults = {name: p.default for name, p in inspect.signature(constructor).parameters.items()}
+    owner = constructor.__qualname__.split(".")[0]
+    values = {name: given[name] for name in ours}
+    for name, (target, check) in _UPSTREAM_OPTIONS.items():
+        value = given.get(name)
+        if name not in defaults or value is None:
+            continue
+        check(name, value)
+        if target is None:
+            continue
+        mine = values[target]   # the constructor has upstream's argument, so it has ours
+        if mine != defaults[target] and _seconds(mine, target) != _seconds(value, name):
+            raise ConfigurationError(f"{owner}: {target}={mine!r} and {name}={value!r} (its name in lilota 1.x) "
+                                     f"set the same thing to different values; give only one of them")
+        values[target] = value
+    if given.get("logging_level") is not None and "logging_level" in defaults:
+        logger.setLevel(given["logging_level"])
+    return tuple(values[name] for name in ours)
+
+
 class LilotaScheduler:
     """The scheduling side: store tasks and look after them. Runs no workers.
 
     Everything here works whether or not any worker is running: a scheduled task waits in the
     database until a worker claims it. Safe to share between threads.
+
+    ``start()`` is optional: it records this process as a scheduler node (``get_node()``) and keeps
+    it alive with a heartbeat until ``stop()``, as upstream lilota's scheduler does. The positional
+    arguments after ``db_url`` are upstream's (see ``_UPSTREAM_OPTIONS``).
     """
 
-    def __init__(self, db_url=None):
+    def __init__(self, db_url=None, node_heartbeat_interval=None, node_timeout_sec=None, logging_level=None, *,
+                 heartbeat_interval=5.0, node_timeout=30.0, name=None):
         self.db_url = db_url or os.environ.get("LILOTA_DB_URL") or DEFAULT_DB_URL
         # Parsed now: a bad URL fails here, and a relative SQLite path is fixed to the current
         # directory of this moment, not of the first use.
         self._dialect = _dialect_for_url(self.db_url)
         self._storage = None
+        heartbeat_interval, node_timeout = _upstream_options(LilotaScheduler.__init__, locals(),
+                                                             "heartbeat_interval", "node_timeout")
+        self.heartbeat_interval = _seconds(heartbeat_interval, "heartbeat_interval", allow_zero=False)
+        self.node_timeout = _seconds(node_timeout, "node_timeout", allow_zero=False)
+        self.name = name
+        self.node_id = None
+        self._heartbeat = None    # (thread, stop event) of a started LilotaScheduler
 
     @property
     def storage(self):
@@ -2707,14 +2811,86 @@ class LilotaScheduler:
         return done
 
     def cleanup(self, older_than=timedelta(days=30)):
-        """Delete tasks that finished more than ``older_than`` ago (and long-gone nodes);
-        return how many tasks were deleted. Queued and running tasks are never deleted. It deletes
-        in batches, each a transaction of its own, so that running workers are not held up."""
-        return self.storage.delete_finished(_now() - _seconds(older_than, "older_than"))
+        """Delete tasks that finished more than ``older_than`` ago, and nodes stopped, crashed or
+        dead since longer; return how many rows of each kind: ``{"tasks": n, "log_entries": 0,
+        "nodes": n}`` (as upstream lilota 1.4; lilota stores no log entries). Queued and running
+        tasks are never deleted. It deletes in batches, each a transaction of its own, so that running
+        workers are not held up."""
+        deleted = self.storage.delete_finished(_now() - _seconds(older_than, "older_than"))
+        return {"tasks": deleted["tasks"], "log_entries": 0, "nodes": deleted["nodes"]}
 
     def get_all_nodes(self):
         """Every node recorded in ``lilota_node``: worker processes and scheduling applications."""
         return self.storage.nodes()
+
+    def get_nodes(self):
+        """The same as ``get_all_nodes()`` (its name in upstream lilota)."""
+        return self.get_all_nodes()
+
+    def get_node(self):
+        """This process's own node (a :class:`Node`) once started (stopped after ``stop()``), else None."""
+        node_id = self.node_id
+        return None if node_id is None else self.storage.node(node_id)
+
+    def delete_task_by_id(self, task_id):
+        """Delete a task whatever its status; True when it was deleted, False when there was no task
+        with that id. A running task runs on; its result is not stored."""
+        return self.storage.delete_task(_task_id(task_id))
+
+    def has_unfinished_tasks(self):
+        """True while any task is queued (also delayed, or waiting for a retry) or running."""
+        return self.storage.has_unfinished_tasks()
+
+    # --- a node of its own (Lilota replaces these with its supervisor) ---
+
+    def start(self):
+        """Record this process as a scheduler node and keep it alive with a heartbeat thread until
+        ``stop()``. Scheduling does not need it; it makes the application visible among the nodes.
+        A no-op when already started."""
+        if self._heartbeat is not None:
+            return self
+        storage = self.storage
+        storage.ensure_ready()
+        node_id = str(uuid.uuid4())
+        storage.add_node(node_id, self.name or f"{socket.gethostname()}:{os.getpid()}", NodeType.SCHEDULER,
+                         NodeStatus.RUNNING, os.getpid(), self.node_timeout)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._keep_node_alive, args=(node_id, stop),
+                                  name="lilota-scheduler-heartbeat", daemon=True)
+        self.node_id, self._heartbeat = node_id, (thread, stop)
+        thread.start()
+        atexit.register(self.stop)
+        return self
+
+    def _keep_node_alive(self, node_id, stop):
+        while not stop.wait(self.heartbeat_interval):
+            try:
+                if self.storage.heartbeat([node_id], self.node_timeout):   # declared dead while alive
+                    self.storage.set_node_status(node_id, NodeStatus.RUNNING)
+            except StorageError:
+                logger.warning("lilota scheduler heartbeat failed; will retry", exc_info=True)
+
+    def stop(self):
+        """Stop the heartbeat started by ``start()`` and record the node as stopped (a no-op when
+        not started); ``get_node()`` then shows it stopped, until the next ``start()`` adds a new one."""
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is None:
+            return
+        thread, stop = heartbeat
+        stop.set()
+        thread.join()
+        atexit.unregister(self.stop)
+        try:
+            self.storage.set_node_status(self.node_id, NodeStatus.STOPPED)
+        except StorageError:
+            logger.warning("could not record that node %s stopped", self.node_id, exc_info=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.stop()
+        return False
 
 
 class _Retention:
@@ -2743,7 +2919,7 @@ class _Retention:
         storage = self.owner.storage
         if not storage.take_turn(_RETENTION_KEY, self.interval, now):
             return None
-        deleted = storage.delete_finished(now - self.keep_finished, self.batch_size, stop, everywhere=False)
+        deleted = storage.delete_finished(now - self.keep_finished, self.batch_size, stop, everywhere=False)["tasks"]
         if deleted:
             logger.info("deleted %d task(s) that finished more than %gs ago (keep_finished)", deleted,
                         self.keep_finished)
@@ -2985,10 +3161,15 @@ class LilotaWorker:
 
     def __init__(self, db_url=None, set_progress_manually=False, *, name=None, poll_interval=0.02,
                  heartbeat_interval=5.0, node_timeout=30.0, retry_delay=timedelta(seconds=1),
-                 retry_max_delay=timedelta(minutes=10), keep_finished=None):
+                 retry_max_delay=timedelta(minutes=10), node_heartbeat_interval=None,
+                 node_heartbeat_interval_jitter=None, node_timeout_sec=None, task_heartbeat_interval=None,
+                 max_task_heartbeat_interval=None, logging_level=None, keep_finished=None):
         self.db_url = db_url or (_supervision.db_url if _supervision else None) \
             or os.environ.get("LILOTA_DB_URL") or DEFAULT_DB_URL
         self._dialect = _dialect_for_url(self.db_url)
+        # Upstream lilota's arguments (the last six): see _UPSTREAM_OPTIONS.
+        heartbeat_interval, node_timeout = _upstream_options(LilotaWorker.__init__, locals(),
+                                                             "heartbeat_interval", "node_timeout")
         self.set_progress_manually = bool(set_progress_manually)
         self.name = name
         self.poll_interval = _seconds(poll_interval, "poll_interval", allow_zero=False)
@@ -3068,6 +3249,25 @@ class LilotaWorker:
     def registered_names(self):
         """The names of the registered tasks, sorted."""
         return sorted(self._registry)
+
+    # --- upstream lilota's queries on a worker ---
+
+    def get_node(self):
+        """This worker's :class:`Node` while it runs (``start()``), else None."""
+        node_id = _supervision.node_id if self._running and _supervision is not None else self._node_id
+        return None if node_id is None else self.storage.node(node_id)
+
+    def get_nodes(self):
+        """Every node recorded in ``lilota_node`` (as ``Lilota.get_all_nodes()``)."""
+        return self.storage.nodes()
+
+    def get_task_by_id(self, task_id):
+        """The stored :class:`Task`, or None when there is no task with that id."""
+        return self.storage.get_task(_task_id(task_id))
+
+    def delete_task_by_id(self, task_id):
+        """Delete a task whatever its status; True when it was deleted, False when there was none."""
+        return self.storage.delete_task(_task_id(task_id))
 
     # --- storage helpers ---
 
@@ -3611,8 +3811,25 @@ class Lilota(LilotaScheduler):
     def __init__(self, db_url=None, *, script_path=None, number_of_workers=None, stop_timeout=30.0,
                  heartbeat_interval=5.0, node_timeout=30.0, restart_delay=0.5, restart_max_delay=30.0,
                  retry_delay=timedelta(seconds=1), retry_max_delay=timedelta(minutes=10),
-                 start_method="spawn", name=None, keep_finished=None):
+                 start_method="spawn", name=None, mode=LilotaMode.ALL, on_fatal_error=None,
+                 scheduler_heartbeat_interval=None, scheduler_timeout_sec=None, process_manager_interval=None,
+                 stop_worker_timeout=None, logging_level=None, keep_finished=None):
         super().__init__(db_url)
+        # Upstream lilota's arguments (the last five): see _UPSTREAM_OPTIONS.
+        heartbeat_interval, node_timeout, stop_timeout = _upstream_options(
+            Lilota.__init__, locals(), "heartbeat_interval", "node_timeout", "stop_timeout")
+        try:
+            self.mode = LilotaMode(mode)
+        except ValueError:
+            raise ConfigurationError(f"mode must be one of {', '.join(repr(m.value) for m in LilotaMode)} "
+                                     f"(a LilotaMode), got {mode!r}") from None
+        if on_fatal_error is not None and not callable(on_fatal_error):
+            raise TypeError(f"on_fatal_error must be a function taking the error, not {type(on_fatal_error).__name__}")
+        self.on_fatal_error = on_fatal_error
+        if self.mode is LilotaMode.SCHEDULER:
+            script_path = number_of_workers = None   # as upstream: a scheduler runs no workers
+        elif self.mode is LilotaMode.WORKERS and script_path is None:
+            raise ConfigurationError("mode=LilotaMode.WORKERS needs a script_path: the worker script to run")
         self.number_of_workers = 0
         self.script_path = None
         if script_path is not None:
@@ -3670,13 +3887,22 @@ class Lilota(LilotaScheduler):
 
     @classmethod
     def scheduler(cls, db_url=None, **options):
-        """A Lilota that only schedules and looks after tasks; it starts no workers."""
-        return cls(db_url, **options)
+        """A Lilota that only schedules and looks after tasks; it starts no workers
+        (``mode=LilotaMode.SCHEDULER``)."""
+        return cls(db_url, mode=LilotaMode.SCHEDULER, **options)
 
     @classmethod
     def workers(cls, script_path, number_of_workers=None, db_url=None, **options):
-        """A Lilota whose job is to run worker processes (e.g. on a worker host)."""
-        return cls(db_url, script_path=script_path, number_of_workers=number_of_workers, **options)
+        """A Lilota whose job is to run worker processes (e.g. on a worker host); it does not
+        schedule (``mode=LilotaMode.WORKERS``)."""
+        return cls(db_url, mode=LilotaMode.WORKERS, script_path=script_path, number_of_workers=number_of_workers,
+                   **options)
+
+    def _schedule(self, *args):
+        if self.mode is LilotaMode.WORKERS:
+            raise RuntimeError("this Lilota only runs workers (mode=LilotaMode.WORKERS) and cannot schedule "
+                               "tasks; schedule with a Lilota in mode ALL or SCHEDULER (Lilota.scheduler(db_url))")
+        return super()._schedule(*args)
 
     # --- failure reporting ---
 
@@ -3858,7 +4084,19 @@ class Lilota(LilotaScheduler):
         except BaseException:
             self._fail("the lilota supervisor failed:\n" + traceback.format_exc())
         finally:
-            self._shutdown()
+            try:
+                self._shutdown()
+            finally:
+                if self._failed.is_set() and self.on_fatal_error is not None:
+                    self._call_on_fatal_error()
+
+    def _call_on_fatal_error(self):
+        """Tell the application's ``on_fatal_error`` about the failure, once, from the supervisor
+        thread, after the workers were stopped. Its exceptions are logged, not raised."""
+        try:
+            self.on_fatal_error(self._error)
+        except Exception as exc:
+            logger.exception("lilota: the on_fatal_error function raised %s: %s", type(exc).__name__, exc)
 
     def _spawn(self, context, index):
         node_id = str(uuid.uuid4())
@@ -4506,7 +4744,8 @@ def _cmd_cleanup(args):
     """Delete the tasks that finished longer ago than --older-than (and nodes gone since then).
     Queued and running tasks are never deleted."""
     deleted = _scheduler(args).cleanup(older_than=args.older_than)
-    print(f"deleted {deleted} task(s) that finished more than {_format_duration(args.older_than)} ago")
+    print(f"deleted {deleted['tasks']} task(s) that finished more than {_format_duration(args.older_than)} ago "
+          f"and {deleted['nodes']} node(s) gone since then")
     return 0
 
 

@@ -426,12 +426,12 @@ class CancelRetryCleanupTests(ApiTestCase):
                  (long_ago, long_ago, str(queued)))
         self.sql("UPDATE lilota_task SET status = 'running', end_date_time = ?, created_at = ? WHERE id = ?",
                  (long_ago, long_ago, str(running)))
-        self.assertEqual(self.lilota.cleanup(older_than=timedelta(days=1)), 3)
+        self.assertEqual(self.lilota.cleanup(older_than=timedelta(days=1))["tasks"], 3)
         remaining = {uuid.UUID(str(r[0])) for r in self.sql("SELECT id FROM lilota_task")}
         self.assertEqual(remaining, {recent_done, queued, running})
         self.assertIsNone(self.lilota.get_task_by_id(old_done))
-        self.assertEqual(self.lilota.cleanup(older_than=timedelta(days=1)), 0)
-        self.assertEqual(self.lilota.cleanup(older_than=0), 1)  # the recent completed one
+        self.assertEqual(self.lilota.cleanup(older_than=timedelta(days=1))["tasks"], 0)
+        self.assertEqual(self.lilota.cleanup(older_than=0)["tasks"], 1)  # the recent completed one
         with self.assertRaises(ValueError):
             self.lilota.cleanup(older_than=timedelta(days=-1))
 

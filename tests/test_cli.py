@@ -407,9 +407,10 @@ class CancelRetryCleanupTest(CliTestCase):
         self.worker.run_pending()
         queued = self.scheduler.schedule("add", {"a": 3, "b": 3}, delay=3600)
         self.set_column(old, "end_date_time", time.time() - 2 * 86400)
-        self.assertEqual(self.assertOk(self.cli("cleanup")), "deleted 0 task(s) that finished more than 30d ago\n")
+        self.assertEqual(self.assertOk(self.cli("cleanup")),
+                         "deleted 0 task(s) that finished more than 30d ago and 0 node(s) gone since then\n")
         self.assertEqual(self.assertOk(self.cli("cleanup", "--older-than", "1d")),
-                         "deleted 1 task(s) that finished more than 1d ago\n")
+                         "deleted 1 task(s) that finished more than 1d ago and 0 node(s) gone since then\n")
         self.assertEqual({t.id for t in self.scheduler.list_tasks()}, {recent, queued})
         self.assertError(self.cli("cleanup", "--older-than=-1d"), 2, "invalid duration")
 

@@ -410,7 +410,7 @@ class RetentionTests(RetryTestCase):
             del batches[:]
             self.lilota.storage.delete_batch_size = 1
             self.addCleanup(setattr, self.lilota.storage, "delete_batch_size", lilota.Storage.delete_batch_size)
-            self.assertEqual(self.lilota.cleanup(older_than=0), 2)
+            self.assertEqual(self.lilota.cleanup(older_than=0)["tasks"], 2)
             self.assertEqual(batches, [1, 1, 0])
         self.assertTrue(old)
 
@@ -450,7 +450,7 @@ class RetentionTests(RetryTestCase):
         app = Lilota(self.db_url, keep_finished=self.HOUR)
         self.assertEqual(app._retention.step(), 2)
         self.assertEqual(self.remaining(), {*recent, uuid.UUID(foreign)})
-        self.assertEqual(self.lilota.cleanup(older_than=self.HOUR), 1)
+        self.assertEqual(self.lilota.cleanup(older_than=self.HOUR)["tasks"], 1)
         self.assertEqual(self.remaining(), set(recent))
         self.assertTrue(set(old).isdisjoint(self.remaining()))
         if self.backend == "sqlite":
