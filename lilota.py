@@ -3894,7 +3894,10 @@ class Lilota(LilotaScheduler):
     @classmethod
     def workers(cls, script_path, number_of_workers=None, db_url=None, **options):
         """A Lilota whose job is to run worker processes (e.g. on a worker host); it does not
-        schedule (``mode=LilotaMode.WORKERS``)."""
+        schedule (``mode=LilotaMode.WORKERS``). Upstream lilota 1.0's order, ``workers(db_url,
+        script_path, number_of_workers)``, is recognised by the database URL in front."""
+        if isinstance(script_path, str) and "://" in script_path and isinstance(number_of_workers, (str, os.PathLike)):
+            db_url, script_path, number_of_workers = script_path, number_of_workers, db_url
         return cls(db_url, mode=LilotaMode.WORKERS, script_path=script_path, number_of_workers=number_of_workers,
                    **options)
 

@@ -267,6 +267,11 @@ class ModeTests(UpstreamTestCase):
         self.assertEqual(app.wait(task_id, timeout=60).output, {"sum": 9})
         factory = Lilota.workers(script, 1, self.db_url)
         self.assertEqual(factory.mode, LilotaMode.WORKERS)
+        # Upstream 1.0's order: the database URL first.
+        for old_order in (Lilota.workers(self.db_url, script, 3), Lilota.workers(self.db_url, script)):
+            self.assertEqual((old_order.db_url, old_order.script_path, old_order.mode),
+                             (factory.db_url, factory.script_path, LilotaMode.WORKERS))
+        self.assertEqual(Lilota.workers(self.db_url, script, 3).number_of_workers, 3)
         with self.assertRaises(RuntimeError):
             factory.schedule("add", AddInput(a=1, b=1))
 
