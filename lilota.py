@@ -3886,10 +3886,11 @@ def _format_age(moment, now):
 
 
 def _format_time(moment, now):
-    """A datetime in full, UTC, with how long ago it was."""
+    """A datetime in full, UTC, with how long ago it was (``now`` None: without that)."""
     if moment is None:
         return "-"
-    return f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} UTC ({_format_age(moment, now)})"
+    text = f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} UTC"
+    return text if now is None else f"{text} ({_format_age(moment, now)})"
 
 
 def _table(headers, rows, right=()):
@@ -3916,7 +3917,10 @@ def _task_row(task, now):
     """A task as a row of the ``list`` table: id, name, status, progress, attempts, age, duration."""
     attempts = f"{task.attempts}/{task.max_attempts if task.max_attempts is not None else '-'}"
     start, end = task.start_date_time, task.end_date_time
-    duration = "-" if start is None else _format_duration(((end or now) - start).total_seconds())
+    if end is None and task.status == TaskStatus.RUNNING:
+        end = now   # so far
+    # A task queued again after a run (e.g. given back on stop) has a start but no end: no duration.
+    duration = "-" if start is None or end is None else _format_duration((end - start).total_seconds())
     return [task.id, _short(task.name), task.status, f"{task.progress_percentage}%", attempts,
             _format_age(task.created_at, now).replace(" ago", ""), duration]
 
@@ -3930,7 +3934,9 @@ def _describe_task(task, now):
         if field.name in ("input", "output", "error"):
             continue
         if isinstance(value, datetime):
-            value = _format_time(value, now)
+            # A deadline counts down only while the task runs: "in 4m" would mislead once it ended.
+            value = _format_time(value, now if field.name != "expires_at" or task.status == TaskStatus.RUNNING
+                                 else None)
         elif isinstance(value, timedelta):
             value = _format_duration(value.total_seconds())
         lines.append(f"{field.name + ':':<22}{'-' if value is None else value}")

@@ -235,6 +235,16 @@ class ListCommandTest(CliTestCase):
         self.assertEqual(rows[0][6], "-")                        # never ran: no duration
         self.assertRegex(rows[2][6], r"^\d+ms$")
 
+    def test_no_duration_for_a_task_queued_again_after_a_run(self):
+        requeued = self.scheduler.schedule("add", {"a": 1, "b": 2}, delay=60)
+        self.set_column(requeued, "start_date_time", time.time() - 5)   # given back on stop: no end
+        running = self.scheduler.schedule("add", {"a": 1, "b": 2}, delay=60)
+        self.set_column(running, "start_date_time", time.time() - 5)
+        self.set_column(running, "status", "running")
+        rows = {line.split()[0]: line.split() for line in self.assertOk(self.cli("list")).splitlines()[1:]}
+        self.assertEqual((rows[str(requeued)][2], rows[str(requeued)][6]), ("scheduled", "-"))
+        self.assertRegex(rows[str(running)][6], r"^5(\.\d)?s$")     # running: the duration so far
+
     def test_filters_limit_and_json_lines(self):
         done, failed, queued = self.make_tasks()
         self.assertEqual(self.assertOk(self.cli("list", "--status", "failed")).splitlines()[1].split()[0], failed)
@@ -286,6 +296,18 @@ class ShowCommandTest(CliTestCase):
         self.assertIn("  type:               ValueError\n  message:            boom\n", out)
         self.assertIn("  traceback:\n    Traceback (most recent call last):", out)
         self.assertIn("\n    ValueError: boom", out)
+
+    def test_a_deadline_counts_down_only_while_the_task_runs(self):
+        done = self.scheduler.schedule("add", {"a": 1, "b": 2})
+        self.worker.run_pending()
+        self.assertGreater(self.scheduler.get_task_by_id(done).expires_at.timestamp(), time.time())
+        expires = [line for line in self.assertOk(self.cli("show", str(done))).splitlines()
+                   if line.startswith("expires_at:")]
+        self.assertRegex(expires[0], r"^expires_at: +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} UTC$")
+        running = self.scheduler.schedule("add", {"a": 1, "b": 2})
+        self.set_column(running, "status", "running")
+        self.set_column(running, "expires_at", time.time() + 300)
+        self.assertRegex(self.assertOk(self.cli("show", str(running))), r"\nexpires_at: +\S+ \S+ UTC \(in 4m5\ds\)\n")
 
     def test_json_document(self):
         task_id = self.scheduler.schedule("add", {"a": 1, "b": 2})
