@@ -3780,26 +3780,30 @@ def _exit_code(exc):
 
 # --- Reading arguments ----------------------------------------------------------------------------
 
-_DURATION_UNITS = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0), ("d", 86400.0))
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_DURATION_PART = re.compile(rf"({_DURATION_NUMBER})(ms|min|s|m|h|d)")
+_DURATION = re.compile(rf"{_DURATION_NUMBER}|(?:{_DURATION_NUMBER}(?:ms|min|s|m|h|d))+")
+# The options whose value is a duration: main() joins a negative value to them (see there).
+_DURATION_OPTIONS = ("--delay", "--timeout", "--stop-timeout", "--older-than")
 
 
 def _parse_duration(text):
-    """Seconds from ``500ms``, ``30s``, ``5m``, ``2h``, ``7d`` or a bare number of seconds."""
+    """Seconds from ``500ms``, ``90s``, ``5m`` or ``5min``, ``2h``, ``2d``, a sum of them such as
+    ``1h30m``, or a bare number of seconds."""
     import argparse
-    number, factor = text.strip(), 1.0
-    for unit, seconds in _DURATION_UNITS:   # "ms" before "s" and "m"
-        if number.endswith(unit):
-            number, factor = number[:-len(unit)], seconds
-            break
+    number = text.strip()
+    if re.match(r"-\.?\d", number):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: a duration must be positive")
     value = math.nan
-    if number[:1].isdigit() or number[:1] == ".":   # no sign, no "inf" or "nan"
-        try:
-            value = float(number) * factor
-        except ValueError:
-            pass
+    if _DURATION.fullmatch(number):   # no sign, no exponent, no "inf" or "nan"
+        if _DURATION_PART.match(number):
+            value = sum(float(amount) * _DURATION_UNITS[unit] for amount, unit in _DURATION_PART.findall(number))
+        else:
+            value = float(number)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"invalid duration {text!r}: write a number and a unit, "
-                                         f"e.g. 500ms, 30s, 5m, 2h or 7d")
+                                         f"e.g. 500ms, 90s, 5min, 1h30m or 2d")
     return value
 
 
@@ -4343,11 +4347,26 @@ def _build_parser(prog):
     return parser
 
 
+def _join_negative_durations(argv):
+    """The arguments with ``--timeout -5s`` written ``--timeout=-5s``: argparse takes a value that
+    starts with ``-`` for an option ("expected one argument"); joined, it reaches _parse_duration,
+    which says that a duration must be positive."""
+    joined = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return joined + list(argv[index:])
+        if joined and joined[-1] in _DURATION_OPTIONS and re.match(r"-\.?\d", arg):
+            joined[-1] += "=" + arg
+        else:
+            joined.append(arg)
+    return joined
+
+
 def main(argv=None):
     """``python -m lilota``: the command line. Returns the exit code (see ``--help``)."""
     prog = "lilota" if os.path.basename(sys.argv[0]) == "lilota" else "python -m lilota"
     try:
-        args = _build_parser(prog).parse_args(argv)
+        args = _build_parser(prog).parse_args(_join_negative_durations(sys.argv[1:] if argv is None else argv))
         return args.run(args)
     except _CliError as exc:
         print(f"lilota: {exc}", file=sys.stderr)

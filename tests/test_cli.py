@@ -94,10 +94,10 @@ class CliTestCase(TempDirTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         return result.stdout
 
-    def assertError(self, result, code, text, last_line_only=False):
+    def assertError(self, result, code, text, last_line_only=False, msg=None):
         """Exit ``code``, no traceback, and the error as one line on stderr that contains ``text``
         (with ``last_line_only``: the last line; the lines before are progress)."""
-        self.assertEqual(result.returncode, code, (result.stdout, result.stderr))
+        self.assertEqual(result.returncode, code, (msg, result.stdout, result.stderr))
         self.assertNotIn("Traceback", result.stderr)
         lines = result.stderr.strip().splitlines()
         if not last_line_only:
@@ -500,10 +500,26 @@ class HelpAndArgumentsTest(CliTestCase):
         parse = lilota._parse_duration
         self.assertEqual([parse(t) for t in ("500ms", "30s", "5m", "2h", "7d", "1.5h", "10", ".5s")],
                          [0.5, 30, 300, 7200, 604800, 5400, 10, 0.5])
-        for text in ("", "s", "5x", "-5s", "5 minutes", "inf", "nans", "1e999s"):
+        self.assertEqual([parse(t) for t in ("5min", "90s", "1h30m", "2d", "1d2h3m4s", "1m500ms", "0")],
+                         [300, 90, 5400, 172800, 93784, 60.5, 0])
+        for text in ("", "s", "5x", "5 minutes", "inf", "nans", "1e999s", "5mins", "h1", "1h 30m", "+5s", "5S"):
             with self.assertRaises(Exception, msg=text) as caught:
                 parse(text)
-            self.assertIn("500ms, 30s, 5m, 2h or 7d", str(caught.exception))
+            self.assertIn("500ms, 90s, 5min, 1h30m or 2d", str(caught.exception))
+        for text in ("-5s", "-1h30m", "-.5", "-3"):
+            with self.assertRaises(Exception, msg=text) as caught:
+                parse(text)
+            self.assertIn("must be positive", str(caught.exception))
+
+    def test_a_negative_duration_must_be_positive_however_it_is_written(self):
+        task_id = str(self.scheduler.schedule("add", {"a": 1, "b": 2}))
+        for args in (["wait", task_id, "--timeout", "-5s"], ["wait", task_id, "--timeout=-5s"],
+                     ["wait", task_id, "--timeout", "-5"], ["cleanup", "--older-than", "-1d"],
+                     ["schedule", "add", "--delay", "-1h30m"]):
+            self.assertError(self.cli(*args), 2, "a duration must be positive", msg=args)
+        self.assertError(self.cli("wait", task_id, "--timeout"), 2, "expected one argument")
+        task = self.scheduler.get_task_by_id(self.assertOk(self.cli("schedule", "add", "--delay", "1h30m")).strip())
+        self.assertAlmostEqual((task.run_at - task.created_at).total_seconds(), 5400, delta=0.01)
         self.assertEqual([lilota._format_duration(s) for s in (0.25, 12.34, 60, 303, 7200, 5400, 30 * 86400, 90061)],
                          ["250ms", "12.3s", "1m", "5m03s", "2h", "1h30m", "30d", "1d01h"])
 
