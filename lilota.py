@@ -4294,9 +4294,15 @@ def _build_parser(prog):
                            + _EXIT_CODES_HELP + "\n\nExample:\n  " + _EXAMPLES["schedule"].format(prog=prog)
                            + f"\n  {prog} list --status failed\n  {prog} CMD --help")
     parser.add_argument("--version", action="version", version=f"lilota {__version__}")
+    # --db and -v go before the command or after it (there they win); SUPPRESS keeps a command's
+    # parser from overwriting a value given before the command with its default.
     database = Parser(add_help=False)
-    database.add_argument("--db", metavar="URL", default=None,
-                          help="database URL (default: $LILOTA_DB_URL, then sqlite:///lilota.db)")
+    for options, suppress in ((parser, False), (database, True)):
+        options.add_argument("--db", metavar="URL", default=argparse.SUPPRESS if suppress else None,
+                             help="database URL (default: $LILOTA_DB_URL, then sqlite:///lilota.db)")
+        options.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                             help="print lilota's log on stderr, INFO and above (for worker: also the "
+                                  "worker processes' log, with your tasks' INFO records)")
     as_json = Parser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="machine-readable output: JSON (lines for lists)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -4314,7 +4320,6 @@ def _build_parser(prog):
                      help="number of worker processes (default: the number of CPUs)")
     sub.add_argument("--stop-timeout", type=_parse_duration, default=30.0, metavar="DURATION",
                      help="how long running tasks may finish after Ctrl-C/SIGTERM (default: 30s)")
-    sub.add_argument("-v", "--verbose", action="store_true", help="also print lilota's log (crashes, retries)")
 
     sub = command("schedule", _cmd_schedule, "store a task and print its id")
     sub.add_argument("name", help="the registered task name")

@@ -496,6 +496,15 @@ class HelpAndArgumentsTest(CliTestCase):
         self.assertError(self.cli("frobnicate", db=False), 2, "invalid choice: 'frobnicate'")
         self.assertError(self.cli("list", "--colour"), 2, "unrecognized arguments: --colour")
 
+    def test_db_and_verbose_before_or_after_the_command_where_after_wins(self):
+        task_id = str(self.scheduler.schedule("add", {"a": 1, "b": 2}))
+        self.assertIn(task_id, self.assertOk(self.cli("--db", self.db_url, "list", db=False)))
+        self.assertIn(task_id, self.assertOk(self.cli("-v", "--db", self.db_url, "show", task_id, db=False)))
+        other = "sqlite:///" + self.path("other.db")
+        self.assertIn(task_id, self.assertOk(self.cli("--db", other, "list", "--db", self.db_url, db=False)))
+        self.assertError(self.cli("--db", self.db_url, "list", "--db", other, db=False), 4, "other.db")
+        self.assertIn("--db URL", self.assertOk(self.cli("--help", db=False)))
+
     def test_durations(self):
         parse = lilota._parse_duration
         self.assertEqual([parse(t) for t in ("500ms", "30s", "5m", "2h", "7d", "1.5h", "10", ".5s")],
