@@ -3807,6 +3807,24 @@ def _parse_duration(text):
     return value
 
 
+def _parse_time(text):
+    """An aware datetime from ISO 8601 with a zone (``2030-01-31T09:00:00+01:00``, or ``Z`` for UTC).
+    A time without a zone is an error, not a guess at which zone was meant."""
+    import argparse
+    value = text.strip()
+    if value.endswith(("Z", "z")):   # datetime.fromisoformat reads "Z" from Python 3.11 on only
+        value = value[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid time {text!r}: write it in ISO 8601 with a zone, e.g. "
+                                         f"2030-01-31T09:00:00+01:00 or 2030-01-31T08:00:00Z") from None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise argparse.ArgumentTypeError(f"the time {text!r} has no zone: add one, e.g. {text}Z for UTC "
+                                         f"or {text}+01:00")
+    return moment
+
+
 def _positive_int(text):
     """An int of at least 1 (for --limit, --max-attempts, -n)."""
     import argparse
@@ -4127,8 +4145,8 @@ def _cmd_schedule(args):
     data = _parse_json_input(args.input)
     scheduler = _scheduler(args, create=True)
     try:
-        task_id = scheduler.schedule(args.name, data, delay=args.delay, priority=args.priority,
-                                     max_attempts=args.max_attempts)
+        task_id = scheduler.schedule(args.name, data, delay=args.delay, run_at=args.run_at, priority=args.priority,
+                                     max_attempts=args.max_attempts, timeout=args.timeout)
     except (TypeError, ValueError) as exc:   # a bad name or priority, an input JSON cannot hold
         raise _CliError(_one_line(exc), _EXIT_USAGE) from None
     if not args.wait:
@@ -4324,10 +4342,15 @@ def _build_parser(prog):
     sub = command("schedule", _cmd_schedule, "store a task and print its id")
     sub.add_argument("name", help="the registered task name")
     sub.add_argument("input", nargs="?", metavar="JSON", help="the input as JSON ('-': read standard input)")
-    sub.add_argument("--delay", type=_parse_duration, metavar="DURATION", help="run it this much later")
+    when = sub.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=_parse_duration, metavar="DURATION", help="run it this much later")
+    when.add_argument("--run-at", type=_parse_time, metavar="TIME",
+                      help="run it at this time: ISO 8601 with a zone, e.g. 2030-01-31T09:00:00+01:00 or ...Z")
     sub.add_argument("--priority", type=int, default=0, help="higher runs first (default: 0)")
     sub.add_argument("--max-attempts", type=_positive_int, metavar="N",
                      help="executions allowed, the first included (default: the registered value)")
+    sub.add_argument("--timeout", type=_parse_duration, metavar="DURATION",
+                     help="stop a run that takes longer (default: the registered value)")
     sub.add_argument("--wait", action="store_true", help="wait for the task and print its output")
 
     sub = command("list", _cmd_list, "list tasks as a table")

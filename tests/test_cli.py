@@ -181,6 +181,26 @@ class ScheduleCommandTest(CliTestCase):
                          ("add", {"a": 2, "b": 3}, "scheduled", 5, 3))
         self.assertAlmostEqual((task.run_at - task.created_at).total_seconds(), 30, delta=0.01)
 
+    def test_run_at_with_a_zone_and_timeout(self):
+        out = self.assertOk(self.cli("schedule", "add", "{}", "--run-at", "2030-01-31T09:00:00+01:00",
+                                     "--timeout", "1h30m", "--max-attempts", "2"))
+        task = self.scheduler.get_task_by_id(out.strip())
+        self.assertEqual((task.run_at.isoformat(), task.timeout.total_seconds(), task.max_attempts, task.status),
+                         ("2030-01-31T08:00:00+00:00", 5400, 2, "scheduled"))
+        out = self.assertOk(self.cli("schedule", "add", "{}", "--run-at", "2030-01-31T08:00:00.5Z"))
+        self.assertEqual(self.scheduler.get_task_by_id(out.strip()).run_at.isoformat(),
+                         "2030-01-31T08:00:00.500000+00:00")
+
+    def test_bad_run_at_and_timeout_are_usage_errors(self):
+        self.assertError(self.cli("schedule", "add", "{}", "--run-at", "2030-01-31T09:00:00"), 2,
+                         "the time '2030-01-31T09:00:00' has no zone: add one, e.g. 2030-01-31T09:00:00Z")
+        self.assertError(self.cli("schedule", "add", "{}", "--run-at", "tomorrow"), 2, "invalid time 'tomorrow'")
+        self.assertError(self.cli("schedule", "add", "{}", "--run-at", "2030-01-31T09:00:00Z", "--delay", "5m"), 2,
+                         "not allowed with argument")
+        self.assertError(self.cli("schedule", "add", "{}", "--timeout", "0"), 2, "timeout must be a positive")
+        self.assertError(self.cli("schedule", "add", "{}", "--timeout", "-5m"), 2, "a duration must be positive")
+        self.assertFalse(os.path.exists(self.db_path), "nothing may be written")
+
     def test_input_from_stdin_none_and_json_output(self):
         out = self.assertOk(self.cli("schedule", "add", "-", "--json", input='{"a": 1,\n "b": 1}'))
         self.assertEqual(self.scheduler.get_task_by_id(json.loads(out)["id"]).input, {"a": 1, "b": 1})
