@@ -1974,6 +1974,17 @@ class Storage:
         with self._guard as conn:
             return self._task(conn.execute(self._get_sql, (task_id,)).fetchone())
 
+    def task_ids_between(self, low, high, limit=None):
+        """The ids from ``low`` to ``high`` (canonical UUID strings), in order, at most ``limit``: a
+        range on the primary key, which is how the ids that start with a prefix are found."""
+        query = "SELECT id FROM lilota_task WHERE id >= ? AND id <= ? ORDER BY id"
+        params = [low, high]
+        if limit is not None:
+            query += " LIMIT ?"
+            params.append(limit)
+        with self._guard as conn:
+            return [str(row[0]) for row in conn.execute(self.dialect.sql(query), params).fetchall()]
+
     def task_state(self, task_id):
         """(status, change counter) for a cheap wait loop."""
         with self._guard as conn:
@@ -2438,6 +2449,17 @@ class LilotaScheduler:
     def get_task_by_id(self, task_id):
         """The stored :class:`Task`, or None when there is no task with that id."""
         return self.storage.get_task(_task_id(task_id))
+
+    def find_task_ids(self, prefix, limit=None):
+        """The ids (UUIDs, in order, at most ``limit``) of the tasks whose id starts with ``prefix``:
+        hex digits, in either case, with or without the hyphens. ValueError for anything else."""
+        digits = prefix.replace("-", "").lower() if isinstance(prefix, str) else None
+        if not digits or len(digits) > 32 or digits.strip("0123456789abcdef"):
+            raise ValueError(f"{prefix!r} is not the start of a task id (hex digits, hyphens optional)")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+        low, high = (str(uuid.UUID(digits.ljust(32, pad))) for pad in "0f")
+        return [uuid.UUID(task_id) for task_id in self.storage.task_ids_between(low, high, limit)]
 
     def list_tasks(self, status=None, name=None, limit=100):
         """Stored tasks, newest first: only those with ``status`` (a TaskStatus or its value) and/or
@@ -3837,13 +3859,40 @@ def _positive_int(text):
     return value
 
 
+_MIN_ID_PREFIX = 8      # hex digits of a shortened task id, as git's shortest abbreviation
+_ID_CANDIDATES = 10     # the ids an error about an ambiguous prefix lists
+
+
 def _task_id_arg(text):
-    """A task id argument in its canonical form (a one-line usage error when it is not a UUID)."""
+    """A task id argument: a whole id, or its first characters (at least _MIN_ID_PREFIX hex digits,
+    hyphens optional) that _resolve_task_id looks up. Anything else is a one-line usage error."""
     import argparse
     try:
+        return _task_id(text)   # a whole id, in any form uuid.UUID reads
+    except ValueError:
+        pass
+    digits = text.strip().replace("-", "").lower()
+    if len(digits) < _MIN_ID_PREFIX or len(digits) > 32 or digits.strip("0123456789abcdef"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a task id: give a UUID like "
+                                         f"'12345678-1234-5678-1234-567812345678', or at least "
+                                         f"{_MIN_ID_PREFIX} of its first characters")
+    return text.strip()
+
+
+def _resolve_task_id(scheduler, text):
+    """The whole id of the task ``text`` names (see _task_id_arg): TaskNotFoundError when no id
+    starts with it, a usage error that lists them when several do."""
+    if len(text.replace("-", "")) == 32:
         return _task_id(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    ids = scheduler.find_task_ids(text, limit=_ID_CANDIDATES + 1)
+    if not ids:
+        raise TaskNotFoundError(f"no task with an id that starts with {text}")
+    if len(ids) > 1:
+        listed = ", ".join(map(str, ids[:_ID_CANDIDATES])) + (", ..." if len(ids) > _ID_CANDIDATES else "")
+        raise _CliError(f"the id prefix {text} is ambiguous: it starts the ids of "
+                        f"{'more than ' + str(_ID_CANDIDATES) if len(ids) > _ID_CANDIDATES else len(ids)} "
+                        f"tasks: {listed}; give more characters", _EXIT_USAGE)
+    return str(ids[0])
 
 
 def _parse_json_input(text):
@@ -4184,9 +4233,11 @@ def _cmd_list(args):
 
 def _cmd_show(args):
     """Show every field of a task; input, output and error pretty-printed, with the traceback."""
-    task = _scheduler(args).get_task_by_id(args.id)
+    scheduler = _scheduler(args)
+    task_id = _resolve_task_id(scheduler, args.id)
+    task = scheduler.get_task_by_id(task_id)
     if task is None:
-        raise TaskNotFoundError(f"no task with id {args.id}")
+        raise TaskNotFoundError(f"no task with id {task_id}")
     if args.json:
         _print_json(task.as_dict())
     else:
@@ -4199,7 +4250,8 @@ def _cmd_wait(args):
     per change otherwise), then print its output. Exit code 0 when it completed, 1 when it failed,
     expired or was cancelled, 5 when --timeout passed first (the task goes on)."""
     scheduler = _scheduler(args)
-    task = _wait_for(scheduler, args.id, args.timeout, _ProgressDisplay(sys.stderr, enabled=not args.json))
+    task = _wait_for(scheduler, _resolve_task_id(scheduler, args.id), args.timeout,
+                     _ProgressDisplay(sys.stderr, enabled=not args.json))
     return _report_end(task, args.json)
 
 
@@ -4207,15 +4259,16 @@ def _cmd_cancel(args):
     """Cancel a task: a queued one never runs; a running one is stopped by its supervisor (its
     worker process is replaced). Exit code 1 when it had already completed, failed or expired."""
     scheduler = _scheduler(args)
-    if not scheduler.cancel(args.id):
-        task = scheduler.get_task_by_id(args.id)
-        raise _CliError(f"task {args.id} already {task.status if task else 'ended'}; nothing to cancel",
+    task_id = _resolve_task_id(scheduler, args.id)
+    if not scheduler.cancel(task_id):
+        task = scheduler.get_task_by_id(task_id)
+        raise _CliError(f"task {task_id} already {task.status if task else 'ended'}; nothing to cancel",
                         _EXIT_NOT_COMPLETED)
-    task = scheduler.get_task_by_id(args.id)
+    task = scheduler.get_task_by_id(task_id)
     if task is not None and task.status == TaskStatus.RUNNING:
-        print(f"task {args.id} is running: asked its worker to stop it")
+        print(f"task {task_id} is running: asked its worker to stop it")
     else:
-        print(f"task {args.id} cancelled")
+        print(f"task {task_id} cancelled")
     return 0
 
 
@@ -4223,11 +4276,12 @@ def _cmd_retry(args):
     """Queue a failed, expired or cancelled task again, under the same id, with its attempts
     reset. Exit code 1 for a task in another state or whose input was deleted (keep_input=False)."""
     scheduler = _scheduler(args)
-    if not scheduler.retry(args.id):
-        task = scheduler.get_task_by_id(args.id)
-        raise _CliError(f"task {args.id} is {task.status if task else 'gone'}; only failed, expired or "
+    task_id = _resolve_task_id(scheduler, args.id)
+    if not scheduler.retry(task_id):
+        task = scheduler.get_task_by_id(task_id)
+        raise _CliError(f"task {task_id} is {task.status if task else 'gone'}; only failed, expired or "
                         f"cancelled tasks can be retried", _EXIT_NOT_COMPLETED)
-    print(f"task {args.id} queued again")
+    print(f"task {task_id} queued again")
     return 0
 
 

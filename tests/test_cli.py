@@ -12,9 +12,9 @@ import time
 import unittest
 
 try:
-    from .support import TempDirTestCase, wait_until
+    from .support import TempDirTestCase, on_every_backend, wait_until
 except ImportError:  # run from inside tests/
-    from support import TempDirTestCase, wait_until
+    from support import TempDirTestCase, on_every_backend, wait_until
 
 import lilota
 
@@ -551,6 +551,81 @@ class HelpAndArgumentsTest(CliTestCase):
         self.assertAlmostEqual((task.run_at - task.created_at).total_seconds(), 5400, delta=0.01)
         self.assertEqual([lilota._format_duration(s) for s in (0.25, 12.34, 60, 303, 7200, 5400, 30 * 86400, 90061)],
                          ["250ms", "12.3s", "1m", "5m03s", "2h", "1h30m", "30d", "1d01h"])
+
+
+@on_every_backend
+class TaskIdPrefixTest(TempDirTestCase):
+    """Task ids shortened to their first characters, as git does: find_task_ids() and the commands
+    that take an id. The ids are set by the test, so that which prefixes are shared is known."""
+
+    A = "abcdef01-2345-7000-8000-000000000001"
+    B = "abcdef01-2345-7000-8000-000000000002"
+    C = "abcdef02-0000-7000-8000-000000000003"
+    NEIGHBOURS = ("abcdef00-ffff-7fff-bfff-ffffffffffff", "abcdef03-0000-7000-8000-000000000000")
+
+    def setUp(self):
+        super().setUp()
+        self.scheduler = lilota.LilotaScheduler(self.db_url)
+        ids = self.scheduler.schedule_many("boom", [{}] * 5)
+        for old, new in zip(ids, (self.A, self.B, self.C) + self.NEIGHBOURS):
+            self.db_execute("UPDATE lilota_task SET id = ? WHERE id = ?", new, str(old))
+
+    def cli(self, *args):
+        return self.run_python("-m", "lilota", *args, "--db", self.db_url, timeout=60)
+
+    def test_find_task_ids_is_a_range_on_the_id(self):
+        find = lambda prefix, **kw: [str(i) for i in self.scheduler.find_task_ids(prefix, **kw)]  # noqa: E731
+        self.assertEqual(find("abcdef01"), [self.A, self.B])
+        self.assertEqual(find("abcdef01", limit=1), [self.A])
+        self.assertEqual(find("ABCDEF0123457000800000000000000"), [self.A, self.B])   # any case, no hyphens
+        self.assertEqual(find("abcdef01-2345-7000-8000-000000000002"), [self.B])
+        self.assertEqual(find("abcdef02-"), [self.C])
+        self.assertEqual(find("abcdef0"), [self.NEIGHBOURS[0], self.A, self.B, self.C, self.NEIGHBOURS[1]])
+        self.assertEqual(find("abcdef04"), [])
+        for bad in ("", "-", "abcdefg1", "abcdef01 ", "a" * 33, None):
+            with self.assertRaises(ValueError, msg=bad):
+                find(bad)
+
+    def test_commands_take_a_unique_prefix(self):
+        out = self.cli("show", "ABCDEF02")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn(f"id:                   {self.C}\n", out.stdout)
+        out = self.cli("show", "{" + self.C.upper() + "}")
+        self.assertIn(f"id:                   {self.C}\n", out.stdout)
+        out = self.cli("cancel", "abcdef01-2345-7000-8000-0000000000-02")   # hyphens anywhere
+        self.assertEqual((out.returncode, out.stdout), (0, f"task {self.B} cancelled\n"), out.stderr)
+        out = self.cli("retry", "abcdef01234570008000000000000002")
+        self.assertEqual((out.returncode, out.stdout), (0, f"task {self.B} queued again\n"), out.stderr)
+        self.scheduler.cancel(self.C)
+        out = self.cli("wait", "abcdef02")
+        self.assertEqual(out.returncode, 1)
+        self.assertIn(f"task {self.C} cancelled", out.stderr)
+
+    def test_an_ambiguous_prefix_lists_the_candidates_and_an_unknown_one_is_no_such_task(self):
+        for command in ("show", "wait", "cancel", "retry"):
+            out = self.cli(command, "abcdef01")
+            self.assertEqual((out.returncode, out.stdout), (2, ""), out.stderr)
+            self.assertEqual(out.stderr, f"lilota: the id prefix abcdef01 is ambiguous: it starts the ids of 2 "
+                                         f"tasks: {self.A}, {self.B}; give more characters\n")
+            out = self.cli(command, "abcdef04")
+            self.assertEqual((out.returncode, out.stderr),
+                             (3, "lilota: no task with an id that starts with abcdef04\n"), command)
+        out = self.cli("show", "abcdef0")
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("'abcdef0' is not a task id: give a UUID like '12345678-1234-5678-1234-567812345678', "
+                      "or at least 8 of its first characters", out.stderr)
+        self.assertEqual(self.scheduler.get_task_by_id(self.A).status, "scheduled")
+
+    def test_an_ambiguous_prefix_lists_at_most_ten(self):
+        ids = self.scheduler.schedule_many("boom", [{}] * 10)
+        for n, old in enumerate(ids):
+            self.db_execute("UPDATE lilota_task SET id = ? WHERE id = ?", f"abcdef01-{n:04d}-7000-8000-000000000000",
+                            str(old))
+        out = self.cli("show", "abcdef01")
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("is ambiguous: it starts the ids of more than 10 tasks: abcdef01-0000-", out.stderr)
+        self.assertTrue(out.stderr.endswith("abcdef01-0009-7000-8000-000000000000, ...; give more characters\n"),
+                        out.stderr)
 
 
 class QueryApiTest(TempDirTestCase):
