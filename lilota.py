@@ -3283,6 +3283,39 @@ def _describe_exit(code):
 _EXIT_FATAL = 3  # a worker process's exit code when its script could not start
 
 
+def _script_module(path):
+    """(module name, directory to import it from) for a script inside a package (a directory with
+    ``__init__.py``), which runs as ``python -m`` would run it so that its relative imports work;
+    None for a plain script."""
+    directory, filename = os.path.split(path)
+    name, extension = os.path.splitext(filename)
+    if extension != ".py" or name == "__init__" or not name.isidentifier():
+        return None
+    parts = [name]
+    while os.path.isfile(os.path.join(directory, "__init__.py")):
+        directory, package = os.path.split(directory)
+        if not package.isidentifier():
+            return None
+        parts.insert(0, package)
+    return (".".join(parts), directory) if len(parts) > 1 else None
+
+
+def _run_script(script_path):
+    """Run the worker script as ``__main__``: a script inside a package as its module (``pkg/tasks.py``
+    as ``python -m pkg.tasks``, with the directory above ``pkg`` first on sys.path), else by path.
+    The script's own directory is on sys.path in both cases, as it always was."""
+    sys.path.insert(0, os.path.dirname(script_path))
+    module = _script_module(script_path)
+    if module is not None:
+        sys.path.insert(0, module[1])
+        import importlib.util
+        spec = importlib.util.find_spec(module[0])   # None, or another file: a package name taken
+        if spec is not None and spec.origin and os.path.samefile(spec.origin, script_path):
+            runpy.run_module(module[0], run_name="__main__", alter_sys=True)
+            return
+    runpy.run_path(script_path, run_name="__main__")
+
+
 def _worker_process_main(script_path, supervision):
     """Entry point of a worker process: run the worker script as ``__main__`` under supervision."""
     global _supervision
@@ -3295,9 +3328,8 @@ def _worker_process_main(script_path, supervision):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(supervision.parent_pid)
     sys.argv = [script_path]
-    sys.path.insert(0, os.path.dirname(script_path))
     try:
-        runpy.run_path(script_path, run_name="__main__")
+        _run_script(script_path)
     except SystemExit as exc:
         if not supervision.started:
             _report_fatal(supervision, f"the worker script {script_path} exited (sys.exit({exc.code!r})) "
@@ -3915,6 +3947,30 @@ def _parse_json_input(text):
         raise _CliError(f"invalid JSON input: {exc}", _EXIT_USAGE) from None
 
 
+def _worker_script_path(text):
+    """The worker script given as a path, or as a module (``myapp.tasks``) found as ``python -m``
+    finds one, the current directory first: its file, which Lilota runs as that module when it is
+    inside a package. A path is returned as it is (Lilota says when it is missing)."""
+    if os.path.exists(text) or text.endswith(".py") or "/" in text or os.sep in text \
+            or not all(part.isidentifier() for part in text.split(".")):
+        return text
+    import importlib.util
+    if os.getcwd() not in sys.path:   # the `lilota` command runs from its bin directory
+        sys.path.insert(0, os.getcwd())
+    try:
+        spec = importlib.util.find_spec(text)
+        if spec is not None and spec.submodule_search_locations is not None:   # a package: its __main__
+            spec = importlib.util.find_spec(text + ".__main__")
+    except Exception as exc:   # a parent package that is missing or fails to import
+        raise _CliError(f"cannot import the worker module {text!r}: {_one_line(exc)}", _EXIT_USAGE) from None
+    if spec is None:
+        raise _CliError(f"no worker script or module {text!r}: give a path (e.g. tasks.py) or a module "
+                        f"importable from {os.getcwd()} (e.g. myapp.tasks)", _EXIT_USAGE)
+    if not spec.has_location or not (spec.origin or "").endswith(".py"):
+        raise _CliError(f"the worker module {text!r} is not a Python source file ({spec.origin})", _EXIT_USAGE)
+    return spec.origin
+
+
 def _scheduler(args, create=False):
     """The LilotaScheduler for ``--db``. Commands that only look after tasks (``create=False``)
     refuse an SQLite file that does not exist rather than leave an empty database behind a typo."""
@@ -4160,7 +4216,8 @@ def _cmd_worker(args):
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     name = f"{socket.gethostname()}:{os.getpid()}"
-    app = Lilota.workers(args.script, args.workers, args.db, stop_timeout=args.stop_timeout, name=name)
+    app = Lilota.workers(_worker_script_path(args.script), args.workers, args.db, stop_timeout=args.stop_timeout,
+                         name=name)
     # The handler only records the signal (taking a lock there could deadlock with the interrupted
     # code); the loop below looks at it. Signals during the stop change nothing: it stays graceful.
     signals = []
@@ -4387,7 +4444,9 @@ def _build_parser(prog):
         return sub
 
     sub = command("worker", _cmd_worker, "run worker processes for a worker script until Ctrl-C", reads=False)
-    sub.add_argument("script", help="the worker script (it creates a LilotaWorker and calls worker.start())")
+    sub.add_argument("script", metavar="SCRIPT",
+                     help="the worker script (it creates a LilotaWorker and calls worker.start()): a path, "
+                          "or a module such as myapp.tasks, imported from the current directory like python -m")
     sub.add_argument("-n", "--workers", type=_positive_int, default=None,
                      help="number of worker processes (default: the number of CPUs)")
     sub.add_argument("--stop-timeout", type=_parse_duration, default=30.0, metavar="DURATION",

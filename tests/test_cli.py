@@ -155,6 +155,53 @@ class WorkerCommandTest(CliTestCase):
         self.assertEqual(events, [f"worker-0 started (pid {first.pid})", f"worker-0 crashed (pid {first.pid})",
                                   f"worker-0 started (pid {second.pid})", f"worker-0 stopped (pid {second.pid})"])
 
+    def run_worker(self, script, task, *options, env=None):
+        """Run `lilota worker SCRIPT -n 1 OPTIONS` until ``task`` (name, input) has finished, then stop it
+        with SIGTERM; return the finished Task, the command's stdout and its stderr."""
+        proc = self.popen_python("-m", "lilota", "worker", script, "-n", "1", "--db", self.db_url, *options,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            finished = self.scheduler.wait(self.scheduler.schedule(*task), timeout=60)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 0, err)
+        return finished, out, err
+
+    def package(self):
+        """pkg/tasks.py, a worker script in a package whose task "answer" needs a relative import."""
+        os.mkdir(self.path("pkg"))
+        self.write("pkg/__init__.py", "")
+        self.write("pkg/models.py", "VALUE = 40\n")
+        self.worker_script("""
+            from .models import VALUE
+
+            @worker.register("answer")
+            def answer(data):
+                return {"value": VALUE + 2, "module": __spec__.name}
+        """, name="pkg/tasks.py")
+
+    def test_a_script_in_a_package_runs_as_its_module_given_as_a_path_or_a_module(self):
+        self.package()
+        for script in ("pkg/tasks.py", "pkg.tasks"):
+            task, out, err = self.run_worker(script, ("answer", {}))
+            self.assertEqual((task.status, task.output), ("completed", {"value": 42, "module": "pkg.tasks"}), err)
+            self.assertIn(f"of {self.path('pkg/tasks.py')} on", out)
+
+    def test_lilota_runs_a_script_in_a_package_with_its_relative_imports(self):
+        self.package()
+        self.start_lilota(self.path("pkg/tasks.py"), number_of_workers=1)
+        task = self.scheduler.wait(self.scheduler.schedule("answer"), timeout=60)
+        self.assertEqual((task.status, task.output), ("completed", {"value": 42, "module": "pkg.tasks"}))
+
+    def test_a_module_that_cannot_be_found_is_a_usage_error(self):
+        self.package()
+        self.assertError(self.cli("worker", "pkg.nosuch"), 2, "no worker script or module 'pkg.nosuch': give a "
+                                                              f"path (e.g. tasks.py) or a module importable from")
+        self.assertError(self.cli("worker", "nosuch.tasks"), 2,
+                         "cannot import the worker module 'nosuch.tasks': No module named 'nosuch'")
+        self.assertFalse(os.path.exists(self.db_path))
+
     def test_bad_arguments_are_usage_errors(self):
         script = self.worker_script(TASKS)
         self.assertError(self.cli("worker", script, "-n", "0"), 2, "argument -n/--workers")
