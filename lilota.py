@@ -623,7 +623,9 @@ class TaskProgress:
 class TaskContext:
     """What a running task may want to know about itself; declare a parameter annotated
     ``TaskContext`` to receive it: ``task_id``, ``name``, ``attempt``, ``max_attempts``,
-    ``progress`` (a :class:`TaskProgress`) and ``logger``."""
+    ``progress`` (a :class:`TaskProgress`) and ``logger``: the logger ``task.<name>``, an ordinary
+    logger outside lilota's own ``lilota`` hierarchy (which is silent unless configured), so that
+    its records go wherever the worker process's logging sends them, stderr when unconfigured."""
 
     def __init__(self, *, task_id=None, name=None, attempt=1, max_attempts=1, progress=None, logger=None):
         self.task_id = task_id
@@ -2862,7 +2864,8 @@ class LilotaWorker:
             progress = TaskProgress(task.id, functools.partial(self._store_progress, node_id))
             if function.context_param is not None:
                 context = TaskContext(task_id=task.id, name=task.name, attempt=task.attempts,
-                                      max_attempts=task.max_attempts or 1, progress=progress, logger=self.logger)
+                                      max_attempts=task.max_attempts or 1, progress=progress,
+                                      logger=logging.getLogger("task." + task.name))
         self._current, self._interrupt = task, None
         try:
             try:
@@ -3283,6 +3286,21 @@ def _describe_exit(code):
 _EXIT_FATAL = 3  # a worker process's exit code when its script could not start
 
 
+def _log_to_stderr_from_environment():
+    """With $LILOTA_LOG_LEVEL set (e.g. INFO; ``lilota -v`` sets it for its worker processes), send
+    the records of that level and above, of every logger, lilota's included, to stderr, as
+    ``logging.basicConfig()`` does (which is then done). Unset: logging is left as it is."""
+    level = os.environ.get("LILOTA_LOG_LEVEL", "").strip().upper()
+    if not level:
+        return
+    try:
+        logging.basicConfig(level=int(level) if level.isdigit() else level, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    except ValueError:
+        sys.stderr.write(f"lilota: LILOTA_LOG_LEVEL={level!r} ignored: not a logging level (DEBUG, INFO, WARNING, "
+                         f"ERROR)\n")
+
+
 def _script_module(path):
     """(module name, directory to import it from) for a script inside a package (a directory with
     ``__init__.py``), which runs as ``python -m`` would run it so that its relative imports work;
@@ -3328,6 +3346,7 @@ def _worker_process_main(script_path, supervision):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(supervision.parent_pid)
     sys.argv = [script_path]
+    _log_to_stderr_from_environment()
     try:
         _run_script(script_path)
     except SystemExit as exc:
@@ -4210,11 +4229,6 @@ def _cmd_worker(args):
     gracefully: running tasks get --stop-timeout to finish, the rest go back to the queue. Prints
     a line when a worker starts, stops or crashes. A script that cannot start is a fatal error:
     its traceback on stderr and exit code 1."""
-    if args.verbose:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
     name = f"{socket.gethostname()}:{os.getpid()}"
     app = Lilota.workers(_worker_script_path(args.script), args.workers, args.db, stop_timeout=args.stop_timeout,
                          name=name)
@@ -4508,6 +4522,9 @@ def main(argv=None):
     prog = "lilota" if os.path.basename(sys.argv[0]) == "lilota" else "python -m lilota"
     try:
         args = _build_parser(prog).parse_args(_join_negative_durations(sys.argv[1:] if argv is None else argv))
+        if args.verbose:   # this process's log and, through the environment, its worker processes'
+            os.environ["LILOTA_LOG_LEVEL"] = os.environ.get("LILOTA_LOG_LEVEL", "").strip() or "INFO"
+        _log_to_stderr_from_environment()
         return args.run(args)
     except _CliError as exc:
         print(f"lilota: {exc}", file=sys.stderr)

@@ -161,12 +161,24 @@ class WorkerCommandTest(CliTestCase):
         proc = self.popen_python("-m", "lilota", "worker", script, "-n", "1", "--db", self.db_url, *options,
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            finished = self.scheduler.wait(self.scheduler.schedule(*task), timeout=60)
+            finished = self.wait_alive(proc, self.scheduler.schedule(*task))
         finally:
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=60)
         self.assertEqual(proc.returncode, 0, err)
         return finished, out, err
+
+    def wait_alive(self, proc, task_id, timeout=60):
+        """The finished task, waited for while the worker command ``proc`` runs (a script that fails
+        ends the command: the test fails at once, not after the timeout)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                return self.scheduler.wait(task_id, timeout=0.2)
+            except lilota.TaskWaitTimeout:
+                if proc.poll() is not None:
+                    self.fail(f"the worker command ended with exit code {proc.returncode}: {proc.stderr.read()}")
+        self.fail(f"task {task_id} did not finish in {timeout}s")
 
     def package(self):
         """pkg/tasks.py, a worker script in a package whose task "answer" needs a relative import."""
@@ -201,6 +213,48 @@ class WorkerCommandTest(CliTestCase):
         self.assertError(self.cli("worker", "nosuch.tasks"), 2,
                          "cannot import the worker module 'nosuch.tasks': No module named 'nosuch'")
         self.assertFalse(os.path.exists(self.db_path))
+
+    CHATTY = """
+        import logging
+
+        @worker.register("chatty")
+        def chatty(data, ctx: TaskContext):
+            ctx.logger.info("info from ctx.logger")
+            ctx.logger.warning("warning from ctx.logger")
+            logging.getLogger("myapp").warning("warning from myapp")
+            return 1
+    """
+
+    def test_ctx_logger_warnings_reach_stderr_like_other_loggers(self):
+        script = self.worker_script(self.CHATTY)
+        task, out, err = self.run_worker(script, ("chatty",), env={"LILOTA_LOG_LEVEL": ""})
+        self.assertEqual(task.status, "completed", err)
+        self.assertIn("warning from ctx.logger\n", err)    # as Python shows an unconfigured warning
+        self.assertIn("warning from myapp\n", err)
+        self.assertNotIn("info from ctx.logger", err)
+        self.assertNotIn("lilota.", err)                   # lilota's own log stays quiet without -v
+
+    def test_verbose_shows_info_records_of_ctx_logger_and_lilota_in_the_worker_processes(self):
+        script = self.worker_script(self.CHATTY + """
+        @worker.register("fails")
+        def fails(data):
+            raise ValueError("nope")
+        """)
+        proc = self.popen_python("-m", "lilota", "-v", "worker", script, "-n", "1", "--db", self.db_url,
+                                 env={"LILOTA_LOG_LEVEL": ""}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        try:
+            for name in ("chatty", "fails"):
+                self.wait_alive(proc, self.scheduler.schedule(name))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertRegex(err, r"\d\d:\d\d:\d\d,\d{3} INFO task\.chatty: info from ctx\.logger\n")
+        self.assertIn(" WARNING task.chatty: warning from ctx.logger\n", err)
+        self.assertIn(" WARNING myapp: warning from myapp\n", err)
+        self.assertIn(" WARNING lilota.worker: task ", err)   # lilota's log, from the worker process
+        self.assertIn("attempt 1/1 failed: ValueError: nope", err)
 
     def test_bad_arguments_are_usage_errors(self):
         script = self.worker_script(TASKS)
