@@ -4421,6 +4421,9 @@ _EXAMPLES = {
 }
 
 
+_ID_HELP = "the task's id, or its first characters (at least 8, hyphens optional) when no other id starts so"
+
+
 def _build_parser(prog):
     """The argparse parser of every command, each with its --help (the command's docstring and an
     example)."""
@@ -4485,15 +4488,17 @@ def _build_parser(prog):
     sub.add_argument("--name", help="only tasks with this name")
     sub.add_argument("--limit", type=_positive_int, default=20, metavar="K", help="at most K tasks (default: 20)")
 
-    command("show", _cmd_show, "show every field of a task").add_argument("id", type=_task_id_arg, metavar="ID")
+    command("show", _cmd_show, "show every field of a task").add_argument("id", type=_task_id_arg, metavar="ID",
+                                                                          help=_ID_HELP)
 
     sub = command("wait", _cmd_wait, "wait for a task with a progress bar")
-    sub.add_argument("id", type=_task_id_arg, metavar="ID")
+    sub.add_argument("id", type=_task_id_arg, metavar="ID", help=_ID_HELP)
     sub.add_argument("--timeout", type=_parse_duration, metavar="DURATION", help="give up after this long")
 
-    command("cancel", _cmd_cancel, "cancel a task", reads=False).add_argument("id", type=_task_id_arg, metavar="ID")
+    command("cancel", _cmd_cancel, "cancel a task", reads=False).add_argument("id", type=_task_id_arg, metavar="ID",
+                                                                              help=_ID_HELP)
     command("retry", _cmd_retry, "queue a failed, expired or cancelled task again",
-            reads=False).add_argument("id", type=_task_id_arg, metavar="ID")
+            reads=False).add_argument("id", type=_task_id_arg, metavar="ID", help=_ID_HELP)
     command("cleanup", _cmd_cleanup, "delete old finished tasks", reads=False).add_argument(
         "--older-than", type=_parse_duration, default=30 * 86400.0, metavar="DURATION",
         help="delete tasks that finished longer ago than this (default: 30d)")
