@@ -288,7 +288,7 @@ class ScheduleCommandTest(CliTestCase):
         task = self.scheduler.get_task_by_id(out.strip())
         self.assertEqual((task.run_at.isoformat(), task.timeout.total_seconds(), task.max_attempts, task.status),
                          ("2030-01-31T08:00:00+00:00", 5400, 2, "scheduled"))
-        out = self.assertOk(self.cli("schedule", "add", "{}", "--run-at", "2030-01-31T08:00:00.5Z"))
+        out = self.assertOk(self.cli("schedule", "add", "{}", "--run-at", "2030-01-31T08:00:00.500Z"))
         self.assertEqual(self.scheduler.get_task_by_id(out.strip()).run_at.isoformat(),
                          "2030-01-31T08:00:00.500000+00:00")
 
