@@ -70,16 +70,25 @@ __all__ = [
     "DatabaseBusyError", "ReadOnlyDatabaseError", "DatabaseFullError", "CorruptDatabaseError",
     "DatabaseUnavailableError", "SchemaVersionError", "WorkerScriptError", "TaskNotFoundError", "UnserializableError",
     "TaskWaitTimeout", "TaskTimeoutError", "TaskCancelledError", "UnknownTaskError", "WorkerDiedError",
-    "TaskInterruptedError",
+    "TaskInterruptedError", "Retry",
 ]
 
-# The seed's import paths (``from lilota.core import Lilota`` ...) name submodules of a package.
-# lilota is one module, so it registers itself under those names while it loads; the import system
-# looks in sys.modules right after importing the parent and finds them there.
+# The original lilota's import paths (``from lilota.core import Lilota`` ...) name submodules of a
+# package. lilota is one module, so it registers itself under those names while it loads; the import
+# system looks in sys.modules right after importing the parent and finds them there. ``import
+# lilota.core`` then reads ``lilota.core`` as an attribute, which the module __getattr__ below
+# answers (an attribute lookup only: inside this file the names stay free).
+_SUBMODULE_ALIASES = ("core", "worker", "models", "scheduler")
 if __name__ != "__main__":
-    for _alias in ("core", "worker", "models", "scheduler"):
+    for _alias in _SUBMODULE_ALIASES:
         sys.modules.setdefault(__name__ + "." + _alias, sys.modules[__name__])
     del _alias
+
+
+def __getattr__(name):
+    if name in _SUBMODULE_ALIASES:
+        return sys.modules[__name__]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 logger = logging.getLogger("lilota")
 logger.addHandler(logging.NullHandler())
@@ -169,6 +178,33 @@ class DatabaseUnavailableError(StorageError):
 
 class SchemaVersionError(StorageError):
     """The database was written by a newer lilota whose schema this version does not know."""
+
+
+class Retry(Exception):
+    """Raise it in a task function to run the task again later: ``raise lilota.Retry(delay=30)``.
+
+    Not a failure: the task goes back to ``scheduled`` with ``run_at`` = now + ``delay`` (a
+    timedelta or seconds, at least 0), or at ``at`` (an aware datetime; one in the past means at
+    once). The attempt is given back -- ``attempts`` and ``max_attempts`` are as before the run --
+    ``error`` keeps what an earlier failed attempt stored, and progress starts again from 0.
+    ``retry_on``/``no_retry_on`` do not apply to it. A task that raises it every time runs every
+    time it is asked to, like a poller, until it returns, fails or is cancelled."""
+
+    def __init__(self, delay=None, *, at=None):
+        if (delay is None) == (at is None):
+            raise TypeError("Retry needs either delay= (a timedelta or seconds) or at= (an aware datetime)")
+        if at is not None:
+            if not isinstance(at, datetime):
+                raise TypeError(f"Retry(at=...) must be a datetime, not {type(at).__name__}")
+            if at.tzinfo is None or at.utcoffset() is None:
+                raise ValueError("Retry(at=...) must be timezone-aware, e.g. datetime.now(timezone.utc) + timedelta(minutes=5)")
+        self.delay = _seconds(delay, "Retry delay")
+        self.at = at
+        super().__init__(f"retry in {self.delay:g}s" if at is None else f"retry at {at.isoformat()}")
+
+    def run_at(self, now):
+        """When the task runs again (epoch seconds), given the current time."""
+        return now + self.delay if self.at is None else max(now, self.at.timestamp())
 
 
 # --- Statuses -------------------------------------------------------------------------------------
@@ -282,6 +318,59 @@ class ModelProtocol(typing.Protocol):
 
     def as_dict(self) -> typing.Dict[str, typing.Any]:
         ...
+
+
+# --- Task ids -------------------------------------------------------------------------------------
+
+_V7_MARKS = (7 << 76) | (0b10 << 62)        # its version (7) and variant (RFC 9562) bits
+_V7_RANDOM_BITS = 74                        # rand_a (12 bits) and rand_b (62 bits)
+_V7_STEP_BITS = 48                          # the random step between two ids of one millisecond
+_V7_SEQUENCE = [0, 0]                       # the last id made in this process: [milliseconds, random]
+_V7_LOCK = threading.Lock()
+
+
+def _new_task_ids(count):
+    """``count`` new task ids: version 7 UUIDs (RFC 9562), the current time in milliseconds followed
+    by 74 bits from os.urandom, increasing within a process (RFC 9562's "monotonic random" method).
+
+    Ids made later sort later, so a new task's entry in the primary-key index lands next to the
+    newest ones instead of on a random page of an index that grows with every task kept: with
+    random (version 4) ids, inserting 100,000 tasks into a table that already held 200,000 ran at
+    about half the speed of inserting them into an empty one; with these it does not slow down.
+
+    The first id of a millisecond takes 73 random bits; each further id in the same millisecond
+    (or after the clock stepped back) is the one before plus a random step of up to 2**48, so ids
+    made by one process strictly increase, in creation order. Ids of different processes made in
+    the same millisecond do not sort among each other. When the steps run out (some 30 million ids
+    in one millisecond), the millisecond is borrowed from the future, as the RFC allows."""
+    random_bytes = os.urandom(10 * count)
+    from_bytes, make = int.from_bytes, uuid.UUID
+    first_mask = (1 << (_V7_RANDOM_BITS - 1)) - 1
+    step_mask = (1 << _V7_STEP_BITS) - 1
+    limit = 1 << _V7_RANDOM_BITS
+    low_mask = (1 << 62) - 1
+    ids = []
+    with _V7_LOCK:
+        now = time.time_ns() // 1_000_000
+        millis, rand = _V7_SEQUENCE
+        for i in range(0, 10 * count, 10):
+            fresh = from_bytes(random_bytes[i:i + 10], "big")
+            if now > millis:
+                millis, rand = now, fresh & first_mask
+            else:
+                rand += 1 + (fresh & step_mask)
+                if rand >= limit:
+                    millis, rand = millis + 1, fresh >> 8 & first_mask
+            ids.append(make(int=millis << 80 | _V7_MARKS | (rand >> 62) << 64 | (rand & low_mask)))
+        _V7_SEQUENCE[:] = (millis, rand)
+    return ids
+
+
+def _first_task_id_at(seconds):
+    """The smallest task id that _new_task_ids() can make at epoch ``seconds``: every task created
+    before then has a smaller id, which lets the primary key find old tasks without an index of
+    their own."""
+    return str(uuid.UUID(int=int(seconds * 1000) << 80 | _V7_MARKS))
 
 
 # --- Serialization --------------------------------------------------------------------------------
@@ -726,6 +815,12 @@ def _schema_v1(**types):
             last_seen_at {t['time']} NOT NULL,
             lease_expires_at {t['time']} NOT NULL)""",
     ]
+
+
+_FINISHED_SQL = "status IN ('completed', 'failed', 'expired', 'cancelled')"
+
+#: lilota_meta's key for when old finished tasks were last deleted (see Storage.take_turn).
+_RETENTION_KEY = "retention_ran_at"
 
 
 class Dialect:
@@ -1788,6 +1883,23 @@ class Storage:
             "locked_by = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_by END, "
             "locked_at = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_at END "
             "WHERE id = ? AND status = 'running' AND locked_by = ?")
+        # A task that raised Retry: queued again at the time it asked for, its attempt given back,
+        # its last error kept, its progress from 0 again; a cancel asked for while it ran wins.
+        self._snooze_sql = sql(
+            "UPDATE lilota_task SET "
+            "status = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'scheduled' END, "
+            f"run_at = CASE WHEN cancel_requested = 1 THEN run_at ELSE {T} END, "
+            f"end_date_time = CASE WHEN cancel_requested = 1 THEN {T} ELSE NULL END, "
+            f"error = CASE WHEN cancel_requested = 1 THEN {J} ELSE error END, "
+            "attempts = CASE WHEN cancel_requested = 1 THEN attempts ELSE attempts - 1 END, "
+            "progress_percentage = CASE WHEN cancel_requested = 1 THEN progress_percentage ELSE 0 END, "
+            "input = CASE WHEN keep_input = 0 AND cancel_requested = 1 THEN NULL ELSE input END, "
+            "locked_by = CASE WHEN cancel_requested = 1 THEN locked_by ELSE NULL END, "
+            "locked_at = CASE WHEN cancel_requested = 1 THEN locked_at ELSE NULL END "
+            "WHERE id = ? AND status = 'running' AND locked_by = ?")
+        self._cancelled_retry_json = dumps(_error_record(
+            TaskCancelledError("cancelled while running; the task asked to run again (Retry), which the "
+                               "cancel overrides")), "error")
         self._get_sql = sql(f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id = ?")
         # Called when a claim found nothing due: then every queued task is a delayed one.
         self._next_run_at_sql = ("SELECT MIN(run_at) FROM lilota_task "
@@ -2008,7 +2120,7 @@ class Storage:
                 params.append(value)
         if conditions:
             query += " WHERE " + " AND ".join(conditions)
-        query += " ORDER BY created_at DESC, id"
+        query += " ORDER BY created_at DESC, id DESC"   # ids increase in creation order
         if limit is not None:
             query += " LIMIT ?"
             params.append(limit)
@@ -2070,18 +2182,82 @@ class Storage:
                               f"(keep_input=False); schedule a new task with the input instead")
         return False
 
-    def delete_finished(self, before):
-        """Delete tasks that finished before ``before`` (epoch seconds) and nodes gone since then."""
-        sql, T = self.dialect.sql, self.dialect.time_param
+    #: Tasks deleted per transaction by delete_finished().
+    delete_batch_size = 500
+
+    def delete_finished(self, before, batch_size=None, stop=None, everywhere=True):
+        """Delete tasks that finished before ``before`` (epoch seconds), oldest first, then nodes
+        gone since then; return how many tasks were deleted.
+
+        Old tasks are found through the primary key: lilota's ids grow with time
+        (_first_task_id_at), so a task that finished before ``before`` was created before it and
+        has a smaller id -- no index of finished tasks is needed, which would cost every completion
+        a write. Each batch of ``batch_size`` tasks (default ``delete_batch_size``) is a transaction
+        of its own, and the next waits as long as the last took: workers get the database in
+        between (SQLite has one writer). ``stop``, a threading.Event, ends it between batches.
+        ``everywhere`` then also deletes, in one statement that reads the whole table, the old
+        finished tasks whose ids are not lilota's (rows written by other tools, or made on a host
+        whose clock was ahead); keep_finished leaves those to cleanup()."""
+        batch_size = batch_size or self.delete_batch_size
         cutoff = self.dialect.encode_time(before)
+        bound = _first_task_id_at(before)
+        sql, T = self.dialect.sql, self.dialect.time_param
+        total = 0
+        while True:
+            started = time.monotonic()
+            deleted = self._delete_batch(bound, cutoff, batch_size)
+            total += deleted
+            if deleted < batch_size:
+                break
+            pause = min(1.0, max(0.001, time.monotonic() - started))
+            if stop.wait(pause) if stop is not None else time.sleep(pause):
+                return total
         with self._guard as conn:
-            with self._transaction(conn):
-                cur = conn.execute(sql("DELETE FROM lilota_task WHERE status IN "
-                                       f"('completed', 'failed', 'expired', 'cancelled') AND end_date_time < {T}"),
-                                   (cutoff,))
-                conn.execute(sql("DELETE FROM lilota_node WHERE status IN ('stopped', 'crashed', 'dead') "
-                                 f"AND last_seen_at < {T}"), (cutoff,))
-                return cur.rowcount
+            if everywhere:
+                total += conn.execute(sql(f"DELETE FROM lilota_task WHERE id >= ? AND {_FINISHED_SQL} "
+                                          f"AND end_date_time < {T}"), (bound, cutoff)).rowcount
+            conn.execute(sql(f"DELETE FROM lilota_node WHERE status IN ('stopped', 'crashed', 'dead') "
+                             f"AND last_seen_at < {T}"), (cutoff,))
+        return total
+
+    def _delete_batch(self, bound, cutoff, batch_size):
+        """One statement (one transaction): delete up to ``batch_size`` of the oldest tasks created
+        before the id ``bound`` that finished before ``cutoff``, read along the primary key."""
+        with self._guard as conn:
+            return conn.execute(self.dialect.sql(
+                f"DELETE FROM lilota_task WHERE id IN (SELECT id FROM lilota_task WHERE id < ? AND {_FINISHED_SQL} "
+                f"AND end_date_time < {self.dialect.time_param} ORDER BY id LIMIT ?)"),
+                (bound, cutoff, batch_size)).rowcount
+
+    def take_turn(self, key, interval, now):
+        """Compare-and-set on the time stored in lilota_meta under ``key``: True for the one caller,
+        among all processes and hosts on this database, whose turn it is -- the last turn was at
+        least ``interval`` seconds before ``now`` (or as far after it: a clock that was wrong) --
+        and then stores ``now``; False for everyone else."""
+        sql = self.dialect.sql
+        with self._guard as conn:
+            row = conn.execute(sql("SELECT value FROM lilota_meta WHERE key = ?"), (key,)).fetchone()
+        if row is None:   # the first turn ever on this database: the row is made by whoever gets there
+            try:
+                with self._guard as conn:
+                    with self._transaction(conn):
+                        return conn.execute(sql(
+                            "INSERT INTO lilota_meta (key, value) SELECT CAST(? AS TEXT), CAST(? AS TEXT) "
+                            "WHERE NOT EXISTS (SELECT 1 FROM lilota_meta WHERE key = ?)"),
+                            (key, repr(now), key)).rowcount == 1
+            except StorageError:
+                return False   # another node made it at the same moment (a duplicate key): its turn
+        try:
+            last = float(row[0])
+        except ValueError:
+            last = -math.inf
+        if abs(now - last) < interval:
+            return False
+        # Only if nobody changed it since it was read: of two nodes that both read an old time, one
+        # changes the row and the other's UPDATE matches nothing.
+        with self._guard as conn:
+            return conn.execute(sql("UPDATE lilota_meta SET value = ? WHERE key = ? AND value = ?"),
+                                (repr(now), key, row[0])).rowcount == 1
 
     # --- tasks: worker side ---
 
@@ -2168,6 +2344,16 @@ class Storage:
                   requeue, requeue, requeue, str(task.id), node_id)
         with self._guard as conn:
             return conn.execute(self._fail_sql, params).rowcount == 1
+
+    def snooze(self, task, node_id, run_at):
+        """Queue a running task again at ``run_at`` (epoch seconds) because it raised Retry: not a
+        failure, the attempt does not count (cancelled instead, if that was asked for while it ran).
+        False when the task was no longer this node's."""
+        d = self.dialect
+        now = d.encode_time(_now())
+        params = (d.encode_time(run_at), now, d.encode_json(self._cancelled_retry_json), str(task.id), node_id)
+        with self._guard as conn:
+            return conn.execute(self._snooze_sql, params).rowcount == 1
 
     def set_progress(self, task_id, node_id, progress):
         """Store a running task's progress, if ``node_id`` still holds it."""
@@ -2319,29 +2505,6 @@ def _task_id(value):
             raise ValueError(f"{value!r} is not a task id (expected a UUID like "
                              f"'12345678-1234-5678-1234-567812345678')") from None
     raise TypeError(f"a task id must be a UUID or a string, not {type(value).__name__}")
-
-
-_V7_RANDOM = (1 << 76) - 1 - (0b11 << 62)   # rand_a and rand_b of a version 7 UUID: 74 bits
-_V7_MARKS = (7 << 76) | (0b10 << 62)        # its version (7) and variant (RFC 9562) bits
-
-
-def _new_task_ids(count):
-    """``count`` new task ids: version 7 UUIDs (RFC 9562), the current time in milliseconds followed
-    by 74 random bits from os.urandom.
-
-    Ids made later sort later, so a new task's entry in the primary-key index lands next to the
-    newest ones instead of on a random page of an index that grows with every task kept: with
-    random (version 4) ids, inserting 100,000 tasks into a table that already held 200,000 ran at
-    about half the speed of inserting them into an empty one; with these it does not slow down.
-    74 random bits keep ids unguessable and unique; the id tells when the task was created, which
-    ``created_at`` says anyway."""
-    prefix = (time.time_ns() // 1_000_000) << 80 | _V7_MARKS
-    if count == 1:
-        return [uuid.UUID(int=prefix | (int.from_bytes(os.urandom(10), "big") & _V7_RANDOM))]
-    random_bytes = os.urandom(10 * count)
-    from_bytes, make = int.from_bytes, uuid.UUID
-    return [make(int=prefix | (from_bytes(random_bytes[i:i + 10], "big") & _V7_RANDOM))
-            for i in range(0, 10 * count, 10)]
 
 
 def _check_name(name):
@@ -2569,12 +2732,69 @@ class LilotaScheduler:
 
     def cleanup(self, older_than=timedelta(days=30)):
         """Delete tasks that finished more than ``older_than`` ago (and long-gone nodes);
-        return how many tasks were deleted. Queued and running tasks are never deleted."""
+        return how many tasks were deleted. Queued and running tasks are never deleted. It deletes
+        in batches, each a transaction of its own, so that running workers are not held up."""
         return self.storage.delete_finished(_now() - _seconds(older_than, "older_than"))
 
     def get_all_nodes(self):
         """Every node recorded in ``lilota_node``: worker processes and scheduling applications."""
         return self.storage.nodes()
+
+
+class _Retention:
+    """``keep_finished``: deletes finished tasks older than that, in a background thread of a
+    supervisor (Lilota) or standalone worker -- shortly after it starts, then every
+    ``interval`` (a tenth of keep_finished, at most 5 minutes). Of all the nodes on a database
+    only one deletes in each interval: the one whose compare-and-set on lilota_meta's time of the
+    last turn succeeds (Storage.take_turn). It deletes as cleanup() does, in batches."""
+
+    #: Seconds after start before the first turn.
+    first_delay = 1.0
+    #: Tasks deleted per transaction (None: Storage.delete_batch_size).
+    batch_size = None
+
+    def __init__(self, owner, keep_finished):
+        self.owner = owner           # what has the ``storage``: a LilotaScheduler or LilotaWorker
+        self.keep_finished = keep_finished
+        self.interval = max(1.0, min(keep_finished / 10, 300.0))
+        self._stop = threading.Event()
+        self._thread = None
+
+    def step(self, now=None, stop=None):
+        """Take this interval's turn if no other node has: delete and return how many tasks were
+        deleted; None when it was not this node's turn. ``now``: epoch seconds (tests)."""
+        now = _now() if now is None else now
+        storage = self.owner.storage
+        if not storage.take_turn(_RETENTION_KEY, self.interval, now):
+            return None
+        deleted = storage.delete_finished(now - self.keep_finished, self.batch_size, stop, everywhere=False)
+        if deleted:
+            logger.info("deleted %d task(s) that finished more than %gs ago (keep_finished)", deleted,
+                        self.keep_finished)
+        return deleted
+
+    def _run(self):
+        wait = min(self.first_delay, self.interval)
+        while not self._stop.wait(wait):
+            wait = self.interval
+            try:
+                self.step(stop=self._stop)
+            except StorageError:
+                logger.warning("lilota could not delete old finished tasks; will retry", exc_info=True)
+            except Exception:
+                logger.exception("lilota could not delete old finished tasks; will retry")
+
+    def start(self):
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="lilota-retention", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
 
 # ==================================================================================================
@@ -2639,16 +2859,39 @@ class _Interrupted(BaseException):
     A BaseException, so that a task's ``except Exception`` does not swallow it."""
 
 
+def _exception_types(value, what):
+    """``retry_on``/``no_retry_on`` as a tuple of exception classes (None stays None): one class or
+    an iterable of them, else TypeError."""
+    if value is None:
+        return None
+    if isinstance(value, type):
+        value = (value,)
+    elif isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{what} must be an exception class or a tuple of them, not {type(value).__name__}")
+    value = tuple(value)
+    for item in value:
+        if not (isinstance(item, type) and issubclass(item, BaseException)):
+            raise TypeError(f"{what} must hold exception classes (e.g. (ConnectionError, TimeoutError)), "
+                            f"got {item!r}")
+        if issubclass(item, Retry):
+            raise ValueError(f"{what} cannot hold Retry: raising Retry always runs the task again, "
+                             f"it is not a failure")
+    return value
+
+
 class _TaskFunction:
     """A registered task function with what lilota needs to call it."""
 
-    def __init__(self, name, func, input_model, output_model, wants_progress, timeout, max_attempts, keep_input):
+    def __init__(self, name, func, input_model, output_model, wants_progress, timeout, max_attempts, keep_input,
+                 retry_on=None, no_retry_on=None):
         self.name = name
         self.func = func
         self.output_model = output_model
         self.timeout = _seconds(timeout, f"timeout of task {name!r}", allow_zero=False)
         self.max_attempts = _check_attempts(max_attempts, f"max_attempts of task {name!r}")
         self.keep_input = bool(keep_input)
+        self.retry_on = _exception_types(retry_on, f"retry_on of task {name!r}")
+        self.no_retry_on = _exception_types(no_retry_on, f"no_retry_on of task {name!r}")
         try:
             signature = inspect.signature(func)
         except (TypeError, ValueError):
@@ -2679,12 +2922,20 @@ class _TaskFunction:
                 if isinstance(annotation, type) and annotation not in (dict, object) or typing.get_origin(annotation):
                     input_model = annotation
         if wants_progress and self.progress_param is None and free:
-            self.progress_param = free.pop(0).name  # the seed's style: def task(data, task_progress)
+            self.progress_param = free.pop(0).name  # the original lilota's style: def task(data, task_progress)
         missing = [p.name for p in free if p.default is p.empty]
         if missing:
             raise TypeError(f"task {name!r}: lilota cannot fill parameter(s) {missing}; a task function takes "
                             f"its input, and optionally a TaskProgress and a TaskContext parameter")
         self.input_model = input_model
+
+    def retries(self, exc):
+        """Whether a failed attempt that raised ``exc`` may be retried (while attempts remain): not
+        when it is a ``no_retry_on`` type (which wins over ``retry_on``), nor when ``retry_on`` is
+        given and it is none of those types. A timeout counts as a TaskTimeoutError."""
+        if self.no_retry_on is not None and isinstance(exc, self.no_retry_on):
+            return False
+        return self.retry_on is None or isinstance(exc, self.retry_on)
 
     def output(self, result):
         """The JSON text stored for a task's return value. With an ``output_model``, the value must be
@@ -2746,6 +2997,10 @@ class LilotaWorker:
     Run standalone (``python myscript.py``) it executes tasks until stopped (Ctrl-C, SIGTERM or
     ``stop()``). Run by :class:`Lilota` (``script_path=``), each worker process runs the script
     and the supervisor handles timeouts, crashes and stop.
+
+    ``keep_finished`` (a timedelta or seconds; None: keep them until ``cleanup()``): a standalone
+    worker deletes finished tasks older than that in the background, as Lilota does; under a
+    supervisor it is ignored, the supervisor's own ``keep_finished`` applies.
     """
 
     #: An idle worker claims at least this often (seconds), whatever it was told: a safety net
@@ -2754,7 +3009,7 @@ class LilotaWorker:
 
     def __init__(self, db_url=None, set_progress_manually=False, *, name=None, poll_interval=0.02,
                  heartbeat_interval=5.0, node_timeout=30.0, retry_delay=timedelta(seconds=1),
-                 retry_max_delay=timedelta(minutes=10)):
+                 retry_max_delay=timedelta(minutes=10), keep_finished=None):
         self.db_url = db_url or (_supervision.db_url if _supervision else None) \
             or os.environ.get("LILOTA_DB_URL") or DEFAULT_DB_URL
         self._dialect = _dialect_for_url(self.db_url)
@@ -2765,6 +3020,8 @@ class LilotaWorker:
         self.node_timeout = _seconds(node_timeout, "node_timeout", allow_zero=False)
         self.retry_delay = _seconds(retry_delay, "retry_delay")
         self.retry_max_delay = _seconds(retry_max_delay, "retry_max_delay")
+        # Standalone only: under a supervisor, the supervisor's keep_finished is what applies.
+        self.keep_finished = _seconds(keep_finished, "keep_finished", allow_zero=False)
         self._registry = {}
         self._storage = None
         self._claim = None
@@ -2783,7 +3040,7 @@ class LilotaWorker:
     # --- registration ---
 
     def register(self, name, input_model=None, output_model=None, task_progress=None,
-                 timeout=timedelta(minutes=5), max_attempts=1, keep_input=True):
+                 timeout=timedelta(minutes=5), max_attempts=1, keep_input=True, retry_on=None, no_retry_on=None):
         """Decorator registering a task function under ``name``.
 
         The function receives its input as an ``input_model`` instance (the stored dict when there
@@ -2792,16 +3049,24 @@ class LilotaWorker:
         A run longer than ``timeout`` (None: no limit) is stopped and ends expired; ``max_attempts``
         counts every execution (1: no retry). ``keep_input=False`` deletes the input once the task
         has finished for good.
+
+        ``retry_on`` (an exception class or a tuple of them): only failures raising one of these
+        (or a subclass) are retried, any other ends the task at once; ``no_retry_on``: failures
+        raising one of these end the task at once, others are retried. A type matching both is not
+        retried. A timeout counts as :class:`TaskTimeoutError` (a ``TimeoutError``); a worker
+        crash is retried whatever the filters. Raising :class:`Retry` is never a failure.
         """
         def decorator(func):
             self._add(_TaskFunction(_check_name(name), func, input_model, output_model, bool(task_progress),
-                                    timeout, max_attempts, keep_input))
+                                    timeout, max_attempts, keep_input, retry_on, no_retry_on))
             return func
         return decorator
 
-    def task(self, func=None, *, name=None, timeout=timedelta(minutes=5), max_attempts=1, keep_input=True):
+    def task(self, func=None, *, name=None, timeout=timedelta(minutes=5), max_attempts=1, keep_input=True,
+             retry_on=None, no_retry_on=None):
         """Decorator registering a task under the function's name (or ``name``), with the input and
-        output models read from its annotations: ``@worker.task`` or ``@worker.task(name=...)``."""
+        output models read from its annotations: ``@worker.task`` or ``@worker.task(name=...)``.
+        The other options are those of :meth:`register`."""
         def decorator(fn):
             hints = {}
             try:
@@ -2811,7 +3076,7 @@ class LilotaWorker:
             output_model = hints.get("return")
             self._add(_TaskFunction(_check_name(name or fn.__name__), fn, None,
                                     None if output_model is type(None) else output_model,
-                                    False, timeout, max_attempts, keep_input))
+                                    False, timeout, max_attempts, keep_input, retry_on, no_retry_on))
             return fn
         return decorator(func) if func is not None else decorator
 
@@ -2877,7 +3142,10 @@ class LilotaWorker:
                 self._interruptible = False
             output = function.output(result)
         except _Interrupted as stop:
-            self._end_interrupted(task, node_id, str(stop))
+            self._end_interrupted(task, node_id, str(stop), function)
+            return None
+        except Retry as retry:   # asked for, not a failure
+            self._end_retry(task, node_id, retry)
             return None
         except KeyboardInterrupt:
             # Ctrl-C of a standalone worker: give the task back to the queue and stop.
@@ -2885,14 +3153,14 @@ class LilotaWorker:
                 TaskInterruptedError("the worker was interrupted; the task was queued again")), count_attempt=False)
             raise
         except BaseException as exc:  # the task's own failure, SystemExit included
-            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts))
+            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts), retry=function.retries(exc))
             return None
         finally:
             self._current = None
         try:
             stored, next_task = self._store_output(task, node_id, output, claim_next)
         except UnserializableError as exc:   # the database refused this output (PostgreSQL: U+0000, size)
-            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts))
+            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts), retry=function.retries(exc))
             return None
         if not stored:
             self.logger.info("task %s finished but was no longer this worker's (cancelled or recovered); "
@@ -2944,22 +3212,30 @@ class LilotaWorker:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _end_failed(self, task, node_id, error, final_status=TaskStatus.FAILED):
-        retry_at = _retry_time(task, self.retry_delay, self.retry_max_delay)
+    def _end_failed(self, task, node_id, error, final_status=TaskStatus.FAILED, retry=True):
+        """End a failed attempt: retried with backoff while attempts remain, unless ``retry`` is
+        False (the error's type is excluded by retry_on/no_retry_on): then final at once."""
+        retry_at = _retry_time(task, self.retry_delay, self.retry_max_delay) if retry else None
+        note = " (will retry)" if retry_at else "" if retry else " (not retried: retry_on/no_retry_on)"
         self.logger.warning("task %s (%s) attempt %s/%s failed: %s: %s%s", task.id, task.name, task.attempts,
-                            task.max_attempts, error["type"], error["message"], " (will retry)" if retry_at else "")
+                            task.max_attempts, error["type"], error["message"], note)
         self._record(self.storage.finish_attempt, task, node_id, error, final_status=final_status,
                      retry_at=retry_at)
 
-    def _end_interrupted(self, task, node_id, reason):
+    def _end_retry(self, task, node_id, retry):
+        run_at = retry.run_at(_now())
+        self.logger.info("task %s (%s) asked to run again in %.3gs", task.id, task.name, max(0.0, run_at - _now()))
+        self._record(self.storage.snooze, task, node_id, run_at)
+
+    def _end_interrupted(self, task, node_id, reason, function=None):
         if reason == "cancel":
             self._record(self.storage.finish_attempt, task, node_id, _error_record(
                 TaskCancelledError("cancelled while running"), attempt=task.attempts), final_status=TaskStatus.CANCELLED)
         elif reason == "timeout":
             limit = f" of {task.timeout.total_seconds():g}s" if task.timeout is not None else ""
-            self._end_failed(task, node_id, _error_record(
-                TaskTimeoutError(f"task ran longer than its timeout{limit}"), attempt=task.attempts),
-                final_status=TaskStatus.EXPIRED)
+            timeout = TaskTimeoutError(f"task ran longer than its timeout{limit}")
+            self._end_failed(task, node_id, _error_record(timeout, attempt=task.attempts),
+                             final_status=TaskStatus.EXPIRED, retry=function is None or function.retries(timeout))
         else:  # "lost": another process declared this worker dead and already recovered the task
             self.logger.error("task %s was taken from this worker (its node was declared dead); stopped it",
                               task.id)
@@ -3046,6 +3322,10 @@ class LilotaWorker:
         self._open_wake_pipe()
         doorbell = supervision.doorbell.fileno()
         os.set_blocking(doorbell, False)
+        # The supervisor stops tasks that run past their timeout: tell it which are not retried then.
+        final_timeouts = [t.name for t in self._registry.values() if not t.retries(TaskTimeoutError())]
+        if final_timeouts:
+            supervision.control.send(("no_timeout_retry", final_timeouts))
         supervision.control.send(("ready", os.getpid()))
         keeper = threading.Thread(target=self._listen_to_supervisor, args=(supervision.control,),
                                   name="lilota-keeper", daemon=True)
@@ -3089,6 +3369,7 @@ class LilotaWorker:
         keeper = threading.Thread(target=self._keep_standalone, args=(node_id, in_main_thread),
                                   name="lilota-keeper", daemon=True)
         keeper.start()
+        retention = _Retention(self, self.keep_finished).start() if self.keep_finished else None
         status = NodeStatus.STOPPED
         try:
             self._loop(node_id, None)
@@ -3101,6 +3382,8 @@ class LilotaWorker:
             self._running = False
             self._stopping.set()
             keeper.join(timeout=2 * self.heartbeat_interval)
+            if retention is not None:
+                retention.stop()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self._close_wake_pipe()
@@ -3379,6 +3662,7 @@ class _WorkerHandle:
         self.started_at = time.monotonic()
         self.ready = False      # it called worker.start()
         self.fatal = None       # what it reported before dying, if anything
+        self.no_timeout_retry = frozenset()   # task names whose timeout ends them (retry_on/no_retry_on)
 
 
 class Lilota(LilotaScheduler):
@@ -3391,12 +3675,16 @@ class Lilota(LilotaScheduler):
     exit) lets running tasks finish for ``stop_timeout`` seconds, then stops the rest and queues
     them again. Worker processes are started with ``spawn`` by default, so the application's own
     entry point must be guarded by ``if __name__ == "__main__":`` as with any multiprocessing program.
+
+    ``keep_finished`` (a timedelta or seconds; default None: keep them until ``cleanup()``): while
+    started, finished tasks that ended longer ago than that are deleted in the background, in
+    batches; when several nodes share the database, one of them does it in each interval.
     """
 
     def __init__(self, db_url=None, *, script_path=None, number_of_workers=None, stop_timeout=30.0,
                  heartbeat_interval=5.0, node_timeout=30.0, restart_delay=0.5, restart_max_delay=30.0,
                  retry_delay=timedelta(seconds=1), retry_max_delay=timedelta(minutes=10),
-                 start_method="spawn", name=None):
+                 start_method="spawn", name=None, keep_finished=None):
         super().__init__(db_url)
         self.number_of_workers = 0
         self.script_path = None
@@ -3430,6 +3718,9 @@ class Lilota(LilotaScheduler):
                                      f"got {start_method!r}")
         self.start_method = start_method
         self.name = name
+        # Old finished tasks are deleted in the background while started (None: kept until cleanup()).
+        self.keep_finished = _seconds(keep_finished, "keep_finished", allow_zero=False)
+        self._retention = _Retention(self, self.keep_finished) if self.keep_finished else None
         self.node_id = None
         self._error = None
         self._failed = threading.Event()
@@ -3580,6 +3871,8 @@ class Lilota(LilotaScheduler):
 
     def _supervise(self):
         try:
+            if self._retention is not None:
+                self._retention.start()
             self._housekeeping()
             if self.script_path is None:
                 # A scheduling-only application: keep its node alive and help recover lost nodes.
@@ -3669,6 +3962,8 @@ class Lilota(LilotaScheduler):
                     handle.ready = self._ever_ready = True
                 elif message[0] == "fatal":
                     handle.fatal = message[1]
+                elif message[0] == "no_timeout_retry":
+                    handle.no_timeout_retry = frozenset(message[1])
         except (EOFError, OSError):
             return True
         return False
@@ -3713,7 +4008,8 @@ class Lilota(LilotaScheduler):
             else:
                 self._recover(handle.node_id, _error_record(TaskTimeoutError(
                     f"task ran longer than its timeout of {task.timeout.total_seconds():g}s; "
-                    f"its worker process was stopped")), final_status=TaskStatus.EXPIRED, task_id=task.id)
+                    f"its worker process was stopped")), final_status=TaskStatus.EXPIRED, task_id=task.id,
+                    retry=task.name not in handle.no_timeout_retry)
             logger.info("task %s %s: worker process %s replaced", task.id,
                         "cancelled" if task.cancel_requested else "timed out", handle.process.pid)
             self._replace(handle, context)
@@ -3766,6 +4062,8 @@ class Lilota(LilotaScheduler):
     def _shutdown(self):
         """Stop every worker: ask, wait up to the stop timeout (renewing their leases meanwhile, so
         that nobody takes their tasks), then kill and requeue."""
+        if self._retention is not None:
+            self._retention.stop()
         handles = [h for h in self._handles if h is not None]
         live = [h for h in handles if h.process.exitcode is None]
         for h in live:
@@ -3858,7 +4156,7 @@ _DURATION_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _DURATION_PART = re.compile(rf"({_DURATION_NUMBER})(ms|min|s|m|h|d)")
 _DURATION = re.compile(rf"{_DURATION_NUMBER}|(?:{_DURATION_NUMBER}(?:ms|min|s|m|h|d))+")
 # The options whose value is a duration: main() joins a negative value to them (see there).
-_DURATION_OPTIONS = ("--delay", "--timeout", "--stop-timeout", "--older-than")
+_DURATION_OPTIONS = ("--delay", "--timeout", "--stop-timeout", "--older-than", "--keep-finished")
 
 
 def _parse_duration(text):
@@ -4231,7 +4529,7 @@ def _cmd_worker(args):
     its traceback on stderr and exit code 1."""
     name = f"{socket.gethostname()}:{os.getpid()}"
     app = Lilota.workers(_worker_script_path(args.script), args.workers, args.db, stop_timeout=args.stop_timeout,
-                         name=name)
+                         name=name, keep_finished=args.keep_finished)
     # The handler only records the signal (taking a lock there could deadlock with the interrupted
     # code); the loop below looks at it. Signals during the stop change nothing: it stays graceful.
     signals = []
@@ -4468,6 +4766,8 @@ def _build_parser(prog):
                      help="number of worker processes (default: the number of CPUs)")
     sub.add_argument("--stop-timeout", type=_parse_duration, default=30.0, metavar="DURATION",
                      help="how long running tasks may finish after Ctrl-C/SIGTERM (default: 30s)")
+    sub.add_argument("--keep-finished", type=_parse_duration, default=None, metavar="DURATION",
+                     help="delete finished tasks older than this meanwhile, e.g. 7d (default: keep them)")
 
     sub = command("schedule", _cmd_schedule, "store a task and print its id")
     sub.add_argument("name", help="the registered task name")
