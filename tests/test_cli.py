@@ -645,7 +645,7 @@ class HelpAndArgumentsTest(CliTestCase):
         task_id = str(self.scheduler.schedule("add", {"a": 1, "b": 2}))
         for args in (["wait", task_id, "--timeout", "-5s"], ["wait", task_id, "--timeout=-5s"],
                      ["wait", task_id, "--timeout", "-5"], ["cleanup", "--older-than", "-1d"],
-                     ["schedule", "add", "--delay", "-1h30m"]):
+                     ["schedule", "add", "--delay", "-1h30m"], ["worker", "tasks.py", "--keep-finished", "-7d"]):
             self.assertError(self.cli(*args), 2, "a duration must be positive", msg=args)
         self.assertError(self.cli("wait", task_id, "--timeout"), 2, "expected one argument")
         task = self.scheduler.get_task_by_id(self.assertOk(self.cli("schedule", "add", "--delay", "1h30m")).strip())
