@@ -720,7 +720,9 @@ class TaskProgress:
 class TaskContext:
     """What a running task may want to know about itself; declare a parameter annotated
     ``TaskContext`` to receive it: ``task_id``, ``name``, ``attempt``, ``max_attempts``,
-    ``progress`` (a :class:`TaskProgress`) and ``logger``."""
+    ``progress`` (a :class:`TaskProgress`) and ``logger``: the logger ``task.<name>``, an ordinary
+    logger outside lilota's own ``lilota`` hierarchy (which is silent unless configured), so that
+    its records go wherever the worker process's logging sends them, stderr when unconfigured."""
 
     def __init__(self, *, task_id=None, name=None, attempt=1, max_attempts=1, progress=None, logger=None):
         self.task_id = task_id
@@ -2094,6 +2096,17 @@ class Storage:
         with self._guard as conn:
             return self._task(conn.execute(self._get_sql, (task_id,)).fetchone())
 
+    def task_ids_between(self, low, high, limit=None):
+        """The ids from ``low`` to ``high`` (canonical UUID strings), in order, at most ``limit``: a
+        range on the primary key, which is how the ids that start with a prefix are found."""
+        query = "SELECT id FROM lilota_task WHERE id >= ? AND id <= ? ORDER BY id"
+        params = [low, high]
+        if limit is not None:
+            query += " LIMIT ?"
+            params.append(limit)
+        with self._guard as conn:
+            return [str(row[0]) for row in conn.execute(self.dialect.sql(query), params).fetchall()]
+
     def task_state(self, task_id):
         """(status, change counter) for a cheap wait loop."""
         with self._guard as conn:
@@ -2706,6 +2719,17 @@ class LilotaScheduler:
         """The stored :class:`Task`, or None when there is no task with that id."""
         return self.storage.get_task(_task_id(task_id))
 
+    def find_task_ids(self, prefix, limit=None):
+        """The ids (UUIDs, in order, at most ``limit``) of the tasks whose id starts with ``prefix``:
+        hex digits, in either case, with or without the hyphens. ValueError for anything else."""
+        digits = prefix.replace("-", "").lower() if isinstance(prefix, str) else None
+        if not digits or len(digits) > 32 or digits.strip("0123456789abcdef"):
+            raise ValueError(f"{prefix!r} is not the start of a task id (hex digits, hyphens optional)")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+        low, high = (str(uuid.UUID(digits.ljust(32, pad))) for pad in "0f")
+        return [uuid.UUID(task_id) for task_id in self.storage.task_ids_between(low, high, limit)]
+
     def list_tasks(self, status=None, name=None, limit=100):
         """Stored tasks, newest first: only those with ``status`` (a TaskStatus or its value) and/or
         ``name`` when given, at most ``limit`` of them (None: all). ValueError for an unknown status."""
@@ -3305,7 +3329,8 @@ class LilotaWorker:
             progress = TaskProgress(task.id, functools.partial(self._store_progress, node_id))
             if function.context_param is not None:
                 context = TaskContext(task_id=task.id, name=task.name, attempt=task.attempts,
-                                      max_attempts=task.max_attempts or 1, progress=progress, logger=self.logger)
+                                      max_attempts=task.max_attempts or 1, progress=progress,
+                                      logger=logging.getLogger("task." + task.name))
         self._current, self._interrupt = task, None
         try:
             try:
@@ -3744,6 +3769,54 @@ def _describe_exit(code):
 _EXIT_FATAL = 3  # a worker process's exit code when its script could not start
 
 
+def _log_to_stderr_from_environment():
+    """With $LILOTA_LOG_LEVEL set (e.g. INFO; ``lilota -v`` sets it for its worker processes), send
+    the records of that level and above, of every logger, lilota's included, to stderr, as
+    ``logging.basicConfig()`` does (which is then done). Unset: logging is left as it is."""
+    level = os.environ.get("LILOTA_LOG_LEVEL", "").strip().upper()
+    if not level:
+        return
+    try:
+        logging.basicConfig(level=int(level) if level.isdigit() else level, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    except ValueError:
+        sys.stderr.write(f"lilota: LILOTA_LOG_LEVEL={level!r} ignored: not a logging level (DEBUG, INFO, WARNING, "
+                         f"ERROR)\n")
+
+
+def _script_module(path):
+    """(module name, directory to import it from) for a script inside a package (a directory with
+    ``__init__.py``), which runs as ``python -m`` would run it so that its relative imports work;
+    None for a plain script."""
+    directory, filename = os.path.split(path)
+    name, extension = os.path.splitext(filename)
+    if extension != ".py" or name == "__init__" or not name.isidentifier():
+        return None
+    parts = [name]
+    while os.path.isfile(os.path.join(directory, "__init__.py")):
+        directory, package = os.path.split(directory)
+        if not package.isidentifier():
+            return None
+        parts.insert(0, package)
+    return (".".join(parts), directory) if len(parts) > 1 else None
+
+
+def _run_script(script_path):
+    """Run the worker script as ``__main__``: a script inside a package as its module (``pkg/tasks.py``
+    as ``python -m pkg.tasks``, with the directory above ``pkg`` first on sys.path), else by path.
+    The script's own directory is on sys.path in both cases, as it always was."""
+    sys.path.insert(0, os.path.dirname(script_path))
+    module = _script_module(script_path)
+    if module is not None:
+        sys.path.insert(0, module[1])
+        import importlib.util
+        spec = importlib.util.find_spec(module[0])   # None, or another file: a package name taken
+        if spec is not None and spec.origin and os.path.samefile(spec.origin, script_path):
+            runpy.run_module(module[0], run_name="__main__", alter_sys=True)
+            return
+    runpy.run_path(script_path, run_name="__main__")
+
+
 def _worker_process_main(script_path, supervision):
     """Entry point of a worker process: run the worker script as ``__main__`` under supervision."""
     global _supervision
@@ -3756,9 +3829,9 @@ def _worker_process_main(script_path, supervision):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(supervision.parent_pid)
     sys.argv = [script_path]
-    sys.path.insert(0, os.path.dirname(script_path))
+    _log_to_stderr_from_environment()
     try:
-        runpy.run_path(script_path, run_name="__main__")
+        _run_script(script_path)
     except SystemExit as exc:
         if not supervision.started:
             _report_fatal(supervision, f"the worker script {script_path} exited (sys.exit({exc.code!r})) "
@@ -4319,27 +4392,49 @@ def _exit_code(exc):
 
 # --- Reading arguments ----------------------------------------------------------------------------
 
-_DURATION_UNITS = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0), ("d", 86400.0))
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_DURATION_PART = re.compile(rf"({_DURATION_NUMBER})(ms|min|s|m|h|d)")
+_DURATION = re.compile(rf"{_DURATION_NUMBER}|(?:{_DURATION_NUMBER}(?:ms|min|s|m|h|d))+")
+# The options whose value is a duration: main() joins a negative value to them (see there).
+_DURATION_OPTIONS = ("--delay", "--timeout", "--stop-timeout", "--older-than", "--keep-finished")
 
 
 def _parse_duration(text):
-    """Seconds from ``500ms``, ``30s``, ``5m``, ``2h``, ``7d`` or a bare number of seconds."""
+    """Seconds from ``500ms``, ``90s``, ``5m`` or ``5min``, ``2h``, ``2d``, a sum of them such as
+    ``1h30m``, or a bare number of seconds."""
     import argparse
-    number, factor = text.strip(), 1.0
-    for unit, seconds in _DURATION_UNITS:   # "ms" before "s" and "m"
-        if number.endswith(unit):
-            number, factor = number[:-len(unit)], seconds
-            break
+    number = text.strip()
+    if re.match(r"-\.?\d", number):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: a duration must be positive")
     value = math.nan
-    if number[:1].isdigit() or number[:1] == ".":   # no sign, no "inf" or "nan"
-        try:
-            value = float(number) * factor
-        except ValueError:
-            pass
+    if _DURATION.fullmatch(number):   # no sign, no exponent, no "inf" or "nan"
+        if _DURATION_PART.match(number):
+            value = sum(float(amount) * _DURATION_UNITS[unit] for amount, unit in _DURATION_PART.findall(number))
+        else:
+            value = float(number)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"invalid duration {text!r}: write a number and a unit, "
-                                         f"e.g. 500ms, 30s, 5m, 2h or 7d")
+                                         f"e.g. 500ms, 90s, 5min, 1h30m or 2d")
     return value
+
+
+def _parse_time(text):
+    """An aware datetime from ISO 8601 with a zone (``2030-01-31T09:00:00+01:00``, or ``Z`` for UTC).
+    A time without a zone is an error, not a guess at which zone was meant."""
+    import argparse
+    value = text.strip()
+    if value.endswith(("Z", "z")):   # datetime.fromisoformat reads "Z" from Python 3.11 on only
+        value = value[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid time {text!r}: write it in ISO 8601 with a zone, e.g. "
+                                         f"2030-01-31T09:00:00+01:00 or 2030-01-31T08:00:00Z") from None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise argparse.ArgumentTypeError(f"the time {text!r} has no zone: add one, e.g. {text}Z for UTC "
+                                         f"or {text}+01:00")
+    return moment
 
 
 def _positive_int(text):
@@ -4354,13 +4449,40 @@ def _positive_int(text):
     return value
 
 
+_MIN_ID_PREFIX = 8      # hex digits of a shortened task id, as git's shortest abbreviation
+_ID_CANDIDATES = 10     # the ids an error about an ambiguous prefix lists
+
+
 def _task_id_arg(text):
-    """A task id argument in its canonical form (a one-line usage error when it is not a UUID)."""
+    """A task id argument: a whole id, or its first characters (at least _MIN_ID_PREFIX hex digits,
+    hyphens optional) that _resolve_task_id looks up. Anything else is a one-line usage error."""
     import argparse
     try:
+        return _task_id(text)   # a whole id, in any form uuid.UUID reads
+    except ValueError:
+        pass
+    digits = text.strip().replace("-", "").lower()
+    if len(digits) < _MIN_ID_PREFIX or len(digits) > 32 or digits.strip("0123456789abcdef"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a task id: give a UUID like "
+                                         f"'12345678-1234-5678-1234-567812345678', or at least "
+                                         f"{_MIN_ID_PREFIX} of its first characters")
+    return text.strip()
+
+
+def _resolve_task_id(scheduler, text):
+    """The whole id of the task ``text`` names (see _task_id_arg): TaskNotFoundError when no id
+    starts with it, a usage error that lists them when several do."""
+    if len(text.replace("-", "")) == 32:
         return _task_id(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    ids = scheduler.find_task_ids(text, limit=_ID_CANDIDATES + 1)
+    if not ids:
+        raise TaskNotFoundError(f"no task with an id that starts with {text}")
+    if len(ids) > 1:
+        listed = ", ".join(map(str, ids[:_ID_CANDIDATES])) + (", ..." if len(ids) > _ID_CANDIDATES else "")
+        raise _CliError(f"the id prefix {text} is ambiguous: it starts the ids of "
+                        f"{'more than ' + str(_ID_CANDIDATES) if len(ids) > _ID_CANDIDATES else len(ids)} "
+                        f"tasks: {listed}; give more characters", _EXIT_USAGE)
+    return str(ids[0])
 
 
 def _parse_json_input(text):
@@ -4381,6 +4503,30 @@ def _parse_json_input(text):
                         _EXIT_USAGE) from None
     except (ValueError, RecursionError) as exc:
         raise _CliError(f"invalid JSON input: {exc}", _EXIT_USAGE) from None
+
+
+def _worker_script_path(text):
+    """The worker script given as a path, or as a module (``myapp.tasks``) found as ``python -m``
+    finds one, the current directory first: its file, which Lilota runs as that module when it is
+    inside a package. A path is returned as it is (Lilota says when it is missing)."""
+    if os.path.exists(text) or text.endswith(".py") or "/" in text or os.sep in text \
+            or not all(part.isidentifier() for part in text.split(".")):
+        return text
+    import importlib.util
+    if os.getcwd() not in sys.path:   # the `lilota` command runs from its bin directory
+        sys.path.insert(0, os.getcwd())
+    try:
+        spec = importlib.util.find_spec(text)
+        if spec is not None and spec.submodule_search_locations is not None:   # a package: its __main__
+            spec = importlib.util.find_spec(text + ".__main__")
+    except Exception as exc:   # a parent package that is missing or fails to import
+        raise _CliError(f"cannot import the worker module {text!r}: {_one_line(exc)}", _EXIT_USAGE) from None
+    if spec is None:
+        raise _CliError(f"no worker script or module {text!r}: give a path (e.g. tasks.py) or a module "
+                        f"importable from {os.getcwd()} (e.g. myapp.tasks)", _EXIT_USAGE)
+    if not spec.has_location or not (spec.origin or "").endswith(".py"):
+        raise _CliError(f"the worker module {text!r} is not a Python source file ({spec.origin})", _EXIT_USAGE)
+    return spec.origin
 
 
 def _scheduler(args, create=False):
@@ -4425,10 +4571,11 @@ def _format_age(moment, now):
 
 
 def _format_time(moment, now):
-    """A datetime in full, UTC, with how long ago it was."""
+    """A datetime in full, UTC, with how long ago it was (``now`` None: without that)."""
     if moment is None:
         return "-"
-    return f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} UTC ({_format_age(moment, now)})"
+    text = f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} UTC"
+    return text if now is None else f"{text} ({_format_age(moment, now)})"
 
 
 def _table(headers, rows, right=()):
@@ -4455,7 +4602,10 @@ def _task_row(task, now):
     """A task as a row of the ``list`` table: id, name, status, progress, attempts, age, duration."""
     attempts = f"{task.attempts}/{task.max_attempts if task.max_attempts is not None else '-'}"
     start, end = task.start_date_time, task.end_date_time
-    duration = "-" if start is None else _format_duration(((end or now) - start).total_seconds())
+    if end is None and task.status == TaskStatus.RUNNING:
+        end = now   # so far
+    # A task queued again after a run (e.g. given back on stop) has a start but no end: no duration.
+    duration = "-" if start is None or end is None else _format_duration((end - start).total_seconds())
     return [task.id, _short(task.name), task.status, f"{task.progress_percentage}%", attempts,
             _format_age(task.created_at, now).replace(" ago", ""), duration]
 
@@ -4469,7 +4619,9 @@ def _describe_task(task, now):
         if field.name in ("input", "output", "error"):
             continue
         if isinstance(value, datetime):
-            value = _format_time(value, now)
+            # A deadline counts down only while the task runs: "in 4m" would mislead once it ended.
+            value = _format_time(value, now if field.name != "expires_at" or task.status == TaskStatus.RUNNING
+                                 else None)
         elif isinstance(value, timedelta):
             value = _format_duration(value.total_seconds())
         lines.append(f"{field.name + ':':<22}{'-' if value is None else value}")
@@ -4616,14 +4768,9 @@ def _cmd_worker(args):
     gracefully: running tasks get --stop-timeout to finish, the rest go back to the queue. Prints
     a line when a worker starts, stops or crashes. A script that cannot start is a fatal error:
     its traceback on stderr and exit code 1."""
-    if args.verbose:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
     name = f"{socket.gethostname()}:{os.getpid()}"
-    app = Lilota.workers(args.script, args.workers, args.db, stop_timeout=args.stop_timeout, name=name,
-                         keep_finished=args.keep_finished)
+    app = Lilota.workers(_worker_script_path(args.script), args.workers, args.db, stop_timeout=args.stop_timeout,
+                         name=name, keep_finished=args.keep_finished)
     # The handler only records the signal (taking a lock there could deadlock with the interrupted
     # code); the loop below looks at it. Signals during the stop change nothing: it stays graceful.
     signals = []
@@ -4657,8 +4804,8 @@ def _cmd_schedule(args):
     data = _parse_json_input(args.input)
     scheduler = _scheduler(args, create=True)
     try:
-        task_id = scheduler.schedule(args.name, data, delay=args.delay, priority=args.priority,
-                                     max_attempts=args.max_attempts)
+        task_id = scheduler.schedule(args.name, data, delay=args.delay, run_at=args.run_at, priority=args.priority,
+                                     max_attempts=args.max_attempts, timeout=args.timeout)
     except (TypeError, ValueError) as exc:   # a bad name or priority, an input JSON cannot hold
         raise _CliError(_one_line(exc), _EXIT_USAGE) from None
     if not args.wait:
@@ -4696,9 +4843,11 @@ def _cmd_list(args):
 
 def _cmd_show(args):
     """Show every field of a task; input, output and error pretty-printed, with the traceback."""
-    task = _scheduler(args).get_task_by_id(args.id)
+    scheduler = _scheduler(args)
+    task_id = _resolve_task_id(scheduler, args.id)
+    task = scheduler.get_task_by_id(task_id)
     if task is None:
-        raise TaskNotFoundError(f"no task with id {args.id}")
+        raise TaskNotFoundError(f"no task with id {task_id}")
     if args.json:
         _print_json(task.as_dict())
     else:
@@ -4711,7 +4860,8 @@ def _cmd_wait(args):
     per change otherwise), then print its output. Exit code 0 when it completed, 1 when it failed,
     expired or was cancelled, 5 when --timeout passed first (the task goes on)."""
     scheduler = _scheduler(args)
-    task = _wait_for(scheduler, args.id, args.timeout, _ProgressDisplay(sys.stderr, enabled=not args.json))
+    task = _wait_for(scheduler, _resolve_task_id(scheduler, args.id), args.timeout,
+                     _ProgressDisplay(sys.stderr, enabled=not args.json))
     return _report_end(task, args.json)
 
 
@@ -4719,15 +4869,16 @@ def _cmd_cancel(args):
     """Cancel a task: a queued one never runs; a running one is stopped by its supervisor (its
     worker process is replaced). Exit code 1 when it had already completed, failed or expired."""
     scheduler = _scheduler(args)
-    if not scheduler.cancel(args.id):
-        task = scheduler.get_task_by_id(args.id)
-        raise _CliError(f"task {args.id} already {task.status if task else 'ended'}; nothing to cancel",
+    task_id = _resolve_task_id(scheduler, args.id)
+    if not scheduler.cancel(task_id):
+        task = scheduler.get_task_by_id(task_id)
+        raise _CliError(f"task {task_id} already {task.status if task else 'ended'}; nothing to cancel",
                         _EXIT_NOT_COMPLETED)
-    task = scheduler.get_task_by_id(args.id)
+    task = scheduler.get_task_by_id(task_id)
     if task is not None and task.status == TaskStatus.RUNNING:
-        print(f"task {args.id} is running: asked its worker to stop it")
+        print(f"task {task_id} is running: asked its worker to stop it")
     else:
-        print(f"task {args.id} cancelled")
+        print(f"task {task_id} cancelled")
     return 0
 
 
@@ -4735,11 +4886,12 @@ def _cmd_retry(args):
     """Queue a failed, expired or cancelled task again, under the same id, with its attempts
     reset. Exit code 1 for a task in another state or whose input was deleted (keep_input=False)."""
     scheduler = _scheduler(args)
-    if not scheduler.retry(args.id):
-        task = scheduler.get_task_by_id(args.id)
-        raise _CliError(f"task {args.id} is {task.status if task else 'gone'}; only failed, expired or "
+    task_id = _resolve_task_id(scheduler, args.id)
+    if not scheduler.retry(task_id):
+        task = scheduler.get_task_by_id(task_id)
+        raise _CliError(f"task {task_id} is {task.status if task else 'gone'}; only failed, expired or "
                         f"cancelled tasks can be retried", _EXIT_NOT_COMPLETED)
-    print(f"task {args.id} queued again")
+    print(f"task {task_id} queued again")
     return 0
 
 
@@ -4809,6 +4961,9 @@ _EXAMPLES = {
 }
 
 
+_ID_HELP = "the task's id, or its first characters (at least 8, hyphens optional) when no other id starts so"
+
+
 def _build_parser(prog):
     """The argparse parser of every command, each with its --help (the command's docstring and an
     example)."""
@@ -4825,9 +4980,15 @@ def _build_parser(prog):
                            + _EXIT_CODES_HELP + "\n\nExample:\n  " + _EXAMPLES["schedule"].format(prog=prog)
                            + f"\n  {prog} list --status failed\n  {prog} CMD --help")
     parser.add_argument("--version", action="version", version=f"lilota {__version__}")
+    # --db and -v go before the command or after it (there they win); SUPPRESS keeps a command's
+    # parser from overwriting a value given before the command with its default.
     database = Parser(add_help=False)
-    database.add_argument("--db", metavar="URL", default=None,
-                          help="database URL (default: $LILOTA_DB_URL, then sqlite:///lilota.db)")
+    for options, suppress in ((parser, False), (database, True)):
+        options.add_argument("--db", metavar="URL", default=argparse.SUPPRESS if suppress else None,
+                             help="database URL (default: $LILOTA_DB_URL, then sqlite:///lilota.db)")
+        options.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                             help="print lilota's log on stderr, INFO and above (for worker: also the "
+                                  "worker processes' log, with your tasks' INFO records)")
     as_json = Parser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="machine-readable output: JSON (lines for lists)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -4840,22 +5001,28 @@ def _build_parser(prog):
         return sub
 
     sub = command("worker", _cmd_worker, "run worker processes for a worker script until Ctrl-C", reads=False)
-    sub.add_argument("script", help="the worker script (it creates a LilotaWorker and calls worker.start())")
+    sub.add_argument("script", metavar="SCRIPT",
+                     help="the worker script (it creates a LilotaWorker and calls worker.start()): a path, "
+                          "or a module such as myapp.tasks, imported from the current directory like python -m")
     sub.add_argument("-n", "--workers", type=_positive_int, default=None,
                      help="number of worker processes (default: the number of CPUs)")
     sub.add_argument("--stop-timeout", type=_parse_duration, default=30.0, metavar="DURATION",
                      help="how long running tasks may finish after Ctrl-C/SIGTERM (default: 30s)")
     sub.add_argument("--keep-finished", type=_parse_duration, default=None, metavar="DURATION",
                      help="delete finished tasks older than this meanwhile, e.g. 7d (default: keep them)")
-    sub.add_argument("-v", "--verbose", action="store_true", help="also print lilota's log (crashes, retries)")
 
     sub = command("schedule", _cmd_schedule, "store a task and print its id")
     sub.add_argument("name", help="the registered task name")
     sub.add_argument("input", nargs="?", metavar="JSON", help="the input as JSON ('-': read standard input)")
-    sub.add_argument("--delay", type=_parse_duration, metavar="DURATION", help="run it this much later")
+    when = sub.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=_parse_duration, metavar="DURATION", help="run it this much later")
+    when.add_argument("--run-at", type=_parse_time, metavar="TIME",
+                      help="run it at this time: ISO 8601 with a zone, e.g. 2030-01-31T09:00:00+01:00 or ...Z")
     sub.add_argument("--priority", type=int, default=0, help="higher runs first (default: 0)")
     sub.add_argument("--max-attempts", type=_positive_int, metavar="N",
                      help="executions allowed, the first included (default: the registered value)")
+    sub.add_argument("--timeout", type=_parse_duration, metavar="DURATION",
+                     help="stop a run that takes longer (default: the registered value)")
     sub.add_argument("--wait", action="store_true", help="wait for the task and print its output")
 
     sub = command("list", _cmd_list, "list tasks as a table")
@@ -4863,15 +5030,17 @@ def _build_parser(prog):
     sub.add_argument("--name", help="only tasks with this name")
     sub.add_argument("--limit", type=_positive_int, default=20, metavar="K", help="at most K tasks (default: 20)")
 
-    command("show", _cmd_show, "show every field of a task").add_argument("id", type=_task_id_arg, metavar="ID")
+    command("show", _cmd_show, "show every field of a task").add_argument("id", type=_task_id_arg, metavar="ID",
+                                                                          help=_ID_HELP)
 
     sub = command("wait", _cmd_wait, "wait for a task with a progress bar")
-    sub.add_argument("id", type=_task_id_arg, metavar="ID")
+    sub.add_argument("id", type=_task_id_arg, metavar="ID", help=_ID_HELP)
     sub.add_argument("--timeout", type=_parse_duration, metavar="DURATION", help="give up after this long")
 
-    command("cancel", _cmd_cancel, "cancel a task", reads=False).add_argument("id", type=_task_id_arg, metavar="ID")
+    command("cancel", _cmd_cancel, "cancel a task", reads=False).add_argument("id", type=_task_id_arg, metavar="ID",
+                                                                              help=_ID_HELP)
     command("retry", _cmd_retry, "queue a failed, expired or cancelled task again",
-            reads=False).add_argument("id", type=_task_id_arg, metavar="ID")
+            reads=False).add_argument("id", type=_task_id_arg, metavar="ID", help=_ID_HELP)
     command("cleanup", _cmd_cleanup, "delete old finished tasks", reads=False).add_argument(
         "--older-than", type=_parse_duration, default=30 * 86400.0, metavar="DURATION",
         help="delete tasks that finished longer ago than this (default: 30d)")
@@ -4880,11 +5049,29 @@ def _build_parser(prog):
     return parser
 
 
+def _join_negative_durations(argv):
+    """The arguments with ``--timeout -5s`` written ``--timeout=-5s``: argparse takes a value that
+    starts with ``-`` for an option ("expected one argument"); joined, it reaches _parse_duration,
+    which says that a duration must be positive."""
+    joined = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return joined + list(argv[index:])
+        if joined and joined[-1] in _DURATION_OPTIONS and re.match(r"-\.?\d", arg):
+            joined[-1] += "=" + arg
+        else:
+            joined.append(arg)
+    return joined
+
+
 def main(argv=None):
     """``python -m lilota``: the command line. Returns the exit code (see ``--help``)."""
     prog = "lilota" if os.path.basename(sys.argv[0]) == "lilota" else "python -m lilota"
     try:
-        args = _build_parser(prog).parse_args(argv)
+        args = _build_parser(prog).parse_args(_join_negative_durations(sys.argv[1:] if argv is None else argv))
+        if args.verbose:   # this process's log and, through the environment, its worker processes'
+            os.environ["LILOTA_LOG_LEVEL"] = os.environ.get("LILOTA_LOG_LEVEL", "").strip() or "INFO"
+        _log_to_stderr_from_environment()
         return args.run(args)
     except _CliError as exc:
         print(f"lilota: {exc}", file=sys.stderr)
