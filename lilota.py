@@ -64,22 +64,31 @@ __version__ = "0.1.0"
 __all__ = [
     "Lilota", "LilotaScheduler", "LilotaWorker",
     "Task", "TaskStatus", "TaskProgress", "TaskContext", "ModelProtocol",
-    "Node", "NodeStatus", "NodeType",
+    "Node", "NodeStatus", "NodeType", "LilotaMode",
     "Dialect", "SQLiteDialect", "PostgreSQLDialect", "DBAPIConnection", "register_dialect",
     "LilotaError", "ConfigurationError", "DriverNotInstalledError", "StorageError",
     "DatabaseBusyError", "ReadOnlyDatabaseError", "DatabaseFullError", "CorruptDatabaseError",
     "DatabaseUnavailableError", "SchemaVersionError", "WorkerScriptError", "WorkersFailedError", "TaskNotFoundError", "UnserializableError",
     "TaskWaitTimeout", "TaskTimeoutError", "TaskCancelledError", "UnknownTaskError", "WorkerDiedError",
-    "TaskInterruptedError",
+    "TaskInterruptedError", "Retry",
 ]
 
-# The seed's import paths (``from lilota.core import Lilota`` ...) name submodules of a package.
-# lilota is one module, so it registers itself under those names while it loads; the import system
-# looks in sys.modules right after importing the parent and finds them there.
+# The original lilota's import paths (``from lilota.core import Lilota`` ...) name submodules of a
+# package. lilota is one module, so it registers itself under those names while it loads; the import
+# system looks in sys.modules right after importing the parent and finds them there. ``import
+# lilota.core`` then reads ``lilota.core`` as an attribute, which the module __getattr__ below
+# answers (an attribute lookup only: inside this file the names stay free).
+_SUBMODULE_ALIASES = ("core", "worker", "models", "scheduler")
 if __name__ != "__main__":
-    for _alias in ("core", "worker", "models", "scheduler"):
+    for _alias in _SUBMODULE_ALIASES:
         sys.modules.setdefault(__name__ + "." + _alias, sys.modules[__name__])
     del _alias
+
+
+def __getattr__(name):
+    if name in _SUBMODULE_ALIASES:
+        return sys.modules[__name__]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 logger = logging.getLogger("lilota")
 logger.addHandler(logging.NullHandler())
@@ -177,6 +186,33 @@ class SchemaVersionError(StorageError):
     """The database was written by a newer lilota whose schema this version does not know."""
 
 
+class Retry(Exception):
+    """Raise it in a task function to run the task again later: ``raise lilota.Retry(delay=30)``.
+
+    Not a failure: the task goes back to ``scheduled`` with ``run_at`` = now + ``delay`` (a
+    timedelta or seconds, at least 0), or at ``at`` (an aware datetime; one in the past means at
+    once). The attempt is given back -- ``attempts`` and ``max_attempts`` are as before the run --
+    ``error`` keeps what an earlier failed attempt stored, and progress starts again from 0.
+    ``retry_on``/``no_retry_on`` do not apply to it. A task that raises it every time runs every
+    time it is asked to, like a poller, until it returns, fails or is cancelled."""
+
+    def __init__(self, delay=None, *, at=None):
+        if (delay is None) == (at is None):
+            raise TypeError("Retry needs either delay= (a timedelta or seconds) or at= (an aware datetime)")
+        if at is not None:
+            if not isinstance(at, datetime):
+                raise TypeError(f"Retry(at=...) must be a datetime, not {type(at).__name__}")
+            if at.tzinfo is None or at.utcoffset() is None:
+                raise ValueError("Retry(at=...) must be timezone-aware, e.g. datetime.now(timezone.utc) + timedelta(minutes=5)")
+        self.delay = _seconds(delay, "Retry delay")
+        self.at = at
+        super().__init__(f"retry in {self.delay:g}s" if at is None else f"retry at {at.isoformat()}")
+
+    def run_at(self, now):
+        """When the task runs again (epoch seconds), given the current time."""
+        return now + self.delay if self.at is None else max(now, self.at.timestamp())
+
+
 # --- Statuses -------------------------------------------------------------------------------------
 
 class _StrEnum(str, enum.Enum):
@@ -221,6 +257,14 @@ class NodeType(_StrEnum):
 
     SCHEDULER = "scheduler"
     WORKER = "worker"
+
+
+class LilotaMode(_StrEnum):
+    """What a :class:`Lilota` runs (``Lilota(..., mode=...)``, as in upstream lilota 1.x)."""
+
+    ALL = "all"              # schedules, and runs worker processes when it has a script_path
+    SCHEDULER = "scheduler"  # only schedules: no worker script, no worker processes
+    WORKERS = "workers"      # only runs worker processes: schedule() raises RuntimeError
 
 
 # --- Records --------------------------------------------------------------------------------------
@@ -288,6 +332,59 @@ class ModelProtocol(typing.Protocol):
 
     def as_dict(self) -> typing.Dict[str, typing.Any]:
         ...
+
+
+# --- Task ids -------------------------------------------------------------------------------------
+
+_V7_MARKS = (7 << 76) | (0b10 << 62)        # its version (7) and variant (RFC 9562) bits
+_V7_RANDOM_BITS = 74                        # rand_a (12 bits) and rand_b (62 bits)
+_V7_STEP_BITS = 48                          # the random step between two ids of one millisecond
+_V7_SEQUENCE = [0, 0]                       # the last id made in this process: [milliseconds, random]
+_V7_LOCK = threading.Lock()
+
+
+def _new_task_ids(count):
+    """``count`` new task ids: version 7 UUIDs (RFC 9562), the current time in milliseconds followed
+    by 74 bits from os.urandom, increasing within a process (RFC 9562's "monotonic random" method).
+
+    Ids made later sort later, so a new task's entry in the primary-key index lands next to the
+    newest ones instead of on a random page of an index that grows with every task kept: with
+    random (version 4) ids, inserting 100,000 tasks into a table that already held 200,000 ran at
+    about half the speed of inserting them into an empty one; with these it does not slow down.
+
+    The first id of a millisecond takes 73 random bits; each further id in the same millisecond
+    (or after the clock stepped back) is the one before plus a random step of up to 2**48, so ids
+    made by one process strictly increase, in creation order. Ids of different processes made in
+    the same millisecond do not sort among each other. When the steps run out (some 30 million ids
+    in one millisecond), the millisecond is borrowed from the future, as the RFC allows."""
+    random_bytes = os.urandom(10 * count)
+    from_bytes, make = int.from_bytes, uuid.UUID
+    first_mask = (1 << (_V7_RANDOM_BITS - 1)) - 1
+    step_mask = (1 << _V7_STEP_BITS) - 1
+    limit = 1 << _V7_RANDOM_BITS
+    low_mask = (1 << 62) - 1
+    ids = []
+    with _V7_LOCK:
+        now = time.time_ns() // 1_000_000
+        millis, rand = _V7_SEQUENCE
+        for i in range(0, 10 * count, 10):
+            fresh = from_bytes(random_bytes[i:i + 10], "big")
+            if now > millis:
+                millis, rand = now, fresh & first_mask
+            else:
+                rand += 1 + (fresh & step_mask)
+                if rand >= limit:
+                    millis, rand = millis + 1, fresh >> 8 & first_mask
+            ids.append(make(int=millis << 80 | _V7_MARKS | (rand >> 62) << 64 | (rand & low_mask)))
+        _V7_SEQUENCE[:] = (millis, rand)
+    return ids
+
+
+def _first_task_id_at(seconds):
+    """The smallest task id that _new_task_ids() can make at epoch ``seconds``: every task created
+    before then has a smaller id, which lets the primary key find old tasks without an index of
+    their own."""
+    return str(uuid.UUID(int=int(seconds * 1000) << 80 | _V7_MARKS))
 
 
 # --- Serialization --------------------------------------------------------------------------------
@@ -629,7 +726,9 @@ class TaskProgress:
 class TaskContext:
     """What a running task may want to know about itself; declare a parameter annotated
     ``TaskContext`` to receive it: ``task_id``, ``name``, ``attempt``, ``max_attempts``,
-    ``progress`` (a :class:`TaskProgress`) and ``logger``."""
+    ``progress`` (a :class:`TaskProgress`) and ``logger``: the logger ``task.<name>``, an ordinary
+    logger outside lilota's own ``lilota`` hierarchy (which is silent unless configured), so that
+    its records go wherever the worker process's logging sends them, stderr when unconfigured."""
 
     def __init__(self, *, task_id=None, name=None, attempt=1, max_attempts=1, progress=None, logger=None):
         self.task_id = task_id
@@ -730,6 +829,12 @@ def _schema_v1(**types):
             last_seen_at {t['time']} NOT NULL,
             lease_expires_at {t['time']} NOT NULL)""",
     ]
+
+
+_FINISHED_SQL = "status IN ('completed', 'failed', 'expired', 'cancelled')"
+
+#: lilota_meta's key for when old finished tasks were last deleted (see Storage.take_turn).
+_RETENTION_KEY = "retention_ran_at"
 
 
 class Dialect:
@@ -1792,6 +1897,23 @@ class Storage:
             "locked_by = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_by END, "
             "locked_at = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_at END "
             "WHERE id = ? AND status = 'running' AND locked_by = ?")
+        # A task that raised Retry: queued again at the time it asked for, its attempt given back,
+        # its last error kept, its progress from 0 again; a cancel asked for while it ran wins.
+        self._snooze_sql = sql(
+            "UPDATE lilota_task SET "
+            "status = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'scheduled' END, "
+            f"run_at = CASE WHEN cancel_requested = 1 THEN run_at ELSE {T} END, "
+            f"end_date_time = CASE WHEN cancel_requested = 1 THEN {T} ELSE NULL END, "
+            f"error = CASE WHEN cancel_requested = 1 THEN {J} ELSE error END, "
+            "attempts = CASE WHEN cancel_requested = 1 THEN attempts ELSE attempts - 1 END, "
+            "progress_percentage = CASE WHEN cancel_requested = 1 THEN progress_percentage ELSE 0 END, "
+            "input = CASE WHEN keep_input = 0 AND cancel_requested = 1 THEN NULL ELSE input END, "
+            "locked_by = CASE WHEN cancel_requested = 1 THEN locked_by ELSE NULL END, "
+            "locked_at = CASE WHEN cancel_requested = 1 THEN locked_at ELSE NULL END "
+            "WHERE id = ? AND status = 'running' AND locked_by = ?")
+        self._cancelled_retry_json = dumps(_error_record(
+            TaskCancelledError("cancelled while running; the task asked to run again (Retry), which the "
+                               "cancel overrides")), "error")
         self._get_sql = sql(f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id = ?")
         # Called when a claim found nothing due: then every queued task is a delayed one.
         self._next_run_at_sql = ("SELECT MIN(run_at) FROM lilota_task "
@@ -1980,6 +2102,17 @@ class Storage:
         with self._guard as conn:
             return self._task(conn.execute(self._get_sql, (task_id,)).fetchone())
 
+    def task_ids_between(self, low, high, limit=None):
+        """The ids from ``low`` to ``high`` (canonical UUID strings), in order, at most ``limit``: a
+        range on the primary key, which is how the ids that start with a prefix are found."""
+        query = "SELECT id FROM lilota_task WHERE id >= ? AND id <= ? ORDER BY id"
+        params = [low, high]
+        if limit is not None:
+            query += " LIMIT ?"
+            params.append(limit)
+        with self._guard as conn:
+            return [str(row[0]) for row in conn.execute(self.dialect.sql(query), params).fetchall()]
+
     def task_state(self, task_id):
         """(status, change counter) for a cheap wait loop."""
         with self._guard as conn:
@@ -2001,7 +2134,7 @@ class Storage:
                 params.append(value)
         if conditions:
             query += " WHERE " + " AND ".join(conditions)
-        query += " ORDER BY created_at DESC, id"
+        query += " ORDER BY created_at DESC, id DESC"   # ids increase in creation order
         if limit is not None:
             query += " LIMIT ?"
             params.append(limit)
@@ -2063,18 +2196,93 @@ class Storage:
                               f"(keep_input=False); schedule a new task with the input instead")
         return False
 
-    def delete_finished(self, before):
-        """Delete tasks that finished before ``before`` (epoch seconds) and nodes gone since then."""
-        sql, T = self.dialect.sql, self.dialect.time_param
+    #: Tasks deleted per transaction by delete_finished().
+    delete_batch_size = 500
+
+    def delete_finished(self, before, batch_size=None, stop=None, everywhere=True):
+        """Delete tasks that finished before ``before`` (epoch seconds), oldest first, then nodes
+        gone since then; return how many rows of each: ``{"tasks": n, "nodes": n}``.
+
+        Old tasks are found through the primary key: lilota's ids grow with time
+        (_first_task_id_at), so a task that finished before ``before`` was created before it and
+        has a smaller id -- no index of finished tasks is needed, which would cost every completion
+        a write. Each batch of ``batch_size`` tasks (default ``delete_batch_size``) is a transaction
+        of its own, and the next waits as long as the last took: workers get the database in
+        between (SQLite has one writer). ``stop``, a threading.Event, ends it between batches.
+        ``everywhere`` then also deletes, in one statement that reads the whole table, the old
+        finished tasks whose ids are not lilota's (rows written by other tools, or made on a host
+        whose clock was ahead); keep_finished leaves those to cleanup()."""
+        batch_size = batch_size or self.delete_batch_size
         cutoff = self.dialect.encode_time(before)
+        bound = _first_task_id_at(before)
+        sql, T = self.dialect.sql, self.dialect.time_param
+        total = 0
+        while True:
+            started = time.monotonic()
+            deleted = self._delete_batch(bound, cutoff, batch_size)
+            total += deleted
+            if deleted < batch_size:
+                break
+            pause = min(1.0, max(0.001, time.monotonic() - started))
+            if stop.wait(pause) if stop is not None else time.sleep(pause):
+                return {"tasks": total, "nodes": 0}
         with self._guard as conn:
-            with self._transaction(conn):
-                cur = conn.execute(sql("DELETE FROM lilota_task WHERE status IN "
-                                       f"('completed', 'failed', 'expired', 'cancelled') AND end_date_time < {T}"),
-                                   (cutoff,))
-                conn.execute(sql("DELETE FROM lilota_node WHERE status IN ('stopped', 'crashed', 'dead') "
-                                 f"AND last_seen_at < {T}"), (cutoff,))
-                return cur.rowcount
+            if everywhere:
+                total += conn.execute(sql(f"DELETE FROM lilota_task WHERE id >= ? AND {_FINISHED_SQL} "
+                                          f"AND end_date_time < {T}"), (bound, cutoff)).rowcount
+            nodes = conn.execute(sql(f"DELETE FROM lilota_node WHERE status IN ('stopped', 'crashed', 'dead') "
+                                     f"AND last_seen_at < {T}"), (cutoff,)).rowcount
+        return {"tasks": total, "nodes": nodes}
+
+    def _delete_batch(self, bound, cutoff, batch_size):
+        """One statement (one transaction): delete up to ``batch_size`` of the oldest tasks created
+        before the id ``bound`` that finished before ``cutoff``, read along the primary key."""
+        with self._guard as conn:
+            return conn.execute(self.dialect.sql(
+                f"DELETE FROM lilota_task WHERE id IN (SELECT id FROM lilota_task WHERE id < ? AND {_FINISHED_SQL} "
+                f"AND end_date_time < {self.dialect.time_param} ORDER BY id LIMIT ?)"),
+                (bound, cutoff, batch_size)).rowcount
+
+    def take_turn(self, key, interval, now):
+        """Compare-and-set on the time stored in lilota_meta under ``key``: True for the one caller,
+        among all processes and hosts on this database, whose turn it is -- the last turn was at
+        least ``interval`` seconds before ``now`` (or as far after it: a clock that was wrong) --
+        and then stores ``now``; False for everyone else."""
+        sql = self.dialect.sql
+        with self._guard as conn:
+            row = conn.execute(sql("SELECT value FROM lilota_meta WHERE key = ?"), (key,)).fetchone()
+        if row is None:   # the first turn ever on this database: the row is made by whoever gets there
+            try:
+                with self._guard as conn:
+                    with self._transaction(conn):
+                        return conn.execute(sql(
+                            "INSERT INTO lilota_meta (key, value) SELECT CAST(? AS TEXT), CAST(? AS TEXT) "
+                            "WHERE NOT EXISTS (SELECT 1 FROM lilota_meta WHERE key = ?)"),
+                            (key, repr(now), key)).rowcount == 1
+            except StorageError:
+                return False   # another node made it at the same moment (a duplicate key): its turn
+        try:
+            last = float(row[0])
+        except ValueError:
+            last = -math.inf
+        if abs(now - last) < interval:
+            return False
+        # Only if nobody changed it since it was read: of two nodes that both read an old time, one
+        # changes the row and the other's UPDATE matches nothing.
+        with self._guard as conn:
+            return conn.execute(sql("UPDATE lilota_meta SET value = ? WHERE key = ? AND value = ?"),
+                                (repr(now), key, row[0])).rowcount == 1
+
+    def delete_task(self, task_id):
+        """Delete one task whatever its status; False when there was none with that id."""
+        with self._guard as conn:
+            return conn.execute(self.dialect.sql("DELETE FROM lilota_task WHERE id = ?"), (task_id,)).rowcount == 1
+
+    def has_unfinished_tasks(self):
+        """Whether any task is queued or running."""
+        with self._guard as conn:
+            return conn.execute("SELECT 1 FROM lilota_task WHERE status IN ('created', 'scheduled', 'running') "
+                                "LIMIT 1").fetchone() is not None
 
     # --- tasks: worker side ---
 
@@ -2161,6 +2369,16 @@ class Storage:
                   requeue, requeue, requeue, str(task.id), node_id)
         with self._guard as conn:
             return conn.execute(self._fail_sql, params).rowcount == 1
+
+    def snooze(self, task, node_id, run_at):
+        """Queue a running task again at ``run_at`` (epoch seconds) because it raised Retry: not a
+        failure, the attempt does not count (cancelled instead, if that was asked for while it ran).
+        False when the task was no longer this node's."""
+        d = self.dialect
+        now = d.encode_time(_now())
+        params = (d.encode_time(run_at), now, d.encode_json(self._cancelled_retry_json), str(task.id), node_id)
+        with self._guard as conn:
+            return conn.execute(self._snooze_sql, params).rowcount == 1
 
     def set_progress(self, task_id, node_id, progress):
         """Store a running task's progress, if ``node_id`` still holds it."""
@@ -2249,6 +2467,13 @@ class Storage:
             rows = conn.execute(f"SELECT {_NODE_COLUMNS} FROM lilota_node ORDER BY created_at").fetchall()
         return [self._node(r) for r in rows]
 
+    def node(self, node_id):
+        """The Node stored under ``node_id``, or None."""
+        with self._guard as conn:
+            row = conn.execute(self.dialect.sql(f"SELECT {_NODE_COLUMNS} FROM lilota_node WHERE id = ?"),
+                               (node_id,)).fetchone()
+        return None if row is None else self._node(row)
+
     def find_lost_nodes(self, exclude=(), settle=0.0):
         """Mark dead the nodes marked alive whose lease has expired, or whose process is gone from
         this host (same host key: same machine, boot and pid namespace); return their ids. Nodes in
@@ -2314,29 +2539,6 @@ def _task_id(value):
     raise TypeError(f"a task id must be a UUID or a string, not {type(value).__name__}")
 
 
-_V7_RANDOM = (1 << 76) - 1 - (0b11 << 62)   # rand_a and rand_b of a version 7 UUID: 74 bits
-_V7_MARKS = (7 << 76) | (0b10 << 62)        # its version (7) and variant (RFC 9562) bits
-
-
-def _new_task_ids(count):
-    """``count`` new task ids: version 7 UUIDs (RFC 9562), the current time in milliseconds followed
-    by 74 random bits from os.urandom.
-
-    Ids made later sort later, so a new task's entry in the primary-key index lands next to the
-    newest ones instead of on a random page of an index that grows with every task kept: with
-    random (version 4) ids, inserting 100,000 tasks into a table that already held 200,000 ran at
-    about half the speed of inserting them into an empty one; with these it does not slow down.
-    74 random bits keep ids unguessable and unique; the id tells when the task was created, which
-    ``created_at`` says anyway."""
-    prefix = (time.time_ns() // 1_000_000) << 80 | _V7_MARKS
-    if count == 1:
-        return [uuid.UUID(int=prefix | (int.from_bytes(os.urandom(10), "big") & _V7_RANDOM))]
-    random_bytes = os.urandom(10 * count)
-    from_bytes, make = int.from_bytes, uuid.UUID
-    return [make(int=prefix | (from_bytes(random_bytes[i:i + 10], "big") & _V7_RANDOM))
-            for i in range(0, 10 * count, 10)]
-
-
 def _check_name(name):
     if not isinstance(name, str):
         raise TypeError(f"a task name must be a string, not {type(name).__name__}")
@@ -2358,19 +2560,97 @@ def _check_attempts(value, what="max_attempts"):
     return value
 
 
+def _positive(name, value):
+    _seconds(value, name, allow_zero=False)
+
+
+def _non_negative(name, value):
+    _seconds(value, name)
+
+
+def _jitter(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    if not 0 < value < 1:
+        raise ValueError(f"{name} must be greater than 0 and smaller than 1, got {value!r}")
+
+
+def _logging_level(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{name} must be a level of the logging module (e.g. logging.INFO or 'INFO'), "
+                        f"not {type(value).__name__}")
+    if isinstance(value, str) and not isinstance(logging.getLevelName(value), int):
+        raise ValueError(f"{name}: unknown logging level {value!r}")
+
+
+#: The constructor arguments of upstream lilota 1.x (``LilotaWorker``, ``LilotaScheduler``, ``Lilota``),
+#: accepted so that its applications run unchanged: upstream name -> (the argument of ours it sets,
+#: or None where lilota has no such knob; the check upstream's value must pass). README: "Coming
+#: from lilota 1.x".
+_UPSTREAM_OPTIONS = {
+    "node_heartbeat_interval": ("heartbeat_interval", _positive),
+    "scheduler_heartbeat_interval": ("heartbeat_interval", _positive),
+    "node_timeout_sec": ("node_timeout", _positive),
+    "scheduler_timeout_sec": ("node_timeout", _positive),
+    "stop_worker_timeout": ("stop_timeout", _non_negative),
+    "logging_level": (None, _logging_level),             # the level of the "lilota" logger
+    "node_heartbeat_interval_jitter": (None, _jitter),   # no effect: our heartbeats need no jitter
+    "task_heartbeat_interval": (None, _positive),        # no effect: an idle worker is woken, it
+    "max_task_heartbeat_interval": (None, _positive),    # does not back off polling
+    "process_manager_interval": (None, _positive),       # no effect: the supervisor is woken by events
+}
+
+
+def _upstream_options(constructor, given, *ours):
+    """Check the upstream arguments among ``given`` (the ``locals()`` of ``constructor``, where None
+    means not given) and return the values of the arguments ``ours`` with upstream's folded in.
+    Ours and upstream's both given with different values is a ConfigurationError (a ValueError).
+    A ``logging_level`` sets the level of the ``lilota`` logger (and so of all of lilota's loggers)."""
+    defaults = {name: p.default for name, p in inspect.signature(constructor).parameters.items()}
+    owner = constructor.__qualname__.split(".")[0]
+    values = {name: given[name] for name in ours}
+    for name, (target, check) in _UPSTREAM_OPTIONS.items():
+        value = given.get(name)
+        if name not in defaults or value is None:
+            continue
+        check(name, value)
+        if target is None:
+            continue
+        mine = values[target]   # the constructor has upstream's argument, so it has ours
+        if mine != defaults[target] and _seconds(mine, target) != _seconds(value, name):
+            raise ConfigurationError(f"{owner}: {target}={mine!r} and {name}={value!r} (its name in lilota 1.x) "
+                                     f"set the same thing to different values; give only one of them")
+        values[target] = value
+    if given.get("logging_level") is not None and "logging_level" in defaults:
+        logger.setLevel(given["logging_level"])
+    return tuple(values[name] for name in ours)
+
+
 class LilotaScheduler:
     """The scheduling side: store tasks and look after them. Runs no workers.
 
     Everything here works whether or not any worker is running: a scheduled task waits in the
     database until a worker claims it. Safe to share between threads.
+
+    ``start()`` is optional: it records this process as a scheduler node (``get_node()``) and keeps
+    it alive with a heartbeat until ``stop()``, as upstream lilota's scheduler does. The positional
+    arguments after ``db_url`` are upstream's (see ``_UPSTREAM_OPTIONS``).
     """
 
-    def __init__(self, db_url=None):
+    def __init__(self, db_url=None, node_heartbeat_interval=None, node_timeout_sec=None, logging_level=None, *,
+                 heartbeat_interval=5.0, node_timeout=30.0, name=None):
         self.db_url = db_url or os.environ.get("LILOTA_DB_URL") or DEFAULT_DB_URL
         # Parsed now: a bad URL fails here, and a relative SQLite path is fixed to the current
         # directory of this moment, not of the first use.
         self._dialect = _dialect_for_url(self.db_url)
         self._storage = None
+        heartbeat_interval, node_timeout = _upstream_options(LilotaScheduler.__init__, locals(),
+                                                             "heartbeat_interval", "node_timeout")
+        self.heartbeat_interval = _seconds(heartbeat_interval, "heartbeat_interval", allow_zero=False)
+        self.node_timeout = _seconds(node_timeout, "node_timeout", allow_zero=False)
+        self.name = name
+        self.node_id = None
+        self._heartbeat = None    # (thread, stop event) of a started LilotaScheduler
 
     @property
     def storage(self):
@@ -2444,6 +2724,17 @@ class LilotaScheduler:
     def get_task_by_id(self, task_id):
         """The stored :class:`Task`, or None when there is no task with that id."""
         return self.storage.get_task(_task_id(task_id))
+
+    def find_task_ids(self, prefix, limit=None):
+        """The ids (UUIDs, in order, at most ``limit``) of the tasks whose id starts with ``prefix``:
+        hex digits, in either case, with or without the hyphens. ValueError for anything else."""
+        digits = prefix.replace("-", "").lower() if isinstance(prefix, str) else None
+        if not digits or len(digits) > 32 or digits.strip("0123456789abcdef"):
+            raise ValueError(f"{prefix!r} is not the start of a task id (hex digits, hyphens optional)")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+        low, high = (str(uuid.UUID(digits.ljust(32, pad))) for pad in "0f")
+        return [uuid.UUID(task_id) for task_id in self.storage.task_ids_between(low, high, limit)]
 
     def list_tasks(self, status=None, name=None, limit=100):
         """Stored tasks, newest first: only those with ``status`` (a TaskStatus or its value) and/or
@@ -2556,13 +2847,142 @@ class LilotaScheduler:
         return done
 
     def cleanup(self, older_than=timedelta(days=30)):
-        """Delete tasks that finished more than ``older_than`` ago (and long-gone nodes);
-        return how many tasks were deleted. Queued and running tasks are never deleted."""
-        return self.storage.delete_finished(_now() - _seconds(older_than, "older_than"))
+        """Delete tasks that finished more than ``older_than`` ago, and nodes stopped, crashed or
+        dead since longer; return how many rows of each kind: ``{"tasks": n, "log_entries": 0,
+        "nodes": n}`` (as upstream lilota 1.4; lilota stores no log entries). Queued and running
+        tasks are never deleted. It deletes in batches, each a transaction of its own, so that running
+        workers are not held up."""
+        deleted = self.storage.delete_finished(_now() - _seconds(older_than, "older_than"))
+        return {"tasks": deleted["tasks"], "log_entries": 0, "nodes": deleted["nodes"]}
 
     def get_all_nodes(self):
         """Every node recorded in ``lilota_node``: worker processes and scheduling applications."""
         return self.storage.nodes()
+
+    def get_nodes(self):
+        """The same as ``get_all_nodes()`` (its name in upstream lilota)."""
+        return self.get_all_nodes()
+
+    def get_node(self):
+        """This process's own node (a :class:`Node`) once started (stopped after ``stop()``), else None."""
+        node_id = self.node_id
+        return None if node_id is None else self.storage.node(node_id)
+
+    def delete_task_by_id(self, task_id):
+        """Delete a task whatever its status; True when it was deleted, False when there was no task
+        with that id. A running task runs on; its result is not stored."""
+        return self.storage.delete_task(_task_id(task_id))
+
+    def has_unfinished_tasks(self):
+        """True while any task is queued (also delayed, or waiting for a retry) or running."""
+        return self.storage.has_unfinished_tasks()
+
+    # --- a node of its own (Lilota replaces these with its supervisor) ---
+
+    def start(self):
+        """Record this process as a scheduler node and keep it alive with a heartbeat thread until
+        ``stop()``. Scheduling does not need it; it makes the application visible among the nodes.
+        A no-op when already started."""
+        if self._heartbeat is not None:
+            return self
+        storage = self.storage
+        storage.ensure_ready()
+        node_id = str(uuid.uuid4())
+        storage.add_node(node_id, self.name or f"{socket.gethostname()}:{os.getpid()}", NodeType.SCHEDULER,
+                         NodeStatus.RUNNING, os.getpid(), self.node_timeout)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._keep_node_alive, args=(node_id, stop),
+                                  name="lilota-scheduler-heartbeat", daemon=True)
+        self.node_id, self._heartbeat = node_id, (thread, stop)
+        thread.start()
+        atexit.register(self.stop)
+        return self
+
+    def _keep_node_alive(self, node_id, stop):
+        while not stop.wait(self.heartbeat_interval):
+            try:
+                if self.storage.heartbeat([node_id], self.node_timeout):   # declared dead while alive
+                    self.storage.set_node_status(node_id, NodeStatus.RUNNING)
+            except StorageError:
+                logger.warning("lilota scheduler heartbeat failed; will retry", exc_info=True)
+
+    def stop(self):
+        """Stop the heartbeat started by ``start()`` and record the node as stopped (a no-op when
+        not started); ``get_node()`` then shows it stopped, until the next ``start()`` adds a new one."""
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is None:
+            return
+        thread, stop = heartbeat
+        stop.set()
+        thread.join()
+        atexit.unregister(self.stop)
+        try:
+            self.storage.set_node_status(self.node_id, NodeStatus.STOPPED)
+        except StorageError:
+            logger.warning("could not record that node %s stopped", self.node_id, exc_info=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.stop()
+        return False
+
+
+class _Retention:
+    """``keep_finished``: deletes finished tasks older than that, in a background thread of a
+    supervisor (Lilota) or standalone worker -- shortly after it starts, then every
+    ``interval`` (a tenth of keep_finished, at most 5 minutes). Of all the nodes on a database
+    only one deletes in each interval: the one whose compare-and-set on lilota_meta's time of the
+    last turn succeeds (Storage.take_turn). It deletes as cleanup() does, in batches."""
+
+    #: Seconds after start before the first turn.
+    first_delay = 1.0
+    #: Tasks deleted per transaction (None: Storage.delete_batch_size).
+    batch_size = None
+
+    def __init__(self, owner, keep_finished):
+        self.owner = owner           # what has the ``storage``: a LilotaScheduler or LilotaWorker
+        self.keep_finished = keep_finished
+        self.interval = max(1.0, min(keep_finished / 10, 300.0))
+        self._stop = threading.Event()
+        self._thread = None
+
+    def step(self, now=None, stop=None):
+        """Take this interval's turn if no other node has: delete and return how many tasks were
+        deleted; None when it was not this node's turn. ``now``: epoch seconds (tests)."""
+        now = _now() if now is None else now
+        storage = self.owner.storage
+        if not storage.take_turn(_RETENTION_KEY, self.interval, now):
+            return None
+        deleted = storage.delete_finished(now - self.keep_finished, self.batch_size, stop, everywhere=False)["tasks"]
+        if deleted:
+            logger.info("deleted %d task(s) that finished more than %gs ago (keep_finished)", deleted,
+                        self.keep_finished)
+        return deleted
+
+    def _run(self):
+        wait = min(self.first_delay, self.interval)
+        while not self._stop.wait(wait):
+            wait = self.interval
+            try:
+                self.step(stop=self._stop)
+            except StorageError:
+                logger.warning("lilota could not delete old finished tasks; will retry", exc_info=True)
+            except Exception:
+                logger.exception("lilota could not delete old finished tasks; will retry")
+
+    def start(self):
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="lilota-retention", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
 
 # ==================================================================================================
@@ -2627,16 +3047,39 @@ class _Interrupted(BaseException):
     A BaseException, so that a task's ``except Exception`` does not swallow it."""
 
 
+def _exception_types(value, what):
+    """``retry_on``/``no_retry_on`` as a tuple of exception classes (None stays None): one class or
+    an iterable of them, else TypeError."""
+    if value is None:
+        return None
+    if isinstance(value, type):
+        value = (value,)
+    elif isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{what} must be an exception class or a tuple of them, not {type(value).__name__}")
+    value = tuple(value)
+    for item in value:
+        if not (isinstance(item, type) and issubclass(item, BaseException)):
+            raise TypeError(f"{what} must hold exception classes (e.g. (ConnectionError, TimeoutError)), "
+                            f"got {item!r}")
+        if issubclass(item, Retry):
+            raise ValueError(f"{what} cannot hold Retry: raising Retry always runs the task again, "
+                             f"it is not a failure")
+    return value
+
+
 class _TaskFunction:
     """A registered task function with what lilota needs to call it."""
 
-    def __init__(self, name, func, input_model, output_model, wants_progress, timeout, max_attempts, keep_input):
+    def __init__(self, name, func, input_model, output_model, wants_progress, timeout, max_attempts, keep_input,
+                 retry_on=None, no_retry_on=None):
         self.name = name
         self.func = func
         self.output_model = output_model
         self.timeout = _seconds(timeout, f"timeout of task {name!r}", allow_zero=False)
         self.max_attempts = _check_attempts(max_attempts, f"max_attempts of task {name!r}")
         self.keep_input = bool(keep_input)
+        self.retry_on = _exception_types(retry_on, f"retry_on of task {name!r}")
+        self.no_retry_on = _exception_types(no_retry_on, f"no_retry_on of task {name!r}")
         try:
             signature = inspect.signature(func)
         except (TypeError, ValueError):
@@ -2667,12 +3110,20 @@ class _TaskFunction:
                 if isinstance(annotation, type) and annotation not in (dict, object) or typing.get_origin(annotation):
                     input_model = annotation
         if wants_progress and self.progress_param is None and free:
-            self.progress_param = free.pop(0).name  # the seed's style: def task(data, task_progress)
+            self.progress_param = free.pop(0).name  # the original lilota's style: def task(data, task_progress)
         missing = [p.name for p in free if p.default is p.empty]
         if missing:
             raise TypeError(f"task {name!r}: lilota cannot fill parameter(s) {missing}; a task function takes "
                             f"its input, and optionally a TaskProgress and a TaskContext parameter")
         self.input_model = input_model
+
+    def retries(self, exc):
+        """Whether a failed attempt that raised ``exc`` may be retried (while attempts remain): not
+        when it is a ``no_retry_on`` type (which wins over ``retry_on``), nor when ``retry_on`` is
+        given and it is none of those types. A timeout counts as a TaskTimeoutError."""
+        if self.no_retry_on is not None and isinstance(exc, self.no_retry_on):
+            return False
+        return self.retry_on is None or isinstance(exc, self.retry_on)
 
     def output(self, result):
         """The JSON text stored for a task's return value. With an ``output_model``, the value must be
@@ -2735,6 +3186,10 @@ class LilotaWorker:
     Run standalone (``python myscript.py``) it executes tasks until stopped (Ctrl-C, SIGTERM or
     ``stop()``). Run by :class:`Lilota` (``script_path=``), each worker process runs the script
     and the supervisor handles timeouts, crashes and stop.
+
+    ``keep_finished`` (a timedelta or seconds; None: keep them until ``cleanup()``): a standalone
+    worker deletes finished tasks older than that in the background, as Lilota does; under a
+    supervisor it is ignored, the supervisor's own ``keep_finished`` applies.
     """
 
     #: An idle worker claims at least this often (seconds), whatever it was told: a safety net
@@ -2743,10 +3198,15 @@ class LilotaWorker:
 
     def __init__(self, db_url=None, set_progress_manually=False, *, name=None, poll_interval=0.02,
                  heartbeat_interval=5.0, node_timeout=30.0, retry_delay=timedelta(seconds=1),
-                 retry_max_delay=timedelta(minutes=10)):
+                 retry_max_delay=timedelta(minutes=10), node_heartbeat_interval=None,
+                 node_heartbeat_interval_jitter=None, node_timeout_sec=None, task_heartbeat_interval=None,
+                 max_task_heartbeat_interval=None, logging_level=None, keep_finished=None):
         self.db_url = db_url or (_supervision.db_url if _supervision else None) \
             or os.environ.get("LILOTA_DB_URL") or DEFAULT_DB_URL
         self._dialect = _dialect_for_url(self.db_url)
+        # Upstream lilota's arguments (the last six): see _UPSTREAM_OPTIONS.
+        heartbeat_interval, node_timeout = _upstream_options(LilotaWorker.__init__, locals(),
+                                                             "heartbeat_interval", "node_timeout")
         self.set_progress_manually = bool(set_progress_manually)
         self.name = name
         self.poll_interval = _seconds(poll_interval, "poll_interval", allow_zero=False)
@@ -2754,6 +3214,8 @@ class LilotaWorker:
         self.node_timeout = _seconds(node_timeout, "node_timeout", allow_zero=False)
         self.retry_delay = _seconds(retry_delay, "retry_delay")
         self.retry_max_delay = _seconds(retry_max_delay, "retry_max_delay")
+        # Standalone only: under a supervisor, the supervisor's keep_finished is what applies.
+        self.keep_finished = _seconds(keep_finished, "keep_finished", allow_zero=False)
         self._registry = {}
         self._storage = None
         self._claim = None
@@ -2772,7 +3234,7 @@ class LilotaWorker:
     # --- registration ---
 
     def register(self, name, input_model=None, output_model=None, task_progress=None,
-                 timeout=timedelta(minutes=5), max_attempts=1, keep_input=True):
+                 timeout=timedelta(minutes=5), max_attempts=1, keep_input=True, retry_on=None, no_retry_on=None):
         """Decorator registering a task function under ``name``.
 
         The function receives its input as an ``input_model`` instance (the stored dict when there
@@ -2781,16 +3243,24 @@ class LilotaWorker:
         A run longer than ``timeout`` (None: no limit) is stopped and ends expired; ``max_attempts``
         counts every execution (1: no retry). ``keep_input=False`` deletes the input once the task
         has finished for good.
+
+        ``retry_on`` (an exception class or a tuple of them): only failures raising one of these
+        (or a subclass) are retried, any other ends the task at once; ``no_retry_on``: failures
+        raising one of these end the task at once, others are retried. A type matching both is not
+        retried. A timeout counts as :class:`TaskTimeoutError` (a ``TimeoutError``); a worker
+        crash is retried whatever the filters. Raising :class:`Retry` is never a failure.
         """
         def decorator(func):
             self._add(_TaskFunction(_check_name(name), func, input_model, output_model, bool(task_progress),
-                                    timeout, max_attempts, keep_input))
+                                    timeout, max_attempts, keep_input, retry_on, no_retry_on))
             return func
         return decorator
 
-    def task(self, func=None, *, name=None, timeout=timedelta(minutes=5), max_attempts=1, keep_input=True):
+    def task(self, func=None, *, name=None, timeout=timedelta(minutes=5), max_attempts=1, keep_input=True,
+             retry_on=None, no_retry_on=None):
         """Decorator registering a task under the function's name (or ``name``), with the input and
-        output models read from its annotations: ``@worker.task`` or ``@worker.task(name=...)``."""
+        output models read from its annotations: ``@worker.task`` or ``@worker.task(name=...)``.
+        The other options are those of :meth:`register`."""
         def decorator(fn):
             hints = {}
             try:
@@ -2800,7 +3270,7 @@ class LilotaWorker:
             output_model = hints.get("return")
             self._add(_TaskFunction(_check_name(name or fn.__name__), fn, None,
                                     None if output_model is type(None) else output_model,
-                                    False, timeout, max_attempts, keep_input))
+                                    False, timeout, max_attempts, keep_input, retry_on, no_retry_on))
             return fn
         return decorator(func) if func is not None else decorator
 
@@ -2816,6 +3286,25 @@ class LilotaWorker:
     def registered_names(self):
         """The names of the registered tasks, sorted."""
         return sorted(self._registry)
+
+    # --- upstream lilota's queries on a worker ---
+
+    def get_node(self):
+        """This worker's :class:`Node` while it runs (``start()``), else None."""
+        node_id = _supervision.node_id if self._running and _supervision is not None else self._node_id
+        return None if node_id is None else self.storage.node(node_id)
+
+    def get_nodes(self):
+        """Every node recorded in ``lilota_node`` (as ``Lilota.get_all_nodes()``)."""
+        return self.storage.nodes()
+
+    def get_task_by_id(self, task_id):
+        """The stored :class:`Task`, or None when there is no task with that id."""
+        return self.storage.get_task(_task_id(task_id))
+
+    def delete_task_by_id(self, task_id):
+        """Delete a task whatever its status; True when it was deleted, False when there was none."""
+        return self.storage.delete_task(_task_id(task_id))
 
     # --- storage helpers ---
 
@@ -2853,7 +3342,8 @@ class LilotaWorker:
             progress = TaskProgress(task.id, functools.partial(self._store_progress, node_id))
             if function.context_param is not None:
                 context = TaskContext(task_id=task.id, name=task.name, attempt=task.attempts,
-                                      max_attempts=task.max_attempts or 1, progress=progress, logger=self.logger)
+                                      max_attempts=task.max_attempts or 1, progress=progress,
+                                      logger=logging.getLogger("task." + task.name))
         self._current, self._interrupt = task, None
         try:
             try:
@@ -2865,7 +3355,10 @@ class LilotaWorker:
                 self._interruptible = False
             output = function.output(result)
         except _Interrupted as stop:
-            self._end_interrupted(task, node_id, str(stop))
+            self._end_interrupted(task, node_id, str(stop), function)
+            return None
+        except Retry as retry:   # asked for, not a failure
+            self._end_retry(task, node_id, retry)
             return None
         except KeyboardInterrupt:
             # Ctrl-C of a standalone worker: give the task back to the queue and stop.
@@ -2873,14 +3366,14 @@ class LilotaWorker:
                 TaskInterruptedError("the worker was interrupted; the task was queued again")), count_attempt=False)
             raise
         except BaseException as exc:  # the task's own failure, SystemExit included
-            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts))
+            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts), retry=function.retries(exc))
             return None
         finally:
             self._current = None
         try:
             stored, next_task = self._store_output(task, node_id, output, claim_next)
         except UnserializableError as exc:   # the database refused this output (PostgreSQL: U+0000, size)
-            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts))
+            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts), retry=function.retries(exc))
             return None
         if not stored:
             self.logger.info("task %s finished but was no longer this worker's (cancelled or recovered); "
@@ -2932,22 +3425,30 @@ class LilotaWorker:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _end_failed(self, task, node_id, error, final_status=TaskStatus.FAILED):
-        retry_at = _retry_time(task, self.retry_delay, self.retry_max_delay)
+    def _end_failed(self, task, node_id, error, final_status=TaskStatus.FAILED, retry=True):
+        """End a failed attempt: retried with backoff while attempts remain, unless ``retry`` is
+        False (the error's type is excluded by retry_on/no_retry_on): then final at once."""
+        retry_at = _retry_time(task, self.retry_delay, self.retry_max_delay) if retry else None
+        note = " (will retry)" if retry_at else "" if retry else " (not retried: retry_on/no_retry_on)"
         self.logger.warning("task %s (%s) attempt %s/%s failed: %s: %s%s", task.id, task.name, task.attempts,
-                            task.max_attempts, error["type"], error["message"], " (will retry)" if retry_at else "")
+                            task.max_attempts, error["type"], error["message"], note)
         self._record(self.storage.finish_attempt, task, node_id, error, final_status=final_status,
                      retry_at=retry_at)
 
-    def _end_interrupted(self, task, node_id, reason):
+    def _end_retry(self, task, node_id, retry):
+        run_at = retry.run_at(_now())
+        self.logger.info("task %s (%s) asked to run again in %.3gs", task.id, task.name, max(0.0, run_at - _now()))
+        self._record(self.storage.snooze, task, node_id, run_at)
+
+    def _end_interrupted(self, task, node_id, reason, function=None):
         if reason == "cancel":
             self._record(self.storage.finish_attempt, task, node_id, _error_record(
                 TaskCancelledError("cancelled while running"), attempt=task.attempts), final_status=TaskStatus.CANCELLED)
         elif reason == "timeout":
             limit = f" of {task.timeout.total_seconds():g}s" if task.timeout is not None else ""
-            self._end_failed(task, node_id, _error_record(
-                TaskTimeoutError(f"task ran longer than its timeout{limit}"), attempt=task.attempts),
-                final_status=TaskStatus.EXPIRED)
+            timeout = TaskTimeoutError(f"task ran longer than its timeout{limit}")
+            self._end_failed(task, node_id, _error_record(timeout, attempt=task.attempts),
+                             final_status=TaskStatus.EXPIRED, retry=function is None or function.retries(timeout))
         else:  # "lost": another process declared this worker dead and already recovered the task
             self.logger.error("task %s was taken from this worker (its node was declared dead); stopped it",
                               task.id)
@@ -3035,6 +3536,10 @@ class LilotaWorker:
         self._open_wake_pipe()
         doorbell = supervision.doorbell.fileno()
         os.set_blocking(doorbell, False)
+        # The supervisor stops tasks that run past their timeout: tell it which are not retried then.
+        final_timeouts = [t.name for t in self._registry.values() if not t.retries(TaskTimeoutError())]
+        if final_timeouts:
+            supervision.control.send(("no_timeout_retry", final_timeouts))
         supervision.control.send(("ready", os.getpid()))
         keeper = threading.Thread(target=self._listen_to_supervisor, args=(supervision.control,),
                                   name="lilota-keeper", daemon=True)
@@ -3078,6 +3583,7 @@ class LilotaWorker:
         keeper = threading.Thread(target=self._keep_standalone, args=(node_id, in_main_thread),
                                   name="lilota-keeper", daemon=True)
         keeper.start()
+        retention = _Retention(self, self.keep_finished).start() if self.keep_finished else None
         status = NodeStatus.STOPPED
         try:
             self._loop(node_id, None)
@@ -3090,6 +3596,8 @@ class LilotaWorker:
             self._running = False
             self._stopping.set()
             keeper.join(timeout=2 * self.heartbeat_interval)
+            if retention is not None:
+                retention.stop()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self._close_wake_pipe()
@@ -3275,6 +3783,54 @@ def _describe_exit(code):
 _EXIT_FATAL = 3  # a worker process's exit code when its script could not start
 
 
+def _log_to_stderr_from_environment():
+    """With $LILOTA_LOG_LEVEL set (e.g. INFO; ``lilota -v`` sets it for its worker processes), send
+    the records of that level and above, of every logger, lilota's included, to stderr, as
+    ``logging.basicConfig()`` does (which is then done). Unset: logging is left as it is."""
+    level = os.environ.get("LILOTA_LOG_LEVEL", "").strip().upper()
+    if not level:
+        return
+    try:
+        logging.basicConfig(level=int(level) if level.isdigit() else level, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    except ValueError:
+        sys.stderr.write(f"lilota: LILOTA_LOG_LEVEL={level!r} ignored: not a logging level (DEBUG, INFO, WARNING, "
+                         f"ERROR)\n")
+
+
+def _script_module(path):
+    """(module name, directory to import it from) for a script inside a package (a directory with
+    ``__init__.py``), which runs as ``python -m`` would run it so that its relative imports work;
+    None for a plain script."""
+    directory, filename = os.path.split(path)
+    name, extension = os.path.splitext(filename)
+    if extension != ".py" or name == "__init__" or not name.isidentifier():
+        return None
+    parts = [name]
+    while os.path.isfile(os.path.join(directory, "__init__.py")):
+        directory, package = os.path.split(directory)
+        if not package.isidentifier():
+            return None
+        parts.insert(0, package)
+    return (".".join(parts), directory) if len(parts) > 1 else None
+
+
+def _run_script(script_path):
+    """Run the worker script as ``__main__``: a script inside a package as its module (``pkg/tasks.py``
+    as ``python -m pkg.tasks``, with the directory above ``pkg`` first on sys.path), else by path.
+    The script's own directory is on sys.path in both cases, as it always was."""
+    sys.path.insert(0, os.path.dirname(script_path))
+    module = _script_module(script_path)
+    if module is not None:
+        sys.path.insert(0, module[1])
+        import importlib.util
+        spec = importlib.util.find_spec(module[0])   # None, or another file: a package name taken
+        if spec is not None and spec.origin and os.path.samefile(spec.origin, script_path):
+            runpy.run_module(module[0], run_name="__main__", alter_sys=True)
+            return
+    runpy.run_path(script_path, run_name="__main__")
+
+
 def _worker_process_main(script_path, supervision):
     """Entry point of a worker process: run the worker script as ``__main__`` under supervision."""
     global _supervision
@@ -3287,9 +3843,9 @@ def _worker_process_main(script_path, supervision):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(supervision.parent_pid)
     sys.argv = [script_path]
-    sys.path.insert(0, os.path.dirname(script_path))
+    _log_to_stderr_from_environment()
     try:
-        runpy.run_path(script_path, run_name="__main__")
+        _run_script(script_path)
     except SystemExit as exc:
         if not supervision.started:
             _report_fatal(supervision, f"the worker script {script_path} exited (sys.exit({exc.code!r})) "
@@ -3326,6 +3882,7 @@ class _WorkerHandle:
         self.started_at = time.monotonic()
         self.ready = False      # it called worker.start()
         self.fatal = None       # what it reported before dying, if anything
+        self.no_timeout_retry = frozenset()   # task names whose timeout ends them (retry_on/no_retry_on)
 
 
 class Lilota(LilotaScheduler):
@@ -3338,6 +3895,10 @@ class Lilota(LilotaScheduler):
     exit) lets running tasks finish for ``stop_timeout`` seconds, then stops the rest and queues
     them again. Worker processes are started with ``spawn`` by default, so the application's own
     entry point must be guarded by ``if __name__ == "__main__":`` as with any multiprocessing program.
+
+    ``keep_finished`` (a timedelta or seconds; default None: keep them until ``cleanup()``): while
+    started, finished tasks that ended longer ago than that are deleted in the background, in
+    batches; when several nodes share the database, one of them does it in each interval.
 
     Signals (in the main thread): a SIGTERM while the workers run ends the application as Ctrl-C
     does (SystemExit, which stops lilota gracefully), unless the application handles SIGTERM
@@ -3352,8 +3913,25 @@ class Lilota(LilotaScheduler):
     def __init__(self, db_url=None, *, script_path=None, number_of_workers=None, stop_timeout=30.0,
                  heartbeat_interval=5.0, node_timeout=30.0, restart_delay=0.5, restart_max_delay=30.0,
                  retry_delay=timedelta(seconds=1), retry_max_delay=timedelta(minutes=10),
-                 start_method="spawn", name=None):
+                 start_method="spawn", name=None, mode=LilotaMode.ALL, on_fatal_error=None,
+                 scheduler_heartbeat_interval=None, scheduler_timeout_sec=None, process_manager_interval=None,
+                 stop_worker_timeout=None, logging_level=None, keep_finished=None):
         super().__init__(db_url)
+        # Upstream lilota's arguments (the last five): see _UPSTREAM_OPTIONS.
+        heartbeat_interval, node_timeout, stop_timeout = _upstream_options(
+            Lilota.__init__, locals(), "heartbeat_interval", "node_timeout", "stop_timeout")
+        try:
+            self.mode = LilotaMode(mode)
+        except ValueError:
+            raise ConfigurationError(f"mode must be one of {', '.join(repr(m.value) for m in LilotaMode)} "
+                                     f"(a LilotaMode), got {mode!r}") from None
+        if on_fatal_error is not None and not callable(on_fatal_error):
+            raise TypeError(f"on_fatal_error must be a function taking the error, not {type(on_fatal_error).__name__}")
+        self.on_fatal_error = on_fatal_error
+        if self.mode is LilotaMode.SCHEDULER:
+            script_path = number_of_workers = None   # as upstream: a scheduler runs no workers
+        elif self.mode is LilotaMode.WORKERS and script_path is None:
+            raise ConfigurationError("mode=LilotaMode.WORKERS needs a script_path: the worker script to run")
         self.number_of_workers = 0
         self.script_path = None
         if script_path is not None:
@@ -3386,6 +3964,9 @@ class Lilota(LilotaScheduler):
                                      f"got {start_method!r}")
         self.start_method = start_method
         self.name = name
+        # Old finished tasks are deleted in the background while started (None: kept until cleanup()).
+        self.keep_finished = _seconds(keep_finished, "keep_finished", allow_zero=False)
+        self._retention = _Retention(self, self.keep_finished) if self.keep_finished else None
         self.node_id = None
         self._error = None
         self._failed = threading.Event()
@@ -3410,13 +3991,25 @@ class Lilota(LilotaScheduler):
 
     @classmethod
     def scheduler(cls, db_url=None, **options):
-        """A Lilota that only schedules and looks after tasks; it starts no workers."""
-        return cls(db_url, **options)
+        """A Lilota that only schedules and looks after tasks; it starts no workers
+        (``mode=LilotaMode.SCHEDULER``)."""
+        return cls(db_url, mode=LilotaMode.SCHEDULER, **options)
 
     @classmethod
     def workers(cls, script_path, number_of_workers=None, db_url=None, **options):
-        """A Lilota whose job is to run worker processes (e.g. on a worker host)."""
-        return cls(db_url, script_path=script_path, number_of_workers=number_of_workers, **options)
+        """A Lilota whose job is to run worker processes (e.g. on a worker host); it does not
+        schedule (``mode=LilotaMode.WORKERS``). Upstream lilota 1.0's order, ``workers(db_url,
+        script_path, number_of_workers)``, is recognised by the database URL in front."""
+        if isinstance(script_path, str) and "://" in script_path and isinstance(number_of_workers, (str, os.PathLike)):
+            db_url, script_path, number_of_workers = script_path, number_of_workers, db_url
+        return cls(db_url, mode=LilotaMode.WORKERS, script_path=script_path, number_of_workers=number_of_workers,
+                   **options)
+
+    def _schedule(self, *args):
+        if self.mode is LilotaMode.WORKERS:
+            raise RuntimeError("this Lilota only runs workers (mode=LilotaMode.WORKERS) and cannot schedule "
+                               "tasks; schedule with a Lilota in mode ALL or SCHEDULER (Lilota.scheduler(db_url))")
+        return super()._schedule(*args)
 
     # --- failure reporting ---
 
@@ -3611,6 +4204,8 @@ class Lilota(LilotaScheduler):
 
     def _supervise(self):
         try:
+            if self._retention is not None:
+                self._retention.start()
             self._housekeeping()
             if self.script_path is None:
                 # A scheduling-only application: keep its node alive and help recover lost nodes.
@@ -3677,7 +4272,19 @@ class Lilota(LilotaScheduler):
         except BaseException:
             self._fail("the lilota supervisor failed:\n" + traceback.format_exc())
         finally:
-            self._shutdown()
+            try:
+                self._shutdown()
+            finally:
+                if self._failed.is_set() and self.on_fatal_error is not None:
+                    self._call_on_fatal_error()
+
+    def _call_on_fatal_error(self):
+        """Tell the application's ``on_fatal_error`` about the failure, once, from the supervisor
+        thread, after the workers were stopped. Its exceptions are logged, not raised."""
+        try:
+            self.on_fatal_error(self._error)
+        except Exception as exc:
+            logger.exception("lilota: the on_fatal_error function raised %s: %s", type(exc).__name__, exc)
 
     def _spawn(self, context, index):
         node_id = str(uuid.uuid4())
@@ -3708,6 +4315,8 @@ class Lilota(LilotaScheduler):
                     handle.ready = self._ever_ready = True
                 elif message[0] == "fatal":
                     handle.fatal = message[1]
+                elif message[0] == "no_timeout_retry":
+                    handle.no_timeout_retry = frozenset(message[1])
         except (EOFError, OSError):
             return True
         return False
@@ -3752,7 +4361,8 @@ class Lilota(LilotaScheduler):
             else:
                 self._recover(handle.node_id, _error_record(TaskTimeoutError(
                     f"task ran longer than its timeout of {task.timeout.total_seconds():g}s; "
-                    f"its worker process was stopped")), final_status=TaskStatus.EXPIRED, task_id=task.id)
+                    f"its worker process was stopped")), final_status=TaskStatus.EXPIRED, task_id=task.id,
+                    retry=task.name not in handle.no_timeout_retry)
             logger.info("task %s %s: worker process %s replaced", task.id,
                         "cancelled" if task.cancel_requested else "timed out", handle.process.pid)
             self._replace(handle, context)
@@ -3805,6 +4415,8 @@ class Lilota(LilotaScheduler):
     def _shutdown(self):
         """Stop every worker: ask, wait up to the stop timeout (renewing their leases meanwhile, so
         that nobody takes their tasks), then kill and requeue."""
+        if self._retention is not None:
+            self._retention.stop()
         handles = [h for h in self._handles if h is not None]
         live = [h for h in handles if h.process.exitcode is None]
         for h in live:
@@ -3896,27 +4508,49 @@ def _exit_code(exc):
 
 # --- Reading arguments ----------------------------------------------------------------------------
 
-_DURATION_UNITS = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0), ("d", 86400.0))
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_DURATION_PART = re.compile(rf"({_DURATION_NUMBER})(ms|min|s|m|h|d)")
+_DURATION = re.compile(rf"{_DURATION_NUMBER}|(?:{_DURATION_NUMBER}(?:ms|min|s|m|h|d))+")
+# The options whose value is a duration: main() joins a negative value to them (see there).
+_DURATION_OPTIONS = ("--delay", "--timeout", "--stop-timeout", "--older-than", "--keep-finished")
 
 
 def _parse_duration(text):
-    """Seconds from ``500ms``, ``30s``, ``5m``, ``2h``, ``7d`` or a bare number of seconds."""
+    """Seconds from ``500ms``, ``90s``, ``5m`` or ``5min``, ``2h``, ``2d``, a sum of them such as
+    ``1h30m``, or a bare number of seconds."""
     import argparse
-    number, factor = text.strip(), 1.0
-    for unit, seconds in _DURATION_UNITS:   # "ms" before "s" and "m"
-        if number.endswith(unit):
-            number, factor = number[:-len(unit)], seconds
-            break
+    number = text.strip()
+    if re.match(r"-\.?\d", number):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: a duration must be positive")
     value = math.nan
-    if number[:1].isdigit() or number[:1] == ".":   # no sign, no "inf" or "nan"
-        try:
-            value = float(number) * factor
-        except ValueError:
-            pass
+    if _DURATION.fullmatch(number):   # no sign, no exponent, no "inf" or "nan"
+        if _DURATION_PART.match(number):
+            value = sum(float(amount) * _DURATION_UNITS[unit] for amount, unit in _DURATION_PART.findall(number))
+        else:
+            value = float(number)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"invalid duration {text!r}: write a number and a unit, "
-                                         f"e.g. 500ms, 30s, 5m, 2h or 7d")
+                                         f"e.g. 500ms, 90s, 5min, 1h30m or 2d")
     return value
+
+
+def _parse_time(text):
+    """An aware datetime from ISO 8601 with a zone (``2030-01-31T09:00:00+01:00``, or ``Z`` for UTC).
+    A time without a zone is an error, not a guess at which zone was meant."""
+    import argparse
+    value = text.strip()
+    if value.endswith(("Z", "z")):   # datetime.fromisoformat reads "Z" from Python 3.11 on only
+        value = value[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid time {text!r}: write it in ISO 8601 with a zone, e.g. "
+                                         f"2030-01-31T09:00:00+01:00 or 2030-01-31T08:00:00Z") from None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise argparse.ArgumentTypeError(f"the time {text!r} has no zone: add one, e.g. {text}Z for UTC "
+                                         f"or {text}+01:00")
+    return moment
 
 
 def _positive_int(text):
@@ -3931,13 +4565,40 @@ def _positive_int(text):
     return value
 
 
+_MIN_ID_PREFIX = 8      # hex digits of a shortened task id, as git's shortest abbreviation
+_ID_CANDIDATES = 10     # the ids an error about an ambiguous prefix lists
+
+
 def _task_id_arg(text):
-    """A task id argument in its canonical form (a one-line usage error when it is not a UUID)."""
+    """A task id argument: a whole id, or its first characters (at least _MIN_ID_PREFIX hex digits,
+    hyphens optional) that _resolve_task_id looks up. Anything else is a one-line usage error."""
     import argparse
     try:
+        return _task_id(text)   # a whole id, in any form uuid.UUID reads
+    except ValueError:
+        pass
+    digits = text.strip().replace("-", "").lower()
+    if len(digits) < _MIN_ID_PREFIX or len(digits) > 32 or digits.strip("0123456789abcdef"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a task id: give a UUID like "
+                                         f"'12345678-1234-5678-1234-567812345678', or at least "
+                                         f"{_MIN_ID_PREFIX} of its first characters")
+    return text.strip()
+
+
+def _resolve_task_id(scheduler, text):
+    """The whole id of the task ``text`` names (see _task_id_arg): TaskNotFoundError when no id
+    starts with it, a usage error that lists them when several do."""
+    if len(text.replace("-", "")) == 32:
         return _task_id(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    ids = scheduler.find_task_ids(text, limit=_ID_CANDIDATES + 1)
+    if not ids:
+        raise TaskNotFoundError(f"no task with an id that starts with {text}")
+    if len(ids) > 1:
+        listed = ", ".join(map(str, ids[:_ID_CANDIDATES])) + (", ..." if len(ids) > _ID_CANDIDATES else "")
+        raise _CliError(f"the id prefix {text} is ambiguous: it starts the ids of "
+                        f"{'more than ' + str(_ID_CANDIDATES) if len(ids) > _ID_CANDIDATES else len(ids)} "
+                        f"tasks: {listed}; give more characters", _EXIT_USAGE)
+    return str(ids[0])
 
 
 def _parse_json_input(text):
@@ -3958,6 +4619,30 @@ def _parse_json_input(text):
                         _EXIT_USAGE) from None
     except (ValueError, RecursionError) as exc:
         raise _CliError(f"invalid JSON input: {exc}", _EXIT_USAGE) from None
+
+
+def _worker_script_path(text):
+    """The worker script given as a path, or as a module (``myapp.tasks``) found as ``python -m``
+    finds one, the current directory first: its file, which Lilota runs as that module when it is
+    inside a package. A path is returned as it is (Lilota says when it is missing)."""
+    if os.path.exists(text) or text.endswith(".py") or "/" in text or os.sep in text \
+            or not all(part.isidentifier() for part in text.split(".")):
+        return text
+    import importlib.util
+    if os.getcwd() not in sys.path:   # the `lilota` command runs from its bin directory
+        sys.path.insert(0, os.getcwd())
+    try:
+        spec = importlib.util.find_spec(text)
+        if spec is not None and spec.submodule_search_locations is not None:   # a package: its __main__
+            spec = importlib.util.find_spec(text + ".__main__")
+    except Exception as exc:   # a parent package that is missing or fails to import
+        raise _CliError(f"cannot import the worker module {text!r}: {_one_line(exc)}", _EXIT_USAGE) from None
+    if spec is None:
+        raise _CliError(f"no worker script or module {text!r}: give a path (e.g. tasks.py) or a module "
+                        f"importable from {os.getcwd()} (e.g. myapp.tasks)", _EXIT_USAGE)
+    if not spec.has_location or not (spec.origin or "").endswith(".py"):
+        raise _CliError(f"the worker module {text!r} is not a Python source file ({spec.origin})", _EXIT_USAGE)
+    return spec.origin
 
 
 def _scheduler(args, create=False):
@@ -4002,10 +4687,11 @@ def _format_age(moment, now):
 
 
 def _format_time(moment, now):
-    """A datetime in full, UTC, with how long ago it was."""
+    """A datetime in full, UTC, with how long ago it was (``now`` None: without that)."""
     if moment is None:
         return "-"
-    return f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} UTC ({_format_age(moment, now)})"
+    text = f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} UTC"
+    return text if now is None else f"{text} ({_format_age(moment, now)})"
 
 
 def _table(headers, rows, right=()):
@@ -4032,7 +4718,10 @@ def _task_row(task, now):
     """A task as a row of the ``list`` table: id, name, status, progress, attempts, age, duration."""
     attempts = f"{task.attempts}/{task.max_attempts if task.max_attempts is not None else '-'}"
     start, end = task.start_date_time, task.end_date_time
-    duration = "-" if start is None else _format_duration(((end or now) - start).total_seconds())
+    if end is None and task.status == TaskStatus.RUNNING:
+        end = now   # so far
+    # A task queued again after a run (e.g. given back on stop) has a start but no end: no duration.
+    duration = "-" if start is None or end is None else _format_duration((end - start).total_seconds())
     return [task.id, _short(task.name), task.status, f"{task.progress_percentage}%", attempts,
             _format_age(task.created_at, now).replace(" ago", ""), duration]
 
@@ -4046,7 +4735,9 @@ def _describe_task(task, now):
         if field.name in ("input", "output", "error"):
             continue
         if isinstance(value, datetime):
-            value = _format_time(value, now)
+            # A deadline counts down only while the task runs: "in 4m" would mislead once it ended.
+            value = _format_time(value, now if field.name != "expires_at" or task.status == TaskStatus.RUNNING
+                                 else None)
         elif isinstance(value, timedelta):
             value = _format_duration(value.total_seconds())
         lines.append(f"{field.name + ':':<22}{'-' if value is None else value}")
@@ -4194,13 +4885,9 @@ def _cmd_worker(args):
     one stops them at once, their tasks back in the queue. Prints a line when a worker starts, stops
     or crashes. A script that cannot start is a fatal error:
     its traceback on stderr and exit code 1."""
-    if args.verbose:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
     name = f"{socket.gethostname()}:{os.getpid()}"
-    app = Lilota.workers(args.script, args.workers, args.db, stop_timeout=args.stop_timeout, name=name)
+    app = Lilota.workers(_worker_script_path(args.script), args.workers, args.db, stop_timeout=args.stop_timeout,
+                         name=name, keep_finished=args.keep_finished)
     # The handler only records the signal (taking a lock there could deadlock with the interrupted
     # code); the loop below looks at it. During the stop, Lilota.stop() handles them: a second
     # signal stops the workers at once.
@@ -4235,8 +4922,8 @@ def _cmd_schedule(args):
     data = _parse_json_input(args.input)
     scheduler = _scheduler(args, create=True)
     try:
-        task_id = scheduler.schedule(args.name, data, delay=args.delay, priority=args.priority,
-                                     max_attempts=args.max_attempts)
+        task_id = scheduler.schedule(args.name, data, delay=args.delay, run_at=args.run_at, priority=args.priority,
+                                     max_attempts=args.max_attempts, timeout=args.timeout)
     except (TypeError, ValueError) as exc:   # a bad name or priority, an input JSON cannot hold
         raise _CliError(_one_line(exc), _EXIT_USAGE) from None
     if not args.wait:
@@ -4274,9 +4961,11 @@ def _cmd_list(args):
 
 def _cmd_show(args):
     """Show every field of a task; input, output and error pretty-printed, with the traceback."""
-    task = _scheduler(args).get_task_by_id(args.id)
+    scheduler = _scheduler(args)
+    task_id = _resolve_task_id(scheduler, args.id)
+    task = scheduler.get_task_by_id(task_id)
     if task is None:
-        raise TaskNotFoundError(f"no task with id {args.id}")
+        raise TaskNotFoundError(f"no task with id {task_id}")
     if args.json:
         _print_json(task.as_dict())
     else:
@@ -4289,7 +4978,8 @@ def _cmd_wait(args):
     per change otherwise), then print its output. Exit code 0 when it completed, 1 when it failed,
     expired or was cancelled, 5 when --timeout passed first (the task goes on)."""
     scheduler = _scheduler(args)
-    task = _wait_for(scheduler, args.id, args.timeout, _ProgressDisplay(sys.stderr, enabled=not args.json))
+    task = _wait_for(scheduler, _resolve_task_id(scheduler, args.id), args.timeout,
+                     _ProgressDisplay(sys.stderr, enabled=not args.json))
     return _report_end(task, args.json)
 
 
@@ -4297,15 +4987,16 @@ def _cmd_cancel(args):
     """Cancel a task: a queued one never runs; a running one is stopped by its supervisor (its
     worker process is replaced). Exit code 1 when it had already completed, failed or expired."""
     scheduler = _scheduler(args)
-    if not scheduler.cancel(args.id):
-        task = scheduler.get_task_by_id(args.id)
-        raise _CliError(f"task {args.id} already {task.status if task else 'ended'}; nothing to cancel",
+    task_id = _resolve_task_id(scheduler, args.id)
+    if not scheduler.cancel(task_id):
+        task = scheduler.get_task_by_id(task_id)
+        raise _CliError(f"task {task_id} already {task.status if task else 'ended'}; nothing to cancel",
                         _EXIT_NOT_COMPLETED)
-    task = scheduler.get_task_by_id(args.id)
+    task = scheduler.get_task_by_id(task_id)
     if task is not None and task.status == TaskStatus.RUNNING:
-        print(f"task {args.id} is running: asked its worker to stop it")
+        print(f"task {task_id} is running: asked its worker to stop it")
     else:
-        print(f"task {args.id} cancelled")
+        print(f"task {task_id} cancelled")
     return 0
 
 
@@ -4313,11 +5004,12 @@ def _cmd_retry(args):
     """Queue a failed, expired or cancelled task again, under the same id, with its attempts
     reset. Exit code 1 for a task in another state or whose input was deleted (keep_input=False)."""
     scheduler = _scheduler(args)
-    if not scheduler.retry(args.id):
-        task = scheduler.get_task_by_id(args.id)
-        raise _CliError(f"task {args.id} is {task.status if task else 'gone'}; only failed, expired or "
+    task_id = _resolve_task_id(scheduler, args.id)
+    if not scheduler.retry(task_id):
+        task = scheduler.get_task_by_id(task_id)
+        raise _CliError(f"task {task_id} is {task.status if task else 'gone'}; only failed, expired or "
                         f"cancelled tasks can be retried", _EXIT_NOT_COMPLETED)
-    print(f"task {args.id} queued again")
+    print(f"task {task_id} queued again")
     return 0
 
 
@@ -4325,7 +5017,8 @@ def _cmd_cleanup(args):
     """Delete the tasks that finished longer ago than --older-than (and nodes gone since then).
     Queued and running tasks are never deleted."""
     deleted = _scheduler(args).cleanup(older_than=args.older_than)
-    print(f"deleted {deleted} task(s) that finished more than {_format_duration(args.older_than)} ago")
+    print(f"deleted {deleted['tasks']} task(s) that finished more than {_format_duration(args.older_than)} ago "
+          f"and {deleted['nodes']} node(s) gone since then")
     return 0
 
 
@@ -4386,6 +5079,9 @@ _EXAMPLES = {
 }
 
 
+_ID_HELP = "the task's id, or its first characters (at least 8, hyphens optional) when no other id starts so"
+
+
 def _build_parser(prog):
     """The argparse parser of every command, each with its --help (the command's docstring and an
     example)."""
@@ -4402,9 +5098,15 @@ def _build_parser(prog):
                            + _EXIT_CODES_HELP + "\n\nExample:\n  " + _EXAMPLES["schedule"].format(prog=prog)
                            + f"\n  {prog} list --status failed\n  {prog} CMD --help")
     parser.add_argument("--version", action="version", version=f"lilota {__version__}")
+    # --db and -v go before the command or after it (there they win); SUPPRESS keeps a command's
+    # parser from overwriting a value given before the command with its default.
     database = Parser(add_help=False)
-    database.add_argument("--db", metavar="URL", default=None,
-                          help="database URL (default: $LILOTA_DB_URL, then sqlite:///lilota.db)")
+    for options, suppress in ((parser, False), (database, True)):
+        options.add_argument("--db", metavar="URL", default=argparse.SUPPRESS if suppress else None,
+                             help="database URL (default: $LILOTA_DB_URL, then sqlite:///lilota.db)")
+        options.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                             help="print lilota's log on stderr, INFO and above (for worker: also the "
+                                  "worker processes' log, with your tasks' INFO records)")
     as_json = Parser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="machine-readable output: JSON (lines for lists)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -4417,20 +5119,28 @@ def _build_parser(prog):
         return sub
 
     sub = command("worker", _cmd_worker, "run worker processes for a worker script until Ctrl-C", reads=False)
-    sub.add_argument("script", help="the worker script (it creates a LilotaWorker and calls worker.start())")
+    sub.add_argument("script", metavar="SCRIPT",
+                     help="the worker script (it creates a LilotaWorker and calls worker.start()): a path, "
+                          "or a module such as myapp.tasks, imported from the current directory like python -m")
     sub.add_argument("-n", "--workers", type=_positive_int, default=None,
                      help="number of worker processes (default: the number of CPUs)")
     sub.add_argument("--stop-timeout", type=_parse_duration, default=30.0, metavar="DURATION",
                      help="how long running tasks may finish after Ctrl-C/SIGTERM (default: 30s)")
-    sub.add_argument("-v", "--verbose", action="store_true", help="also print lilota's log (crashes, retries)")
+    sub.add_argument("--keep-finished", type=_parse_duration, default=None, metavar="DURATION",
+                     help="delete finished tasks older than this meanwhile, e.g. 7d (default: keep them)")
 
     sub = command("schedule", _cmd_schedule, "store a task and print its id")
     sub.add_argument("name", help="the registered task name")
     sub.add_argument("input", nargs="?", metavar="JSON", help="the input as JSON ('-': read standard input)")
-    sub.add_argument("--delay", type=_parse_duration, metavar="DURATION", help="run it this much later")
+    when = sub.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=_parse_duration, metavar="DURATION", help="run it this much later")
+    when.add_argument("--run-at", type=_parse_time, metavar="TIME",
+                      help="run it at this time: ISO 8601 with a zone, e.g. 2030-01-31T09:00:00+01:00 or ...Z")
     sub.add_argument("--priority", type=int, default=0, help="higher runs first (default: 0)")
     sub.add_argument("--max-attempts", type=_positive_int, metavar="N",
                      help="executions allowed, the first included (default: the registered value)")
+    sub.add_argument("--timeout", type=_parse_duration, metavar="DURATION",
+                     help="stop a run that takes longer (default: the registered value)")
     sub.add_argument("--wait", action="store_true", help="wait for the task and print its output")
 
     sub = command("list", _cmd_list, "list tasks as a table")
@@ -4438,15 +5148,17 @@ def _build_parser(prog):
     sub.add_argument("--name", help="only tasks with this name")
     sub.add_argument("--limit", type=_positive_int, default=20, metavar="K", help="at most K tasks (default: 20)")
 
-    command("show", _cmd_show, "show every field of a task").add_argument("id", type=_task_id_arg, metavar="ID")
+    command("show", _cmd_show, "show every field of a task").add_argument("id", type=_task_id_arg, metavar="ID",
+                                                                          help=_ID_HELP)
 
     sub = command("wait", _cmd_wait, "wait for a task with a progress bar")
-    sub.add_argument("id", type=_task_id_arg, metavar="ID")
+    sub.add_argument("id", type=_task_id_arg, metavar="ID", help=_ID_HELP)
     sub.add_argument("--timeout", type=_parse_duration, metavar="DURATION", help="give up after this long")
 
-    command("cancel", _cmd_cancel, "cancel a task", reads=False).add_argument("id", type=_task_id_arg, metavar="ID")
+    command("cancel", _cmd_cancel, "cancel a task", reads=False).add_argument("id", type=_task_id_arg, metavar="ID",
+                                                                              help=_ID_HELP)
     command("retry", _cmd_retry, "queue a failed, expired or cancelled task again",
-            reads=False).add_argument("id", type=_task_id_arg, metavar="ID")
+            reads=False).add_argument("id", type=_task_id_arg, metavar="ID", help=_ID_HELP)
     command("cleanup", _cmd_cleanup, "delete old finished tasks", reads=False).add_argument(
         "--older-than", type=_parse_duration, default=30 * 86400.0, metavar="DURATION",
         help="delete tasks that finished longer ago than this (default: 30d)")
@@ -4455,11 +5167,29 @@ def _build_parser(prog):
     return parser
 
 
+def _join_negative_durations(argv):
+    """The arguments with ``--timeout -5s`` written ``--timeout=-5s``: argparse takes a value that
+    starts with ``-`` for an option ("expected one argument"); joined, it reaches _parse_duration,
+    which says that a duration must be positive."""
+    joined = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return joined + list(argv[index:])
+        if joined and joined[-1] in _DURATION_OPTIONS and re.match(r"-\.?\d", arg):
+            joined[-1] += "=" + arg
+        else:
+            joined.append(arg)
+    return joined
+
+
 def main(argv=None):
     """``python -m lilota``: the command line. Returns the exit code (see ``--help``)."""
     prog = "lilota" if os.path.basename(sys.argv[0]) == "lilota" else "python -m lilota"
     try:
-        args = _build_parser(prog).parse_args(argv)
+        args = _build_parser(prog).parse_args(_join_negative_durations(sys.argv[1:] if argv is None else argv))
+        if args.verbose:   # this process's log and, through the environment, its worker processes'
+            os.environ["LILOTA_LOG_LEVEL"] = os.environ.get("LILOTA_LOG_LEVEL", "").strip() or "INFO"
+        _log_to_stderr_from_environment()
         return args.run(args)
     except _CliError as exc:
         print(f"lilota: {exc}", file=sys.stderr)

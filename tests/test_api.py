@@ -7,6 +7,7 @@ import os
 import threading
 import time
 import unittest
+import unittest.mock
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -71,6 +72,26 @@ class ImportPathTests(support.TempDirTestCase):
             "assert LilotaWorker is W2 is lilota.LilotaWorker\n"
             "assert Task is lilota.Task and TaskProgress is lilota.TaskProgress\n"
             "assert LilotaScheduler is lilota.LilotaScheduler and issubclass(Lilota, LilotaScheduler)\n"
+            "print('imports ok')\n"
+        )
+        result = self.run_python("-c", code, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), "imports ok")
+
+    def test_import_of_a_submodule_then_attribute_access(self):
+        code = (
+            "import lilota.core, lilota.worker, lilota.models, lilota.scheduler\n"
+            "import lilota\n"
+            "assert lilota.core.Lilota is lilota.Lilota\n"
+            "assert lilota.worker.LilotaWorker is lilota.LilotaWorker\n"
+            "assert lilota.models.Task is lilota.Task\n"
+            "assert lilota.scheduler.LilotaScheduler is lilota.LilotaScheduler\n"
+            "try:\n"
+            "    lilota.no_such_thing\n"
+            "except AttributeError as exc:\n"
+            "    assert 'no_such_thing' in str(exc)\n"
+            "else:\n"
+            "    raise SystemExit('an unknown attribute must raise AttributeError')\n"
             "print('imports ok')\n"
         )
         result = self.run_python("-c", code, timeout=60)
@@ -181,6 +202,32 @@ class ScheduleTests(ApiTestCase):
         with self.assertRaises(lilota.StorageError):
             self.lilota.schedule_many("add", [1, 2, 3, 4])
         self.assertEqual(self.count_rows(), 0)
+
+
+@support.on_every_backend
+class TaskIdOrderTests(ApiTestCase):
+    """Ids sort by creation time, also within one millisecond and after the clock steps back."""
+
+    def test_ids_increase_in_creation_order(self):
+        ids = [self.lilota.schedule("add", i) for i in range(300)]
+        ids += self.lilota.schedule_many("add", list(range(3000)))
+        ids.append(self.lilota.schedule("add", 0))
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(len(set(ids)), len(ids))
+        for task_id in ids[:3] + ids[-3:]:
+            self.assertEqual((task_id.version, task_id.variant), (7, uuid.RFC_4122))
+        stored = [row[0] for row in self.sql("SELECT id FROM lilota_task ORDER BY id")]
+        self.assertEqual([str(uuid.UUID(str(value))) for value in stored], [str(i) for i in ids])
+        newest_first = self.lilota.list_tasks(limit=5)
+        self.assertEqual([task.id for task in newest_first], ids[:-6:-1])
+
+    def test_ids_keep_increasing_when_the_clock_steps_back(self):
+        real = time.time_ns()
+        before = lilota._new_task_ids(3)
+        with unittest.mock.patch.object(lilota.time, "time_ns", return_value=real - 3_600 * 10 ** 9):
+            after = lilota._new_task_ids(3) + lilota._new_task_ids(1)
+        self.assertEqual(before + after, sorted(before + after))
+        self.assertEqual(len(set(before + after)), 7)
 
 
 @support.on_every_backend
@@ -379,12 +426,12 @@ class CancelRetryCleanupTests(ApiTestCase):
                  (long_ago, long_ago, str(queued)))
         self.sql("UPDATE lilota_task SET status = 'running', end_date_time = ?, created_at = ? WHERE id = ?",
                  (long_ago, long_ago, str(running)))
-        self.assertEqual(self.lilota.cleanup(older_than=timedelta(days=1)), 3)
+        self.assertEqual(self.lilota.cleanup(older_than=timedelta(days=1))["tasks"], 3)
         remaining = {uuid.UUID(str(r[0])) for r in self.sql("SELECT id FROM lilota_task")}
         self.assertEqual(remaining, {recent_done, queued, running})
         self.assertIsNone(self.lilota.get_task_by_id(old_done))
-        self.assertEqual(self.lilota.cleanup(older_than=timedelta(days=1)), 0)
-        self.assertEqual(self.lilota.cleanup(older_than=0), 1)  # the recent completed one
+        self.assertEqual(self.lilota.cleanup(older_than=timedelta(days=1))["tasks"], 0)
+        self.assertEqual(self.lilota.cleanup(older_than=0)["tasks"], 1)  # the recent completed one
         with self.assertRaises(ValueError):
             self.lilota.cleanup(older_than=timedelta(days=-1))
 

@@ -12,9 +12,9 @@ import time
 import unittest
 
 try:
-    from .support import TempDirTestCase, wait_until
+    from .support import TempDirTestCase, on_every_backend, wait_until
 except ImportError:  # run from inside tests/
-    from support import TempDirTestCase, wait_until
+    from support import TempDirTestCase, on_every_backend, wait_until
 
 import lilota
 
@@ -94,10 +94,10 @@ class CliTestCase(TempDirTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         return result.stdout
 
-    def assertError(self, result, code, text, last_line_only=False):
+    def assertError(self, result, code, text, last_line_only=False, msg=None):
         """Exit ``code``, no traceback, and the error as one line on stderr that contains ``text``
         (with ``last_line_only``: the last line; the lines before are progress)."""
-        self.assertEqual(result.returncode, code, (result.stdout, result.stderr))
+        self.assertEqual(result.returncode, code, (msg, result.stdout, result.stderr))
         self.assertNotIn("Traceback", result.stderr)
         lines = result.stderr.strip().splitlines()
         if not last_line_only:
@@ -155,6 +155,107 @@ class WorkerCommandTest(CliTestCase):
         self.assertEqual(events, [f"worker-0 started (pid {first.pid})", f"worker-0 crashed (pid {first.pid})",
                                   f"worker-0 started (pid {second.pid})", f"worker-0 stopped (pid {second.pid})"])
 
+    def run_worker(self, script, task, *options, env=None):
+        """Run `lilota worker SCRIPT -n 1 OPTIONS` until ``task`` (name, input) has finished, then stop it
+        with SIGTERM; return the finished Task, the command's stdout and its stderr."""
+        proc = self.popen_python("-m", "lilota", "worker", script, "-n", "1", "--db", self.db_url, *options,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            finished = self.wait_alive(proc, self.scheduler.schedule(*task))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 0, err)
+        return finished, out, err
+
+    def wait_alive(self, proc, task_id, timeout=60):
+        """The finished task, waited for while the worker command ``proc`` runs (a script that fails
+        ends the command: the test fails at once, not after the timeout)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                return self.scheduler.wait(task_id, timeout=0.2)
+            except lilota.TaskWaitTimeout:
+                if proc.poll() is not None:
+                    self.fail(f"the worker command ended with exit code {proc.returncode}: {proc.stderr.read()}")
+        self.fail(f"task {task_id} did not finish in {timeout}s")
+
+    def package(self):
+        """pkg/tasks.py, a worker script in a package whose task "answer" needs a relative import."""
+        os.mkdir(self.path("pkg"))
+        self.write("pkg/__init__.py", "")
+        self.write("pkg/models.py", "VALUE = 40\n")
+        self.worker_script("""
+            from .models import VALUE
+
+            @worker.register("answer")
+            def answer(data):
+                return {"value": VALUE + 2, "module": __spec__.name}
+        """, name="pkg/tasks.py")
+
+    def test_a_script_in_a_package_runs_as_its_module_given_as_a_path_or_a_module(self):
+        self.package()
+        for script in ("pkg/tasks.py", "pkg.tasks"):
+            task, out, err = self.run_worker(script, ("answer", {}))
+            self.assertEqual((task.status, task.output), ("completed", {"value": 42, "module": "pkg.tasks"}), err)
+            self.assertIn(f"of {self.path('pkg/tasks.py')} on", out)
+
+    def test_lilota_runs_a_script_in_a_package_with_its_relative_imports(self):
+        self.package()
+        self.start_lilota(self.path("pkg/tasks.py"), number_of_workers=1)
+        task = self.scheduler.wait(self.scheduler.schedule("answer"), timeout=60)
+        self.assertEqual((task.status, task.output), ("completed", {"value": 42, "module": "pkg.tasks"}))
+
+    def test_a_module_that_cannot_be_found_is_a_usage_error(self):
+        self.package()
+        self.assertError(self.cli("worker", "pkg.nosuch"), 2, "no worker script or module 'pkg.nosuch': give a "
+                                                              f"path (e.g. tasks.py) or a module importable from")
+        self.assertError(self.cli("worker", "nosuch.tasks"), 2,
+                         "cannot import the worker module 'nosuch.tasks': No module named 'nosuch'")
+        self.assertFalse(os.path.exists(self.db_path))
+
+    CHATTY = """
+        import logging
+
+        @worker.register("chatty")
+        def chatty(data, ctx: TaskContext):
+            ctx.logger.info("info from ctx.logger")
+            ctx.logger.warning("warning from ctx.logger")
+            logging.getLogger("myapp").warning("warning from myapp")
+            return 1
+    """
+
+    def test_ctx_logger_warnings_reach_stderr_like_other_loggers(self):
+        script = self.worker_script(self.CHATTY)
+        task, out, err = self.run_worker(script, ("chatty",), env={"LILOTA_LOG_LEVEL": ""})
+        self.assertEqual(task.status, "completed", err)
+        self.assertIn("warning from ctx.logger\n", err)    # as Python shows an unconfigured warning
+        self.assertIn("warning from myapp\n", err)
+        self.assertNotIn("info from ctx.logger", err)
+        self.assertNotIn("lilota.", err)                   # lilota's own log stays quiet without -v
+
+    def test_verbose_shows_info_records_of_ctx_logger_and_lilota_in_the_worker_processes(self):
+        script = self.worker_script(self.CHATTY + """
+        @worker.register("fails")
+        def fails(data):
+            raise ValueError("nope")
+        """)
+        proc = self.popen_python("-m", "lilota", "-v", "worker", script, "-n", "1", "--db", self.db_url,
+                                 env={"LILOTA_LOG_LEVEL": ""}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        try:
+            for name in ("chatty", "fails"):
+                self.wait_alive(proc, self.scheduler.schedule(name))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertRegex(err, r"\d\d:\d\d:\d\d,\d{3} INFO task\.chatty: info from ctx\.logger\n")
+        self.assertIn(" WARNING task.chatty: warning from ctx.logger\n", err)
+        self.assertIn(" WARNING myapp: warning from myapp\n", err)
+        self.assertIn(" WARNING lilota.worker: task ", err)   # lilota's log, from the worker process
+        self.assertIn("attempt 1/1 failed: ValueError: nope", err)
+
     def test_bad_arguments_are_usage_errors(self):
         script = self.worker_script(TASKS)
         self.assertError(self.cli("worker", script, "-n", "0"), 2, "argument -n/--workers")
@@ -180,6 +281,26 @@ class ScheduleCommandTest(CliTestCase):
         self.assertEqual((task.name, task.input, task.status, task.priority, task.max_attempts),
                          ("add", {"a": 2, "b": 3}, "scheduled", 5, 3))
         self.assertAlmostEqual((task.run_at - task.created_at).total_seconds(), 30, delta=0.01)
+
+    def test_run_at_with_a_zone_and_timeout(self):
+        out = self.assertOk(self.cli("schedule", "add", "{}", "--run-at", "2030-01-31T09:00:00+01:00",
+                                     "--timeout", "1h30m", "--max-attempts", "2"))
+        task = self.scheduler.get_task_by_id(out.strip())
+        self.assertEqual((task.run_at.isoformat(), task.timeout.total_seconds(), task.max_attempts, task.status),
+                         ("2030-01-31T08:00:00+00:00", 5400, 2, "scheduled"))
+        out = self.assertOk(self.cli("schedule", "add", "{}", "--run-at", "2030-01-31T08:00:00.500Z"))
+        self.assertEqual(self.scheduler.get_task_by_id(out.strip()).run_at.isoformat(),
+                         "2030-01-31T08:00:00.500000+00:00")
+
+    def test_bad_run_at_and_timeout_are_usage_errors(self):
+        self.assertError(self.cli("schedule", "add", "{}", "--run-at", "2030-01-31T09:00:00"), 2,
+                         "the time '2030-01-31T09:00:00' has no zone: add one, e.g. 2030-01-31T09:00:00Z")
+        self.assertError(self.cli("schedule", "add", "{}", "--run-at", "tomorrow"), 2, "invalid time 'tomorrow'")
+        self.assertError(self.cli("schedule", "add", "{}", "--run-at", "2030-01-31T09:00:00Z", "--delay", "5m"), 2,
+                         "not allowed with argument")
+        self.assertError(self.cli("schedule", "add", "{}", "--timeout", "0"), 2, "timeout must be a positive")
+        self.assertError(self.cli("schedule", "add", "{}", "--timeout", "-5m"), 2, "a duration must be positive")
+        self.assertFalse(os.path.exists(self.db_path), "nothing may be written")
 
     def test_input_from_stdin_none_and_json_output(self):
         out = self.assertOk(self.cli("schedule", "add", "-", "--json", input='{"a": 1,\n "b": 1}'))
@@ -235,6 +356,16 @@ class ListCommandTest(CliTestCase):
         self.assertEqual(rows[0][6], "-")                        # never ran: no duration
         self.assertRegex(rows[2][6], r"^\d+ms$")
 
+    def test_no_duration_for_a_task_queued_again_after_a_run(self):
+        requeued = self.scheduler.schedule("add", {"a": 1, "b": 2}, delay=60)
+        self.set_column(requeued, "start_date_time", time.time() - 5)   # given back on stop: no end
+        running = self.scheduler.schedule("add", {"a": 1, "b": 2}, delay=60)
+        self.set_column(running, "start_date_time", time.time() - 5)
+        self.set_column(running, "status", "running")
+        rows = {line.split()[0]: line.split() for line in self.assertOk(self.cli("list")).splitlines()[1:]}
+        self.assertEqual((rows[str(requeued)][2], rows[str(requeued)][6]), ("scheduled", "-"))
+        self.assertRegex(rows[str(running)][6], r"^5(\.\d)?s$")     # running: the duration so far
+
     def test_filters_limit_and_json_lines(self):
         done, failed, queued = self.make_tasks()
         self.assertEqual(self.assertOk(self.cli("list", "--status", "failed")).splitlines()[1].split()[0], failed)
@@ -286,6 +417,18 @@ class ShowCommandTest(CliTestCase):
         self.assertIn("  type:               ValueError\n  message:            boom\n", out)
         self.assertIn("  traceback:\n    Traceback (most recent call last):", out)
         self.assertIn("\n    ValueError: boom", out)
+
+    def test_a_deadline_counts_down_only_while_the_task_runs(self):
+        done = self.scheduler.schedule("add", {"a": 1, "b": 2})
+        self.worker.run_pending()
+        self.assertGreater(self.scheduler.get_task_by_id(done).expires_at.timestamp(), time.time())
+        expires = [line for line in self.assertOk(self.cli("show", str(done))).splitlines()
+                   if line.startswith("expires_at:")]
+        self.assertRegex(expires[0], r"^expires_at: +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} UTC$")
+        running = self.scheduler.schedule("add", {"a": 1, "b": 2})
+        self.set_column(running, "status", "running")
+        self.set_column(running, "expires_at", time.time() + 300)
+        self.assertRegex(self.assertOk(self.cli("show", str(running))), r"\nexpires_at: +\S+ \S+ UTC \(in 4m5\ds\)\n")
 
     def test_json_document(self):
         task_id = self.scheduler.schedule("add", {"a": 1, "b": 2})
@@ -407,9 +550,10 @@ class CancelRetryCleanupTest(CliTestCase):
         self.worker.run_pending()
         queued = self.scheduler.schedule("add", {"a": 3, "b": 3}, delay=3600)
         self.set_column(old, "end_date_time", time.time() - 2 * 86400)
-        self.assertEqual(self.assertOk(self.cli("cleanup")), "deleted 0 task(s) that finished more than 30d ago\n")
+        self.assertEqual(self.assertOk(self.cli("cleanup")),
+                         "deleted 0 task(s) that finished more than 30d ago and 0 node(s) gone since then\n")
         self.assertEqual(self.assertOk(self.cli("cleanup", "--older-than", "1d")),
-                         "deleted 1 task(s) that finished more than 1d ago\n")
+                         "deleted 1 task(s) that finished more than 1d ago and 0 node(s) gone since then\n")
         self.assertEqual({t.id for t in self.scheduler.list_tasks()}, {recent, queued})
         self.assertError(self.cli("cleanup", "--older-than=-1d"), 2, "invalid duration")
 
@@ -474,16 +618,116 @@ class HelpAndArgumentsTest(CliTestCase):
         self.assertError(self.cli("frobnicate", db=False), 2, "invalid choice: 'frobnicate'")
         self.assertError(self.cli("list", "--colour"), 2, "unrecognized arguments: --colour")
 
+    def test_db_and_verbose_before_or_after_the_command_where_after_wins(self):
+        task_id = str(self.scheduler.schedule("add", {"a": 1, "b": 2}))
+        self.assertIn(task_id, self.assertOk(self.cli("--db", self.db_url, "list", db=False)))
+        self.assertIn(task_id, self.assertOk(self.cli("-v", "--db", self.db_url, "show", task_id, db=False)))
+        other = "sqlite:///" + self.path("other.db")
+        self.assertIn(task_id, self.assertOk(self.cli("--db", other, "list", "--db", self.db_url, db=False)))
+        self.assertError(self.cli("--db", self.db_url, "list", "--db", other, db=False), 4, "other.db")
+        self.assertIn("--db URL", self.assertOk(self.cli("--help", db=False)))
+
     def test_durations(self):
         parse = lilota._parse_duration
         self.assertEqual([parse(t) for t in ("500ms", "30s", "5m", "2h", "7d", "1.5h", "10", ".5s")],
                          [0.5, 30, 300, 7200, 604800, 5400, 10, 0.5])
-        for text in ("", "s", "5x", "-5s", "5 minutes", "inf", "nans", "1e999s"):
+        self.assertEqual([parse(t) for t in ("5min", "90s", "1h30m", "2d", "1d2h3m4s", "1m500ms", "0")],
+                         [300, 90, 5400, 172800, 93784, 60.5, 0])
+        for text in ("", "s", "5x", "5 minutes", "inf", "nans", "1e999s", "5mins", "h1", "1h 30m", "+5s", "5S"):
             with self.assertRaises(Exception, msg=text) as caught:
                 parse(text)
-            self.assertIn("500ms, 30s, 5m, 2h or 7d", str(caught.exception))
+            self.assertIn("500ms, 90s, 5min, 1h30m or 2d", str(caught.exception))
+        for text in ("-5s", "-1h30m", "-.5", "-3"):
+            with self.assertRaises(Exception, msg=text) as caught:
+                parse(text)
+            self.assertIn("must be positive", str(caught.exception))
+
+    def test_a_negative_duration_must_be_positive_however_it_is_written(self):
+        task_id = str(self.scheduler.schedule("add", {"a": 1, "b": 2}))
+        for args in (["wait", task_id, "--timeout", "-5s"], ["wait", task_id, "--timeout=-5s"],
+                     ["wait", task_id, "--timeout", "-5"], ["cleanup", "--older-than", "-1d"],
+                     ["schedule", "add", "--delay", "-1h30m"], ["worker", "tasks.py", "--keep-finished", "-7d"]):
+            self.assertError(self.cli(*args), 2, "a duration must be positive", msg=args)
+        self.assertError(self.cli("wait", task_id, "--timeout"), 2, "expected one argument")
+        task = self.scheduler.get_task_by_id(self.assertOk(self.cli("schedule", "add", "--delay", "1h30m")).strip())
+        self.assertAlmostEqual((task.run_at - task.created_at).total_seconds(), 5400, delta=0.01)
         self.assertEqual([lilota._format_duration(s) for s in (0.25, 12.34, 60, 303, 7200, 5400, 30 * 86400, 90061)],
                          ["250ms", "12.3s", "1m", "5m03s", "2h", "1h30m", "30d", "1d01h"])
+
+
+@on_every_backend
+class TaskIdPrefixTest(TempDirTestCase):
+    """Task ids shortened to their first characters, as git does: find_task_ids() and the commands
+    that take an id. The ids are set by the test, so that which prefixes are shared is known."""
+
+    A = "abcdef01-2345-7000-8000-000000000001"
+    B = "abcdef01-2345-7000-8000-000000000002"
+    C = "abcdef02-0000-7000-8000-000000000003"
+    NEIGHBOURS = ("abcdef00-ffff-7fff-bfff-ffffffffffff", "abcdef03-0000-7000-8000-000000000000")
+
+    def setUp(self):
+        super().setUp()
+        self.scheduler = lilota.LilotaScheduler(self.db_url)
+        ids = self.scheduler.schedule_many("boom", [{}] * 5)
+        for old, new in zip(ids, (self.A, self.B, self.C) + self.NEIGHBOURS):
+            self.db_execute("UPDATE lilota_task SET id = ? WHERE id = ?", new, str(old))
+
+    def cli(self, *args):
+        return self.run_python("-m", "lilota", *args, "--db", self.db_url, timeout=60)
+
+    def test_find_task_ids_is_a_range_on_the_id(self):
+        find = lambda prefix, **kw: [str(i) for i in self.scheduler.find_task_ids(prefix, **kw)]  # noqa: E731
+        self.assertEqual(find("abcdef01"), [self.A, self.B])
+        self.assertEqual(find("abcdef01", limit=1), [self.A])
+        self.assertEqual(find("ABCDEF0123457000800000000000000"), [self.A, self.B])   # any case, no hyphens
+        self.assertEqual(find("abcdef01-2345-7000-8000-000000000002"), [self.B])
+        self.assertEqual(find("abcdef02-"), [self.C])
+        self.assertEqual(find("abcdef0"), [self.NEIGHBOURS[0], self.A, self.B, self.C, self.NEIGHBOURS[1]])
+        self.assertEqual(find("abcdef04"), [])
+        for bad in ("", "-", "abcdefg1", "abcdef01 ", "a" * 33, None):
+            with self.assertRaises(ValueError, msg=bad):
+                find(bad)
+
+    def test_commands_take_a_unique_prefix(self):
+        out = self.cli("show", "ABCDEF02")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn(f"id:                   {self.C}\n", out.stdout)
+        out = self.cli("show", "{" + self.C.upper() + "}")
+        self.assertIn(f"id:                   {self.C}\n", out.stdout)
+        out = self.cli("cancel", "abcdef01-2345-7000-8000-0000000000-02")   # hyphens anywhere
+        self.assertEqual((out.returncode, out.stdout), (0, f"task {self.B} cancelled\n"), out.stderr)
+        out = self.cli("retry", "abcdef01234570008000000000000002")
+        self.assertEqual((out.returncode, out.stdout), (0, f"task {self.B} queued again\n"), out.stderr)
+        self.scheduler.cancel(self.C)
+        out = self.cli("wait", "abcdef02")
+        self.assertEqual(out.returncode, 1)
+        self.assertIn(f"task {self.C} cancelled", out.stderr)
+
+    def test_an_ambiguous_prefix_lists_the_candidates_and_an_unknown_one_is_no_such_task(self):
+        for command in ("show", "wait", "cancel", "retry"):
+            out = self.cli(command, "abcdef01")
+            self.assertEqual((out.returncode, out.stdout), (2, ""), out.stderr)
+            self.assertEqual(out.stderr, f"lilota: the id prefix abcdef01 is ambiguous: it starts the ids of 2 "
+                                         f"tasks: {self.A}, {self.B}; give more characters\n")
+            out = self.cli(command, "abcdef04")
+            self.assertEqual((out.returncode, out.stderr),
+                             (3, "lilota: no task with an id that starts with abcdef04\n"), command)
+        out = self.cli("show", "abcdef0")
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("'abcdef0' is not a task id: give a UUID like '12345678-1234-5678-1234-567812345678', "
+                      "or at least 8 of its first characters", out.stderr)
+        self.assertEqual(self.scheduler.get_task_by_id(self.A).status, "scheduled")
+
+    def test_an_ambiguous_prefix_lists_at_most_ten(self):
+        ids = self.scheduler.schedule_many("boom", [{}] * 10)
+        for n, old in enumerate(ids):
+            self.db_execute("UPDATE lilota_task SET id = ? WHERE id = ?", f"abcdef01-{n:04d}-7000-8000-000000000000",
+                            str(old))
+        out = self.cli("show", "abcdef01")
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("is ambiguous: it starts the ids of more than 10 tasks: abcdef01-0000-", out.stderr)
+        self.assertTrue(out.stderr.endswith("abcdef01-0009-7000-8000-000000000000, ...; give more characters\n"),
+                        out.stderr)
 
 
 class QueryApiTest(TempDirTestCase):

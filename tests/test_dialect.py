@@ -107,7 +107,7 @@ class RegisteredDialectTest(TempDirTestCase):
         self.assertTrue(scheduler.retry(cancelled))
         worker.run_pending()
         self.assertEqual(scheduler.get_task_by_id(cancelled).status, TaskStatus.COMPLETED)
-        self.assertEqual(scheduler.cleanup(older_than=0), 3)
+        self.assertEqual(scheduler.cleanup(older_than=0)["tasks"], 3)
         # The rows are where the dialect put them: a plain SQLite file.
         conn = sqlite3.connect(self.db_path)
         self.addCleanup(conn.close)

@@ -382,14 +382,17 @@ class UrlAndDriverTest(PostgresTestCase):
                     for other in ("psycopg2-binary", "pg8000"):
                         self.assertIn(other, result["message"])
                 self.assertNotIn("Traceback", result["message"])
+        stored = 0   # a case whose driver is not installed here stores no task
         for (blocked, scheme, driver), result in zip(chosen, results[len(missing):]):
+            stored += result["ok"]
             with self.subTest(blocked=blocked, scheme=scheme):
                 if not installed(driver):
                     self.skipTest(f"{driver} is not installed")
                 self.assertTrue(result["ok"], result)
                 self.assertEqual(result["driver"], driver)
                 self.assertEqual(result["input"], {"x": 1})
-        self.assertEqual(self.status_counts(), {"scheduled": len(chosen)})
+        self.assertGreaterEqual(stored, 1)   # psycopg, psycopg2 or pg8000 is installed
+        self.assertEqual(self.status_counts(), {"scheduled": stored})
 
 
 # --- 2. errors -------------------------------------------------------------------------------------
@@ -1207,7 +1210,8 @@ class ReviewFixesTest(PostgresTestCase):
         storage = lilota.Storage(german)
         self.addCleanup(storage.close)
         storage.ensure_ready()
-        self.assertEqual(self.db_execute("SELECT value FROM lilota_meta"), [(str(lilota.SCHEMA_VERSION),)])
+        self.assertEqual(self.db_execute("SELECT value FROM lilota_meta WHERE key = 'schema_version'"),
+                         [(str(lilota.SCHEMA_VERSION),)])
 
         dialect = lilota._dialect_for_url(self.db_url)
         self.assertTrue(dialect.missing_table(FakeDriverError('Relation »lilota_meta« existiert nicht', "42P01")))

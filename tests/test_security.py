@@ -268,7 +268,7 @@ class ParameterisedSqlTest(TempDirTestCase):
                     self.assertEqual(len(list_tasks(name=names[2])), 1)
                     with self.assertRaises(ValueError):
                         list_tasks(status=f"{MARK}' OR '1'='1")
-                self.assertEqual(app.cleanup(older_than=0), len(ids) + 1)
+                self.assertEqual(app.cleanup(older_than=0)["tasks"], len(ids) + 1)
             finally:
                 app.stop()
         self.assertGreater(len(statements), 20)
