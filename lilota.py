@@ -3781,6 +3781,14 @@ def _describe_exit(code):
 
 
 _EXIT_FATAL = 3  # a worker process's exit code when its script could not start
+# ... and when the application's main module, run again in a new worker process by spawn or
+# forkserver before the worker script, called Lilota.start() at its top level (no __main__ guard)
+_EXIT_UNGUARDED_MAIN = 78
+_UNGUARDED_MAIN_HELP = ("the application's main module calls Lilota.start() outside `if __name__ == "
+                        "\"__main__\":`. Worker processes are started with multiprocessing (spawn), which runs "
+                        "the main module again in each new process before anything else, so each worker would "
+                        "start workers of its own. Put the code that creates and starts Lilota (and what uses it) "
+                        "under `if __name__ == \"__main__\":` in the application's main module")
 
 
 def _log_to_stderr_from_environment():
@@ -4059,6 +4067,9 @@ class Lilota(LilotaScheduler):
                 f"tasks in a script of their own (the LilotaWorker, its tasks, and worker.start() under "
                 f"`if __name__ == \"__main__\":`) and give that as script_path; keep Lilota(...) and "
                 f"start() in the application, under its own `if __name__ == \"__main__\":` guard")
+        if getattr(multiprocessing.current_process(), "_inheriting", False):   # what multiprocessing checks
+            sys.stderr.write(f"lilota: {_UNGUARDED_MAIN_HELP}\n")
+            raise SystemExit(_EXIT_UNGUARDED_MAIN)   # read by the application's supervisor
         if self.node_id is not None and not self.is_running:
             self.stop()  # the workers failed earlier: clean up before starting afresh
         with self._lock:
@@ -4336,6 +4347,10 @@ class Lilota(LilotaScheduler):
         if not handle.ready and not self._ever_ready:
             # The script never got a worker running: a broken script, not a crash. No restarts.
             self.storage.set_node_status(handle.node_id, NodeStatus.CRASHED)
+            if handle.fatal is None and code == _EXIT_UNGUARDED_MAIN:
+                self._fail(f"worker process {handle.process.pid} stopped before running {self.script_path}: "
+                           f"{_UNGUARDED_MAIN_HELP}")
+                return
             self._fail(handle.fatal or f"worker process {handle.process.pid} ({self.script_path}) "
                                        f"{_describe_exit(code)} before calling worker.start()")
             return

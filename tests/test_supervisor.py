@@ -286,6 +286,48 @@ class OneFileTest(TempDirTestCase):
         self.assertLessEqual(len(nodes), 3, nodes)
 
 
+UNGUARDED = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+from lilota import Lilota
+
+app = Lilota({db_url!r}, script_path={script!r}, number_of_workers=2)
+app.start()                                   # no `if __name__ == "__main__":` around it
+started = time.monotonic()
+try:
+    app.wait(app.schedule("add", {{"a": 2, "b": 3}}))
+    outcome = {{"error_type": None}}
+except Exception as exc:
+    outcome = {{"error_type": type(exc).__name__, "error": str(exc)}}
+outcome["seconds"] = time.monotonic() - started
+app.stop(timeout=5)
+print(json.dumps(outcome), flush=True)
+"""
+
+
+@on_every_backend
+class UnguardedMainTest(TempDirTestCase):
+
+    def test_application_that_starts_lilota_without_the_main_guard_fails_with_the_fix(self):
+        script = self.worker_script("""
+        @worker.register("add")
+        def add(data):
+            return {"sum": data["a"] + data["b"]}
+        """)
+        app = self.write("app.py", UNGUARDED.format(root=ROOT, db_url=self.db_url, script=script))
+        proc = self.popen_python(app, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 0, err)
+        outcome = json.loads(out.splitlines()[-1])
+        self.assertEqual(outcome["error_type"], "WorkersFailedError", outcome)
+        self.assertLess(outcome["seconds"], 30)
+        self.assertIn("calls Lilota.start() outside `if __name__ == \"__main__\":`", outcome["error"])
+        self.assertNotIn("bootstrapping phase", err)   # not multiprocessing's riddle
+        wait_until(lambda: not session_members(proc.pid), 10, message="the workers to exit")
+        nodes = self.db_execute("SELECT type FROM lilota_node")
+        self.assertEqual([t for t, in nodes].count("scheduler"), 1, nodes)
+
+
 @on_every_backend
 class StaggeredStartTest(TempDirTestCase):
     """The first worker process starts alone; the others once it is ready, or after its head start."""
