@@ -90,8 +90,10 @@ def __getattr__(name):
         return sys.modules[__name__]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+# No NullHandler: in an application that configures no logging, Python's last-resort handler then
+# prints lilota's warnings and errors (a worker script that cannot start, a database that went away)
+# on stderr instead of swallowing them. Configured logging decides as usual.
 logger = logging.getLogger("lilota")
-logger.addHandler(logging.NullHandler())
 
 DEFAULT_DB_URL = "sqlite:///lilota.db"
 
@@ -3578,7 +3580,8 @@ class LilotaWorker:
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = {}
         if in_main_thread:
-            previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: self.stop())
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, self._on_stop_signal)
             previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_interrupt_signal)
         keeper = threading.Thread(target=self._keep_standalone, args=(node_id, in_main_thread),
                                   name="lilota-keeper", daemon=True)
@@ -3607,6 +3610,16 @@ class LilotaWorker:
                 storage.set_node_status(node_id, status)
             except StorageError:
                 self.logger.exception("could not record that worker %s stopped", node_id)
+
+    def _on_stop_signal(self, signum, frame):
+        """A standalone worker's Ctrl-C or SIGTERM: the first lets the running task finish, a second
+        stops at once (the KeyboardInterrupt ends the task function; _start_standalone gives the
+        task back to the queue without counting the attempt)."""
+        if self._stopping.is_set():
+            raise KeyboardInterrupt
+        self.logger.warning("lilota worker stopping after the running task (%s again: stop now)",
+                            signal.Signals(signum).name)
+        self.stop()
 
     def _on_interrupt_signal(self, signum, frame):
         request, task = self._interrupt, self._current

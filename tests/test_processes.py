@@ -6,7 +6,10 @@ are in test_crashes.py."""
 import collections
 import json
 import os
+import select
 import signal
+import subprocess
+import time
 import textwrap
 import unittest
 import uuid
@@ -543,6 +546,39 @@ class StandaloneWorkerTest(WorkerTestCase):
         os.kill(proc.pid, signal.SIGTERM)
         self.assertEqual(proc.wait(20), 0)
         self.assertEqual([(n[1], n[2]) for n in self.worker_nodes()], [(proc.pid, "stopped")])
+
+    def check_two_signals(self, first, second):
+        script = self.script()
+        proc = self.popen_python(script, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        wait_until(lambda: [n for n in self.worker_nodes("running") if n[1] == proc.pid], 20,
+                   message="the standalone worker's node")
+        scheduler = Lilota.scheduler(self.db_url)
+        task_id = scheduler.schedule("forever")
+        wait_until(lambda: scheduler.get_task_by_id(task_id).status == "running", 20, message="the task to start")
+        os.kill(proc.pid, first)       # graceful: the running task may finish
+        seen = []
+        deadline = time.monotonic() + 20
+        while not any("stopping after the running task" in line for line in seen):   # handled
+            self.assertLess(time.monotonic(), deadline, f"no word of the first signal: {seen}")
+            if select.select([proc.stderr], [], [], 0.1)[0]:
+                seen.append(proc.stderr.readline())
+        self.assertIsNone(proc.poll())
+        self.assertEqual(scheduler.get_task_by_id(task_id).status, "running")
+        os.kill(proc.pid, second)      # stop now
+        _, err = proc.communicate(timeout=10)
+        self.assertEqual(proc.returncode, 0, "".join(seen) + err)
+        task = scheduler.get_task_by_id(task_id)
+        self.assertEqual((task.status, task.attempts), ("scheduled", 0), task)
+        self.assertEqual([(n[1], n[2]) for n in self.worker_nodes()], [(proc.pid, "stopped")])
+
+    def test_standalone_worker_second_signal_stops_at_once_and_gives_the_task_back(self):
+        for first, second in ((signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGTERM),
+                              (signal.SIGINT, signal.SIGTERM)):
+            with self.subTest(first=first.name, second=second.name):
+                self.check_two_signals(first, second)
+                self.db_execute("DELETE FROM lilota_task")
+                self.db_execute("DELETE FROM lilota_node")
 
 
 if __name__ == "__main__":
