@@ -3852,6 +3852,20 @@ def _run_script(script_path):
     runpy.run_path(script_path, run_name="__main__")
 
 
+def _script_traceback(exc):
+    """The traceback of an exception raised by running a worker script, from the script's first
+    frame on: lilota's and runpy's frames above it say nothing about what is wrong."""
+    trace = traceback.TracebackException.from_exception(exc)
+    frames = list(trace.stack)
+    for index, frame in enumerate(frames):
+        if frame.filename not in (__file__, runpy.__file__) and "runpy" not in frame.filename:
+            trace.stack = traceback.StackSummary.from_list(frames[index:])
+            break
+    else:
+        trace.stack = traceback.StackSummary.from_list([])   # e.g. a SyntaxError: it shows the line
+    return "".join(trace.format())
+
+
 def _worker_process_main(script_path, supervision):
     """Entry point of a worker process: run the worker script as ``__main__`` under supervision."""
     global _supervision
@@ -3877,7 +3891,7 @@ def _worker_process_main(script_path, supervision):
         if not supervision.started:
             if not getattr(supervision, "start_called", False):
                 text = f"the worker script {script_path} failed before calling worker.start():\n" \
-                       + traceback.format_exc()
+                       + _script_traceback(exc)
             elif isinstance(exc, ConfigurationError):   # e.g. another database than the application's
                 text = f"worker.start() in the worker script {script_path} refused to run: {exc}"
             else:

@@ -207,14 +207,15 @@ class BrokenScriptWaitTest(TempDirTestCase):
             worker = LilotaWorker()
             def oops(:
                 pass
-        """, "SyntaxError", "broken.py")
+        """, "SyntaxError", "broken.py", "def oops(:", unexpected=("runpy", "_worker_process_main"))
 
     def test_import_error(self):
         self.check_wait_raises("""
             import no_such_module_for_lilota_tests
             worker = LilotaWorker()
             worker.start()
-        """, "ModuleNotFoundError", "no_such_module_for_lilota_tests", "before calling worker.start()")
+        """, "ModuleNotFoundError", "no_such_module_for_lilota_tests", "before calling worker.start()",
+            "broken.py\", line 4, in <module>", unexpected=("runpy", "_worker_process_main"))
 
     def test_script_that_never_calls_start(self):
         self.check_wait_raises("""
