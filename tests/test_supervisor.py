@@ -215,7 +215,7 @@ class BrokenScriptWaitTest(TempDirTestCase):
             worker = LilotaWorker()
             worker.start()
         """, "ModuleNotFoundError", "no_such_module_for_lilota_tests", "before calling worker.start()",
-            "broken.py\", line 4, in <module>", unexpected=("runpy", "_worker_process_main"))
+            "broken.py\", line 5, in <module>", unexpected=("runpy", "_worker_process_main"))
 
     def test_script_that_never_calls_start(self):
         self.check_wait_raises("""
