@@ -3617,9 +3617,13 @@ class LilotaWorker:
         task back to the queue without counting the attempt)."""
         if self._stopping.is_set():
             raise KeyboardInterrupt
+        # Stopping before anything else: a second signal can run its handler inside this one (at
+        # any bytecode), and must then find the first one counted. No lock here either: the main
+        # thread may hold it where the signal found it.
+        self._stopping.set()
+        _ring(self._wake_w)
         self.logger.warning("lilota worker stopping after the running task (%s again: stop now)",
                             signal.Signals(signum).name)
-        self.stop()
 
     def _on_interrupt_signal(self, signum, frame):
         request, task = self._interrupt, self._current
