@@ -755,6 +755,35 @@ def _error_record(exc, **extra):
     return record
 
 
+# lilota's own records of what happened to a task, each message written once. The ones given to
+# Storage.recover_tasks get the task's ``attempt`` added there.
+
+def _lost_node_record(node_id):
+    return _error_record(WorkerDiedError(f"the worker node {node_id} running this task was lost (its heartbeat "
+                                         f"lease expired or its process is gone)"))
+
+
+def _died_record(pid, how):
+    return _error_record(WorkerDiedError(f"the worker process {pid} running this task died ({how})"))
+
+
+def _cancelled_record(**extra):
+    return _error_record(TaskCancelledError("cancelled while running"), **extra)
+
+
+def _timed_out_record(timeout, process_stopped=False, **extra):
+    """``timeout``: the task's (a timedelta or None); ``process_stopped``: its worker process was
+    killed for it (by the supervisor), rather than the task function interrupted."""
+    limit = f" of {timeout.total_seconds():g}s" if timeout is not None else ""
+    stopped = "; its worker process was stopped" if process_stopped else ""
+    return _error_record(TaskTimeoutError(f"task ran longer than its timeout{limit}{stopped}"), **extra)
+
+
+def _given_back_record(why):
+    """A task interrupted through no fault of its own, queued again with its attempt not counted."""
+    return _error_record(TaskInterruptedError(why))
+
+
 # ==================================================================================================
 # 2. Storage and dialects
 # ==================================================================================================
@@ -2991,6 +3020,88 @@ class _Retention:
 # 4. Worker
 # ==================================================================================================
 
+# --- The supervisor's protocol with its worker processes -----------------------------------------
+
+class _Supervision:
+    """What a worker process gets from its supervisor (section 5; pickled into the child by
+    multiprocessing), and the protocol between the two. Messages on ``control`` are tuples:
+
+    * worker to supervisor: ``("no_timeout_retry", names)``, the tasks whose timeout ends them
+      (retry_on/no_retry_on), then ``("ready", pid)`` once worker.start() runs; ``("fatal", text)``
+      why the worker script could not start, before the process exits with ``_EXIT_FATAL``.
+    * supervisor to worker: ``("stop",)``: stop after the running task.
+
+    The supervisor renews its workers' leases, recovers the task of a worker that died, and kills
+    the worker whose task must stop (``_stop_reason``); a standalone worker does these itself."""
+
+    def __init__(self, db_url, node_id, control, doorbell, doorbell_writer, parent_pid):
+        self.db_url = db_url
+        self.node_id = node_id
+        self.control = control              # duplex Connection to the supervisor
+        self.doorbell = doorbell            # read end of the pipe the scheduler rings
+        self.doorbell_writer = doorbell_writer
+        self.parent_pid = parent_pid
+        self.start_called = False           # the script called worker.start() ...
+        self.started = False                # ... and it got the worker running
+
+    @property
+    def doorbell_writer_fd(self):
+        return self.doorbell_writer.fileno()
+
+    def report_fatal(self, text):
+        try:
+            self.control.send(("fatal", text))
+        except Exception:
+            sys.stderr.write(text + "\n")
+
+
+# Set in a worker process started by a supervisor (section 5) before the worker script runs.
+_supervision = None
+
+_EXIT_FATAL = 3  # a worker process's exit code when its script could not start
+# ... and when the application's main module, run again in a new worker process by spawn or
+# forkserver before the worker script, called Lilota.start() at its top level (no __main__ guard)
+_EXIT_UNGUARDED_MAIN = 78
+_UNGUARDED_MAIN_HELP = ("the application's main module calls Lilota.start() outside `if __name__ == "
+                        "\"__main__\":`. Worker processes are started with multiprocessing (spawn), which runs "
+                        "the main module again in each new process before anything else, so each worker would "
+                        "start workers of its own. Put the code that creates and starts Lilota (and what uses it) "
+                        "under `if __name__ == \"__main__\":` in the application's main module")
+
+
+
+def _stop_reason(task):
+    """Why a running task found by ``Storage.running_tasks(only_overdue_or_cancelled=True)`` must
+    stop: "cancel" (asked for while it ran; it wins over a timeout) or "timeout"."""
+    return "cancel" if task.cancel_requested else "timeout"
+
+
+def _stopped_end(task, reason, retries_timeout, process_stopped=False, **extra):
+    """How a task stopped for ``reason`` ends, whoever stopped it (a standalone worker interrupts the
+    task function, a supervisor kills the worker process: ``process_stopped``): (error record,
+    final status, whether it may run again while attempts remain). A cancelled task never does; a
+    timed-out one unless ``retries_timeout`` is False (retry_on/no_retry_on)."""
+    if reason == "cancel":
+        return _cancelled_record(**extra), TaskStatus.CANCELLED, False
+    return _timed_out_record(task.timeout, process_stopped, **extra), TaskStatus.EXPIRED, retries_timeout
+
+
+def _give_back(storage, node_id, why, task=None):
+    """Queue again ``task``, or every task node ``node_id`` holds, with the attempt not counted: it
+    was interrupted through no fault of its own (``why``). Returns finish_attempt's or
+    recover_tasks' answer."""
+    if task is not None:
+        return storage.finish_attempt(task, node_id, _given_back_record(why), count_attempt=False)
+    return storage.recover_tasks(node_id, _given_back_record(why), count_attempt=False)
+
+
+class _Interrupted(BaseException):
+    """Raised inside a task function by a standalone worker to stop it (timeout or cancel).
+    A BaseException, so that a task's ``except Exception`` does not swallow it."""
+
+
+# --- Wake-ups -------------------------------------------------------------------------------------
+
 def _nonblocking_pipe():
     """A self-pipe for waking a thread that waits in select(): (read fd, write fd)."""
     read_fd, write_fd = os.pipe()
@@ -3037,17 +3148,13 @@ def _recover_lost_nodes(storage, retry_delay, retry_max_delay, exclude=(), settl
     exclude = set(exclude)
     lost = storage.find_lost_nodes(exclude, settle)
     for node_id in (set(lost) | set(storage.orphaned_nodes())) - exclude:
-        tasks = storage.recover_tasks(node_id, _error_record(WorkerDiedError(
-            f"the worker node {node_id} running this task was lost (its heartbeat lease expired "
-            f"or its process is gone)")), retry_delay=retry_delay, retry_max_delay=retry_max_delay)
+        tasks = storage.recover_tasks(node_id, _lost_node_record(node_id), retry_delay=retry_delay,
+                                      retry_max_delay=retry_max_delay)
         if tasks:
             logger.warning("recovered %d task(s) of lost node %s", len(tasks), node_id)
 
 
-class _Interrupted(BaseException):
-    """Raised inside a task function by a standalone worker to stop it (timeout or cancel).
-    A BaseException, so that a task's ``except Exception`` does not swallow it."""
-
+# --- Task functions -------------------------------------------------------------------------------
 
 def _exception_types(value, what):
     """``retry_on``/``no_retry_on`` as a tuple of exception classes (None stays None): one class or
@@ -3160,27 +3267,7 @@ class _TaskFunction:
         return self.func(*args, **kwargs)
 
 
-class _Supervision:
-    """What a worker process gets from its supervisor (pickled into the child by multiprocessing)."""
-
-    def __init__(self, db_url, node_id, control, doorbell, doorbell_writer, parent_pid):
-        self.db_url = db_url
-        self.node_id = node_id
-        self.control = control              # duplex Connection to the supervisor
-        self.doorbell = doorbell            # read end of the pipe the scheduler rings
-        self.doorbell_writer = doorbell_writer
-        self.parent_pid = parent_pid
-        self.start_called = False           # the script called worker.start() ...
-        self.started = False                # ... and it got the worker running
-
-    @property
-    def doorbell_writer_fd(self):
-        return self.doorbell_writer.fileno()
-
-
-# Set in a worker process started by a supervisor (section 5) before the worker script runs.
-_supervision = None
-
+# --- The worker -----------------------------------------------------------------------------------
 
 class LilotaWorker:
     """The worker side: register task functions, then ``start()`` to execute tasks.
@@ -3364,8 +3451,8 @@ class LilotaWorker:
             return None
         except KeyboardInterrupt:
             # Ctrl-C of a standalone worker: give the task back to the queue and stop.
-            self._record(storage.finish_attempt, task, node_id, _error_record(
-                TaskInterruptedError("the worker was interrupted; the task was queued again")), count_attempt=False)
+            self._record(_give_back, storage, node_id, "the worker was interrupted; the task was queued again",
+                         task)
             raise
         except BaseException as exc:  # the task's own failure, SystemExit included
             self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts), retry=function.retries(exc))
@@ -3443,17 +3530,16 @@ class LilotaWorker:
         self._record(self.storage.snooze, task, node_id, run_at)
 
     def _end_interrupted(self, task, node_id, reason, function=None):
-        if reason == "cancel":
-            self._record(self.storage.finish_attempt, task, node_id, _error_record(
-                TaskCancelledError("cancelled while running"), attempt=task.attempts), final_status=TaskStatus.CANCELLED)
-        elif reason == "timeout":
-            limit = f" of {task.timeout.total_seconds():g}s" if task.timeout is not None else ""
-            timeout = TaskTimeoutError(f"task ran longer than its timeout{limit}")
-            self._end_failed(task, node_id, _error_record(timeout, attempt=task.attempts),
-                             final_status=TaskStatus.EXPIRED, retry=function is None or function.retries(timeout))
-        else:  # "lost": another process declared this worker dead and already recovered the task
+        if reason == "lost":   # another process declared this worker dead and already recovered the task
             self.logger.error("task %s was taken from this worker (its node was declared dead); stopped it",
                               task.id)
+            return
+        retries = function is None or function.retries(TaskTimeoutError())
+        error, status, retry = _stopped_end(task, reason, retries, attempt=task.attempts)
+        if reason == "cancel":   # not the task's failure: nothing to warn about
+            self._record(self.storage.finish_attempt, task, node_id, error, final_status=status)
+        else:
+            self._end_failed(task, node_id, error, final_status=status, retry=retry)
 
     # --- the test helper ---
 
@@ -3487,8 +3573,7 @@ class LilotaWorker:
             try:
                 # A task claimed by the last completion and not run (an error on the way, Ctrl-C)
                 # goes back to the queue; the attempt does not count.
-                self.storage.recover_tasks(node_id, _error_record(TaskInterruptedError(
-                    "run_pending() stopped before running this task")), count_attempt=False)
+                _give_back(self.storage, node_id, "run_pending() stopped before running this task")
             finally:
                 self.storage.set_node_status(node_id, NodeStatus.STOPPED)
         return done
@@ -3605,8 +3690,7 @@ class LilotaWorker:
                 signal.signal(signum, handler)
             self._close_wake_pipe()
             try:
-                storage.recover_tasks(node_id, _error_record(
-                    TaskInterruptedError("the worker stopped while running this task")), count_attempt=False)
+                _give_back(storage, node_id, "the worker stopped while running this task")
                 storage.set_node_status(node_id, status)
             except StorageError:
                 self.logger.exception("could not record that worker %s stopped", node_id)
@@ -3660,8 +3744,7 @@ class LilotaWorker:
                 if task is not None and self._interrupt is None:
                     for hit in storage.running_tasks([node_id], only_overdue_or_cancelled=True):
                         if hit.id == task.id:
-                            self._request_interrupt(task, "cancel" if hit.cancel_requested else "timeout",
-                                                    can_interrupt)
+                            self._request_interrupt(task, _stop_reason(hit), can_interrupt)
             except StorageError:
                 self.logger.warning("worker %s: database unavailable for heartbeat; will retry", node_id,
                                     exc_info=True)
@@ -3706,8 +3789,8 @@ class LilotaWorker:
                     task = self._execute(task, node_id, prepared)
                     if task is not None and stopping.is_set():
                         # stop() came while the commit that claimed it was under way: give it back.
-                        self._record(storage.finish_attempt, task, node_id, _error_record(TaskInterruptedError(
-                            "the worker stopped before running this task")), count_attempt=False)
+                        self._record(_give_back, storage, node_id,
+                                     "the worker stopped before running this task", task)
                         break
                     if time.monotonic() - drained_at > 1.0:
                         storage.drain_notifications()
@@ -3725,9 +3808,8 @@ class LilotaWorker:
     def _release_lost_claim(self, node_id):
         """Requeue tasks this worker holds but does not execute: claimed by a statement whose
         reply the lost connection swallowed. Such an attempt does not count."""
-        for task in self.storage.recover_tasks(node_id, _error_record(TaskInterruptedError(
-                "the connection to the database was lost while this task was being claimed")),
-                count_attempt=False):
+        for task in _give_back(self.storage, node_id,
+                               "the connection to the database was lost while this task was being claimed"):
             self.logger.warning("worker %s: requeued task %s, claimed as the connection was lost", node_id,
                                 task.id)
 
@@ -3760,13 +3842,6 @@ class LilotaWorker:
 # 5. Supervisor
 # ==================================================================================================
 
-def _report_fatal(supervision, text):
-    try:
-        supervision.control.send(("fatal", text))
-    except Exception:
-        sys.stderr.write(text + "\n")
-
-
 def _die_with_parent(parent_pid):
     """On Linux, have the kernel kill this process when its parent dies (the supervisor's thread,
     or the forkserver, which exits with the application); everywhere the keeper thread also notices
@@ -3791,17 +3866,6 @@ def _describe_exit(code):
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
-
-
-_EXIT_FATAL = 3  # a worker process's exit code when its script could not start
-# ... and when the application's main module, run again in a new worker process by spawn or
-# forkserver before the worker script, called Lilota.start() at its top level (no __main__ guard)
-_EXIT_UNGUARDED_MAIN = 78
-_UNGUARDED_MAIN_HELP = ("the application's main module calls Lilota.start() outside `if __name__ == "
-                        "\"__main__\":`. Worker processes are started with multiprocessing (spawn), which runs "
-                        "the main module again in each new process before anything else, so each worker would "
-                        "start workers of its own. Put the code that creates and starts Lilota (and what uses it) "
-                        "under `if __name__ == \"__main__\":` in the application's main module")
 
 
 def _log_to_stderr_from_environment():
@@ -3883,7 +3947,7 @@ def _worker_process_main(script_path, supervision):
         _run_script(script_path)
     except SystemExit as exc:
         if not supervision.started:
-            _report_fatal(supervision, f"the worker script {script_path} exited (sys.exit({exc.code!r})) "
+            supervision.report_fatal(f"the worker script {script_path} exited (sys.exit({exc.code!r})) "
                                        f"before calling worker.start()")
             os._exit(_EXIT_FATAL)
         raise
@@ -3896,11 +3960,11 @@ def _worker_process_main(script_path, supervision):
                 text = f"worker.start() in the worker script {script_path} refused to run: {exc}"
             else:
                 text = f"worker.start() in the worker script {script_path} failed:\n" + traceback.format_exc()
-            _report_fatal(supervision, text)
+            supervision.report_fatal(text)
             os._exit(_EXIT_FATAL)
         raise
     if not supervision.started:
-        _report_fatal(supervision, f"the worker script {script_path} finished without calling worker.start(); "
+        supervision.report_fatal(f"the worker script {script_path} finished without calling worker.start(); "
                                    f"call it (e.g. under `if __name__ == \"__main__\":`) so that the worker "
                                    f"executes tasks")
         os._exit(_EXIT_FATAL)
@@ -4382,8 +4446,7 @@ class Lilota(LilotaScheduler):
                                        f"{_describe_exit(code)} before calling worker.start()")
             return
         # A crash: release its task (retried, or failed when its attempts are used up).
-        tasks = self._recover(handle.node_id, _error_record(WorkerDiedError(
-            f"the worker process {handle.process.pid} running this task died ({_describe_exit(code)})")))
+        tasks = self._recover(handle.node_id, _died_record(handle.process.pid, _describe_exit(code)))
         self.storage.set_node_status(handle.node_id, NodeStatus.CRASHED)
         logger.warning("worker process %s %s%s%s", handle.process.pid, _describe_exit(code),
                        f" while running task {tasks[0].id}" if tasks else "",
@@ -4397,16 +4460,12 @@ class Lilota(LilotaScheduler):
         for task in self.storage.running_tasks(list(by_node), only_overdue_or_cancelled=True):
             handle = by_node[str(task.locked_by)]
             self._kill(handle)
-            if task.cancel_requested:
-                self._recover(handle.node_id, _error_record(TaskCancelledError("cancelled while running")),
-                              final_status=TaskStatus.CANCELLED, retry=False, task_id=task.id)
-            else:
-                self._recover(handle.node_id, _error_record(TaskTimeoutError(
-                    f"task ran longer than its timeout of {task.timeout.total_seconds():g}s; "
-                    f"its worker process was stopped")), final_status=TaskStatus.EXPIRED, task_id=task.id,
-                    retry=task.name not in handle.no_timeout_retry)
+            reason = _stop_reason(task)
+            error, status, retry = _stopped_end(task, reason, task.name not in handle.no_timeout_retry,
+                                                process_stopped=True)
+            self._recover(handle.node_id, error, final_status=status, retry=retry, task_id=task.id)
             logger.info("task %s %s: worker process %s replaced", task.id,
-                        "cancelled" if task.cancel_requested else "timed out", handle.process.pid)
+                        "cancelled" if reason == "cancel" else "timed out", handle.process.pid)
             self._replace(handle, context)
 
     def _kill(self, handle):
@@ -4417,8 +4476,7 @@ class Lilota(LilotaScheduler):
     def _replace(self, handle, context):
         """After ``_kill``: requeue what the worker still held and start its successor."""
         self._handles[handle.index] = None
-        self._recover(handle.node_id, _error_record(
-            TaskInterruptedError("the worker was stopped while running this task")), count_attempt=False)
+        _give_back(self.storage, handle.node_id, "the worker was stopped while running this task")
         self.storage.set_node_status(handle.node_id, NodeStatus.STOPPED)
         self._handles[handle.index] = self._spawn(context, handle.index)
 
@@ -4489,8 +4547,8 @@ class Lilota(LilotaScheduler):
         for h in handles:
             h.process.join(5)
             try:
-                self._recover(h.node_id, _error_record(TaskInterruptedError(
-                    "lilota stopped while this task was running; it was queued again")), count_attempt=False)
+                _give_back(self.storage, h.node_id,
+                           "lilota stopped while this task was running; it was queued again")
                 self.storage.set_node_status(h.node_id, NodeStatus.STOPPED)
             except StorageError:
                 logger.warning("could not record the stop of worker %s", h.node_id, exc_info=True)
