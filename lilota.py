@@ -2657,7 +2657,112 @@ def _upstream_options(constructor, given, *ours):
     return tuple(values[name] for name in ours)
 
 
-class LilotaScheduler:
+# --- What every node shares -----------------------------------------------------------------------
+
+def _nonblocking_pipe():
+    """A self-pipe for waking a thread that waits in select(): (read fd, write fd)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    return read_fd, write_fd
+
+
+def _close_fds(*fds):
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
+
+
+def _drain(fd):
+    """Read everything waiting in a non-blocking pipe; return how many bytes there were."""
+    total = 0
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            return total
+        if not chunk:
+            return total
+        total += len(chunk)
+
+
+def _ring(fd):
+    """Write one byte to a doorbell pipe; a full pipe already holds enough wake-ups, and a closed
+    one belongs to workers that are gone."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"\0")
+    except OSError:
+        pass
+
+
+def _recover_lost_nodes(storage, retry_delay, retry_max_delay, exclude=(), settle=0.0):
+    """Mark nodes whose lease expired (or whose process is gone) dead and release the running
+    tasks they held: retried while attempts remain, else failed with a WorkerDiedError. The nodes
+    in ``exclude`` are the caller's own (a supervisor handles its workers' deaths itself);
+    ``settle``: see Storage.find_lost_nodes."""
+    exclude = set(exclude)
+    lost = storage.find_lost_nodes(exclude, settle)
+    for node_id in (set(lost) | set(storage.orphaned_nodes())) - exclude:
+        tasks = storage.recover_tasks(node_id, _lost_node_record(node_id), retry_delay=retry_delay,
+                                      retry_max_delay=retry_max_delay)
+        if tasks:
+            logger.warning("recovered %d task(s) of lost node %s", len(tasks), node_id)
+
+
+class _NodeBase:
+    """What LilotaScheduler, LilotaWorker and Lilota share: each is a node of its own in lilota_node,
+    kept alive by a heartbeat lease, on one database."""
+
+    def _set_up(self, db_url, constructor, given):
+        """Take the database URL (``db_url``, else $LILOTA_DB_URL, else DEFAULT_DB_URL) and, where
+        ``constructor`` has them, the heartbeat, lease, stop and retry settings from ``given`` (its
+        ``locals()``; upstream lilota's names folded in), as attributes in seconds."""
+        self.db_url = db_url or os.environ.get("LILOTA_DB_URL") or DEFAULT_DB_URL
+        # Parsed now: a bad URL fails here, and a relative SQLite path is fixed to the current
+        # directory of this moment, not of the first use.
+        self._dialect = _dialect_for_url(self.db_url)
+        self._storage = None
+        durations = [name for name in ("heartbeat_interval", "node_timeout", "stop_timeout") if name in given]
+        for name, value in zip(durations, _upstream_options(constructor, given, *durations)):
+            setattr(self, name, _seconds(value, name, allow_zero=name == "stop_timeout"))
+        for name in ("retry_delay", "retry_max_delay"):
+            if name in given:
+                setattr(self, name, _seconds(given[name], name))
+
+    @property
+    def storage(self):
+        """The process's :class:`Storage` for this database, opened on first use."""
+        if self._storage is None:
+            self._storage = Storage.for_dialect(self._dialect)
+        return self._storage
+
+    def _node_name(self):
+        return self.name or f"{socket.gethostname()}:{os.getpid()}"
+
+    def _renew_leases(self, node_ids):
+        """Renew the heartbeat leases of ``node_ids``, this node's own first; return those another
+        process declared dead meanwhile (paused past its lease: their running tasks were recovered).
+        This node, if among them, comes back to life at once; the caller sees to the others."""
+        lost = self.storage.heartbeat(node_ids, self.node_timeout)
+        if node_ids[0] in lost:
+            self.storage.set_node_status(node_ids[0], NodeStatus.RUNNING)
+            self.storage.heartbeat(node_ids[:1], self.node_timeout)
+        return lost
+
+    def _open_wake_pipe(self):
+        self._wake_r, self._wake_w = _nonblocking_pipe()
+
+    def _close_wake_pipe(self):
+        with self._fds_lock:
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None
+            _close_fds(*fds)
+
+
+# --- The scheduler --------------------------------------------------------------------------------
+
+class LilotaScheduler(_NodeBase):
     """The scheduling side: store tasks and look after them. Runs no workers.
 
     Everything here works whether or not any worker is running: a scheduled task waits in the
@@ -2670,25 +2775,10 @@ class LilotaScheduler:
 
     def __init__(self, db_url=None, node_heartbeat_interval=None, node_timeout_sec=None, logging_level=None, *,
                  heartbeat_interval=5.0, node_timeout=30.0, name=None):
-        self.db_url = db_url or os.environ.get("LILOTA_DB_URL") or DEFAULT_DB_URL
-        # Parsed now: a bad URL fails here, and a relative SQLite path is fixed to the current
-        # directory of this moment, not of the first use.
-        self._dialect = _dialect_for_url(self.db_url)
-        self._storage = None
-        heartbeat_interval, node_timeout = _upstream_options(LilotaScheduler.__init__, locals(),
-                                                             "heartbeat_interval", "node_timeout")
-        self.heartbeat_interval = _seconds(heartbeat_interval, "heartbeat_interval", allow_zero=False)
-        self.node_timeout = _seconds(node_timeout, "node_timeout", allow_zero=False)
+        self._set_up(db_url, LilotaScheduler.__init__, locals())
         self.name = name
         self.node_id = None
         self._heartbeat = None    # (thread, stop event) of a started LilotaScheduler
-
-    @property
-    def storage(self):
-        """The process's :class:`Storage` for this database, opened on first use."""
-        if self._storage is None:
-            self._storage = Storage.for_dialect(self._dialect)
-        return self._storage
 
     @property
     def db_url_for_workers(self):
@@ -2919,8 +3009,8 @@ class LilotaScheduler:
         storage = self.storage
         storage.ensure_ready()
         node_id = str(uuid.uuid4())
-        storage.add_node(node_id, self.name or f"{socket.gethostname()}:{os.getpid()}", NodeType.SCHEDULER,
-                         NodeStatus.RUNNING, os.getpid(), self.node_timeout)
+        storage.add_node(node_id, self._node_name(), NodeType.SCHEDULER, NodeStatus.RUNNING, os.getpid(),
+                         self.node_timeout)
         stop = threading.Event()
         thread = threading.Thread(target=self._keep_node_alive, args=(node_id, stop),
                                   name="lilota-scheduler-heartbeat", daemon=True)
@@ -2932,8 +3022,7 @@ class LilotaScheduler:
     def _keep_node_alive(self, node_id, stop):
         while not stop.wait(self.heartbeat_interval):
             try:
-                if self.storage.heartbeat([node_id], self.node_timeout):   # declared dead while alive
-                    self.storage.set_node_status(node_id, NodeStatus.RUNNING)
+                self._renew_leases([node_id])
             except StorageError:
                 logger.warning("lilota scheduler heartbeat failed; will retry", exc_info=True)
 
@@ -3020,7 +3109,7 @@ class _Retention:
 # 4. Worker
 # ==================================================================================================
 
-# --- The supervisor's protocol with its worker processes -----------------------------------------
+# --- The supervisor's protocol with its worker processes ------------------------------------------
 
 class _Supervision:
     """What a worker process gets from its supervisor (section 5; pickled into the child by
@@ -3098,60 +3187,6 @@ def _give_back(storage, node_id, why, task=None):
 class _Interrupted(BaseException):
     """Raised inside a task function by a standalone worker to stop it (timeout or cancel).
     A BaseException, so that a task's ``except Exception`` does not swallow it."""
-
-
-# --- Wake-ups -------------------------------------------------------------------------------------
-
-def _nonblocking_pipe():
-    """A self-pipe for waking a thread that waits in select(): (read fd, write fd)."""
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(read_fd, False)
-    os.set_blocking(write_fd, False)
-    return read_fd, write_fd
-
-
-def _close_fds(*fds):
-    for fd in fds:
-        if fd is not None:
-            os.close(fd)
-
-
-def _drain(fd):
-    """Read everything waiting in a non-blocking pipe; return how many bytes there were."""
-    total = 0
-    while True:
-        try:
-            chunk = os.read(fd, 4096)
-        except (BlockingIOError, InterruptedError):
-            return total
-        if not chunk:
-            return total
-        total += len(chunk)
-
-
-def _ring(fd):
-    """Write one byte to a doorbell pipe; a full pipe already holds enough wake-ups, and a closed
-    one belongs to workers that are gone."""
-    if fd is None:
-        return
-    try:
-        os.write(fd, b"\0")
-    except OSError:
-        pass
-
-
-def _recover_lost_nodes(storage, retry_delay, retry_max_delay, exclude=(), settle=0.0):
-    """Mark nodes whose lease expired (or whose process is gone) dead and release the running
-    tasks they held: retried while attempts remain, else failed with a WorkerDiedError. The nodes
-    in ``exclude`` are the caller's own (a supervisor handles its workers' deaths itself);
-    ``settle``: see Storage.find_lost_nodes."""
-    exclude = set(exclude)
-    lost = storage.find_lost_nodes(exclude, settle)
-    for node_id in (set(lost) | set(storage.orphaned_nodes())) - exclude:
-        tasks = storage.recover_tasks(node_id, _lost_node_record(node_id), retry_delay=retry_delay,
-                                      retry_max_delay=retry_max_delay)
-        if tasks:
-            logger.warning("recovered %d task(s) of lost node %s", len(tasks), node_id)
 
 
 # --- Task functions -------------------------------------------------------------------------------
@@ -3269,7 +3304,7 @@ class _TaskFunction:
 
 # --- The worker -----------------------------------------------------------------------------------
 
-class LilotaWorker:
+class LilotaWorker(_NodeBase):
     """The worker side: register task functions, then ``start()`` to execute tasks.
 
     Run standalone (``python myscript.py``) it executes tasks until stopped (Ctrl-C, SIGTERM or
@@ -3290,23 +3325,14 @@ class LilotaWorker:
                  retry_max_delay=timedelta(minutes=10), node_heartbeat_interval=None,
                  node_heartbeat_interval_jitter=None, node_timeout_sec=None, task_heartbeat_interval=None,
                  max_task_heartbeat_interval=None, logging_level=None, keep_finished=None):
-        self.db_url = db_url or (_supervision.db_url if _supervision else None) \
-            or os.environ.get("LILOTA_DB_URL") or DEFAULT_DB_URL
-        self._dialect = _dialect_for_url(self.db_url)
         # Upstream lilota's arguments (the last six): see _UPSTREAM_OPTIONS.
-        heartbeat_interval, node_timeout = _upstream_options(LilotaWorker.__init__, locals(),
-                                                             "heartbeat_interval", "node_timeout")
+        self._set_up(db_url or (_supervision.db_url if _supervision else None), LilotaWorker.__init__, locals())
         self.set_progress_manually = bool(set_progress_manually)
         self.name = name
         self.poll_interval = _seconds(poll_interval, "poll_interval", allow_zero=False)
-        self.heartbeat_interval = _seconds(heartbeat_interval, "heartbeat_interval", allow_zero=False)
-        self.node_timeout = _seconds(node_timeout, "node_timeout", allow_zero=False)
-        self.retry_delay = _seconds(retry_delay, "retry_delay")
-        self.retry_max_delay = _seconds(retry_max_delay, "retry_max_delay")
         # Standalone only: under a supervisor, the supervisor's keep_finished is what applies.
         self.keep_finished = _seconds(keep_finished, "keep_finished", allow_zero=False)
         self._registry = {}
-        self._storage = None
         self._claim = None
         self._claim_lost = False      # a claim may have been committed with its reply lost
         self._node_id = None
@@ -3394,15 +3420,6 @@ class LilotaWorker:
     def delete_task_by_id(self, task_id):
         """Delete a task whatever its status; True when it was deleted, False when there was none."""
         return self.storage.delete_task(_task_id(task_id))
-
-    # --- storage helpers ---
-
-    @property
-    def storage(self):
-        """The process's :class:`Storage` for this database, opened on first use."""
-        if self._storage is None:
-            self._storage = Storage.for_dialect(self._dialect)
-        return self._storage
 
     def _prepared_claim(self):
         if self._claim is None:
@@ -3599,14 +3616,6 @@ class LilotaWorker:
         with self._fds_lock:
             _ring(self._wake_w)
 
-    def _open_wake_pipe(self):
-        self._wake_r, self._wake_w = _nonblocking_pipe()
-
-    def _close_wake_pipe(self):
-        with self._fds_lock:
-            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None
-            _close_fds(*fds)
-
     def _start_supervised(self, supervision):
         supervisor_db = _dialect_for_url(supervision.db_url)
         if self._dialect.identity != supervisor_db.identity:
@@ -3657,8 +3666,8 @@ class LilotaWorker:
         storage.ensure_ready()
         self._prepared_claim()
         node_id = self._node_id = str(uuid.uuid4())
-        storage.add_node(node_id, self.name or f"{socket.gethostname()}:{os.getpid()}", NodeType.WORKER,
-                         NodeStatus.RUNNING, os.getpid(), self.node_timeout)
+        storage.add_node(node_id, self._node_name(), NodeType.WORKER, NodeStatus.RUNNING, os.getpid(),
+                         self.node_timeout)
         self._running = True
         self._stopping.clear()
         self._open_wake_pipe()
@@ -3727,15 +3736,13 @@ class LilotaWorker:
             try:
                 if now >= next_beat:
                     next_beat = now + self.heartbeat_interval
-                    if storage.heartbeat([node_id], self.node_timeout):
-                        # Declared dead while alive (paused past its lease): the running task was
-                        # recovered elsewhere. Stop it and come back to life for the next ones.
+                    if self._renew_leases([node_id]):
+                        # Declared dead while alive: the running task was recovered elsewhere. Stop
+                        # it; the worker is alive again for the next ones.
                         self.logger.error("worker %s was declared dead by another process; resuming", node_id)
                         task = self._current
                         if task is not None:
                             self._request_interrupt(task, "lost", can_interrupt)
-                        storage.set_node_status(node_id, NodeStatus.RUNNING)
-                        storage.heartbeat([node_id], self.node_timeout)
                     _recover_lost_nodes(storage, self.retry_delay, self.retry_max_delay,
                                         settle=self.node_timeout)
                 task = self._current
@@ -4015,10 +4022,10 @@ class Lilota(LilotaScheduler):
                  start_method="spawn", name=None, mode=LilotaMode.ALL, on_fatal_error=None,
                  scheduler_heartbeat_interval=None, scheduler_timeout_sec=None, process_manager_interval=None,
                  stop_worker_timeout=None, logging_level=None, keep_finished=None):
-        super().__init__(db_url)
-        # Upstream lilota's arguments (the last five): see _UPSTREAM_OPTIONS.
-        heartbeat_interval, node_timeout, stop_timeout = _upstream_options(
-            Lilota.__init__, locals(), "heartbeat_interval", "node_timeout", "stop_timeout")
+        # Upstream lilota's arguments (the last five): see _UPSTREAM_OPTIONS. retry_delay and
+        # retry_max_delay: the backoff before a task whose worker died or timed out runs again (the
+        # worker's own applies to tasks that raised).
+        self._set_up(db_url, Lilota.__init__, locals())
         try:
             self.mode = LilotaMode(mode)
         except ValueError:
@@ -4049,15 +4056,8 @@ class Lilota(LilotaScheduler):
             self.number_of_workers = number_of_workers
         elif number_of_workers not in (None, 0):
             raise ConfigurationError("number_of_workers needs a script_path: the worker script to run")
-        self.stop_timeout = _seconds(stop_timeout, "stop_timeout")
-        self.heartbeat_interval = _seconds(heartbeat_interval, "heartbeat_interval", allow_zero=False)
-        self.node_timeout = _seconds(node_timeout, "node_timeout", allow_zero=False)
         self.restart_delay = _seconds(restart_delay, "restart_delay")
         self.restart_max_delay = _seconds(restart_max_delay, "restart_max_delay")
-        # Backoff before a task whose worker died or timed out runs again (the worker's own
-        # retry_delay applies to tasks that raised).
-        self.retry_delay = _seconds(retry_delay, "retry_delay")
-        self.retry_max_delay = _seconds(retry_max_delay, "retry_max_delay")
         if start_method not in multiprocessing.get_all_start_methods():
             raise ConfigurationError(f"start_method must be one of {multiprocessing.get_all_start_methods()}, "
                                      f"got {start_method!r}")
@@ -4174,8 +4174,8 @@ class Lilota(LilotaScheduler):
             storage.ensure_ready()
             self._db_file = self._dialect.file_identity()
             self.node_id = str(uuid.uuid4())
-            storage.add_node(self.node_id, self.name or f"{socket.gethostname()}:{os.getpid()}", NodeType.SCHEDULER,
-                             NodeStatus.RUNNING, os.getpid(), self.node_timeout)
+            storage.add_node(self.node_id, self._node_name(), NodeType.SCHEDULER, NodeStatus.RUNNING, os.getpid(),
+                             self.node_timeout)
             self._owner_pid = os.getpid()
             self._error = None
             self._failed.clear()
@@ -4183,7 +4183,7 @@ class Lilota(LilotaScheduler):
             self._stop_at_once = False
             self._ever_ready = False
             if self.script_path is not None:
-                self._wake_r, self._wake_w = _nonblocking_pipe()
+                self._open_wake_pipe()
                 reader, writer = multiprocessing.Pipe(duplex=False)
                 os.set_blocking(writer.fileno(), False)
                 self._doorbell, self._doorbell_fd = (reader, writer), writer.fileno()
@@ -4214,9 +4214,7 @@ class Lilota(LilotaScheduler):
                     self.storage.set_node_status(self.node_id, NodeStatus.STOPPED)
                 except StorageError:
                     logger.warning("could not record that node %s stopped", self.node_id, exc_info=True)
-                with self._fds_lock:
-                    fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None
-                    _close_fds(*fds)
+                self._close_wake_pipe()
                 self._thread = None
                 self.node_id = None
                 atexit.unregister(self._stop_at_exit)
@@ -4496,10 +4494,7 @@ class Lilota(LilotaScheduler):
             return
         live = [h for h in self._handles if h is not None]
         try:
-            lost = self.storage.heartbeat([self.node_id] + [h.node_id for h in live], self.node_timeout)
-            if self.node_id in lost:
-                self.storage.set_node_status(self.node_id, NodeStatus.RUNNING)
-                self.storage.heartbeat([self.node_id], self.node_timeout)
+            lost = self._renew_leases([self.node_id] + [h.node_id for h in live])
             for handle in live:
                 if handle.node_id in lost and context is not None:
                     logger.error("worker %s was declared dead by another process while alive; replacing it",
