@@ -3628,8 +3628,7 @@ class LilotaWorker(_NodeBase):
         self._prepared_claim()
         self.storage.set_node_status(node_id, NodeStatus.RUNNING, os.getpid())
         supervision.started = True
-        self._running = True
-        self._open_wake_pipe()
+        self._start_keeper(node_id, supervision.control, False)
         doorbell = supervision.doorbell.fileno()
         os.set_blocking(doorbell, False)
         # The supervisor stops tasks that run past their timeout: tell it which are not retried then.
@@ -3637,29 +3636,11 @@ class LilotaWorker(_NodeBase):
         if final_timeouts:
             supervision.control.send(("no_timeout_retry", final_timeouts))
         supervision.control.send(("ready", os.getpid()))
-        keeper = threading.Thread(target=self._listen_to_supervisor, args=(supervision.control,),
-                                  name="lilota-keeper", daemon=True)
-        keeper.start()
         try:
             self._loop(node_id, doorbell)
         finally:
             self._running = False
             self._close_wake_pipe()
-
-    def _listen_to_supervisor(self, control):
-        while True:
-            try:
-                if not control.poll(1.0):
-                    if self._current is not None:
-                        self.storage.drain_notifications()   # the loop does not, while a task runs
-                    continue
-                message = control.recv()
-            except (EOFError, OSError):
-                # The application that started us is gone: workers never outlive it. A running task
-                # is recovered by the next lilota process that sees this node's process gone.
-                os._exit(1)
-            if message and message[0] == "stop":
-                self.stop()
 
     def _start_standalone(self):
         storage = self.storage
@@ -3668,18 +3649,14 @@ class LilotaWorker(_NodeBase):
         node_id = self._node_id = str(uuid.uuid4())
         storage.add_node(node_id, self._node_name(), NodeType.WORKER, NodeStatus.RUNNING, os.getpid(),
                          self.node_timeout)
-        self._running = True
         self._stopping.clear()
-        self._open_wake_pipe()
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = {}
         if in_main_thread:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 previous[signum] = signal.signal(signum, self._on_stop_signal)
             previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_interrupt_signal)
-        keeper = threading.Thread(target=self._keep_standalone, args=(node_id, in_main_thread),
-                                  name="lilota-keeper", daemon=True)
-        keeper.start()
+        keeper = self._start_keeper(node_id, None, in_main_thread)
         retention = _Retention(self, self.keep_finished).start() if self.keep_finished else None
         status = NodeStatus.STOPPED
         try:
@@ -3725,17 +3702,29 @@ class LilotaWorker(_NodeBase):
             self._interrupt = (task.id, reason)
             signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
 
-    def _keep_standalone(self, node_id, can_interrupt):
-        """Heartbeats, recovery of lost nodes' tasks, and (for a worker in the main thread, where a
-        signal can interrupt the task function) timeout and cancel of the running task. Without a
-        supervisor nobody else does these."""
+    def _start_keeper(self, node_id, control, can_interrupt):
+        """Mark the worker running and start its keeper thread (see _keep) beside the loop."""
+        self._running = True
+        self._open_wake_pipe()
+        keeper = threading.Thread(target=self._keep, args=(node_id, control, can_interrupt), name="lilota-keeper",
+                                  daemon=True)
+        keeper.start()
+        return keeper
+
+    def _keep(self, node_id, control, can_interrupt):
+        """The keeper thread: while a task runs it reads the notifications the loop does not. Under a
+        supervisor (``control``: the pipe to it) it also listens to it, which renews the lease and
+        stops overdue and cancelled tasks itself; it runs as long as the process. Standalone, nobody
+        else does those: it renews the lease, recovers lost nodes' tasks and (for a worker in the main
+        thread, where a signal can interrupt the task function) stops the task that must stop."""
         storage = self.storage
         next_beat = 0.0
-        while not self._stopping.is_set():
-            now = time.monotonic()
+        while control is not None or not self._stopping.is_set():
+            if control is not None and self._listen(control):
+                continue
             try:
-                if now >= next_beat:
-                    next_beat = now + self.heartbeat_interval
+                if control is None and time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.heartbeat_interval
                     if self._renew_leases([node_id]):
                         # Declared dead while alive: the running task was recovered elsewhere. Stop
                         # it; the worker is alive again for the next ones.
@@ -3748,14 +3737,29 @@ class LilotaWorker(_NodeBase):
                 task = self._current
                 if task is not None:
                     storage.drain_notifications()   # the loop does not, while the task runs
-                if task is not None and self._interrupt is None:
+                if control is None and task is not None and self._interrupt is None:
                     for hit in storage.running_tasks([node_id], only_overdue_or_cancelled=True):
                         if hit.id == task.id:
                             self._request_interrupt(task, _stop_reason(hit), can_interrupt)
             except StorageError:
                 self.logger.warning("worker %s: database unavailable for heartbeat; will retry", node_id,
                                     exc_info=True)
-            self._stopping.wait(0.1 if self._current is not None else min(1.0, self.heartbeat_interval))
+            if control is None:
+                self._stopping.wait(0.1 if self._current is not None else min(1.0, self.heartbeat_interval))
+
+    def _listen(self, control):
+        """Wait up to a second for a word of the supervisor; True when there was one."""
+        try:
+            if not control.poll(1.0):
+                return False
+            message = control.recv()
+        except (EOFError, OSError):
+            # The application that started us is gone: workers never outlive it. A running task
+            # is recovered by the next lilota process that sees this node's process gone.
+            os._exit(1)
+        if message and message[0] == "stop":
+            self.stop()
+        return True
 
     def _loop(self, node_id, doorbell):
         """Claim and execute until stopped; sleep on the doorbell and the change counter when idle."""
