@@ -15,12 +15,21 @@ The two sides meet only in the database:
 
 The file reads top to bottom; each section depends only on those above it:
 
-1. Models and serialization  -- Task, Node, statuses, the one JSON serializer
+1. Models and serialization  -- Task, Node, statuses, errors and task error records, the serializer
 2. Storage and dialects       -- the SQL, a dialect per database, errors
-3. Scheduling API             -- LilotaScheduler: schedule, get, wait, cancel, cleanup
-4. Worker                     -- LilotaWorker: registry, claim-execute loop, test helper
-5. Supervisor                 -- Lilota: worker processes, crash recovery, timeouts, stop
+3. Scheduling API             -- what every node shares; LilotaScheduler: schedule, wait, cancel ...
+4. Worker                     -- the supervisor's protocol with its workers (the stop decision, the
+                                 give-back); LilotaWorker: registry, claim-execute loop, keeper
+5. Supervisor                 -- worker processes; Lilota: crash recovery, timeouts, stop
 6. Command line               -- ``python -m lilota``
+
+Where what is to come goes: queues in 2 (a column of the task row, a condition of the one claim)
+and 3 (their argument); dependencies in 2 (a ``waiting`` status a completion releases) and 3;
+async task functions in 4 (another way of running a task, stopped through the same keeper and
+``_stopped_end``); periodic schedules in a section of their own after the worker (the supervisor
+runs them, one node taking each turn as ``_Retention`` does); the dashboard in a section of its
+own before the command line, its HTML, CSS and JavaScript as one compact block, as bottle's
+templates are.
 
 Execution is at-least-once: without crashes every task runs exactly once; when a worker process
 dies mid-task the task is retried (or failed, when its attempts are used up) with an error saying so.
@@ -755,17 +764,8 @@ def _error_record(exc, **extra):
     return record
 
 
-# lilota's own records of what happened to a task, each message written once. The ones given to
-# Storage.recover_tasks get the task's ``attempt`` added there.
-
-def _lost_node_record(node_id):
-    return _error_record(WorkerDiedError(f"the worker node {node_id} running this task was lost (its heartbeat "
-                                         f"lease expired or its process is gone)"))
-
-
-def _died_record(pid, how):
-    return _error_record(WorkerDiedError(f"the worker process {pid} running this task died ({how})"))
-
+# The records of a task stopped by lilota, each message written once (Storage.recover_tasks adds
+# the ``attempt``; a task given back to the queue: see _give_back).
 
 def _cancelled_record(**extra):
     return _error_record(TaskCancelledError("cancelled while running"), **extra)
@@ -777,11 +777,6 @@ def _timed_out_record(timeout, process_stopped=False, **extra):
     limit = f" of {timeout.total_seconds():g}s" if timeout is not None else ""
     stopped = "; its worker process was stopped" if process_stopped else ""
     return _error_record(TaskTimeoutError(f"task ran longer than its timeout{limit}{stopped}"), **extra)
-
-
-def _given_back_record(why):
-    """A task interrupted through no fault of its own, queued again with its attempt not counted."""
-    return _error_record(TaskInterruptedError(why))
 
 
 # ==================================================================================================
@@ -2705,20 +2700,19 @@ def _recover_lost_nodes(storage, retry_delay, retry_max_delay, exclude=(), settl
     exclude = set(exclude)
     lost = storage.find_lost_nodes(exclude, settle)
     for node_id in (set(lost) | set(storage.orphaned_nodes())) - exclude:
-        tasks = storage.recover_tasks(node_id, _lost_node_record(node_id), retry_delay=retry_delay,
-                                      retry_max_delay=retry_max_delay)
+        tasks = storage.recover_tasks(node_id, _error_record(WorkerDiedError(
+            f"the worker node {node_id} running this task was lost (its heartbeat lease expired "
+            f"or its process is gone)")), retry_delay=retry_delay, retry_max_delay=retry_max_delay)
         if tasks:
             logger.warning("recovered %d task(s) of lost node %s", len(tasks), node_id)
 
 
 class _NodeBase:
-    """What LilotaScheduler, LilotaWorker and Lilota share: each is a node of its own in lilota_node,
-    kept alive by a heartbeat lease, on one database."""
+    """What LilotaScheduler, LilotaWorker and Lilota share: a database, and a node with a lease."""
 
     def _set_up(self, db_url, constructor, given):
-        """Take the database URL (``db_url``, else $LILOTA_DB_URL, else DEFAULT_DB_URL) and, where
-        ``constructor`` has them, the heartbeat, lease, stop and retry settings from ``given`` (its
-        ``locals()``; upstream lilota's names folded in), as attributes in seconds."""
+        """The URL (else $LILOTA_DB_URL, else the default) and the durations ``constructor`` takes,
+        from ``given`` (its ``locals()``, with upstream lilota's names), as attributes in seconds."""
         self.db_url = db_url or os.environ.get("LILOTA_DB_URL") or DEFAULT_DB_URL
         # Parsed now: a bad URL fails here, and a relative SQLite path is fixed to the current
         # directory of this moment, not of the first use.
@@ -2738,13 +2732,25 @@ class _NodeBase:
             self._storage = Storage.for_dialect(self._dialect)
         return self._storage
 
+    def get_task_by_id(self, task_id):
+        """The stored :class:`Task`, or None when there is no task with that id."""
+        return self.storage.get_task(_task_id(task_id))
+
+    def delete_task_by_id(self, task_id):
+        """Delete a task whatever its status; True when it was deleted, False when there was no task
+        with that id. A running task runs on; its result is not stored."""
+        return self.storage.delete_task(_task_id(task_id))
+
+    def get_nodes(self):
+        """Every node recorded in ``lilota_node``: worker processes and scheduling applications."""
+        return self.storage.nodes()
+
     def _node_name(self):
         return self.name or f"{socket.gethostname()}:{os.getpid()}"
 
     def _renew_leases(self, node_ids):
-        """Renew the heartbeat leases of ``node_ids``, this node's own first; return those another
-        process declared dead meanwhile (paused past its lease: their running tasks were recovered).
-        This node, if among them, comes back to life at once; the caller sees to the others."""
+        """Renew the leases of ``node_ids`` (this node's first); return those another process declared
+        dead (their tasks were recovered). This node comes back to life; the caller sees to others."""
         lost = self.storage.heartbeat(node_ids, self.node_timeout)
         if node_ids[0] in lost:
             self.storage.set_node_status(node_ids[0], NodeStatus.RUNNING)
@@ -2841,10 +2847,6 @@ class LilotaScheduler(_NodeBase):
                                        for task_id, payload in zip(ids, payloads)])
             self._notify_workers()
         return ids
-
-    def get_task_by_id(self, task_id):
-        """The stored :class:`Task`, or None when there is no task with that id."""
-        return self.storage.get_task(_task_id(task_id))
 
     def find_task_ids(self, prefix, limit=None):
         """The ids (UUIDs, in order, at most ``limit``) of the tasks whose id starts with ``prefix``:
@@ -2977,22 +2979,13 @@ class LilotaScheduler(_NodeBase):
         return {"tasks": deleted["tasks"], "log_entries": 0, "nodes": deleted["nodes"]}
 
     def get_all_nodes(self):
-        """Every node recorded in ``lilota_node``: worker processes and scheduling applications."""
-        return self.storage.nodes()
-
-    def get_nodes(self):
-        """The same as ``get_all_nodes()`` (its name in upstream lilota)."""
-        return self.get_all_nodes()
+        """The same as ``get_nodes()`` (both are upstream lilota's names)."""
+        return self.get_nodes()
 
     def get_node(self):
         """This process's own node (a :class:`Node`) once started (stopped after ``stop()``), else None."""
         node_id = self.node_id
         return None if node_id is None else self.storage.node(node_id)
-
-    def delete_task_by_id(self, task_id):
-        """Delete a task whatever its status; True when it was deleted, False when there was no task
-        with that id. A running task runs on; its result is not stored."""
-        return self.storage.delete_task(_task_id(task_id))
 
     def has_unfinished_tasks(self):
         """True while any task is queued (also delayed, or waiting for a retry) or running."""
@@ -3112,16 +3105,11 @@ class _Retention:
 # --- The supervisor's protocol with its worker processes ------------------------------------------
 
 class _Supervision:
-    """What a worker process gets from its supervisor (section 5; pickled into the child by
-    multiprocessing), and the protocol between the two. Messages on ``control`` are tuples:
-
-    * worker to supervisor: ``("no_timeout_retry", names)``, the tasks whose timeout ends them
-      (retry_on/no_retry_on), then ``("ready", pid)`` once worker.start() runs; ``("fatal", text)``
-      why the worker script could not start, before the process exits with ``_EXIT_FATAL``.
-    * supervisor to worker: ``("stop",)``: stop after the running task.
-
-    The supervisor renews its workers' leases, recovers the task of a worker that died, and kills
-    the worker whose task must stop (``_stop_reason``); a standalone worker does these itself."""
+    """What a worker process gets from its supervisor (section 5; pickled into the child). On
+    ``control`` the worker sends ``("no_timeout_retry", names)`` (tasks whose timeout ends them),
+    then ``("ready", pid)`` once worker.start() runs, or ``("fatal", text)`` when the script cannot
+    start (then it exits with _EXIT_FATAL); the supervisor sends ``("stop",)``. The supervisor renews
+    its workers' leases and kills the one whose task must stop; a standalone worker does both itself."""
 
     def __init__(self, db_url, node_id, control, doorbell, doorbell_writer, parent_pid):
         self.db_url = db_url
@@ -3160,28 +3148,25 @@ _UNGUARDED_MAIN_HELP = ("the application's main module calls Lilota.start() outs
 
 
 def _stop_reason(task):
-    """Why a running task found by ``Storage.running_tasks(only_overdue_or_cancelled=True)`` must
-    stop: "cancel" (asked for while it ran; it wins over a timeout) or "timeout"."""
+    """Why a task of ``running_tasks(only_overdue_or_cancelled=True)`` must stop: a cancel wins."""
     return "cancel" if task.cancel_requested else "timeout"
 
 
 def _stopped_end(task, reason, retries_timeout, process_stopped=False, **extra):
-    """How a task stopped for ``reason`` ends, whoever stopped it (a standalone worker interrupts the
-    task function, a supervisor kills the worker process: ``process_stopped``): (error record,
-    final status, whether it may run again while attempts remain). A cancelled task never does; a
-    timed-out one unless ``retries_timeout`` is False (retry_on/no_retry_on)."""
+    """(error record, final status, may it run again) of a task stopped for ``reason``, whether a
+    standalone worker interrupted it or a supervisor killed its process (``process_stopped``)."""
     if reason == "cancel":
         return _cancelled_record(**extra), TaskStatus.CANCELLED, False
     return _timed_out_record(task.timeout, process_stopped, **extra), TaskStatus.EXPIRED, retries_timeout
 
 
 def _give_back(storage, node_id, why, task=None):
-    """Queue again ``task``, or every task node ``node_id`` holds, with the attempt not counted: it
-    was interrupted through no fault of its own (``why``). Returns finish_attempt's or
-    recover_tasks' answer."""
+    """Queue ``task`` (else all node ``node_id`` holds) again, its attempt not counted: it was
+    interrupted through no fault of its own (``why``)."""
+    error = _error_record(TaskInterruptedError(why))
     if task is not None:
-        return storage.finish_attempt(task, node_id, _given_back_record(why), count_attempt=False)
-    return storage.recover_tasks(node_id, _given_back_record(why), count_attempt=False)
+        return storage.finish_attempt(task, node_id, error, count_attempt=False)
+    return storage.recover_tasks(node_id, error, count_attempt=False)
 
 
 class _Interrupted(BaseException):
@@ -3409,18 +3394,6 @@ class LilotaWorker(_NodeBase):
         node_id = _supervision.node_id if self._running and _supervision is not None else self._node_id
         return None if node_id is None else self.storage.node(node_id)
 
-    def get_nodes(self):
-        """Every node recorded in ``lilota_node`` (as ``Lilota.get_all_nodes()``)."""
-        return self.storage.nodes()
-
-    def get_task_by_id(self, task_id):
-        """The stored :class:`Task`, or None when there is no task with that id."""
-        return self.storage.get_task(_task_id(task_id))
-
-    def delete_task_by_id(self, task_id):
-        """Delete a task whatever its status; True when it was deleted, False when there was none."""
-        return self.storage.delete_task(_task_id(task_id))
-
     def _prepared_claim(self):
         if self._claim is None:
             self._claim = self.storage.prepare_claim(
@@ -3439,7 +3412,7 @@ class LilotaWorker(_NodeBase):
         if function is None:
             known = ", ".join(repr(n) for n in self.registered_names) or "none"
             self.logger.warning("task %s: unknown task name %r", task.id, task.name)
-            self._record(storage.finish_attempt, task, node_id, _error_record(UnknownTaskError(
+            self._retry_until_stored(storage.finish_attempt, task, node_id, _error_record(UnknownTaskError(
                 f"no task named {task.name!r} is registered in this worker (registered: {known}); "
                 f"register it with @worker.register({task.name!r}) in the worker script"), attempt=task.attempts))
             return None
@@ -3468,8 +3441,8 @@ class LilotaWorker(_NodeBase):
             return None
         except KeyboardInterrupt:
             # Ctrl-C of a standalone worker: give the task back to the queue and stop.
-            self._record(_give_back, storage, node_id, "the worker was interrupted; the task was queued again",
-                         task)
+            self._retry_until_stored(_give_back, storage, node_id,
+                                     "the worker was interrupted; the task was queued again", task)
             raise
         except BaseException as exc:  # the task's own failure, SystemExit included
             self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts), retry=function.retries(exc))
@@ -3505,9 +3478,10 @@ class LilotaWorker(_NodeBase):
                 self._claim_lost = self._claim_lost or isinstance(exc, DatabaseUnavailableError)
                 self.logger.warning("could not record a task's outcome with the next claim (%s); "
                                     "storing it alone", exc)
-        stored = self._record(storage.complete, str(task.id), node_id, output, self.set_progress_manually)
+        stored = self._retry_until_stored(storage.complete, str(task.id), node_id, output,
+                                          self.set_progress_manually)
         if not stored and failed:   # the failed call may have committed it
-            row = self._record(storage.get_task, str(task.id))
+            row = self._retry_until_stored(storage.get_task, str(task.id))
             stored = (row is not None and str(row.locked_by) == node_id
                       and row.status in (TaskStatus.COMPLETED, TaskStatus.CANCELLED))
         return stored, None
@@ -3519,7 +3493,7 @@ class LilotaWorker(_NodeBase):
         except StorageError as exc:
             self.logger.warning("task %s: could not store progress %s%% (%s)", task_id, percent, exc)
 
-    def _record(self, write, *args, **kwargs):
+    def _retry_until_stored(self, write, *args, **kwargs):
         """Store a task's outcome, retrying while the database refuses: the worker takes no other
         task while one's outcome is unrecorded (the task would stay running and be run again)."""
         delay = 0.01
@@ -3538,13 +3512,13 @@ class LilotaWorker(_NodeBase):
         note = " (will retry)" if retry_at else "" if retry else " (not retried: retry_on/no_retry_on)"
         self.logger.warning("task %s (%s) attempt %s/%s failed: %s: %s%s", task.id, task.name, task.attempts,
                             task.max_attempts, error["type"], error["message"], note)
-        self._record(self.storage.finish_attempt, task, node_id, error, final_status=final_status,
-                     retry_at=retry_at)
+        self._retry_until_stored(self.storage.finish_attempt, task, node_id, error, final_status=final_status,
+                                 retry_at=retry_at)
 
     def _end_retry(self, task, node_id, retry):
         run_at = retry.run_at(_now())
         self.logger.info("task %s (%s) asked to run again in %.3gs", task.id, task.name, max(0.0, run_at - _now()))
-        self._record(self.storage.snooze, task, node_id, run_at)
+        self._retry_until_stored(self.storage.snooze, task, node_id, run_at)
 
     def _end_interrupted(self, task, node_id, reason, function=None):
         if reason == "lost":   # another process declared this worker dead and already recovered the task
@@ -3554,7 +3528,7 @@ class LilotaWorker(_NodeBase):
         retries = function is None or function.retries(TaskTimeoutError())
         error, status, retry = _stopped_end(task, reason, retries, attempt=task.attempts)
         if reason == "cancel":   # not the task's failure: nothing to warn about
-            self._record(self.storage.finish_attempt, task, node_id, error, final_status=status)
+            self._retry_until_stored(self.storage.finish_attempt, task, node_id, error, final_status=status)
         else:
             self._end_failed(task, node_id, error, final_status=status, retry=retry)
 
@@ -3577,7 +3551,6 @@ class LilotaWorker(_NodeBase):
                 self.storage.heartbeat([node_id], self.node_timeout)
                 if self._claim_lost:
                     self._release_lost_claim(node_id)
-                    self._claim_lost = False
                 if task is None:
                     task = self.storage.claim(prepared, node_id, os.getpid())
                     if task is None:
@@ -3683,8 +3656,7 @@ class LilotaWorker(_NodeBase):
 
     def _on_stop_signal(self, signum, frame):
         """A standalone worker's Ctrl-C or SIGTERM: the first lets the running task finish, a second
-        stops at once (the KeyboardInterrupt ends the task function; _start_standalone gives the
-        task back to the queue without counting the attempt)."""
+        stops at once (the KeyboardInterrupt ends the task function, which is given back)."""
         if self._stopping.is_set():
             raise KeyboardInterrupt
         self.logger.warning("lilota worker stopping after the running task (%s again: stop now)",
@@ -3712,11 +3684,10 @@ class LilotaWorker(_NodeBase):
         return keeper
 
     def _keep(self, node_id, control, can_interrupt):
-        """The keeper thread: while a task runs it reads the notifications the loop does not. Under a
-        supervisor (``control``: the pipe to it) it also listens to it, which renews the lease and
-        stops overdue and cancelled tasks itself; it runs as long as the process. Standalone, nobody
-        else does those: it renews the lease, recovers lost nodes' tasks and (for a worker in the main
-        thread, where a signal can interrupt the task function) stops the task that must stop."""
+        """The keeper thread: reads the notifications the loop does not while a task runs. Under a
+        supervisor (``control``) it listens to it as long as the process lives; standalone it does
+        what a supervisor would: renew the lease, recover lost nodes' tasks and (in the main thread,
+        where a signal can interrupt the task function) stop the task that must stop."""
         storage = self.storage
         next_beat = 0.0
         while control is not None or not self._stopping.is_set():
@@ -3775,7 +3746,6 @@ class LilotaWorker(_NodeBase):
             try:
                 if self._claim_lost:
                     self._release_lost_claim(node_id)
-                    self._claim_lost = False
                 task = storage.claim(prepared, node_id, pid)
                 if task is None:
                     # Idle. Empty the doorbell, read the change counter and make sure the listener
@@ -3800,8 +3770,8 @@ class LilotaWorker(_NodeBase):
                     task = self._execute(task, node_id, prepared)
                     if task is not None and stopping.is_set():
                         # stop() came while the commit that claimed it was under way: give it back.
-                        self._record(_give_back, storage, node_id,
-                                     "the worker stopped before running this task", task)
+                        self._retry_until_stored(_give_back, storage, node_id,
+                                                 "the worker stopped before running this task", task)
                         break
                     if time.monotonic() - drained_at > 1.0:
                         storage.drain_notifications()
@@ -3823,6 +3793,7 @@ class LilotaWorker(_NodeBase):
                                "the connection to the database was lost while this task was being claimed"):
             self.logger.warning("worker %s: requeued task %s, claimed as the connection was lost", node_id,
                                 task.id)
+        self._claim_lost = False
 
     def _idle(self, waitables, counter, listening=None):
         """Wait until the doorbell rings, another connection commits (the change counter moves away
@@ -3852,6 +3823,8 @@ class LilotaWorker(_NodeBase):
 # ==================================================================================================
 # 5. Supervisor
 # ==================================================================================================
+
+# --- Worker processes -----------------------------------------------------------------------------
 
 def _die_with_parent(parent_pid):
     """On Linux, have the kernel kill this process when its parent dies (the supervisor's thread,
@@ -3957,29 +3930,29 @@ def _worker_process_main(script_path, supervision):
     try:
         _run_script(script_path)
     except SystemExit as exc:
-        if not supervision.started:
-            supervision.report_fatal(f"the worker script {script_path} exited (sys.exit({exc.code!r})) "
-                                       f"before calling worker.start()")
-            os._exit(_EXIT_FATAL)
-        raise
+        if supervision.started:
+            raise
+        text = f"the worker script {script_path} exited (sys.exit({exc.code!r})) before calling worker.start()"
     except BaseException as exc:
-        if not supervision.started:
-            if not getattr(supervision, "start_called", False):
-                text = f"the worker script {script_path} failed before calling worker.start():\n" \
-                       + _script_traceback(exc)
-            elif isinstance(exc, ConfigurationError):   # e.g. another database than the application's
-                text = f"worker.start() in the worker script {script_path} refused to run: {exc}"
-            else:
-                text = f"worker.start() in the worker script {script_path} failed:\n" + traceback.format_exc()
-            supervision.report_fatal(text)
-            os._exit(_EXIT_FATAL)
-        raise
-    if not supervision.started:
-        supervision.report_fatal(f"the worker script {script_path} finished without calling worker.start(); "
-                                   f"call it (e.g. under `if __name__ == \"__main__\":`) so that the worker "
-                                   f"executes tasks")
-        os._exit(_EXIT_FATAL)
+        if supervision.started:
+            raise
+        if not supervision.start_called:
+            text = f"the worker script {script_path} failed before calling worker.start():\n" \
+                   + _script_traceback(exc)
+        elif isinstance(exc, ConfigurationError):   # e.g. another database than the application's
+            text = f"worker.start() in the worker script {script_path} refused to run: {exc}"
+        else:
+            text = f"worker.start() in the worker script {script_path} failed:\n" + traceback.format_exc()
+    else:
+        if supervision.started:
+            return
+        text = (f"the worker script {script_path} finished without calling worker.start(); call it (e.g. under "
+                f"`if __name__ == \"__main__\":`) so that the worker executes tasks")
+    supervision.report_fatal(text)
+    os._exit(_EXIT_FATAL)
 
+
+# --- The supervisor -------------------------------------------------------------------------------
 
 class _WorkerHandle:
     """The supervisor's view of one worker process."""
@@ -4129,7 +4102,7 @@ class Lilota(LilotaScheduler):
         """Block until a fatal error happens or ``timeout`` seconds pass; return ``has_failed()``."""
         return self._failed.wait(_seconds(timeout, "timeout"))
 
-    def _fail(self, text):
+    def _set_fatal_error(self, text):
         if not self._failed.is_set():
             self._error = text
             self._failed.set()
@@ -4284,13 +4257,6 @@ class Lilota(LilotaScheduler):
             return
         raise SystemExit(128 + signum)   # SIGTERM while running: exit through stop(), as Ctrl-C does
 
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, exc_type, exc, tb):
-        self.stop()
-        return False
-
     def _notify_workers(self):
         with self._fds_lock:
             _ring(self._doorbell_fd)
@@ -4374,7 +4340,7 @@ class Lilota(LilotaScheduler):
                     logger.warning("lilota supervisor: database error; retrying", exc_info=True)
                     self._stop_requested.wait(0.5)
         except BaseException:
-            self._fail("the lilota supervisor failed:\n" + traceback.format_exc())
+            self._set_fatal_error("the lilota supervisor failed:\n" + traceback.format_exc())
         finally:
             try:
                 self._shutdown()
@@ -4441,14 +4407,15 @@ class Lilota(LilotaScheduler):
             # The script never got a worker running: a broken script, not a crash. No restarts.
             self.storage.set_node_status(handle.node_id, NodeStatus.CRASHED)
             if handle.fatal is None and code == _EXIT_UNGUARDED_MAIN:
-                self._fail(f"worker process {handle.process.pid} stopped before running {self.script_path}: "
-                           f"{_UNGUARDED_MAIN_HELP}")
+                self._set_fatal_error(f"worker process {handle.process.pid} stopped before running "
+                                      f"{self.script_path}: {_UNGUARDED_MAIN_HELP}")
                 return
-            self._fail(handle.fatal or f"worker process {handle.process.pid} ({self.script_path}) "
-                                       f"{_describe_exit(code)} before calling worker.start()")
+            self._set_fatal_error(handle.fatal or f"worker process {handle.process.pid} ({self.script_path}) "
+                                                  f"{_describe_exit(code)} before calling worker.start()")
             return
         # A crash: release its task (retried, or failed when its attempts are used up).
-        tasks = self._recover(handle.node_id, _died_record(handle.process.pid, _describe_exit(code)))
+        tasks = self._recover(handle.node_id, _error_record(WorkerDiedError(
+            f"the worker process {handle.process.pid} running this task died ({_describe_exit(code)})")))
         self.storage.set_node_status(handle.node_id, NodeStatus.CRASHED)
         logger.warning("worker process %s %s%s%s", handle.process.pid, _describe_exit(code),
                        f" while running task {tasks[0].id}" if tasks else "",
@@ -4492,9 +4459,9 @@ class Lilota(LilotaScheduler):
         worker declared dead by another process while alive (the application was paused past its
         lease) has had its task recovered: it is replaced, so that it does not go on with it."""
         if self._db_file is not None and self._dialect.file_identity() != self._db_file:
-            self._fail(f"{self._dialect.describe()} was deleted or replaced while lilota was running; the "
-                       f"workers were stopped, as they would go on with a database no other process can "
-                       f"reach. Call start() again to use the database now at that path")
+            self._set_fatal_error(f"{self._dialect.describe()} was deleted or replaced while lilota was running; "
+                                  f"the workers were stopped, as they would go on with a database no other process "
+                                  f"can reach. Call start() again to use the database now at that path")
             return
         live = [h for h in self._handles if h is not None]
         try:
