@@ -15,21 +15,19 @@ The two sides meet only in the database:
 
 The file reads top to bottom; each section depends only on those above it:
 
-1. Models and serialization  -- Task, Node, statuses, errors and task error records, the serializer
+1. Models and serialization  -- Task, Node, statuses, errors, the one JSON serializer
 2. Storage and dialects       -- the SQL, a dialect per database, errors
 3. Scheduling API             -- what every node shares; LilotaScheduler: schedule, wait, cancel ...
-4. Worker                     -- the supervisor's protocol with its workers (the stop decision, the
-                                 give-back); LilotaWorker: registry, claim-execute loop, keeper
+4. Worker                     -- the supervisor's protocol; LilotaWorker: registry, loop, keeper
 5. Supervisor                 -- worker processes; Lilota: crash recovery, timeouts, stop
 6. Command line               -- ``python -m lilota``
 
 Where what is to come goes: queues in 2 (a column of the task row, a condition of the one claim)
-and 3 (their argument); dependencies in 2 (a ``waiting`` status a completion releases) and 3;
-async task functions in 4 (another way of running a task, stopped through the same keeper and
-``_stopped_end``); periodic schedules in a section of their own after the worker (the supervisor
-runs them, one node taking each turn as ``_Retention`` does); the dashboard in a section of its
-own before the command line, its HTML, CSS and JavaScript as one compact block, as bottle's
-templates are.
+and 3; dependencies in 2 (a ``waiting`` status a completion releases) and 3; async task functions
+in 4 (stopped through the same keeper and ``_stopped_end``); periodic schedules in a section of
+their own after the worker (the supervisor runs them, one node a turn, as ``_Retention`` does); the
+dashboard in a section of its own before the command line, its HTML, CSS and JavaScript one
+compact block, as bottle's templates are.
 
 Execution is at-least-once: without crashes every task runs exactly once; when a worker process
 dies mid-task the task is retried (or failed, when its attempts are used up) with an error saying so.
@@ -762,21 +760,6 @@ def _error_record(exc, **extra):
               "traceback": tb.replace("\x00", "\\x00")}
     record.update(extra)
     return record
-
-
-# The records of a task stopped by lilota, each message written once (Storage.recover_tasks adds
-# the ``attempt``; a task given back to the queue: see _give_back).
-
-def _cancelled_record(**extra):
-    return _error_record(TaskCancelledError("cancelled while running"), **extra)
-
-
-def _timed_out_record(timeout, process_stopped=False, **extra):
-    """``timeout``: the task's (a timedelta or None); ``process_stopped``: its worker process was
-    killed for it (by the supervisor), rather than the task function interrupted."""
-    limit = f" of {timeout.total_seconds():g}s" if timeout is not None else ""
-    stopped = "; its worker process was stopped" if process_stopped else ""
-    return _error_record(TaskTimeoutError(f"task ran longer than its timeout{limit}{stopped}"), **extra)
 
 
 # ==================================================================================================
@@ -2745,8 +2728,12 @@ class _NodeBase:
         """Every node recorded in ``lilota_node``: worker processes and scheduling applications."""
         return self.storage.nodes()
 
-    def _node_name(self):
-        return self.name or f"{socket.gethostname()}:{os.getpid()}"
+    def _add_node(self, node_type):
+        """Record this process as a running node (named ``name``, else host:pid); return its id."""
+        node_id = str(uuid.uuid4())
+        self.storage.add_node(node_id, self.name or f"{socket.gethostname()}:{os.getpid()}", node_type,
+                              NodeStatus.RUNNING, os.getpid(), self.node_timeout)
+        return node_id
 
     def _renew_leases(self, node_ids):
         """Renew the leases of ``node_ids`` (this node's first); return those another process declared
@@ -3001,9 +2988,7 @@ class LilotaScheduler(_NodeBase):
             return self
         storage = self.storage
         storage.ensure_ready()
-        node_id = str(uuid.uuid4())
-        storage.add_node(node_id, self._node_name(), NodeType.SCHEDULER, NodeStatus.RUNNING, os.getpid(),
-                         self.node_timeout)
+        node_id = self._add_node(NodeType.SCHEDULER)
         stop = threading.Event()
         thread = threading.Thread(target=self._keep_node_alive, args=(node_id, stop),
                                   name="lilota-scheduler-heartbeat", daemon=True)
@@ -3121,10 +3106,6 @@ class _Supervision:
         self.start_called = False           # the script called worker.start() ...
         self.started = False                # ... and it got the worker running
 
-    @property
-    def doorbell_writer_fd(self):
-        return self.doorbell_writer.fileno()
-
     def report_fatal(self, text):
         try:
             self.control.send(("fatal", text))
@@ -3156,8 +3137,11 @@ def _stopped_end(task, reason, retries_timeout, process_stopped=False, **extra):
     """(error record, final status, may it run again) of a task stopped for ``reason``, whether a
     standalone worker interrupted it or a supervisor killed its process (``process_stopped``)."""
     if reason == "cancel":
-        return _cancelled_record(**extra), TaskStatus.CANCELLED, False
-    return _timed_out_record(task.timeout, process_stopped, **extra), TaskStatus.EXPIRED, retries_timeout
+        return _error_record(TaskCancelledError("cancelled while running"), **extra), TaskStatus.CANCELLED, False
+    limit = f" of {task.timeout.total_seconds():g}s" if task.timeout is not None else ""
+    stopped = "; its worker process was stopped" if process_stopped else ""
+    error = TaskTimeoutError(f"task ran longer than its timeout{limit}{stopped}")
+    return _error_record(error, **extra), TaskStatus.EXPIRED, retries_timeout
 
 
 def _give_back(storage, node_id, why, task=None):
@@ -3362,16 +3346,12 @@ class LilotaWorker(_NodeBase):
         output models read from its annotations: ``@worker.task`` or ``@worker.task(name=...)``.
         The other options are those of :meth:`register`."""
         def decorator(fn):
-            hints = {}
             try:
-                hints = typing.get_type_hints(fn)
+                output_model = typing.get_type_hints(fn).get("return")
             except Exception:
-                pass
-            output_model = hints.get("return")
-            self._add(_TaskFunction(_check_name(name or fn.__name__), fn, None,
-                                    None if output_model is type(None) else output_model,
-                                    False, timeout, max_attempts, keep_input, retry_on, no_retry_on))
-            return fn
+                output_model = None
+            return self.register(name or fn.__name__, None, None if output_model is type(None) else output_model,
+                                 None, timeout, max_attempts, keep_input, retry_on, no_retry_on)(fn)
         return decorator(func) if func is not None else decorator
 
     def _add(self, task_function):
@@ -3601,7 +3581,6 @@ class LilotaWorker(_NodeBase):
         self._prepared_claim()
         self.storage.set_node_status(node_id, NodeStatus.RUNNING, os.getpid())
         supervision.started = True
-        self._start_keeper(node_id, supervision.control, False)
         doorbell = supervision.doorbell.fileno()
         os.set_blocking(doorbell, False)
         # The supervisor stops tasks that run past their timeout: tell it which are not retried then.
@@ -3609,6 +3588,7 @@ class LilotaWorker(_NodeBase):
         if final_timeouts:
             supervision.control.send(("no_timeout_retry", final_timeouts))
         supervision.control.send(("ready", os.getpid()))
+        self._start_keeper(node_id, supervision.control, False)
         try:
             self._loop(node_id, doorbell)
         finally:
@@ -3619,9 +3599,7 @@ class LilotaWorker(_NodeBase):
         storage = self.storage
         storage.ensure_ready()
         self._prepared_claim()
-        node_id = self._node_id = str(uuid.uuid4())
-        storage.add_node(node_id, self._node_name(), NodeType.WORKER, NodeStatus.RUNNING, os.getpid(),
-                         self.node_timeout)
+        node_id = self._node_id = self._add_node(NodeType.WORKER)
         self._stopping.clear()
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = {}
@@ -3762,7 +3740,7 @@ class LilotaWorker(_NodeBase):
                                    listening)
                         continue
                     if rings > 1:   # more work was announced: pass the wake-up on to another worker
-                        _ring(_supervision.doorbell_writer_fd if _supervision else None)
+                        _ring(_supervision.doorbell_writer.fileno() if _supervision else None)
                 errors = 0
                 # Busy: each completion claims the next task in the completion's commit, until none
                 # is due or stop() is called.
@@ -4150,9 +4128,7 @@ class Lilota(LilotaScheduler):
             storage = self.storage
             storage.ensure_ready()
             self._db_file = self._dialect.file_identity()
-            self.node_id = str(uuid.uuid4())
-            storage.add_node(self.node_id, self._node_name(), NodeType.SCHEDULER, NodeStatus.RUNNING, os.getpid(),
-                             self.node_timeout)
+            self.node_id = self._add_node(NodeType.SCHEDULER)
             self._owner_pid = os.getpid()
             self._error = None
             self._failed.clear()
@@ -4414,8 +4390,9 @@ class Lilota(LilotaScheduler):
                                                   f"{_describe_exit(code)} before calling worker.start()")
             return
         # A crash: release its task (retried, or failed when its attempts are used up).
-        tasks = self._recover(handle.node_id, _error_record(WorkerDiedError(
-            f"the worker process {handle.process.pid} running this task died ({_describe_exit(code)})")))
+        tasks = self.storage.recover_tasks(handle.node_id, _error_record(WorkerDiedError(
+            f"the worker process {handle.process.pid} running this task died ({_describe_exit(code)})")),
+            retry_delay=self.retry_delay, retry_max_delay=self.retry_max_delay)
         self.storage.set_node_status(handle.node_id, NodeStatus.CRASHED)
         logger.warning("worker process %s %s%s%s", handle.process.pid, _describe_exit(code),
                        f" while running task {tasks[0].id}" if tasks else "",
@@ -4432,7 +4409,8 @@ class Lilota(LilotaScheduler):
             reason = _stop_reason(task)
             error, status, retry = _stopped_end(task, reason, task.name not in handle.no_timeout_retry,
                                                 process_stopped=True)
-            self._recover(handle.node_id, error, final_status=status, retry=retry, task_id=task.id)
+            self.storage.recover_tasks(handle.node_id, error, final_status=status, retry=retry, task_id=task.id,
+                                       retry_delay=self.retry_delay, retry_max_delay=self.retry_max_delay)
             logger.info("task %s %s: worker process %s replaced", task.id,
                         "cancelled" if reason == "cancel" else "timed out", handle.process.pid)
             self._replace(handle, context)
@@ -4448,11 +4426,6 @@ class Lilota(LilotaScheduler):
         _give_back(self.storage, handle.node_id, "the worker was stopped while running this task")
         self.storage.set_node_status(handle.node_id, NodeStatus.STOPPED)
         self._handles[handle.index] = self._spawn(context, handle.index)
-
-    def _recover(self, node_id, error, **options):
-        """Release the running tasks of one of our workers, retrying with this Lilota's backoff."""
-        return self.storage.recover_tasks(node_id, error, retry_delay=self.retry_delay,
-                                          retry_max_delay=self.retry_max_delay, **options)
 
     def _housekeeping(self, context=None):
         """Renew the leases of this node and its workers and recover the tasks of lost nodes. A
