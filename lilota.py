@@ -15,12 +15,19 @@ The two sides meet only in the database:
 
 The file reads top to bottom; each section depends only on those above it:
 
-1. Models and serialization  -- Task, Node, statuses, the one JSON serializer
+1. Models and serialization  -- Task, Node, statuses, errors, the one JSON serializer
 2. Storage and dialects       -- the SQL, a dialect per database, errors
-3. Scheduling API             -- LilotaScheduler: schedule, get, wait, cancel, cleanup
-4. Worker                     -- LilotaWorker: registry, claim-execute loop, test helper
-5. Supervisor                 -- Lilota: worker processes, crash recovery, timeouts, stop
+3. Scheduling API             -- what every node shares; LilotaScheduler: schedule, wait, cancel ...
+4. Worker                     -- the supervisor's protocol; LilotaWorker: registry, loop, keeper
+5. Supervisor                 -- worker processes; Lilota: crash recovery, timeouts, stop
 6. Command line               -- ``python -m lilota``
+
+Where what is to come goes: queues in 2 (a column of the task row, a condition of the one claim)
+and 3; dependencies in 2 (a ``waiting`` status a completion releases) and 3; async task functions
+in 4 (stopped through the same keeper and ``_stopped_end``); periodic schedules in a section of
+their own after the worker (the supervisor runs them, one node a turn, as ``_Retention`` does); the
+dashboard in a section of its own before the command line, its HTML, CSS and JavaScript one
+compact block, as bottle's templates are.
 
 Execution is at-least-once: without crashes every task runs exactly once; when a worker process
 dies mid-task the task is retried (or failed, when its attempts are used up) with an error saying so.
@@ -2628,7 +2635,127 @@ def _upstream_options(constructor, given, *ours):
     return tuple(values[name] for name in ours)
 
 
-class LilotaScheduler:
+# --- What every node shares -----------------------------------------------------------------------
+
+def _nonblocking_pipe():
+    """A self-pipe for waking a thread that waits in select(): (read fd, write fd)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    return read_fd, write_fd
+
+
+def _close_fds(*fds):
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
+
+
+def _drain(fd):
+    """Read everything waiting in a non-blocking pipe; return how many bytes there were."""
+    total = 0
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            return total
+        if not chunk:
+            return total
+        total += len(chunk)
+
+
+def _ring(fd):
+    """Write one byte to a doorbell pipe; a full pipe already holds enough wake-ups, and a closed
+    one belongs to workers that are gone."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"\0")
+    except OSError:
+        pass
+
+
+def _recover_lost_nodes(storage, retry_delay, retry_max_delay, exclude=(), settle=0.0):
+    """Mark nodes whose lease expired (or whose process is gone) dead and release the running
+    tasks they held: retried while attempts remain, else failed with a WorkerDiedError. The nodes
+    in ``exclude`` are the caller's own (a supervisor handles its workers' deaths itself);
+    ``settle``: see Storage.find_lost_nodes."""
+    exclude = set(exclude)
+    lost = storage.find_lost_nodes(exclude, settle)
+    for node_id in (set(lost) | set(storage.orphaned_nodes())) - exclude:
+        tasks = storage.recover_tasks(node_id, _error_record(WorkerDiedError(
+            f"the worker node {node_id} running this task was lost (its heartbeat lease expired "
+            f"or its process is gone)")), retry_delay=retry_delay, retry_max_delay=retry_max_delay)
+        if tasks:
+            logger.warning("recovered %d task(s) of lost node %s", len(tasks), node_id)
+
+
+class _NodeBase:
+    """What LilotaScheduler, LilotaWorker and Lilota share: a database, and a node with a lease."""
+
+    def _set_up(self, db_url, constructor, given):
+        """The URL (else $LILOTA_DB_URL, else the default) and the durations ``constructor`` takes,
+        from ``given`` (its ``locals()``, with upstream lilota's names), as attributes in seconds."""
+        self.db_url = db_url or os.environ.get("LILOTA_DB_URL") or DEFAULT_DB_URL
+        # Parsed now: a bad URL fails here, and a relative SQLite path is fixed to the current
+        # directory of this moment, not of the first use.
+        self._dialect = _dialect_for_url(self.db_url)
+        self._storage = None
+        durations = [name for name in ("heartbeat_interval", "node_timeout", "stop_timeout") if name in given]
+        for name, value in zip(durations, _upstream_options(constructor, given, *durations)):
+            setattr(self, name, _seconds(value, name, allow_zero=name == "stop_timeout"))
+        for name in ("retry_delay", "retry_max_delay"):
+            if name in given:
+                setattr(self, name, _seconds(given[name], name))
+
+    @property
+    def storage(self):
+        """The process's :class:`Storage` for this database, opened on first use."""
+        if self._storage is None:
+            self._storage = Storage.for_dialect(self._dialect)
+        return self._storage
+
+    def get_task_by_id(self, task_id):
+        """The stored :class:`Task`, or None when there is no task with that id."""
+        return self.storage.get_task(_task_id(task_id))
+
+    def delete_task_by_id(self, task_id):
+        """Delete a task whatever its status; True when it was deleted, False when there was no task
+        with that id. A running task runs on; its result is not stored."""
+        return self.storage.delete_task(_task_id(task_id))
+
+    def get_nodes(self):
+        """Every node recorded in ``lilota_node``: worker processes and scheduling applications."""
+        return self.storage.nodes()
+
+    def _add_node(self, node_type):
+        """Record this process as a running node (named ``name``, else host:pid); return its id."""
+        node_id = str(uuid.uuid4())
+        self.storage.add_node(node_id, self.name or f"{socket.gethostname()}:{os.getpid()}", node_type,
+                              NodeStatus.RUNNING, os.getpid(), self.node_timeout)
+        return node_id
+
+    def _renew_leases(self, node_ids):
+        """Renew the leases of ``node_ids`` (this node's first); return those another process declared
+        dead (their tasks were recovered). This node comes back to life; the caller sees to others."""
+        lost = self.storage.heartbeat(node_ids, self.node_timeout)
+        if node_ids[0] in lost:
+            self.storage.set_node_status(node_ids[0], NodeStatus.RUNNING)
+            self.storage.heartbeat(node_ids[:1], self.node_timeout)
+        return lost
+
+    def _open_wake_pipe(self):
+        self._wake_r, self._wake_w = _nonblocking_pipe()
+
+    def _close_wake_pipe(self):
+        with self._fds_lock:
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None
+            _close_fds(*fds)
+
+
+# --- The scheduler --------------------------------------------------------------------------------
+
+class LilotaScheduler(_NodeBase):
     """The scheduling side: store tasks and look after them. Runs no workers.
 
     Everything here works whether or not any worker is running: a scheduled task waits in the
@@ -2641,25 +2768,10 @@ class LilotaScheduler:
 
     def __init__(self, db_url=None, node_heartbeat_interval=None, node_timeout_sec=None, logging_level=None, *,
                  heartbeat_interval=5.0, node_timeout=30.0, name=None):
-        self.db_url = db_url or os.environ.get("LILOTA_DB_URL") or DEFAULT_DB_URL
-        # Parsed now: a bad URL fails here, and a relative SQLite path is fixed to the current
-        # directory of this moment, not of the first use.
-        self._dialect = _dialect_for_url(self.db_url)
-        self._storage = None
-        heartbeat_interval, node_timeout = _upstream_options(LilotaScheduler.__init__, locals(),
-                                                             "heartbeat_interval", "node_timeout")
-        self.heartbeat_interval = _seconds(heartbeat_interval, "heartbeat_interval", allow_zero=False)
-        self.node_timeout = _seconds(node_timeout, "node_timeout", allow_zero=False)
+        self._set_up(db_url, LilotaScheduler.__init__, locals())
         self.name = name
         self.node_id = None
         self._heartbeat = None    # (thread, stop event) of a started LilotaScheduler
-
-    @property
-    def storage(self):
-        """The process's :class:`Storage` for this database, opened on first use."""
-        if self._storage is None:
-            self._storage = Storage.for_dialect(self._dialect)
-        return self._storage
 
     @property
     def db_url_for_workers(self):
@@ -2722,10 +2834,6 @@ class LilotaScheduler:
                                        for task_id, payload in zip(ids, payloads)])
             self._notify_workers()
         return ids
-
-    def get_task_by_id(self, task_id):
-        """The stored :class:`Task`, or None when there is no task with that id."""
-        return self.storage.get_task(_task_id(task_id))
 
     def find_task_ids(self, prefix, limit=None):
         """The ids (UUIDs, in order, at most ``limit``) of the tasks whose id starts with ``prefix``:
@@ -2858,22 +2966,13 @@ class LilotaScheduler:
         return {"tasks": deleted["tasks"], "log_entries": 0, "nodes": deleted["nodes"]}
 
     def get_all_nodes(self):
-        """Every node recorded in ``lilota_node``: worker processes and scheduling applications."""
-        return self.storage.nodes()
-
-    def get_nodes(self):
-        """The same as ``get_all_nodes()`` (its name in upstream lilota)."""
-        return self.get_all_nodes()
+        """The same as ``get_nodes()`` (both are upstream lilota's names)."""
+        return self.get_nodes()
 
     def get_node(self):
         """This process's own node (a :class:`Node`) once started (stopped after ``stop()``), else None."""
         node_id = self.node_id
         return None if node_id is None else self.storage.node(node_id)
-
-    def delete_task_by_id(self, task_id):
-        """Delete a task whatever its status; True when it was deleted, False when there was no task
-        with that id. A running task runs on; its result is not stored."""
-        return self.storage.delete_task(_task_id(task_id))
 
     def has_unfinished_tasks(self):
         """True while any task is queued (also delayed, or waiting for a retry) or running."""
@@ -2889,9 +2988,7 @@ class LilotaScheduler:
             return self
         storage = self.storage
         storage.ensure_ready()
-        node_id = str(uuid.uuid4())
-        storage.add_node(node_id, self.name or f"{socket.gethostname()}:{os.getpid()}", NodeType.SCHEDULER,
-                         NodeStatus.RUNNING, os.getpid(), self.node_timeout)
+        node_id = self._add_node(NodeType.SCHEDULER)
         stop = threading.Event()
         thread = threading.Thread(target=self._keep_node_alive, args=(node_id, stop),
                                   name="lilota-scheduler-heartbeat", daemon=True)
@@ -2903,8 +3000,7 @@ class LilotaScheduler:
     def _keep_node_alive(self, node_id, stop):
         while not stop.wait(self.heartbeat_interval):
             try:
-                if self.storage.heartbeat([node_id], self.node_timeout):   # declared dead while alive
-                    self.storage.set_node_status(node_id, NodeStatus.RUNNING)
+                self._renew_leases([node_id])
             except StorageError:
                 logger.warning("lilota scheduler heartbeat failed; will retry", exc_info=True)
 
@@ -2991,63 +3087,78 @@ class _Retention:
 # 4. Worker
 # ==================================================================================================
 
-def _nonblocking_pipe():
-    """A self-pipe for waking a thread that waits in select(): (read fd, write fd)."""
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(read_fd, False)
-    os.set_blocking(write_fd, False)
-    return read_fd, write_fd
+# --- The supervisor's protocol with its worker processes ------------------------------------------
 
+class _Supervision:
+    """What a worker process gets from its supervisor (section 5; pickled into the child). On
+    ``control`` the worker sends ``("no_timeout_retry", names)`` (tasks whose timeout ends them),
+    then ``("ready", pid)`` once worker.start() runs, or ``("fatal", text)`` when the script cannot
+    start (then it exits with _EXIT_FATAL); the supervisor sends ``("stop",)``. The supervisor renews
+    its workers' leases and kills the one whose task must stop; a standalone worker does both itself."""
 
-def _close_fds(*fds):
-    for fd in fds:
-        if fd is not None:
-            os.close(fd)
+    def __init__(self, db_url, node_id, control, doorbell, doorbell_writer, parent_pid):
+        self.db_url = db_url
+        self.node_id = node_id
+        self.control = control              # duplex Connection to the supervisor
+        self.doorbell = doorbell            # read end of the pipe the scheduler rings
+        self.doorbell_writer = doorbell_writer
+        self.parent_pid = parent_pid
+        self.start_called = False           # the script called worker.start() ...
+        self.started = False                # ... and it got the worker running
 
-
-def _drain(fd):
-    """Read everything waiting in a non-blocking pipe; return how many bytes there were."""
-    total = 0
-    while True:
+    def report_fatal(self, text):
         try:
-            chunk = os.read(fd, 4096)
-        except (BlockingIOError, InterruptedError):
-            return total
-        if not chunk:
-            return total
-        total += len(chunk)
+            self.control.send(("fatal", text))
+        except Exception:
+            sys.stderr.write(text + "\n")
 
 
-def _ring(fd):
-    """Write one byte to a doorbell pipe; a full pipe already holds enough wake-ups, and a closed
-    one belongs to workers that are gone."""
-    if fd is None:
-        return
-    try:
-        os.write(fd, b"\0")
-    except OSError:
-        pass
+# Set in a worker process started by a supervisor (section 5) before the worker script runs.
+_supervision = None
+
+_EXIT_FATAL = 3  # a worker process's exit code when its script could not start
+# ... and when the application's main module, run again in a new worker process by spawn or
+# forkserver before the worker script, called Lilota.start() at its top level (no __main__ guard)
+_EXIT_UNGUARDED_MAIN = 78
+_UNGUARDED_MAIN_HELP = ("the application's main module calls Lilota.start() outside `if __name__ == "
+                        "\"__main__\":`. Worker processes are started with multiprocessing (spawn), which runs "
+                        "the main module again in each new process before anything else, so each worker would "
+                        "start workers of its own. Put the code that creates and starts Lilota (and what uses it) "
+                        "under `if __name__ == \"__main__\":` in the application's main module")
 
 
-def _recover_lost_nodes(storage, retry_delay, retry_max_delay, exclude=(), settle=0.0):
-    """Mark nodes whose lease expired (or whose process is gone) dead and release the running
-    tasks they held: retried while attempts remain, else failed with a WorkerDiedError. The nodes
-    in ``exclude`` are the caller's own (a supervisor handles its workers' deaths itself);
-    ``settle``: see Storage.find_lost_nodes."""
-    exclude = set(exclude)
-    lost = storage.find_lost_nodes(exclude, settle)
-    for node_id in (set(lost) | set(storage.orphaned_nodes())) - exclude:
-        tasks = storage.recover_tasks(node_id, _error_record(WorkerDiedError(
-            f"the worker node {node_id} running this task was lost (its heartbeat lease expired "
-            f"or its process is gone)")), retry_delay=retry_delay, retry_max_delay=retry_max_delay)
-        if tasks:
-            logger.warning("recovered %d task(s) of lost node %s", len(tasks), node_id)
+
+def _stop_reason(task):
+    """Why a task of ``running_tasks(only_overdue_or_cancelled=True)`` must stop: a cancel wins."""
+    return "cancel" if task.cancel_requested else "timeout"
+
+
+def _stopped_end(task, reason, retries_timeout, process_stopped=False, **extra):
+    """(error record, final status, may it run again) of a task stopped for ``reason``, whether a
+    standalone worker interrupted it or a supervisor killed its process (``process_stopped``)."""
+    if reason == "cancel":
+        return _error_record(TaskCancelledError("cancelled while running"), **extra), TaskStatus.CANCELLED, False
+    limit = f" of {task.timeout.total_seconds():g}s" if task.timeout is not None else ""
+    stopped = "; its worker process was stopped" if process_stopped else ""
+    error = TaskTimeoutError(f"task ran longer than its timeout{limit}{stopped}")
+    return _error_record(error, **extra), TaskStatus.EXPIRED, retries_timeout
+
+
+def _give_back(storage, node_id, why, task=None):
+    """Queue ``task`` (else all node ``node_id`` holds) again, its attempt not counted: it was
+    interrupted through no fault of its own (``why``)."""
+    error = _error_record(TaskInterruptedError(why))
+    if task is not None:
+        return storage.finish_attempt(task, node_id, error, count_attempt=False)
+    return storage.recover_tasks(node_id, error, count_attempt=False)
 
 
 class _Interrupted(BaseException):
     """Raised inside a task function by a standalone worker to stop it (timeout or cancel).
     A BaseException, so that a task's ``except Exception`` does not swallow it."""
 
+
+# --- Task functions -------------------------------------------------------------------------------
 
 def _exception_types(value, what):
     """``retry_on``/``no_retry_on`` as a tuple of exception classes (None stays None): one class or
@@ -3160,29 +3271,9 @@ class _TaskFunction:
         return self.func(*args, **kwargs)
 
 
-class _Supervision:
-    """What a worker process gets from its supervisor (pickled into the child by multiprocessing)."""
+# --- The worker -----------------------------------------------------------------------------------
 
-    def __init__(self, db_url, node_id, control, doorbell, doorbell_writer, parent_pid):
-        self.db_url = db_url
-        self.node_id = node_id
-        self.control = control              # duplex Connection to the supervisor
-        self.doorbell = doorbell            # read end of the pipe the scheduler rings
-        self.doorbell_writer = doorbell_writer
-        self.parent_pid = parent_pid
-        self.start_called = False           # the script called worker.start() ...
-        self.started = False                # ... and it got the worker running
-
-    @property
-    def doorbell_writer_fd(self):
-        return self.doorbell_writer.fileno()
-
-
-# Set in a worker process started by a supervisor (section 5) before the worker script runs.
-_supervision = None
-
-
-class LilotaWorker:
+class LilotaWorker(_NodeBase):
     """The worker side: register task functions, then ``start()`` to execute tasks.
 
     Run standalone (``python myscript.py``) it executes tasks until stopped (Ctrl-C, SIGTERM or
@@ -3203,23 +3294,14 @@ class LilotaWorker:
                  retry_max_delay=timedelta(minutes=10), node_heartbeat_interval=None,
                  node_heartbeat_interval_jitter=None, node_timeout_sec=None, task_heartbeat_interval=None,
                  max_task_heartbeat_interval=None, logging_level=None, keep_finished=None):
-        self.db_url = db_url or (_supervision.db_url if _supervision else None) \
-            or os.environ.get("LILOTA_DB_URL") or DEFAULT_DB_URL
-        self._dialect = _dialect_for_url(self.db_url)
         # Upstream lilota's arguments (the last six): see _UPSTREAM_OPTIONS.
-        heartbeat_interval, node_timeout = _upstream_options(LilotaWorker.__init__, locals(),
-                                                             "heartbeat_interval", "node_timeout")
+        self._set_up(db_url or (_supervision.db_url if _supervision else None), LilotaWorker.__init__, locals())
         self.set_progress_manually = bool(set_progress_manually)
         self.name = name
         self.poll_interval = _seconds(poll_interval, "poll_interval", allow_zero=False)
-        self.heartbeat_interval = _seconds(heartbeat_interval, "heartbeat_interval", allow_zero=False)
-        self.node_timeout = _seconds(node_timeout, "node_timeout", allow_zero=False)
-        self.retry_delay = _seconds(retry_delay, "retry_delay")
-        self.retry_max_delay = _seconds(retry_max_delay, "retry_max_delay")
         # Standalone only: under a supervisor, the supervisor's keep_finished is what applies.
         self.keep_finished = _seconds(keep_finished, "keep_finished", allow_zero=False)
         self._registry = {}
-        self._storage = None
         self._claim = None
         self._claim_lost = False      # a claim may have been committed with its reply lost
         self._node_id = None
@@ -3264,16 +3346,12 @@ class LilotaWorker:
         output models read from its annotations: ``@worker.task`` or ``@worker.task(name=...)``.
         The other options are those of :meth:`register`."""
         def decorator(fn):
-            hints = {}
             try:
-                hints = typing.get_type_hints(fn)
+                output_model = typing.get_type_hints(fn).get("return")
             except Exception:
-                pass
-            output_model = hints.get("return")
-            self._add(_TaskFunction(_check_name(name or fn.__name__), fn, None,
-                                    None if output_model is type(None) else output_model,
-                                    False, timeout, max_attempts, keep_input, retry_on, no_retry_on))
-            return fn
+                output_model = None
+            return self.register(name or fn.__name__, None, None if output_model is type(None) else output_model,
+                                 None, timeout, max_attempts, keep_input, retry_on, no_retry_on)(fn)
         return decorator(func) if func is not None else decorator
 
     def _add(self, task_function):
@@ -3296,27 +3374,6 @@ class LilotaWorker:
         node_id = _supervision.node_id if self._running and _supervision is not None else self._node_id
         return None if node_id is None else self.storage.node(node_id)
 
-    def get_nodes(self):
-        """Every node recorded in ``lilota_node`` (as ``Lilota.get_all_nodes()``)."""
-        return self.storage.nodes()
-
-    def get_task_by_id(self, task_id):
-        """The stored :class:`Task`, or None when there is no task with that id."""
-        return self.storage.get_task(_task_id(task_id))
-
-    def delete_task_by_id(self, task_id):
-        """Delete a task whatever its status; True when it was deleted, False when there was none."""
-        return self.storage.delete_task(_task_id(task_id))
-
-    # --- storage helpers ---
-
-    @property
-    def storage(self):
-        """The process's :class:`Storage` for this database, opened on first use."""
-        if self._storage is None:
-            self._storage = Storage.for_dialect(self._dialect)
-        return self._storage
-
     def _prepared_claim(self):
         if self._claim is None:
             self._claim = self.storage.prepare_claim(
@@ -3335,7 +3392,7 @@ class LilotaWorker:
         if function is None:
             known = ", ".join(repr(n) for n in self.registered_names) or "none"
             self.logger.warning("task %s: unknown task name %r", task.id, task.name)
-            self._record(storage.finish_attempt, task, node_id, _error_record(UnknownTaskError(
+            self._retry_until_stored(storage.finish_attempt, task, node_id, _error_record(UnknownTaskError(
                 f"no task named {task.name!r} is registered in this worker (registered: {known}); "
                 f"register it with @worker.register({task.name!r}) in the worker script"), attempt=task.attempts))
             return None
@@ -3364,8 +3421,8 @@ class LilotaWorker:
             return None
         except KeyboardInterrupt:
             # Ctrl-C of a standalone worker: give the task back to the queue and stop.
-            self._record(storage.finish_attempt, task, node_id, _error_record(
-                TaskInterruptedError("the worker was interrupted; the task was queued again")), count_attempt=False)
+            self._retry_until_stored(_give_back, storage, node_id,
+                                     "the worker was interrupted; the task was queued again", task)
             raise
         except BaseException as exc:  # the task's own failure, SystemExit included
             self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts), retry=function.retries(exc))
@@ -3401,9 +3458,10 @@ class LilotaWorker:
                 self._claim_lost = self._claim_lost or isinstance(exc, DatabaseUnavailableError)
                 self.logger.warning("could not record a task's outcome with the next claim (%s); "
                                     "storing it alone", exc)
-        stored = self._record(storage.complete, str(task.id), node_id, output, self.set_progress_manually)
+        stored = self._retry_until_stored(storage.complete, str(task.id), node_id, output,
+                                          self.set_progress_manually)
         if not stored and failed:   # the failed call may have committed it
-            row = self._record(storage.get_task, str(task.id))
+            row = self._retry_until_stored(storage.get_task, str(task.id))
             stored = (row is not None and str(row.locked_by) == node_id
                       and row.status in (TaskStatus.COMPLETED, TaskStatus.CANCELLED))
         return stored, None
@@ -3415,7 +3473,7 @@ class LilotaWorker:
         except StorageError as exc:
             self.logger.warning("task %s: could not store progress %s%% (%s)", task_id, percent, exc)
 
-    def _record(self, write, *args, **kwargs):
+    def _retry_until_stored(self, write, *args, **kwargs):
         """Store a task's outcome, retrying while the database refuses: the worker takes no other
         task while one's outcome is unrecorded (the task would stay running and be run again)."""
         delay = 0.01
@@ -3434,26 +3492,25 @@ class LilotaWorker:
         note = " (will retry)" if retry_at else "" if retry else " (not retried: retry_on/no_retry_on)"
         self.logger.warning("task %s (%s) attempt %s/%s failed: %s: %s%s", task.id, task.name, task.attempts,
                             task.max_attempts, error["type"], error["message"], note)
-        self._record(self.storage.finish_attempt, task, node_id, error, final_status=final_status,
-                     retry_at=retry_at)
+        self._retry_until_stored(self.storage.finish_attempt, task, node_id, error, final_status=final_status,
+                                 retry_at=retry_at)
 
     def _end_retry(self, task, node_id, retry):
         run_at = retry.run_at(_now())
         self.logger.info("task %s (%s) asked to run again in %.3gs", task.id, task.name, max(0.0, run_at - _now()))
-        self._record(self.storage.snooze, task, node_id, run_at)
+        self._retry_until_stored(self.storage.snooze, task, node_id, run_at)
 
     def _end_interrupted(self, task, node_id, reason, function=None):
-        if reason == "cancel":
-            self._record(self.storage.finish_attempt, task, node_id, _error_record(
-                TaskCancelledError("cancelled while running"), attempt=task.attempts), final_status=TaskStatus.CANCELLED)
-        elif reason == "timeout":
-            limit = f" of {task.timeout.total_seconds():g}s" if task.timeout is not None else ""
-            timeout = TaskTimeoutError(f"task ran longer than its timeout{limit}")
-            self._end_failed(task, node_id, _error_record(timeout, attempt=task.attempts),
-                             final_status=TaskStatus.EXPIRED, retry=function is None or function.retries(timeout))
-        else:  # "lost": another process declared this worker dead and already recovered the task
+        if reason == "lost":   # another process declared this worker dead and already recovered the task
             self.logger.error("task %s was taken from this worker (its node was declared dead); stopped it",
                               task.id)
+            return
+        retries = function is None or function.retries(TaskTimeoutError())
+        error, status, retry = _stopped_end(task, reason, retries, attempt=task.attempts)
+        if reason == "cancel":   # not the task's failure: nothing to warn about
+            self._retry_until_stored(self.storage.finish_attempt, task, node_id, error, final_status=status)
+        else:
+            self._end_failed(task, node_id, error, final_status=status, retry=retry)
 
     # --- the test helper ---
 
@@ -3474,7 +3531,6 @@ class LilotaWorker:
                 self.storage.heartbeat([node_id], self.node_timeout)
                 if self._claim_lost:
                     self._release_lost_claim(node_id)
-                    self._claim_lost = False
                 if task is None:
                     task = self.storage.claim(prepared, node_id, os.getpid())
                     if task is None:
@@ -3487,8 +3543,7 @@ class LilotaWorker:
             try:
                 # A task claimed by the last completion and not run (an error on the way, Ctrl-C)
                 # goes back to the queue; the attempt does not count.
-                self.storage.recover_tasks(node_id, _error_record(TaskInterruptedError(
-                    "run_pending() stopped before running this task")), count_attempt=False)
+                _give_back(self.storage, node_id, "run_pending() stopped before running this task")
             finally:
                 self.storage.set_node_status(node_id, NodeStatus.STOPPED)
         return done
@@ -3514,14 +3569,6 @@ class LilotaWorker:
         with self._fds_lock:
             _ring(self._wake_w)
 
-    def _open_wake_pipe(self):
-        self._wake_r, self._wake_w = _nonblocking_pipe()
-
-    def _close_wake_pipe(self):
-        with self._fds_lock:
-            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None
-            _close_fds(*fds)
-
     def _start_supervised(self, supervision):
         supervisor_db = _dialect_for_url(supervision.db_url)
         if self._dialect.identity != supervisor_db.identity:
@@ -3534,8 +3581,6 @@ class LilotaWorker:
         self._prepared_claim()
         self.storage.set_node_status(node_id, NodeStatus.RUNNING, os.getpid())
         supervision.started = True
-        self._running = True
-        self._open_wake_pipe()
         doorbell = supervision.doorbell.fileno()
         os.set_blocking(doorbell, False)
         # The supervisor stops tasks that run past their timeout: tell it which are not retried then.
@@ -3543,49 +3588,26 @@ class LilotaWorker:
         if final_timeouts:
             supervision.control.send(("no_timeout_retry", final_timeouts))
         supervision.control.send(("ready", os.getpid()))
-        keeper = threading.Thread(target=self._listen_to_supervisor, args=(supervision.control,),
-                                  name="lilota-keeper", daemon=True)
-        keeper.start()
+        self._start_keeper(node_id, supervision.control, False)
         try:
             self._loop(node_id, doorbell)
         finally:
             self._running = False
             self._close_wake_pipe()
 
-    def _listen_to_supervisor(self, control):
-        while True:
-            try:
-                if not control.poll(1.0):
-                    if self._current is not None:
-                        self.storage.drain_notifications()   # the loop does not, while a task runs
-                    continue
-                message = control.recv()
-            except (EOFError, OSError):
-                # The application that started us is gone: workers never outlive it. A running task
-                # is recovered by the next lilota process that sees this node's process gone.
-                os._exit(1)
-            if message and message[0] == "stop":
-                self.stop()
-
     def _start_standalone(self):
         storage = self.storage
         storage.ensure_ready()
         self._prepared_claim()
-        node_id = self._node_id = str(uuid.uuid4())
-        storage.add_node(node_id, self.name or f"{socket.gethostname()}:{os.getpid()}", NodeType.WORKER,
-                         NodeStatus.RUNNING, os.getpid(), self.node_timeout)
-        self._running = True
+        node_id = self._node_id = self._add_node(NodeType.WORKER)
         self._stopping.clear()
-        self._open_wake_pipe()
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = {}
         if in_main_thread:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 previous[signum] = signal.signal(signum, self._on_stop_signal)
             previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_interrupt_signal)
-        keeper = threading.Thread(target=self._keep_standalone, args=(node_id, in_main_thread),
-                                  name="lilota-keeper", daemon=True)
-        keeper.start()
+        keeper = self._start_keeper(node_id, None, in_main_thread)
         retention = _Retention(self, self.keep_finished).start() if self.keep_finished else None
         status = NodeStatus.STOPPED
         try:
@@ -3605,16 +3627,14 @@ class LilotaWorker:
                 signal.signal(signum, handler)
             self._close_wake_pipe()
             try:
-                storage.recover_tasks(node_id, _error_record(
-                    TaskInterruptedError("the worker stopped while running this task")), count_attempt=False)
+                _give_back(storage, node_id, "the worker stopped while running this task")
                 storage.set_node_status(node_id, status)
             except StorageError:
                 self.logger.exception("could not record that worker %s stopped", node_id)
 
     def _on_stop_signal(self, signum, frame):
         """A standalone worker's Ctrl-C or SIGTERM: the first lets the running task finish, a second
-        stops at once (the KeyboardInterrupt ends the task function; _start_standalone gives the
-        task back to the queue without counting the attempt)."""
+        stops at once (the KeyboardInterrupt ends the task function, which is given back)."""
         if self._stopping.is_set():
             raise KeyboardInterrupt
         # Stopping before anything else: a second signal can run its handler inside this one (at
@@ -3636,40 +3656,63 @@ class LilotaWorker:
             self._interrupt = (task.id, reason)
             signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
 
-    def _keep_standalone(self, node_id, can_interrupt):
-        """Heartbeats, recovery of lost nodes' tasks, and (for a worker in the main thread, where a
-        signal can interrupt the task function) timeout and cancel of the running task. Without a
-        supervisor nobody else does these."""
+    def _start_keeper(self, node_id, control, can_interrupt):
+        """Mark the worker running and start its keeper thread (see _keep) beside the loop."""
+        self._running = True
+        self._open_wake_pipe()
+        keeper = threading.Thread(target=self._keep, args=(node_id, control, can_interrupt), name="lilota-keeper",
+                                  daemon=True)
+        keeper.start()
+        return keeper
+
+    def _keep(self, node_id, control, can_interrupt):
+        """The keeper thread: reads the notifications the loop does not while a task runs. Under a
+        supervisor (``control``) it listens to it as long as the process lives; standalone it does
+        what a supervisor would: renew the lease, recover lost nodes' tasks and (in the main thread,
+        where a signal can interrupt the task function) stop the task that must stop."""
         storage = self.storage
         next_beat = 0.0
-        while not self._stopping.is_set():
-            now = time.monotonic()
+        while control is not None or not self._stopping.is_set():
+            if control is not None and self._listen(control):
+                continue
             try:
-                if now >= next_beat:
-                    next_beat = now + self.heartbeat_interval
-                    if storage.heartbeat([node_id], self.node_timeout):
-                        # Declared dead while alive (paused past its lease): the running task was
-                        # recovered elsewhere. Stop it and come back to life for the next ones.
+                if control is None and time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.heartbeat_interval
+                    if self._renew_leases([node_id]):
+                        # Declared dead while alive: the running task was recovered elsewhere. Stop
+                        # it; the worker is alive again for the next ones.
                         self.logger.error("worker %s was declared dead by another process; resuming", node_id)
                         task = self._current
                         if task is not None:
                             self._request_interrupt(task, "lost", can_interrupt)
-                        storage.set_node_status(node_id, NodeStatus.RUNNING)
-                        storage.heartbeat([node_id], self.node_timeout)
                     _recover_lost_nodes(storage, self.retry_delay, self.retry_max_delay,
                                         settle=self.node_timeout)
                 task = self._current
                 if task is not None:
                     storage.drain_notifications()   # the loop does not, while the task runs
-                if task is not None and self._interrupt is None:
+                if control is None and task is not None and self._interrupt is None:
                     for hit in storage.running_tasks([node_id], only_overdue_or_cancelled=True):
                         if hit.id == task.id:
-                            self._request_interrupt(task, "cancel" if hit.cancel_requested else "timeout",
-                                                    can_interrupt)
+                            self._request_interrupt(task, _stop_reason(hit), can_interrupt)
             except StorageError:
                 self.logger.warning("worker %s: database unavailable for heartbeat; will retry", node_id,
                                     exc_info=True)
-            self._stopping.wait(0.1 if self._current is not None else min(1.0, self.heartbeat_interval))
+            if control is None:
+                self._stopping.wait(0.1 if self._current is not None else min(1.0, self.heartbeat_interval))
+
+    def _listen(self, control):
+        """Wait up to a second for a word of the supervisor; True when there was one."""
+        try:
+            if not control.poll(1.0):
+                return False
+            message = control.recv()
+        except (EOFError, OSError):
+            # The application that started us is gone: workers never outlive it. A running task
+            # is recovered by the next lilota process that sees this node's process gone.
+            os._exit(1)
+        if message and message[0] == "stop":
+            self.stop()
+        return True
 
     def _loop(self, node_id, doorbell):
         """Claim and execute until stopped; sleep on the doorbell and the change counter when idle."""
@@ -3685,7 +3728,6 @@ class LilotaWorker:
             try:
                 if self._claim_lost:
                     self._release_lost_claim(node_id)
-                    self._claim_lost = False
                 task = storage.claim(prepared, node_id, pid)
                 if task is None:
                     # Idle. Empty the doorbell, read the change counter and make sure the listener
@@ -3702,7 +3744,7 @@ class LilotaWorker:
                                    listening)
                         continue
                     if rings > 1:   # more work was announced: pass the wake-up on to another worker
-                        _ring(_supervision.doorbell_writer_fd if _supervision else None)
+                        _ring(_supervision.doorbell_writer.fileno() if _supervision else None)
                 errors = 0
                 # Busy: each completion claims the next task in the completion's commit, until none
                 # is due or stop() is called.
@@ -3710,8 +3752,8 @@ class LilotaWorker:
                     task = self._execute(task, node_id, prepared)
                     if task is not None and stopping.is_set():
                         # stop() came while the commit that claimed it was under way: give it back.
-                        self._record(storage.finish_attempt, task, node_id, _error_record(TaskInterruptedError(
-                            "the worker stopped before running this task")), count_attempt=False)
+                        self._retry_until_stored(_give_back, storage, node_id,
+                                                 "the worker stopped before running this task", task)
                         break
                     if time.monotonic() - drained_at > 1.0:
                         storage.drain_notifications()
@@ -3729,11 +3771,11 @@ class LilotaWorker:
     def _release_lost_claim(self, node_id):
         """Requeue tasks this worker holds but does not execute: claimed by a statement whose
         reply the lost connection swallowed. Such an attempt does not count."""
-        for task in self.storage.recover_tasks(node_id, _error_record(TaskInterruptedError(
-                "the connection to the database was lost while this task was being claimed")),
-                count_attempt=False):
+        for task in _give_back(self.storage, node_id,
+                               "the connection to the database was lost while this task was being claimed"):
             self.logger.warning("worker %s: requeued task %s, claimed as the connection was lost", node_id,
                                 task.id)
+        self._claim_lost = False
 
     def _idle(self, waitables, counter, listening=None):
         """Wait until the doorbell rings, another connection commits (the change counter moves away
@@ -3764,12 +3806,7 @@ class LilotaWorker:
 # 5. Supervisor
 # ==================================================================================================
 
-def _report_fatal(supervision, text):
-    try:
-        supervision.control.send(("fatal", text))
-    except Exception:
-        sys.stderr.write(text + "\n")
-
+# --- Worker processes -----------------------------------------------------------------------------
 
 def _die_with_parent(parent_pid):
     """On Linux, have the kernel kill this process when its parent dies (the supervisor's thread,
@@ -3795,17 +3832,6 @@ def _describe_exit(code):
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
-
-
-_EXIT_FATAL = 3  # a worker process's exit code when its script could not start
-# ... and when the application's main module, run again in a new worker process by spawn or
-# forkserver before the worker script, called Lilota.start() at its top level (no __main__ guard)
-_EXIT_UNGUARDED_MAIN = 78
-_UNGUARDED_MAIN_HELP = ("the application's main module calls Lilota.start() outside `if __name__ == "
-                        "\"__main__\":`. Worker processes are started with multiprocessing (spawn), which runs "
-                        "the main module again in each new process before anything else, so each worker would "
-                        "start workers of its own. Put the code that creates and starts Lilota (and what uses it) "
-                        "under `if __name__ == \"__main__\":` in the application's main module")
 
 
 def _log_to_stderr_from_environment():
@@ -3886,29 +3912,29 @@ def _worker_process_main(script_path, supervision):
     try:
         _run_script(script_path)
     except SystemExit as exc:
-        if not supervision.started:
-            _report_fatal(supervision, f"the worker script {script_path} exited (sys.exit({exc.code!r})) "
-                                       f"before calling worker.start()")
-            os._exit(_EXIT_FATAL)
-        raise
+        if supervision.started:
+            raise
+        text = f"the worker script {script_path} exited (sys.exit({exc.code!r})) before calling worker.start()"
     except BaseException as exc:
-        if not supervision.started:
-            if not getattr(supervision, "start_called", False):
-                text = f"the worker script {script_path} failed before calling worker.start():\n" \
-                       + _script_traceback(exc)
-            elif isinstance(exc, ConfigurationError):   # e.g. another database than the application's
-                text = f"worker.start() in the worker script {script_path} refused to run: {exc}"
-            else:
-                text = f"worker.start() in the worker script {script_path} failed:\n" + traceback.format_exc()
-            _report_fatal(supervision, text)
-            os._exit(_EXIT_FATAL)
-        raise
-    if not supervision.started:
-        _report_fatal(supervision, f"the worker script {script_path} finished without calling worker.start(); "
-                                   f"call it (e.g. under `if __name__ == \"__main__\":`) so that the worker "
-                                   f"executes tasks")
-        os._exit(_EXIT_FATAL)
+        if supervision.started:
+            raise
+        if not supervision.start_called:
+            text = f"the worker script {script_path} failed before calling worker.start():\n" \
+                   + _script_traceback(exc)
+        elif isinstance(exc, ConfigurationError):   # e.g. another database than the application's
+            text = f"worker.start() in the worker script {script_path} refused to run: {exc}"
+        else:
+            text = f"worker.start() in the worker script {script_path} failed:\n" + traceback.format_exc()
+    else:
+        if supervision.started:
+            return
+        text = (f"the worker script {script_path} finished without calling worker.start(); call it (e.g. under "
+                f"`if __name__ == \"__main__\":`) so that the worker executes tasks")
+    supervision.report_fatal(text)
+    os._exit(_EXIT_FATAL)
 
+
+# --- The supervisor -------------------------------------------------------------------------------
 
 class _WorkerHandle:
     """The supervisor's view of one worker process."""
@@ -3955,10 +3981,10 @@ class Lilota(LilotaScheduler):
                  start_method="spawn", name=None, mode=LilotaMode.ALL, on_fatal_error=None,
                  scheduler_heartbeat_interval=None, scheduler_timeout_sec=None, process_manager_interval=None,
                  stop_worker_timeout=None, logging_level=None, keep_finished=None):
-        super().__init__(db_url)
-        # Upstream lilota's arguments (the last five): see _UPSTREAM_OPTIONS.
-        heartbeat_interval, node_timeout, stop_timeout = _upstream_options(
-            Lilota.__init__, locals(), "heartbeat_interval", "node_timeout", "stop_timeout")
+        # Upstream lilota's arguments (the last five): see _UPSTREAM_OPTIONS. retry_delay and
+        # retry_max_delay: the backoff before a task whose worker died or timed out runs again (the
+        # worker's own applies to tasks that raised).
+        self._set_up(db_url, Lilota.__init__, locals())
         try:
             self.mode = LilotaMode(mode)
         except ValueError:
@@ -3989,15 +4015,8 @@ class Lilota(LilotaScheduler):
             self.number_of_workers = number_of_workers
         elif number_of_workers not in (None, 0):
             raise ConfigurationError("number_of_workers needs a script_path: the worker script to run")
-        self.stop_timeout = _seconds(stop_timeout, "stop_timeout")
-        self.heartbeat_interval = _seconds(heartbeat_interval, "heartbeat_interval", allow_zero=False)
-        self.node_timeout = _seconds(node_timeout, "node_timeout", allow_zero=False)
         self.restart_delay = _seconds(restart_delay, "restart_delay")
         self.restart_max_delay = _seconds(restart_max_delay, "restart_max_delay")
-        # Backoff before a task whose worker died or timed out runs again (the worker's own
-        # retry_delay applies to tasks that raised).
-        self.retry_delay = _seconds(retry_delay, "retry_delay")
-        self.retry_max_delay = _seconds(retry_max_delay, "retry_max_delay")
         if start_method not in multiprocessing.get_all_start_methods():
             raise ConfigurationError(f"start_method must be one of {multiprocessing.get_all_start_methods()}, "
                                      f"got {start_method!r}")
@@ -4065,7 +4084,7 @@ class Lilota(LilotaScheduler):
         """Block until a fatal error happens or ``timeout`` seconds pass; return ``has_failed()``."""
         return self._failed.wait(_seconds(timeout, "timeout"))
 
-    def _fail(self, text):
+    def _set_fatal_error(self, text):
         if not self._failed.is_set():
             self._error = text
             self._failed.set()
@@ -4113,9 +4132,7 @@ class Lilota(LilotaScheduler):
             storage = self.storage
             storage.ensure_ready()
             self._db_file = self._dialect.file_identity()
-            self.node_id = str(uuid.uuid4())
-            storage.add_node(self.node_id, self.name or f"{socket.gethostname()}:{os.getpid()}", NodeType.SCHEDULER,
-                             NodeStatus.RUNNING, os.getpid(), self.node_timeout)
+            self.node_id = self._add_node(NodeType.SCHEDULER)
             self._owner_pid = os.getpid()
             self._error = None
             self._failed.clear()
@@ -4123,7 +4140,7 @@ class Lilota(LilotaScheduler):
             self._stop_at_once = False
             self._ever_ready = False
             if self.script_path is not None:
-                self._wake_r, self._wake_w = _nonblocking_pipe()
+                self._open_wake_pipe()
                 reader, writer = multiprocessing.Pipe(duplex=False)
                 os.set_blocking(writer.fileno(), False)
                 self._doorbell, self._doorbell_fd = (reader, writer), writer.fileno()
@@ -4154,9 +4171,7 @@ class Lilota(LilotaScheduler):
                     self.storage.set_node_status(self.node_id, NodeStatus.STOPPED)
                 except StorageError:
                     logger.warning("could not record that node %s stopped", self.node_id, exc_info=True)
-                with self._fds_lock:
-                    fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None
-                    _close_fds(*fds)
+                self._close_wake_pipe()
                 self._thread = None
                 self.node_id = None
                 atexit.unregister(self._stop_at_exit)
@@ -4221,13 +4236,6 @@ class Lilota(LilotaScheduler):
             _ring(self._wake_w)
             return
         raise SystemExit(128 + signum)   # SIGTERM while running: exit through stop(), as Ctrl-C does
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, exc_type, exc, tb):
-        self.stop()
-        return False
 
     def _notify_workers(self):
         with self._fds_lock:
@@ -4312,7 +4320,7 @@ class Lilota(LilotaScheduler):
                     logger.warning("lilota supervisor: database error; retrying", exc_info=True)
                     self._stop_requested.wait(0.5)
         except BaseException:
-            self._fail("the lilota supervisor failed:\n" + traceback.format_exc())
+            self._set_fatal_error("the lilota supervisor failed:\n" + traceback.format_exc())
         finally:
             try:
                 self._shutdown()
@@ -4379,15 +4387,16 @@ class Lilota(LilotaScheduler):
             # The script never got a worker running: a broken script, not a crash. No restarts.
             self.storage.set_node_status(handle.node_id, NodeStatus.CRASHED)
             if handle.fatal is None and code == _EXIT_UNGUARDED_MAIN:
-                self._fail(f"worker process {handle.process.pid} stopped before running {self.script_path}: "
-                           f"{_UNGUARDED_MAIN_HELP}")
+                self._set_fatal_error(f"worker process {handle.process.pid} stopped before running "
+                                      f"{self.script_path}: {_UNGUARDED_MAIN_HELP}")
                 return
-            self._fail(handle.fatal or f"worker process {handle.process.pid} ({self.script_path}) "
-                                       f"{_describe_exit(code)} before calling worker.start()")
+            self._set_fatal_error(handle.fatal or f"worker process {handle.process.pid} ({self.script_path}) "
+                                                  f"{_describe_exit(code)} before calling worker.start()")
             return
         # A crash: release its task (retried, or failed when its attempts are used up).
-        tasks = self._recover(handle.node_id, _error_record(WorkerDiedError(
-            f"the worker process {handle.process.pid} running this task died ({_describe_exit(code)})")))
+        tasks = self.storage.recover_tasks(handle.node_id, _error_record(WorkerDiedError(
+            f"the worker process {handle.process.pid} running this task died ({_describe_exit(code)})")),
+            retry_delay=self.retry_delay, retry_max_delay=self.retry_max_delay)
         self.storage.set_node_status(handle.node_id, NodeStatus.CRASHED)
         logger.warning("worker process %s %s%s%s", handle.process.pid, _describe_exit(code),
                        f" while running task {tasks[0].id}" if tasks else "",
@@ -4401,16 +4410,13 @@ class Lilota(LilotaScheduler):
         for task in self.storage.running_tasks(list(by_node), only_overdue_or_cancelled=True):
             handle = by_node[str(task.locked_by)]
             self._kill(handle)
-            if task.cancel_requested:
-                self._recover(handle.node_id, _error_record(TaskCancelledError("cancelled while running")),
-                              final_status=TaskStatus.CANCELLED, retry=False, task_id=task.id)
-            else:
-                self._recover(handle.node_id, _error_record(TaskTimeoutError(
-                    f"task ran longer than its timeout of {task.timeout.total_seconds():g}s; "
-                    f"its worker process was stopped")), final_status=TaskStatus.EXPIRED, task_id=task.id,
-                    retry=task.name not in handle.no_timeout_retry)
+            reason = _stop_reason(task)
+            error, status, retry = _stopped_end(task, reason, task.name not in handle.no_timeout_retry,
+                                                process_stopped=True)
+            self.storage.recover_tasks(handle.node_id, error, final_status=status, retry=retry, task_id=task.id,
+                                       retry_delay=self.retry_delay, retry_max_delay=self.retry_max_delay)
             logger.info("task %s %s: worker process %s replaced", task.id,
-                        "cancelled" if task.cancel_requested else "timed out", handle.process.pid)
+                        "cancelled" if reason == "cancel" else "timed out", handle.process.pid)
             self._replace(handle, context)
 
     def _kill(self, handle):
@@ -4421,31 +4427,22 @@ class Lilota(LilotaScheduler):
     def _replace(self, handle, context):
         """After ``_kill``: requeue what the worker still held and start its successor."""
         self._handles[handle.index] = None
-        self._recover(handle.node_id, _error_record(
-            TaskInterruptedError("the worker was stopped while running this task")), count_attempt=False)
+        _give_back(self.storage, handle.node_id, "the worker was stopped while running this task")
         self.storage.set_node_status(handle.node_id, NodeStatus.STOPPED)
         self._handles[handle.index] = self._spawn(context, handle.index)
-
-    def _recover(self, node_id, error, **options):
-        """Release the running tasks of one of our workers, retrying with this Lilota's backoff."""
-        return self.storage.recover_tasks(node_id, error, retry_delay=self.retry_delay,
-                                          retry_max_delay=self.retry_max_delay, **options)
 
     def _housekeeping(self, context=None):
         """Renew the leases of this node and its workers and recover the tasks of lost nodes. A
         worker declared dead by another process while alive (the application was paused past its
         lease) has had its task recovered: it is replaced, so that it does not go on with it."""
         if self._db_file is not None and self._dialect.file_identity() != self._db_file:
-            self._fail(f"{self._dialect.describe()} was deleted or replaced while lilota was running; the "
-                       f"workers were stopped, as they would go on with a database no other process can "
-                       f"reach. Call start() again to use the database now at that path")
+            self._set_fatal_error(f"{self._dialect.describe()} was deleted or replaced while lilota was running; "
+                                  f"the workers were stopped, as they would go on with a database no other process "
+                                  f"can reach. Call start() again to use the database now at that path")
             return
         live = [h for h in self._handles if h is not None]
         try:
-            lost = self.storage.heartbeat([self.node_id] + [h.node_id for h in live], self.node_timeout)
-            if self.node_id in lost:
-                self.storage.set_node_status(self.node_id, NodeStatus.RUNNING)
-                self.storage.heartbeat([self.node_id], self.node_timeout)
+            lost = self._renew_leases([self.node_id] + [h.node_id for h in live])
             for handle in live:
                 if handle.node_id in lost and context is not None:
                     logger.error("worker %s was declared dead by another process while alive; replacing it",
@@ -4493,8 +4490,8 @@ class Lilota(LilotaScheduler):
         for h in handles:
             h.process.join(5)
             try:
-                self._recover(h.node_id, _error_record(TaskInterruptedError(
-                    "lilota stopped while this task was running; it was queued again")), count_attempt=False)
+                _give_back(self.storage, h.node_id,
+                           "lilota stopped while this task was running; it was queued again")
                 self.storage.set_node_status(h.node_id, NodeStatus.STOPPED)
             except StorageError:
                 logger.warning("could not record the stop of worker %s", h.node_id, exc_info=True)
