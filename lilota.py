@@ -245,7 +245,7 @@ _FINISHED = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.EXPIR
 class NodeStatus(_StrEnum):
     """Life of a node (a worker process or a scheduling application) in ``lilota_node``."""
 
-    IDLE = "idle"
+    IDLE = "idle"            # upstream lilota's; lilota never writes it, and counts it alive
     STARTING = "starting"
     RUNNING = "running"
     STOPPING = "stopping"
@@ -765,16 +765,65 @@ def _error_record(exc, **extra):
 # translate. Each process keeps one connection per database and URL options (``Storage.for_dialect``),
 # shared by its threads behind a lock.
 
-_TASK_COLUMNS = ("id", "name", "status", "priority", "pid", "run_at", "attempts", "max_attempts",
-                 "timeout", "expires_at", "progress_percentage", "start_date_time", "end_date_time",
-                 "input", "output", "error", "locked_by", "locked_at", "created_at", "cancel_requested",
-                 "keep_input")
+# --- Statuses and rows in SQL ---------------------------------------------------------------------
+#
+# How a task's status moves (lilota_task.status), and the Storage method that moves it:
+#
+#   scheduled -> running                        claim, complete_and_claim
+#   running   -> completed                      complete
+#   running   -> scheduled                      finish_attempt with a retry, snooze, recover_tasks
+#   running   -> failed | expired               finish_attempt without one; claim: a row it cannot read
+#   running   -> cancelled                      complete, finish_attempt, snooze: cancel() asked while it ran
+#   created | scheduled -> cancelled            cancel
+#   failed | expired | cancelled -> scheduled   requeue
+#
+# A statement names one status as its text ('running'); lists of statuses come from the enums.
+
+def _sql_list(statuses):
+    """Statuses (members of one enum) as a SQL list, ``('a', 'b')``, in the order of the enum."""
+    order = type(next(iter(statuses)))
+    return "(" + ", ".join(f"'{s.value}'" for s in order if s in statuses) + ")"
+
+
+_FINISHED_SQL = "status IN " + _sql_list(_FINISHED)
+_REQUEUEABLE = _FINISHED - {TaskStatus.COMPLETED}
+_REQUEUEABLE_SQL = "status IN " + _sql_list(_REQUEUEABLE)
+_CANCELLABLE_SQL = "status IN " + _sql_list({TaskStatus.CREATED, TaskStatus.SCHEDULED})
+_UNFINISHED_SQL = "status IN " + _sql_list(set(TaskStatus) - _FINISHED)
+_ALIVE_NODES = frozenset({NodeStatus.IDLE, NodeStatus.STARTING, NodeStatus.RUNNING, NodeStatus.STOPPING})
+_ALIVE_SQL = "status IN " + _sql_list(_ALIVE_NODES)
+_GONE_SQL = "status IN " + _sql_list(set(NodeStatus) - _ALIVE_NODES)
+
+# The columns of lilota_task, in the order every statement reads them (Task's fields, same order):
+# name, kind (the dialect's column type, see _schema_v1, and how Storage._task decodes it), constraints.
+_TASK_TABLE = (
+    ("id", "id", "PRIMARY KEY"),
+    ("name", "text", "NOT NULL"),
+    ("status", "text", f"NOT NULL CHECK (status IN {_sql_list(TaskStatus)})"),
+    ("priority", "integer", "NOT NULL DEFAULT 0"),
+    ("pid", "integer", ""),
+    ("run_at", "time", "NOT NULL"),
+    ("attempts", "integer", "NOT NULL DEFAULT 0"),
+    ("max_attempts", "integer", ""),
+    ("timeout", "real", ""),
+    ("expires_at", "time", ""),
+    ("progress_percentage", "integer", "NOT NULL DEFAULT 0"),
+    ("start_date_time", "time", ""),
+    ("end_date_time", "time", ""),
+    ("input", "json", ""),
+    ("output", "json", ""),
+    ("error", "json", ""),
+    ("locked_by", "id", ""),
+    ("locked_at", "time", ""),
+    ("created_at", "time", "NOT NULL"),
+    ("cancel_requested", "flag", "NOT NULL DEFAULT 0"),
+    ("keep_input", "flag", ""),
+)
+_TASK_COLUMNS = tuple(column for column, _, _ in _TASK_TABLE)
 _TASK_SELECT = ", ".join(_TASK_COLUMNS)
 _NODE_COLUMNS = "id, name, type, status, pid, hostname, created_at, last_seen_at, lease_expires_at"
 
-_ALIVE_NODE_STATUSES = ("idle", "starting", "running", "stopping")
-_ALIVE_SQL = "(" + ", ".join(f"'{status}'" for status in _ALIVE_NODE_STATUSES) + ")"
-
+# --- Schema and migrations ------------------------------------------------------------------------
 
 SCHEMA_VERSION = 1
 
@@ -783,30 +832,11 @@ def _schema_v1(**types):
     """The tables and indexes of schema version 1, in a dialect's column types: ``id``, ``text``,
     ``integer``, ``real``, ``time``, ``json`` and ``flag`` (0/1)."""
     t = types
-    statuses = ", ".join(f"'{s.value}'" for s in TaskStatus)
+    task_columns = ",\n            ".join(" ".join(filter(None, (column, t[kind], constraints)))
+                                         for column, kind, constraints in _TASK_TABLE)
     return [
         f"""CREATE TABLE IF NOT EXISTS lilota_task (
-            id {t['id']} PRIMARY KEY,
-            name {t['text']} NOT NULL,
-            status {t['text']} NOT NULL CHECK (status IN ({statuses})),
-            priority {t['integer']} NOT NULL DEFAULT 0,
-            pid {t['integer']},
-            run_at {t['time']} NOT NULL,
-            attempts {t['integer']} NOT NULL DEFAULT 0,
-            max_attempts {t['integer']},
-            timeout {t['real']},
-            expires_at {t['time']},
-            progress_percentage {t['integer']} NOT NULL DEFAULT 0,
-            start_date_time {t['time']},
-            end_date_time {t['time']},
-            input {t['json']},
-            output {t['json']},
-            error {t['json']},
-            locked_by {t['id']},
-            locked_at {t['time']},
-            created_at {t['time']} NOT NULL,
-            cancel_requested {t['flag']} NOT NULL DEFAULT 0,
-            keep_input {t['flag']})""",
+            {task_columns})""",
         # The claim reads this partial index in order; it holds queued tasks only, so it stays
         # small however many finished tasks the table keeps.
         "CREATE INDEX IF NOT EXISTS lilota_task_queue ON lilota_task (priority DESC, run_at) "
@@ -832,8 +862,6 @@ def _schema_v1(**types):
             lease_expires_at {t['time']} NOT NULL)""",
     ]
 
-
-_FINISHED_SQL = "status IN ('completed', 'failed', 'expired', 'cancelled')"
 
 #: lilota_meta's key for when old finished tasks were last deleted (see Storage.take_turn).
 _RETENTION_KEY = "retention_ran_at"
@@ -1093,6 +1121,52 @@ def _process_exists(pid):
     return True
 
 
+# --- The claim ------------------------------------------------------------------------------------
+
+class _PreparedClaim(typing.NamedTuple):
+    """The claim of lilota's dialects, built once per worker for its registered defaults."""
+
+    sql: typing.Any      # the statement; before SQLite 3.35, the (pick, update, fetch) statements
+    params: typing.Any   # the defaults' values: by name (SQLite), or in order with _CLAIM_SLOTS in it
+
+
+# The values each claim supplies: the worker's node id and pid, and the time.
+_CLAIM_SLOTS = {"node": object(), "pid": object(), "now": object()}
+
+
+def _claim_sql(defaults, param, add_seconds, *, index="", lock=""):
+    """The claim, as (update, pick): an UPDATE's SET clause that marks a task running for this
+    node, and the SELECT of the task it applies to: the first due one in the queue. A task due when
+    it was stored (run_at <= created_at) is due whatever the clock says since: a clock stepped back
+    must not hold back the queue.
+
+    ``defaults``, (name, timeout seconds, max_attempts, keep_input) of each registered task, are
+    written to a task's row at its first claim. ``param(key, value, cast)`` returns the placeholder
+    of a parameter; the keys of _CLAIM_SLOTS are those of every claim's own values. ``add_seconds``
+    formats a time plus seconds; ``index`` and ``lock`` go into the pick."""
+    def case(field, key, cast, fallback):
+        whens = " ".join(f"WHEN {param(f'n{i}', task[0], None)} THEN {param(f'{key}{i}', task[field], cast)}"
+                         for i, task in enumerate(defaults))
+        return f"CASE name {whens} ELSE {fallback} END" if defaults else fallback
+
+    defaults = [(name, timeout, attempts, int(keep)) for name, timeout, attempts, keep in defaults]
+    # Placeholders may be positional: the parts are built in the order they appear.
+    update = (f"UPDATE lilota_task SET status = 'running', pid = {param('pid', None, 'integer')}, "
+              f"attempts = attempts + 1, locked_by = {param('node', None, 'uuid')}, "
+              f"locked_at = {param('now', None, 'timestamptz')}, "
+              f"start_date_time = {param('now', None, 'timestamptz')}, end_date_time = NULL, "
+              f"progress_percentage = 0, "
+              f"timeout = COALESCE(timeout, {case(1, 't', 'double precision', 'NULL')}), "
+              f"max_attempts = COALESCE(max_attempts, {case(2, 'a', 'integer', '1')}), "
+              f"keep_input = COALESCE(keep_input, {case(3, 'k', 'smallint', '1')}), "
+              "expires_at = " + add_seconds.format(param('now', None, 'timestamptz'),
+                                                   f"COALESCE(timeout, {case(1, 't', 'double precision', 'NULL')})"))
+    pick = (f"SELECT id FROM lilota_task {index}WHERE status = 'scheduled' "
+            f"AND (run_at <= {param('now', None, 'timestamptz')} OR run_at <= created_at) "
+            f"ORDER BY priority DESC, run_at LIMIT 1{lock}")
+    return update, pick
+
+
 class SQLiteDialect(Dialect):
     """SQLite through the standard library: WAL, a busy timeout, ``synchronous=NORMAL`` (or FULL).
 
@@ -1193,33 +1267,19 @@ class SQLiteDialect(Dialect):
         _retry_busy(lambda: conn.execute(self.begin_write_sql), self.busy_timeout)
 
     def prepare_claim(self, defaults):
-        # The registered defaults of each task name, applied to the row at its first claim.
         params = {}
-        timeouts, attempts, keeps = [], [], []
-        for i, (name, timeout, max_attempts, keep_input) in enumerate(defaults):
-            params.update({f"n{i}": name, f"t{i}": timeout, f"a{i}": max_attempts, f"k{i}": int(keep_input)})
-            timeouts.append(f"WHEN :n{i} THEN :t{i}")
-            attempts.append(f"WHEN :n{i} THEN :a{i}")
-            keeps.append(f"WHEN :n{i} THEN :k{i}")
-        timeout_case = f"CASE name {' '.join(timeouts)} ELSE NULL END" if defaults else "NULL"
-        attempts_case = f"CASE name {' '.join(attempts)} ELSE 1 END" if defaults else "1"
-        keep_case = f"CASE name {' '.join(keeps)} ELSE 1 END" if defaults else "1"
-        update = (f"UPDATE lilota_task SET status = 'running', pid = :pid, attempts = attempts + 1, "
-                  f"locked_by = :node, locked_at = :now, start_date_time = :now, end_date_time = NULL, "
-                  f"progress_percentage = 0, timeout = COALESCE(timeout, {timeout_case}), "
-                  f"max_attempts = COALESCE(max_attempts, {attempts_case}), "
-                  f"keep_input = COALESCE(keep_input, {keep_case}), "
-                  f"expires_at = :now + COALESCE(timeout, {timeout_case}) ")
+
+        def param(key, value, cast):   # named: each value once, whatever number of times it is used
+            if key not in _CLAIM_SLOTS:
+                params[key] = value
+            return ":" + key
         # INDEXED BY: the planner would rather take lilota_task_due for "run_at <= :now" and sort
         # every due task; the queue index yields them in claim order and stops at the first.
-        # A task due when it was stored (run_at <= created_at) is due whatever the clock says
-        # since: a clock stepped back must not hold back the queue.
-        pick = ("SELECT id FROM lilota_task INDEXED BY lilota_task_queue WHERE status = 'scheduled' "
-                "AND (run_at <= :now OR run_at <= created_at) ORDER BY priority DESC, run_at LIMIT 1")
+        update, pick = _claim_sql(defaults, param, "{} + {}", index="INDEXED BY lilota_task_queue ")
         if self.returning:
-            return (f"{update} WHERE id = ({pick}) RETURNING {_TASK_SELECT}", params)
-        return ((pick, f"{update} WHERE id = :id AND status = 'scheduled'",
-                 f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id = :id"), params)
+            return _PreparedClaim(f"{update} WHERE id = ({pick}) RETURNING {_TASK_SELECT}", params)
+        return _PreparedClaim((pick, f"{update} WHERE id = :id AND status = 'scheduled'",
+                               f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id = :id"), params)
 
     def complete_and_claim(self, conn, completion, prepared, node_id, pid, now):
         if not self.returning:
@@ -1230,7 +1290,7 @@ class SQLiteDialect(Dialect):
 
     def claim(self, conn, prepared, node_id, pid, now):
         sql, params = prepared
-        params = dict(params, node=node_id, pid=pid, now=now)
+        params = dict(params, node=node_id, pid=pid, now=now)   # the _CLAIM_SLOTS
         if self.returning:
             rows = conn.execute(sql, params).fetchall()  # fetch all: the statement ends only then
             return rows[0] if rows else None
@@ -1559,43 +1619,17 @@ class PostgreSQLDialect(Dialect):
     # --- the claim ---
 
     def prepare_claim(self, defaults):
-        params, slots = [], []
+        params = []
 
-        def param(value, cast=None, slot=None):
-            if slot is not None:
-                slots.append((len(params), slot))
-            params.append(value)
+        def param(key, value, cast):   # positional: in the order the placeholders appear
+            params.append(_CLAIM_SLOTS.get(key, value))
             return f"CAST(%s AS {cast})" if cast else "%s"
-
-        def case(field, cast, fallback):
-            if not defaults:
-                return fallback
-            index = ("name", "timeout", "max_attempts", "keep_input").index(field)
-            whens = " ".join(f"WHEN {param(d[0])} THEN {param(int(d[index]) if field == 'keep_input' else d[index], cast)}"
-                             for d in defaults)
-            return f"CASE name {whens} ELSE {fallback} END"
-
-        # Placeholders are positional: the parts are built in the order they appear.
-        sql = (f"UPDATE lilota_task SET status = 'running', pid = {param(None, 'integer', 'pid')}, "
-               f"attempts = attempts + 1, locked_by = {param(None, 'uuid', 'node')}, "
-               f"locked_at = {param(None, 'timestamptz', 'now')}, "
-               f"start_date_time = {param(None, 'timestamptz', 'now')}, end_date_time = NULL, "
-               f"progress_percentage = 0, "
-               f"timeout = COALESCE(timeout, {case('timeout', 'double precision', 'NULL')}), "
-               f"max_attempts = COALESCE(max_attempts, {case('max_attempts', 'integer', '1')}), "
-               f"keep_input = COALESCE(keep_input, {case('keep_input', 'smallint', '1')}), "
-               f"expires_at = {param(None, 'timestamptz', 'now')} + "
-               f"make_interval(secs => COALESCE(timeout, {case('timeout', 'double precision', 'NULL')})) "
-               # SKIP LOCKED: concurrent claimers take the next row instead of queueing behind a lock.
-               # A task due when it was stored (run_at <= created_at) is due whatever the clock says.
-               f"WHERE id = (SELECT id FROM lilota_task WHERE status = 'scheduled' "
-               f"AND (run_at <= {param(None, 'timestamptz', 'now')} OR run_at <= created_at) "
-               f"ORDER BY priority DESC, run_at "
-               f"LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {_TASK_SELECT}")
-        return sql, tuple(params), tuple(slots)
+        # SKIP LOCKED: concurrent claimers take the next row instead of queueing behind a lock.
+        update, pick = _claim_sql(defaults, param, "{} + make_interval(secs => {})", lock=" FOR UPDATE SKIP LOCKED")
+        return _PreparedClaim(f"{update} WHERE id = ({pick}) RETURNING {_TASK_SELECT}", tuple(params))
 
     def claim(self, conn, prepared, node_id, pid, now):
-        return conn.execute(prepared[0], self._claim_params(prepared, node_id, pid, now)).fetchone()
+        return conn.execute(prepared.sql, self._claim_params(prepared, node_id, pid, now)).fetchone()
 
     def complete_and_claim(self, conn, completion, prepared, node_id, pid, now):
         # One statement: one round trip and one commit. Every data-modifying WITH clause runs, once,
@@ -1603,18 +1637,14 @@ class PostgreSQLDialect(Dialect):
         # join returns the completion's count when there is no task left to claim.
         complete_sql, complete_params = completion
         row = conn.execute(
-            f"WITH done AS ({complete_sql} RETURNING 1), claimed AS ({prepared[0]}) "
+            f"WITH done AS ({complete_sql} RETURNING 1), claimed AS ({prepared.sql}) "
             f"SELECT (SELECT COUNT(*) FROM done), claimed.* FROM (SELECT 1) AS one LEFT JOIN claimed ON TRUE",
             [*complete_params, *self._claim_params(prepared, node_id, pid, now)]).fetchone()
         return row[0], (row[1:] if row[1] is not None else None)
 
     def _claim_params(self, prepared, node_id, pid, now):
-        _, template, slots = prepared
-        values = {"node": node_id, "pid": pid, "now": now}
-        params = list(template)
-        for index, slot in slots:
-            params[index] = values[slot]
-        return params
+        node, pid_, now_ = _CLAIM_SLOTS.values()
+        return [node_id if p is node else pid if p is pid_ else now if p is now_ else p for p in prepared.params]
 
     # --- types ---
 
@@ -1868,6 +1898,7 @@ class Storage:
         # Statements write ``?`` for a plain parameter and T / J for a time / JSON one.
         T, J = dialect.time_param, dialect.json_param
         self._listener = None
+        self._decoders = self._task_decoders()
         self._unreachable_at = -math.inf   # time.monotonic() when the database was last out of reach
         # Hot statements, translated once.
         self._insert_sql = sql(
@@ -2040,34 +2071,39 @@ class Storage:
 
     # --- rows to records ---
 
+    def _task_decoders(self):
+        """{column: how its stored value becomes the Task's} for the columns of _TASK_TABLE that need
+        it, and the nullable ones among them, whose NULL stays None."""
+        by_kind = {"id": lambda v: uuid.UUID(str(v)), "time": self.dialect.decode_time,
+                   "json": self.dialect.decode_json, "real": lambda v: timedelta(seconds=float(v)), "flag": bool}
+        decoders = {column: TaskStatus if column == "status" else by_kind[kind]
+                    for column, kind, _ in _TASK_TABLE if kind in by_kind or column == "status"}
+        nullable = {column for column, _, constraints in _TASK_TABLE
+                    if "NOT NULL" not in constraints and "PRIMARY KEY" not in constraints}
+        return decoders, frozenset(nullable)
+
     def _task(self, row):
-        """The one place that turns a ``lilota_task`` row into a :class:`Task`."""
+        """The one place that turns a ``lilota_task`` row (the columns of _TASK_SELECT) into a :class:`Task`."""
         if row is None:
             return None
-        d = self.dialect
-        (id_, name, status, priority, pid, run_at, attempts, max_attempts, timeout, expires_at,
-         progress, start, end, input_, output, error, locked_by, locked_at, created_at, cancel, keep_input) = row
+        values = dict(zip(_TASK_COLUMNS, row))
+        decoders, nullable = self._decoders
         try:
-            return Task(
-                id=uuid.UUID(str(id_)), name=name, status=TaskStatus(status), priority=priority, pid=pid,
-                run_at=d.decode_time(run_at), attempts=attempts, max_attempts=max_attempts,
-                timeout=None if timeout is None else timedelta(seconds=float(timeout)),
-                expires_at=d.decode_time(expires_at), progress_percentage=progress,
-                start_date_time=d.decode_time(start), end_date_time=d.decode_time(end),
-                input=d.decode_json(input_), output=d.decode_json(output), error=d.decode_json(error),
-                locked_by=None if locked_by is None else uuid.UUID(str(locked_by)),
-                locked_at=d.decode_time(locked_at), created_at=d.decode_time(created_at),
-                cancel_requested=bool(cancel), keep_input=None if keep_input is None else bool(keep_input))
+            for column, decode in decoders.items():
+                value = values[column]
+                if value is not None or column not in nullable:
+                    values[column] = decode(value)
+            return Task(**values)
         except Exception as exc:  # a row written or damaged by something else than lilota
+            values = dict(zip(_TASK_COLUMNS, row))
             column = "row"
-            for name_, value, decode in (("id", id_, lambda v: uuid.UUID(str(v))), ("input", input_, d.decode_json),
-                                         ("output", output, d.decode_json), ("error", error, d.decode_json)):
+            for name in ("id", "input", "output", "error"):
                 try:
-                    decode(value)
+                    decoders[name](values[name])
                 except Exception:
-                    column = name_
+                    column = name
                     break
-            unreadable = CorruptDatabaseError(f"task {id_!s:.60}: its stored {column} cannot be read "
+            unreadable = CorruptDatabaseError(f"task {values['id']!s:.60}: its stored {column} cannot be read "
                                               f"({type(exc).__name__}: {str(exc):.200}); it was not written "
                                               f"by lilota or was damaged")
             unreadable.column = column
@@ -2164,7 +2200,7 @@ class Storage:
         with self._guard as conn:
             with self._transaction(conn):
                 cur = conn.execute(sql(f"UPDATE lilota_task SET status = 'cancelled', end_date_time = {T}, "
-                                       f"error = {J} WHERE id = ? AND status IN ('created', 'scheduled')"),
+                                       f"error = {J} WHERE id = ? AND {_CANCELLABLE_SQL}"),
                                    (self.dialect.encode_time(_now()), self.dialect.encode_json(dumps(
                                        _error_record(TaskCancelledError("cancelled before it ran")), "error")), task_id))
                 if cur.rowcount:
@@ -2187,13 +2223,13 @@ class Storage:
                 cur = conn.execute(sql(f"UPDATE lilota_task SET status = 'scheduled', run_at = {T}, attempts = 0, "
                                        "end_date_time = NULL, cancel_requested = 0, locked_by = NULL, "
                                        "locked_at = NULL WHERE id = ? AND input IS NOT NULL "
-                                       "AND status IN ('failed', 'expired', 'cancelled')"),
+                                       f"AND {_REQUEUEABLE_SQL}"),
                                    (self.dialect.encode_time(_now()), task_id))
                 if cur.rowcount == 1:
                     return True
                 row = conn.execute(sql("SELECT status, input IS NULL FROM lilota_task WHERE id = ?"),
                                    (task_id,)).fetchone()
-        if row is not None and row[0] in ("failed", "expired", "cancelled") and row[1]:
+        if row is not None and row[0] in _REQUEUEABLE and row[1]:
             raise LilotaError(f"task {task_id} cannot run again: its input was deleted when it finished "
                               f"(keep_input=False); schedule a new task with the input instead")
         return False
@@ -2232,7 +2268,7 @@ class Storage:
             if everywhere:
                 total += conn.execute(sql(f"DELETE FROM lilota_task WHERE id >= ? AND {_FINISHED_SQL} "
                                           f"AND end_date_time < {T}"), (bound, cutoff)).rowcount
-            nodes = conn.execute(sql(f"DELETE FROM lilota_node WHERE status IN ('stopped', 'crashed', 'dead') "
+            nodes = conn.execute(sql(f"DELETE FROM lilota_node WHERE {_GONE_SQL} "
                                      f"AND last_seen_at < {T}"), (cutoff,)).rowcount
         return {"tasks": total, "nodes": nodes}
 
@@ -2283,8 +2319,7 @@ class Storage:
     def has_unfinished_tasks(self):
         """Whether any task is queued or running."""
         with self._guard as conn:
-            return conn.execute("SELECT 1 FROM lilota_task WHERE status IN ('created', 'scheduled', 'running') "
-                                "LIMIT 1").fetchone() is not None
+            return conn.execute(f"SELECT 1 FROM lilota_task WHERE {_UNFINISHED_SQL} LIMIT 1").fetchone() is not None
 
     # --- tasks: worker side ---
 
@@ -2457,10 +2492,10 @@ class Storage:
             with self._transaction(conn):
                 conn.execute(d.sql(f"UPDATE lilota_node SET last_seen_at = {d.time_param}, "
                                    f"lease_expires_at = {d.time_param} "
-                                   f"WHERE id IN ({marks}) AND status IN {_ALIVE_SQL}"),
+                                   f"WHERE id IN ({marks}) AND {_ALIVE_SQL}"),
                              [d.encode_time(now), d.encode_time(now + lease), *node_ids])
                 alive = conn.execute(d.sql(f"SELECT id FROM lilota_node WHERE id IN ({marks}) "
-                                           f"AND status IN {_ALIVE_SQL}"), list(node_ids)).fetchall()
+                                           f"AND {_ALIVE_SQL}"), list(node_ids)).fetchall()
         return set(node_ids) - {str(row[0]) for row in alive}
 
     def nodes(self):
@@ -2490,7 +2525,7 @@ class Storage:
         with self._guard as conn:
             with self._transaction(conn):
                 rows = conn.execute(f"SELECT id, pid, host_key, lease_expires_at FROM lilota_node "
-                                    f"WHERE status IN {_ALIVE_SQL}").fetchall()
+                                    f"WHERE {_ALIVE_SQL}").fetchall()
                 now = _now()
                 lost = [str(node_id) for node_id, pid, host_key, lease in rows
                         if str(node_id) not in exclude and (
@@ -2498,7 +2533,7 @@ class Storage:
                             or (host_key == here and pid and not _process_exists(pid)))]
                 for node_id in lost:
                     conn.execute(d.sql(f"UPDATE lilota_node SET status = 'dead' WHERE id = ? "
-                                       f"AND status IN {_ALIVE_SQL}"), (node_id,))
+                                       f"AND {_ALIVE_SQL}"), (node_id,))
         return lost
 
     def orphaned_nodes(self):
@@ -2506,7 +2541,7 @@ class Storage:
         with self._guard as conn:
             rows = conn.execute(
                 "SELECT DISTINCT locked_by FROM lilota_task WHERE status = 'running' AND locked_by NOT IN "
-                f"(SELECT id FROM lilota_node WHERE status IN {_ALIVE_SQL})").fetchall()
+                f"(SELECT id FROM lilota_node WHERE {_ALIVE_SQL})").fetchall()
         return [str(r[0]) for r in rows]
 
 
