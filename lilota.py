@@ -28,6 +28,7 @@ dies mid-task the task is retried (or failed, when its attempts are used up) wit
 
 import atexit
 import collections
+import contextlib
 import dataclasses
 import datetime as _dt
 import enum
@@ -1629,22 +1630,24 @@ class PostgreSQLDialect(Dialect):
         return _PreparedClaim(f"{update} WHERE id = ({pick}) RETURNING {_TASK_SELECT}", tuple(params))
 
     def claim(self, conn, prepared, node_id, pid, now):
-        return conn.execute(prepared.sql, self._claim_params(prepared, node_id, pid, now)).fetchone()
+        sql, params = prepared
+        return conn.execute(sql, self._claim_params(params, node_id, pid, now)).fetchone()
 
     def complete_and_claim(self, conn, completion, prepared, node_id, pid, now):
         # One statement: one round trip and one commit. Every data-modifying WITH clause runs, once,
         # in one snapshot; the completed row is running, so the claim cannot pick it. The outer
         # join returns the completion's count when there is no task left to claim.
         complete_sql, complete_params = completion
+        claim_sql, claim_params = prepared
         row = conn.execute(
-            f"WITH done AS ({complete_sql} RETURNING 1), claimed AS ({prepared.sql}) "
+            f"WITH done AS ({complete_sql} RETURNING 1), claimed AS ({claim_sql}) "
             f"SELECT (SELECT COUNT(*) FROM done), claimed.* FROM (SELECT 1) AS one LEFT JOIN claimed ON TRUE",
-            [*complete_params, *self._claim_params(prepared, node_id, pid, now)]).fetchone()
+            [*complete_params, *self._claim_params(claim_params, node_id, pid, now)]).fetchone()
         return row[0], (row[1:] if row[1] is not None else None)
 
-    def _claim_params(self, prepared, node_id, pid, now):
+    def _claim_params(self, params, node_id, pid, now):
         node, pid_, now_ = _CLAIM_SLOTS.values()
-        return [node_id if p is node else pid if p is pid_ else now if p is now_ else p for p in prepared.params]
+        return [node_id if p is node else pid if p is pid_ else now if p is now_ else p for p in params]
 
     # --- types ---
 
@@ -1740,20 +1743,18 @@ class PostgreSQLDialect(Dialect):
 class _PostgresListener:
     """A connection of its own that LISTENs for "tasks were queued" in lilota's schema. An idle
     worker selects on its socket; whatever arrives there is a reason to claim again. The worker's
-    keeper thread drains it while a task runs, hence the lock."""
+    keeper thread drains it while a task runs, hence the lock. Its Storage drops it in a child made
+    by fork (Storage._adopt), which must not use the parent's socket."""
 
     def __init__(self, dialect):
         self.dialect = dialect
         self.conn = None
-        self.owner_pid = os.getpid()
         self.lock = threading.Lock()
 
     def fileno(self):
         """Connect and LISTEN if not done yet (again after the connection broke), and return the
         socket to wait on; None while the server cannot be reached."""
         with self.lock:
-            if self.owner_pid != os.getpid():   # a forked child must not share the parent's socket
-                self.conn, self.owner_pid, self.lock = None, os.getpid(), threading.Lock()
             if self.conn is None:
                 try:
                     self.conn = self._connect()
@@ -1805,7 +1806,7 @@ class _PostgresListener:
 
     def _close(self):
         conn, self.conn = self.conn, None
-        if conn is not None and self.owner_pid == os.getpid():
+        if conn is not None:
             _close_quietly(conn)
 
 
@@ -1813,54 +1814,32 @@ register_dialect("postgresql", PostgreSQLDialect)
 register_dialect("postgres", PostgreSQLDialect)
 
 
-class _Guard:
-    """Holds the storage lock for one operation and turns driver errors into StorageErrors."""
+def _named_params(text):
+    """A statement written with ``:name`` parameters (a name may repeat) as one with ``?``, and a
+    function that takes the values by name and returns them in the order of the ``?``."""
+    names = []
 
-    __slots__ = ("storage",)
+    def positional(match):
+        names.append(match.group(1))
+        return "?"
+    text = re.sub(r"(?<![:\w]):([a-z_]+)", positional, text)
+    return text, lambda **values: tuple(values[name] for name in names)
+
+
+class _Guard:
+    """``with storage._guard as conn``: one operation on the storage's connection (Storage._enter
+    and Storage._exit)."""
+
+    __slots__ = ("enter", "exit")
 
     def __init__(self, storage):
-        self.storage = storage
+        self.enter, self.exit = storage._enter, storage._exit
 
     def __enter__(self):
-        storage = self.storage
-        if storage._owner_pid != os.getpid():
-            storage._forget_parent()
-        storage._lock.acquire()
-        storage._depth += 1
-        try:
-            if storage._conn is not None and storage._depth == 1 and storage.dialect.connection_closed(storage._conn):
-                storage._discard_connection(lost=True)   # e.g. the server restarted while it was idle
-            if storage._conn is None:
-                storage._open()
-            elif storage._depth == 1 and time.monotonic() >= storage._file_check_at and storage._file_replaced():
-                raise DatabaseUnavailableError(
-                    f"{storage.dialect.describe()} was deleted or replaced while lilota was using it; "
-                    f"what was stored in it since is not in the file now at that path, which the next "
-                    f"call opens (creating an empty database if there is none)")
-        except BaseException:
-            storage._depth -= 1
-            storage._lock.release()
-            raise
-        return storage._conn
+        return self.enter()
 
     def __exit__(self, exc_type, exc, tb):
-        storage = self.storage
-        try:
-            if exc is not None:
-                conn = storage._conn
-                # An exception (a signal's too) between BEGIN and COMMIT must not leave this
-                # process's one connection holding the write lock.
-                if storage._depth == 1 and conn is not None and getattr(conn, "in_transaction", False):
-                    _rollback(conn)
-                if not isinstance(exc, LilotaError):
-                    if storage.dialect.connection_lost(exc):
-                        storage._discard_connection(lost=True)
-                    translated = storage.dialect.translate_error(exc)
-                    if translated is not None:
-                        raise translated from exc
-        finally:
-            storage._depth -= 1
-            storage._lock.release()
+        self.exit(exc)
         return False
 
 
@@ -1881,7 +1860,7 @@ class Storage:
         key = dialect.connection_key
         with cls._instances_lock:
             storage = cls._instances.get(key)
-            if storage is None or storage._owner_pid != os.getpid():
+            if storage is None or storage._forked():
                 storage = cls._instances[key] = cls(dialect)
             return storage
 
@@ -1895,8 +1874,8 @@ class Storage:
         self._file = None             # the dialect's file_identity() when the connection was opened
         self._file_check_at = 0.0     # monotonic time of the next look at it
         sql = dialect.sql
-        # Statements write ``?`` for a plain parameter and T / J for a time / JSON one.
-        T, J = dialect.time_param, dialect.json_param
+        # Statements write ``?`` for a plain parameter and {ts} / {js} for a time / JSON one.
+        ts, js = dialect.time_param, dialect.json_param
         self._listener = None
         self._decoders = self._task_decoders()
         self._unreachable_at = -math.inf   # time.monotonic() when the database was last out of reach
@@ -1904,14 +1883,14 @@ class Storage:
         self._insert_sql = sql(
             "INSERT INTO lilota_task (id, name, status, priority, run_at, attempts, max_attempts, timeout, "
             "progress_percentage, input, created_at, cancel_requested) "
-            f"VALUES (?, ?, 'scheduled', ?, {T}, 0, ?, ?, 0, {J}, {T}, 0)")
+            f"VALUES (?, ?, 'scheduled', ?, {ts}, 0, ?, ?, 0, {js}, {ts}, 0)")
         # A task whose cancel() was answered "being stopped" ends cancelled even when it finished
         # before it could be stopped: its result is discarded, as cancel() promised.
         self._complete_sql = sql(
             "UPDATE lilota_task SET "
             "status = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'completed' END, "
-            f"output = CASE WHEN cancel_requested = 1 THEN NULL ELSE {J} END, "
-            f"error = CASE WHEN cancel_requested = 1 THEN {J} ELSE error END, end_date_time = {T}, "
+            f"output = CASE WHEN cancel_requested = 1 THEN NULL ELSE {js} END, "
+            f"error = CASE WHEN cancel_requested = 1 THEN {js} ELSE error END, end_date_time = {ts}, "
             "progress_percentage = CASE WHEN ? THEN progress_percentage ELSE 100 END, "
             "input = CASE WHEN keep_input = 0 THEN NULL ELSE input END "
             "WHERE id = ? AND status = 'running' AND locked_by = ?")
@@ -1920,24 +1899,25 @@ class Storage:
                                "result was discarded")), "error")
         # Ends an attempt that did not complete. A task queued again is unlocked; one whose cancel
         # was asked for while it ran ends cancelled instead of running again.
-        self._fail_sql = sql(
+        fail_sql, self._fail_params = _named_params(
             "UPDATE lilota_task SET "
-            "status = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE ? END, "
-            f"run_at = COALESCE({T}, run_at), "
-            f"end_date_time = CASE WHEN cancel_requested = 1 THEN {T} ELSE {T} END, "
-            f"error = {J}, attempts = attempts - ?, "
-            "input = CASE WHEN keep_input = 0 AND NOT (? AND cancel_requested = 0) THEN NULL ELSE input END, "
-            "locked_by = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_by END, "
-            "locked_at = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_at END "
-            "WHERE id = ? AND status = 'running' AND locked_by = ?")
+            "status = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE :status END, "
+            f"run_at = COALESCE({ts.replace('?', ':run_at')}, run_at), "
+            f"end_date_time = CASE WHEN cancel_requested = 1 THEN {ts.replace('?', ':now')} "
+            f"ELSE {ts.replace('?', ':end')} END, error = {js.replace('?', ':error')}, attempts = attempts - :given_back, "
+            "input = CASE WHEN keep_input = 0 AND NOT (:requeue AND cancel_requested = 0) THEN NULL ELSE input END, "
+            "locked_by = CASE WHEN :requeue AND cancel_requested = 0 THEN NULL ELSE locked_by END, "
+            "locked_at = CASE WHEN :requeue AND cancel_requested = 0 THEN NULL ELSE locked_at END "
+            "WHERE id = :id AND status = 'running' AND locked_by = :node")
+        self._fail_sql = sql(fail_sql)
         # A task that raised Retry: queued again at the time it asked for, its attempt given back,
         # its last error kept, its progress from 0 again; a cancel asked for while it ran wins.
         self._snooze_sql = sql(
             "UPDATE lilota_task SET "
             "status = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'scheduled' END, "
-            f"run_at = CASE WHEN cancel_requested = 1 THEN run_at ELSE {T} END, "
-            f"end_date_time = CASE WHEN cancel_requested = 1 THEN {T} ELSE NULL END, "
-            f"error = CASE WHEN cancel_requested = 1 THEN {J} ELSE error END, "
+            f"run_at = CASE WHEN cancel_requested = 1 THEN run_at ELSE {ts} END, "
+            f"end_date_time = CASE WHEN cancel_requested = 1 THEN {ts} ELSE NULL END, "
+            f"error = CASE WHEN cancel_requested = 1 THEN {js} ELSE error END, "
             "attempts = CASE WHEN cancel_requested = 1 THEN attempts ELSE attempts - 1 END, "
             "progress_percentage = CASE WHEN cancel_requested = 1 THEN progress_percentage ELSE 0 END, "
             "input = CASE WHEN keep_input = 0 AND cancel_requested = 1 THEN NULL ELSE input END, "
@@ -1954,9 +1934,64 @@ class Storage:
 
     # --- connection and schema ---
 
-    def _forget_parent(self):
+    def _enter(self):
+        """Begin an operation: hold the lock (the connection is the process's, shared by its
+        threads) and return the connection, opened (again) if there is none or it was lost."""
+        self._adopt()
+        self._lock.acquire()
+        self._depth += 1
+        try:
+            if self._conn is not None and self._depth == 1 and self.dialect.connection_closed(self._conn):
+                self._discard_connection(lost=True)   # e.g. the server restarted while it was idle
+            if self._conn is None:
+                self._open()
+            elif self._depth == 1 and time.monotonic() >= self._file_check_at and self._file_replaced():
+                raise DatabaseUnavailableError(
+                    f"{self.dialect.describe()} was deleted or replaced while lilota was using it; "
+                    f"what was stored in it since is not in the file now at that path, which the next "
+                    f"call opens (creating an empty database if there is none)")
+        except BaseException:
+            self._depth -= 1
+            self._lock.release()
+            raise
+        return self._conn
+
+    def _exit(self, exc):
+        """End an operation: release the lock; an exception ``exc`` is raised as a StorageError
+        (after a lost connection is dropped: the next operation opens a new one)."""
+        try:
+            if exc is not None:
+                conn = self._conn
+                # An exception (a signal's too) between BEGIN and COMMIT must not leave this
+                # process's one connection holding the write lock.
+                if self._depth == 1 and conn is not None and getattr(conn, "in_transaction", False):
+                    _rollback(conn)
+                if not isinstance(exc, LilotaError):
+                    if self.dialect.connection_lost(exc):
+                        self._discard_connection(lost=True)
+                    translated = self.dialect.translate_error(exc)
+                    if translated is not None:
+                        raise translated from exc
+        finally:
+            self._depth -= 1
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def _write(self):
+        """``with self._write() as conn``: one operation (``self._guard``) in one transaction."""
+        with self._guard as conn, _Transaction(conn, self.dialect.begin_write_sql):
+            yield conn
+
+    def _forked(self):
+        """True in a child made by fork until _adopt(): the lock, connection and listener are the
+        parent's. The one check of who owns them; every entry point calls _adopt() first."""
+        return self._owner_pid != os.getpid()
+
+    def _adopt(self):
         """In a child made by fork: the lock may have been held by a parent thread and the
-        connection is the parent's. Start with a new lock and no connection (never close it)."""
+        connection and listener are the parent's. Start with a new lock and neither (never close them)."""
+        if not self._forked():
+            return
         self._lock = threading.RLock()
         self._depth = 0
         self._conn = None
@@ -2037,24 +2072,26 @@ class Storage:
     def ensure_ready(self):
         """Open the connection and create or migrate the schema now (raises StorageError); a file
         deleted or replaced since the connection was opened is opened afresh."""
+        self._adopt()
         with self._lock:
-            if self._conn is not None and self._owner_pid == os.getpid():
+            if self._conn is not None:
                 self._file_replaced()
             with self._guard:
                 pass
 
     def close(self):
         """Close this process's connections (the next operation opens a new one)."""
+        self._adopt()   # the parent's connections are the parent's to close
         with self._lock:
-            if self._owner_pid == os.getpid():
-                self._discard_connection()
-                if self._listener:
-                    self._listener.close()
-            self._conn = self._listener = None
+            self._discard_connection()
+            if self._listener:
+                self._listener.close()
+            self._listener = None
 
     def listen_fd(self):
         """A file descriptor that becomes readable when a task is queued (with the listening in
         place before this returns), or None: then change_counter() is what moves."""
+        self._adopt()
         if self._listener is None:
             self._listener = self.dialect.listen()
             if self._listener is None:
@@ -2063,11 +2100,9 @@ class Storage:
 
     def drain_notifications(self):
         """Consume the notifications that have arrived, if any (without waiting)."""
+        self._adopt()
         if self._listener:
             self._listener.drain()
-
-    def _transaction(self, conn):
-        return _Transaction(conn, self.dialect.begin_write_sql)
 
     # --- rows to records ---
 
@@ -2128,12 +2163,12 @@ class Storage:
         params = [(id_, name, priority, created if run_at is None else d.encode_time(run_at), max_attempts,
                    timeout, d.encode_json(data), created)
                   for id_, name, priority, run_at, max_attempts, timeout, data in rows]
-        with self._guard as conn:
-            if len(params) == 1:
+        if len(params) == 1:
+            with self._guard as conn:
                 conn.execute(self._insert_sql, params[0])  # one statement: its own transaction
-                return
-            with self._transaction(conn):
-                conn.executemany(self._insert_sql, params)
+            return
+        with self._write() as conn:
+            conn.executemany(self._insert_sql, params)
 
     def get_task(self, task_id):
         """The Task stored under ``task_id`` (a canonical UUID string), or None."""
@@ -2196,39 +2231,37 @@ class Storage:
 
         Returns "cancelled", "stopping", or the status it already had when it cannot be cancelled;
         None for an unknown id."""
-        sql, T, J = self.dialect.sql, self.dialect.time_param, self.dialect.json_param
-        with self._guard as conn:
-            with self._transaction(conn):
-                cur = conn.execute(sql(f"UPDATE lilota_task SET status = 'cancelled', end_date_time = {T}, "
-                                       f"error = {J} WHERE id = ? AND {_CANCELLABLE_SQL}"),
-                                   (self.dialect.encode_time(_now()), self.dialect.encode_json(dumps(
-                                       _error_record(TaskCancelledError("cancelled before it ran")), "error")), task_id))
-                if cur.rowcount:
-                    return "cancelled"
-                cur = conn.execute(sql("UPDATE lilota_task SET cancel_requested = 1 "
-                                       "WHERE id = ? AND status = 'running'"), (task_id,))
-                if cur.rowcount:
-                    return "stopping"
-                row = conn.execute(sql("SELECT status FROM lilota_task WHERE id = ?"), (task_id,)).fetchone()
-                return None if row is None else row[0]
+        sql, ts, js = self.dialect.sql, self.dialect.time_param, self.dialect.json_param
+        with self._write() as conn:
+            cur = conn.execute(sql(f"UPDATE lilota_task SET status = 'cancelled', end_date_time = {ts}, "
+                                   f"error = {js} WHERE id = ? AND {_CANCELLABLE_SQL}"),
+                               (self.dialect.encode_time(_now()), self.dialect.encode_json(dumps(
+                                   _error_record(TaskCancelledError("cancelled before it ran")), "error")), task_id))
+            if cur.rowcount:
+                return "cancelled"
+            cur = conn.execute(sql("UPDATE lilota_task SET cancel_requested = 1 "
+                                   "WHERE id = ? AND status = 'running'"), (task_id,))
+            if cur.rowcount:
+                return "stopping"
+            row = conn.execute(sql("SELECT status FROM lilota_task WHERE id = ?"), (task_id,)).fetchone()
+            return None if row is None else row[0]
 
     def requeue(self, task_id):
         """Put a finished task (failed, expired, cancelled) back in the queue with the same id.
 
         Returns False for a task in another state; raises LilotaError when its input was deleted
         (``keep_input=False``): SQL NULL there means deleted, a stored None is the JSON ``null``."""
-        sql, T = self.dialect.sql, self.dialect.time_param
-        with self._guard as conn:
-            with self._transaction(conn):
-                cur = conn.execute(sql(f"UPDATE lilota_task SET status = 'scheduled', run_at = {T}, attempts = 0, "
-                                       "end_date_time = NULL, cancel_requested = 0, locked_by = NULL, "
-                                       "locked_at = NULL WHERE id = ? AND input IS NOT NULL "
-                                       f"AND {_REQUEUEABLE_SQL}"),
-                                   (self.dialect.encode_time(_now()), task_id))
-                if cur.rowcount == 1:
-                    return True
-                row = conn.execute(sql("SELECT status, input IS NULL FROM lilota_task WHERE id = ?"),
-                                   (task_id,)).fetchone()
+        sql, ts = self.dialect.sql, self.dialect.time_param
+        with self._write() as conn:
+            cur = conn.execute(sql(f"UPDATE lilota_task SET status = 'scheduled', run_at = {ts}, attempts = 0, "
+                                   "end_date_time = NULL, cancel_requested = 0, locked_by = NULL, "
+                                   "locked_at = NULL WHERE id = ? AND input IS NOT NULL "
+                                   f"AND {_REQUEUEABLE_SQL}"),
+                               (self.dialect.encode_time(_now()), task_id))
+            if cur.rowcount == 1:
+                return True
+            row = conn.execute(sql("SELECT status, input IS NULL FROM lilota_task WHERE id = ?"),
+                               (task_id,)).fetchone()
         if row is not None and row[0] in _REQUEUEABLE and row[1]:
             raise LilotaError(f"task {task_id} cannot run again: its input was deleted when it finished "
                               f"(keep_input=False); schedule a new task with the input instead")
@@ -2253,7 +2286,7 @@ class Storage:
         batch_size = batch_size or self.delete_batch_size
         cutoff = self.dialect.encode_time(before)
         bound = _first_task_id_at(before)
-        sql, T = self.dialect.sql, self.dialect.time_param
+        sql, ts = self.dialect.sql, self.dialect.time_param
         total = 0
         while True:
             started = time.monotonic()
@@ -2267,9 +2300,9 @@ class Storage:
         with self._guard as conn:
             if everywhere:
                 total += conn.execute(sql(f"DELETE FROM lilota_task WHERE id >= ? AND {_FINISHED_SQL} "
-                                          f"AND end_date_time < {T}"), (bound, cutoff)).rowcount
+                                          f"AND end_date_time < {ts}"), (bound, cutoff)).rowcount
             nodes = conn.execute(sql(f"DELETE FROM lilota_node WHERE {_GONE_SQL} "
-                                     f"AND last_seen_at < {T}"), (cutoff,)).rowcount
+                                     f"AND last_seen_at < {ts}"), (cutoff,)).rowcount
         return {"tasks": total, "nodes": nodes}
 
     def _delete_batch(self, bound, cutoff, batch_size):
@@ -2291,12 +2324,11 @@ class Storage:
             row = conn.execute(sql("SELECT value FROM lilota_meta WHERE key = ?"), (key,)).fetchone()
         if row is None:   # the first turn ever on this database: the row is made by whoever gets there
             try:
-                with self._guard as conn:
-                    with self._transaction(conn):
-                        return conn.execute(sql(
-                            "INSERT INTO lilota_meta (key, value) SELECT CAST(? AS TEXT), CAST(? AS TEXT) "
-                            "WHERE NOT EXISTS (SELECT 1 FROM lilota_meta WHERE key = ?)"),
-                            (key, repr(now), key)).rowcount == 1
+                with self._write() as conn:
+                    return conn.execute(sql(
+                        "INSERT INTO lilota_meta (key, value) SELECT CAST(? AS TEXT), CAST(? AS TEXT) "
+                        "WHERE NOT EXISTS (SELECT 1 FROM lilota_meta WHERE key = ?)"),
+                        (key, repr(now), key)).rowcount == 1
             except StorageError:
                 return False   # another node made it at the same moment (a duplicate key): its turn
         try:
@@ -2402,8 +2434,8 @@ class Storage:
             status, run_at, end = "scheduled", d.encode_time(retry_at if retry_at is not None else _now()), None
         else:
             status, run_at, end = str(final_status), None, now
-        params = (status, run_at, now, end, d.encode_json(dumps(error, "error")), 0 if count_attempt else 1,
-                  requeue, requeue, requeue, str(task.id), node_id)
+        params = self._fail_params(status=status, run_at=run_at, now=now, end=end, error=d.encode_json(dumps(error, "error")),
+                                   given_back=0 if count_attempt else 1, requeue=requeue, id=str(task.id), node=node_id)
         with self._guard as conn:
             return conn.execute(self._fail_sql, params).rowcount == 1
 
@@ -2450,14 +2482,13 @@ class Storage:
         if task_id is not None:
             query += " AND id = ?"
             params.append(str(task_id))
-        with self._guard as conn:
-            with self._transaction(conn):
-                tasks = [self._task(r) for r in conn.execute(d.sql(query), params).fetchall()]
-                for task in tasks:
-                    retry_at = _retry_time(task, retry_delay, retry_max_delay) if retry and count_attempt else None
-                    record = dict(error, attempt=task.attempts)
-                    self.finish_attempt(task, node_id, record, final_status=final_status, retry_at=retry_at,
-                                        count_attempt=count_attempt)
+        with self._write() as conn:
+            tasks = [self._task(r) for r in conn.execute(d.sql(query), params).fetchall()]
+            for task in tasks:
+                retry_at = _retry_time(task, retry_delay, retry_max_delay) if retry and count_attempt else None
+                record = dict(error, attempt=task.attempts)
+                self.finish_attempt(task, node_id, record, final_status=final_status, retry_at=retry_at,
+                                    count_attempt=count_attempt)
         return tasks
 
     # --- nodes ---
@@ -2488,14 +2519,13 @@ class Storage:
         d = self.dialect
         now = _now()
         marks = ", ".join("?" for _ in node_ids)
-        with self._guard as conn:
-            with self._transaction(conn):
-                conn.execute(d.sql(f"UPDATE lilota_node SET last_seen_at = {d.time_param}, "
-                                   f"lease_expires_at = {d.time_param} "
-                                   f"WHERE id IN ({marks}) AND {_ALIVE_SQL}"),
-                             [d.encode_time(now), d.encode_time(now + lease), *node_ids])
-                alive = conn.execute(d.sql(f"SELECT id FROM lilota_node WHERE id IN ({marks}) "
-                                           f"AND {_ALIVE_SQL}"), list(node_ids)).fetchall()
+        with self._write() as conn:
+            conn.execute(d.sql(f"UPDATE lilota_node SET last_seen_at = {d.time_param}, "
+                               f"lease_expires_at = {d.time_param} "
+                               f"WHERE id IN ({marks}) AND {_ALIVE_SQL}"),
+                         [d.encode_time(now), d.encode_time(now + lease), *node_ids])
+            alive = conn.execute(d.sql(f"SELECT id FROM lilota_node WHERE id IN ({marks}) "
+                                       f"AND {_ALIVE_SQL}"), list(node_ids)).fetchall()
         return set(node_ids) - {str(row[0]) for row in alive}
 
     def nodes(self):
@@ -2522,18 +2552,17 @@ class Storage:
         d = self.dialect
         here = _host_key()
         judge_leases = time.monotonic() - self._unreachable_at >= settle
-        with self._guard as conn:
-            with self._transaction(conn):
-                rows = conn.execute(f"SELECT id, pid, host_key, lease_expires_at FROM lilota_node "
-                                    f"WHERE {_ALIVE_SQL}").fetchall()
-                now = _now()
-                lost = [str(node_id) for node_id, pid, host_key, lease in rows
-                        if str(node_id) not in exclude and (
-                            (judge_leases and d.decode_time(lease).timestamp() < now)
-                            or (host_key == here and pid and not _process_exists(pid)))]
-                for node_id in lost:
-                    conn.execute(d.sql(f"UPDATE lilota_node SET status = 'dead' WHERE id = ? "
-                                       f"AND {_ALIVE_SQL}"), (node_id,))
+        with self._write() as conn:
+            rows = conn.execute(f"SELECT id, pid, host_key, lease_expires_at FROM lilota_node "
+                                f"WHERE {_ALIVE_SQL}").fetchall()
+            now = _now()
+            lost = [str(node_id) for node_id, pid, host_key, lease in rows
+                    if str(node_id) not in exclude and (
+                        (judge_leases and d.decode_time(lease).timestamp() < now)
+                        or (host_key == here and pid and not _process_exists(pid)))]
+            for node_id in lost:
+                conn.execute(d.sql(f"UPDATE lilota_node SET status = 'dead' WHERE id = ? "
+                                   f"AND {_ALIVE_SQL}"), (node_id,))
         return lost
 
     def orphaned_nodes(self):
