@@ -867,6 +867,7 @@ def _schema_v1(**types):
 #: lilota_meta's key for when old finished tasks were last deleted (see Storage.take_turn).
 _RETENTION_KEY = "retention_ran_at"
 
+# --- The dialect interface ------------------------------------------------------------------------
 
 class Dialect:
     """How lilota talks to one kind of database. Subclass it and ``register_dialect()`` it to add one.
@@ -1039,21 +1040,6 @@ def _dialect_for_url(url):
     return dialect_class(url, parts)
 
 
-def _retry_busy(operation, timeout):
-    """Run ``operation``, retrying while SQLite reports a lock that its busy handler did not wait out
-    (journal-mode changes and schema creation can fail at once when several processes start)."""
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    while True:
-        try:
-            return operation()
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
-
-
 def _rollback(conn):
     try:
         conn.execute("ROLLBACK")
@@ -1093,33 +1079,6 @@ class _Transaction:
         else:
             _rollback(self.conn)
         return False
-
-
-@functools.lru_cache(maxsize=1)
-def _host_key():
-    """What makes a pid meaningful: the machine, its boot and the pid namespace. Two containers
-    with the same hostname but their own pid namespaces get different keys."""
-    parts = [socket.gethostname()]
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            parts.append(f.read().strip())
-    except OSError:
-        parts.append("-")
-    try:
-        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
-    except OSError:
-        parts.append("-")
-    return "/".join(parts)
-
-
-def _process_exists(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 # --- The claim ------------------------------------------------------------------------------------
@@ -1166,6 +1125,23 @@ def _claim_sql(defaults, param, add_seconds, *, index="", lock=""):
             f"AND (run_at <= {param('now', None, 'timestamptz')} OR run_at <= created_at) "
             f"ORDER BY priority DESC, run_at LIMIT 1{lock}")
     return update, pick
+
+
+# --- SQLite ---------------------------------------------------------------------------------------
+
+def _retry_busy(operation, timeout):
+    """Run ``operation``, retrying while SQLite reports a lock that its busy handler did not wait out
+    (journal-mode changes and schema creation can fail at once when several processes start)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            return operation()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 class SQLiteDialect(Dialect):
@@ -1353,6 +1329,8 @@ class SQLiteDialect(Dialect):
 register_dialect("sqlite", SQLiteDialect)
 
 
+# --- PostgreSQL -----------------------------------------------------------------------------------
+
 class DBAPIConnection:
     """A DB-API 2.0 connection in the shape Storage uses (that of ``sqlite3``): ``execute()`` and
     ``executemany()`` return the cursor, and ``in_transaction`` says whether a BEGIN is open.
@@ -1386,7 +1364,8 @@ class DBAPIConnection:
         raw = self.raw
         if hasattr(raw, "fileno"):
             return raw.fileno()
-        return raw._usock.fileno()  # pg8000 keeps its socket there
+        # pg8000 (through 1.31) has no fileno() and no public way to its socket; _usock is that socket.
+        return raw._usock.fileno()
 
     def close(self):
         self.in_transaction = False
@@ -1566,7 +1545,8 @@ class PostgreSQLDialect(Dialect):
                                      f"({self.describe()}); it knows sslmode, connect_timeout, application_name")
         conn = module.dbapi.connect(**{k: v for k, v in kwargs.items() if v is not None})
         # pg8000's timeout holds for every later read too: keep it for connecting only (a long
-        # statement is not a lost server; TCP keepalive, on by default, finds a dead peer).
+        # statement is not a lost server; TCP keepalive, on by default, finds a dead peer). pg8000
+        # offers no public way to change it once connected: _usock is its socket.
         conn._usock.settimeout(None)
         conn.autocommit = True
         for oid in (114, 3802):   # json, jsonb: as text, for lilota's one deserializer
@@ -1740,6 +1720,12 @@ class PostgreSQLDialect(Dialect):
         return StorageError(f"{where}: {first_line}")
 
 
+register_dialect("postgresql", PostgreSQLDialect)
+register_dialect("postgres", PostgreSQLDialect)
+
+
+# --- The PostgreSQL listener ----------------------------------------------------------------------
+
 class _PostgresListener:
     """A connection of its own that LISTENs for "tasks were queued" in lilota's schema. An idle
     worker selects on its socket; whatever arrives there is a reason to claim again. The worker's
@@ -1810,8 +1796,33 @@ class _PostgresListener:
             _close_quietly(conn)
 
 
-register_dialect("postgresql", PostgreSQLDialect)
-register_dialect("postgres", PostgreSQLDialect)
+# --- Storage --------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _host_key():
+    """What makes a pid meaningful: the machine, its boot and the pid namespace. Two containers
+    with the same hostname but their own pid namespaces get different keys."""
+    parts = [socket.gethostname()]
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+    except OSError:
+        parts.append("-")
+    try:
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        parts.append("-")
+    return "/".join(parts)
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def _named_params(text):
@@ -1932,7 +1943,7 @@ class Storage:
         self._next_run_at_sql = ("SELECT MIN(run_at) FROM lilota_task "
                                  "WHERE status = 'scheduled' AND run_at > created_at")
 
-    # --- connection and schema ---
+    # --- Storage: the connection, the schema and writes -------------------------------------------
 
     def _enter(self):
         """Begin an operation: hold the lock (the connection is the process's, shared by its
@@ -2104,7 +2115,7 @@ class Storage:
         if self._listener:
             self._listener.drain()
 
-    # --- rows to records ---
+    # --- Storage: rows to records -----------------------------------------------------------------
 
     def _task_decoders(self):
         """{column: how its stored value becomes the Task's} for the columns of _TASK_TABLE that need
@@ -2151,7 +2162,7 @@ class Storage:
                     pid=pid, hostname=hostname, created_at=d.decode_time(created_at),
                     last_seen_at=d.decode_time(last_seen_at), lease_expires_at=d.decode_time(lease))
 
-    # --- tasks: scheduling side ---
+    # --- Storage: tasks, the scheduling side ------------------------------------------------------
 
     def insert_tasks(self, rows):
         """Store queued tasks in one transaction. ``rows``: (id, name, priority, run_at, max_attempts,
@@ -2353,7 +2364,7 @@ class Storage:
         with self._guard as conn:
             return conn.execute(f"SELECT 1 FROM lilota_task WHERE {_UNFINISHED_SQL} LIMIT 1").fetchone() is not None
 
-    # --- tasks: worker side ---
+    # --- Storage: tasks, the worker side ----------------------------------------------------------
 
     def prepare_claim(self, defaults):
         """The dialect's claim, built for these registered defaults (see Dialect.prepare_claim)."""
@@ -2491,7 +2502,7 @@ class Storage:
                                     count_attempt=count_attempt)
         return tasks
 
-    # --- nodes ---
+    # --- Storage: nodes ---------------------------------------------------------------------------
 
     def add_node(self, node_id, name, node_type, status, pid, lease):
         """Record a node of this host, alive for ``lease`` seconds unless its heartbeat renews it."""
