@@ -798,26 +798,15 @@ _GONE_SQL = "status IN " + _sql_list(set(NodeStatus) - _ALIVE_NODES)
 # The columns of lilota_task, in the order every statement reads them (Task's fields, same order):
 # name, kind (the dialect's column type, see _schema_v1, and how Storage._task decodes it), constraints.
 _TASK_TABLE = (
-    ("id", "id", "PRIMARY KEY"),
-    ("name", "text", "NOT NULL"),
-    ("status", "text", f"NOT NULL CHECK (status IN {_sql_list(TaskStatus)})"),
-    ("priority", "integer", "NOT NULL DEFAULT 0"),
-    ("pid", "integer", ""),
-    ("run_at", "time", "NOT NULL"),
-    ("attempts", "integer", "NOT NULL DEFAULT 0"),
-    ("max_attempts", "integer", ""),
-    ("timeout", "real", ""),
-    ("expires_at", "time", ""),
-    ("progress_percentage", "integer", "NOT NULL DEFAULT 0"),
-    ("start_date_time", "time", ""),
-    ("end_date_time", "time", ""),
-    ("input", "json", ""),
-    ("output", "json", ""),
-    ("error", "json", ""),
-    ("locked_by", "id", ""),
-    ("locked_at", "time", ""),
-    ("created_at", "time", "NOT NULL"),
-    ("cancel_requested", "flag", "NOT NULL DEFAULT 0"),
+    ("id", "id", "PRIMARY KEY"), ("name", "text", "NOT NULL"),
+    ("status", "status", f"NOT NULL CHECK (status IN {_sql_list(TaskStatus)})"),
+    ("priority", "integer", "NOT NULL DEFAULT 0"), ("pid", "integer", ""),
+    ("run_at", "time", "NOT NULL"), ("attempts", "integer", "NOT NULL DEFAULT 0"),
+    ("max_attempts", "integer", ""), ("timeout", "real", ""), ("expires_at", "time", ""),
+    ("progress_percentage", "integer", "NOT NULL DEFAULT 0"), ("start_date_time", "time", ""),
+    ("end_date_time", "time", ""), ("input", "json", ""), ("output", "json", ""),
+    ("error", "json", ""), ("locked_by", "id", ""), ("locked_at", "time", ""),
+    ("created_at", "time", "NOT NULL"), ("cancel_requested", "flag", "NOT NULL DEFAULT 0"),
     ("keep_input", "flag", ""),
 )
 _TASK_COLUMNS = tuple(column for column, _, _ in _TASK_TABLE)
@@ -832,7 +821,7 @@ SCHEMA_VERSION = 1
 def _schema_v1(**types):
     """The tables and indexes of schema version 1, in a dialect's column types: ``id``, ``text``,
     ``integer``, ``real``, ``time``, ``json`` and ``flag`` (0/1)."""
-    t = types
+    t = dict(types, status=types["text"])
     task_columns = ",\n            ".join(" ".join(filter(None, (column, t[kind], constraints)))
                                          for column, kind, constraints in _TASK_TABLE)
     return [
@@ -923,13 +912,12 @@ class Dialect:
 
     def describe(self):
         """The database for error messages, without a password."""
+        return urllib.parse.urlunsplit((self.parts.scheme, self._netloc(), self.parts.path, "", ""))
+
+    def _netloc(self):
         parts = self.parts
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc += f":{parts.port}"
-        if parts.username:
-            netloc = f"{parts.username}@{netloc}"
-        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+        return f"{parts.username}@{netloc}" if parts.username else netloc
 
     def connect(self):
         """A new DB-API connection in autocommit mode (raise a StorageError subclass if impossible)."""
@@ -1095,15 +1083,12 @@ _CLAIM_SLOTS = {"node": object(), "pid": object(), "now": object()}
 
 
 def _claim_sql(defaults, param, add_seconds, *, index="", lock=""):
-    """The claim, as (update, pick): an UPDATE's SET clause that marks a task running for this
-    node, and the SELECT of the task it applies to: the first due one in the queue. A task due when
-    it was stored (run_at <= created_at) is due whatever the clock says since: a clock stepped back
-    must not hold back the queue.
-
-    ``defaults``, (name, timeout seconds, max_attempts, keep_input) of each registered task, are
-    written to a task's row at its first claim. ``param(key, value, cast)`` returns the placeholder
-    of a parameter; the keys of _CLAIM_SLOTS are those of every claim's own values. ``add_seconds``
-    formats a time plus seconds; ``index`` and ``lock`` go into the pick."""
+    """The claim as (update, pick): the UPDATE that marks a task running for this node, and the
+    SELECT of the first due task in the queue; a task due when stored (run_at <= created_at) is due
+    whatever the clock says since. ``defaults`` (name, timeout, max_attempts, keep_input of each
+    registered task) are written to a task's row at its first claim. ``param(key, value, cast)``
+    returns a parameter's placeholder (keys of _CLAIM_SLOTS: each claim's own values);
+    ``add_seconds`` formats a time plus seconds; ``index`` and ``lock`` go into the pick."""
     def case(field, key, cast, fallback):
         whens = " ".join(f"WHEN {param(f'n{i}', task[0], None)} THEN {param(f'{key}{i}', task[field], cast)}"
                          for i, task in enumerate(defaults))
@@ -1273,17 +1258,12 @@ class SQLiteDialect(Dialect):
             return rows[0] if rows else None
         # SQLite before 3.35 has no RETURNING: the same three steps under one write lock.
         pick, update, fetch = sql
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _Transaction(conn, self.begin_write_sql):
             row = conn.execute(pick, params).fetchone()
             if row is not None:
                 params["id"] = row[0]
                 conn.execute(update, params)
                 row = conn.execute(fetch, params).fetchone()
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
         return row
 
     def change_counter(self, conn):
@@ -1453,11 +1433,7 @@ class PostgreSQLDialect(Dialect):
         self._module = None
 
     def describe(self):
-        netloc = self.parts.hostname or ""
-        if self.parts.port:
-            netloc += f":{self.parts.port}"
-        if self.parts.username:
-            netloc = f"{self.parts.username}@{netloc}"
+        netloc = self._netloc()
         schema = f" (schema {self.schema})" if getattr(self, "schema", None) else ""
         return f"PostgreSQL database {self.parts.path.lstrip('/') or '(default)'!r} at {netloc or 'localhost'}{schema}"
 
@@ -1829,29 +1805,8 @@ def _named_params(text):
     """A statement written with ``:name`` parameters (a name may repeat) as one with ``?``, and a
     function that takes the values by name and returns them in the order of the ``?``."""
     names = []
-
-    def positional(match):
-        names.append(match.group(1))
-        return "?"
-    text = re.sub(r"(?<![:\w]):([a-z_]+)", positional, text)
+    text = re.sub(r"(?<![:\w]):([a-z_]+)", lambda match: names.append(match.group(1)) or "?", text)
     return text, lambda **values: tuple(values[name] for name in names)
-
-
-class _Guard:
-    """``with storage._guard as conn``: one operation on the storage's connection (Storage._enter
-    and Storage._exit)."""
-
-    __slots__ = ("enter", "exit")
-
-    def __init__(self, storage):
-        self.enter, self.exit = storage._enter, storage._exit
-
-    def __enter__(self):
-        return self.enter()
-
-    def __exit__(self, exc_type, exc, tb):
-        self.exit(exc)
-        return False
 
 
 class Storage:
@@ -1878,17 +1833,23 @@ class Storage:
     def __init__(self, dialect):
         self.dialect = dialect
         self._lock = threading.RLock()
-        self._depth = 0               # nesting of _Guard blocks in the thread holding the lock
+        self._depth = 0               # nesting of operations in the thread holding the lock
         self._conn = None
         self._owner_pid = os.getpid()
-        self._guard = _Guard(self)
+        self._guard = self            # "with self._guard as conn": one operation (__enter__)
         self._file = None             # the dialect's file_identity() when the connection was opened
         self._file_check_at = 0.0     # monotonic time of the next look at it
         sql = dialect.sql
         # Statements write ``?`` for a plain parameter and {ts} / {js} for a time / JSON one.
         ts, js = dialect.time_param, dialect.json_param
         self._listener = None
-        self._decoders = self._task_decoders()
+        # How a stored value becomes the Task's, for the columns of _TASK_TABLE that need it, and
+        # the nullable columns, whose NULL stays None.
+        by_kind = {"id": lambda v: uuid.UUID(str(v)), "time": dialect.decode_time, "json": dialect.decode_json,
+                   "real": lambda v: timedelta(seconds=float(v)), "flag": bool, "status": TaskStatus}
+        self._decoders = {column: by_kind[kind] for column, kind, _ in _TASK_TABLE if kind in by_kind}
+        self._nullable = {column for column, _, constraints in _TASK_TABLE
+                          if "NOT NULL" not in constraints and "PRIMARY KEY" not in constraints}
         self._unreachable_at = -math.inf   # time.monotonic() when the database was last out of reach
         # Hot statements, translated once.
         self._insert_sql = sql(
@@ -1945,9 +1906,9 @@ class Storage:
 
     # --- Storage: the connection, the schema and writes -------------------------------------------
 
-    def _enter(self):
-        """Begin an operation: hold the lock (the connection is the process's, shared by its
-        threads) and return the connection, opened (again) if there is none or it was lost."""
+    def __enter__(self):
+        """``with self._guard as conn``, one operation: hold the lock (the connection is the
+        process's, shared by its threads) and return the connection, opened again if it was lost."""
         self._adopt()
         self._lock.acquire()
         self._depth += 1
@@ -1967,7 +1928,7 @@ class Storage:
             raise
         return self._conn
 
-    def _exit(self, exc):
+    def __exit__(self, exc_type, exc, tb):
         """End an operation: release the lock; an exception ``exc`` is raised as a StorageError
         (after a lost connection is dropped: the next operation opens a new one)."""
         try:
@@ -1986,6 +1947,7 @@ class Storage:
         finally:
             self._depth -= 1
             self._lock.release()
+        return False
 
     @contextlib.contextmanager
     def _write(self):
@@ -2117,23 +2079,12 @@ class Storage:
 
     # --- Storage: rows to records -----------------------------------------------------------------
 
-    def _task_decoders(self):
-        """{column: how its stored value becomes the Task's} for the columns of _TASK_TABLE that need
-        it, and the nullable ones among them, whose NULL stays None."""
-        by_kind = {"id": lambda v: uuid.UUID(str(v)), "time": self.dialect.decode_time,
-                   "json": self.dialect.decode_json, "real": lambda v: timedelta(seconds=float(v)), "flag": bool}
-        decoders = {column: TaskStatus if column == "status" else by_kind[kind]
-                    for column, kind, _ in _TASK_TABLE if kind in by_kind or column == "status"}
-        nullable = {column for column, _, constraints in _TASK_TABLE
-                    if "NOT NULL" not in constraints and "PRIMARY KEY" not in constraints}
-        return decoders, frozenset(nullable)
-
     def _task(self, row):
         """The one place that turns a ``lilota_task`` row (the columns of _TASK_SELECT) into a :class:`Task`."""
         if row is None:
             return None
         values = dict(zip(_TASK_COLUMNS, row))
-        decoders, nullable = self._decoders
+        decoders, nullable = self._decoders, self._nullable
         try:
             for column, decode in decoders.items():
                 value = values[column]
