@@ -791,9 +791,9 @@ _REQUEUEABLE = _FINISHED - {TaskStatus.COMPLETED}
 _REQUEUEABLE_SQL = "status IN " + _sql_list(_REQUEUEABLE)
 _CANCELLABLE_SQL = "status IN " + _sql_list({TaskStatus.CREATED, TaskStatus.SCHEDULED})
 _UNFINISHED_SQL = "status IN " + _sql_list(set(TaskStatus) - _FINISHED)
-_ALIVE_NODES = frozenset({NodeStatus.IDLE, NodeStatus.STARTING, NodeStatus.RUNNING, NodeStatus.STOPPING})
-_ALIVE_SQL = "status IN " + _sql_list(_ALIVE_NODES)
-_GONE_SQL = "status IN " + _sql_list(set(NodeStatus) - _ALIVE_NODES)
+_ALIVE_NODE_STATUSES = frozenset({NodeStatus.IDLE, NodeStatus.STARTING, NodeStatus.RUNNING, NodeStatus.STOPPING})
+_ALIVE_SQL = "status IN " + _sql_list(_ALIVE_NODE_STATUSES)
+_GONE_SQL = "status IN " + _sql_list(set(NodeStatus) - _ALIVE_NODE_STATUSES)
 
 # The columns of lilota_task, in the order every statement reads them (Task's fields, same order):
 # name, kind (the dialect's column type, see _schema_v1, and how Storage._task decodes it), constraints.
