@@ -35,6 +35,7 @@ dies mid-task the task is retried (or failed, when its attempts are used up) wit
 
 import atexit
 import collections
+import contextlib
 import dataclasses
 import datetime as _dt
 import enum
@@ -252,7 +253,7 @@ _FINISHED = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.EXPIR
 class NodeStatus(_StrEnum):
     """Life of a node (a worker process or a scheduling application) in ``lilota_node``."""
 
-    IDLE = "idle"
+    IDLE = "idle"            # upstream lilota's; lilota never writes it, and counts it alive
     STARTING = "starting"
     RUNNING = "running"
     STOPPING = "stopping"
@@ -772,16 +773,54 @@ def _error_record(exc, **extra):
 # translate. Each process keeps one connection per database and URL options (``Storage.for_dialect``),
 # shared by its threads behind a lock.
 
-_TASK_COLUMNS = ("id", "name", "status", "priority", "pid", "run_at", "attempts", "max_attempts",
-                 "timeout", "expires_at", "progress_percentage", "start_date_time", "end_date_time",
-                 "input", "output", "error", "locked_by", "locked_at", "created_at", "cancel_requested",
-                 "keep_input")
+# --- Statuses and rows in SQL ---------------------------------------------------------------------
+#
+# How a task's status moves (lilota_task.status), and the Storage method that moves it:
+#
+#   scheduled -> running                        claim, complete_and_claim
+#   running   -> completed                      complete
+#   running   -> scheduled                      finish_attempt with a retry, snooze, recover_tasks
+#   running   -> failed | expired               finish_attempt without one; claim: a row it cannot read
+#   running   -> cancelled                      complete, finish_attempt, snooze: cancel() asked while it ran
+#   created | scheduled -> cancelled            cancel
+#   failed | expired | cancelled -> scheduled   requeue
+#
+# A statement names one status as its text ('running'); lists of statuses come from the enums.
+
+def _sql_list(statuses):
+    """Statuses (members of one enum) as a SQL list, ``('a', 'b')``, in the order of the enum."""
+    order = type(next(iter(statuses)))
+    return "(" + ", ".join(f"'{s.value}'" for s in order if s in statuses) + ")"
+
+
+_FINISHED_SQL = "status IN " + _sql_list(_FINISHED)
+_REQUEUEABLE = _FINISHED - {TaskStatus.COMPLETED}
+_REQUEUEABLE_SQL = "status IN " + _sql_list(_REQUEUEABLE)
+_CANCELLABLE_SQL = "status IN " + _sql_list({TaskStatus.CREATED, TaskStatus.SCHEDULED})
+_UNFINISHED_SQL = "status IN " + _sql_list(set(TaskStatus) - _FINISHED)
+_ALIVE_NODE_STATUSES = frozenset({NodeStatus.IDLE, NodeStatus.STARTING, NodeStatus.RUNNING, NodeStatus.STOPPING})
+_ALIVE_SQL = "status IN " + _sql_list(_ALIVE_NODE_STATUSES)
+_GONE_SQL = "status IN " + _sql_list(set(NodeStatus) - _ALIVE_NODE_STATUSES)
+
+# The columns of lilota_task, in the order every statement reads them (Task's fields, same order):
+# name, kind (the dialect's column type, see _schema_v1, and how Storage._task decodes it), constraints.
+_TASK_TABLE = (
+    ("id", "id", "PRIMARY KEY"), ("name", "text", "NOT NULL"),
+    ("status", "status", f"NOT NULL CHECK (status IN {_sql_list(TaskStatus)})"),
+    ("priority", "integer", "NOT NULL DEFAULT 0"), ("pid", "integer", ""),
+    ("run_at", "time", "NOT NULL"), ("attempts", "integer", "NOT NULL DEFAULT 0"),
+    ("max_attempts", "integer", ""), ("timeout", "real", ""), ("expires_at", "time", ""),
+    ("progress_percentage", "integer", "NOT NULL DEFAULT 0"), ("start_date_time", "time", ""),
+    ("end_date_time", "time", ""), ("input", "json", ""), ("output", "json", ""),
+    ("error", "json", ""), ("locked_by", "id", ""), ("locked_at", "time", ""),
+    ("created_at", "time", "NOT NULL"), ("cancel_requested", "flag", "NOT NULL DEFAULT 0"),
+    ("keep_input", "flag", ""),
+)
+_TASK_COLUMNS = tuple(column for column, _, _ in _TASK_TABLE)
 _TASK_SELECT = ", ".join(_TASK_COLUMNS)
 _NODE_COLUMNS = "id, name, type, status, pid, hostname, created_at, last_seen_at, lease_expires_at"
 
-_ALIVE_NODE_STATUSES = ("idle", "starting", "running", "stopping")
-_ALIVE_SQL = "(" + ", ".join(f"'{status}'" for status in _ALIVE_NODE_STATUSES) + ")"
-
+# --- Schema and migrations ------------------------------------------------------------------------
 
 SCHEMA_VERSION = 1
 
@@ -789,31 +828,12 @@ SCHEMA_VERSION = 1
 def _schema_v1(**types):
     """The tables and indexes of schema version 1, in a dialect's column types: ``id``, ``text``,
     ``integer``, ``real``, ``time``, ``json`` and ``flag`` (0/1)."""
-    t = types
-    statuses = ", ".join(f"'{s.value}'" for s in TaskStatus)
+    t = dict(types, status=types["text"])
+    task_columns = ",\n            ".join(" ".join(filter(None, (column, t[kind], constraints)))
+                                         for column, kind, constraints in _TASK_TABLE)
     return [
         f"""CREATE TABLE IF NOT EXISTS lilota_task (
-            id {t['id']} PRIMARY KEY,
-            name {t['text']} NOT NULL,
-            status {t['text']} NOT NULL CHECK (status IN ({statuses})),
-            priority {t['integer']} NOT NULL DEFAULT 0,
-            pid {t['integer']},
-            run_at {t['time']} NOT NULL,
-            attempts {t['integer']} NOT NULL DEFAULT 0,
-            max_attempts {t['integer']},
-            timeout {t['real']},
-            expires_at {t['time']},
-            progress_percentage {t['integer']} NOT NULL DEFAULT 0,
-            start_date_time {t['time']},
-            end_date_time {t['time']},
-            input {t['json']},
-            output {t['json']},
-            error {t['json']},
-            locked_by {t['id']},
-            locked_at {t['time']},
-            created_at {t['time']} NOT NULL,
-            cancel_requested {t['flag']} NOT NULL DEFAULT 0,
-            keep_input {t['flag']})""",
+            {task_columns})""",
         # The claim reads this partial index in order; it holds queued tasks only, so it stays
         # small however many finished tasks the table keeps.
         "CREATE INDEX IF NOT EXISTS lilota_task_queue ON lilota_task (priority DESC, run_at) "
@@ -840,11 +860,10 @@ def _schema_v1(**types):
     ]
 
 
-_FINISHED_SQL = "status IN ('completed', 'failed', 'expired', 'cancelled')"
-
 #: lilota_meta's key for when old finished tasks were last deleted (see Storage.take_turn).
 _RETENTION_KEY = "retention_ran_at"
 
+# --- The dialect interface ------------------------------------------------------------------------
 
 class Dialect:
     """How lilota talks to one kind of database. Subclass it and ``register_dialect()`` it to add one.
@@ -900,13 +919,12 @@ class Dialect:
 
     def describe(self):
         """The database for error messages, without a password."""
+        return urllib.parse.urlunsplit((self.parts.scheme, self._netloc(), self.parts.path, "", ""))
+
+    def _netloc(self):
         parts = self.parts
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc += f":{parts.port}"
-        if parts.username:
-            netloc = f"{parts.username}@{netloc}"
-        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+        return f"{parts.username}@{netloc}" if parts.username else netloc
 
     def connect(self):
         """A new DB-API connection in autocommit mode (raise a StorageError subclass if impossible)."""
@@ -1017,21 +1035,6 @@ def _dialect_for_url(url):
     return dialect_class(url, parts)
 
 
-def _retry_busy(operation, timeout):
-    """Run ``operation``, retrying while SQLite reports a lock that its busy handler did not wait out
-    (journal-mode changes and schema creation can fail at once when several processes start)."""
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    while True:
-        try:
-            return operation()
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
-
-
 def _rollback(conn):
     try:
         conn.execute("ROLLBACK")
@@ -1073,31 +1076,64 @@ class _Transaction:
         return False
 
 
-@functools.lru_cache(maxsize=1)
-def _host_key():
-    """What makes a pid meaningful: the machine, its boot and the pid namespace. Two containers
-    with the same hostname but their own pid namespaces get different keys."""
-    parts = [socket.gethostname()]
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            parts.append(f.read().strip())
-    except OSError:
-        parts.append("-")
-    try:
-        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
-    except OSError:
-        parts.append("-")
-    return "/".join(parts)
+# --- The claim ------------------------------------------------------------------------------------
+
+class _PreparedClaim(typing.NamedTuple):
+    """The claim of lilota's dialects, built once per worker for its registered defaults."""
+
+    sql: typing.Any      # the statement; before SQLite 3.35, the (pick, update, fetch) statements
+    params: typing.Any   # the defaults' values: by name (SQLite), or in order with _CLAIM_SLOTS in it
 
 
-def _process_exists(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
+# The values each claim supplies: the worker's node id and pid, and the time.
+_CLAIM_SLOTS = {"node": object(), "pid": object(), "now": object()}
+
+
+def _claim_sql(defaults, param, add_seconds, *, index="", lock=""):
+    """The claim as (update, pick): the UPDATE that marks a task running for this node, and the
+    SELECT of the first due task in the queue; a task due when stored (run_at <= created_at) is due
+    whatever the clock says since. ``defaults`` (name, timeout, max_attempts, keep_input of each
+    registered task) are written to a task's row at its first claim. ``param(key, value, cast)``
+    returns a parameter's placeholder (keys of _CLAIM_SLOTS: each claim's own values);
+    ``add_seconds`` formats a time plus seconds; ``index`` and ``lock`` go into the pick."""
+    def case(field, key, cast, fallback):
+        whens = " ".join(f"WHEN {param(f'n{i}', task[0], None)} THEN {param(f'{key}{i}', task[field], cast)}"
+                         for i, task in enumerate(defaults))
+        return f"CASE name {whens} ELSE {fallback} END" if defaults else fallback
+
+    defaults = [(name, timeout, attempts, int(keep)) for name, timeout, attempts, keep in defaults]
+    # Placeholders may be positional: the parts are built in the order they appear.
+    update = (f"UPDATE lilota_task SET status = 'running', pid = {param('pid', None, 'integer')}, "
+              f"attempts = attempts + 1, locked_by = {param('node', None, 'uuid')}, "
+              f"locked_at = {param('now', None, 'timestamptz')}, "
+              f"start_date_time = {param('now', None, 'timestamptz')}, end_date_time = NULL, "
+              f"progress_percentage = 0, "
+              f"timeout = COALESCE(timeout, {case(1, 't', 'double precision', 'NULL')}), "
+              f"max_attempts = COALESCE(max_attempts, {case(2, 'a', 'integer', '1')}), "
+              f"keep_input = COALESCE(keep_input, {case(3, 'k', 'smallint', '1')}), "
+              "expires_at = " + add_seconds.format(param('now', None, 'timestamptz'),
+                                                   f"COALESCE(timeout, {case(1, 't', 'double precision', 'NULL')})"))
+    pick = (f"SELECT id FROM lilota_task {index}WHERE status = 'scheduled' "
+            f"AND (run_at <= {param('now', None, 'timestamptz')} OR run_at <= created_at) "
+            f"ORDER BY priority DESC, run_at LIMIT 1{lock}")
+    return update, pick
+
+
+# --- SQLite ---------------------------------------------------------------------------------------
+
+def _retry_busy(operation, timeout):
+    """Run ``operation``, retrying while SQLite reports a lock that its busy handler did not wait out
+    (journal-mode changes and schema creation can fail at once when several processes start)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            return operation()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 class SQLiteDialect(Dialect):
@@ -1200,33 +1236,19 @@ class SQLiteDialect(Dialect):
         _retry_busy(lambda: conn.execute(self.begin_write_sql), self.busy_timeout)
 
     def prepare_claim(self, defaults):
-        # The registered defaults of each task name, applied to the row at its first claim.
         params = {}
-        timeouts, attempts, keeps = [], [], []
-        for i, (name, timeout, max_attempts, keep_input) in enumerate(defaults):
-            params.update({f"n{i}": name, f"t{i}": timeout, f"a{i}": max_attempts, f"k{i}": int(keep_input)})
-            timeouts.append(f"WHEN :n{i} THEN :t{i}")
-            attempts.append(f"WHEN :n{i} THEN :a{i}")
-            keeps.append(f"WHEN :n{i} THEN :k{i}")
-        timeout_case = f"CASE name {' '.join(timeouts)} ELSE NULL END" if defaults else "NULL"
-        attempts_case = f"CASE name {' '.join(attempts)} ELSE 1 END" if defaults else "1"
-        keep_case = f"CASE name {' '.join(keeps)} ELSE 1 END" if defaults else "1"
-        update = (f"UPDATE lilota_task SET status = 'running', pid = :pid, attempts = attempts + 1, "
-                  f"locked_by = :node, locked_at = :now, start_date_time = :now, end_date_time = NULL, "
-                  f"progress_percentage = 0, timeout = COALESCE(timeout, {timeout_case}), "
-                  f"max_attempts = COALESCE(max_attempts, {attempts_case}), "
-                  f"keep_input = COALESCE(keep_input, {keep_case}), "
-                  f"expires_at = :now + COALESCE(timeout, {timeout_case}) ")
+
+        def param(key, value, cast):   # named: each value once, whatever number of times it is used
+            if key not in _CLAIM_SLOTS:
+                params[key] = value
+            return ":" + key
         # INDEXED BY: the planner would rather take lilota_task_due for "run_at <= :now" and sort
         # every due task; the queue index yields them in claim order and stops at the first.
-        # A task due when it was stored (run_at <= created_at) is due whatever the clock says
-        # since: a clock stepped back must not hold back the queue.
-        pick = ("SELECT id FROM lilota_task INDEXED BY lilota_task_queue WHERE status = 'scheduled' "
-                "AND (run_at <= :now OR run_at <= created_at) ORDER BY priority DESC, run_at LIMIT 1")
+        update, pick = _claim_sql(defaults, param, "{} + {}", index="INDEXED BY lilota_task_queue ")
         if self.returning:
-            return (f"{update} WHERE id = ({pick}) RETURNING {_TASK_SELECT}", params)
-        return ((pick, f"{update} WHERE id = :id AND status = 'scheduled'",
-                 f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id = :id"), params)
+            return _PreparedClaim(f"{update} WHERE id = ({pick}) RETURNING {_TASK_SELECT}", params)
+        return _PreparedClaim((pick, f"{update} WHERE id = :id AND status = 'scheduled'",
+                               f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id = :id"), params)
 
     def complete_and_claim(self, conn, completion, prepared, node_id, pid, now):
         if not self.returning:
@@ -1237,23 +1259,18 @@ class SQLiteDialect(Dialect):
 
     def claim(self, conn, prepared, node_id, pid, now):
         sql, params = prepared
-        params = dict(params, node=node_id, pid=pid, now=now)
+        params = dict(params, node=node_id, pid=pid, now=now)   # the _CLAIM_SLOTS
         if self.returning:
             rows = conn.execute(sql, params).fetchall()  # fetch all: the statement ends only then
             return rows[0] if rows else None
         # SQLite before 3.35 has no RETURNING: the same three steps under one write lock.
         pick, update, fetch = sql
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _Transaction(conn, self.begin_write_sql):
             row = conn.execute(pick, params).fetchone()
             if row is not None:
                 params["id"] = row[0]
                 conn.execute(update, params)
                 row = conn.execute(fetch, params).fetchone()
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
         return row
 
     def change_counter(self, conn):
@@ -1299,6 +1316,8 @@ class SQLiteDialect(Dialect):
 register_dialect("sqlite", SQLiteDialect)
 
 
+# --- PostgreSQL -----------------------------------------------------------------------------------
+
 class DBAPIConnection:
     """A DB-API 2.0 connection in the shape Storage uses (that of ``sqlite3``): ``execute()`` and
     ``executemany()`` return the cursor, and ``in_transaction`` says whether a BEGIN is open.
@@ -1332,7 +1351,8 @@ class DBAPIConnection:
         raw = self.raw
         if hasattr(raw, "fileno"):
             return raw.fileno()
-        return raw._usock.fileno()  # pg8000 keeps its socket there
+        # pg8000 (through 1.31) has no fileno() and no public way to its socket; _usock is that socket.
+        return raw._usock.fileno()
 
     def close(self):
         self.in_transaction = False
@@ -1420,11 +1440,7 @@ class PostgreSQLDialect(Dialect):
         self._module = None
 
     def describe(self):
-        netloc = self.parts.hostname or ""
-        if self.parts.port:
-            netloc += f":{self.parts.port}"
-        if self.parts.username:
-            netloc = f"{self.parts.username}@{netloc}"
+        netloc = self._netloc()
         schema = f" (schema {self.schema})" if getattr(self, "schema", None) else ""
         return f"PostgreSQL database {self.parts.path.lstrip('/') or '(default)'!r} at {netloc or 'localhost'}{schema}"
 
@@ -1512,7 +1528,8 @@ class PostgreSQLDialect(Dialect):
                                      f"({self.describe()}); it knows sslmode, connect_timeout, application_name")
         conn = module.dbapi.connect(**{k: v for k, v in kwargs.items() if v is not None})
         # pg8000's timeout holds for every later read too: keep it for connecting only (a long
-        # statement is not a lost server; TCP keepalive, on by default, finds a dead peer).
+        # statement is not a lost server; TCP keepalive, on by default, finds a dead peer). pg8000
+        # offers no public way to change it once connected: _usock is its socket.
         conn._usock.settimeout(None)
         conn.autocommit = True
         for oid in (114, 3802):   # json, jsonb: as text, for lilota's one deserializer
@@ -1566,62 +1583,34 @@ class PostgreSQLDialect(Dialect):
     # --- the claim ---
 
     def prepare_claim(self, defaults):
-        params, slots = [], []
+        params = []
 
-        def param(value, cast=None, slot=None):
-            if slot is not None:
-                slots.append((len(params), slot))
-            params.append(value)
+        def param(key, value, cast):   # positional: in the order the placeholders appear
+            params.append(_CLAIM_SLOTS.get(key, value))
             return f"CAST(%s AS {cast})" if cast else "%s"
-
-        def case(field, cast, fallback):
-            if not defaults:
-                return fallback
-            index = ("name", "timeout", "max_attempts", "keep_input").index(field)
-            whens = " ".join(f"WHEN {param(d[0])} THEN {param(int(d[index]) if field == 'keep_input' else d[index], cast)}"
-                             for d in defaults)
-            return f"CASE name {whens} ELSE {fallback} END"
-
-        # Placeholders are positional: the parts are built in the order they appear.
-        sql = (f"UPDATE lilota_task SET status = 'running', pid = {param(None, 'integer', 'pid')}, "
-               f"attempts = attempts + 1, locked_by = {param(None, 'uuid', 'node')}, "
-               f"locked_at = {param(None, 'timestamptz', 'now')}, "
-               f"start_date_time = {param(None, 'timestamptz', 'now')}, end_date_time = NULL, "
-               f"progress_percentage = 0, "
-               f"timeout = COALESCE(timeout, {case('timeout', 'double precision', 'NULL')}), "
-               f"max_attempts = COALESCE(max_attempts, {case('max_attempts', 'integer', '1')}), "
-               f"keep_input = COALESCE(keep_input, {case('keep_input', 'smallint', '1')}), "
-               f"expires_at = {param(None, 'timestamptz', 'now')} + "
-               f"make_interval(secs => COALESCE(timeout, {case('timeout', 'double precision', 'NULL')})) "
-               # SKIP LOCKED: concurrent claimers take the next row instead of queueing behind a lock.
-               # A task due when it was stored (run_at <= created_at) is due whatever the clock says.
-               f"WHERE id = (SELECT id FROM lilota_task WHERE status = 'scheduled' "
-               f"AND (run_at <= {param(None, 'timestamptz', 'now')} OR run_at <= created_at) "
-               f"ORDER BY priority DESC, run_at "
-               f"LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {_TASK_SELECT}")
-        return sql, tuple(params), tuple(slots)
+        # SKIP LOCKED: concurrent claimers take the next row instead of queueing behind a lock.
+        update, pick = _claim_sql(defaults, param, "{} + make_interval(secs => {})", lock=" FOR UPDATE SKIP LOCKED")
+        return _PreparedClaim(f"{update} WHERE id = ({pick}) RETURNING {_TASK_SELECT}", tuple(params))
 
     def claim(self, conn, prepared, node_id, pid, now):
-        return conn.execute(prepared[0], self._claim_params(prepared, node_id, pid, now)).fetchone()
+        sql, params = prepared
+        return conn.execute(sql, self._claim_params(params, node_id, pid, now)).fetchone()
 
     def complete_and_claim(self, conn, completion, prepared, node_id, pid, now):
         # One statement: one round trip and one commit. Every data-modifying WITH clause runs, once,
         # in one snapshot; the completed row is running, so the claim cannot pick it. The outer
         # join returns the completion's count when there is no task left to claim.
         complete_sql, complete_params = completion
+        claim_sql, claim_params = prepared
         row = conn.execute(
-            f"WITH done AS ({complete_sql} RETURNING 1), claimed AS ({prepared[0]}) "
+            f"WITH done AS ({complete_sql} RETURNING 1), claimed AS ({claim_sql}) "
             f"SELECT (SELECT COUNT(*) FROM done), claimed.* FROM (SELECT 1) AS one LEFT JOIN claimed ON TRUE",
-            [*complete_params, *self._claim_params(prepared, node_id, pid, now)]).fetchone()
+            [*complete_params, *self._claim_params(claim_params, node_id, pid, now)]).fetchone()
         return row[0], (row[1:] if row[1] is not None else None)
 
-    def _claim_params(self, prepared, node_id, pid, now):
-        _, template, slots = prepared
-        values = {"node": node_id, "pid": pid, "now": now}
-        params = list(template)
-        for index, slot in slots:
-            params[index] = values[slot]
-        return params
+    def _claim_params(self, params, node_id, pid, now):
+        node, pid_, now_ = _CLAIM_SLOTS.values()
+        return [node_id if p is node else pid if p is pid_ else now if p is now_ else p for p in params]
 
     # --- types ---
 
@@ -1714,23 +1703,27 @@ class PostgreSQLDialect(Dialect):
         return StorageError(f"{where}: {first_line}")
 
 
+register_dialect("postgresql", PostgreSQLDialect)
+register_dialect("postgres", PostgreSQLDialect)
+
+
+# --- The PostgreSQL listener ----------------------------------------------------------------------
+
 class _PostgresListener:
     """A connection of its own that LISTENs for "tasks were queued" in lilota's schema. An idle
     worker selects on its socket; whatever arrives there is a reason to claim again. The worker's
-    keeper thread drains it while a task runs, hence the lock."""
+    keeper thread drains it while a task runs, hence the lock. Its Storage drops it in a child made
+    by fork (Storage._adopt), which must not use the parent's socket."""
 
     def __init__(self, dialect):
         self.dialect = dialect
         self.conn = None
-        self.owner_pid = os.getpid()
         self.lock = threading.Lock()
 
     def fileno(self):
         """Connect and LISTEN if not done yet (again after the connection broke), and return the
         socket to wait on; None while the server cannot be reached."""
         with self.lock:
-            if self.owner_pid != os.getpid():   # a forked child must not share the parent's socket
-                self.conn, self.owner_pid, self.lock = None, os.getpid(), threading.Lock()
             if self.conn is None:
                 try:
                     self.conn = self._connect()
@@ -1782,63 +1775,45 @@ class _PostgresListener:
 
     def _close(self):
         conn, self.conn = self.conn, None
-        if conn is not None and self.owner_pid == os.getpid():
+        if conn is not None:
             _close_quietly(conn)
 
 
-register_dialect("postgresql", PostgreSQLDialect)
-register_dialect("postgres", PostgreSQLDialect)
+# --- Storage --------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _host_key():
+    """What makes a pid meaningful: the machine, its boot and the pid namespace. Two containers
+    with the same hostname but their own pid namespaces get different keys."""
+    parts = [socket.gethostname()]
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+    except OSError:
+        parts.append("-")
+    try:
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        parts.append("-")
+    return "/".join(parts)
 
 
-class _Guard:
-    """Holds the storage lock for one operation and turns driver errors into StorageErrors."""
-
-    __slots__ = ("storage",)
-
-    def __init__(self, storage):
-        self.storage = storage
-
-    def __enter__(self):
-        storage = self.storage
-        if storage._owner_pid != os.getpid():
-            storage._forget_parent()
-        storage._lock.acquire()
-        storage._depth += 1
-        try:
-            if storage._conn is not None and storage._depth == 1 and storage.dialect.connection_closed(storage._conn):
-                storage._discard_connection(lost=True)   # e.g. the server restarted while it was idle
-            if storage._conn is None:
-                storage._open()
-            elif storage._depth == 1 and time.monotonic() >= storage._file_check_at and storage._file_replaced():
-                raise DatabaseUnavailableError(
-                    f"{storage.dialect.describe()} was deleted or replaced while lilota was using it; "
-                    f"what was stored in it since is not in the file now at that path, which the next "
-                    f"call opens (creating an empty database if there is none)")
-        except BaseException:
-            storage._depth -= 1
-            storage._lock.release()
-            raise
-        return storage._conn
-
-    def __exit__(self, exc_type, exc, tb):
-        storage = self.storage
-        try:
-            if exc is not None:
-                conn = storage._conn
-                # An exception (a signal's too) between BEGIN and COMMIT must not leave this
-                # process's one connection holding the write lock.
-                if storage._depth == 1 and conn is not None and getattr(conn, "in_transaction", False):
-                    _rollback(conn)
-                if not isinstance(exc, LilotaError):
-                    if storage.dialect.connection_lost(exc):
-                        storage._discard_connection(lost=True)
-                    translated = storage.dialect.translate_error(exc)
-                    if translated is not None:
-                        raise translated from exc
-        finally:
-            storage._depth -= 1
-            storage._lock.release()
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _named_params(text):
+    """A statement written with ``:name`` parameters (a name may repeat) as one with ``?``, and a
+    function that takes the values by name and returns them in the order of the ``?``."""
+    names = []
+    text = re.sub(r"(?<![:\w]):([a-z_]+)", lambda match: names.append(match.group(1)) or "?", text)
+    return text, lambda **values: tuple(values[name] for name in names)
 
 
 class Storage:
@@ -1858,36 +1833,43 @@ class Storage:
         key = dialect.connection_key
         with cls._instances_lock:
             storage = cls._instances.get(key)
-            if storage is None or storage._owner_pid != os.getpid():
+            if storage is None or storage._forked():
                 storage = cls._instances[key] = cls(dialect)
             return storage
 
     def __init__(self, dialect):
         self.dialect = dialect
         self._lock = threading.RLock()
-        self._depth = 0               # nesting of _Guard blocks in the thread holding the lock
+        self._depth = 0               # nesting of operations in the thread holding the lock
         self._conn = None
         self._owner_pid = os.getpid()
-        self._guard = _Guard(self)
+        self._guard = self            # "with self._guard as conn": one operation (__enter__)
         self._file = None             # the dialect's file_identity() when the connection was opened
         self._file_check_at = 0.0     # monotonic time of the next look at it
         sql = dialect.sql
-        # Statements write ``?`` for a plain parameter and T / J for a time / JSON one.
-        T, J = dialect.time_param, dialect.json_param
+        # Statements write ``?`` for a plain parameter and {ts} / {js} for a time / JSON one.
+        ts, js = dialect.time_param, dialect.json_param
         self._listener = None
+        # How a stored value becomes the Task's, for the columns of _TASK_TABLE that need it, and
+        # the nullable columns, whose NULL stays None.
+        by_kind = {"id": lambda v: uuid.UUID(str(v)), "time": dialect.decode_time, "json": dialect.decode_json,
+                   "real": lambda v: timedelta(seconds=float(v)), "flag": bool, "status": TaskStatus}
+        self._decoders = {column: by_kind[kind] for column, kind, _ in _TASK_TABLE if kind in by_kind}
+        self._nullable = {column for column, _, constraints in _TASK_TABLE
+                          if "NOT NULL" not in constraints and "PRIMARY KEY" not in constraints}
         self._unreachable_at = -math.inf   # time.monotonic() when the database was last out of reach
         # Hot statements, translated once.
         self._insert_sql = sql(
             "INSERT INTO lilota_task (id, name, status, priority, run_at, attempts, max_attempts, timeout, "
             "progress_percentage, input, created_at, cancel_requested) "
-            f"VALUES (?, ?, 'scheduled', ?, {T}, 0, ?, ?, 0, {J}, {T}, 0)")
+            f"VALUES (?, ?, 'scheduled', ?, {ts}, 0, ?, ?, 0, {js}, {ts}, 0)")
         # A task whose cancel() was answered "being stopped" ends cancelled even when it finished
         # before it could be stopped: its result is discarded, as cancel() promised.
         self._complete_sql = sql(
             "UPDATE lilota_task SET "
             "status = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'completed' END, "
-            f"output = CASE WHEN cancel_requested = 1 THEN NULL ELSE {J} END, "
-            f"error = CASE WHEN cancel_requested = 1 THEN {J} ELSE error END, end_date_time = {T}, "
+            f"output = CASE WHEN cancel_requested = 1 THEN NULL ELSE {js} END, "
+            f"error = CASE WHEN cancel_requested = 1 THEN {js} ELSE error END, end_date_time = {ts}, "
             "progress_percentage = CASE WHEN ? THEN progress_percentage ELSE 100 END, "
             "input = CASE WHEN keep_input = 0 THEN NULL ELSE input END "
             "WHERE id = ? AND status = 'running' AND locked_by = ?")
@@ -1896,24 +1878,25 @@ class Storage:
                                "result was discarded")), "error")
         # Ends an attempt that did not complete. A task queued again is unlocked; one whose cancel
         # was asked for while it ran ends cancelled instead of running again.
-        self._fail_sql = sql(
+        fail_sql, self._fail_params = _named_params(
             "UPDATE lilota_task SET "
-            "status = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE ? END, "
-            f"run_at = COALESCE({T}, run_at), "
-            f"end_date_time = CASE WHEN cancel_requested = 1 THEN {T} ELSE {T} END, "
-            f"error = {J}, attempts = attempts - ?, "
-            "input = CASE WHEN keep_input = 0 AND NOT (? AND cancel_requested = 0) THEN NULL ELSE input END, "
-            "locked_by = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_by END, "
-            "locked_at = CASE WHEN ? AND cancel_requested = 0 THEN NULL ELSE locked_at END "
-            "WHERE id = ? AND status = 'running' AND locked_by = ?")
+            "status = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE :status END, "
+            f"run_at = COALESCE({ts.replace('?', ':run_at')}, run_at), "
+            f"end_date_time = CASE WHEN cancel_requested = 1 THEN {ts.replace('?', ':now')} "
+            f"ELSE {ts.replace('?', ':end')} END, error = {js.replace('?', ':error')}, attempts = attempts - :given_back, "
+            "input = CASE WHEN keep_input = 0 AND NOT (:requeue AND cancel_requested = 0) THEN NULL ELSE input END, "
+            "locked_by = CASE WHEN :requeue AND cancel_requested = 0 THEN NULL ELSE locked_by END, "
+            "locked_at = CASE WHEN :requeue AND cancel_requested = 0 THEN NULL ELSE locked_at END "
+            "WHERE id = :id AND status = 'running' AND locked_by = :node")
+        self._fail_sql = sql(fail_sql)
         # A task that raised Retry: queued again at the time it asked for, its attempt given back,
         # its last error kept, its progress from 0 again; a cancel asked for while it ran wins.
         self._snooze_sql = sql(
             "UPDATE lilota_task SET "
             "status = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'scheduled' END, "
-            f"run_at = CASE WHEN cancel_requested = 1 THEN run_at ELSE {T} END, "
-            f"end_date_time = CASE WHEN cancel_requested = 1 THEN {T} ELSE NULL END, "
-            f"error = CASE WHEN cancel_requested = 1 THEN {J} ELSE error END, "
+            f"run_at = CASE WHEN cancel_requested = 1 THEN run_at ELSE {ts} END, "
+            f"end_date_time = CASE WHEN cancel_requested = 1 THEN {ts} ELSE NULL END, "
+            f"error = CASE WHEN cancel_requested = 1 THEN {js} ELSE error END, "
             "attempts = CASE WHEN cancel_requested = 1 THEN attempts ELSE attempts - 1 END, "
             "progress_percentage = CASE WHEN cancel_requested = 1 THEN progress_percentage ELSE 0 END, "
             "input = CASE WHEN keep_input = 0 AND cancel_requested = 1 THEN NULL ELSE input END, "
@@ -1928,11 +1911,67 @@ class Storage:
         self._next_run_at_sql = ("SELECT MIN(run_at) FROM lilota_task "
                                  "WHERE status = 'scheduled' AND run_at > created_at")
 
-    # --- connection and schema ---
+    # --- Storage: the connection, the schema and writes -------------------------------------------
 
-    def _forget_parent(self):
+    def __enter__(self):
+        """``with self._guard as conn``, one operation: hold the lock (the connection is the
+        process's, shared by its threads) and return the connection, opened again if it was lost."""
+        self._adopt()
+        self._lock.acquire()
+        self._depth += 1
+        try:
+            if self._conn is not None and self._depth == 1 and self.dialect.connection_closed(self._conn):
+                self._discard_connection(lost=True)   # e.g. the server restarted while it was idle
+            if self._conn is None:
+                self._open()
+            elif self._depth == 1 and time.monotonic() >= self._file_check_at and self._file_replaced():
+                raise DatabaseUnavailableError(
+                    f"{self.dialect.describe()} was deleted or replaced while lilota was using it; "
+                    f"what was stored in it since is not in the file now at that path, which the next "
+                    f"call opens (creating an empty database if there is none)")
+        except BaseException:
+            self._depth -= 1
+            self._lock.release()
+            raise
+        return self._conn
+
+    def __exit__(self, exc_type, exc, tb):
+        """End an operation: release the lock; an exception ``exc`` is raised as a StorageError
+        (after a lost connection is dropped: the next operation opens a new one)."""
+        try:
+            if exc is not None:
+                conn = self._conn
+                # An exception (a signal's too) between BEGIN and COMMIT must not leave this
+                # process's one connection holding the write lock.
+                if self._depth == 1 and conn is not None and getattr(conn, "in_transaction", False):
+                    _rollback(conn)
+                if not isinstance(exc, LilotaError):
+                    if self.dialect.connection_lost(exc):
+                        self._discard_connection(lost=True)
+                    translated = self.dialect.translate_error(exc)
+                    if translated is not None:
+                        raise translated from exc
+        finally:
+            self._depth -= 1
+            self._lock.release()
+        return False
+
+    @contextlib.contextmanager
+    def _write(self):
+        """``with self._write() as conn``: one operation (``self._guard``) in one transaction."""
+        with self._guard as conn, _Transaction(conn, self.dialect.begin_write_sql):
+            yield conn
+
+    def _forked(self):
+        """True in a child made by fork until _adopt(): the lock, connection and listener are the
+        parent's. The one check of who owns them; every entry point calls _adopt() first."""
+        return self._owner_pid != os.getpid()
+
+    def _adopt(self):
         """In a child made by fork: the lock may have been held by a parent thread and the
-        connection is the parent's. Start with a new lock and no connection (never close it)."""
+        connection and listener are the parent's. Start with a new lock and neither (never close them)."""
+        if not self._forked():
+            return
         self._lock = threading.RLock()
         self._depth = 0
         self._conn = None
@@ -2013,24 +2052,26 @@ class Storage:
     def ensure_ready(self):
         """Open the connection and create or migrate the schema now (raises StorageError); a file
         deleted or replaced since the connection was opened is opened afresh."""
+        self._adopt()
         with self._lock:
-            if self._conn is not None and self._owner_pid == os.getpid():
+            if self._conn is not None:
                 self._file_replaced()
             with self._guard:
                 pass
 
     def close(self):
         """Close this process's connections (the next operation opens a new one)."""
+        self._adopt()   # the parent's connections are the parent's to close
         with self._lock:
-            if self._owner_pid == os.getpid():
-                self._discard_connection()
-                if self._listener:
-                    self._listener.close()
-            self._conn = self._listener = None
+            self._discard_connection()
+            if self._listener:
+                self._listener.close()
+            self._listener = None
 
     def listen_fd(self):
         """A file descriptor that becomes readable when a task is queued (with the listening in
         place before this returns), or None: then change_counter() is what moves."""
+        self._adopt()
         if self._listener is None:
             self._listener = self.dialect.listen()
             if self._listener is None:
@@ -2039,42 +2080,34 @@ class Storage:
 
     def drain_notifications(self):
         """Consume the notifications that have arrived, if any (without waiting)."""
+        self._adopt()
         if self._listener:
             self._listener.drain()
 
-    def _transaction(self, conn):
-        return _Transaction(conn, self.dialect.begin_write_sql)
-
-    # --- rows to records ---
+    # --- Storage: rows to records -----------------------------------------------------------------
 
     def _task(self, row):
-        """The one place that turns a ``lilota_task`` row into a :class:`Task`."""
+        """The one place that turns a ``lilota_task`` row (the columns of _TASK_SELECT) into a :class:`Task`."""
         if row is None:
             return None
-        d = self.dialect
-        (id_, name, status, priority, pid, run_at, attempts, max_attempts, timeout, expires_at,
-         progress, start, end, input_, output, error, locked_by, locked_at, created_at, cancel, keep_input) = row
+        values = dict(zip(_TASK_COLUMNS, row))
+        decoders, nullable = self._decoders, self._nullable
         try:
-            return Task(
-                id=uuid.UUID(str(id_)), name=name, status=TaskStatus(status), priority=priority, pid=pid,
-                run_at=d.decode_time(run_at), attempts=attempts, max_attempts=max_attempts,
-                timeout=None if timeout is None else timedelta(seconds=float(timeout)),
-                expires_at=d.decode_time(expires_at), progress_percentage=progress,
-                start_date_time=d.decode_time(start), end_date_time=d.decode_time(end),
-                input=d.decode_json(input_), output=d.decode_json(output), error=d.decode_json(error),
-                locked_by=None if locked_by is None else uuid.UUID(str(locked_by)),
-                locked_at=d.decode_time(locked_at), created_at=d.decode_time(created_at),
-                cancel_requested=bool(cancel), keep_input=None if keep_input is None else bool(keep_input))
+            for column, decode in decoders.items():
+                value = values[column]
+                if value is not None or column not in nullable:
+                    values[column] = decode(value)
+            return Task(**values)
         except Exception as exc:  # a row written or damaged by something else than lilota
+            values = dict(zip(_TASK_COLUMNS, row))
             column = "row"
-            for name_, value, decode in (("id", id_, lambda v: uuid.UUID(str(v))), ("input", input_, d.decode_json),
-                                         ("output", output, d.decode_json), ("error", error, d.decode_json)):
+            for name in ("id", "input", "output", "error"):
                 try:
-                    decode(value)
+                    decoders[name](values[name])
                 except Exception:
-                    column = name_
+                    column = name
                     break
-            unreadable = CorruptDatabaseError(f"task {id_!s:.60}: its stored {column} cannot be read "
+            unreadable = CorruptDatabaseError(f"task {values['id']!s:.60}: its stored {column} cannot be read "
                                               f"({type(exc).__name__}: {str(exc):.200}); it was not written "
                                               f"by lilota or was damaged")
             unreadable.column = column
@@ -2087,7 +2120,7 @@ class Storage:
                     pid=pid, hostname=hostname, created_at=d.decode_time(created_at),
                     last_seen_at=d.decode_time(last_seen_at), lease_expires_at=d.decode_time(lease))
 
-    # --- tasks: scheduling side ---
+    # --- Storage: tasks, the scheduling side ------------------------------------------------------
 
     def insert_tasks(self, rows):
         """Store queued tasks in one transaction. ``rows``: (id, name, priority, run_at, max_attempts,
@@ -2099,12 +2132,12 @@ class Storage:
         params = [(id_, name, priority, created if run_at is None else d.encode_time(run_at), max_attempts,
                    timeout, d.encode_json(data), created)
                   for id_, name, priority, run_at, max_attempts, timeout, data in rows]
-        with self._guard as conn:
-            if len(params) == 1:
+        if len(params) == 1:
+            with self._guard as conn:
                 conn.execute(self._insert_sql, params[0])  # one statement: its own transaction
-                return
-            with self._transaction(conn):
-                conn.executemany(self._insert_sql, params)
+            return
+        with self._write() as conn:
+            conn.executemany(self._insert_sql, params)
 
     def get_task(self, task_id):
         """The Task stored under ``task_id`` (a canonical UUID string), or None."""
@@ -2167,40 +2200,38 @@ class Storage:
 
         Returns "cancelled", "stopping", or the status it already had when it cannot be cancelled;
         None for an unknown id."""
-        sql, T, J = self.dialect.sql, self.dialect.time_param, self.dialect.json_param
-        with self._guard as conn:
-            with self._transaction(conn):
-                cur = conn.execute(sql(f"UPDATE lilota_task SET status = 'cancelled', end_date_time = {T}, "
-                                       f"error = {J} WHERE id = ? AND status IN ('created', 'scheduled')"),
-                                   (self.dialect.encode_time(_now()), self.dialect.encode_json(dumps(
-                                       _error_record(TaskCancelledError("cancelled before it ran")), "error")), task_id))
-                if cur.rowcount:
-                    return "cancelled"
-                cur = conn.execute(sql("UPDATE lilota_task SET cancel_requested = 1 "
-                                       "WHERE id = ? AND status = 'running'"), (task_id,))
-                if cur.rowcount:
-                    return "stopping"
-                row = conn.execute(sql("SELECT status FROM lilota_task WHERE id = ?"), (task_id,)).fetchone()
-                return None if row is None else row[0]
+        sql, ts, js = self.dialect.sql, self.dialect.time_param, self.dialect.json_param
+        with self._write() as conn:
+            cur = conn.execute(sql(f"UPDATE lilota_task SET status = 'cancelled', end_date_time = {ts}, "
+                                   f"error = {js} WHERE id = ? AND {_CANCELLABLE_SQL}"),
+                               (self.dialect.encode_time(_now()), self.dialect.encode_json(dumps(
+                                   _error_record(TaskCancelledError("cancelled before it ran")), "error")), task_id))
+            if cur.rowcount:
+                return "cancelled"
+            cur = conn.execute(sql("UPDATE lilota_task SET cancel_requested = 1 "
+                                   "WHERE id = ? AND status = 'running'"), (task_id,))
+            if cur.rowcount:
+                return "stopping"
+            row = conn.execute(sql("SELECT status FROM lilota_task WHERE id = ?"), (task_id,)).fetchone()
+            return None if row is None else row[0]
 
     def requeue(self, task_id):
         """Put a finished task (failed, expired, cancelled) back in the queue with the same id.
 
         Returns False for a task in another state; raises LilotaError when its input was deleted
         (``keep_input=False``): SQL NULL there means deleted, a stored None is the JSON ``null``."""
-        sql, T = self.dialect.sql, self.dialect.time_param
-        with self._guard as conn:
-            with self._transaction(conn):
-                cur = conn.execute(sql(f"UPDATE lilota_task SET status = 'scheduled', run_at = {T}, attempts = 0, "
-                                       "end_date_time = NULL, cancel_requested = 0, locked_by = NULL, "
-                                       "locked_at = NULL WHERE id = ? AND input IS NOT NULL "
-                                       "AND status IN ('failed', 'expired', 'cancelled')"),
-                                   (self.dialect.encode_time(_now()), task_id))
-                if cur.rowcount == 1:
-                    return True
-                row = conn.execute(sql("SELECT status, input IS NULL FROM lilota_task WHERE id = ?"),
-                                   (task_id,)).fetchone()
-        if row is not None and row[0] in ("failed", "expired", "cancelled") and row[1]:
+        sql, ts = self.dialect.sql, self.dialect.time_param
+        with self._write() as conn:
+            cur = conn.execute(sql(f"UPDATE lilota_task SET status = 'scheduled', run_at = {ts}, attempts = 0, "
+                                   "end_date_time = NULL, cancel_requested = 0, locked_by = NULL, "
+                                   "locked_at = NULL WHERE id = ? AND input IS NOT NULL "
+                                   f"AND {_REQUEUEABLE_SQL}"),
+                               (self.dialect.encode_time(_now()), task_id))
+            if cur.rowcount == 1:
+                return True
+            row = conn.execute(sql("SELECT status, input IS NULL FROM lilota_task WHERE id = ?"),
+                               (task_id,)).fetchone()
+        if row is not None and row[0] in _REQUEUEABLE and row[1]:
             raise LilotaError(f"task {task_id} cannot run again: its input was deleted when it finished "
                               f"(keep_input=False); schedule a new task with the input instead")
         return False
@@ -2224,7 +2255,7 @@ class Storage:
         batch_size = batch_size or self.delete_batch_size
         cutoff = self.dialect.encode_time(before)
         bound = _first_task_id_at(before)
-        sql, T = self.dialect.sql, self.dialect.time_param
+        sql, ts = self.dialect.sql, self.dialect.time_param
         total = 0
         while True:
             started = time.monotonic()
@@ -2238,9 +2269,9 @@ class Storage:
         with self._guard as conn:
             if everywhere:
                 total += conn.execute(sql(f"DELETE FROM lilota_task WHERE id >= ? AND {_FINISHED_SQL} "
-                                          f"AND end_date_time < {T}"), (bound, cutoff)).rowcount
-            nodes = conn.execute(sql(f"DELETE FROM lilota_node WHERE status IN ('stopped', 'crashed', 'dead') "
-                                     f"AND last_seen_at < {T}"), (cutoff,)).rowcount
+                                          f"AND end_date_time < {ts}"), (bound, cutoff)).rowcount
+            nodes = conn.execute(sql(f"DELETE FROM lilota_node WHERE {_GONE_SQL} "
+                                     f"AND last_seen_at < {ts}"), (cutoff,)).rowcount
         return {"tasks": total, "nodes": nodes}
 
     def _delete_batch(self, bound, cutoff, batch_size):
@@ -2262,12 +2293,11 @@ class Storage:
             row = conn.execute(sql("SELECT value FROM lilota_meta WHERE key = ?"), (key,)).fetchone()
         if row is None:   # the first turn ever on this database: the row is made by whoever gets there
             try:
-                with self._guard as conn:
-                    with self._transaction(conn):
-                        return conn.execute(sql(
-                            "INSERT INTO lilota_meta (key, value) SELECT CAST(? AS TEXT), CAST(? AS TEXT) "
-                            "WHERE NOT EXISTS (SELECT 1 FROM lilota_meta WHERE key = ?)"),
-                            (key, repr(now), key)).rowcount == 1
+                with self._write() as conn:
+                    return conn.execute(sql(
+                        "INSERT INTO lilota_meta (key, value) SELECT CAST(? AS TEXT), CAST(? AS TEXT) "
+                        "WHERE NOT EXISTS (SELECT 1 FROM lilota_meta WHERE key = ?)"),
+                        (key, repr(now), key)).rowcount == 1
             except StorageError:
                 return False   # another node made it at the same moment (a duplicate key): its turn
         try:
@@ -2290,10 +2320,9 @@ class Storage:
     def has_unfinished_tasks(self):
         """Whether any task is queued or running."""
         with self._guard as conn:
-            return conn.execute("SELECT 1 FROM lilota_task WHERE status IN ('created', 'scheduled', 'running') "
-                                "LIMIT 1").fetchone() is not None
+            return conn.execute(f"SELECT 1 FROM lilota_task WHERE {_UNFINISHED_SQL} LIMIT 1").fetchone() is not None
 
-    # --- tasks: worker side ---
+    # --- Storage: tasks, the worker side ----------------------------------------------------------
 
     def prepare_claim(self, defaults):
         """The dialect's claim, built for these registered defaults (see Dialect.prepare_claim)."""
@@ -2374,8 +2403,8 @@ class Storage:
             status, run_at, end = "scheduled", d.encode_time(retry_at if retry_at is not None else _now()), None
         else:
             status, run_at, end = str(final_status), None, now
-        params = (status, run_at, now, end, d.encode_json(dumps(error, "error")), 0 if count_attempt else 1,
-                  requeue, requeue, requeue, str(task.id), node_id)
+        params = self._fail_params(status=status, run_at=run_at, now=now, end=end, error=d.encode_json(dumps(error, "error")),
+                                   given_back=0 if count_attempt else 1, requeue=requeue, id=str(task.id), node=node_id)
         with self._guard as conn:
             return conn.execute(self._fail_sql, params).rowcount == 1
 
@@ -2422,17 +2451,16 @@ class Storage:
         if task_id is not None:
             query += " AND id = ?"
             params.append(str(task_id))
-        with self._guard as conn:
-            with self._transaction(conn):
-                tasks = [self._task(r) for r in conn.execute(d.sql(query), params).fetchall()]
-                for task in tasks:
-                    retry_at = _retry_time(task, retry_delay, retry_max_delay) if retry and count_attempt else None
-                    record = dict(error, attempt=task.attempts)
-                    self.finish_attempt(task, node_id, record, final_status=final_status, retry_at=retry_at,
-                                        count_attempt=count_attempt)
+        with self._write() as conn:
+            tasks = [self._task(r) for r in conn.execute(d.sql(query), params).fetchall()]
+            for task in tasks:
+                retry_at = _retry_time(task, retry_delay, retry_max_delay) if retry and count_attempt else None
+                record = dict(error, attempt=task.attempts)
+                self.finish_attempt(task, node_id, record, final_status=final_status, retry_at=retry_at,
+                                    count_attempt=count_attempt)
         return tasks
 
-    # --- nodes ---
+    # --- Storage: nodes ---------------------------------------------------------------------------
 
     def add_node(self, node_id, name, node_type, status, pid, lease):
         """Record a node of this host, alive for ``lease`` seconds unless its heartbeat renews it."""
@@ -2460,14 +2488,13 @@ class Storage:
         d = self.dialect
         now = _now()
         marks = ", ".join("?" for _ in node_ids)
-        with self._guard as conn:
-            with self._transaction(conn):
-                conn.execute(d.sql(f"UPDATE lilota_node SET last_seen_at = {d.time_param}, "
-                                   f"lease_expires_at = {d.time_param} "
-                                   f"WHERE id IN ({marks}) AND status IN {_ALIVE_SQL}"),
-                             [d.encode_time(now), d.encode_time(now + lease), *node_ids])
-                alive = conn.execute(d.sql(f"SELECT id FROM lilota_node WHERE id IN ({marks}) "
-                                           f"AND status IN {_ALIVE_SQL}"), list(node_ids)).fetchall()
+        with self._write() as conn:
+            conn.execute(d.sql(f"UPDATE lilota_node SET last_seen_at = {d.time_param}, "
+                               f"lease_expires_at = {d.time_param} "
+                               f"WHERE id IN ({marks}) AND {_ALIVE_SQL}"),
+                         [d.encode_time(now), d.encode_time(now + lease), *node_ids])
+            alive = conn.execute(d.sql(f"SELECT id FROM lilota_node WHERE id IN ({marks}) "
+                                       f"AND {_ALIVE_SQL}"), list(node_ids)).fetchall()
         return set(node_ids) - {str(row[0]) for row in alive}
 
     def nodes(self):
@@ -2494,18 +2521,17 @@ class Storage:
         d = self.dialect
         here = _host_key()
         judge_leases = time.monotonic() - self._unreachable_at >= settle
-        with self._guard as conn:
-            with self._transaction(conn):
-                rows = conn.execute(f"SELECT id, pid, host_key, lease_expires_at FROM lilota_node "
-                                    f"WHERE status IN {_ALIVE_SQL}").fetchall()
-                now = _now()
-                lost = [str(node_id) for node_id, pid, host_key, lease in rows
-                        if str(node_id) not in exclude and (
-                            (judge_leases and d.decode_time(lease).timestamp() < now)
-                            or (host_key == here and pid and not _process_exists(pid)))]
-                for node_id in lost:
-                    conn.execute(d.sql(f"UPDATE lilota_node SET status = 'dead' WHERE id = ? "
-                                       f"AND status IN {_ALIVE_SQL}"), (node_id,))
+        with self._write() as conn:
+            rows = conn.execute(f"SELECT id, pid, host_key, lease_expires_at FROM lilota_node "
+                                f"WHERE {_ALIVE_SQL}").fetchall()
+            now = _now()
+            lost = [str(node_id) for node_id, pid, host_key, lease in rows
+                    if str(node_id) not in exclude and (
+                        (judge_leases and d.decode_time(lease).timestamp() < now)
+                        or (host_key == here and pid and not _process_exists(pid)))]
+            for node_id in lost:
+                conn.execute(d.sql(f"UPDATE lilota_node SET status = 'dead' WHERE id = ? "
+                                   f"AND {_ALIVE_SQL}"), (node_id,))
         return lost
 
     def orphaned_nodes(self):
@@ -2513,7 +2539,7 @@ class Storage:
         with self._guard as conn:
             rows = conn.execute(
                 "SELECT DISTINCT locked_by FROM lilota_task WHERE status = 'running' AND locked_by NOT IN "
-                f"(SELECT id FROM lilota_node WHERE status IN {_ALIVE_SQL})").fetchall()
+                f"(SELECT id FROM lilota_node WHERE {_ALIVE_SQL})").fetchall()
         return [str(r[0]) for r in rows]
 
 
