@@ -20,14 +20,9 @@ import threading
 import time
 import unittest
 
-try:
-    from .support import ROOT, child_pids, on_every_backend, session_members, wait_until
-    from .test_crashes import KILLABLE_APP
-    from .test_processes import WorkerTestCase
-except ImportError:  # run from inside tests/
-    from support import ROOT, child_pids, on_every_backend, session_members, wait_until
-    from test_crashes import KILLABLE_APP
-    from test_processes import WorkerTestCase
+from support import ROOT, child_pids, on_every_backend, rss_kib, session_members, wait_until
+from test_crashes import KILLABLE_APP
+from test_processes import WorkerTestCase
 
 from lilota import LilotaScheduler, TaskStatus
 
@@ -162,18 +157,6 @@ if __name__ == "__main__":
         f.write("\\n".join(ids) + "\\n")
     print(json.dumps({{"ops": ops, "scheduled": len(ids), "errors": errors}}))
 """
-
-
-def rss_kib(pid):
-    """Resident memory of a process in KiB (None once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def report(title, summary):

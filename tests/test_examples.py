@@ -11,10 +11,7 @@ import sys
 import tempfile
 import unittest
 
-try:
-    from .support import ROOT, TempDirTestCase, postgres_admin, require_postgres, session_members, wait_until
-except ImportError:  # run from inside tests/ (or discovered with -s tests)
-    from support import ROOT, TempDirTestCase, postgres_admin, require_postgres, session_members, wait_until
+from support import ROOT, TempDirTestCase, postgres_admin, require_postgres, session_members, wait_until
 
 EXAMPLES = os.path.join(ROOT, "examples")
 

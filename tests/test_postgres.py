@@ -26,12 +26,8 @@ import urllib.parse
 import uuid
 import warnings
 
-try:
-    from .support import (ROOT, POSTGRES_URL, TempDirTestCase, postgres_admin, process_alive,
-                          session_members, wait_until, with_query)
-except ImportError:  # run from inside tests/
-    from support import (ROOT, POSTGRES_URL, TempDirTestCase, postgres_admin, process_alive,
-                         session_members, wait_until, with_query)
+from support import (ROOT, POSTGRES_URL, TempDirTestCase, postgres_admin, process_alive,
+                     session_members, wait_until, with_query)
 
 import lilota
 from lilota import (ConfigurationError, DatabaseUnavailableError, DriverNotInstalledError, Lilota,

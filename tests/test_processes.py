@@ -15,10 +15,7 @@ import unittest
 import uuid
 from datetime import datetime, timedelta, timezone
 
-try:
-    from .support import ROOT, TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend
-except ImportError:  # run from inside tests/
-    from support import ROOT, TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend
+from support import ROOT, TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend
 
 import lilota
 from lilota import Lilota, LilotaScheduler

@@ -20,12 +20,8 @@ import unittest.mock
 import uuid
 import warnings
 
-try:
-    from .support import ROOT, TempDirTestCase, process_alive, wait_until, on_every_backend, sqlite_only
-    from .test_processes import WorkerTestCase
-except ImportError:  # run from inside tests/
-    from support import ROOT, TempDirTestCase, process_alive, wait_until, on_every_backend, sqlite_only
-    from test_processes import WorkerTestCase
+from support import ROOT, TempDirTestCase, process_alive, wait_until, on_every_backend, sqlite_only
+from test_processes import WorkerTestCase
 
 import lilota
 from lilota import Lilota, LilotaScheduler, LilotaWorker, NodeStatus, NodeType, TaskContext
