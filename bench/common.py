@@ -28,7 +28,7 @@ def emit(**result):
 
 
 def rss_kib(pid):
-    """Resident set size of a process in KiB (VmRSS from /proc), or None when it is gone."""
+    """(Also the tests' helper, through tests/support.py.) Resident set size of a process in KiB (VmRSS from /proc), or None when it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -202,13 +202,15 @@ def main(workloads, db_arg="--url", **defaults):
     workloads[args.workload](args)
 
 
-def wait_until(predicate, timeout, interval=0.02):
-    """Poll ``predicate`` until it returns a true value or ``timeout`` seconds pass."""
+def wait_until(predicate, timeout=20.0, interval=0.02, message="condition", error=TimeoutError):
+    """Poll ``predicate`` until it returns a true value (returned); raise ``error`` once ``timeout``
+    seconds pass. The one polling loop of the benchmark and the tests (tests/support.py, which
+    raises AssertionError: a test that waits in vain fails)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {timeout:g}s")
+            raise error(f"timed out after {timeout:g}s waiting for {message}")
         time.sleep(interval)

@@ -11,6 +11,7 @@ import textwrap
 import time
 import unittest
 import uuid
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -19,16 +20,23 @@ if ROOT not in sys.path:
 import lilota  # noqa: E402
 
 
+def _load_bench_common():
+    """bench/common.py, the home of the helpers the benchmark and the tests share (bench/ runs
+    without tests/ on its path; the tests load its module by file, under a name of its own)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("lilota_bench_common", os.path.join(ROOT, "bench", "common.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_bench_common = _load_bench_common()
+rss_kib = _bench_common.rss_kib   # resident memory of a process in KiB (None once it is gone)
+
+
 def wait_until(predicate, timeout=20.0, interval=0.01, message="condition"):
     """Poll ``predicate`` until it returns a true value; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
+    return _bench_common.wait_until(predicate, timeout, interval, message, error=AssertionError)
 
 
 def live_processes():
@@ -63,6 +71,18 @@ def process_alive(pid):
     except OSError:
         return False
     return state != "Z"
+
+
+@dataclass
+class AddInput:
+    """The input model of the "add" task several tests register."""
+    a: int
+    b: int
+
+
+@dataclass
+class AddOutput:
+    total: int
 
 
 # --- backends -----------------------------------------------------------------------------------

@@ -9,28 +9,14 @@ import time
 import unittest
 import unittest.mock
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-try:
-    from tests import support
-except ImportError:  # run from inside tests/
-    import support
+import support
+from support import AddInput, AddOutput
 
 import lilota
 from lilota import (ConfigurationError, Lilota, LilotaScheduler, LilotaWorker, Node, NodeStatus, NodeType, Task,
                     TaskContext, TaskNotFoundError, TaskProgress, TaskStatus, TaskWaitTimeout, WorkerScriptError)
-
-
-@dataclass
-class AddInput:
-    a: int
-    b: int
-
-
-@dataclass
-class AddOutput:
-    total: int
 
 
 class ApiTestCase(support.TempDirTestCase):

@@ -9,10 +9,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-try:
-    from .support import TempDirTestCase, wait_until, on_every_backend
-except ImportError:  # run from inside tests/
-    from support import TempDirTestCase, wait_until, on_every_backend
+from support import TempDirTestCase, wait_until, on_every_backend
 
 import lilota
 

@@ -20,14 +20,9 @@ import threading
 import time
 import unittest
 
-try:
-    from .support import ROOT, child_pids, on_every_backend, session_members, wait_until
-    from .test_crashes import KILLABLE_APP
-    from .test_processes import WorkerTestCase
-except ImportError:  # run from inside tests/
-    from support import ROOT, child_pids, on_every_backend, session_members, wait_until
-    from test_crashes import KILLABLE_APP
-    from test_processes import WorkerTestCase
+from support import ROOT, child_pids, on_every_backend, rss_kib, session_members, wait_until
+from test_crashes import KILLABLE_APP
+from test_processes import WorkerTestCase
 
 from lilota import LilotaScheduler, TaskStatus
 
@@ -162,18 +157,6 @@ if __name__ == "__main__":
         f.write("\\n".join(ids) + "\\n")
     print(json.dumps({{"ops": ops, "scheduled": len(ids), "errors": errors}}))
 """
-
-
-def rss_kib(pid):
-    """Resident memory of a process in KiB (None once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def report(title, summary):
@@ -315,9 +298,9 @@ class WorkerKillTest(ChaosTestCase):
                        SOAK_SECONDS + 60, interval=1, message="the soak to end")
             open(self.path("stop-scheduling"), "w").close()
         wait_until(lambda: self.check_alive(apps) and len(self.read_lines("done-scheduling.log")) == 2,
-                   180, interval=0.2, message="both applications to finish scheduling")
+                   180, interval=0.05, message="both applications to finish scheduling")
         ids = [i for (i,) in self.read_lines("scheduled.log")]
-        wait_until(lambda: self.check_alive(apps) and self.finished() == len(ids), 240, interval=0.5,
+        wait_until(lambda: self.check_alive(apps) and self.finished() == len(ids), 240, interval=0.1,
                    message="every scheduled task to finish")
         killer.stop()
         self.assertIsNone(killer.error)
@@ -463,7 +446,7 @@ class ContentionTest(ChaosTestCase):
         self.assertEqual(errors, [], "an error reached a scheduling process")
         ids = [i for n in range(8) for (i,) in self.read_lines(f"scheduled-{n}.log")]
         self.assertEqual(len(ids), sum(o["scheduled"] for o in outputs))
-        wait_until(lambda: self.finished() == len(ids), 180, interval=0.5, message="every task to finish")
+        wait_until(lambda: self.finished() == len(ids), 180, interval=0.1, message="every task to finish")
         rss_after = {h.process.pid: rss_kib(h.process.pid) for h in app._handles if h is not None}
         self.assertEqual(self.query("SELECT status, COUNT(*) FROM lilota_task GROUP BY status"),
                          [("completed", len(ids))])

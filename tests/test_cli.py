@@ -11,10 +11,7 @@ import subprocess
 import time
 import unittest
 
-try:
-    from .support import TempDirTestCase, on_every_backend, wait_until
-except ImportError:  # run from inside tests/
-    from support import TempDirTestCase, on_every_backend, wait_until
+from support import TempDirTestCase, on_every_backend, wait_until
 
 import lilota
 

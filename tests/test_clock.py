@@ -7,10 +7,7 @@ import unittest
 from datetime import datetime, timedelta, timezone
 from unittest import mock
 
-try:
-    from tests import support
-except ImportError:  # run from inside tests/
-    import support
+import support
 
 import lilota
 from lilota import LilotaScheduler, LilotaWorker, TaskStatus

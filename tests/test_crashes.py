@@ -5,12 +5,8 @@ import os
 import signal
 import unittest
 
-try:
-    from .support import ROOT, process_alive, wait_until, on_every_backend
-    from .test_processes import WorkerTestCase
-except ImportError:  # run from inside tests/
-    from support import ROOT, process_alive, wait_until, on_every_backend
-    from test_processes import WorkerTestCase
+from support import ROOT, process_alive, wait_until, on_every_backend
+from test_processes import WorkerTestCase
 
 from lilota import LilotaScheduler
 

@@ -4,10 +4,7 @@
 import sqlite3
 import unittest
 
-try:
-    from .support import TempDirTestCase
-except ImportError:
-    from support import TempDirTestCase
+from support import TempDirTestCase
 
 import lilota
 from lilota import Lilota, LilotaScheduler, LilotaWorker, TaskStatus

@@ -11,10 +11,7 @@ import sys
 import tempfile
 import unittest
 
-try:
-    from .support import ROOT, TempDirTestCase, postgres_admin, require_postgres, session_members, wait_until
-except ImportError:  # run from inside tests/ (or discovered with -s tests)
-    from support import ROOT, TempDirTestCase, postgres_admin, require_postgres, session_members, wait_until
+from support import ROOT, TempDirTestCase, postgres_admin, require_postgres, session_members, wait_until
 
 EXAMPLES = os.path.join(ROOT, "examples")
 
@@ -272,6 +269,10 @@ class SeedPostgresExampleTest(TempDirTestCase):
         self.assertEqual(rows, [(task_id, "add", "completed", '{"sum": 5}', 1)])
 
 
+#: A process that keeps one core busy while its parent lives.
+SPINNER = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
+
+
 class SeedSQLiteExampleOnBusyCoresTest(TempDirTestCase):
     """The seed's quick example as written, with a SQLite URL, while busy-loop processes keep every
     core busy (other work on the machine): eight workers, schedule(), time.sleep(1), and the output
@@ -283,7 +284,9 @@ class SeedSQLiteExampleOnBusyCoresTest(TempDirTestCase):
         self.write("sample/myscript.py", SEED_WORKER_SCRIPT.replace(SEED_URL, url))
         self.write("app.py", SEED_APPLICATION.replace(SEED_URL, url))
         for _ in range(os.cpu_count() or 1):
-            spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            # Busy until this test process is gone even if it dies before its cleanups run (killed by
+            # a timeout): an orphaned spinner would slow every later run on the machine.
+            spinner = subprocess.Popen([sys.executable, "-c", SPINNER])
             self.addCleanup(spinner.wait)
             self.addCleanup(spinner.kill)
         proc = self.run_python("app.py", timeout=120)

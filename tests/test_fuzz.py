@@ -20,10 +20,7 @@ import uuid
 from datetime import date, datetime, time as dtime, timedelta, timezone
 from decimal import Decimal
 
-try:
-    from tests import support
-except ImportError:  # run from inside tests/
-    import support
+import support
 
 import lilota
 from lilota import LilotaScheduler, LilotaWorker, TaskStatus, UnserializableError

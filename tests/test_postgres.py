@@ -26,12 +26,8 @@ import urllib.parse
 import uuid
 import warnings
 
-try:
-    from .support import (ROOT, POSTGRES_URL, TempDirTestCase, postgres_admin, process_alive,
-                          session_members, wait_until, with_query)
-except ImportError:  # run from inside tests/
-    from support import (ROOT, POSTGRES_URL, TempDirTestCase, postgres_admin, process_alive,
-                         session_members, wait_until, with_query)
+from support import (ROOT, POSTGRES_URL, TempDirTestCase, postgres_admin, process_alive,
+                     session_members, wait_until, with_query)
 
 import lilota
 from lilota import (ConfigurationError, DatabaseUnavailableError, DriverNotInstalledError, Lilota,
@@ -394,8 +390,94 @@ class UrlAndDriverTest(PostgresTestCase):
         self.assertGreaterEqual(stored, 1)   # psycopg, psycopg2 or pg8000 is installed
         self.assertEqual(self.status_counts(), {"scheduled": stored})
 
+    def check_keepalives(self, driver):
+        """TCP keepalive on by default (a silently dropped network is noticed), the URL's own
+        values win."""
+        if not installed(driver):
+            self.skipTest(f"{driver} is not installed")
+        defaults = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5",
+                    "keepalives_count": "3", "tcp_user_timeout": "30000"}
+        for options, idle in (({}, 10), ({"keepalives_idle": 42}, 42)):
+            with self.subTest(options=options):
+                url = server_url(scheme=f"postgresql+{driver}", schema=self.schema, **options)
+                conn = lilota._dialect_for_url(url).connect()
+                try:
+                    raw = conn.raw
+                    if driver == "psycopg":
+                        dsn = raw.info.get_parameters()
+                        dsn.update(importlib.import_module("psycopg.conninfo").conninfo_to_dict(raw.info.dsn))
+                    else:
+                        dsn = importlib.import_module("psycopg2.extensions").parse_dsn(raw.dsn)
+                    dsn = {key: str(value) for key, value in dsn.items()}
+                    self.assertEqual({key: dsn.get(key) for key in defaults},
+                                     dict(defaults, keepalives_idle=str(idle)), dsn)
+                    # ... and the socket has them.
+                    sock = socket.socket(fileno=os.dup(raw.fileno()))   # a copy, closed below
+                    try:
+                        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+                        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), idle)
+                        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL), 5)
+                        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT), 3)
+                    finally:
+                        sock.close()
+                finally:
+                    conn.close()
+
+    def test_tcp_keepalive_is_on_by_default_and_the_url_overrides_it_psycopg(self):
+        self.check_keepalives("psycopg")
+
+    def test_tcp_keepalive_is_on_by_default_and_the_url_overrides_it_psycopg2(self):
+        self.check_keepalives("psycopg2")
+
 
 # --- 2. errors -------------------------------------------------------------------------------------
+
+#: WORKER_BODY plus tasks whose output, or whose exception's message, holds U+0000 (PostgreSQL
+#: cannot store it in JSONB).
+NUL_BODY = WORKER_BODY + """
+worker.retry_delay = 0.05
+
+@worker.register("nul_output", max_attempts=2)
+def nul_output(data, ctx: TaskContext):
+    append("%s %d %d" % (ctx.task_id, ctx.attempt, os.getpid()))
+    return "a\\x00b"
+
+@worker.register("nul_error", max_attempts=2)
+def nul_error(data, ctx: TaskContext):
+    append("%s %d %d" % (ctx.task_id, ctx.attempt, os.getpid()))
+    raise ValueError("bad \\x00 byte")
+"""
+
+
+class FakeDriverError(Exception):
+    """A driver exception as psycopg 3 shapes one: the SQLSTATE in ``sqlstate``."""
+
+    def __init__(self, message, sqlstate):
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class GermanMessages:
+    """A lilota connection whose errors read as from a server with lc_messages=de_DE (the test
+    server may have no German locale): same SQLSTATE, German text."""
+
+    GERMAN = {"42P01": "Relation »{}« existiert nicht", "3F000": "Schema »{}« existiert nicht"}
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+    def execute(self, *args):
+        try:
+            return self._conn.execute(*args)
+        except Exception as exc:
+            code = lilota._sqlstate(exc)
+            if code not in self.GERMAN:
+                raise
+            raise FakeDriverError(self.GERMAN[code].format("lilota_meta"), code) from exc
+
 
 class ErrorsTest(PostgresTestCase):
 
@@ -546,6 +628,96 @@ class ErrorsTest(PostgresTestCase):
         self.assertEqual(scheduler.get_task_by_id(task_id).input, {"s": "a\\u0000b"})
         self.assertEqual(self.status_counts(), {"scheduled": 1})
 
+    def test_nul_in_a_task_output_or_error_fails_the_task_and_the_worker_lives_on(self):
+        """The database refusing a task's output (or error message) fails that task; the worker
+        process is not killed by it."""
+        app = self.start_lilota(self.worker_script(NUL_BODY), 2, restart_delay=0.1, retry_delay=0.05)
+        self.wait_workers_running(2)
+        pids = sorted(pid for _, pid, _, _ in self.worker_nodes())
+        expected = {"nul_output": ("UnserializableError", "U+0000"), "nul_error": ("ValueError", "bad \\x00 byte")}
+        ids = {}
+        for name, (error_type, message) in expected.items():
+            with self.subTest(task=name):
+                ids[name] = str(app.schedule(name, {}, max_attempts=2))
+                task = app.wait(ids[name], timeout=15)
+                self.assertEqual((task.status, task.attempts), ("failed", 2), task.error)
+                self.assertEqual(task.error["type"], error_type, task.error)
+                self.assertIn(message, task.error["message"])
+                self.assertNotIn("\x00", json.dumps(task.error, ensure_ascii=False))
+        # The same processes go on and take the next task.
+        task = app.wait(app.schedule("logged", {}), timeout=10)
+        self.assertEqual(task.status, "completed", task.error)
+        self.assertIn(task.output["pid"], pids)
+        runs = self.runs()
+        for name, task_id in ids.items():
+            self.assertEqual(sorted(attempt for t, attempt, _ in runs if t == task_id), [1, 2], runs)
+        self.assertLessEqual({pid for _, _, pid in runs}, set(pids))
+        self.assertEqual(sorted((pid, status) for _, pid, status, _ in self.worker_nodes()),
+                         [(pid, "running") for pid in pids])
+        self.assertFalse(app.has_failed())
+
+    def test_missing_table_is_decided_by_sqlstate_not_by_the_message(self):
+        """A server speaking German still says "no schema yet"; a missing column is not that."""
+        # A fresh schema is created although the server says "existiert nicht".
+        german = lilota._dialect_for_url(self.db_url)
+        connect = german.connect
+        german.connect = lambda: GermanMessages(connect())
+        storage = lilota.Storage(german)
+        self.addCleanup(storage.close)
+        storage.ensure_ready()
+        self.assertEqual(self.db_execute("SELECT value FROM lilota_meta WHERE key = 'schema_version'"),
+                         [(str(lilota.SCHEMA_VERSION),)])
+
+        dialect = lilota._dialect_for_url(self.db_url)
+        self.assertTrue(dialect.missing_table(FakeDriverError('Relation »lilota_meta« existiert nicht', "42P01")))
+        self.assertTrue(dialect.missing_table(FakeDriverError('Schema »x« existiert nicht', "3F000")))
+        self.assertFalse(dialect.missing_table(FakeDriverError('column "nope" does not exist', "42703")))
+        # The same with the driver's own exceptions.
+        conn = dialect.connect()
+        self.addCleanup(conn.close)
+        for statement, missing in (("SELECT 1 FROM lilota_no_such_table", True),
+                                   ("SELECT nope FROM lilota_meta", False)):
+            with self.subTest(statement=statement):
+                try:
+                    conn.execute(statement)
+                except Exception as exc:
+                    self.assertEqual(dialect.missing_table(exc), missing, exc)
+                else:
+                    self.fail(f"{statement} did not fail")
+
+    def test_pg8000_connect_timeout_does_not_cut_short_a_statement_waiting_for_a_lock(self):
+        """With pg8000, connect_timeout is for connecting; a statement waiting for a lock longer
+        than that is not "cannot reach"."""
+        if not installed("pg8000"):
+            self.skipTest("pg8000 is not installed")
+        url = server_url(scheme="postgresql+pg8000", schema=self.schema, connect_timeout=1)
+        scheduler = LilotaScheduler(url)
+        task_id = scheduler.schedule("echo", {"n": 1})
+        locked, released = threading.Event(), threading.Event()
+        holder = lilota._dialect_for_url(self.db_url).connect()
+        self.addCleanup(holder.close)
+
+        def hold():
+            try:
+                holder.execute("BEGIN")
+                holder.execute("LOCK TABLE lilota_task IN ACCESS EXCLUSIVE MODE")
+                locked.set()
+                time.sleep(2.5)
+            finally:
+                holder.execute("COMMIT")
+                released.set()
+        thread = threading.Thread(target=hold)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        self.assertTrue(locked.wait(10))
+        started = time.monotonic()
+        task = scheduler.get_task_by_id(task_id)   # blocks behind the lock, then reads
+        waited = time.monotonic() - started
+        self.assertTrue(released.is_set())
+        self.assertGreater(waited, 1.5)
+        self.assertEqual((task.status, task.input), ("scheduled", {"n": 1}))
+        self.assertEqual(scheduler.get_task_by_id(scheduler.schedule("echo", {"n": 2})).input, {"n": 2})
+
 
 # --- 3. concurrent schema creation -----------------------------------------------------------------
 
@@ -658,6 +830,35 @@ class ListenNotifyTest(PostgresTestCase):
                f"schedule()->completed {ms(own_done)}; another connection's INSERT (NOTIFY)->completed "
                f"{ms(cross)}; another process's schedule()->its wait() returned {result['now'][2] * 1000:.1f} ms")
         self.assertEqual(len(self.worker_nodes()), 1)   # one worker did it all, never restarted
+
+    def test_the_listening_connection_keeps_no_backlog_of_notifications(self):
+        """A worker busy for long drains its listening connection; the driver must not keep
+        every notification it read."""
+        driver = driver_in_use()
+        if driver == "pg8000":
+            self.skipTest("pg8000 keeps at most 100 notifications of its own")
+        storage = LilotaScheduler(self.db_url).storage
+        storage.ensure_ready()
+        fd = storage.listen_fd()
+        self.assertIsNotNone(fd)
+        dialect = lilota._dialect_for_url(self.db_url)
+        conn = dialect.connect()
+        self.addCleanup(conn.close)
+        insert, now = dialect.sql(INSERT_BY_HAND), time.time()
+        for i in range(2000):   # each its own transaction: 2,000 notifications
+            conn.execute(insert, (str(uuid.uuid4()), "echo", dialect.encode_time(now), json.dumps({"i": i}),
+                                  dialect.encode_time(now)))
+        quiet = 0
+        for _ in range(200):
+            storage.drain_notifications()
+            quiet = 0 if select.select([fd], [], [], 0.05)[0] else quiet + 1
+            if quiet >= 3:
+                break
+        self.assertGreaterEqual(quiet, 3, "notifications kept arriving")
+        raw = storage._listener.conn.raw
+        kept = len(getattr(raw, "_notifies_backlog", None) or ()) if driver == "psycopg" else len(raw.notifies)
+        self.assertLessEqual(kept, 1)
+        self.assertEqual(self.status_counts(), {"scheduled": 2000})
 
 
 # --- 5. resilience: reconnecting -------------------------------------------------------------------
@@ -926,6 +1127,18 @@ class ReconnectTest(PostgresTestCase):
         self.assertEqual([r[2] for r in self.worker_nodes()], ["running", "running"])
         self.assertFalse(app.has_failed())
 
+    def test_first_call_after_the_server_closed_an_idle_connection_reconnects_at_once(self):
+        """The server closed the idle connection (restart, terminated backend): the next call sees
+        it before use and opens a new one, instead of failing once with DatabaseUnavailableError."""
+        scheduler = LilotaScheduler(self.db_url)
+        first = scheduler.schedule("echo", {})
+        wait_until(lambda: self.backends() == 1, 10, message="the scheduler's one connection")
+        self.assertEqual(self.terminate_backends(), 1)
+        wait_until(lambda: self.backends() == 0, 10, message="the backend to end")
+        second = scheduler.schedule("echo", {})          # no DatabaseUnavailableError
+        self.assertEqual(scheduler.get_task_by_id(first).status, "scheduled")
+        self.assertEqual(scheduler.get_task_by_id(second).status, "scheduled")
+
 
 # --- 6. scale-out over two hosts -------------------------------------------------------------------
 
@@ -1069,89 +1282,8 @@ class ScaleOutTest(PostgresTestCase):
         for pid in pids["host-b"]:
             wait_until(lambda: not process_alive(pid), 10, message=f"host B's worker {pid} to exit")
 
-
-
-# --- 7. the review's fixes -------------------------------------------------------------------------
-
-#: WORKER_BODY plus tasks whose output, or whose exception's message, holds U+0000 (PostgreSQL
-#: cannot store it in JSONB).
-NUL_BODY = WORKER_BODY + """
-worker.retry_delay = 0.05
-
-@worker.register("nul_output", max_attempts=2)
-def nul_output(data, ctx: TaskContext):
-    append("%s %d %d" % (ctx.task_id, ctx.attempt, os.getpid()))
-    return "a\\x00b"
-
-@worker.register("nul_error", max_attempts=2)
-def nul_error(data, ctx: TaskContext):
-    append("%s %d %d" % (ctx.task_id, ctx.attempt, os.getpid()))
-    raise ValueError("bad \\x00 byte")
-"""
-
-
-class FakeDriverError(Exception):
-    """A driver exception as psycopg 3 shapes one: the SQLSTATE in ``sqlstate``."""
-
-    def __init__(self, message, sqlstate):
-        super().__init__(message)
-        self.sqlstate = sqlstate
-
-
-class GermanMessages:
-    """A lilota connection whose errors read as from a server with lc_messages=de_DE (the test
-    server may have no German locale): same SQLSTATE, German text."""
-
-    GERMAN = {"42P01": "Relation »{}« existiert nicht", "3F000": "Schema »{}« existiert nicht"}
-
-    def __init__(self, conn):
-        self._conn = conn
-
-    def __getattr__(self, name):
-        return getattr(self._conn, name)
-
-    def execute(self, *args):
-        try:
-            return self._conn.execute(*args)
-        except Exception as exc:
-            code = lilota._sqlstate(exc)
-            if code not in self.GERMAN:
-                raise
-            raise FakeDriverError(self.GERMAN[code].format("lilota_meta"), code) from exc
-
-
-class ReviewFixesTest(PostgresTestCase):
-
-    def test_nul_in_a_task_output_or_error_fails_the_task_and_the_worker_lives_on(self):
-        """H1: the database refusing a task's output (or error message) fails that task; the worker
-        process is not killed by it."""
-        app = self.start_lilota(self.worker_script(NUL_BODY), 2, restart_delay=0.1, retry_delay=0.05)
-        self.wait_workers_running(2)
-        pids = sorted(pid for _, pid, _, _ in self.worker_nodes())
-        expected = {"nul_output": ("UnserializableError", "U+0000"), "nul_error": ("ValueError", "bad \\x00 byte")}
-        ids = {}
-        for name, (error_type, message) in expected.items():
-            with self.subTest(task=name):
-                ids[name] = str(app.schedule(name, {}, max_attempts=2))
-                task = app.wait(ids[name], timeout=15)
-                self.assertEqual((task.status, task.attempts), ("failed", 2), task.error)
-                self.assertEqual(task.error["type"], error_type, task.error)
-                self.assertIn(message, task.error["message"])
-                self.assertNotIn("\x00", json.dumps(task.error, ensure_ascii=False))
-        # The same processes go on and take the next task.
-        task = app.wait(app.schedule("logged", {}), timeout=10)
-        self.assertEqual(task.status, "completed", task.error)
-        self.assertIn(task.output["pid"], pids)
-        runs = self.runs()
-        for name, task_id in ids.items():
-            self.assertEqual(sorted(attempt for t, attempt, _ in runs if t == task_id), [1, 2], runs)
-        self.assertLessEqual({pid for _, _, pid in runs}, set(pids))
-        self.assertEqual(sorted((pid, status) for _, pid, status, _ in self.worker_nodes()),
-                         [(pid, "running") for pid in pids])
-        self.assertFalse(app.has_failed())
-
     def test_an_outage_longer_than_node_timeout_declares_no_healthy_node_dead(self):
-        """H3: after an outage of every connection (two hosts, node_timeout 2 s, down for 4 s), the
+        """After an outage of every connection (two hosts, node_timeout 2 s, down for 4 s), the
         first supervisor back must not declare the other host's living nodes dead."""
         host, port, _, _ = server_address()
         proxy = TcpProxy((host, port))
@@ -1200,149 +1332,6 @@ class ReviewFixesTest(PostgresTestCase):
                 self.assertEqual(code, 0, err.read())
         for _, pid in nodes_before:
             wait_until(lambda: not process_alive(pid), 10, message=f"worker {pid} to exit")
-
-    def test_missing_table_is_decided_by_sqlstate_not_by_the_message(self):
-        """M2: a server speaking German still says "no schema yet"; a missing column is not that."""
-        # A fresh schema is created although the server says "existiert nicht".
-        german = lilota._dialect_for_url(self.db_url)
-        connect = german.connect
-        german.connect = lambda: GermanMessages(connect())
-        storage = lilota.Storage(german)
-        self.addCleanup(storage.close)
-        storage.ensure_ready()
-        self.assertEqual(self.db_execute("SELECT value FROM lilota_meta WHERE key = 'schema_version'"),
-                         [(str(lilota.SCHEMA_VERSION),)])
-
-        dialect = lilota._dialect_for_url(self.db_url)
-        self.assertTrue(dialect.missing_table(FakeDriverError('Relation »lilota_meta« existiert nicht', "42P01")))
-        self.assertTrue(dialect.missing_table(FakeDriverError('Schema »x« existiert nicht', "3F000")))
-        self.assertFalse(dialect.missing_table(FakeDriverError('column "nope" does not exist', "42703")))
-        # The same with the driver's own exceptions.
-        conn = dialect.connect()
-        self.addCleanup(conn.close)
-        for statement, missing in (("SELECT 1 FROM lilota_no_such_table", True),
-                                   ("SELECT nope FROM lilota_meta", False)):
-            with self.subTest(statement=statement):
-                try:
-                    conn.execute(statement)
-                except Exception as exc:
-                    self.assertEqual(dialect.missing_table(exc), missing, exc)
-                else:
-                    self.fail(f"{statement} did not fail")
-
-    def test_pg8000_statement_blocked_longer_than_connect_timeout_waits(self):
-        """M5: with pg8000, connect_timeout is for connecting; a statement waiting for a lock longer
-        than that is not "cannot reach"."""
-        if not installed("pg8000"):
-            self.skipTest("pg8000 is not installed")
-        url = server_url(scheme="postgresql+pg8000", schema=self.schema, connect_timeout=1)
-        scheduler = LilotaScheduler(url)
-        task_id = scheduler.schedule("echo", {"n": 1})
-        locked, released = threading.Event(), threading.Event()
-        holder = lilota._dialect_for_url(self.db_url).connect()
-        self.addCleanup(holder.close)
-
-        def hold():
-            try:
-                holder.execute("BEGIN")
-                holder.execute("LOCK TABLE lilota_task IN ACCESS EXCLUSIVE MODE")
-                locked.set()
-                time.sleep(2.5)
-            finally:
-                holder.execute("COMMIT")
-                released.set()
-        thread = threading.Thread(target=hold)
-        thread.start()
-        self.addCleanup(thread.join, 10)
-        self.assertTrue(locked.wait(10))
-        started = time.monotonic()
-        task = scheduler.get_task_by_id(task_id)   # blocks behind the lock, then reads
-        waited = time.monotonic() - started
-        self.assertTrue(released.is_set())
-        self.assertGreater(waited, 1.5)
-        self.assertEqual((task.status, task.input), ("scheduled", {"n": 1}))
-        self.assertEqual(scheduler.get_task_by_id(scheduler.schedule("echo", {"n": 2})).input, {"n": 2})
-
-    def check_keepalives(self, driver):
-        """H4: TCP keepalive on by default (a silently dropped network is noticed), the URL's own
-        values win."""
-        if not installed(driver):
-            self.skipTest(f"{driver} is not installed")
-        defaults = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5",
-                    "keepalives_count": "3", "tcp_user_timeout": "30000"}
-        for options, idle in (({}, 10), ({"keepalives_idle": 42}, 42)):
-            with self.subTest(options=options):
-                url = server_url(scheme=f"postgresql+{driver}", schema=self.schema, **options)
-                conn = lilota._dialect_for_url(url).connect()
-                try:
-                    raw = conn.raw
-                    if driver == "psycopg":
-                        dsn = raw.info.get_parameters()
-                        dsn.update(importlib.import_module("psycopg.conninfo").conninfo_to_dict(raw.info.dsn))
-                    else:
-                        dsn = importlib.import_module("psycopg2.extensions").parse_dsn(raw.dsn)
-                    dsn = {key: str(value) for key, value in dsn.items()}
-                    self.assertEqual({key: dsn.get(key) for key in defaults},
-                                     dict(defaults, keepalives_idle=str(idle)), dsn)
-                    # ... and the socket has them.
-                    sock = socket.socket(fileno=os.dup(raw.fileno()))   # a copy, closed below
-                    try:
-                        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
-                        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), idle)
-                        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL), 5)
-                        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT), 3)
-                    finally:
-                        sock.close()
-                finally:
-                    conn.close()
-
-    def test_keepalives_by_default_psycopg(self):
-        self.check_keepalives("psycopg")
-
-    def test_keepalives_by_default_psycopg2(self):
-        self.check_keepalives("psycopg2")
-
-    def test_the_listening_connection_keeps_no_backlog_of_notifications(self):
-        """H2: a worker busy for long drains its listening connection; the driver must not keep
-        every notification it read."""
-        driver = driver_in_use()
-        if driver == "pg8000":
-            self.skipTest("pg8000 keeps at most 100 notifications of its own")
-        storage = LilotaScheduler(self.db_url).storage
-        storage.ensure_ready()
-        fd = storage.listen_fd()
-        self.assertIsNotNone(fd)
-        dialect = lilota._dialect_for_url(self.db_url)
-        conn = dialect.connect()
-        self.addCleanup(conn.close)
-        insert, now = dialect.sql(INSERT_BY_HAND), time.time()
-        for i in range(2000):   # each its own transaction: 2,000 notifications
-            conn.execute(insert, (str(uuid.uuid4()), "echo", dialect.encode_time(now), json.dumps({"i": i}),
-                                  dialect.encode_time(now)))
-        quiet = 0
-        for _ in range(200):
-            storage.drain_notifications()
-            quiet = 0 if select.select([fd], [], [], 0.05)[0] else quiet + 1
-            if quiet >= 3:
-                break
-        self.assertGreaterEqual(quiet, 3, "notifications kept arriving")
-        raw = storage._listener.conn.raw
-        kept = len(getattr(raw, "_notifies_backlog", None) or ()) if driver == "psycopg" else len(raw.notifies)
-        self.assertLessEqual(kept, 1)
-        self.assertEqual(self.status_counts(), {"scheduled": 2000})
-
-    def test_first_call_after_an_idle_connection_was_closed_by_the_server_works(self):
-        """The server closed the idle connection (restart, terminated backend): the next call sees
-        it before use and opens a new one, instead of failing once with DatabaseUnavailableError."""
-        self.use_application_name()
-        scheduler = LilotaScheduler(self.db_url)
-        first = scheduler.schedule("echo", {})
-        wait_until(lambda: self.backends() == 1, 10, message="the scheduler's one connection")
-        self.assertEqual(self.terminate_backends(), 1)
-        wait_until(lambda: self.backends() == 0, 10, message="the backend to end")
-        second = scheduler.schedule("echo", {})          # no DatabaseUnavailableError
-        self.assertEqual(scheduler.get_task_by_id(first).status, "scheduled")
-        self.assertEqual(scheduler.get_task_by_id(second).status, "scheduled")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Tests of the resilience fixes from the review of the concurrency paths, one per fix: fencing of a
-worker declared dead while alive, leases kept during stop(), outcome writes retried, a supervisor
-that survives database errors, forkserver/fork, SIGTERM ignored by supervised workers, retry() of a
-task whose input was deleted, relative SQLite URLs, cancel winning over retry, progress written by
-the owning node only, same-host dead-pid detection by host key, and node leases."""
+"""Workers and supervisors under concurrency and partial failure: a worker declared dead while
+alive is fenced off, stop() keeps the leases of running tasks, outcome writes are retried while
+the database is locked, the supervisor survives database errors, workers start with forkserver
+and fork, supervised workers ignore SIGTERM, retry() refuses a task whose input was deleted,
+relative SQLite URLs are fixed at construction, cancel wins over retry, progress is written by the
+owning node only, dead pids and expired leases are detected, and a completion claims the next
+task in its commit."""
 
 import json
 import logging
@@ -20,12 +22,8 @@ import unittest.mock
 import uuid
 import warnings
 
-try:
-    from .support import ROOT, TempDirTestCase, process_alive, wait_until, on_every_backend, sqlite_only
-    from .test_processes import WorkerTestCase
-except ImportError:  # run from inside tests/
-    from support import ROOT, TempDirTestCase, process_alive, wait_until, on_every_backend, sqlite_only
-    from test_processes import WorkerTestCase
+from support import ROOT, TempDirTestCase, process_alive, wait_until, on_every_backend, sqlite_only
+from test_processes import WorkerTestCase
 
 import lilota
 from lilota import Lilota, LilotaScheduler, LilotaWorker, NodeStatus, NodeType, TaskContext
@@ -379,11 +377,11 @@ class StartMethodTest(ResilienceTestCase):
         self.assertFalse(app.has_failed(), app.error)
         self.assertEqual(self.starts(), 1)
 
-    def test_forkserver(self):
+    def test_a_worker_started_with_forkserver_runs_a_task_and_stops(self):
         self.addCleanup(self.stop_forkserver)
         self.check_start_method("forkserver")
 
-    def test_fork(self):
+    def test_a_worker_forked_while_a_thread_holds_the_storage_lock_runs_a_task_and_stops(self):
         with warnings.catch_warnings():
             # Python 3.12+ warns about fork() in a multi-threaded process: that is the point here.
             warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
@@ -427,7 +425,7 @@ class SigtermTest(ResilienceTestCase):
 @on_every_backend
 class RetryDeletedInputTest(ResilienceTestCase):
 
-    def test_retry_needs_the_input(self):
+    def test_retry_refuses_a_task_whose_input_was_deleted_and_reruns_the_others(self):
         worker = LilotaWorker(self.db_url, retry_delay=0)
         failing = {"on": True}
         seen = []

@@ -10,10 +10,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from unittest import mock
 
-try:
-    from tests import support
-except ImportError:  # run from inside tests/
-    import support
+import support
 
 import lilota
 from lilota import Lilota, LilotaWorker, Retry, TaskContext, TaskProgress, TaskStatus

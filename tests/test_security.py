@@ -11,12 +11,8 @@ import uuid
 from dataclasses import dataclass
 from unittest import mock
 
-try:
-    from .support import TempDirTestCase, wait_until
-    from .test_processes import WorkerTestCase
-except ImportError:  # run from inside tests/
-    from support import TempDirTestCase, wait_until
-    from test_processes import WorkerTestCase
+from support import TempDirTestCase, wait_until
+from test_processes import WorkerTestCase
 
 import lilota
 from lilota import CorruptDatabaseError, LilotaScheduler, LilotaWorker, TaskStatus

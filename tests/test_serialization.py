@@ -12,10 +12,8 @@ from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Dict, List, Optional
 
-try:
-    from tests import support
-except ImportError:  # run from inside tests/
-    import support
+import support
+from support import AddInput, AddOutput
 
 import lilota
 from lilota import LilotaScheduler, LilotaWorker, TaskContext, TaskStatus
@@ -73,17 +71,6 @@ class Rich:
     maybe_when: Optional[datetime] = None
     days: List[date] = field(default_factory=list)
     colors: Dict[str, Color] = field(default_factory=dict)
-
-
-@dataclass
-class AddInput:
-    a: int
-    b: int
-
-
-@dataclass
-class AddOutput:
-    total: int
 
 
 class Point:

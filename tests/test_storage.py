@@ -15,10 +15,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from unittest import mock
 
-try:
-    from tests import support
-except ImportError:  # run from inside tests/
-    import support
+import support
 
 import lilota
 from lilota import (ConfigurationError, CorruptDatabaseError, DatabaseBusyError, DatabaseFullError,

@@ -11,12 +11,8 @@ import sys
 import unittest
 from unittest import mock
 
-try:
-    from .support import ROOT, child_pids, process_alive, wait_until
-    from .test_processes import WorkerTestCase
-except ImportError:  # run from inside tests/
-    from support import ROOT, child_pids, process_alive, wait_until
-    from test_processes import WorkerTestCase
+from support import ROOT, child_pids, process_alive, wait_until
+from test_processes import WorkerTestCase
 
 import lilota
 from lilota import (CorruptDatabaseError, DatabaseFullError, DatabaseUnavailableError, LilotaScheduler, LilotaWorker,

@@ -11,10 +11,7 @@ import textwrap
 import threading
 import time
 
-try:
-    from .support import ROOT, TempDirTestCase, on_every_backend, process_alive, session_members, wait_until
-except ImportError:  # run from inside tests/
-    from support import ROOT, TempDirTestCase, on_every_backend, process_alive, session_members, wait_until
+from support import ROOT, TempDirTestCase, on_every_backend, process_alive, session_members, wait_until
 
 import lilota
 

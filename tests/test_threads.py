@@ -4,10 +4,7 @@ scheduling and waiting at once on the process's one shared connection."""
 import threading
 import unittest
 
-try:
-    from .support import TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend
-except ImportError:  # run from inside tests/
-    from support import TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend
+from support import TempDirTestCase, child_pids, process_alive, wait_until, on_every_backend
 
 import lilota
 

@@ -13,10 +13,7 @@ import unittest
 from dataclasses import dataclass
 from datetime import timedelta
 
-try:
-    from tests import support
-except ImportError:  # run from inside tests/
-    import support
+import support
 
 import lilota
 from lilota import ConfigurationError, Lilota, LilotaScheduler, LilotaWorker, Node, NodeStatus, NodeType, TaskStatus
