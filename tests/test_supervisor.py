@@ -237,6 +237,20 @@ class BrokenScriptWaitTest(TempDirTestCase):
 
 
 #: Tasks and application in one file, with the usual guard.
+# The application's part of the scripts below: start, schedule, wait, and print what happened.
+RUN_AND_REPORT = """
+app.start()
+started = time.monotonic()
+try:
+    app.wait(app.schedule("add", {"a": 2, "b": 3}))
+    outcome = {"error_type": None}
+except Exception as exc:
+    outcome = {"error_type": type(exc).__name__, "error": str(exc)}
+outcome["seconds"] = time.monotonic() - started
+app.stop(timeout=5)
+print(json.dumps(outcome), flush=True)
+"""
+
 ONE_FILE = """
 import json, os, sys, time
 sys.path.insert(0, {root!r})
@@ -250,17 +264,7 @@ def add(data):
 
 if __name__ == "__main__":
     app = Lilota({db_url!r}, script_path=__file__, number_of_workers=2)
-    app.start()
-    started = time.monotonic()
-    try:
-        app.wait(app.schedule("add", {{"a": 2, "b": 3}}))
-        outcome = {{"error_type": None}}
-    except Exception as exc:
-        outcome = {{"error_type": type(exc).__name__, "error": str(exc)}}
-    outcome["seconds"] = time.monotonic() - started
-    app.stop(timeout=5)
-    print(json.dumps(outcome), flush=True)
-"""
+""" + textwrap.indent(RUN_AND_REPORT.replace("{", "{{").replace("}", "}}"), "    ")
 
 
 @on_every_backend
@@ -289,18 +293,8 @@ import json, sys, time
 sys.path.insert(0, {root!r})
 from lilota import Lilota
 
-app = Lilota({db_url!r}, script_path={script!r}, number_of_workers=2)
-app.start()                                   # no `if __name__ == "__main__":` around it
-started = time.monotonic()
-try:
-    app.wait(app.schedule("add", {{"a": 2, "b": 3}}))
-    outcome = {{"error_type": None}}
-except Exception as exc:
-    outcome = {{"error_type": type(exc).__name__, "error": str(exc)}}
-outcome["seconds"] = time.monotonic() - started
-app.stop(timeout=5)
-print(json.dumps(outcome), flush=True)
-"""
+app = Lilota({db_url!r}, script_path={script!r}, number_of_workers=2)   # no `if __name__ == "__main__":`
+""" + RUN_AND_REPORT.replace("{", "{{").replace("}", "}}")
 
 
 @on_every_backend
