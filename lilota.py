@@ -3644,19 +3644,23 @@ class LilotaWorker(_NodeBase):
             status = NodeStatus.CRASHED
             raise
         finally:
+            if in_main_thread:   # stopping already: a further signal must not cut short the records below
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(signum, signal.SIG_IGN)
             self._running = False
             self._stopping.set()
             keeper.join(timeout=2 * self.heartbeat_interval)
             if retention is not None:
                 retention.stop()
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
             self._close_wake_pipe()
             try:
                 _give_back(storage, node_id, "the worker stopped while running this task")
                 storage.set_node_status(node_id, status)
             except StorageError:
                 self.logger.exception("could not record that worker %s stopped", node_id)
+            finally:
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
 
     def _on_stop_signal(self, signum, frame):
         """A standalone worker's Ctrl-C or SIGTERM: the first lets the running task finish, a second

@@ -544,8 +544,31 @@ class StandaloneWorkerTest(WorkerTestCase):
         self.assertEqual(proc.wait(20), 0)
         self.assertEqual([(n[1], n[2]) for n in self.worker_nodes()], [(proc.pid, "stopped")])
 
-    def check_two_signals(self, first, second):
-        script = self.script()
+    SLOW_GIVE_BACK = """
+import lilota as _lilota
+_give_back = _lilota._give_back
+
+def _slow_give_back(*args, **kwargs):   # the records of the worker's stop wait for the test's word
+    if sys._getframe(1).f_code.co_name == "_start_standalone":
+        print("giving back", file=sys.stderr, flush=True)
+        while not os.path.exists(os.path.join(HERE, "release")):
+            time.sleep(0.01)
+    return _give_back(*args, **kwargs)
+
+_lilota._give_back = _slow_give_back
+"""
+
+    def read_stderr_until(self, proc, text, seen):
+        deadline = time.monotonic() + 20
+        while not any(text in line for line in seen):
+            self.assertLess(time.monotonic(), deadline, f"no {text!r} on stderr: {seen}")
+            if select.select([proc.stderr], [], [], 0.1)[0]:
+                seen.append(proc.stderr.readline())
+
+    def check_signals(self, first, second, third=None):
+        """A task runs; ``first`` lets it finish, ``second`` stops at once; ``third``, sent while the
+        worker records its stop, changes nothing."""
+        script = self.script(more_tasks=self.SLOW_GIVE_BACK if third else "")
         proc = self.popen_python(script, stderr=subprocess.PIPE, text=True)
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
         wait_until(lambda: [n for n in self.worker_nodes("running") if n[1] == proc.pid], 20,
@@ -555,25 +578,30 @@ class StandaloneWorkerTest(WorkerTestCase):
         wait_until(lambda: scheduler.get_task_by_id(task_id).status == "running", 20, message="the task to start")
         os.kill(proc.pid, first)       # graceful: the running task may finish
         seen = []
-        deadline = time.monotonic() + 20
-        while not any("stopping after the running task" in line for line in seen):   # handled
-            self.assertLess(time.monotonic(), deadline, f"no word of the first signal: {seen}")
-            if select.select([proc.stderr], [], [], 0.1)[0]:
-                seen.append(proc.stderr.readline())
+        self.read_stderr_until(proc, "stopping after the running task", seen)   # handled
         self.assertIsNone(proc.poll())
         self.assertEqual(scheduler.get_task_by_id(task_id).status, "running")
         os.kill(proc.pid, second)      # stop now
+        if third:
+            self.read_stderr_until(proc, "giving back", seen)
+            os.kill(proc.pid, third)
+            self.assertIsNone(proc.poll())
+            with open(self.path("release"), "w"):
+                pass
         _, err = proc.communicate(timeout=10)
         self.assertEqual(proc.returncode, 0, "".join(seen) + err)
         task = scheduler.get_task_by_id(task_id)
         self.assertEqual((task.status, task.attempts), ("scheduled", 0), task)
         self.assertEqual([(n[1], n[2]) for n in self.worker_nodes()], [(proc.pid, "stopped")])
 
+    def test_a_signal_while_the_worker_records_its_stop_changes_nothing(self):
+        self.check_signals(signal.SIGTERM, signal.SIGINT, signal.SIGTERM)
+
     def test_standalone_worker_second_signal_stops_at_once_and_gives_the_task_back(self):
         for first, second in ((signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGTERM),
                               (signal.SIGINT, signal.SIGTERM)):
             with self.subTest(first=first.name, second=second.name):
-                self.check_two_signals(first, second)
+                self.check_signals(first, second)
                 self.db_execute("DELETE FROM lilota_task")
                 self.db_execute("DELETE FROM lilota_node")
 
