@@ -267,27 +267,6 @@ if __name__ == "__main__":
 """ + textwrap.indent(RUN_AND_REPORT.replace("{", "{{").replace("}", "}}"), "    ")
 
 
-@on_every_backend
-class OneFileTest(TempDirTestCase):
-
-    def test_application_that_is_its_own_worker_script_fails_with_the_fix(self):
-        app = self.write("app.py", ONE_FILE.format(root=ROOT, db_url=self.db_url))
-        proc = self.popen_python(app, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        out, err = proc.communicate(timeout=60)
-        self.assertEqual(proc.returncode, 0, err)
-        outcome = json.loads(out.splitlines()[-1])
-        self.assertEqual(outcome["error_type"], "WorkersFailedError", outcome)
-        self.assertLess(outcome["seconds"], 30)
-        self.assertIn("Lilota.start() was called inside a lilota worker process", outcome["error"])
-        self.assertIn("script of their own", outcome["error"])
-        self.assertIn('if __name__ == "__main__":', outcome["error"])
-        wait_until(lambda: not session_members(proc.pid), 10, message="the workers to exit")
-        # No worker started workers of its own: one application node, no nested ones.
-        nodes = self.db_execute("SELECT type, status FROM lilota_node")
-        self.assertEqual([t for t, _ in nodes].count("scheduler"), 1, nodes)
-        self.assertLessEqual(len(nodes), 3, nodes)
-
-
 UNGUARDED = """
 import json, sys, time
 sys.path.insert(0, {root!r})
@@ -298,7 +277,31 @@ app = Lilota({db_url!r}, script_path={script!r}, number_of_workers=2)   # no `if
 
 
 @on_every_backend
-class UnguardedMainTest(TempDirTestCase):
+class ApplicationThatStartsWorkersInItsWorkersTest(TempDirTestCase):
+    """An application whose code would run again in its own workers fails with the fix, and no
+    worker starts workers of its own."""
+
+    def run_application(self, text):
+        """Run the application script ``text``; its outcome (what wait() raised) and its stderr."""
+        app = self.write("app.py", text)
+        proc = self.popen_python(app, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 0, err)
+        outcome = json.loads(out.splitlines()[-1])
+        self.assertEqual(outcome["error_type"], "WorkersFailedError", outcome)
+        self.assertLess(outcome["seconds"], 30)
+        wait_until(lambda: not session_members(proc.pid), 10, message="the workers to exit")
+        # No worker started workers of its own: one application node, no nested ones.
+        nodes = self.db_execute("SELECT type, status FROM lilota_node")
+        self.assertEqual([t for t, _ in nodes].count("scheduler"), 1, nodes)
+        return outcome, err, nodes
+
+    def test_application_that_is_its_own_worker_script_fails_with_the_fix(self):
+        outcome, _, nodes = self.run_application(ONE_FILE.format(root=ROOT, db_url=self.db_url))
+        self.assertIn("Lilota.start() was called inside a lilota worker process", outcome["error"])
+        self.assertIn("script of their own", outcome["error"])
+        self.assertIn('if __name__ == "__main__":', outcome["error"])
+        self.assertLessEqual(len(nodes), 3, nodes)
 
     def test_application_that_starts_lilota_without_the_main_guard_fails_with_the_fix(self):
         script = self.worker_script("""
@@ -306,18 +309,9 @@ class UnguardedMainTest(TempDirTestCase):
         def add(data):
             return {"sum": data["a"] + data["b"]}
         """)
-        app = self.write("app.py", UNGUARDED.format(root=ROOT, db_url=self.db_url, script=script))
-        proc = self.popen_python(app, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        out, err = proc.communicate(timeout=60)
-        self.assertEqual(proc.returncode, 0, err)
-        outcome = json.loads(out.splitlines()[-1])
-        self.assertEqual(outcome["error_type"], "WorkersFailedError", outcome)
-        self.assertLess(outcome["seconds"], 30)
+        outcome, err, _ = self.run_application(UNGUARDED.format(root=ROOT, db_url=self.db_url, script=script))
         self.assertIn("calls Lilota.start() outside `if __name__ == \"__main__\":`", outcome["error"])
         self.assertNotIn("bootstrapping phase", err)   # not multiprocessing's riddle
-        wait_until(lambda: not session_members(proc.pid), 10, message="the workers to exit")
-        nodes = self.db_execute("SELECT type FROM lilota_node")
-        self.assertEqual([t for t, in nodes].count("scheduler"), 1, nodes)
 
 
 @on_every_backend
