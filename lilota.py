@@ -803,8 +803,8 @@ _ALIVE_SQL = "status IN " + _sql_list(_ALIVE_NODE_STATUSES)
 _GONE_SQL = "status IN " + _sql_list(set(NodeStatus) - _ALIVE_NODE_STATUSES)
 
 # The columns of lilota_task, in the order every statement reads them (Task's fields, same order):
-# name, kind (the dialect's column type, see _schema_v1, and how Storage._task decodes it), constraints.
-_TASK_TABLE = (
+# name, kind (the dialect's column type, see _schema, and how Storage._task decodes it), constraints.
+_TASK_TABLE_V1 = (
     ("id", "id", "PRIMARY KEY"), ("name", "text", "NOT NULL"),
     ("status", "status", f"NOT NULL CHECK (status IN {_sql_list(TaskStatus)})"),
     ("priority", "integer", "NOT NULL DEFAULT 0"), ("pid", "integer", ""),
@@ -816,21 +816,43 @@ _TASK_TABLE = (
     ("created_at", "time", "NOT NULL"), ("cancel_requested", "flag", "NOT NULL DEFAULT 0"),
     ("keep_input", "flag", ""),
 )
+# Columns that later schema versions add to lilota_task (ALTER TABLE ... ADD COLUMN), by version;
+# they follow the version-1 columns in every row, in this order.
+_TASK_COLUMNS_ADDED = {
+}
+_TASK_TABLE = _TASK_TABLE_V1 + tuple(column for version in sorted(_TASK_COLUMNS_ADDED)
+                                     for column in _TASK_COLUMNS_ADDED[version])
 _TASK_COLUMNS = tuple(column for column, _, _ in _TASK_TABLE)
 _TASK_SELECT = ", ".join(_TASK_COLUMNS)
 _NODE_COLUMNS = "id, name, type, status, pid, hostname, created_at, last_seen_at, lease_expires_at"
 
 # --- Schema and migrations ------------------------------------------------------------------------
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1   # the newest key of _schema()
 
 
-def _schema_v1(**types):
-    """The tables and indexes of schema version 1, in a dialect's column types: ``id``, ``text``,
-    ``integer``, ``real``, ``time``, ``json`` and ``flag`` (0/1)."""
+def _schema(**types):
+    """{schema version: the DDL statements that make it from the version before}, in a dialect's
+    column types: ``id``, ``text``, ``integer``, ``real``, ``time``, ``json`` and ``flag`` (0/1).
+    A version is never edited once released: a change to the schema is a new version, applied
+    forward and automatically by ``Storage._migrate``."""
     t = dict(types, status=types["text"])
-    task_columns = ",\n            ".join(" ".join(filter(None, (column, t[kind], constraints)))
-                                         for column, kind, constraints in _TASK_TABLE)
+    return {1: _schema_v1(t)}
+
+
+def _column_ddl(column, kind, constraints, t):
+    return " ".join(filter(None, (column, t[kind], constraints)))
+
+
+def _added_columns(version, t):
+    """The ALTER TABLE statements that add ``version``'s columns of _TASK_COLUMNS_ADDED."""
+    return [f"ALTER TABLE lilota_task ADD COLUMN {_column_ddl(*column, t)}"
+            for column in _TASK_COLUMNS_ADDED.get(version, ())]
+
+
+def _schema_v1(t):
+    """Version 1: the task and node tables, and the claim's indexes."""
+    task_columns = ",\n            ".join(_column_ddl(*column, t) for column in _TASK_TABLE_V1)
     return [
         f"""CREATE TABLE IF NOT EXISTS lilota_task (
             {task_columns})""",
@@ -1227,8 +1249,8 @@ class SQLiteDialect(Dialect):
         return conn
 
     def migrations(self):
-        return {1: _schema_v1(id="TEXT", text="TEXT", integer="INTEGER", real="REAL", time="REAL",
-                              json="TEXT", flag="INTEGER")}
+        return _schema(id="TEXT", text="TEXT", integer="INTEGER", real="REAL", time="REAL",
+                       json="TEXT", flag="INTEGER")
 
     def begin_migration(self, conn):
         # BEGIN IMMEDIATE takes the write lock that serialises concurrent starters; when several
@@ -1561,9 +1583,10 @@ class PostgreSQLDialect(Dialect):
             conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
 
     def migrations(self):
-        return {
-            1: _schema_v1(id="uuid", text="text", integer="integer", real="double precision",
-                          time="timestamptz", json="jsonb", flag="smallint") + [
+        versions = _schema(id="uuid", text="text", integer="integer", real="double precision",
+                           time="timestamptz", json="jsonb", flag="smallint")
+        extra = {
+            1: [
                 # Wake-up: whoever queues a task -- schedule(), a retry, a requeue, a row written
                 # by hand -- notifies the listening workers of this schema, once per transaction.
                 """CREATE OR REPLACE FUNCTION lilota_notify_queued() RETURNS trigger
@@ -1579,6 +1602,7 @@ class PostgreSQLDialect(Dialect):
                 "EXECUTE FUNCTION lilota_notify_queued()",
             ],
         }
+        return {version: statements + extra.get(version, []) for version, statements in versions.items()}
 
     # --- the claim ---
 
