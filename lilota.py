@@ -72,7 +72,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Lilota", "LilotaScheduler", "LilotaWorker",
     "Task", "TaskStatus", "TaskProgress", "TaskContext", "ModelProtocol",
-    "Node", "NodeStatus", "NodeType", "LilotaMode",
+    "Node", "NodeStatus", "NodeType", "LilotaMode", "Queue", "DEFAULT_QUEUE",
     "Dialect", "SQLiteDialect", "PostgreSQLDialect", "DBAPIConnection", "register_dialect",
     "LilotaError", "ConfigurationError", "DriverNotInstalledError", "StorageError",
     "DatabaseBusyError", "ReadOnlyDatabaseError", "DatabaseFullError", "CorruptDatabaseError",
@@ -279,6 +279,20 @@ class LilotaMode(_StrEnum):
 
 # --- Records --------------------------------------------------------------------------------------
 
+#: The queue of a task scheduled without ``queue=``, and the one a worker serves without ``queues=``.
+DEFAULT_QUEUE = "default"
+
+
+class _Unchanged:
+    """The default of a setting that a call leaves as it is, where None means "none" (no limit)."""
+
+    def __repr__(self):
+        return "<unchanged>"
+
+
+_UNCHANGED = _Unchanged()
+
+
 @dataclasses.dataclass
 class Task:
     """A task as stored in ``lilota_task``. Datetimes are timezone-aware UTC.
@@ -310,6 +324,7 @@ class Task:
     created_at: typing.Optional[datetime] = None
     cancel_requested: bool = False
     keep_input: typing.Optional[bool] = None   # the registered keep_input, known from the first claim
+    queue: str = DEFAULT_QUEUE
 
     @property
     def is_finished(self):
@@ -334,6 +349,27 @@ class Node:
     created_at: datetime
     last_seen_at: datetime
     lease_expires_at: datetime   # dead once this passes without a heartbeat
+    queues: typing.Optional[typing.List[str]] = None   # a worker's queues, in the order it serves them
+    reason: typing.Optional[str] = None   # why it stopped, when that is not plain (e.g. "recycled: ...")
+
+
+@dataclasses.dataclass
+class Queue:
+    """A named queue as ``get_queues()`` reports it: what is set for it (``set_queue_limit()``,
+    ``pause_queue()``) and ``counts``, its tasks by status (every status, 0 included).
+    ``rate`` is (tasks, period as a timedelta) or None."""
+
+    name: str
+    paused: bool = False
+    concurrency: typing.Optional[int] = None
+    rate: typing.Optional[typing.Tuple[int, timedelta]] = None
+    counts: typing.Dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def as_dict(self):
+        """The queue as JSON-compatible values (the rate's period in seconds)."""
+        rate = None if self.rate is None else {"tasks": self.rate[0], "per_seconds": self.rate[1].total_seconds()}
+        return {"name": self.name, "paused": self.paused, "concurrency": self.concurrency, "rate": rate,
+                "counts": dict(self.counts)}
 
 
 @typing.runtime_checkable
@@ -819,16 +855,17 @@ _TASK_TABLE_V1 = (
 # Columns that later schema versions add to lilota_task (ALTER TABLE ... ADD COLUMN), by version;
 # they follow the version-1 columns in every row, in this order.
 _TASK_COLUMNS_ADDED = {
+    2: (("queue", "text", "NOT NULL DEFAULT 'default'"),),
 }
 _TASK_TABLE = _TASK_TABLE_V1 + tuple(column for version in sorted(_TASK_COLUMNS_ADDED)
                                      for column in _TASK_COLUMNS_ADDED[version])
 _TASK_COLUMNS = tuple(column for column, _, _ in _TASK_TABLE)
 _TASK_SELECT = ", ".join(_TASK_COLUMNS)
-_NODE_COLUMNS = "id, name, type, status, pid, hostname, created_at, last_seen_at, lease_expires_at"
+_NODE_COLUMNS = "id, name, type, status, pid, hostname, created_at, last_seen_at, lease_expires_at, queues, reason"
 
 # --- Schema and migrations ------------------------------------------------------------------------
 
-SCHEMA_VERSION = 1   # the newest key of _schema()
+SCHEMA_VERSION = 2   # the newest key of _schema()
 
 
 def _schema(**types):
@@ -837,7 +874,7 @@ def _schema(**types):
     A version is never edited once released: a change to the schema is a new version, applied
     forward and automatically by ``Storage._migrate``."""
     t = dict(types, status=types["text"])
-    return {1: _schema_v1(t)}
+    return {1: _schema_v1(t), 2: _schema_v2(t)}
 
 
 def _column_ddl(column, kind, constraints, t):
@@ -882,6 +919,38 @@ def _schema_v1(t):
     ]
 
 
+def _schema_v2(t):
+    """Version 2: named queues. A task's queue; the claim's index by queue; the concurrency slot a
+    running task of a limited queue holds (``slot``: unique per queue among running tasks, which is
+    what makes a concurrency limit hold under concurrent claimers) and the rate-limit slot its
+    start used (``rate_slot``); what is set per queue (lilota_queue) and the ring of a rate limit
+    (lilota_queue_rate: N rows, each free again a period after the start that used it); and what a
+    node serves and why it stopped."""
+    return _added_columns(2, t) + [
+        f"ALTER TABLE lilota_task ADD COLUMN slot {t['integer']}",
+        f"ALTER TABLE lilota_task ADD COLUMN rate_slot {t['integer']}",
+        "DROP INDEX IF EXISTS lilota_task_queue",
+        "CREATE INDEX IF NOT EXISTS lilota_task_queue ON lilota_task (queue, priority DESC, run_at) "
+        "WHERE status = 'scheduled'",
+        "CREATE UNIQUE INDEX IF NOT EXISTS lilota_task_slot ON lilota_task (queue, slot) WHERE status = 'running'",
+        f"""CREATE TABLE IF NOT EXISTS lilota_queue (
+            name {t['text']} PRIMARY KEY,
+            paused {t['flag']} NOT NULL DEFAULT 0,
+            concurrency {t['integer']},
+            rate_limit {t['integer']},
+            rate_period {t['real']},
+            updated_at {t['time']} NOT NULL)""",
+        f"""CREATE TABLE IF NOT EXISTS lilota_queue_rate (
+            queue {t['text']} NOT NULL,
+            slot {t['integer']} NOT NULL,
+            free_at {t['time']} NOT NULL,
+            PRIMARY KEY (queue, slot))""",
+        "CREATE INDEX IF NOT EXISTS lilota_queue_rate_free ON lilota_queue_rate (free_at)",
+        f"ALTER TABLE lilota_node ADD COLUMN queues {t['text']}",
+        f"ALTER TABLE lilota_node ADD COLUMN reason {t['text']}",
+    ]
+
+
 #: lilota_meta's key for when old finished tasks were last deleted (see Storage.take_turn).
 _RETENTION_KEY = "retention_ran_at"
 
@@ -895,8 +964,8 @@ class Dialect:
     * ``connect()``: a new DB-API 2.0 connection in autocommit mode (one statement = one transaction);
     * ``placeholder``: the driver's positional placeholder; lilota writes ``?`` and translates;
     * ``migrations()``: for each schema version, the DDL statements that create it;
-    * ``prepare_claim(defaults)`` and ``claim(conn, prepared, node_id, pid, now)``: the one atomic
-      statement that picks the next due task and marks it running;
+    * ``prepare_claim(defaults, queues)`` and ``claim(conn, prepared, node_id, pid, now)``: the one
+      atomic statement that picks the next due task of the queues and marks it running;
     * ``complete_and_claim(...)``, optional: a completion and the next claim in one commit;
     * ``encode_time``/``decode_time`` and ``encode_json``/``decode_json``: column types;
     * ``time_param``/``json_param``: how a time or JSON parameter is written, with a cast where the
@@ -956,9 +1025,10 @@ class Dialect:
         """{schema version: [DDL statements]}; each version's statements create what it adds."""
         raise NotImplementedError
 
-    def prepare_claim(self, defaults):
+    def prepare_claim(self, defaults, queues):
         """Build the claim once per worker. ``defaults``: (name, timeout seconds, max_attempts,
-        keep_input) of each registered task, written to a task's row at its first claim."""
+        keep_input) of each registered task, written to a task's row at its first claim;
+        ``queues``: the names of the queues it serves."""
         raise NotImplementedError
 
     def claim(self, conn, prepared, node_id, pid, now):
@@ -1111,34 +1181,69 @@ class _PreparedClaim(typing.NamedTuple):
 _CLAIM_SLOTS = {"node": object(), "pid": object(), "now": object()}
 
 
-def _claim_sql(defaults, param, add_seconds, *, index="", lock=""):
+def _claim_sql(defaults, queues, param, add_seconds, *, index="", lock=""):
     """The claim as (update, pick): the UPDATE that marks a task running for this node, and the
-    SELECT of the first due task in the queue; a task due when stored (run_at <= created_at) is due
-    whatever the clock says since. ``defaults`` (name, timeout, max_attempts, keep_input of each
-    registered task) are written to a task's row at its first claim. ``param(key, value, cast)``
-    returns a parameter's placeholder (keys of _CLAIM_SLOTS: each claim's own values);
-    ``add_seconds`` formats a time plus seconds; ``index`` and ``lock`` go into the pick."""
+    SELECT of the first due task of ``queues`` that may start. A task due when stored (run_at <=
+    created_at) is due whatever the clock says since. ``defaults`` (name, timeout, max_attempts,
+    keep_input of each registered task) are written to a task's row at its first claim.
+    ``param(key, value, cast)`` returns a parameter's placeholder (keys of _CLAIM_SLOTS: each
+    claim's own values); ``add_seconds`` formats a time plus seconds; ``index`` and ``lock`` go
+    into the pick of each queue.
+
+    Several queues: the head of each (one index probe each) and the first of those by priority,
+    then run_at. A queue may start a task unless it is paused, at its concurrency limit (its
+    running tasks), or out of rate-limit slots. A task of a limited queue takes the lowest free
+    concurrency slot and a free rate slot; the unique index on (queue, slot) of running tasks and
+    the rate trigger refuse a slot taken by a concurrent claim (PostgreSQL: see _ClaimConflict)."""
     def case(field, key, cast, fallback):
         whens = " ".join(f"WHEN {param(f'n{i}', task[0], None)} THEN {param(f'{key}{i}', task[field], cast)}"
                          for i, task in enumerate(defaults))
         return f"CASE name {whens} ELSE {fallback} END" if defaults else fallback
 
     defaults = [(name, timeout, attempts, int(keep)) for name, timeout, attempts, keep in defaults]
+    now = lambda: param("now", None, "timestamptz")   # noqa: E731 -- placeholders come in order
     # Placeholders may be positional: the parts are built in the order they appear.
     update = (f"UPDATE lilota_task SET status = 'running', pid = {param('pid', None, 'integer')}, "
               f"attempts = attempts + 1, locked_by = {param('node', None, 'uuid')}, "
-              f"locked_at = {param('now', None, 'timestamptz')}, "
-              f"start_date_time = {param('now', None, 'timestamptz')}, end_date_time = NULL, "
+              f"locked_at = {now()}, start_date_time = {now()}, end_date_time = NULL, "
               f"progress_percentage = 0, "
               f"timeout = COALESCE(timeout, {case(1, 't', 'double precision', 'NULL')}), "
               f"max_attempts = COALESCE(max_attempts, {case(2, 'a', 'integer', '1')}), "
               f"keep_input = COALESCE(keep_input, {case(3, 'k', 'smallint', '1')}), "
-              "expires_at = " + add_seconds.format(param('now', None, 'timestamptz'),
-                                                   f"COALESCE(timeout, {case(1, 't', 'double precision', 'NULL')})"))
-    pick = (f"SELECT id FROM lilota_task {index}WHERE status = 'scheduled' "
-            f"AND (run_at <= {param('now', None, 'timestamptz')} OR run_at <= created_at) "
-            f"ORDER BY priority DESC, run_at LIMIT 1{lock}")
+              "expires_at = " + add_seconds.format(now(), f"COALESCE(timeout, {case(1, 't', 'double precision', 'NULL')})")
+              + ", "
+              # The lowest concurrency slot no running task of the queue holds (NULL: not limited).
+              "slot = (SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM lilota_task r WHERE r.status = 'running' "
+              "AND r.queue = q.name AND r.slot = 1) THEN 1 ELSE (SELECT MIN(r.slot + 1) FROM lilota_task r "
+              "WHERE r.status = 'running' AND r.queue = q.name AND r.slot < q.concurrency AND NOT EXISTS "
+              "(SELECT 1 FROM lilota_task u WHERE u.status = 'running' AND u.queue = q.name AND u.slot = r.slot + 1)) "
+              "END FROM lilota_queue q WHERE q.name = lilota_task.queue AND q.concurrency IS NOT NULL), "
+              # A free slot of the queue's rate limit (NULL: not limited); the trigger uses it up.
+              f"rate_slot = (SELECT MIN(g.slot) FROM lilota_queue_rate g WHERE g.queue = lilota_task.queue "
+              f"AND g.free_at <= {now()})")
+
+    def head(i, queue, columns):
+        q = lambda: param(f"q{i}", queue, "text")   # noqa: E731
+        return (f"SELECT {columns} FROM lilota_task {index}WHERE status = 'scheduled' AND queue = {q()} "
+                f"AND (run_at <= {now()} OR run_at <= created_at) "
+                f"AND NOT EXISTS (SELECT 1 FROM lilota_queue q WHERE q.name = {q()} AND (q.paused = 1 "
+                f"OR q.concurrency <= (SELECT COUNT(*) FROM lilota_task r WHERE r.status = 'running' AND r.queue = {q()}) "
+                f"OR (q.rate_limit IS NOT NULL AND NOT EXISTS (SELECT 1 FROM lilota_queue_rate g "
+                f"WHERE g.queue = {q()} AND g.free_at <= {now()})))) "
+                f"ORDER BY priority DESC, run_at LIMIT 1{lock}")
+
+    if len(queues) == 1:
+        pick = head(0, queues[0], "id")
+    else:
+        heads = " UNION ALL ".join(f"SELECT * FROM ({head(i, queue, 'id, priority, run_at')}) AS h{i}"
+                                   for i, queue in enumerate(queues))
+        pick = f"SELECT id FROM ({heads}) AS heads ORDER BY priority DESC, run_at LIMIT 1"
     return update, pick
+
+
+class _ClaimConflict(StorageError):
+    """A concurrent claim took the concurrency or rate slot this claim chose (PostgreSQL, where
+    claimers do not wait for each other): nothing was done; claim again."""
 
 
 # --- SQLite ---------------------------------------------------------------------------------------
@@ -1249,15 +1354,24 @@ class SQLiteDialect(Dialect):
         return conn
 
     def migrations(self):
-        return _schema(id="TEXT", text="TEXT", integer="INTEGER", real="REAL", time="REAL",
-                       json="TEXT", flag="INTEGER")
+        versions = _schema(id="TEXT", text="TEXT", integer="INTEGER", real="REAL", time="REAL",
+                           json="TEXT", flag="INTEGER")
+        # A claim that took a rate-limit slot uses it up until a period after this start. Writers
+        # take turns in SQLite: the claim's own check that the slot was free still holds here.
+        versions[2].append(
+            "CREATE TRIGGER IF NOT EXISTS lilota_rate_slot_taken AFTER UPDATE OF rate_slot ON lilota_task "
+            "WHEN NEW.rate_slot IS NOT NULL BEGIN "
+            "UPDATE lilota_queue_rate SET free_at = NEW.locked_at + "
+            "(SELECT rate_period FROM lilota_queue WHERE name = NEW.queue) "
+            "WHERE queue = NEW.queue AND slot = NEW.rate_slot; END")
+        return versions
 
     def begin_migration(self, conn):
         # BEGIN IMMEDIATE takes the write lock that serialises concurrent starters; when several
         # processes create the file at once it can fail at once instead of waiting: retry then.
         _retry_busy(lambda: conn.execute(self.begin_write_sql), self.busy_timeout)
 
-    def prepare_claim(self, defaults):
+    def prepare_claim(self, defaults, queues):
         params = {}
 
         def param(key, value, cast):   # named: each value once, whatever number of times it is used
@@ -1266,7 +1380,7 @@ class SQLiteDialect(Dialect):
             return ":" + key
         # INDEXED BY: the planner would rather take lilota_task_due for "run_at <= :now" and sort
         # every due task; the queue index yields them in claim order and stops at the first.
-        update, pick = _claim_sql(defaults, param, "{} + {}", index="INDEXED BY lilota_task_queue ")
+        update, pick = _claim_sql(defaults, queues, param, "{} + {}", index="INDEXED BY lilota_task_queue ")
         if self.returning:
             return _PreparedClaim(f"{update} WHERE id = ({pick}) RETURNING {_TASK_SELECT}", params)
         return _PreparedClaim((pick, f"{update} WHERE id = :id AND status = 'scheduled'",
@@ -1601,19 +1715,48 @@ class PostgreSQLDialect(Dialect):
                 "WHEN (NEW.status = 'scheduled' AND OLD.status <> 'scheduled') "
                 "EXECUTE FUNCTION lilota_notify_queued()",
             ],
+            2: [
+                # A claim that took a rate-limit slot uses it up until a period after this start.
+                # Each statement of a function sees what was committed before it: a concurrent
+                # claim that took the same slot first makes this one fail (_ClaimConflict).
+                """CREATE OR REPLACE FUNCTION lilota_rate_slot_taken() RETURNS trigger
+                   LANGUAGE plpgsql AS $$
+                   BEGIN
+                       UPDATE lilota_queue_rate AS g
+                          SET free_at = NEW.locked_at + make_interval(secs => q.rate_period)
+                         FROM lilota_queue AS q
+                        WHERE g.queue = NEW.queue AND g.slot = NEW.rate_slot AND q.name = NEW.queue
+                          AND g.free_at <= NEW.locked_at;
+                       IF NOT FOUND THEN
+                           RAISE EXCEPTION 'lilota: rate-limit slot % of queue % was taken', NEW.rate_slot,
+                               NEW.queue USING ERRCODE = 'LQ001';
+                       END IF;
+                       RETURN NULL;
+                   END $$""",
+                "CREATE TRIGGER lilota_rate_slot_taken AFTER UPDATE OF rate_slot ON lilota_task FOR EACH ROW "
+                "WHEN (NEW.rate_slot IS NOT NULL) EXECUTE FUNCTION lilota_rate_slot_taken()",
+                # Wake idle workers when a limit may have freed: a running task of a limited queue
+                # ended (it held a slot), or a queue was resumed or its limits changed.
+                "CREATE TRIGGER lilota_task_slot_freed AFTER UPDATE OF status ON lilota_task FOR EACH ROW "
+                "WHEN (OLD.status = 'running' AND NEW.status <> 'running' AND OLD.slot IS NOT NULL) "
+                "EXECUTE FUNCTION lilota_notify_queued()",
+                "CREATE TRIGGER lilota_queue_changed AFTER INSERT OR UPDATE ON lilota_queue "
+                "FOR EACH STATEMENT EXECUTE FUNCTION lilota_notify_queued()",
+            ],
         }
         return {version: statements + extra.get(version, []) for version, statements in versions.items()}
 
     # --- the claim ---
 
-    def prepare_claim(self, defaults):
+    def prepare_claim(self, defaults, queues):
         params = []
 
         def param(key, value, cast):   # positional: in the order the placeholders appear
             params.append(_CLAIM_SLOTS.get(key, value))
             return f"CAST(%s AS {cast})" if cast else "%s"
         # SKIP LOCKED: concurrent claimers take the next row instead of queueing behind a lock.
-        update, pick = _claim_sql(defaults, param, "{} + make_interval(secs => {})", lock=" FOR UPDATE SKIP LOCKED")
+        update, pick = _claim_sql(defaults, queues, param, "{} + make_interval(secs => {})",
+                                  lock=" FOR UPDATE SKIP LOCKED")
         return _PreparedClaim(f"{update} WHERE id = ({pick}) RETURNING {_TASK_SELECT}", tuple(params))
 
     def claim(self, conn, prepared, node_id, pid, now):
@@ -1705,6 +1848,8 @@ class PostgreSQLDialect(Dialect):
         if self.connection_lost(exc) or (code.startswith(("53", "57P")) and code != "53100"):
             return DatabaseUnavailableError(f"cannot reach {where} ({first_line}); lilota reconnects "
                                             f"when it is back -- check that the server runs and accepts this URL")
+        if code == "LQ001" or (code == "23505" and "lilota_task_slot" in str(exc)):
+            return _ClaimConflict(f"{where}: {first_line}")
         if code in _PG_BUSY:
             return DatabaseBusyError(f"{where} could not lock a row in time ({first_line}); retry")
         if code == "25006":
@@ -1885,8 +2030,8 @@ class Storage:
         # Hot statements, translated once.
         self._insert_sql = sql(
             "INSERT INTO lilota_task (id, name, status, priority, run_at, attempts, max_attempts, timeout, "
-            "progress_percentage, input, created_at, cancel_requested) "
-            f"VALUES (?, ?, 'scheduled', ?, {ts}, 0, ?, ?, 0, {js}, {ts}, 0)")
+            "progress_percentage, input, created_at, cancel_requested, queue) "
+            f"VALUES (?, ?, 'scheduled', ?, {ts}, 0, ?, ?, 0, {js}, {ts}, 0, ?)")
         # A task whose cancel() was answered "being stopped" ends cancelled even when it finished
         # before it could be stopped: its result is discarded, as cancel() promised.
         self._complete_sql = sql(
@@ -1931,9 +2076,11 @@ class Storage:
             TaskCancelledError("cancelled while running; the task asked to run again (Retry), which the "
                                "cancel overrides")), "error")
         self._get_sql = sql(f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id = ?")
-        # Called when a claim found nothing due: then every queued task is a delayed one.
-        self._next_run_at_sql = ("SELECT MIN(run_at) FROM lilota_task "
-                                 "WHERE status = 'scheduled' AND run_at > created_at")
+        # Called when a claim found nothing due: then every queued task is a delayed one, or in a
+        # queue out of rate-limit slots until one is free again.
+        self._next_run_at_sql = sql(
+            "SELECT MIN(run_at) FROM lilota_task WHERE status = 'scheduled' AND run_at > created_at "
+            f"UNION ALL SELECT MIN(free_at) FROM lilota_queue_rate WHERE free_at > {ts}")
 
     # --- Storage: the connection, the schema and writes -------------------------------------------
 
@@ -2139,23 +2286,24 @@ class Storage:
 
     def _node(self, row):
         d = self.dialect
-        id_, name, type_, status, pid, hostname, created_at, last_seen_at, lease = row
+        id_, name, type_, status, pid, hostname, created_at, last_seen_at, lease, queues, reason = row
         return Node(id=uuid.UUID(str(id_)), name=name, type=NodeType(type_), status=NodeStatus(status),
                     pid=pid, hostname=hostname, created_at=d.decode_time(created_at),
-                    last_seen_at=d.decode_time(last_seen_at), lease_expires_at=d.decode_time(lease))
+                    last_seen_at=d.decode_time(last_seen_at), lease_expires_at=d.decode_time(lease),
+                    queues=queues.split(",") if queues else None, reason=reason)
 
     # --- Storage: tasks, the scheduling side ------------------------------------------------------
 
     def insert_tasks(self, rows):
         """Store queued tasks in one transaction. ``rows``: (id, name, priority, run_at, max_attempts,
-        timeout, input_json) tuples with run_at in epoch seconds, or None for "now": such a task's
-        run_at equals its created_at, which keeps it out of the index of delayed tasks."""
+        timeout, input_json, queue) tuples with run_at in epoch seconds, or None for "now": such a
+        task's run_at equals its created_at, which keeps it out of the index of delayed tasks."""
         d = self.dialect
         now = _now()
         created = d.encode_time(now)
         params = [(id_, name, priority, created if run_at is None else d.encode_time(run_at), max_attempts,
-                   timeout, d.encode_json(data), created)
-                  for id_, name, priority, run_at, max_attempts, timeout, data in rows]
+                   timeout, d.encode_json(data), created, queue)
+                  for id_, name, priority, run_at, max_attempts, timeout, data, queue in rows]
         if len(params) == 1:
             with self._guard as conn:
                 conn.execute(self._insert_sql, params[0])  # one statement: its own transaction
@@ -2191,10 +2339,11 @@ class Storage:
         with self._guard as conn:
             return self.dialect.change_counter(conn)
 
-    def list_tasks(self, status=None, name=None, limit=None):
-        """Tasks newest first, only those with ``status`` and/or ``name`` when given, at most ``limit``."""
+    def list_tasks(self, status=None, name=None, limit=None, queue=None):
+        """Tasks newest first, only those with ``status``, ``name`` and/or ``queue`` when given, at
+        most ``limit``."""
         query, conditions, params = f"SELECT {_TASK_SELECT} FROM lilota_task", [], []
-        for column, value in (("status", status), ("name", name)):
+        for column, value in (("status", status), ("name", name), ("queue", queue)):
             if value is not None:
                 conditions.append(f"{column} = ?")
                 params.append(value)
@@ -2208,16 +2357,72 @@ class Storage:
             return [self._task(row) for row in conn.execute(self.dialect.sql(query), params).fetchall()]
 
     def task_counts(self, finished_since=()):
-        """Rows (name, status, count, *finished) for every name and status present, where ``finished``
-        holds, for each time in ``finished_since`` (epoch seconds), how many of those tasks ended then
-        or later (only a finished task has an end_date_time)."""
+        """Rows (name, queue, status, count, *finished) for every name, queue and status present,
+        where ``finished`` holds, for each time in ``finished_since`` (epoch seconds), how many of
+        those tasks ended then or later (only a finished task has an end_date_time)."""
         d = self.dialect
         windows = "".join(f", SUM(CASE WHEN end_date_time >= {d.time_param} THEN 1 ELSE 0 END)"
                           for _ in finished_since)
-        query = f"SELECT name, status, COUNT(*){windows} FROM lilota_task GROUP BY name, status"
+        query = f"SELECT name, queue, status, COUNT(*){windows} FROM lilota_task GROUP BY name, queue, status"
         with self._guard as conn:
             rows = conn.execute(d.sql(query), [d.encode_time(t) for t in finished_since]).fetchall()
-        return [(name, status, *(int(n or 0) for n in counts)) for name, status, *counts in rows]
+        return [(name, queue, status, *(int(n or 0) for n in counts)) for name, queue, status, *counts in rows]
+
+    # --- Storage: queues --------------------------------------------------------------------------
+
+    def set_queue(self, name, *, paused=_UNCHANGED, concurrency=_UNCHANGED, rate=_UNCHANGED):
+        """Store what is set for queue ``name`` (its row is made on first use): ``paused`` (bool),
+        ``concurrency`` (int or None) and ``rate`` ((tasks, period seconds) or None). A new rate
+        keeps the most recent starts the old one recorded, so changing it starts no burst."""
+        d = self.dialect
+        now = _now()
+        with self._write() as conn:
+            conn.execute(d.sql(f"INSERT INTO lilota_queue (name, paused, updated_at) "
+                               f"SELECT ?, 0, {d.time_param} WHERE NOT EXISTS "
+                               f"(SELECT 1 FROM lilota_queue WHERE name = ?)"), (name, d.encode_time(now), name))
+            changes = {}
+            if paused is not _UNCHANGED:
+                changes["paused"] = int(bool(paused))
+            if concurrency is not _UNCHANGED:
+                changes["concurrency"] = concurrency
+            if rate is not _UNCHANGED:
+                changes["rate_limit"], changes["rate_period"] = rate if rate is not None else (None, None)
+            conn.execute(d.sql(f"UPDATE lilota_queue SET {''.join(f'{c} = ?, ' for c in changes)}"
+                               f"updated_at = {d.time_param} WHERE name = ?"),
+                         [*changes.values(), d.encode_time(now), name])
+            if rate is not _UNCHANGED:
+                # The ring: one row per task the rate allows in a period, each free again a period
+                # after the start that used it. The most recent starts carry over.
+                used = [row[0] for row in conn.execute(d.sql(
+                    "SELECT free_at FROM lilota_queue_rate WHERE queue = ? ORDER BY free_at DESC"), (name,))]
+                conn.execute(d.sql("DELETE FROM lilota_queue_rate WHERE queue = ?"), (name,))
+                if rate is not None:
+                    free_at = used[:rate[0]] + [d.encode_time(0.0)] * max(0, rate[0] - len(used))
+                    conn.executemany(d.sql(f"INSERT INTO lilota_queue_rate (queue, slot, free_at) "
+                                           f"VALUES (?, ?, {d.time_param})"),
+                                     [(name, slot, value) for slot, value in enumerate(free_at, 1)])
+
+    def queues(self, names=()):
+        """Every queue that has tasks or settings, and ``names``, as :class:`Queue` records by name."""
+        with self._guard as conn:
+            settings = conn.execute("SELECT name, paused, concurrency, rate_limit, rate_period "
+                                    "FROM lilota_queue").fetchall()
+            counts = conn.execute("SELECT queue, status, COUNT(*) FROM lilota_task GROUP BY queue, status").fetchall()
+        found = {}
+
+        def queue(name):
+            if name not in found:
+                found[name] = Queue(name, counts=dict.fromkeys((s.value for s in TaskStatus), 0))
+            return found[name]
+        for name in names:
+            queue(name)
+        for name, status, count in counts:
+            queue(name).counts[status] = int(count)
+        for name, paused, concurrency, rate_limit, rate_period in settings:
+            q = queue(name)
+            q.paused, q.concurrency = bool(paused), concurrency
+            q.rate = None if rate_limit is None else (int(rate_limit), timedelta(seconds=float(rate_period)))
+        return [found[name] for name in sorted(found)]
 
     def cancel(self, task_id):
         """Cancel a queued task, or ask for a running one to be stopped.
@@ -2348,9 +2553,10 @@ class Storage:
 
     # --- Storage: tasks, the worker side ----------------------------------------------------------
 
-    def prepare_claim(self, defaults):
-        """The dialect's claim, built for these registered defaults (see Dialect.prepare_claim)."""
-        return self.dialect.prepare_claim(tuple(defaults))
+    def prepare_claim(self, defaults, queues=(DEFAULT_QUEUE,)):
+        """The dialect's claim, built for these registered defaults and served queues (see
+        Dialect.prepare_claim)."""
+        return self.dialect.prepare_claim(tuple(defaults), tuple(queues))
 
     def claim(self, prepared, node_id, pid):
         """Atomically take the next due task for ``node_id`` and mark it running (None if none). A
@@ -2358,8 +2564,11 @@ class Storage:
         error, and the next is taken."""
         while True:
             now = self.dialect.encode_time(_now())
-            with self._guard as conn:
-                row = self.dialect.claim(conn, prepared, node_id, pid, now)
+            try:
+                with self._guard as conn:
+                    row = self.dialect.claim(conn, prepared, node_id, pid, now)
+            except _ClaimConflict:
+                continue   # a concurrent claim took the slot this one chose; nothing was done
             task = self._claimed(row, node_id, now)
             if task is not False:
                 return task
@@ -2381,11 +2590,13 @@ class Storage:
             return False
 
     def next_run_at(self):
-        """Epoch seconds at which the earliest delayed queued task falls due, or None."""
+        """Epoch seconds at which the earliest delayed queued task falls due, or a rate-limit slot
+        is free again, or None."""
+        d = self.dialect
         with self._guard as conn:
-            row = conn.execute(self._next_run_at_sql).fetchone()
-        value = row[0] if row else None
-        return None if value is None else self.dialect.decode_time(value).timestamp()
+            values = [row[0] for row in conn.execute(self._next_run_at_sql, (d.encode_time(_now()),))
+                      if row[0] is not None]
+        return min(d.decode_time(value).timestamp() for value in values) if values else None
 
     def complete(self, task_id, node_id, output_json, keep_progress):
         """Mark a task completed (cancelled, if its cancel was asked for while it ran); False when it
@@ -2403,8 +2614,11 @@ class Storage:
         d = self.dialect
         now = d.encode_time(_now())
         completion = (self._complete_sql, self._completion(task_id, node_id, output_json, keep_progress, now))
-        with self._guard as conn:
-            result = d.complete_and_claim(conn, completion, prepared, node_id, pid, now)
+        try:
+            with self._guard as conn:
+                result = d.complete_and_claim(conn, completion, prepared, node_id, pid, now)
+        except _ClaimConflict:
+            return None   # the claim's slot was taken concurrently; nothing was done: two commits then
         if result is None:
             return None
         changed, row = result
@@ -2486,23 +2700,28 @@ class Storage:
 
     # --- Storage: nodes ---------------------------------------------------------------------------
 
-    def add_node(self, node_id, name, node_type, status, pid, lease):
-        """Record a node of this host, alive for ``lease`` seconds unless its heartbeat renews it."""
+    def add_node(self, node_id, name, node_type, status, pid, lease, queues=None):
+        """Record a node of this host, alive for ``lease`` seconds unless its heartbeat renews it;
+        ``queues``: the queues a worker serves."""
         d = self.dialect
         now = _now()
         with self._guard as conn:
             conn.execute(d.sql(f"INSERT INTO lilota_node ({_NODE_COLUMNS}, host_key) VALUES "
-                               f"(?, ?, ?, ?, ?, ?, {d.time_param}, {d.time_param}, {d.time_param}, ?)"),
+                               f"(?, ?, ?, ?, ?, ?, {d.time_param}, {d.time_param}, {d.time_param}, ?, NULL, ?)"),
                          (node_id, name, str(node_type), str(status), pid, socket.gethostname(),
-                          d.encode_time(now), d.encode_time(now), d.encode_time(now + lease), _host_key()))
+                          d.encode_time(now), d.encode_time(now), d.encode_time(now + lease),
+                          ",".join(queues) if queues else None, _host_key()))
 
-    def set_node_status(self, node_id, status=None, pid=None):
-        """Record a node's status and/or pid (None keeps the stored value) and that it was seen now."""
+    def set_node_status(self, node_id, status=None, pid=None, reason=None, queues=None):
+        """Record a node's status, pid, why it stopped and/or the queues it serves (None keeps the
+        stored value) and that it was seen now."""
         d = self.dialect
         with self._guard as conn:
             conn.execute(d.sql("UPDATE lilota_node SET status = COALESCE(?, status), pid = COALESCE(?, pid), "
+                               "reason = COALESCE(?, reason), queues = COALESCE(?, queues), "
                                f"last_seen_at = {d.time_param} WHERE id = ?"),
-                         (None if status is None else str(status), pid, d.encode_time(_now()), node_id))
+                         (None if status is None else str(status), pid, reason,
+                          ",".join(queues) if queues else None, d.encode_time(_now()), node_id))
 
     def heartbeat(self, node_ids, lease):
         """Renew the lease of nodes that are still alive; return the ids that are not (another
@@ -2609,6 +2828,74 @@ def _check_name(name):
     except UnicodeEncodeError:
         raise ValueError(f"a task name must be valid unicode text, got {name!r}") from None
     return name
+
+
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+
+
+def _check_queue(name, what="a queue name"):
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a string, not {type(name).__name__}")
+    if not _QUEUE_NAME.fullmatch(name):
+        raise ValueError(f"{what} must be 1 to 100 letters, digits and _ . : - (e.g. 'images' or "
+                         f"'mail.bulk'), got {name!r}")
+    return name
+
+
+def _queue_list(queues, what="queues"):
+    """A worker's ``queues=``: a queue name or a list of them, in the order served (None: default)."""
+    if queues is None:
+        return (DEFAULT_QUEUE,)
+    if isinstance(queues, str):
+        queues = [queues]
+    if isinstance(queues, dict) or not isinstance(queues, (list, tuple)):
+        raise TypeError(f"{what} must be a queue name or a list of them, e.g. ['images', 'default'], "
+                        f"not {type(queues).__name__}")
+    if not queues:
+        raise ValueError(f"{what} is empty: name at least one queue (or leave it out to serve {DEFAULT_QUEUE!r})")
+    for name in queues:
+        _check_queue(name, f"each name in {what}")
+    if len(set(queues)) != len(queues):
+        raise ValueError(f"{what} names a queue twice: {list(queues)!r}")
+    return tuple(queues)
+
+
+def _queue_plan(queues, number_of_workers):
+    """The queues each worker process serves, one tuple per process, from Lilota's ``queues=``: a
+    dict {queue: processes} (``number_of_workers`` then follows from it, or must equal its sum), or
+    a list that all ``number_of_workers`` processes serve. None: all serve the default queue."""
+    if isinstance(queues, dict):
+        if not queues:
+            raise ValueError("queues={} names no queue: give {queue name: number of processes}, e.g. "
+                             "{'default': 2, 'images': 1}")
+        for name, count in queues.items():
+            _check_queue(name, "each key of queues")
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"queues[{name!r}] must be a number of worker processes (an int of at least "
+                                 f"1), got {count!r}")
+        total = sum(queues.values())
+        if number_of_workers is not None and number_of_workers != total:
+            raise ValueError(f"queues={queues!r} asks for {total} worker processes but number_of_workers="
+                             f"{number_of_workers}; give one or the other (with a dict, number_of_workers is its sum)")
+        return [(name,) for name, count in queues.items() for _ in range(count)]
+    served = _queue_list(queues)
+    count = number_of_workers if number_of_workers is not None else (os.cpu_count() or 1)
+    return [served] * count
+
+
+def _rate(rate):
+    """``rate=(tasks, period)`` as (tasks, period seconds); None stays None."""
+    if rate is None:
+        return None
+    if not isinstance(rate, (tuple, list)) or len(rate) != 2:
+        raise ValueError(f"rate must be (tasks, period), e.g. (10, timedelta(seconds=1)), or None to lift it; "
+                         f"got {rate!r}")
+    tasks, period = rate
+    if period is None:
+        raise ValueError("rate's period must be a positive duration, e.g. timedelta(seconds=1), got None")
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or not 1 <= tasks <= 100_000:
+        raise ValueError(f"rate's number of tasks must be an int from 1 to 100000, got {tasks!r}")
+    return tasks, _seconds(period, "rate's period", allow_zero=False)
 
 
 def _check_attempts(value, what="max_attempts"):
@@ -2778,11 +3065,11 @@ class _NodeBase:
         """Every node recorded in ``lilota_node``: worker processes and scheduling applications."""
         return self.storage.nodes()
 
-    def _add_node(self, node_type):
+    def _add_node(self, node_type, queues=None):
         """Record this process as a running node (named ``name``, else host:pid); return its id."""
         node_id = str(uuid.uuid4())
         self.storage.add_node(node_id, self.name or f"{socket.gethostname()}:{os.getpid()}", node_type,
-                              NodeStatus.RUNNING, os.getpid(), self.node_timeout)
+                              NodeStatus.RUNNING, os.getpid(), self.node_timeout, queues)
         return node_id
 
     def _renew_leases(self, node_ids):
@@ -2832,26 +3119,28 @@ class LilotaScheduler(_NodeBase):
         """Called after tasks were stored; Lilota wakes its idle worker processes here."""
 
     def schedule(self, name, input=None, *, delay=None, run_at=None, priority=0, max_attempts=None,
-                 timeout=None):
+                 timeout=None, queue=DEFAULT_QUEUE):
         """Store a task and return its id (a UUID).
 
         ``input`` (a dataclass, pydantic model, dict, ``as_dict()`` object or plain JSON value) is
         serialized now: a value that cannot be stored raises TypeError (ValueError for NaN,
         cycles) and nothing is written. ``delay`` (timedelta or seconds) or ``run_at`` (an aware
         datetime) postpone it; higher ``priority`` runs first; ``max_attempts`` and ``timeout``
-        override the worker's registered defaults for this task.
+        override the worker's registered defaults for this task. Only workers that serve ``queue``
+        run it.
         """
-        return self._schedule(name, (input,), delay, run_at, priority, max_attempts, timeout)[0]
+        return self._schedule(name, (input,), delay, run_at, priority, max_attempts, timeout, queue)[0]
 
     def schedule_many(self, name, inputs, *, delay=None, run_at=None, priority=0, max_attempts=None,
-                      timeout=None):
+                      timeout=None, queue=DEFAULT_QUEUE):
         """Store one task per input in a single transaction; return their ids in order.
 
         All inputs are serialized before anything is written: one bad input stores nothing."""
-        return self._schedule(name, inputs, delay, run_at, priority, max_attempts, timeout)
+        return self._schedule(name, inputs, delay, run_at, priority, max_attempts, timeout, queue)
 
-    def _schedule(self, name, inputs, delay, run_at, priority, max_attempts, timeout):
+    def _schedule(self, name, inputs, delay, run_at, priority, max_attempts, timeout, queue=DEFAULT_QUEUE):
         _check_name(name)
+        _check_queue(queue)
         if isinstance(priority, bool) or not isinstance(priority, int) or not -2**31 <= priority < 2**31:
             raise ValueError(f"priority must be an int (higher runs first), got {priority!r}")
         _check_attempts(max_attempts)
@@ -2880,7 +3169,7 @@ class LilotaScheduler(_NodeBase):
         payloads = [dumps(value, "input") for value in inputs]
         ids = _new_task_ids(len(payloads))
         if payloads:
-            self.storage.insert_tasks([(str(task_id), name, priority, when, max_attempts, timeout, payload)
+            self.storage.insert_tasks([(str(task_id), name, priority, when, max_attempts, timeout, payload, queue)
                                        for task_id, payload in zip(ids, payloads)])
             self._notify_workers()
         return ids
@@ -2896,9 +3185,12 @@ class LilotaScheduler(_NodeBase):
         low, high = (str(uuid.UUID(digits.ljust(32, pad))) for pad in "0f")
         return [uuid.UUID(task_id) for task_id in self.storage.task_ids_between(low, high, limit)]
 
-    def list_tasks(self, status=None, name=None, limit=100):
-        """Stored tasks, newest first: only those with ``status`` (a TaskStatus or its value) and/or
-        ``name`` when given, at most ``limit`` of them (None: all). ValueError for an unknown status."""
+    def list_tasks(self, status=None, name=None, limit=100, queue=None):
+        """Stored tasks, newest first: only those with ``status`` (a TaskStatus or its value),
+        ``name`` and/or ``queue`` when given, at most ``limit`` of them (None: all). ValueError for
+        an unknown status."""
+        if queue is not None:
+            _check_queue(queue)
         if status is not None:
             try:
                 status = TaskStatus(status).value
@@ -2907,21 +3199,25 @@ class LilotaScheduler(_NodeBase):
                                  f"{', '.join(s.value for s in TaskStatus)}") from None
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(f"limit must be a positive int or None, got {limit!r}")
-        return self.storage.list_tasks(status, name, limit)
+        return self.storage.list_tasks(status, name, limit, queue)
 
     def stats(self):
         """Task counts and recent throughput, as plain values: ``total``; ``by_status``, the count of
-        every status; ``by_name``, {name: {status: count}}; and ``last_minute`` / ``last_hour``, the
-        tasks that finished in that window per final status, in all (``finished``) and ``per_second``."""
+        every status; ``by_name`` and ``by_queue``, {name or queue: {status: count}}; and
+        ``last_minute`` / ``last_hour``, the tasks that finished in that window per final status,
+        in all (``finished``) and ``per_second``."""
         now = _now()
         windows = (("last_minute", 60), ("last_hour", 3600))
         finals = [s.value for s in TaskStatus if s.is_finished]
-        result = {"total": 0, "by_status": {s.value: 0 for s in TaskStatus}, "by_name": {}}
+        result = {"total": 0, "by_status": {s.value: 0 for s in TaskStatus}, "by_name": {}, "by_queue": {}}
         recent = {key: dict.fromkeys(finals, 0) for key, _ in windows}
-        for name, status, count, *finished in self.storage.task_counts([now - s for _, s in windows]):
+        for name, queue, status, count, *finished in self.storage.task_counts([now - s for _, s in windows]):
             result["total"] += count
             result["by_status"][status] = result["by_status"].get(status, 0) + count
-            result["by_name"].setdefault(name, {})[status] = count
+            by_name = result["by_name"].setdefault(name, {})
+            by_name[status] = by_name.get(status, 0) + count
+            by_queue = result["by_queue"].setdefault(queue, {})
+            by_queue[status] = by_queue.get(status, 0) + count
             for (key, _), n in zip(windows, finished):
                 if status in recent[key]:
                     recent[key][status] += n
@@ -2929,7 +3225,49 @@ class LilotaScheduler(_NodeBase):
             total = sum(recent[key].values())
             result[key] = dict(recent[key], finished=total, per_second=round(total / seconds, 3))
         result["by_name"] = dict(sorted(result["by_name"].items()))
+        result["by_queue"] = dict(sorted(result["by_queue"].items()))
         return result
+
+    # --- queues ---
+
+    def set_queue_limit(self, queue, *, concurrency=_UNCHANGED, rate=_UNCHANGED):
+        """Limit a queue for every worker of every host sharing the database, from the next claim
+        on: ``concurrency``, at most that many of its tasks running at once; ``rate`` (tasks,
+        period), at most that many started in any window of the period (e.g. ``(10,
+        timedelta(seconds=1))``). None lifts a limit; one left out stays as it is. Running tasks
+        are not stopped by a lower limit: no new one starts until fewer run. ValueError for a bad
+        name or a limit of 0 or less."""
+        _check_queue(queue)
+        if concurrency is _UNCHANGED and rate is _UNCHANGED:
+            raise ValueError("give concurrency= and/or rate= (None lifts that limit)")
+        changes = {}
+        if concurrency is not _UNCHANGED:
+            if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                            or concurrency < 1):
+                raise ValueError(f"concurrency must be an int of at least 1 (tasks of the queue running at once), "
+                                 f"or None to lift the limit; got {concurrency!r}")
+            changes["concurrency"] = concurrency
+        if rate is not _UNCHANGED:
+            changes["rate"] = _rate(rate)
+        self.storage.set_queue(queue, **changes)
+        self._notify_workers()
+
+    def pause_queue(self, queue):
+        """Start no new task of ``queue`` until ``resume_queue()``, on any worker of any host;
+        running tasks finish. A queue without tasks yet can be paused."""
+        self.storage.set_queue(_check_queue(queue), paused=True)
+
+    def resume_queue(self, queue):
+        """Let the tasks of a paused ``queue`` start again (idle workers notice at once)."""
+        self.storage.set_queue(_check_queue(queue), paused=False)
+        self._notify_workers()
+
+    def get_queues(self):
+        """Every queue that has tasks or settings, the default queue and the queues live workers
+        serve, as :class:`Queue` records (name, paused, concurrency, rate, counts by status), by name."""
+        served = {name for node in self.storage.nodes() if node.queues and node.status in _ALIVE_NODE_STATUSES
+                  for name in node.queues}
+        return self.storage.queues({DEFAULT_QUEUE} | served)
 
     def wait(self, task_id, timeout=None):
         """Block until the task is finished (completed, failed, expired or cancelled) and return it.
@@ -3143,12 +3481,19 @@ class _Supervision:
     """What a worker process gets from its supervisor (section 5; pickled into the child). On
     ``control`` the worker sends ``("no_timeout_retry", names)`` (tasks whose timeout ends them),
     then ``("ready", pid)`` once worker.start() runs, or ``("fatal", text)`` when the script cannot
-    start (then it exits with _EXIT_FATAL); the supervisor sends ``("stop",)``. The supervisor renews
-    its workers' leases and kills the one whose task must stop; a standalone worker does both itself."""
+    start (then it exits with _EXIT_FATAL), or ``("recycled", why)`` before it exits cleanly at a
+    recycling limit (to be replaced at once); the supervisor sends ``("stop",)``. The supervisor
+    renews its workers' leases and kills the one whose task must stop; a standalone worker does
+    both itself. ``queues``: the queues the application assigned this process (None: the
+    script's own); ``max_tasks`` and ``max_memory``: when it is recycled (None: never)."""
 
-    def __init__(self, db_url, node_id, control, doorbell, doorbell_writer, parent_pid):
+    def __init__(self, db_url, node_id, control, doorbell, doorbell_writer, parent_pid, queues=None,
+                 max_tasks=None, max_memory=None):
         self.db_url = db_url
         self.node_id = node_id
+        self.queues = queues
+        self.max_tasks = max_tasks
+        self.max_memory = max_memory
         self.control = control              # duplex Connection to the supervisor
         self.doorbell = doorbell            # read end of the pipe the scheduler rings
         self.doorbell_writer = doorbell_writer
@@ -3323,6 +3668,22 @@ class _TaskFunction:
 
 # --- The worker -----------------------------------------------------------------------------------
 
+def _rss_bytes():
+    """This process's resident memory in bytes (Linux: now; elsewhere: its peak), or None."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+    except ImportError:   # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+
 class LilotaWorker(_NodeBase):
     """The worker side: register task functions, then ``start()`` to execute tasks.
 
@@ -3343,9 +3704,13 @@ class LilotaWorker(_NodeBase):
                  heartbeat_interval=5.0, node_timeout=30.0, retry_delay=timedelta(seconds=1),
                  retry_max_delay=timedelta(minutes=10), node_heartbeat_interval=None,
                  node_heartbeat_interval_jitter=None, node_timeout_sec=None, task_heartbeat_interval=None,
-                 max_task_heartbeat_interval=None, logging_level=None, keep_finished=None):
-        # Upstream lilota's arguments (the last six): see _UPSTREAM_OPTIONS.
+                 max_task_heartbeat_interval=None, logging_level=None, keep_finished=None, queues=None):
+        # Upstream lilota's arguments (the six before keep_finished): see _UPSTREAM_OPTIONS.
         self._set_up(db_url or (_supervision.db_url if _supervision else None), LilotaWorker.__init__, locals())
+        # The application's assignment (Lilota(queues=...)) wins over the script's own.
+        self.queues = _queue_list(queues)
+        if _supervision is not None and _supervision.queues is not None:
+            self.queues = tuple(_supervision.queues)
         self.set_progress_manually = bool(set_progress_manually)
         self.name = name
         self.poll_interval = _seconds(poll_interval, "poll_interval", allow_zero=False)
@@ -3363,6 +3728,8 @@ class LilotaWorker(_NodeBase):
         self._current = None          # the task being executed, for the keeper thread
         self._interrupt = None        # (task id, reason) the keeper asked to stop
         self._interruptible = False
+        self._tasks_run = 0           # by this process: what max_tasks_per_worker counts
+        self._recycled = None         # why this worker process stops to be replaced, once it does
         self.logger = logging.getLogger("lilota.worker")
 
     # --- registration ---
@@ -3427,7 +3794,7 @@ class LilotaWorker(_NodeBase):
     def _prepared_claim(self):
         if self._claim is None:
             self._claim = self.storage.prepare_claim(
-                (t.name, t.timeout, t.max_attempts, t.keep_input) for t in self._registry.values())
+                ((t.name, t.timeout, t.max_attempts, t.keep_input) for t in self._registry.values()), self.queues)
         return self._claim
 
 
@@ -3454,6 +3821,7 @@ class LilotaWorker(_NodeBase):
                                       max_attempts=task.max_attempts or 1, progress=progress,
                                       logger=logging.getLogger("task." + task.name))
         self._current, self._interrupt = task, None
+        self._tasks_run += 1
         try:
             try:
                 self._interruptible = True
@@ -3493,7 +3861,7 @@ class LilotaWorker(_NodeBase):
         """Store a completed task's output: (stored, the next task claimed in the same commit or None)."""
         storage = self.storage
         failed = False
-        if claim_next is not None and not self._stopping.is_set():
+        if claim_next is not None and not self._stopping.is_set() and self._recycle_reason() is None:
             try:
                 result = storage.complete_and_claim(str(task.id), node_id, output, self.set_progress_manually,
                                                     claim_next, os.getpid())
@@ -3515,6 +3883,21 @@ class LilotaWorker(_NodeBase):
             stored = (row is not None and str(row.locked_by) == node_id
                       and row.status in (TaskStatus.COMPLETED, TaskStatus.CANCELLED))
         return stored, None
+
+    def _recycle_reason(self):
+        """Why this worker process should stop now, to be replaced by a fresh one (the
+        application's max_tasks_per_worker and max_worker_memory), or None."""
+        supervision = _supervision
+        if supervision is None:
+            return None
+        if supervision.max_tasks is not None and self._tasks_run >= supervision.max_tasks:
+            return f"recycled after {self._tasks_run} tasks (max_tasks_per_worker={supervision.max_tasks})"
+        if supervision.max_memory is not None:
+            rss = _rss_bytes()
+            if rss is not None and rss > supervision.max_memory:
+                return (f"recycled at {rss / 2**20:.0f} MiB of memory "
+                        f"(max_worker_memory={supervision.max_memory / 2**20:.0f} MiB)")
+        return None
 
     def _store_progress(self, node_id, task_id, percent):
         # Progress is informative: a database hiccup must not fail the task that reports it.
@@ -3629,7 +4012,7 @@ class LilotaWorker(_NodeBase):
         node_id = supervision.node_id
         self.storage.ensure_ready()
         self._prepared_claim()
-        self.storage.set_node_status(node_id, NodeStatus.RUNNING, os.getpid())
+        self.storage.set_node_status(node_id, NodeStatus.RUNNING, os.getpid(), queues=self.queues)
         supervision.started = True
         doorbell = supervision.doorbell.fileno()
         os.set_blocking(doorbell, False)
@@ -3644,12 +4027,18 @@ class LilotaWorker(_NodeBase):
         finally:
             self._running = False
             self._close_wake_pipe()
+        if self._recycled is not None:
+            # A clean exit, not a crash: the supervisor starts the successor at once.
+            self._retry_until_stored(self.storage.set_node_status, node_id, NodeStatus.STOPPED,
+                                     reason=self._recycled)
+            self.logger.info("worker %s: %s", node_id, self._recycled)
+            supervision.control.send(("recycled", self._recycled))
 
     def _start_standalone(self):
         storage = self.storage
         storage.ensure_ready()
         self._prepared_claim()
-        node_id = self._node_id = self._add_node(NodeType.WORKER)
+        node_id = self._node_id = self._add_node(NodeType.WORKER, self.queues)
         self._stopping.clear()
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = {}
@@ -3782,6 +4171,9 @@ class LilotaWorker(_NodeBase):
             try:
                 if self._claim_lost:
                     self._release_lost_claim(node_id)
+                self._recycled = self._recycle_reason()
+                if self._recycled is not None:
+                    return
                 task = storage.claim(prepared, node_id, pid)
                 if task is None:
                     # Idle. Empty the doorbell, read the change counter and make sure the listener
@@ -4001,6 +4393,7 @@ class _WorkerHandle:
         self.started_at = time.monotonic()
         self.ready = False      # it called worker.start()
         self.fatal = None       # what it reported before dying, if anything
+        self.recycled = None    # why it exits to be replaced (a recycling limit), if it does
         self.no_timeout_retry = frozenset()   # task names whose timeout ends them (retry_on/no_retry_on)
 
 
@@ -4034,8 +4427,9 @@ class Lilota(LilotaScheduler):
                  retry_delay=timedelta(seconds=1), retry_max_delay=timedelta(minutes=10),
                  start_method="spawn", name=None, mode=LilotaMode.ALL, on_fatal_error=None,
                  scheduler_heartbeat_interval=None, scheduler_timeout_sec=None, process_manager_interval=None,
-                 stop_worker_timeout=None, logging_level=None, keep_finished=None):
-        # Upstream lilota's arguments (the last five): see _UPSTREAM_OPTIONS. retry_delay and
+                 stop_worker_timeout=None, logging_level=None, keep_finished=None, queues=None,
+                 max_tasks_per_worker=None, max_worker_memory=None):
+        # Upstream lilota's arguments (the five before keep_finished): see _UPSTREAM_OPTIONS. retry_delay and
         # retry_max_delay: the backoff before a task whose worker died or timed out runs again (the
         # worker's own applies to tasks that raised).
         self._set_up(db_url, Lilota.__init__, locals())
@@ -4053,6 +4447,12 @@ class Lilota(LilotaScheduler):
             raise ConfigurationError("mode=LilotaMode.WORKERS needs a script_path: the worker script to run")
         self.number_of_workers = 0
         self.script_path = None
+        self._queue_plan = []    # the queues each worker process serves, by index
+        self._queues_given = queues is not None
+        if self.mode is LilotaMode.SCHEDULER:
+            queues = None
+        elif queues is not None and script_path is None:
+            raise ConfigurationError("queues needs a script_path: the worker script whose processes serve them")
         if script_path is not None:
             if not isinstance(script_path, (str, os.PathLike)):
                 raise TypeError(f"script_path must be a path, not {type(script_path).__name__}")
@@ -4061,14 +4461,23 @@ class Lilota(LilotaScheduler):
                 raise WorkerScriptError(f"worker script {os.fspath(script_path)!r} not found (looked for {path}); "
                                         f"script_path must name the file that creates the LilotaWorker")
             self.script_path = path
-            if number_of_workers is None:
-                number_of_workers = os.cpu_count() or 1
-            if isinstance(number_of_workers, bool) or not isinstance(number_of_workers, int) \
-                    or not 1 <= number_of_workers <= 1024:
+            if number_of_workers is not None and (isinstance(number_of_workers, bool)
+                                                  or not isinstance(number_of_workers, int)
+                                                  or not 1 <= number_of_workers <= 1024):
                 raise ConfigurationError(f"number_of_workers must be an int from 1 to 1024, got {number_of_workers!r}")
-            self.number_of_workers = number_of_workers
+            self._queue_plan = _queue_plan(queues, number_of_workers)
+            if len(self._queue_plan) > 1024:
+                raise ConfigurationError(f"queues={queues!r} asks for {len(self._queue_plan)} worker processes; "
+                                         f"at most 1024")
+            self.number_of_workers = len(self._queue_plan)
         elif number_of_workers not in (None, 0):
             raise ConfigurationError("number_of_workers needs a script_path: the worker script to run")
+        for option, value in (("max_tasks_per_worker", max_tasks_per_worker), ("max_worker_memory", max_worker_memory)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{option} must be a positive int ({'tasks' if option.startswith('max_tasks') else 'bytes'}) "
+                                 f"or None, got {value!r}")
+        self.max_tasks_per_worker = max_tasks_per_worker
+        self.max_worker_memory = max_worker_memory
         self.restart_delay = _seconds(restart_delay, "restart_delay")
         self.restart_max_delay = _seconds(restart_max_delay, "restart_max_delay")
         if start_method not in multiprocessing.get_all_start_methods():
@@ -4349,7 +4758,10 @@ class Lilota(LilotaScheduler):
                             h.process.kill()
                             h.process.join(5)
                         self._handles[h.index] = None
-                        restart_at[h.index] = time.monotonic() + self._restart_delay(h, crashes)
+                        if h.recycled is not None and h.process.exitcode == 0:   # replaced at once
+                            restart_at[h.index] = time.monotonic()
+                        else:
+                            restart_at[h.index] = time.monotonic() + self._restart_delay(h, crashes)
                         self._on_worker_exit(h)
                     if self._failed.is_set() or self._stop_requested.is_set():
                         break
@@ -4392,13 +4804,16 @@ class Lilota(LilotaScheduler):
 
     def _spawn(self, context, index):
         node_id = str(uuid.uuid4())
+        queues = self._queue_plan[index]
         self.storage.add_node(node_id, f"{self.name or socket.gethostname()}:worker-{index}", NodeType.WORKER,
-                              NodeStatus.STARTING, None, self.node_timeout)
+                              NodeStatus.STARTING, None, self.node_timeout, queues)
         parent_end, child_end = context.Pipe()
         reader, writer = self._doorbell
         # Under forkserver the worker's parent is the fork server, not this process.
         parent_pid = None if self.start_method == "forkserver" else os.getpid()
-        supervision = _Supervision(self.db_url_for_workers, node_id, child_end, reader, writer, parent_pid)
+        supervision = _Supervision(self.db_url_for_workers, node_id, child_end, reader, writer, parent_pid,
+                                   queues if self._queues_given else None, self.max_tasks_per_worker,
+                                   self.max_worker_memory)
         process = context.Process(target=_worker_process_main, args=(self.script_path, supervision),
                                   name=f"lilota-worker-{index}")
         process.start()
@@ -4421,6 +4836,8 @@ class Lilota(LilotaScheduler):
                     handle.fatal = message[1]
                 elif message[0] == "no_timeout_retry":
                     handle.no_timeout_retry = frozenset(message[1])
+                elif message[0] == "recycled":
+                    handle.recycled = message[1]
         except (EOFError, OSError):
             return True
         return False
@@ -4437,6 +4854,11 @@ class Lilota(LilotaScheduler):
         """Record the death of a worker this supervisor did not stop."""
         code = handle.process.exitcode
         handle.control.close()
+        if handle.recycled is not None and code == 0:
+            # It recorded its stop itself; a task it still held (none, normally) goes back.
+            _give_back(self.storage, handle.node_id, "the worker process was recycled while holding this task")
+            logger.info("worker process %s %s; starting its successor", handle.process.pid, handle.recycled)
+            return
         if not handle.ready and not self._ever_ready:
             # The script never got a worker running: a broken script, not a crash. No restarts.
             self.storage.set_node_status(handle.node_id, NodeStatus.CRASHED)

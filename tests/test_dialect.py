@@ -39,17 +39,20 @@ class NumericSQLiteDialect(lilota.Dialect):
     def migrations(self):
         return lilota.SQLiteDialect("sqlite:///x", urllib.parse.urlsplit("sqlite:///x")).migrations()
 
-    def prepare_claim(self, defaults):
-        return {name: (timeout, attempts, int(keep)) for name, timeout, attempts, keep in defaults}
+    def prepare_claim(self, defaults, queues):
+        return ({name: (timeout, attempts, int(keep)) for name, timeout, attempts, keep in defaults}, queues)
 
     def claim(self, conn, prepared, node_id, pid, now):
+        defaults, queues = prepared
         conn.execute("BEGIN IMMEDIATE")
         try:
-            row = conn.execute(self.sql("SELECT id, name, timeout FROM lilota_task WHERE status = 'scheduled' "
-                                        "AND run_at <= ? ORDER BY priority DESC, run_at LIMIT 1"), (now,)).fetchone()
+            marks = ", ".join("?" for _ in queues)
+            row = conn.execute(self.sql(f"SELECT id, name, timeout FROM lilota_task WHERE status = 'scheduled' "
+                                        f"AND run_at <= ? AND queue IN ({marks}) ORDER BY priority DESC, run_at "
+                                        f"LIMIT 1"), (now, *queues)).fetchone()
             if row is not None:
                 task_id, name, timeout = row
-                default_timeout, attempts, keep = prepared.get(name, (None, 1, 1))
+                default_timeout, attempts, keep = defaults.get(name, (None, 1, 1))
                 timeout = timeout if timeout is not None else default_timeout
                 conn.execute(self.sql(
                     "UPDATE lilota_task SET status = 'running', pid = ?, attempts = attempts + 1, locked_by = ?, "

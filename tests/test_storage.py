@@ -113,8 +113,8 @@ class SchemaTests(StorageTestCase):
         LilotaScheduler(self.db_url).storage.ensure_ready()
         tables = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.assertLessEqual({"lilota_task", "lilota_node", "lilota_meta"}, tables)
-        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("1",)])
-        self.assertEqual(lilota.SCHEMA_VERSION, 1)
+        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("2",)])
+        self.assertEqual(lilota.SCHEMA_VERSION, 2)
         indexes = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'index'")}
         self.assertIn("lilota_task_queue", indexes)
         columns = {r[1] for r in self.sql("PRAGMA table_info(lilota_task)")}
@@ -150,14 +150,15 @@ class SchemaTests(StorageTestCase):
         scheduler = LilotaScheduler(self.db_url)
         scheduler.schedule("x", 1)
         self.forget_storages()
-        self.sql("UPDATE lilota_meta SET value = '2' WHERE key = 'schema_version'")
+        newer = str(lilota.SCHEMA_VERSION + 1)
+        self.sql("UPDATE lilota_meta SET value = ? WHERE key = 'schema_version'", (newer,))
         with self.assertRaises(SchemaVersionError) as cm:
             LilotaScheduler(self.db_url).schedule("x", 2)
-        self.assertIn("2", str(cm.exception))
+        self.assertIn(newer, str(cm.exception))
         self.assertIn("upgrade", str(cm.exception).lower())
         self.assertIsInstance(cm.exception, lilota.StorageError)
         self.assertEqual(self.count_rows(), 1)
-        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("2",)])
+        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [(newer,)])
 
     def test_file_mode_is_owner_only(self):
         old_umask = os.umask(0o022)
@@ -173,7 +174,8 @@ class SchemaTests(StorageTestCase):
     def test_concurrent_schema_creation(self):
         outcomes = self.run_together(_create_schema, [(self.db_url,)] * 6)
         self.assertEqual(outcomes, [None] * 6, "every process must open the new database")
-        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("1",)])
+        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"),
+                         [(str(lilota.SCHEMA_VERSION),)])
         tables = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.assertLessEqual({"lilota_task", "lilota_node", "lilota_meta"}, tables)
         self.assertEqual(self.sql("PRAGMA journal_mode")[0][0].lower(), "wal")
@@ -259,7 +261,7 @@ class ClaimTests(StorageTestCase):
         """An idle worker asks when the next queued task falls due on every wake: with many delayed
         tasks a scan would cost each worker a pass over the whole queue."""
         self.scheduler.schedule_many("x", list(range(50)), delay=3600)
-        plan = self.sql("EXPLAIN QUERY PLAN " + self.storage._next_run_at_sql)
+        plan = self.sql("EXPLAIN QUERY PLAN " + self.storage._next_run_at_sql, (time.time(),))
         details = " ".join(str(row[-1]) for row in plan)
         self.assertIn("lilota_task_due", details, details)
         self.assertNotIn("SCAN", details.upper().replace("SCAN LILOTA_TASK USING", ""), details)
@@ -271,7 +273,7 @@ class ClaimTests(StorageTestCase):
         params = {"now": now, "node": str(uuid.uuid4()), "pid": 1, "id": "x"}
         with mock.patch.object(lilota.SQLiteDialect, "returning", False):
             dialect = lilota._dialect_for_url(self.db_url)
-            (pick, _update, _fetch), extra = dialect.prepare_claim(())
+            (pick, _update, _fetch), extra = dialect.prepare_claim((), ("default",))
         plan = self.sql("EXPLAIN QUERY PLAN " + pick, dict(params, **extra))
         details = " | ".join(str(r[-1]) for r in plan)
         self.assertIn("lilota_task_queue", details, details)
@@ -281,10 +283,17 @@ class ClaimTests(StorageTestCase):
         # The single UPDATE ... RETURNING statement reads the same index.
         with mock.patch.object(lilota.SQLiteDialect, "returning", True):
             dialect = lilota._dialect_for_url(self.db_url)
-            statement, extra = dialect.prepare_claim((("x", 5.0, 1, True),))
+            statement, extra = dialect.prepare_claim((("x", 5.0, 1, True),), ("default",))
         plan = self.sql("EXPLAIN QUERY PLAN " + statement, dict(params, **extra))
         details = " | ".join(str(r[-1]) for r in plan)
         self.assertIn("lilota_task_queue", details, details)
+        # Serving several queues: each queue's head is one probe of the index, in its order.
+        with mock.patch.object(lilota.SQLiteDialect, "returning", True):
+            statement, extra = dialect.prepare_claim((), ("images", "default", "mail"))
+        plan = self.sql("EXPLAIN QUERY PLAN " + statement, dict(params, **extra))
+        details = " | ".join(str(r[-1]) for r in plan)
+        self.assertEqual(details.count("USING INDEX lilota_task_queue"), 3, details)
+        self.assertNotIn("SCAN LILOTA_TASK", details.upper().replace("SCAN LILOTA_TASK USING", ""), details)
 
     def test_threads_never_claim_the_same_task(self):
         self._claim_in_threads()
