@@ -5084,6 +5084,37 @@ def _positive_int(text):
     return value
 
 
+def _queue_arg(text):
+    """A queue name (for --queue and the queue commands)."""
+    import argparse
+    try:
+        return _check_queue(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _concurrency_arg(text):
+    """--concurrency: a whole number of at least 1, or none (lifts the limit)."""
+    return None if text.strip().lower() == "none" else _positive_int(text)
+
+
+def _rate_arg(text):
+    """--rate: TASKS/PERIOD such as 10/s, 100/m, 5/30s or 1000/1h, or none (lifts the limit):
+    (tasks, period seconds) or None."""
+    import argparse
+    if text.strip().lower() == "none":
+        return None
+    tasks, _, period = text.partition("/")
+    try:
+        count = int(tasks)
+        seconds = _parse_duration(period if period[:1].isdigit() else "1" + period)
+    except (ValueError, argparse.ArgumentTypeError):
+        count = seconds = 0
+    if count < 1 or not period or not seconds:
+        raise argparse.ArgumentTypeError(f"expected TASKS/PERIOD such as 10/s, 100/m or 5/30s (or none), got {text!r}")
+    return count, seconds
+
+
 _MIN_ID_PREFIX = 8      # hex digits of a shortened task id, as git's shortest abbreviation
 _ID_CANDIDATES = 10     # the ids an error about an ambiguous prefix lists
 
@@ -5234,14 +5265,14 @@ def _one_line(text):
 
 
 def _task_row(task, now):
-    """A task as a row of the ``list`` table: id, name, status, progress, attempts, age, duration."""
+    """A task as a row of the ``list`` table: id, name, queue, status, progress, attempts, age, duration."""
     attempts = f"{task.attempts}/{task.max_attempts if task.max_attempts is not None else '-'}"
     start, end = task.start_date_time, task.end_date_time
     if end is None and task.status == TaskStatus.RUNNING:
         end = now   # so far
     # A task queued again after a run (e.g. given back on stop) has a start but no end: no duration.
     duration = "-" if start is None or end is None else _format_duration((end - start).total_seconds())
-    return [task.id, _short(task.name), task.status, f"{task.progress_percentage}%", attempts,
+    return [task.id, _short(task.name), _short(task.queue), task.status, f"{task.progress_percentage}%", attempts,
             _format_age(task.created_at, now).replace(" ago", ""), duration]
 
 
@@ -5406,7 +5437,7 @@ def _cmd_worker(args):
     its traceback on stderr and exit code 1."""
     name = f"{socket.gethostname()}:{os.getpid()}"
     app = Lilota.workers(_worker_script_path(args.script), args.workers, args.db, stop_timeout=args.stop_timeout,
-                         name=name, keep_finished=args.keep_finished)
+                         name=name, keep_finished=args.keep_finished, queues=args.queues)
     # The handler only records the signal (taking a lock there could deadlock with the interrupted
     # code); the loop below looks at it. During the stop, Lilota.stop() handles them: a second
     # signal stops the workers at once.
@@ -5416,7 +5447,8 @@ def _cmd_worker(args):
     events = _WorkerEvents(app, name)
     try:
         app.start()
-        print(f"lilota: {app.number_of_workers} worker process(es) of {app.script_path} on "
+        served = f" serving {', '.join(args.queues)}" if args.queues else ""
+        print(f"lilota: {app.number_of_workers} worker process(es) of {app.script_path}{served} on "
               f"{app._dialect.describe()}; Ctrl-C or SIGTERM stops them", flush=True)
         while not signals and not app.has_failed():
             time.sleep(0.25)
@@ -5442,7 +5474,7 @@ def _cmd_schedule(args):
     scheduler = _scheduler(args, create=True)
     try:
         task_id = scheduler.schedule(args.name, data, delay=args.delay, run_at=args.run_at, priority=args.priority,
-                                     max_attempts=args.max_attempts, timeout=args.timeout)
+                                     max_attempts=args.max_attempts, timeout=args.timeout, queue=args.queue)
     except (TypeError, ValueError) as exc:   # a bad name or priority, an input JSON cannot hold
         raise _CliError(_one_line(exc), _EXIT_USAGE) from None
     if not args.wait:
@@ -5458,10 +5490,10 @@ def _cmd_schedule(args):
 
 
 def _cmd_list(args):
-    """List tasks, newest first, as a table: id, name, status, progress, attempts (made/allowed),
-    age and duration (of the last attempt, so far while it runs)."""
+    """List tasks, newest first, as a table: id, name, queue, status, progress, attempts
+    (made/allowed), age and duration (of the last attempt, so far while it runs)."""
     scheduler = _scheduler(args)
-    tasks = scheduler.list_tasks(status=args.status, name=args.name, limit=args.limit + 1)
+    tasks = scheduler.list_tasks(status=args.status, name=args.name, limit=args.limit + 1, queue=args.queue)
     more, tasks = len(tasks) > args.limit, tasks[:args.limit]
     if args.json:
         for task in tasks:
@@ -5471,8 +5503,8 @@ def _cmd_list(args):
         print("no tasks")
         return 0
     now = datetime.now(timezone.utc)
-    print(_table(["ID", "NAME", "STATUS", "PROGRESS", "ATTEMPTS", "AGE", "DURATION"],
-                 [_task_row(task, now) for task in tasks], right={3, 5, 6}))
+    print(_table(["ID", "NAME", "QUEUE", "STATUS", "PROGRESS", "ATTEMPTS", "AGE", "DURATION"],
+                 [_task_row(task, now) for task in tasks], right={4, 6, 7}))
     if more:
         print(f"(the newest {args.limit}; --limit shows more)")
     return 0
@@ -5560,8 +5592,8 @@ def _cmd_nodes(args):
 
 
 def _cmd_stats(args):
-    """Count the tasks per status and per name, and show the throughput: tasks that finished in the
-    last minute and the last hour."""
+    """Count the tasks per status, per name and per queue, and show the throughput: tasks that
+    finished in the last minute and the last hour."""
     stats = _scheduler(args).stats()
     if args.json:
         _print_json(stats)
@@ -5574,11 +5606,65 @@ def _cmd_stats(args):
         print(_table(["NAME"] + [s.upper() for s in shown] + ["TOTAL"],
                      [[_short(name)] + [counts.get(s, 0) for s in shown] + [sum(counts.values())]
                       for name, counts in stats["by_name"].items()], right=set(range(1, len(shown) + 2))))
+    if stats["by_queue"]:
+        print()
+        print(_table(["QUEUE"] + [s.upper() for s in shown] + ["TOTAL"],
+                     [[_short(queue)] + [counts.get(s, 0) for s in shown] + [sum(counts.values())]
+                      for queue, counts in stats["by_queue"].items()], right=set(range(1, len(shown) + 2))))
     print()
     for key, label in (("last_minute", "last minute"), ("last_hour", "last hour")):
         window = stats[key]
         print(f"{label + ':':<13}{window['finished']} finished ({window['per_second']:g}/s): "
               + ", ".join(f"{window[s.value]} {s}" for s in TaskStatus if s.is_finished))
+    return 0
+
+
+def _cmd_queues(args):
+    """List the queues: those with tasks or settings, the default one and those live workers
+    serve, with their pause, limits and task counts per status."""
+    queues = _scheduler(args).get_queues()
+    if args.json:
+        for queue in queues:
+            _print_json(queue.as_dict())
+        return 0
+    shown = [s.value for s in TaskStatus if s is not TaskStatus.CREATED
+             or any(q.counts.get("created") for q in queues)]
+    print(_table(["QUEUE", "PAUSED", "CONCURRENCY", "RATE"] + [s.upper() for s in shown],
+                 [[_short(q.name), "yes" if q.paused else "-", "-" if q.concurrency is None else q.concurrency,
+                   _format_rate(q.rate)] + [q.counts.get(s, 0) for s in shown] for q in queues],
+                 right=set(range(2, len(shown) + 4))))
+    return 0
+
+
+def _format_rate(rate):
+    if rate is None:
+        return "-"
+    tasks, period = rate
+    text = _format_duration(period.total_seconds())
+    return f"{tasks}/{text[1:] if text[:1] == '1' and text[1:].isalpha() else text}"   # 10/s, not 10/1s
+
+
+def _cmd_queue(args):
+    """Pause or resume a queue, or set its limits, for every worker of every host sharing the
+    database, from their next claim. A paused queue starts no task; running ones finish.
+    limit: --concurrency N (at most N running at once) and/or --rate TASKS/PERIOD (at most that
+    many started in any window of the period, e.g. 10/s); none lifts a limit."""
+    scheduler = _scheduler(args, create=True)
+    if args.action == "pause":
+        scheduler.pause_queue(args.queue)
+        print(f"queue {args.queue} paused: no new task of it starts (running ones finish)")
+    elif args.action == "resume":
+        scheduler.resume_queue(args.queue)
+        print(f"queue {args.queue} resumed")
+    else:
+        changes = {key: value for key, value in (("concurrency", args.concurrency), ("rate", args.rate))
+                   if value is not _UNCHANGED}
+        if not changes:
+            raise _CliError("queue limit needs --concurrency and/or --rate (none lifts a limit)", _EXIT_USAGE)
+        scheduler.set_queue_limit(args.queue, **changes)
+        queue = next(q for q in scheduler.get_queues() if q.name == args.queue)
+        print(f"queue {args.queue}: concurrency {'-' if queue.concurrency is None else queue.concurrency}, "
+              f"rate {_format_rate(queue.rate)}")
     return 0
 
 
@@ -5595,6 +5681,8 @@ _EXAMPLES = {
     "cleanup": "{prog} cleanup --older-than 7d",
     "nodes": "{prog} nodes --json",
     "stats": "{prog} stats",
+    "queues": "{prog} queues --json",
+    "queue": "{prog} queue limit images --concurrency 2 --rate 10/s",
 }
 
 
@@ -5647,6 +5735,9 @@ def _build_parser(prog):
                      help="how long running tasks may finish after Ctrl-C/SIGTERM (default: 30s)")
     sub.add_argument("--keep-finished", type=_parse_duration, default=None, metavar="DURATION",
                      help="delete finished tasks older than this meanwhile, e.g. 7d (default: keep them)")
+    sub.add_argument("--queue", dest="queues", action="append", type=_queue_arg, metavar="NAME",
+                     help="a queue the worker processes serve, in order (repeat it for several; "
+                          "default: the script's, else 'default')")
 
     sub = command("schedule", _cmd_schedule, "store a task and print its id")
     sub.add_argument("name", help="the registered task name")
@@ -5660,11 +5751,14 @@ def _build_parser(prog):
                      help="executions allowed, the first included (default: the registered value)")
     sub.add_argument("--timeout", type=_parse_duration, metavar="DURATION",
                      help="stop a run that takes longer (default: the registered value)")
+    sub.add_argument("--queue", type=_queue_arg, default=DEFAULT_QUEUE, metavar="NAME",
+                     help=f"the queue to put it in (default: {DEFAULT_QUEUE})")
     sub.add_argument("--wait", action="store_true", help="wait for the task and print its output")
 
     sub = command("list", _cmd_list, "list tasks as a table")
     sub.add_argument("--status", choices=[s.value for s in TaskStatus], help="only tasks with this status")
     sub.add_argument("--name", help="only tasks with this name")
+    sub.add_argument("--queue", type=_queue_arg, metavar="NAME", help="only tasks of this queue")
     sub.add_argument("--limit", type=_positive_int, default=20, metavar="K", help="at most K tasks (default: 20)")
 
     command("show", _cmd_show, "show every field of a task").add_argument("id", type=_task_id_arg, metavar="ID",
@@ -5682,7 +5776,20 @@ def _build_parser(prog):
         "--older-than", type=_parse_duration, default=30 * 86400.0, metavar="DURATION",
         help="delete tasks that finished longer ago than this (default: 30d)")
     command("nodes", _cmd_nodes, "list workers and schedulers with their liveness")
-    command("stats", _cmd_stats, "task counts per status and name, and throughput")
+    command("stats", _cmd_stats, "task counts per status, name and queue, and throughput")
+    command("queues", _cmd_queues, "list the queues with their pause, limits and counts")
+    sub = command("queue", _cmd_queue, "pause or resume a queue, or set its limits", reads=False)
+    actions = sub.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, summary in (("pause", "start no new task of the queue"), ("resume", "let the queue's tasks start"),
+                            ("limit", "set or lift the queue's concurrency and rate limits")):
+        part = actions.add_parser(action, help=summary, description=summary, parents=[database])
+        part.add_argument("queue", type=_queue_arg, metavar="NAME", help="the queue")
+        if action == "limit":
+            part.add_argument("--concurrency", type=_concurrency_arg, default=_UNCHANGED, metavar="N",
+                              help="at most N of its tasks running at once, over all hosts (none: no limit)")
+            part.add_argument("--rate", type=_rate_arg, default=_UNCHANGED, metavar="TASKS/PERIOD",
+                              help="at most TASKS started in any window of PERIOD, e.g. 10/s, 100/m, 5/30s "
+                                   "(none: no limit)")
     return parser
 
 

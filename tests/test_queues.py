@@ -3,10 +3,14 @@ concurrency and rate limits that hold across processes, worker recycling, the sc
 from version 1, and the command line of queues. Every class runs on SQLite and PostgreSQL."""
 
 import concurrent.futures
+import contextlib
+import io
 import json
 import multiprocessing
 import os
+import signal
 import sqlite3
+import subprocess
 import time
 import uuid
 from datetime import timedelta
@@ -444,3 +448,94 @@ class MigrationTests(support.TempDirTestCase):
 
 def _open_and_count(url):
     return len(LilotaScheduler(url).list_tasks(limit=None))
+
+
+@support.on_every_backend
+class QueueCommandLineTests(support.TempDirTestCase):
+    def cli(self, *args):
+        """Run ``python -m lilota`` in-process: (exit code, stdout, stderr)."""
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = lilota.main([*args, "--db", self.db_url])
+        return code, out.getvalue(), err.getvalue()
+
+    def assertCli(self, *args):
+        code, out, err = self.cli(*args)
+        self.assertEqual(code, 0, err)
+        return out
+
+    def test_queue_commands(self):
+        app = LilotaScheduler(self.db_url)
+        task_id = self.assertCli("schedule", "resize", '{"w": 1}', "--queue", "images").strip()
+        self.assertEqual(app.get_task_by_id(task_id).queue, "images")
+        self.assertIn("paused", self.assertCli("queue", "pause", "mail"))
+        out = self.assertCli("queue", "limit", "images", "--concurrency", "2", "--rate", "10/s")
+        self.assertIn("concurrency 2, rate 10/s", out)
+        table = self.assertCli("queues").splitlines()
+        self.assertEqual(table[0].split()[:5], ["QUEUE", "PAUSED", "CONCURRENCY", "RATE", "SCHEDULED"])
+        rows = {line.split()[0]: line.split() for line in table[1:]}
+        self.assertEqual(rows["images"][1:5], ["-", "2", "10/s", "1"])
+        self.assertEqual(rows["mail"][1], "yes")
+        self.assertIn("default", rows)
+        records = [json.loads(line) for line in self.assertCli("queues", "--json").splitlines()]
+        self.assertEqual([r["name"] for r in records], ["default", "images", "mail"])
+        self.assertEqual(records[1]["rate"], {"tasks": 10, "per_seconds": 1.0})
+        self.assertEqual(records[1]["counts"]["scheduled"], 1)
+        self.assertIn("rate 5/30s", self.assertCli("queue", "limit", "images", "--rate", "5/30s"))
+        self.assertIn("concurrency -, rate 5/30s", self.assertCli("queue", "limit", "images", "--concurrency", "none"))
+        self.assertIn("rate -", self.assertCli("queue", "limit", "images", "--rate", "none"))
+        self.assertIn("resumed", self.assertCli("queue", "resume", "mail"))
+        self.assertFalse({q.name: q for q in app.get_queues()}["mail"].paused)
+        # list --queue, show, stats per queue, --json of a task.
+        app.schedule("other", 1)
+        listed = self.assertCli("list", "--queue", "images").splitlines()
+        self.assertEqual(listed[0].split()[:4], ["ID", "NAME", "QUEUE", "STATUS"])
+        self.assertEqual(len(listed), 2)
+        self.assertIn("images", listed[1])
+        self.assertEqual(json.loads(self.assertCli("show", task_id, "--json"))["queue"], "images")
+        self.assertRegex(self.assertCli("show", task_id), r"queue:\s+images")
+        stats = self.assertCli("stats")
+        self.assertRegex(stats, r"QUEUE\s+SCHEDULED")
+        self.assertEqual(json.loads(self.assertCli("stats", "--json"))["by_queue"],
+                         {"default": {"scheduled": 1}, "images": {"scheduled": 1}})
+
+    def test_bad_queue_commands_exit_2(self):
+        for args, text in ((("queue", "limit", "images"), "needs --concurrency and/or --rate"),
+                           (("queue", "limit", "images", "--concurrency", "0"), "at least 1"),
+                           (("queue", "limit", "images", "--concurrency", "many"), "at least 1"),
+                           (("queue", "limit", "images", "--rate", "0/s"), "TASKS/PERIOD"),
+                           (("queue", "limit", "images", "--rate", "10"), "TASKS/PERIOD"),
+                           (("queue", "limit", "images", "--rate", "10/fortnight"), "TASKS/PERIOD"),
+                           (("queue", "pause", "bad name"), "letters, digits"),
+                           (("queue", "pause"), "required"),
+                           (("queue", "frob", "x"), "invalid choice"),
+                           (("schedule", "x", "--queue", "a/b"), "letters, digits"),
+                           (("list", "--queue", ""), "letters, digits"),
+                           (("worker", "w.py", "--queue", "no way"), "letters, digits")):
+            with self.subTest(args=args):
+                code, out, err = self.cli(*args)
+                self.assertEqual(code, 2, (out, err))
+                self.assertIn(text, err)
+                self.assertNotIn("Traceback", err)
+        self.assertEqual([q.name for q in LilotaScheduler(self.db_url).get_queues()], ["default"])
+
+    def test_worker_command_serves_the_queues_given(self):
+        script = self.worker_script("""
+            @worker.register("job")
+            def job(data):
+                return data
+            """)
+        app = LilotaScheduler(self.db_url)
+        images, mail, other = (app.schedule("job", i, queue=q) for i, q in enumerate(["images", "mail", "default"]))
+        proc = self.popen_python("-m", "lilota", "worker", script, "-n", "1", "--queue", "images", "--queue", "mail",
+                                 "--db", self.db_url, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for task_id in (images, mail):
+            self.assertEqual(app.wait(task_id, timeout=60).status, TaskStatus.COMPLETED)
+        workers = [n for n in app.get_all_nodes() if n.type == lilota.NodeType.WORKER]
+        self.assertEqual([n.queues for n in workers], [["images", "mail"]])
+        self.assertEqual(app.get_task_by_id(other).status, TaskStatus.SCHEDULED, "not its queue")
+        self.assertIn("images", {q.name for q in app.get_queues()})
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertIn("serving images, mail", out)
