@@ -345,13 +345,14 @@ class ListCommandTest(CliTestCase):
     def test_table_newest_first(self):
         done, failed, queued = self.make_tasks()
         lines = self.assertOk(self.cli("list")).splitlines()
-        self.assertEqual(lines[0].split(), ["ID", "NAME", "STATUS", "PROGRESS", "ATTEMPTS", "AGE", "DURATION"])
+        self.assertEqual(lines[0].split(), ["ID", "NAME", "QUEUE", "STATUS", "PROGRESS", "ATTEMPTS", "AGE", "DURATION"])
         rows = [line.split() for line in lines[1:]]
-        self.assertEqual([(r[0], r[1], r[2], r[3], r[4]) for r in rows],
-                         [(queued, "add", "scheduled", "0%", "0/-"), (failed, "boom", "failed", "0%", "1/1"),
-                          (done, "add", "completed", "100%", "1/1")])
-        self.assertEqual(rows[0][6], "-")                        # never ran: no duration
-        self.assertRegex(rows[2][6], r"^\d+ms$")
+        self.assertEqual([tuple(r[:6]) for r in rows],
+                         [(queued, "add", "default", "scheduled", "0%", "0/-"),
+                          (failed, "boom", "default", "failed", "0%", "1/1"),
+                          (done, "add", "default", "completed", "100%", "1/1")])
+        self.assertEqual(rows[0][7], "-")                        # never ran: no duration
+        self.assertRegex(rows[2][7], r"^\d+ms$")
 
     def test_no_duration_for_a_task_queued_again_after_a_run(self):
         requeued = self.scheduler.schedule("add", {"a": 1, "b": 2}, delay=60)
@@ -360,8 +361,8 @@ class ListCommandTest(CliTestCase):
         self.set_column(running, "start_date_time", time.time() - 5)
         self.set_column(running, "status", "running")
         rows = {line.split()[0]: line.split() for line in self.assertOk(self.cli("list")).splitlines()[1:]}
-        self.assertEqual((rows[str(requeued)][2], rows[str(requeued)][6]), ("scheduled", "-"))
-        self.assertRegex(rows[str(running)][6], r"^5(\.\d)?s$")     # running: the duration so far
+        self.assertEqual((rows[str(requeued)][3], rows[str(requeued)][7]), ("scheduled", "-"))
+        self.assertRegex(rows[str(running)][7], r"^5(\.\d)?s$")     # running: the duration so far
 
     def test_filters_limit_and_json_lines(self):
         done, failed, queued = self.make_tasks()
