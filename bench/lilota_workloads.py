@@ -38,9 +38,9 @@ class Raw:
         finally:
             cur.close()
 
-    def window(self, since=None):
+    def window(self, since=None, queue=None):
         """(completed count, first claim, last completion) in epoch seconds; ``since``: only the
-        tasks claimed from then on."""
+        tasks claimed from then on; ``queue``: only that queue's."""
         d = self.dialect
         sql = ("SELECT COUNT(*), MIN(start_date_time), MAX(end_date_time) FROM lilota_task "
                "WHERE status = 'completed'")
@@ -48,6 +48,9 @@ class Raw:
         if since is not None:
             sql += f" AND start_date_time >= {d.time_param}"
             params = (d.encode_time(since),)
+        if queue is not None:
+            sql += " AND queue = ?"
+            params += (queue,)
         count, first, last = self.rows(sql, params)[0]
         return count, d.decode_time(first).timestamp(), d.decode_time(last).timestamp()
 
@@ -107,6 +110,44 @@ def drain(args, task="noop", ideal_task_seconds=None):
     count, first, last = raw.window()
     raw.close()
     emit_drain(count, first, last, args.workers, ideal_task_seconds)
+
+
+def queues_alone(args):
+    """A queue limited to one running task, drained by one worker that serves it alone: the most
+    that limit lets through."""
+    app = Lilota(args.url, script_path=TASKS, number_of_workers=1, stop_timeout=60, queues=["limited"])
+    app.set_queue_limit("limited", concurrency=1)
+    ids = app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="limited")
+    raw = Raw(app)
+    app.start()
+    try:
+        _drain(app, raw, ids, timeout=600)
+    finally:
+        app.stop()
+    count, first, last = raw.window(queue="limited")
+    raw.close()
+    emit_drain(count, first, last, 1)
+
+
+def queues_two(args):
+    """Two workers that both serve "limited" (concurrency 1) and "free" (no limit), n tasks in
+    each: the rate of each queue, from its first claim to its last completion."""
+    app = Lilota(args.url, script_path=TASKS, number_of_workers=2, stop_timeout=60, queues=["limited", "free"])
+    app.set_queue_limit("limited", concurrency=1)
+    limited = app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="limited")
+    free = app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="free")
+    raw = Raw(app)
+    app.start()
+    try:
+        app.wait(limited[-1], timeout=600)
+        app.wait(free[-1], timeout=600)
+        wait_until(lambda: raw.unfinished() == 0, 600)
+    finally:
+        app.stop()
+    count, first, last = raw.window(queue="limited")
+    free_count, free_first, free_last = raw.window(queue="free")
+    raw.close()
+    emit_drain(count, first, last, 2, free_rate=free_count / (free_last - free_first))
 
 
 def mixed(args):
@@ -232,7 +273,7 @@ def scale(args):
 
 
 WORKLOADS = {f.__name__: f for f in (enqueue_one, enqueue_many, drain, mixed, latency, startup, first_task,
-                                        footprint, scale)}
+                                        footprint, scale, queues_alone, queues_two)}
 
 
 if __name__ == "__main__":

@@ -268,6 +268,17 @@ def make_cases(quick):
                               [("startup", "start() -> first task completed", "ms", False)], {
                 "lilota": ("first_task", dict(workers=k, busy=busy), 3 if q else 7),
             }))
+    # Queues (lilota only; a baseline older than queues cannot run them): the limited queue of a
+    # two-queue drain against one worker on it alone; the unlimited path is drain2 (--baseline).
+    cases += [
+        Case("queues_alone", "queues: a queue limited to concurrency 1, one worker serving it alone", rate, {
+            "lilota": ("queues_alone", dict(n=2000 if q else 10000), reps), "baseline": None,
+        }),
+        Case("queues_two", "queues: 2 workers serving a limited queue (concurrency 1) and a free one",
+             [("rate", "the limited queue", "tasks/s", True), ("free_rate", "the free queue", "tasks/s", True)], {
+            "lilota": ("queues_two", dict(n=2000 if q else 10000), reps), "baseline": None,
+        }),
+    ]
     for depth in ((10_000, 100_000) if q else (10_000, 100_000, 1_000_000)):
         measured = 5000 if q else 10_000
         cases.append(Case(f"scale{depth}", f"scale: {depth:,} queued, drain of the first {measured:,} "
@@ -282,7 +293,7 @@ WORKLOAD_GROUPS = {
     "enqueue": ("enqueue", "enqueue_many"), "drain": ("drain1", "drain2", "drain4"), "latency": ("latency",),
     "mixed": ("mixed",), "footprint": ("startup", "footprint"),
     "startup": tuple(f"start{k}{load}" for load in ("", "_busy") for k in (1, 2, 8)), "scale": ("scale10000", "scale100000", "scale1000000"),
-    "floor": (), "peers": (),
+    "floor": (), "peers": (), "queues": ("queues_alone", "queues_two"),
 }
 
 
@@ -311,7 +322,7 @@ def run_one(system, workload, params, backend, timeout, log):
 
 
 def _system_plan(case, system):
-    plan = case.plan.get("lilota" if system.key == "baseline" else system.key)
+    plan = case.plan.get(system.key, case.plan.get("lilota") if system.key == "baseline" else None)
     if plan is None and system.key.startswith("up-"):
         plan = case.plan.get("up")
     return plan
@@ -463,6 +474,8 @@ def evaluate_targets(all_results, backend):
         check(name, (mine, reference) if mine and reference else None,
               lambda v: f"{v[0]:,.0f}/s = {v[0] / v[1]:.0%} of {v[1]:,.0f}/s", lambda v: v[0] >= least * v[1])
 
+    share("queues: the limited queue beside a free one ≥ 80 % of one worker on it alone", "queues_two",
+          "queues_alone", "lilota", 0.8)
     for load, shown in (("", "idle"), ("_busy", "cores busy")):
         one, eight = median(f"start1{load}", "startup"), median(f"start8{load}", "startup")
         check(f"start() -> first task done, 8 workers ≤ 1.5× 1 worker ({shown})",
