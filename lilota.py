@@ -1175,20 +1175,24 @@ class _PreparedClaim(typing.NamedTuple):
 
     sql: typing.Any      # the statement; before SQLite 3.35, the (pick, update, fetch) statements
     params: typing.Any   # the defaults' values: by name (SQLite), or in order with _CLAIM_SLOTS in it
+    # PostgreSQL: the claim as a part of the statement that completes the task before it (sql, params)
+    after_completion: typing.Any = None
 
 
 # The values each claim supplies: the worker's node id and pid, and the time.
 _CLAIM_SLOTS = {"node": object(), "pid": object(), "now": object()}
 
 
-def _claim_sql(defaults, queues, param, add_seconds, *, index="", lock=""):
+def _claim_sql(defaults, queues, param, add_seconds, *, index="", lock="", finished=""):
     """The claim as (update, pick): the UPDATE that marks a task running for this node, and the
     SELECT of the first due task of ``queues`` that may start. A task due when stored (run_at <=
     created_at) is due whatever the clock says since. ``defaults`` (name, timeout, max_attempts,
     keep_input of each registered task) are written to a task's row at its first claim.
     ``param(key, value, cast)`` returns a parameter's placeholder (keys of _CLAIM_SLOTS: each
     claim's own values); ``add_seconds`` formats a time plus seconds; ``index`` and ``lock`` go
-    into the pick of each queue.
+    into the pick of each queue. ``finished``: a SELECT of the ids of tasks that the same statement
+    has just ended (the claim part of a completion's statement), which still look running to it
+    and do not count toward a limit.
 
     Several queues: the head of each (one index probe each) and the first of those by priority,
     then run_at. A queue may start a task unless it is paused, at its concurrency limit (its
@@ -1202,6 +1206,7 @@ def _claim_sql(defaults, queues, param, add_seconds, *, index="", lock=""):
 
     defaults = [(name, timeout, attempts, int(keep)) for name, timeout, attempts, keep in defaults]
     now = lambda: param("now", None, "timestamptz")   # noqa: E731 -- placeholders come in order
+    ended = f" AND {{0}}.id NOT IN ({finished})" if finished else ""
     # Placeholders may be positional: the parts are built in the order they appear.
     update = (f"UPDATE lilota_task SET status = 'running', pid = {param('pid', None, 'integer')}, "
               f"attempts = attempts + 1, locked_by = {param('node', None, 'uuid')}, "
@@ -1214,9 +1219,10 @@ def _claim_sql(defaults, queues, param, add_seconds, *, index="", lock=""):
               + ", "
               # The lowest concurrency slot no running task of the queue holds (NULL: not limited).
               "slot = (SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM lilota_task r WHERE r.status = 'running' "
-              "AND r.queue = q.name AND r.slot = 1) THEN 1 ELSE (SELECT MIN(r.slot + 1) FROM lilota_task r "
-              "WHERE r.status = 'running' AND r.queue = q.name AND r.slot < q.concurrency AND NOT EXISTS "
-              "(SELECT 1 FROM lilota_task u WHERE u.status = 'running' AND u.queue = q.name AND u.slot = r.slot + 1)) "
+              f"AND r.queue = q.name AND r.slot = 1{ended.format('r')}) THEN 1 ELSE (SELECT MIN(r.slot + 1) "
+              "FROM lilota_task r WHERE r.status = 'running' AND r.queue = q.name AND r.slot < q.concurrency"
+              f"{ended.format('r')} AND NOT EXISTS (SELECT 1 FROM lilota_task u WHERE u.status = 'running' "
+              f"AND u.queue = q.name AND u.slot = r.slot + 1{ended.format('u')})) "
               "END FROM lilota_queue q WHERE q.name = lilota_task.queue AND q.concurrency IS NOT NULL), "
               # A free slot of the queue's rate limit (NULL: not limited); the trigger uses it up.
               f"rate_slot = (SELECT MIN(g.slot) FROM lilota_queue_rate g WHERE g.queue = lilota_task.queue "
@@ -1227,7 +1233,8 @@ def _claim_sql(defaults, queues, param, add_seconds, *, index="", lock=""):
         return (f"SELECT {columns} FROM lilota_task {index}WHERE status = 'scheduled' AND queue = {q()} "
                 f"AND (run_at <= {now()} OR run_at <= created_at) "
                 f"AND NOT EXISTS (SELECT 1 FROM lilota_queue q WHERE q.name = {q()} AND (q.paused = 1 "
-                f"OR q.concurrency <= (SELECT COUNT(*) FROM lilota_task r WHERE r.status = 'running' AND r.queue = {q()}) "
+                f"OR q.concurrency <= (SELECT COUNT(*) FROM lilota_task r WHERE r.status = 'running' "
+                f"AND r.queue = {q()}{ended.format('r')}) "
                 f"OR (q.rate_limit IS NOT NULL AND NOT EXISTS (SELECT 1 FROM lilota_queue_rate g "
                 f"WHERE g.queue = {q()} AND g.free_at <= {now()})))) "
                 f"ORDER BY priority DESC, run_at LIMIT 1{lock}")
@@ -1394,7 +1401,7 @@ class SQLiteDialect(Dialect):
             return changed, self.claim(conn, prepared, node_id, pid, now)
 
     def claim(self, conn, prepared, node_id, pid, now):
-        sql, params = prepared
+        sql, params = prepared.sql, prepared.params
         params = dict(params, node=node_id, pid=pid, now=now)   # the _CLAIM_SLOTS
         if self.returning:
             rows = conn.execute(sql, params).fetchall()  # fetch all: the statement ends only then
@@ -1749,28 +1756,33 @@ class PostgreSQLDialect(Dialect):
     # --- the claim ---
 
     def prepare_claim(self, defaults, queues):
-        params = []
+        def statement(finished=""):
+            params = []
 
-        def param(key, value, cast):   # positional: in the order the placeholders appear
-            params.append(_CLAIM_SLOTS.get(key, value))
-            return f"CAST(%s AS {cast})" if cast else "%s"
-        # SKIP LOCKED: concurrent claimers take the next row instead of queueing behind a lock.
-        update, pick = _claim_sql(defaults, queues, param, "{} + make_interval(secs => {})",
-                                  lock=" FOR UPDATE SKIP LOCKED")
-        return _PreparedClaim(f"{update} WHERE id = ({pick}) RETURNING {_TASK_SELECT}", tuple(params))
+            def param(key, value, cast):   # positional: in the order the placeholders appear
+                params.append(_CLAIM_SLOTS.get(key, value))
+                return f"CAST(%s AS {cast})" if cast else "%s"
+            # SKIP LOCKED: concurrent claimers take the next row instead of queueing behind a lock.
+            update, pick = _claim_sql(defaults, queues, param, "{} + make_interval(secs => {})",
+                                      lock=" FOR UPDATE SKIP LOCKED", finished=finished)
+            return f"{update} WHERE id = ({pick}) RETURNING {_TASK_SELECT}", tuple(params)
+        # After a completion in the same statement, whose snapshot still sees the completed task
+        # running: without "done" a worker of a limited queue would find its own slot taken.
+        return _PreparedClaim(*statement(), after_completion=statement(finished="SELECT id FROM done"))
 
     def claim(self, conn, prepared, node_id, pid, now):
-        sql, params = prepared
-        return conn.execute(sql, self._claim_params(params, node_id, pid, now)).fetchone()
+        return conn.execute(prepared.sql, self._claim_params(prepared.params, node_id, pid, now)).fetchone()
 
     def complete_and_claim(self, conn, completion, prepared, node_id, pid, now):
         # One statement: one round trip and one commit. Every data-modifying WITH clause runs, once,
         # in one snapshot; the completed row is running, so the claim cannot pick it. The outer
-        # join returns the completion's count when there is no task left to claim.
+        # join returns the completion's count when there is no task left to claim. The claim reads
+        # "done" where it counts a limited queue's running tasks (see prepare_claim): that runs the
+        # completion first, so the slot it frees can be taken again without a unique-index conflict.
         complete_sql, complete_params = completion
-        claim_sql, claim_params = prepared
+        claim_sql, claim_params = prepared.after_completion
         row = conn.execute(
-            f"WITH done AS ({complete_sql} RETURNING 1), claimed AS ({claim_sql}) "
+            f"WITH done AS ({complete_sql} RETURNING id), claimed AS ({claim_sql}) "
             f"SELECT (SELECT COUNT(*) FROM done), claimed.* FROM (SELECT 1) AS one LEFT JOIN claimed ON TRUE",
             [*complete_params, *self._claim_params(claim_params, node_id, pid, now)]).fetchone()
         return row[0], (row[1:] if row[1] is not None else None)

@@ -192,6 +192,34 @@ class ClaimAcrossQueuesTests(support.TempDirTestCase):
         self.assertEqual(self.claim("images").id, ids[3])
         self.assertEqual(self.claim("images").id, ids[4])
 
+    def test_a_completion_hands_its_slot_to_the_next_task_in_the_same_commit(self):
+        # A busy worker of a limited queue completes and claims in one commit; the slot its task
+        # frees is the one the next takes. (PostgreSQL does both in one statement, whose snapshot
+        # still sees the completed task running: it must not count toward the limit.)
+        self.app.set_queue_limit("images", concurrency=1)
+        ids = self.app.schedule_many("i", list(range(3)), queue="images")
+        prepared = self.storage.prepare_claim([], ("images",))
+        task = self.storage.claim(prepared, self.node, os.getpid())
+        claimed = [task.id]
+        for _ in range(2):
+            result = self.storage.complete_and_claim(str(task.id), self.node, "null", False, prepared, os.getpid())
+            self.assertIsNotNone(result, "one commit for the completion and the claim")
+            stored, task = result
+            self.assertTrue(stored)
+            self.assertIsNotNone(task, "the freed slot is taken by the next task of the queue")
+            claimed.append(task.id)
+        self.assertEqual(claimed, ids)
+        self.assertEqual(self.app.get_task_by_id(ids[1]).status, "completed")
+        # Another node's claim still finds the queue at its limit.
+        self.assertIsNone(self.claim("images", node=str(uuid.uuid4())))
+        # A completion that was not this node's (recovered elsewhere) frees nothing.
+        other = str(uuid.uuid4())
+        self.app.schedule("i", 9, queue="images")
+        stored, following = self.storage.complete_and_claim(str(task.id), other, "null", False, prepared,
+                                                            os.getpid())
+        self.assertFalse(stored)
+        self.assertIsNone(following, "the limit holds: the task still runs on its node")
+
     def test_lowering_a_limit_lets_running_tasks_finish_and_starts_none_until_below(self):
         ids = self.app.schedule_many("i", list(range(5)), queue="images")
         running = [self.claim("images") for _ in range(3)]   # no limit yet: they hold no slot

@@ -663,8 +663,11 @@ class CompleteAndClaimTest(ResilienceTestCase):
         node = str(uuid.uuid4())
         self.storage.claim(self.prepared, node, os.getpid())
         # The same claim, made to break the status CHECK constraint when it updates the next row.
-        broken = (self.prepared[0].replace("status = 'running'", "status = 'no such status'", 1),
-                  *self.prepared[1:])
+        def break_it(sql):
+            return sql.replace("status = 'running'", "status = 'no such status'", 1)
+        after = self.prepared.after_completion   # the claim of a completion's statement (PostgreSQL)
+        broken = self.prepared._replace(sql=break_it(self.prepared.sql),
+                                        after_completion=after and (break_it(after[0]), after[1]))
         self.assertNotEqual(broken, self.prepared)
         with self.assertRaises(lilota.StorageError):
             self.storage.complete_and_claim(str(first), node, "1", False, broken, os.getpid())

@@ -273,7 +273,7 @@ class ClaimTests(StorageTestCase):
         params = {"now": now, "node": str(uuid.uuid4()), "pid": 1, "id": "x"}
         with mock.patch.object(lilota.SQLiteDialect, "returning", False):
             dialect = lilota._dialect_for_url(self.db_url)
-            (pick, _update, _fetch), extra = dialect.prepare_claim((), ("default",))
+            (pick, _update, _fetch), extra = dialect.prepare_claim((), ("default",))[:2]
         plan = self.sql("EXPLAIN QUERY PLAN " + pick, dict(params, **extra))
         details = " | ".join(str(r[-1]) for r in plan)
         self.assertIn("lilota_task_queue", details, details)
@@ -283,13 +283,13 @@ class ClaimTests(StorageTestCase):
         # The single UPDATE ... RETURNING statement reads the same index.
         with mock.patch.object(lilota.SQLiteDialect, "returning", True):
             dialect = lilota._dialect_for_url(self.db_url)
-            statement, extra = dialect.prepare_claim((("x", 5.0, 1, True),), ("default",))
+            statement, extra = dialect.prepare_claim((("x", 5.0, 1, True),), ("default",))[:2]
         plan = self.sql("EXPLAIN QUERY PLAN " + statement, dict(params, **extra))
         details = " | ".join(str(r[-1]) for r in plan)
         self.assertIn("lilota_task_queue", details, details)
         # Serving several queues: each queue's head is one probe of the index, in its order.
         with mock.patch.object(lilota.SQLiteDialect, "returning", True):
-            statement, extra = dialect.prepare_claim((), ("images", "default", "mail"))
+            statement, extra = dialect.prepare_claim((), ("images", "default", "mail"))[:2]
         plan = self.sql("EXPLAIN QUERY PLAN " + statement, dict(params, **extra))
         details = " | ".join(str(r[-1]) for r in plan)
         self.assertEqual(details.count("USING INDEX lilota_task_queue"), 3, details)
