@@ -932,7 +932,9 @@ def _schema_v2(t):
         "DROP INDEX IF EXISTS lilota_task_queue",
         "CREATE INDEX IF NOT EXISTS lilota_task_queue ON lilota_task (queue, priority DESC, run_at) "
         "WHERE status = 'scheduled'",
-        "CREATE UNIQUE INDEX IF NOT EXISTS lilota_task_slot ON lilota_task (queue, slot) WHERE status = 'running'",
+        # Only tasks that hold a slot: claims and completions of unlimited queues never write it.
+        "CREATE UNIQUE INDEX IF NOT EXISTS lilota_task_slot ON lilota_task (queue, slot) "
+        "WHERE status = 'running' AND slot IS NOT NULL",
         f"""CREATE TABLE IF NOT EXISTS lilota_queue (
             name {t['text']} PRIMARY KEY,
             paused {t['flag']} NOT NULL DEFAULT 0,
