@@ -3811,7 +3811,6 @@ class LilotaWorker(_NodeBase):
                 ((t.name, t.timeout, t.max_attempts, t.keep_input) for t in self._registry.values()), self.queues)
         return self._claim
 
-
     # --- executing one task ---
 
     def _execute(self, task, node_id, claim_next=None):
@@ -3968,7 +3967,7 @@ class LilotaWorker(_NodeBase):
         if self._helper_node_id is None:
             self._helper_node_id = str(uuid.uuid4())
             self.storage.add_node(self._helper_node_id, "run_pending", NodeType.WORKER, NodeStatus.RUNNING,
-                                  os.getpid(), self.node_timeout)
+                                  os.getpid(), self.node_timeout, self.queues)
         else:
             self.storage.set_node_status(self._helper_node_id, NodeStatus.RUNNING)
         node_id, done, task, prepared = self._helper_node_id, [], None, self._prepared_claim()
@@ -5589,7 +5588,8 @@ def _cmd_cleanup(args):
 
 def _cmd_nodes(args):
     """List the nodes, oldest first: worker processes and the applications that schedule or
-    supervise them, with their liveness (alive while their heartbeat lease holds)."""
+    supervise them, with their liveness (alive while their heartbeat lease holds), the queues a
+    worker serves and why a worker process was replaced (recycled)."""
     nodes = _scheduler(args).get_all_nodes()
     now = datetime.now(timezone.utc)
     if args.json:
@@ -5599,9 +5599,10 @@ def _cmd_nodes(args):
     if not nodes:
         print("no nodes")
         return 0
-    print(_table(["ID", "NAME", "TYPE", "STATUS", "PID", "LAST SEEN", "LIVENESS"],
+    print(_table(["ID", "NAME", "TYPE", "STATUS", "PID", "LAST SEEN", "LIVENESS", "QUEUES", "REASON"],
                  [[n.id, _short(n.name or "-"), n.type, n.status, "-" if n.pid is None else n.pid,
-                   _format_age(n.last_seen_at, now), _node_liveness(n, now)] for n in nodes], right={4}))
+                   _format_age(n.last_seen_at, now), _node_liveness(n, now), _short(",".join(n.queues or ["-"])),
+                   _one_line(n.reason or "-")] for n in nodes], right={4}))
     return 0
 
 

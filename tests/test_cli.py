@@ -564,11 +564,13 @@ class NodesAndStatsCommandTest(CliTestCase):
         self.addCleanup(app.stop)
         self.worker.run_pending()   # leaves a stopped worker node
         lines = self.assertOk(self.cli("nodes")).splitlines()
-        self.assertEqual(lines[0].split(), ["ID", "NAME", "TYPE", "STATUS", "PID", "LAST", "SEEN", "LIVENESS"])
+        self.assertEqual(lines[0].split(), ["ID", "NAME", "TYPE", "STATUS", "PID", "LAST", "SEEN", "LIVENESS",
+                                            "QUEUES", "REASON"])
         rows = {line.split()[1]: line.split() for line in lines[1:]}
-        self.assertEqual(rows["web-app"][2:5] + rows["web-app"][-1:], ["scheduler", "running", str(os.getpid()),
-                                                                       "alive"])
-        self.assertEqual(rows["run_pending"][2:4] + rows["run_pending"][-1:], ["worker", "stopped", "-"])
+        # ID NAME TYPE STATUS PID LAST SEEN (two words) LIVENESS QUEUES REASON
+        self.assertEqual(rows["web-app"][2:5] + rows["web-app"][7:10], ["scheduler", "running", str(os.getpid()),
+                                                                        "alive", "-", "-"])
+        self.assertEqual(rows["run_pending"][2:4] + rows["run_pending"][7:9], ["worker", "stopped", "-", "default"])
         conn = sqlite3.connect(self.db_path)
         with conn:
             conn.execute("UPDATE lilota_node SET lease_expires_at = ? WHERE name = 'web-app'", (time.time() - 1,))
