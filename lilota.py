@@ -325,6 +325,7 @@ class Task:
     cancel_requested: bool = False
     keep_input: typing.Optional[bool] = None   # the registered keep_input, known from the first claim
     queue: str = DEFAULT_QUEUE
+    unique_key: typing.Optional[str] = None   # schedule(..., unique_key=): see LilotaScheduler.schedule
 
     @property
     def is_finished(self):
@@ -856,6 +857,7 @@ _TASK_TABLE_V1 = (
 # they follow the version-1 columns in every row, in this order.
 _TASK_COLUMNS_ADDED = {
     2: (("queue", "text", "NOT NULL DEFAULT 'default'"),),
+    3: (("unique_key", "text", ""),),
 }
 _TASK_TABLE = _TASK_TABLE_V1 + tuple(column for version in sorted(_TASK_COLUMNS_ADDED)
                                      for column in _TASK_COLUMNS_ADDED[version])
@@ -865,7 +867,7 @@ _NODE_COLUMNS = "id, name, type, status, pid, hostname, created_at, last_seen_at
 
 # --- Schema and migrations ------------------------------------------------------------------------
 
-SCHEMA_VERSION = 2   # the newest key of _schema()
+SCHEMA_VERSION = 3   # the newest key of _schema()
 
 
 def _schema(**types):
@@ -874,7 +876,7 @@ def _schema(**types):
     A version is never edited once released: a change to the schema is a new version, applied
     forward and automatically by ``Storage._migrate``."""
     t = dict(types, status=types["text"])
-    return {1: _schema_v1(t), 2: _schema_v2(t)}
+    return {1: _schema_v1(t), 2: _schema_v2(t), 3: _schema_v3(t)}
 
 
 def _column_ddl(column, kind, constraints, t):
@@ -951,6 +953,15 @@ def _schema_v2(t):
     ]
 
 
+def _schema_v3(t):
+    """Version 3: unique tasks. A task's ``unique_key``, and the index that finds the tasks holding
+    a key (unfinished, or created within a ``unique_for`` window)."""
+    return _added_columns(3, t) + [
+        "CREATE INDEX IF NOT EXISTS lilota_task_unique ON lilota_task (unique_key, created_at) "
+        "WHERE unique_key IS NOT NULL",
+    ]
+
+
 #: lilota_meta's key for when old finished tasks were last deleted (see Storage.take_turn).
 _RETENTION_KEY = "retention_ran_at"
 
@@ -971,6 +982,7 @@ class Dialect:
     * ``time_param``/``json_param``: how a time or JSON parameter is written, with a cast where the
       database cannot infer its type (inside CASE); Storage writes every such parameter this way;
     * ``begin_migration(conn)``: BEGIN the schema's transaction, serialised against other processes;
+    * ``lock_unique_keys(conn, keys)``: serialise the schedulers of the same unique keys;
     * ``change_counter(conn)``: a cheap value that changes when other connections commit (or None);
     * ``listen()``: a connection that is told when tasks are queued (or None);
     * ``translate_error(exc)``: a specific :class:`StorageError` for a driver exception, and
@@ -1042,6 +1054,13 @@ class Dialect:
         and claims in two commits. A busy worker completes and claims once per task; one commit
         instead of two is what it saves."""
         return None
+
+    def lock_unique_keys(self, conn, keys):
+        """Inside the transaction open on ``conn``, take locks on the unique ``keys`` (sorted) that a
+        concurrent transaction scheduling one of them waits for until this one ends. This
+        default takes the database's write lock (what SQLite's BEGIN IMMEDIATE holds already; a
+        caller's connection may not have it yet): every writer waits, which is race-free."""
+        conn.execute("UPDATE lilota_meta SET value = value WHERE key = 'schema_version'")
 
     def begin_migration(self, conn):
         """Begin the transaction that creates or migrates the schema, so that a concurrent
@@ -1746,6 +1765,15 @@ class PostgreSQLDialect(Dialect):
         }
         return {version: statements + extra.get(version, []) for version, statements in versions.items()}
 
+    #: The first key of the advisory locks on unique keys (the second: the key's hashtext). Locks of
+    #: two int4 keys and of one bigint key (the migration's) do not conflict.
+    unique_lock_class = 0x6C696C6F   # "lilo"
+
+    def lock_unique_keys(self, conn, keys):
+        # Only the schedulers of the same key (or of one whose hash is the same) wait for each other.
+        for key in keys:
+            conn.execute(f"SELECT pg_advisory_xact_lock({self.unique_lock_class}, hashtext(%s))", (key,)).fetchall()
+
     # --- the claim ---
 
     def prepare_claim(self, defaults, queues):
@@ -2030,8 +2058,13 @@ class Storage:
         # Hot statements, translated once.
         self._insert_sql = sql(
             "INSERT INTO lilota_task (id, name, status, priority, run_at, attempts, max_attempts, timeout, "
-            "progress_percentage, input, created_at, cancel_requested, queue) "
-            f"VALUES (?, ?, 'scheduled', ?, {ts}, 0, ?, ?, 0, {js}, {ts}, 0, ?)")
+            "progress_percentage, input, created_at, cancel_requested, queue, unique_key) "
+            f"VALUES (?, ?, 'scheduled', ?, {ts}, 0, ?, ?, 0, {js}, {ts}, 0, ?, ?)")
+        # The task that holds a unique key: an unfinished one, or one created after the cutoff
+        # (NULL: no unique_for window). Read under the key's lock (Dialect.lock_unique_keys).
+        self._unique_holder_sql = sql(
+            f"SELECT id FROM lilota_task WHERE unique_key = ? AND ({_UNFINISHED_SQL} OR created_at > {ts}) "
+            "ORDER BY created_at DESC LIMIT 1")
         # A task whose cancel() was answered "being stopped" ends cancelled even when it finished
         # before it could be stopped: its result is discarded, as cancel() promised.
         self._complete_sql = sql(
@@ -2294,22 +2327,58 @@ class Storage:
 
     # --- Storage: tasks, the scheduling side ------------------------------------------------------
 
-    def insert_tasks(self, rows):
-        """Store queued tasks in one transaction. ``rows``: (id, name, priority, run_at, max_attempts,
-        timeout, input_json, queue) tuples with run_at in epoch seconds, or None for "now": such a
-        task's run_at equals its created_at, which keeps it out of the index of delayed tasks."""
+    def insert_tasks(self, rows, connection=None):
+        """Store queued tasks in one transaction and return their ids (canonical strings).
+        ``rows``: (id, name, priority, run_at, max_attempts, timeout, input_json, queue, unique_key,
+        unique_for) tuples with run_at in epoch seconds, or None for "now": such a task's run_at
+        equals its created_at, which keeps it out of the index of delayed tasks. A row with a
+        unique_key that an unfinished task holds -- or, with unique_for (seconds), a task created
+        within that window -- is not stored: its id in the result is that task's.
+
+        ``connection``: the caller's connection (Dialect.adopt_connection), written to inside the
+        caller's transaction, which is never committed or rolled back here."""
         d = self.dialect
         now = _now()
         created = d.encode_time(now)
         params = [(id_, name, priority, created if run_at is None else d.encode_time(run_at), max_attempts,
-                   timeout, d.encode_json(data), created, queue)
-                  for id_, name, priority, run_at, max_attempts, timeout, data, queue in rows]
-        if len(params) == 1:
+                   timeout, d.encode_json(data), created, queue, unique_key)
+                  for id_, name, priority, run_at, max_attempts, timeout, data, queue, unique_key, _ in rows]
+        unique = any(row[8] is not None for row in rows)
+        if connection is not None:
+            return self._insert_in(connection, rows, params, now, unique)
+        if len(params) == 1 and not unique:
             with self._guard as conn:
                 conn.execute(self._insert_sql, params[0])  # one statement: its own transaction
-            return
+            return [params[0][0]]
         with self._write() as conn:
+            return self._insert_in(conn, rows, params, now, unique)
+
+    def _insert_in(self, conn, rows, params, now, unique):
+        """insert_tasks' statements on ``conn``, inside a transaction the caller holds. A unique
+        key is looked up and its task inserted under the key's lock, which concurrent schedulers of
+        the same key wait for until this transaction ends: then they see its task."""
+        if not unique:
             conn.executemany(self._insert_sql, params)
+            return [row[0] for row in params]
+        self.dialect.lock_unique_keys(conn, sorted({row[8] for row in rows if row[8] is not None}))
+        ids, holders, new = [], {}, []
+        for row, param in zip(rows, params):
+            key, window = row[8], row[9]
+            if key is not None and key not in holders:
+                cutoff = None if window is None else self.dialect.encode_time(now - window)
+                found = conn.execute(self._unique_holder_sql, (key, cutoff)).fetchone()
+                if found is None:
+                    new.append(param)
+                holders[key] = str(found[0]) if found else row[0]
+                ids.append(holders[key])
+            elif key is not None:
+                ids.append(holders[key])   # the same key twice in one call: one task
+            else:
+                new.append(param)
+                ids.append(row[0])
+        if new:
+            conn.executemany(self._insert_sql, new)
+        return ids
 
     def get_task(self, task_id):
         """The Task stored under ``task_id`` (a canonical UUID string), or None."""
@@ -2898,6 +2967,31 @@ def _rate(rate):
     return tasks, _seconds(period, "rate's period", allow_zero=False)
 
 
+_MAX_UNIQUE_KEY_LENGTH = 500
+
+
+def _unique_keys(keys, count, unique_for):
+    """``schedule_many``'s ``unique_keys`` (None: no key) checked: one str or None per input."""
+    if keys is None:
+        if unique_for is not None:
+            raise ValueError("unique_for without a unique key: give unique_key= (unique_keys= in schedule_many) too")
+        return [None] * count
+    if isinstance(keys, (str, bytes, dict)) or not hasattr(keys, "__iter__"):
+        raise TypeError("unique_keys must be a list of keys (str or None), one per input")
+    keys = list(keys)
+    if len(keys) != count:
+        raise ValueError(f"unique_keys has {len(keys)} keys for {count} inputs; give one per input (None: not unique)")
+    for key in keys:
+        if key is None:
+            continue
+        if not isinstance(key, str):
+            raise TypeError(f"a unique key must be a string, not {type(key).__name__}")
+        if not key or len(key) > _MAX_UNIQUE_KEY_LENGTH or "\x00" in key:
+            raise ValueError(f"a unique key must be 1 to {_MAX_UNIQUE_KEY_LENGTH} characters without U+0000, "
+                             f"got {key[:60]!r}{'...' if len(key) > 60 else ''}")
+    return keys
+
+
 def _check_attempts(value, what="max_attempts"):
     if value is None:
         return None
@@ -3119,7 +3213,7 @@ class LilotaScheduler(_NodeBase):
         """Called after tasks were stored; Lilota wakes its idle worker processes here."""
 
     def schedule(self, name, input=None, *, delay=None, run_at=None, priority=0, max_attempts=None,
-                 timeout=None, queue=DEFAULT_QUEUE):
+                 timeout=None, queue=DEFAULT_QUEUE, unique_key=None, unique_for=None):
         """Store a task and return its id (a UUID).
 
         ``input`` (a dataclass, pydantic model, dict, ``as_dict()`` object or plain JSON value) is
@@ -3128,23 +3222,34 @@ class LilotaScheduler(_NodeBase):
         datetime) postpone it; higher ``priority`` runs first; ``max_attempts`` and ``timeout``
         override the worker's registered defaults for this task. Only workers that serve ``queue``
         run it.
+
+        ``unique_key`` (a string, stored as ``Task.unique_key``): while a task with that key is
+        unfinished (created, scheduled or running) -- or, with ``unique_for`` (timedelta or
+        seconds), was created within that window whatever its status -- nothing is written and
+        that task's id is returned. Race-free across processes and hosts.
         """
-        return self._schedule(name, (input,), delay, run_at, priority, max_attempts, timeout, queue)[0]
+        return self._schedule(name, (input,), delay, run_at, priority, max_attempts, timeout, queue,
+                              unique_keys=None if unique_key is None else [unique_key], unique_for=unique_for)[0]
 
     def schedule_many(self, name, inputs, *, delay=None, run_at=None, priority=0, max_attempts=None,
-                      timeout=None, queue=DEFAULT_QUEUE):
+                      timeout=None, queue=DEFAULT_QUEUE, unique_keys=None, unique_for=None):
         """Store one task per input in a single transaction; return their ids in order.
 
-        All inputs are serialized before anything is written: one bad input stores nothing."""
-        return self._schedule(name, inputs, delay, run_at, priority, max_attempts, timeout, queue)
+        All inputs are serialized before anything is written: one bad input stores nothing.
+        ``unique_keys``: one key (or None) per input, as ``schedule()``'s ``unique_key``; an input
+        whose key is held, or came earlier in the same call, gets the holding task's id."""
+        return self._schedule(name, inputs, delay, run_at, priority, max_attempts, timeout, queue,
+                              unique_keys=unique_keys, unique_for=unique_for)
 
-    def _schedule(self, name, inputs, delay, run_at, priority, max_attempts, timeout, queue=DEFAULT_QUEUE):
+    def _schedule(self, name, inputs, delay, run_at, priority, max_attempts, timeout, queue=DEFAULT_QUEUE, *,
+                  unique_keys=None, unique_for=None):
         _check_name(name)
         _check_queue(queue)
         if isinstance(priority, bool) or not isinstance(priority, int) or not -2**31 <= priority < 2**31:
             raise ValueError(f"priority must be an int (higher runs first), got {priority!r}")
         _check_attempts(max_attempts)
         timeout = _seconds(timeout, "timeout", allow_zero=False)
+        unique_for = _seconds(unique_for, "unique_for", allow_zero=False)
         if delay is not None and run_at is not None:
             raise ValueError("give either delay or run_at, not both")
         if run_at is not None:
@@ -3167,10 +3272,14 @@ class LilotaScheduler(_NodeBase):
         if isinstance(inputs, (str, bytes, dict)) or not hasattr(inputs, "__iter__"):
             raise TypeError("schedule_many() takes an iterable of inputs, e.g. a list")
         payloads = [dumps(value, "input") for value in inputs]
+        keys = _unique_keys(unique_keys, len(payloads), unique_for)
         ids = _new_task_ids(len(payloads))
         if payloads:
-            self.storage.insert_tasks([(str(task_id), name, priority, when, max_attempts, timeout, payload, queue)
-                                       for task_id, payload in zip(ids, payloads)])
+            stored = self.storage.insert_tasks([(str(task_id), name, priority, when, max_attempts, timeout, payload,
+                                                 queue, key, unique_for)
+                                                for task_id, payload, key in zip(ids, payloads, keys)])
+            if unique_keys is not None:
+                ids = [uuid.UUID(task_id) for task_id in stored]
             self._notify_workers()
         return ids
 
@@ -4526,11 +4635,11 @@ class Lilota(LilotaScheduler):
         return cls(db_url, mode=LilotaMode.WORKERS, script_path=script_path, number_of_workers=number_of_workers,
                    **options)
 
-    def _schedule(self, *args):
+    def _schedule(self, *args, **kwargs):
         if self.mode is LilotaMode.WORKERS:
             raise RuntimeError("this Lilota only runs workers (mode=LilotaMode.WORKERS) and cannot schedule "
                                "tasks; schedule with a Lilota in mode ALL or SCHEDULER (Lilota.scheduler(db_url))")
-        return super()._schedule(*args)
+        return super()._schedule(*args, **kwargs)
 
     # --- failure reporting ---
 
@@ -5474,7 +5583,8 @@ def _cmd_schedule(args):
     scheduler = _scheduler(args, create=True)
     try:
         task_id = scheduler.schedule(args.name, data, delay=args.delay, run_at=args.run_at, priority=args.priority,
-                                     max_attempts=args.max_attempts, timeout=args.timeout, queue=args.queue)
+                                     max_attempts=args.max_attempts, timeout=args.timeout, queue=args.queue,
+                                     unique_key=args.unique_key, unique_for=args.unique_for)
     except (TypeError, ValueError) as exc:   # a bad name or priority, an input JSON cannot hold
         raise _CliError(_one_line(exc), _EXIT_USAGE) from None
     if not args.wait:
@@ -5753,6 +5863,10 @@ def _build_parser(prog):
                      help="stop a run that takes longer (default: the registered value)")
     sub.add_argument("--queue", type=_queue_arg, default=DEFAULT_QUEUE, metavar="NAME",
                      help=f"the queue to put it in (default: {DEFAULT_QUEUE})")
+    sub.add_argument("--unique-key", metavar="KEY",
+                     help="store nothing while a task with this key is unfinished; print that task's id")
+    sub.add_argument("--unique-for", type=_parse_duration, metavar="DURATION",
+                     help="with --unique-key: a task with the key created this recently counts too")
     sub.add_argument("--wait", action="store_true", help="wait for the task and print its output")
 
     sub = command("list", _cmd_list, "list tasks as a table")
