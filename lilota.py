@@ -1055,6 +1055,13 @@ class Dialect:
         instead of two is what it saves."""
         return None
 
+    def adopt_connection(self, raw):
+        """The caller's DB-API connection (``schedule(..., connection=raw)``) as (a connection in
+        the shape Storage uses, whether it is in autocommit mode: then lilota's statements need a
+        transaction of their own). TypeError for a connection of another kind of database."""
+        raise TypeError(f"{self.describe()} takes no connection= ({_connection_kind(raw)}): "
+                        f"this dialect does not support writing through the application's connection")
+
     def lock_unique_keys(self, conn, keys):
         """Inside the transaction open on ``conn``, take locks on the unique ``keys`` (sorted) that a
         concurrent transaction scheduling one of them waits for until this one ends. This
@@ -1144,6 +1151,25 @@ def _dialect_for_url(url):
                                  f"this lilota knows {known}. Other databases plug in through "
                                  f"lilota.register_dialect(scheme, DialectClass)")
     return dialect_class(url, parts)
+
+
+def _connection_kind(raw):
+    """What a connection given as ``connection=`` is, for error messages: 'a psycopg2 connection'."""
+    kind = type(raw)
+    return f"a {kind.__module__}.{kind.__qualname__}"
+
+
+def _unwrap_connection(raw):
+    """The driver's connection under an SQLAlchemy pool proxy (``session.connection().connection``)
+    or a Django connection wrapper (``django.db.connection``), else ``raw`` itself."""
+    for attribute in ("driver_connection", "dbapi_connection"):   # SQLAlchemy 2 / 1.4
+        inner = getattr(raw, attribute, None)
+        if inner is not None and type(raw).__module__.startswith("sqlalchemy"):
+            return _unwrap_connection(inner)
+    if type(raw).__module__.startswith("django.") and hasattr(raw, "ensure_connection"):   # also its proxy
+        raw.ensure_connection()
+        return raw.connection
+    return raw
 
 
 def _rollback(conn):
@@ -1385,6 +1411,20 @@ class SQLiteDialect(Dialect):
             "WHERE queue = NEW.queue AND slot = NEW.rate_slot; END")
         return versions
 
+    def adopt_connection(self, raw):
+        if not isinstance(raw, sqlite3.Connection):
+            raise TypeError(f"connection= is {_connection_kind(raw)}, but db_url names the {self.describe()}: "
+                            f"pass a sqlite3.Connection to that file")
+        files = [row[2] for row in raw.execute("PRAGMA database_list").fetchall() if row[1] == "main"]
+        if self.memory or not files or not files[0] or os.path.realpath(files[0]) != os.path.realpath(self.path):
+            raise ValueError(f"connection= is connected to {files[0] if files and files[0] else 'an in-memory database'!r}, "
+                             f"not to the {self.describe()} of db_url; connect it to that file")
+        # sqlite3 opens a transaction itself before a write unless it is in autocommit mode
+        # (isolation_level=None, or autocommit=True from Python 3.12 on).
+        control = getattr(raw, "autocommit", -1)
+        autocommit = not raw.in_transaction and (control is True or (control == -1 and raw.isolation_level is None))
+        return raw, autocommit
+
     def begin_migration(self, conn):
         # BEGIN IMMEDIATE takes the write lock that serialises concurrent starters; when several
         # processes create the file at once it can fail at once instead of waiting: retry then.
@@ -1512,6 +1552,24 @@ class DBAPIConnection:
     def close(self):
         self.in_transaction = False
         self.raw.close()
+
+
+class _SchemaConnection(DBAPIConnection):
+    """The application's connection (``schedule(..., connection=)``) when lilota's tables are in a
+    schema of their own (``?schema=``): its statements name lilota_task in that schema, for the
+    application's search_path is the application's."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, raw, schema):
+        super().__init__(raw)
+        self.table = f'"{schema}".lilota_task'
+
+    def execute(self, sql, params=()):
+        return super().execute(sql.replace("lilota_task", self.table), params)
+
+    def executemany(self, sql, seq_of_params):
+        return super().executemany(sql.replace("lilota_task", self.table), seq_of_params)
 
 
 # PostgreSQL drivers in the order one is chosen when the URL names none:
@@ -1764,6 +1822,17 @@ class PostgreSQLDialect(Dialect):
             ],
         }
         return {version: statements + extra.get(version, []) for version, statements in versions.items()}
+
+    def adopt_connection(self, raw):
+        driver = type(raw).__module__.partition(".")[0]
+        if driver not in _POSTGRES_DRIVERS:
+            raise TypeError(f"connection= is {_connection_kind(raw)}, but db_url names the {self.describe()}: "
+                            f"pass a psycopg, psycopg2 or pg8000 connection to it")
+        if not hasattr(raw, "cursor") or type(raw).__name__.startswith("Async"):
+            raise TypeError(f"connection= is {_connection_kind(raw)}, which is not a DB-API connection: "
+                            f"pass psycopg.connect(...), psycopg2.connect(...) or pg8000.dbapi.connect(...)")
+        conn = _SchemaConnection(raw, self.schema) if self.schema else DBAPIConnection(raw)
+        return conn, bool(getattr(raw, "autocommit", False))
 
     #: The first key of the advisory locks on unique keys (the second: the key's hashtext). Locks of
     #: two int4 keys and of one bigint key (the migration's) do not conflict.
@@ -2335,8 +2404,9 @@ class Storage:
         unique_key that an unfinished task holds -- or, with unique_for (seconds), a task created
         within that window -- is not stored: its id in the result is that task's.
 
-        ``connection``: the caller's connection (Dialect.adopt_connection), written to inside the
-        caller's transaction, which is never committed or rolled back here."""
+        ``connection``: (the caller's connection, autocommit) from Dialect.adopt_connection: written
+        to inside the caller's transaction, which is never committed or rolled back here (in
+        autocommit mode these statements are one transaction of their own, as any statement is)."""
         d = self.dialect
         now = _now()
         created = d.encode_time(now)
@@ -2345,7 +2415,19 @@ class Storage:
                   for id_, name, priority, run_at, max_attempts, timeout, data, queue, unique_key, _ in rows]
         unique = any(row[8] is not None for row in rows)
         if connection is not None:
-            return self._insert_in(connection, rows, params, now, unique)
+            conn, autocommit = connection
+            with self._guard:
+                pass   # lilota's tables exist, up to date (on lilota's own connection)
+            try:
+                if not autocommit:
+                    return self._insert_in(conn, rows, params, now, unique)
+                with _Transaction(conn, d.begin_write_sql):   # autocommit: what one call of it is
+                    return self._insert_in(conn, rows, params, now, unique)
+            except Exception as exc:
+                translated = None if isinstance(exc, LilotaError) else d.translate_error(exc)
+                if translated is not None:
+                    raise translated from exc
+                raise
         if len(params) == 1 and not unique:
             with self._guard as conn:
                 conn.execute(self._insert_sql, params[0])  # one statement: its own transaction
@@ -3213,7 +3295,7 @@ class LilotaScheduler(_NodeBase):
         """Called after tasks were stored; Lilota wakes its idle worker processes here."""
 
     def schedule(self, name, input=None, *, delay=None, run_at=None, priority=0, max_attempts=None,
-                 timeout=None, queue=DEFAULT_QUEUE, unique_key=None, unique_for=None):
+                 timeout=None, queue=DEFAULT_QUEUE, unique_key=None, unique_for=None, connection=None):
         """Store a task and return its id (a UUID).
 
         ``input`` (a dataclass, pydantic model, dict, ``as_dict()`` object or plain JSON value) is
@@ -3227,22 +3309,30 @@ class LilotaScheduler(_NodeBase):
         unfinished (created, scheduled or running) -- or, with ``unique_for`` (timedelta or
         seconds), was created within that window whatever its status -- nothing is written and
         that task's id is returned. Race-free across processes and hosts.
+
+        ``connection``: the application's own DB-API connection to the same database (sqlite3,
+        psycopg 3, psycopg2, pg8000; also under an SQLAlchemy or Django wrapper): the task is
+        written inside its open transaction, which is never committed or rolled back here, and
+        exists only if the application commits. TypeError for a connection of another kind of
+        database than db_url's, ValueError for a SQLite connection to another file.
         """
         return self._schedule(name, (input,), delay, run_at, priority, max_attempts, timeout, queue,
-                              unique_keys=None if unique_key is None else [unique_key], unique_for=unique_for)[0]
+                              unique_keys=None if unique_key is None else [unique_key], unique_for=unique_for,
+                              connection=connection)[0]
 
     def schedule_many(self, name, inputs, *, delay=None, run_at=None, priority=0, max_attempts=None,
-                      timeout=None, queue=DEFAULT_QUEUE, unique_keys=None, unique_for=None):
+                      timeout=None, queue=DEFAULT_QUEUE, unique_keys=None, unique_for=None, connection=None):
         """Store one task per input in a single transaction; return their ids in order.
 
         All inputs are serialized before anything is written: one bad input stores nothing.
         ``unique_keys``: one key (or None) per input, as ``schedule()``'s ``unique_key``; an input
-        whose key is held, or came earlier in the same call, gets the holding task's id."""
+        whose key is held, or came earlier in the same call, gets the holding task's id.
+        ``connection``: as in ``schedule()``."""
         return self._schedule(name, inputs, delay, run_at, priority, max_attempts, timeout, queue,
-                              unique_keys=unique_keys, unique_for=unique_for)
+                              unique_keys=unique_keys, unique_for=unique_for, connection=connection)
 
     def _schedule(self, name, inputs, delay, run_at, priority, max_attempts, timeout, queue=DEFAULT_QUEUE, *,
-                  unique_keys=None, unique_for=None):
+                  unique_keys=None, unique_for=None, connection=None):
         _check_name(name)
         _check_queue(queue)
         if isinstance(priority, bool) or not isinstance(priority, int) or not -2**31 <= priority < 2**31:
@@ -3271,16 +3361,21 @@ class LilotaScheduler(_NodeBase):
                                  f"dates lilota can store (year 9999 at the latest)") from None
         if isinstance(inputs, (str, bytes, dict)) or not hasattr(inputs, "__iter__"):
             raise TypeError("schedule_many() takes an iterable of inputs, e.g. a list")
+        if connection is not None:
+            connection = self._dialect.adopt_connection(_unwrap_connection(connection))
         payloads = [dumps(value, "input") for value in inputs]
         keys = _unique_keys(unique_keys, len(payloads), unique_for)
         ids = _new_task_ids(len(payloads))
         if payloads:
             stored = self.storage.insert_tasks([(str(task_id), name, priority, when, max_attempts, timeout, payload,
                                                  queue, key, unique_for)
-                                                for task_id, payload, key in zip(ids, payloads, keys)])
+                                                for task_id, payload, key in zip(ids, payloads, keys)], connection)
             if unique_keys is not None:
                 ids = [uuid.UUID(task_id) for task_id in stored]
-            self._notify_workers()
+            if connection is None:
+                # In the application's transaction the tasks exist from its commit on, which
+                # wakes idle workers itself: a NOTIFY on PostgreSQL, data_version on SQLite.
+                self._notify_workers()
         return ids
 
     def find_task_ids(self, prefix, limit=None):
