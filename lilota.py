@@ -72,7 +72,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Lilota", "LilotaScheduler", "LilotaWorker",
     "Task", "TaskStatus", "TaskProgress", "TaskContext", "ModelProtocol",
-    "Node", "NodeStatus", "NodeType", "LilotaMode", "Queue", "DEFAULT_QUEUE",
+    "Node", "NodeStatus", "NodeType", "LilotaMode", "Queue", "DEFAULT_QUEUE", "PeriodicSchedule",
     "Dialect", "SQLiteDialect", "PostgreSQLDialect", "DBAPIConnection", "register_dialect",
     "LilotaError", "ConfigurationError", "DriverNotInstalledError", "StorageError",
     "DatabaseBusyError", "ReadOnlyDatabaseError", "DatabaseFullError", "CorruptDatabaseError",
@@ -326,6 +326,7 @@ class Task:
     keep_input: typing.Optional[bool] = None   # the registered keep_input, known from the first claim
     queue: str = DEFAULT_QUEUE
     unique_key: typing.Optional[str] = None   # schedule(..., unique_key=): see LilotaScheduler.schedule
+    scheduled_for: typing.Optional[datetime] = None   # a periodic task's slot (ctx.scheduled_for)
 
     @property
     def is_finished(self):
@@ -371,6 +372,29 @@ class Queue:
         rate = None if self.rate is None else {"tasks": self.rate[0], "per_seconds": self.rate[1].total_seconds()}
         return {"name": self.name, "paused": self.paused, "concurrency": self.concurrency, "rate": rate,
                 "counts": dict(self.counts)}
+
+
+@dataclasses.dataclass
+class PeriodicSchedule:
+    """A periodic schedule as running nodes recorded it in ``lilota_periodic`` (``get_periodic()``):
+    the ``task`` it enqueues in ``queue``, ``schedule`` (the cron expression, or ``every 300s``) in
+    ``timezone``, the next slot, the last slot enqueued and that task's id and status, and when a
+    running node last showed it (``seen_at``)."""
+
+    name: str
+    task: str
+    schedule: str
+    timezone: str
+    queue: str
+    next_run_at: typing.Optional[datetime]
+    last_slot: typing.Optional[datetime]
+    last_task_id: typing.Optional[uuid.UUID]
+    last_status: typing.Optional[TaskStatus]
+    seen_at: datetime
+
+    def as_dict(self):
+        """The schedule as JSON-compatible values."""
+        return {f.name: _to_json(getattr(self, f.name), f.name) for f in dataclasses.fields(self)}
 
 
 @typing.runtime_checkable
@@ -773,17 +797,20 @@ class TaskProgress:
 class TaskContext:
     """What a running task may want to know about itself; declare a parameter annotated
     ``TaskContext`` to receive it: ``task_id``, ``name``, ``attempt``, ``max_attempts``,
-    ``progress`` (a :class:`TaskProgress`) and ``logger``: the logger ``task.<name>``, an ordinary
+    ``scheduled_for`` (the slot a periodic task runs for, else None), ``progress`` (a
+    :class:`TaskProgress`) and ``logger``: the logger ``task.<name>``, an ordinary
     logger outside lilota's own ``lilota`` hierarchy (which is silent unless configured), so that
     its records go wherever the worker process's logging sends them, stderr when unconfigured."""
 
-    def __init__(self, *, task_id=None, name=None, attempt=1, max_attempts=1, progress=None, logger=None):
+    def __init__(self, *, task_id=None, name=None, attempt=1, max_attempts=1, progress=None, logger=None,
+                 scheduled_for=None):
         self.task_id = task_id
         self.name = name
         self.attempt = attempt
         self.max_attempts = max_attempts
         self.progress = progress
         self.logger = logger
+        self.scheduled_for = scheduled_for   # a periodic task's slot (aware UTC datetime), else None
 
     def __repr__(self):
         return f"TaskContext(task_id={self.task_id!s}, name={self.name!r}, attempt={self.attempt})"
@@ -857,7 +884,7 @@ _TASK_TABLE_V1 = (
 # they follow the version-1 columns in every row, in this order.
 _TASK_COLUMNS_ADDED = {
     2: (("queue", "text", "NOT NULL DEFAULT 'default'"),),
-    3: (("unique_key", "text", ""),),
+    3: (("unique_key", "text", ""), ("scheduled_for", "time", "")),
 }
 _TASK_TABLE = _TASK_TABLE_V1 + tuple(column for version in sorted(_TASK_COLUMNS_ADDED)
                                      for column in _TASK_COLUMNS_ADDED[version])
@@ -954,11 +981,23 @@ def _schema_v2(t):
 
 
 def _schema_v3(t):
-    """Version 3: unique tasks. A task's ``unique_key``, and the index that finds the tasks holding
-    a key (unfinished, or created within a ``unique_for`` window)."""
+    """Version 3: unique and periodic tasks. A task's ``unique_key`` and the index that finds the
+    tasks holding a key (unfinished, or created within a ``unique_for`` window); a periodic task's
+    slot (``scheduled_for``); and the periodic schedules of running nodes (lilota_periodic): what
+    they enqueue and when, and the last slot enqueued, which each slot's enqueuer compares and sets."""
     return _added_columns(3, t) + [
         "CREATE INDEX IF NOT EXISTS lilota_task_unique ON lilota_task (unique_key, created_at) "
         "WHERE unique_key IS NOT NULL",
+        f"""CREATE TABLE IF NOT EXISTS lilota_periodic (
+            name {t['text']} PRIMARY KEY,
+            task {t['text']} NOT NULL,
+            schedule {t['text']} NOT NULL,
+            timezone {t['text']} NOT NULL,
+            queue {t['text']} NOT NULL,
+            next_slot {t['time']},
+            last_slot {t['time']},
+            last_task_id {t['id']},
+            seen_at {t['time']} NOT NULL)""",
     ]
 
 
@@ -2127,8 +2166,8 @@ class Storage:
         # Hot statements, translated once.
         self._insert_sql = sql(
             "INSERT INTO lilota_task (id, name, status, priority, run_at, attempts, max_attempts, timeout, "
-            "progress_percentage, input, created_at, cancel_requested, queue, unique_key) "
-            f"VALUES (?, ?, 'scheduled', ?, {ts}, 0, ?, ?, 0, {js}, {ts}, 0, ?, ?)")
+            "progress_percentage, input, created_at, cancel_requested, queue, unique_key, scheduled_for) "
+            f"VALUES (?, ?, 'scheduled', ?, {ts}, 0, ?, ?, 0, {js}, {ts}, 0, ?, ?, {ts})")
         # The task that holds a unique key: an unfinished one, or one created after the cutoff
         # (NULL: no unique_for window). Read under the key's lock (Dialect.lock_unique_keys).
         self._unique_holder_sql = sql(
@@ -2399,7 +2438,7 @@ class Storage:
     def insert_tasks(self, rows, connection=None):
         """Store queued tasks in one transaction and return their ids (canonical strings).
         ``rows``: (id, name, priority, run_at, max_attempts, timeout, input_json, queue, unique_key,
-        unique_for) tuples with run_at in epoch seconds, or None for "now": such a task's run_at
+        unique_for, scheduled_for) tuples with run_at in epoch seconds, or None for "now": such a task's run_at
         equals its created_at, which keeps it out of the index of delayed tasks. A row with a
         unique_key that an unfinished task holds -- or, with unique_for (seconds), a task created
         within that window -- is not stored: its id in the result is that task's.
@@ -2409,10 +2448,7 @@ class Storage:
         autocommit mode these statements are one transaction of their own, as any statement is)."""
         d = self.dialect
         now = _now()
-        created = d.encode_time(now)
-        params = [(id_, name, priority, created if run_at is None else d.encode_time(run_at), max_attempts,
-                   timeout, d.encode_json(data), created, queue, unique_key)
-                  for id_, name, priority, run_at, max_attempts, timeout, data, queue, unique_key, _ in rows]
+        params = self._insert_params(rows, now)
         unique = any(row[8] is not None for row in rows)
         if connection is not None:
             conn, autocommit = connection
@@ -2434,6 +2470,14 @@ class Storage:
             return [params[0][0]]
         with self._write() as conn:
             return self._insert_in(conn, rows, params, now, unique)
+
+    def _insert_params(self, rows, now):
+        """The parameters of _insert_sql for insert_tasks' ``rows``, stored at ``now``."""
+        d = self.dialect
+        created = d.encode_time(now)
+        return [(id_, name, priority, created if run_at is None else d.encode_time(run_at), max_attempts,
+                 timeout, d.encode_json(data), created, queue, unique_key, None if slot is None else d.encode_time(slot))
+                for id_, name, priority, run_at, max_attempts, timeout, data, queue, unique_key, _, slot in rows]
 
     def _insert_in(self, conn, rows, params, now, unique):
         """insert_tasks' statements on ``conn``, inside a transaction the caller holds. A unique
@@ -2701,6 +2745,70 @@ class Storage:
         """Whether any task is queued or running."""
         with self._guard as conn:
             return conn.execute(f"SELECT 1 FROM lilota_task WHERE {_UNFINISHED_SQL} LIMIT 1").fetchone() is not None
+
+    # --- Storage: periodic schedules --------------------------------------------------------------
+
+    def record_periodic(self, schedules, now):
+        """Record this node's periodic schedules in lilota_periodic: (name, task, schedule text,
+        timezone, queue, next slot, latest slot) tuples, times in epoch seconds. A schedule new to
+        the database starts with its latest slot as done, so that its first task is for the next;
+        a known one keeps its last slot (a missed one is caught up) and takes this definition."""
+        d = self.dialect
+        ts = d.time_param
+        with self._write() as conn:
+            conn.executemany(d.sql(
+                "INSERT INTO lilota_periodic (name, task, schedule, timezone, queue, next_slot, last_slot, seen_at) "
+                f"VALUES (?, ?, ?, ?, ?, {ts}, {ts}, {ts}) ON CONFLICT (name) DO UPDATE SET task = excluded.task, "
+                "schedule = excluded.schedule, timezone = excluded.timezone, queue = excluded.queue, "
+                "next_slot = excluded.next_slot, seen_at = excluded.seen_at"),
+                [(name, task, schedule, zone, queue, d.encode_time(next_slot), d.encode_time(latest),
+                  d.encode_time(now)) for name, task, schedule, zone, queue, next_slot, latest in schedules])
+
+    def periodic_last_slots(self, names):
+        """{schedule name: its last slot enqueued (epoch seconds, None: none yet)} of ``names``."""
+        d = self.dialect
+        with self._guard as conn:
+            rows = conn.execute(d.sql("SELECT name, last_slot FROM lilota_periodic")).fetchall()
+        return {name: None if slot is None else d.decode_time(slot).timestamp() for name, slot in rows
+                if name in names}
+
+    def enqueue_periodic(self, name, slot, next_slot, row, now):
+        """Enqueue the task ``row`` (as insert_tasks takes it) for ``slot`` of schedule ``name``
+        unless that slot, or a later one, was enqueued already: the compare-and-set of the
+        schedule's last slot, in the task's transaction, lets one caller of all processes and
+        hosts through per slot. Returns the task id, or None when another node was first."""
+        d = self.dialect
+        ts = d.time_param
+        with self._write() as conn:
+            won = conn.execute(d.sql(
+                f"UPDATE lilota_periodic SET last_slot = {ts}, next_slot = {ts}, seen_at = {ts} "
+                f"WHERE name = ? AND (last_slot IS NULL OR last_slot < {ts})"),
+                (d.encode_time(slot), d.encode_time(next_slot), d.encode_time(now), name, d.encode_time(slot))).rowcount
+            if won != 1:
+                return None
+            task_id = self._insert_in(conn, [row], self._insert_params([row], now), now, row[8] is not None)[0]
+            conn.execute(d.sql("UPDATE lilota_periodic SET last_task_id = ? WHERE name = ?"), (task_id, name))
+            return task_id
+
+    def touch_periodic(self, names, now):
+        """Say that a running node still has these schedules (lilota_periodic.seen_at)."""
+        d = self.dialect
+        with self._guard as conn:
+            conn.executemany(d.sql(f"UPDATE lilota_periodic SET seen_at = {d.time_param} WHERE name = ?"),
+                             [(d.encode_time(now), name) for name in names])
+
+    def periodic_schedules(self):
+        """Every recorded :class:`PeriodicSchedule`, by name, with its last task's status."""
+        d = self.dialect
+        with self._guard as conn:
+            rows = conn.execute(
+                "SELECT p.name, p.task, p.schedule, p.timezone, p.queue, p.next_slot, p.last_slot, p.last_task_id, "
+                "t.status, p.seen_at FROM lilota_periodic p LEFT JOIN lilota_task t ON t.id = p.last_task_id "
+                "ORDER BY p.name").fetchall()
+        return [PeriodicSchedule(name, task, schedule, zone, queue, d.decode_time(next_slot), d.decode_time(last_slot),
+                                 None if task_id is None else uuid.UUID(str(task_id)),
+                                 None if status is None else TaskStatus(status), d.decode_time(seen_at))
+                for name, task, schedule, zone, queue, next_slot, last_slot, task_id, status, seen_at in rows]
 
     # --- Storage: tasks, the worker side ----------------------------------------------------------
 
@@ -3368,7 +3476,7 @@ class LilotaScheduler(_NodeBase):
         ids = _new_task_ids(len(payloads))
         if payloads:
             stored = self.storage.insert_tasks([(str(task_id), name, priority, when, max_attempts, timeout, payload,
-                                                 queue, key, unique_for)
+                                                 queue, key, unique_for, None)
                                                 for task_id, payload, key in zip(ids, payloads, keys)], connection)
             if unique_keys is not None:
                 ids = [uuid.UUID(task_id) for task_id in stored]
@@ -3388,6 +3496,11 @@ class LilotaScheduler(_NodeBase):
             raise ValueError(f"limit must be a positive int or None, got {limit!r}")
         low, high = (str(uuid.UUID(digits.ljust(32, pad))) for pad in "0f")
         return [uuid.UUID(task_id) for task_id in self.storage.task_ids_between(low, high, limit)]
+
+    def get_periodic(self):
+        """The periodic schedules running nodes recorded (:class:`PeriodicSchedule`), by name: what
+        each enqueues and when, its next slot, and its last task's id and status."""
+        return self.storage.periodic_schedules()
 
     def list_tasks(self, status=None, name=None, limit=100, queue=None):
         """Stored tasks, newest first: only those with ``status`` (a TaskStatus or its value),
@@ -3675,6 +3788,302 @@ class _Retention:
             thread.join()
 
 
+# --- Periodic schedules ---------------------------------------------------------------------------
+#
+# A periodic schedule enqueues one task per *slot*: each time its cron expression matches (in its
+# time zone), or each multiple of its interval since the epoch. Every node that has the schedule --
+# each worker process of the scripts that define it -- enqueues each due slot; the database lets
+# one through per slot (Storage.enqueue_periodic: a compare-and-set of the schedule's last slot, and
+# a unique key per slot), so nodes may come and go without a leader.
+
+_CRON_ALIASES = {
+    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *",
+}
+_MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+# name, lowest and highest value, names (the first one's value is the lowest)
+_CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
+                ("month", 1, 12, _MONTH_NAMES), ("day of week", 0, 7, _DAY_NAMES))
+_DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)   # February of leap years
+
+
+def _cron_field(text, what, low, high, names):
+    """The set of values a cron field ``text`` allows: ``*``, numbers, names, ranges ``a-b``, steps
+    ``*/n``, ``a-b/n`` and ``a/n`` (a to the highest), and lists of these; ValueError naming the field."""
+    def value(token):
+        if token.isdigit():
+            number = int(token)
+        elif token.lower() in names:
+            number = names.index(token.lower()) + low
+        else:
+            kinds = "a number or a name (" + ", ".join(names[:3]) + " ...)" if names else "a number"
+            raise ValueError(f"{what} field: {token!r} is not {kinds}")
+        if not low <= number <= high:
+            raise ValueError(f"{what} field: {number} is out of range {low}-{high}")
+        return number
+
+    values = set()
+    for item in text.split(","):
+        span, slash, step_text = item.partition("/")
+        step = 1
+        if slash:
+            if not step_text.isdigit() or int(step_text) == 0:
+                raise ValueError(f"{what} field: the step in {item!r} must be a whole number of at least 1")
+            step = int(step_text)
+        if span == "*":
+            first, last = low, high
+        elif "-" in span:
+            start, _, end = span.partition("-")
+            first, last = value(start), value(end)
+            if first > last:
+                raise ValueError(f"{what} field: the range {span!r} runs backwards; write the smaller end first")
+        elif span:
+            first = value(span)
+            last = high if slash else first
+        else:
+            raise ValueError(f"{what} field: empty item in {text!r}")
+        values.update(range(first, last + 1, step))
+    return values
+
+
+class _Cron:
+    """A cron expression: the five standard fields (minute, hour, day of month, month, day of week)
+    or an alias (@hourly, @daily, @weekly, @monthly, @yearly), its slots in time zone ``zone``.
+
+    When both day fields are restricted (neither starts with ``*``), a day matching either one
+    is enough, as in every cron since Vixie's. Slots are times on the zone's wall clock: one that
+    a daylight-saving change skips runs once at the first valid time after the gap, and one that
+    a change repeats runs once, at its first occurrence."""
+
+    def __init__(self, expression, zone):
+        if not isinstance(expression, str):
+            raise TypeError(f"cron must be a string such as '*/15 * * * *' or '@daily', not {type(expression).__name__}")
+        self.expression = expression.strip()
+        text = _CRON_ALIASES.get(self.expression.lower(), self.expression)
+        if text.startswith("@"):
+            raise ValueError(f"cron: unknown alias {self.expression!r}; the aliases are {', '.join(_CRON_ALIASES)}")
+        fields = text.split()
+        if len(fields) != 5:
+            raise ValueError(f"cron: {self.expression!r} has {len(fields)} fields; it needs 5: minute hour "
+                             f"day-of-month month day-of-week, e.g. '*/15 * * * *'")
+        (self.minutes, self.hours, self.days, self.months, weekdays) = (
+            _cron_field(field, *spec) for field, spec in zip(fields, _CRON_FIELDS))
+        self.weekdays = {day % 7 for day in weekdays}   # 7 is Sunday too
+        self.any_day, self.any_weekday = fields[2].startswith("*"), fields[4].startswith("*")
+        if self.any_weekday and not any(day <= _DAYS_IN_MONTH[month - 1] for day in self.days for month in self.months):
+            raise ValueError(f"day of month field: {fields[2]!r} never falls in the months of the month field "
+                             f"({fields[3]!r})")
+        self.zone = zone
+
+    def _day_matches(self, wall):
+        in_month = wall.day in self.days
+        in_week = (wall.weekday() + 1) % 7 in self.weekdays   # cron: 0 is Sunday
+        if self.any_day or self.any_weekday:   # "*/2" counts as a star here, yet allows odd days only
+            return in_month and in_week
+        return in_month or in_week
+
+    def _next_wall(self, wall):
+        """The first wall-clock minute at or after ``wall`` (naive) that the fields allow, or None
+        within nine years (29 February comes at least every eight)."""
+        last_year = wall.year + 9
+        while wall.year <= last_year:
+            if wall.month not in self.months:
+                wall = datetime(wall.year + wall.month // 12, wall.month % 12 + 1, 1)
+            elif not self._day_matches(wall):
+                wall = datetime(wall.year, wall.month, wall.day) + timedelta(days=1)
+            elif wall.hour not in self.hours:
+                wall = datetime(wall.year, wall.month, wall.day, wall.hour) + timedelta(hours=1)
+            elif wall.minute not in self.minutes:
+                wall += timedelta(minutes=1)
+            else:
+                return wall
+        return None
+
+    def _instant(self, wall):
+        """Epoch seconds of a wall-clock time: its first occurrence, or for a time a change to
+        daylight-saving time skips, the first valid minute after the gap."""
+        for _ in range(24 * 60):
+            aware = wall.replace(tzinfo=self.zone)   # fold=0: the first of a repeated time
+            if aware.astimezone(timezone.utc).astimezone(self.zone).replace(tzinfo=None) == wall:
+                return aware.timestamp()
+            wall += timedelta(minutes=1)
+        raise ValueError(f"time zone {self.zone} skips more than a day at {wall}")
+
+    def next_after(self, seconds):
+        """The first slot after ``seconds`` (epoch), or None if there is none within nine years."""
+        wall = datetime.fromtimestamp(seconds, self.zone).replace(tzinfo=None, second=0, microsecond=0)
+        wall += timedelta(minutes=1)
+        while True:
+            wall = self._next_wall(wall)
+            if wall is None:
+                return None
+            instant = self._instant(wall)
+            if instant > seconds:   # not a repeated time's first occurrence, already past
+                return instant
+            wall += timedelta(minutes=1)
+
+
+def _time_zone(name):
+    """A ``timezone=`` (an IANA name such as 'Europe/Berlin', or a tzinfo; None: UTC) as (tzinfo, name)."""
+    if name is None:
+        return timezone.utc, "UTC"
+    if isinstance(name, _dt.tzinfo):
+        return name, str(getattr(name, "key", None) or name)
+    if not isinstance(name, str):
+        raise TypeError(f"timezone must be an IANA time zone name such as 'Europe/Berlin', not {type(name).__name__}")
+    import zoneinfo   # only where time zones are used: it costs every worker's start otherwise
+    try:
+        return zoneinfo.ZoneInfo(name), name
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"timezone {name!r} is not a known IANA time zone (e.g. 'Europe/Berlin', 'UTC'); on a "
+                         f"system without a zone database, pip install tzdata") from None
+
+
+class _Periodic:
+    """One periodic schedule: ``name`` enqueues task ``task`` with ``input`` (JSON text) in
+    ``queue`` at each slot of ``cron`` (in ``timezone``) or each multiple of ``every`` seconds since
+    the epoch. ``catch_up``: a slot missed while no node ran is enqueued once when a node starts
+    (only the latest of them); without it a slot is enqueued only within a grace of its time
+    (a minute, or its period when shorter)."""
+
+    def __init__(self, name, task, *, cron=None, every=None, timezone=None, input_json="null",
+                 queue=DEFAULT_QUEUE, catch_up=True):
+        self.name, self.task, self.input_json, self.queue = name, task, input_json, queue
+        self.catch_up = bool(catch_up)
+        if (cron is None) == (every is None):
+            raise ValueError(f"periodic schedule {name!r}: give either cron= (e.g. '*/15 * * * *') or every= "
+                             f"(e.g. timedelta(minutes=5)), one of them")
+        self.zone, self.timezone = _time_zone(timezone)
+        if cron is not None:
+            self.cron, self.every = _Cron(cron, self.zone), None
+            self.schedule = self.cron.expression
+        else:
+            self.cron, self.every = None, _seconds(every, "every", allow_zero=False)
+            if self.every < 1:
+                raise ValueError(f"every must be at least 1 second, got {every!r}")
+            self.schedule = f"every {self.every:g}s"
+
+    def next_after(self, seconds):
+        """The first slot after ``seconds`` (epoch seconds), or None (a cron with none for years)."""
+        if self.every is not None:
+            return (math.floor(seconds / self.every) + 1) * self.every
+        return self.cron.next_after(seconds)
+
+    def latest(self, seconds):
+        """The last slot at or before ``seconds``, or None."""
+        if self.every is not None:
+            return math.floor(seconds / self.every) * self.every
+        # The slots of a window before ``seconds``, the window doubled until it holds one.
+        span = 60.0
+        while span < 10 * 366 * 86400:
+            slot = self.next_after(seconds - span)
+            if slot is not None and slot <= seconds:
+                while True:
+                    following = self.next_after(slot)
+                    if following is None or following > seconds:
+                        return slot
+                    slot = following
+            span *= 2
+        return None
+
+    def grace(self, slot):
+        """How late a slot may still be enqueued without catch_up: a minute, or its period when shorter."""
+        following = self.next_after(slot)
+        return 60.0 if following is None else min(60.0, following - slot)
+
+    def unique_key(self, slot):
+        return f"lilota.periodic:{self.name}@{datetime.fromtimestamp(slot, timezone.utc).isoformat()}"
+
+
+class _PeriodicRunner:
+    """Enqueues the due slots of a node's periodic schedules: ``tick()`` once, or from ``start()``
+    on in a thread that sleeps until the next slot. The schedules are recorded in lilota_periodic
+    first (and their ``seen_at`` renewed while it runs), so that ``get_periodic()`` and ``lilota
+    periodic`` show them."""
+
+    #: Seconds between renewals of the schedules' seen_at, and the longest sleep.
+    touch_interval = 30.0
+
+    def __init__(self, owner, schedules):
+        self.owner = owner            # what has the ``storage``: a LilotaWorker
+        self.schedules = list(schedules)
+        self._handled = {}            # name -> the last slot this node dealt with
+        self._recorded = False
+        self._stop = threading.Event()
+        self._thread = None
+
+    def tick(self, now=None):
+        """Enqueue each schedule's latest due slot that no node has enqueued yet; return the ids of
+        the tasks this node enqueued. ``now``: epoch seconds (tests; default the clock)."""
+        now = _now() if now is None else now
+        storage = self.owner.storage
+        if not self._recorded:
+            storage.record_periodic([(p.name, p.task, p.schedule, p.timezone, p.queue, p.next_after(now),
+                                      p.latest(now)) for p in self.schedules], now)
+            self._recorded = True
+        due = {}
+        for periodic in self.schedules:
+            slot = periodic.latest(now)
+            if slot is not None and slot > self._handled.get(periodic.name, -math.inf):
+                due[periodic.name] = slot
+        if not due:
+            return []
+        # A read first: of the nodes woken by one slot, only those that find it open try to write.
+        done = storage.periodic_last_slots(set(due))
+        enqueued = []
+        for periodic in self.schedules:
+            slot = due.get(periodic.name)
+            if slot is None:
+                continue
+            self._handled[periodic.name] = slot
+            last = done.get(periodic.name)
+            if last is not None and last >= slot:
+                continue
+            if not periodic.catch_up and now - slot > periodic.grace(slot):
+                continue
+            task_id = _new_task_ids(1)[0]
+            # unique_for back to the epoch: a task of this slot counts, whatever its age and status.
+            row = (str(task_id), periodic.task, 0, None, None, None, periodic.input_json, periodic.queue,
+                   periodic.unique_key(slot), now, slot)
+            stored = storage.enqueue_periodic(periodic.name, slot, periodic.next_after(slot), row, now)
+            if stored is not None:
+                enqueued.append(uuid.UUID(stored))
+                logger.debug("periodic %s: enqueued task %s for %s", periodic.name, stored, _to_datetime(slot))
+        return enqueued
+
+    def _run(self):
+        touched = _now()
+        wait = 0.0
+        while not self._stop.wait(wait):
+            try:
+                self.tick()
+                now = _now()
+                if now - touched >= self.touch_interval:
+                    self.owner.storage.touch_periodic([p.name for p in self.schedules], now)
+                    touched = now
+                upcoming = [slot for slot in (p.next_after(now) for p in self.schedules) if slot is not None]
+                wait = min([self.touch_interval] + [slot - now for slot in upcoming])
+            except StorageError:
+                logger.warning("lilota could not enqueue periodic tasks; will retry", exc_info=True)
+                wait = 1.0
+            except Exception:
+                logger.exception("lilota could not enqueue periodic tasks; will retry")
+                wait = 1.0
+
+    def start(self):
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="lilota-periodic", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+
 # ==================================================================================================
 # 4. Worker
 # ==================================================================================================
@@ -3921,6 +4330,8 @@ class LilotaWorker(_NodeBase):
         # Standalone only: under a supervisor, the supervisor's keep_finished is what applies.
         self.keep_finished = _seconds(keep_finished, "keep_finished", allow_zero=False)
         self._registry = {}
+        self._periodic = {}           # schedule name -> _Periodic
+        self._periodic_runner = None  # run_periodic()'s, kept for what this node already handled
         self._claim = None
         self._claim_lost = False      # a claim may have been committed with its reply lost
         self._node_id = None
@@ -3962,18 +4373,65 @@ class LilotaWorker(_NodeBase):
         return decorator
 
     def task(self, func=None, *, name=None, timeout=timedelta(minutes=5), max_attempts=1, keep_input=True,
-             retry_on=None, no_retry_on=None):
+             retry_on=None, no_retry_on=None, cron=None, timezone=None, catch_up=True):
         """Decorator registering a task under the function's name (or ``name``), with the input and
         output models read from its annotations: ``@worker.task`` or ``@worker.task(name=...)``.
-        The other options are those of :meth:`register`."""
+        The other options are those of :meth:`register`. ``cron`` (with ``timezone`` and
+        ``catch_up``) also makes it periodic: see :meth:`periodic`."""
+        if cron is None and (timezone is not None or catch_up is not True):
+            raise ValueError("timezone= and catch_up= go with cron= (or worker.periodic(...)); give cron= too")
+
         def decorator(fn):
             try:
                 output_model = typing.get_type_hints(fn).get("return")
             except Exception:
                 output_model = None
+            if cron is not None:   # first: a bad expression registers nothing
+                self.periodic(name or fn.__name__, cron=cron, timezone=timezone, catch_up=catch_up)
             return self.register(name or fn.__name__, None, None if output_model is type(None) else output_model,
                                  None, timeout, max_attempts, keep_input, retry_on, no_retry_on)(fn)
         return decorator(func) if func is not None else decorator
+
+    def periodic(self, task, *, cron=None, every=None, timezone=None, input=None, queue=DEFAULT_QUEUE,
+                 catch_up=True, name=None):
+        """Enqueue task ``task`` with ``input`` in ``queue`` periodically, while this worker runs:
+        at each time ``cron`` matches ("*/15 * * * *", "@daily"; in ``timezone``, an IANA name,
+        default UTC), or every ``every`` (a timedelta or seconds, at least 1 s; slots are its
+        multiples since the epoch). However many nodes have the schedule, each slot gets one task
+        (``Task.scheduled_for``, ``ctx.scheduled_for``). A slot missed while no node ran is enqueued
+        once when one starts (the latest only), unless ``catch_up=False``. ``name``: the schedule's
+        name (default: ``task``), unique per worker and what the database records it under.
+
+        ValueError for a bad cron expression (naming the field and its range), an unknown time
+        zone, both or neither of cron and every, or a name given twice; TypeError for an input that
+        cannot be stored."""
+        if self._running:
+            raise LilotaError("add periodic schedules before worker.start(); the running worker cannot take new ones")
+        _check_name(task)
+        _check_queue(queue)
+        name = _check_name(task if name is None else name)
+        if name in self._periodic:
+            raise ValueError(f"a periodic schedule named {name!r} is already defined; give name= to tell them apart")
+        self._periodic[name] = _Periodic(name, task, cron=cron, every=every, timezone=timezone,
+                                         input_json=dumps(input, "input"), queue=queue, catch_up=catch_up)
+        self._periodic_runner = None
+
+    def run_periodic(self):
+        """Enqueue the due slots of this worker's periodic schedules now, as a running worker does
+        (for tests, with ``run_pending()`` to run them); return the ids of the tasks enqueued."""
+        if self._periodic_runner is None:
+            self._periodic_runner = _PeriodicRunner(self, self._periodic.values())
+        return self._periodic_runner.tick()
+
+    def _start_periodic(self):
+        """The thread that enqueues this worker's periodic slots (None without schedules)."""
+        if not self._periodic:
+            return None
+        unknown = sorted({p.task for p in self._periodic.values()} - set(self._registry))
+        if unknown:
+            self.logger.warning("periodic schedules enqueue task(s) %s that this worker does not register; "
+                                "workers elsewhere must run them", ", ".join(map(repr, unknown)))
+        return _PeriodicRunner(self, self._periodic.values()).start()
 
     def _add(self, task_function):
         if self._running:
@@ -4023,7 +4481,7 @@ class LilotaWorker(_NodeBase):
             if function.context_param is not None:
                 context = TaskContext(task_id=task.id, name=task.name, attempt=task.attempts,
                                       max_attempts=task.max_attempts or 1, progress=progress,
-                                      logger=logging.getLogger("task." + task.name))
+                                      logger=logging.getLogger("task." + task.name), scheduled_for=task.scheduled_for)
         self._current, self._interrupt = task, None
         self._tasks_run += 1
         try:
@@ -4226,10 +4684,13 @@ class LilotaWorker(_NodeBase):
             supervision.control.send(("no_timeout_retry", final_timeouts))
         supervision.control.send(("ready", os.getpid()))
         self._start_keeper(node_id, supervision.control, False)
+        periodic = self._start_periodic()
         try:
             self._loop(node_id, doorbell)
         finally:
             self._running = False
+            if periodic is not None:
+                periodic.stop()
             self._close_wake_pipe()
         if self._recycled is not None:
             # A clean exit, not a crash: the supervisor starts the successor at once.
@@ -4252,6 +4713,7 @@ class LilotaWorker(_NodeBase):
             previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_interrupt_signal)
         keeper = self._start_keeper(node_id, None, in_main_thread)
         retention = _Retention(self, self.keep_finished).start() if self.keep_finished else None
+        periodic = self._start_periodic()
         status = NodeStatus.STOPPED
         try:
             self._loop(node_id, None)
@@ -4269,6 +4731,8 @@ class LilotaWorker(_NodeBase):
             keeper.join(timeout=2 * self.heartbeat_interval)
             if retention is not None:
                 retention.stop()
+            if periodic is not None:
+                periodic.stop()
             self._close_wake_pipe()
             try:
                 _give_back(storage, node_id, "the worker stopped while running this task")
@@ -5841,6 +6305,25 @@ def _cmd_queues(args):
     return 0
 
 
+def _cmd_periodic(args):
+    """List the periodic schedules that running nodes recorded: the task each enqueues, its cron
+    expression or interval and time zone, its next run, and its last slot's task and status.
+    SEEN is when a running node last had the schedule (older than a minute: no node runs it)."""
+    schedules = _scheduler(args).get_periodic()
+    if args.json:
+        for schedule in schedules:
+            _print_json(schedule.as_dict())
+        return 0
+    now = datetime.now(timezone.utc)
+    print(_table(["NAME", "TASK", "SCHEDULE", "ZONE", "QUEUE", "NEXT RUN", "LAST SLOT", "LAST TASK", "STATUS", "SEEN"],
+                 [[_short(p.name), _short(p.task), _short(p.schedule, 24), p.timezone, _short(p.queue),
+                   _format_age(p.next_run_at, now), _format_age(p.last_slot, now),
+                   "-" if p.last_task_id is None else str(p.last_task_id)[:8],
+                   "-" if p.last_status is None else str(p.last_status), _format_age(p.seen_at, now)]
+                  for p in schedules]))
+    return 0
+
+
 def _format_rate(rate):
     if rate is None:
         return "-"
@@ -5887,6 +6370,7 @@ _EXAMPLES = {
     "nodes": "{prog} nodes --json",
     "stats": "{prog} stats",
     "queues": "{prog} queues --json",
+    "periodic": "{prog} periodic --json",
     "queue": "{prog} queue limit images --concurrency 2 --rate 10/s",
 }
 
@@ -5987,6 +6471,7 @@ def _build_parser(prog):
     command("nodes", _cmd_nodes, "list workers and schedulers with their liveness")
     command("stats", _cmd_stats, "task counts per status, name and queue, and throughput")
     command("queues", _cmd_queues, "list the queues with their pause, limits and counts")
+    command("periodic", _cmd_periodic, "list the periodic schedules with their next run and last status")
     sub = command("queue", _cmd_queue, "pause or resume a queue, or set its limits", reads=False)
     actions = sub.add_subparsers(dest="action", metavar="ACTION", required=True)
     for action, summary in (("pause", "start no new task of the queue"), ("resume", "let the queue's tasks start"),
