@@ -24,8 +24,9 @@ The file reads top to bottom; each section depends only on those above it:
 
 Where what is to come goes: queues in 2 (a column of the task row, a condition of the one claim)
 and 3; dependencies in 2 (a ``waiting`` status a completion releases) and 3; async task functions
-in 4 (stopped through the same keeper and ``_stopped_end``); periodic schedules in a section of
-their own after the worker (the supervisor runs them, one node a turn, as ``_Retention`` does); the
+in 4 (stopped through the same keeper and ``_stopped_end``); periodic schedules are in 3 (the cron
+parser and ``_PeriodicRunner``, a thread beside ``_Retention`` that each worker process with
+schedules runs; the database lets one node through per slot); the
 dashboard in a section of its own before the command line, its HTML, CSS and JavaScript one
 compact block, as bottle's templates are.
 
@@ -4416,12 +4417,18 @@ class LilotaWorker(_NodeBase):
                                          input_json=dumps(input, "input"), queue=queue, catch_up=catch_up)
         self._periodic_runner = None
 
-    def run_periodic(self):
-        """Enqueue the due slots of this worker's periodic schedules now, as a running worker does
-        (for tests, with ``run_pending()`` to run them); return the ids of the tasks enqueued."""
+    def run_periodic(self, now=None):
+        """Enqueue the due slots of this worker's periodic schedules, as a running worker does, as
+        of ``now`` (an aware datetime; default: the clock) -- the test helper, with
+        ``run_pending()`` to run them; returns the ids of the tasks enqueued. Later calls remember
+        the slots handled, as one running node does; each worker is a node of its own."""
+        if now is not None:
+            if not isinstance(now, datetime) or now.utcoffset() is None:
+                raise ValueError(f"now must be a timezone-aware datetime, got {now!r}")
+            now = now.timestamp()
         if self._periodic_runner is None:
             self._periodic_runner = _PeriodicRunner(self, self._periodic.values())
-        return self._periodic_runner.tick()
+        return self._periodic_runner.tick(now)
 
     def _start_periodic(self):
         """The thread that enqueues this worker's periodic slots (None without schedules)."""
