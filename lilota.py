@@ -3733,24 +3733,46 @@ class LilotaScheduler(_NodeBase):
         return False
 
 
-class _Retention:
+class _BackgroundThread:
+    """A daemon thread that runs ``_run()`` until ``stop()``; ``_run`` waits on ``self._stop``."""
+
+    thread_name = "lilota-background"
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self):
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+
+class _Retention(_BackgroundThread):
     """``keep_finished``: deletes finished tasks older than that, in a background thread of a
     supervisor (Lilota) or standalone worker -- shortly after it starts, then every
     ``interval`` (a tenth of keep_finished, at most 5 minutes). Of all the nodes on a database
     only one deletes in each interval: the one whose compare-and-set on lilota_meta's time of the
     last turn succeeds (Storage.take_turn). It deletes as cleanup() does, in batches."""
 
+    thread_name = "lilota-retention"
     #: Seconds after start before the first turn.
     first_delay = 1.0
     #: Tasks deleted per transaction (None: Storage.delete_batch_size).
     batch_size = None
 
     def __init__(self, owner, keep_finished):
+        super().__init__()
         self.owner = owner           # what has the ``storage``: a LilotaScheduler or LilotaWorker
         self.keep_finished = keep_finished
         self.interval = max(1.0, min(keep_finished / 10, 300.0))
-        self._stop = threading.Event()
-        self._thread = None
 
     def step(self, now=None, stop=None):
         """Take this interval's turn if no other node has: delete and return how many tasks were
@@ -3775,18 +3797,6 @@ class _Retention:
                 logger.warning("lilota could not delete old finished tasks; will retry", exc_info=True)
             except Exception:
                 logger.exception("lilota could not delete old finished tasks; will retry")
-
-    def start(self):
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="lilota-retention", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self):
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
 
 
 # --- Periodic schedules ---------------------------------------------------------------------------
@@ -3997,22 +4007,22 @@ class _Periodic:
         return f"lilota.periodic:{self.name}@{datetime.fromtimestamp(slot, timezone.utc).isoformat()}"
 
 
-class _PeriodicRunner:
+class _PeriodicRunner(_BackgroundThread):
     """Enqueues the due slots of a node's periodic schedules: ``tick()`` once, or from ``start()``
     on in a thread that sleeps until the next slot. The schedules are recorded in lilota_periodic
     first (and their ``seen_at`` renewed while it runs), so that ``get_periodic()`` and ``lilota
     periodic`` show them."""
 
+    thread_name = "lilota-periodic"
     #: Seconds between renewals of the schedules' seen_at, and the longest sleep.
     touch_interval = 30.0
 
     def __init__(self, owner, schedules):
+        super().__init__()
         self.owner = owner            # what has the ``storage``: a LilotaWorker
         self.schedules = list(schedules)
         self._handled = {}            # name -> the last slot this node dealt with
         self._recorded = False
-        self._stop = threading.Event()
-        self._thread = None
 
     def tick(self, now=None):
         """Enqueue each schedule's latest due slot that no node has enqueued yet; return the ids of
@@ -4071,18 +4081,6 @@ class _PeriodicRunner:
             except Exception:
                 logger.exception("lilota could not enqueue periodic tasks; will retry")
                 wait = 1.0
-
-    def start(self):
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="lilota-periodic", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self):
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
 
 
 # ==================================================================================================

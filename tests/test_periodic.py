@@ -6,9 +6,7 @@ and the command line. The database tests run on SQLite and PostgreSQL."""
 import contextlib
 import io
 import json
-import multiprocessing
 import signal
-import threading
 import unittest
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -297,54 +295,26 @@ class SlotRaceTests(support.TempDirTestCase):
         worker = LilotaWorker(self.db_url)
         worker.periodic("tick", every=1)
         worker.run_periodic(utc(2026, 1, 1))   # records the schedule
-        context = multiprocessing.get_context("spawn")
-        barrier, results = context.Barrier(2), context.Queue()
-        processes = [context.Process(target=_race_for_slots, args=(self.db_url, barrier, results)) for _ in range(2)]
-        for process in processes:
-            process.start()
-        try:
-            outcomes = [results.get(timeout=300) for _ in processes]
-        finally:
-            for process in processes:
-                process.join(30)
-                if process.is_alive():
-                    process.kill()
-        for outcome in outcomes:
-            self.assertIsInstance(outcome, list, outcome)
-        winners = [slot for outcome in outcomes for slot in outcome]
+        outcomes = support.race_in_processes(_enqueue_slots, self.db_url)
+        winners = [slot for outcome in outcomes for slots in outcome for slot in slots]
         self.assertEqual(sorted(winners), list(range(50)), "one winner per slot")
         rows = self.db_execute("SELECT scheduled_for, COUNT(*) FROM lilota_task GROUP BY scheduled_for")
         self.assertEqual(len(rows), 50)
         self.assertEqual({count for _, count in rows}, {1})
 
 
-def _race_for_slots(db_url, barrier, results):
-    """One process of the slot race: 4 threads that each try to enqueue slots 1..50 of "tick"."""
-    try:
-        storage = LilotaScheduler(db_url).storage
-        storage.ensure_ready()
-        periodic = lilota._Periodic("tick", "tick", every=1)
-        start = utc(2026, 1, 1).timestamp()
-        threads_barrier = threading.Barrier(4)
-        won = [[] for _ in range(4)]
-
-        def run(n):
-            threads_barrier.wait()
-            for i in range(50):
-                slot = start + 1 + i
-                row = (str(uuid.uuid4()), "tick", 0, None, None, None, "null", "default",
-                       periodic.unique_key(slot), slot, slot)
-                if storage.enqueue_periodic("tick", slot, slot + 1, row, slot) is not None:
-                    won[n].append(i)
-        threads = [threading.Thread(target=run, args=(n,)) for n in range(4)]
-        barrier.wait(60)
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        results.put([i for slots in won for i in slots])
-    except BaseException as exc:
-        results.put(repr(exc))
+def _enqueue_slots(db_url):
+    """One thread of the slot race: try to enqueue slots 1..50 of "tick"; the slots it won."""
+    storage = LilotaScheduler(db_url).storage
+    periodic = lilota._Periodic("tick", "tick", every=1)
+    start = utc(2026, 1, 1).timestamp()
+    won = []
+    for i in range(50):
+        slot = start + 1 + i
+        row = (str(uuid.uuid4()), "tick", 0, None, None, None, "null", "default", periodic.unique_key(slot), slot, slot)
+        if storage.enqueue_periodic("tick", slot, slot + 1, row, slot) is not None:
+            won.append(i)
+    return won
 
 
 @support.on_every_backend

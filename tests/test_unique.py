@@ -4,8 +4,6 @@ Every class runs on SQLite and PostgreSQL."""
 
 import contextlib
 import io
-import multiprocessing
-import threading
 import time
 from datetime import timedelta
 from unittest import mock
@@ -138,21 +136,9 @@ class UniqueTaskTests(support.TempDirTestCase):
         """The issue's proof: 8 threads in 2 processes schedule the same keys at once, 500 keys one
         after the other; each key ends with exactly one row, and every caller got its id."""
         LilotaScheduler(self.db_url).storage.ensure_ready()
-        context = multiprocessing.get_context("spawn")
-        barrier, results = context.Barrier(2), context.Queue()
-        processes = [context.Process(target=_race, args=(self.db_url, barrier, results)) for _ in range(2)]
-        for process in processes:
-            process.start()
-        try:
-            outcomes = [results.get(timeout=300) for _ in processes]
-        finally:
-            for process in processes:
-                process.join(30)
-                if process.is_alive():
-                    process.kill()
+        outcomes = support.race_in_processes(_schedule_keys, self.db_url)
         ids_per_key = {}
         for outcome in outcomes:
-            self.assertIsInstance(outcome, list, outcome)
             for thread_ids in outcome:
                 for i, task_id in enumerate(thread_ids):
                     ids_per_key.setdefault(i, set()).add(task_id)
@@ -163,26 +149,10 @@ class UniqueTaskTests(support.TempDirTestCase):
         self.assertEqual({count for _, count in rows}, {1}, "exactly one row per key")
 
 
-def _race(db_url, barrier, results):
-    """One process of the race: 4 threads that schedule keys race-0 ... race-499 in order."""
-    try:
-        scheduler = LilotaScheduler(db_url)
-        scheduler.storage.ensure_ready()
-        threads_barrier = threading.Barrier(4)
-        outcome = [None] * 4
-
-        def run(n):
-            threads_barrier.wait()
-            outcome[n] = [str(scheduler.schedule("race", n, unique_key=f"race-{i}")) for i in range(500)]
-        threads = [threading.Thread(target=run, args=(n,)) for n in range(4)]
-        barrier.wait(60)
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        results.put(outcome)
-    except BaseException as exc:
-        results.put(repr(exc))
+def _schedule_keys(db_url):
+    """One thread of the race: schedule keys race-0 ... race-499 in order; their ids."""
+    scheduler = LilotaScheduler(db_url)
+    return [str(scheduler.schedule("race", None, unique_key=f"race-{i}")) for i in range(500)]
 
 
 @support.on_every_backend
