@@ -1202,10 +1202,13 @@ def _connection_kind(raw):
 def _unwrap_connection(raw):
     """The driver's connection under an SQLAlchemy pool proxy (``session.connection().connection``)
     or a Django connection wrapper (``django.db.connection``), else ``raw`` itself."""
-    for attribute in ("driver_connection", "dbapi_connection"):   # SQLAlchemy 2 / 1.4
-        inner = getattr(raw, attribute, None)
-        if inner is not None and type(raw).__module__.startswith("sqlalchemy"):
-            return _unwrap_connection(inner)
+    if type(raw).__module__.startswith("sqlalchemy"):
+        # A pool's proxy: its driver connection (SQLAlchemy 2; 1.4: dbapi_connection); a
+        # Connection: its proxy.
+        for attribute in ("driver_connection", "dbapi_connection", "connection"):
+            inner = getattr(raw, attribute, None)
+            if inner is not None and not isinstance(inner, types.MethodType):   # Session.connection()
+                return _unwrap_connection(inner)
     if type(raw).__module__.startswith("django.") and hasattr(raw, "ensure_connection"):   # also its proxy
         raw.ensure_connection()
         return raw.connection
@@ -4030,8 +4033,7 @@ class _PeriodicRunner(_BackgroundThread):
         now = _now() if now is None else now
         storage = self.owner.storage
         if not self._recorded:
-            storage.record_periodic([(p.name, p.task, p.schedule, p.timezone, p.queue, p.next_after(now),
-                                      p.latest(now)) for p in self.schedules], now)
+            self._record(self.schedules, now)
             self._recorded = True
         due = {}
         for periodic in self.schedules:
@@ -4042,26 +4044,32 @@ class _PeriodicRunner(_BackgroundThread):
             return []
         # A read first: of the nodes woken by one slot, only those that find it open try to write.
         done = storage.periodic_last_slots(set(due))
+        lost = [p for p in self.schedules if p.name in due and p.name not in done]
+        if lost:   # their rows were deleted while this node ran: recorded again, as new schedules
+            self._record(lost, now)
         enqueued = []
         for periodic in self.schedules:
             slot = due.get(periodic.name)
-            if slot is None:
+            if slot is None or periodic in lost:
                 continue
-            self._handled[periodic.name] = slot
-            last = done.get(periodic.name)
-            if last is not None and last >= slot:
-                continue
-            if not periodic.catch_up and now - slot > periodic.grace(slot):
+            last = done[periodic.name]
+            if (last is not None and last >= slot) or (not periodic.catch_up and now - slot > periodic.grace(slot)):
+                self._handled[periodic.name] = slot
                 continue
             task_id = _new_task_ids(1)[0]
             # unique_for back to the epoch: a task of this slot counts, whatever its age and status.
             row = (str(task_id), periodic.task, 0, None, None, None, periodic.input_json, periodic.queue,
                    periodic.unique_key(slot), now, slot)
             stored = storage.enqueue_periodic(periodic.name, slot, periodic.next_after(slot), row, now)
+            self._handled[periodic.name] = slot   # only now: after an error the next tick tries again
             if stored is not None:
                 enqueued.append(uuid.UUID(stored))
                 logger.debug("periodic %s: enqueued task %s for %s", periodic.name, stored, _to_datetime(slot))
         return enqueued
+
+    def _record(self, schedules, now):
+        self.owner.storage.record_periodic([(p.name, p.task, p.schedule, p.timezone, p.queue, p.next_after(now),
+                                             p.latest(now)) for p in schedules], now)
 
     def _run(self):
         touched = _now()

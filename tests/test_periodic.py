@@ -232,6 +232,16 @@ class PeriodicWorkerTests(support.TempDirTestCase):
         self.assertEqual(schedules["cleanup"].schedule, "every 300s")
         self.assertEqual(schedules["cleanup"].as_dict()["last_slot"], "2026-12-07T09:15:00+00:00")
 
+    def test_deleted_record_is_made_again(self):
+        node = self.make_worker()
+        node.run_periodic()
+        self.db_execute("DELETE FROM lilota_periodic")
+        self.clock.advance(minutes=8)   # 09:15: the rows are made again, as new schedules
+        self.assertEqual(node.run_periodic(), [])
+        self.assertEqual(sorted(p.name for p in self.app.get_periodic()), ["cleanup", "refresh"])
+        self.clock.advance(minutes=5)   # 09:20
+        self.assertEqual([self.app.get_task_by_id(i).name for i in node.run_periodic()], ["cleanup"])
+
     def test_command_line(self):
         node = self.make_worker()
         node.run_periodic()

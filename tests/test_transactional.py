@@ -234,6 +234,15 @@ class TransactionalEnqueueTests(support.TempDirTestCase):
                 raise RuntimeError("the order failed")
         self.assertIsNone(self.app.get_task_by_id(dropped))
         self.assertEqual((self.count("orders"), self.count("lilota_task")), (1, 1))
+        # The Connection itself, and a Session's, are unwrapped too.
+        with engine.begin() as connection:
+            also = self.app.schedule("ship", {"item": "ink"}, connection=connection)
+        orm = importlib.import_module("sqlalchemy.orm")
+        with orm.Session(engine) as session, session.begin():
+            session.execute(sqlalchemy.text("INSERT INTO orders (item) VALUES ('cup')"))
+            last = self.app.schedule("ship", {"item": "cup"}, connection=session.connection())
+        self.assertEqual([self.app.get_task_by_id(i).input for i in (also, last)], [{"item": "ink"}, {"item": "cup"}])
+        self.assertEqual(self.count("orders"), 2)
 
 
 @support.on_every_backend
