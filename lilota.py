@@ -3826,7 +3826,7 @@ def _cron_field(text, what, low, high, names):
     """The set of values a cron field ``text`` allows: ``*``, numbers, names, ranges ``a-b``, steps
     ``*/n``, ``a-b/n`` and ``a/n`` (a to the highest), and lists of these; ValueError naming the field."""
     def value(token):
-        if token.isdigit():
+        if token.isascii() and token.isdigit():
             number = int(token)
         elif token.lower() in names:
             number = names.index(token.lower()) + low
@@ -3842,7 +3842,7 @@ def _cron_field(text, what, low, high, names):
         span, slash, step_text = item.partition("/")
         step = 1
         if slash:
-            if not step_text.isdigit() or int(step_text) == 0:
+            if not (step_text.isascii() and step_text.isdigit()) or int(step_text) == 0:
                 raise ValueError(f"{what} field: the step in {item!r} must be a whole number of at least 1")
             step = int(step_text)
         if span == "*":

@@ -113,6 +113,8 @@ class CronTests(unittest.TestCase):
             ("* * * 13 *", "month field: 13 is out of range 1-12"),
             ("* * * * 8", "day of week field: 8 is out of range 0-7"),
             ("a * * * *", "minute field: 'a' is not a number"),
+            ("\u00b2 * * * *", "minute field: '\u00b2' is not a number"),   # a digit, but not 0-9
+            ("*/\u00b2 * * * *", "minute field: the step"),
             ("* * * foo *", "month field: 'foo' is not a number or a name"),
             ("* * * * mon-", "day of week field: '' is not a number or a name"),
             ("*/0 * * * *", "minute field: the step in '\\*/0' must be a whole number of at least 1"),
