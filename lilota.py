@@ -24,8 +24,9 @@ The file reads top to bottom; each section depends only on those above it:
 
 Where what is to come goes: queues in 2 (a column of the task row, a condition of the one claim)
 and 3; dependencies in 2 (a ``waiting`` status a completion releases) and 3; async task functions
-in 4 (stopped through the same keeper and ``_stopped_end``); periodic schedules in a section of
-their own after the worker (the supervisor runs them, one node a turn, as ``_Retention`` does); the
+in 4 (stopped through the same keeper and ``_stopped_end``); periodic schedules are in 3 (the cron
+parser and ``_PeriodicRunner``, a thread beside ``_Retention`` that each worker process with
+schedules runs; the database lets one node through per slot); the
 dashboard in a section of its own before the command line, its HTML, CSS and JavaScript one
 compact block, as bottle's templates are.
 
@@ -72,7 +73,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Lilota", "LilotaScheduler", "LilotaWorker",
     "Task", "TaskStatus", "TaskProgress", "TaskContext", "ModelProtocol",
-    "Node", "NodeStatus", "NodeType", "LilotaMode", "Queue", "DEFAULT_QUEUE",
+    "Node", "NodeStatus", "NodeType", "LilotaMode", "Queue", "DEFAULT_QUEUE", "PeriodicSchedule",
     "Dialect", "SQLiteDialect", "PostgreSQLDialect", "DBAPIConnection", "register_dialect",
     "LilotaError", "ConfigurationError", "DriverNotInstalledError", "StorageError",
     "DatabaseBusyError", "ReadOnlyDatabaseError", "DatabaseFullError", "CorruptDatabaseError",
@@ -325,6 +326,8 @@ class Task:
     cancel_requested: bool = False
     keep_input: typing.Optional[bool] = None   # the registered keep_input, known from the first claim
     queue: str = DEFAULT_QUEUE
+    unique_key: typing.Optional[str] = None   # schedule(..., unique_key=): see LilotaScheduler.schedule
+    scheduled_for: typing.Optional[datetime] = None   # a periodic task's slot (ctx.scheduled_for)
 
     @property
     def is_finished(self):
@@ -370,6 +373,29 @@ class Queue:
         rate = None if self.rate is None else {"tasks": self.rate[0], "per_seconds": self.rate[1].total_seconds()}
         return {"name": self.name, "paused": self.paused, "concurrency": self.concurrency, "rate": rate,
                 "counts": dict(self.counts)}
+
+
+@dataclasses.dataclass
+class PeriodicSchedule:
+    """A periodic schedule as running nodes recorded it in ``lilota_periodic`` (``get_periodic()``):
+    the ``task`` it enqueues in ``queue``, ``schedule`` (the cron expression, or ``every 300s``) in
+    ``timezone``, the next slot, the last slot enqueued and that task's id and status, and when a
+    running node last showed it (``seen_at``)."""
+
+    name: str
+    task: str
+    schedule: str
+    timezone: str
+    queue: str
+    next_run_at: typing.Optional[datetime]
+    last_slot: typing.Optional[datetime]
+    last_task_id: typing.Optional[uuid.UUID]
+    last_status: typing.Optional[TaskStatus]
+    seen_at: datetime
+
+    def as_dict(self):
+        """The schedule as JSON-compatible values."""
+        return {f.name: _to_json(getattr(self, f.name), f.name) for f in dataclasses.fields(self)}
 
 
 @typing.runtime_checkable
@@ -772,17 +798,20 @@ class TaskProgress:
 class TaskContext:
     """What a running task may want to know about itself; declare a parameter annotated
     ``TaskContext`` to receive it: ``task_id``, ``name``, ``attempt``, ``max_attempts``,
-    ``progress`` (a :class:`TaskProgress`) and ``logger``: the logger ``task.<name>``, an ordinary
+    ``scheduled_for`` (the slot a periodic task runs for, else None), ``progress`` (a
+    :class:`TaskProgress`) and ``logger``: the logger ``task.<name>``, an ordinary
     logger outside lilota's own ``lilota`` hierarchy (which is silent unless configured), so that
     its records go wherever the worker process's logging sends them, stderr when unconfigured."""
 
-    def __init__(self, *, task_id=None, name=None, attempt=1, max_attempts=1, progress=None, logger=None):
+    def __init__(self, *, task_id=None, name=None, attempt=1, max_attempts=1, progress=None, logger=None,
+                 scheduled_for=None):
         self.task_id = task_id
         self.name = name
         self.attempt = attempt
         self.max_attempts = max_attempts
         self.progress = progress
         self.logger = logger
+        self.scheduled_for = scheduled_for   # a periodic task's slot (aware UTC datetime), else None
 
     def __repr__(self):
         return f"TaskContext(task_id={self.task_id!s}, name={self.name!r}, attempt={self.attempt})"
@@ -856,6 +885,7 @@ _TASK_TABLE_V1 = (
 # they follow the version-1 columns in every row, in this order.
 _TASK_COLUMNS_ADDED = {
     2: (("queue", "text", "NOT NULL DEFAULT 'default'"),),
+    3: (("unique_key", "text", ""), ("scheduled_for", "time", "")),
 }
 _TASK_TABLE = _TASK_TABLE_V1 + tuple(column for version in sorted(_TASK_COLUMNS_ADDED)
                                      for column in _TASK_COLUMNS_ADDED[version])
@@ -865,7 +895,7 @@ _NODE_COLUMNS = "id, name, type, status, pid, hostname, created_at, last_seen_at
 
 # --- Schema and migrations ------------------------------------------------------------------------
 
-SCHEMA_VERSION = 2   # the newest key of _schema()
+SCHEMA_VERSION = 3   # the newest key of _schema()
 
 
 def _schema(**types):
@@ -874,7 +904,7 @@ def _schema(**types):
     A version is never edited once released: a change to the schema is a new version, applied
     forward and automatically by ``Storage._migrate``."""
     t = dict(types, status=types["text"])
-    return {1: _schema_v1(t), 2: _schema_v2(t)}
+    return {1: _schema_v1(t), 2: _schema_v2(t), 3: _schema_v3(t)}
 
 
 def _column_ddl(column, kind, constraints, t):
@@ -953,6 +983,27 @@ def _schema_v2(t):
     ]
 
 
+def _schema_v3(t):
+    """Version 3: unique and periodic tasks. A task's ``unique_key`` and the index that finds the
+    tasks holding a key (unfinished, or created within a ``unique_for`` window); a periodic task's
+    slot (``scheduled_for``); and the periodic schedules of running nodes (lilota_periodic): what
+    they enqueue and when, and the last slot enqueued, which each slot's enqueuer compares and sets."""
+    return _added_columns(3, t) + [
+        "CREATE INDEX IF NOT EXISTS lilota_task_unique ON lilota_task (unique_key, created_at) "
+        "WHERE unique_key IS NOT NULL",
+        f"""CREATE TABLE IF NOT EXISTS lilota_periodic (
+            name {t['text']} PRIMARY KEY,
+            task {t['text']} NOT NULL,
+            schedule {t['text']} NOT NULL,
+            timezone {t['text']} NOT NULL,
+            queue {t['text']} NOT NULL,
+            next_slot {t['time']},
+            last_slot {t['time']},
+            last_task_id {t['id']},
+            seen_at {t['time']} NOT NULL)""",
+    ]
+
+
 #: lilota_meta's key for when old finished tasks were last deleted (see Storage.take_turn).
 _RETENTION_KEY = "retention_ran_at"
 
@@ -973,6 +1024,7 @@ class Dialect:
     * ``time_param``/``json_param``: how a time or JSON parameter is written, with a cast where the
       database cannot infer its type (inside CASE); Storage writes every such parameter this way;
     * ``begin_migration(conn)``: BEGIN the schema's transaction, serialised against other processes;
+    * ``lock_unique_keys(conn, keys)``: serialise the schedulers of the same unique keys;
     * ``change_counter(conn)``: a cheap value that changes when other connections commit (or None);
     * ``listen()``: a connection that is told when tasks are queued (or None);
     * ``translate_error(exc)``: a specific :class:`StorageError` for a driver exception, and
@@ -1044,6 +1096,20 @@ class Dialect:
         and claims in two commits. A busy worker completes and claims once per task; one commit
         instead of two is what it saves."""
         return None
+
+    def adopt_connection(self, raw):
+        """The caller's DB-API connection (``schedule(..., connection=raw)``) as (a connection in
+        the shape Storage uses, whether it is in autocommit mode: then lilota's statements need a
+        transaction of their own). TypeError for a connection of another kind of database."""
+        raise TypeError(f"{self.describe()} takes no connection= ({_connection_kind(raw)}): "
+                        f"this dialect does not support writing through the application's connection")
+
+    def lock_unique_keys(self, conn, keys):
+        """Inside the transaction open on ``conn``, take locks on the unique ``keys`` (sorted) that a
+        concurrent transaction scheduling one of them waits for until this one ends. This
+        default takes the database's write lock (what SQLite's BEGIN IMMEDIATE holds already; a
+        caller's connection may not have it yet): every writer waits, which is race-free."""
+        conn.execute("UPDATE lilota_meta SET value = value WHERE key = 'schema_version'")
 
     def begin_migration(self, conn):
         """Begin the transaction that creates or migrates the schema, so that a concurrent
@@ -1127,6 +1193,28 @@ def _dialect_for_url(url):
                                  f"this lilota knows {known}. Other databases plug in through "
                                  f"lilota.register_dialect(scheme, DialectClass)")
     return dialect_class(url, parts)
+
+
+def _connection_kind(raw):
+    """What a connection given as ``connection=`` is, for error messages: 'a psycopg2 connection'."""
+    kind = type(raw)
+    return f"a {kind.__module__}.{kind.__qualname__}"
+
+
+def _unwrap_connection(raw):
+    """The driver's connection under an SQLAlchemy pool proxy (``session.connection().connection``)
+    or a Django connection wrapper (``django.db.connection``), else ``raw`` itself."""
+    if type(raw).__module__.startswith("sqlalchemy"):
+        # A pool's proxy: its driver connection (SQLAlchemy 2; 1.4: dbapi_connection); a
+        # Connection: its proxy.
+        for attribute in ("driver_connection", "dbapi_connection", "connection"):
+            inner = getattr(raw, attribute, None)
+            if inner is not None and not isinstance(inner, types.MethodType):   # Session.connection()
+                return _unwrap_connection(inner)
+    if type(raw).__module__.startswith("django.") and hasattr(raw, "ensure_connection"):   # also its proxy
+        raw.ensure_connection()
+        return raw.connection
+    return raw
 
 
 def _rollback(conn):
@@ -1375,6 +1463,20 @@ class SQLiteDialect(Dialect):
             "WHERE queue = NEW.queue AND slot = NEW.rate_slot; END")
         return versions
 
+    def adopt_connection(self, raw):
+        if not isinstance(raw, sqlite3.Connection):
+            raise TypeError(f"connection= is {_connection_kind(raw)}, but db_url names the {self.describe()}: "
+                            f"pass a sqlite3.Connection to that file")
+        files = [row[2] for row in raw.execute("PRAGMA database_list").fetchall() if row[1] == "main"]
+        if self.memory or not files or not files[0] or os.path.realpath(files[0]) != os.path.realpath(self.path):
+            raise ValueError(f"connection= is connected to {files[0] if files and files[0] else 'an in-memory database'!r}, "
+                             f"not to the {self.describe()} of db_url; connect it to that file")
+        # sqlite3 opens a transaction itself before a write unless it is in autocommit mode
+        # (isolation_level=None, or autocommit=True from Python 3.12 on).
+        control = getattr(raw, "autocommit", -1)
+        autocommit = not raw.in_transaction and (control is True or (control == -1 and raw.isolation_level is None))
+        return raw, autocommit
+
     def begin_migration(self, conn):
         # BEGIN IMMEDIATE takes the write lock that serialises concurrent starters; when several
         # processes create the file at once it can fail at once instead of waiting: retry then.
@@ -1502,6 +1604,24 @@ class DBAPIConnection:
     def close(self):
         self.in_transaction = False
         self.raw.close()
+
+
+class _SchemaConnection(DBAPIConnection):
+    """The application's connection (``schedule(..., connection=)``) when lilota's tables are in a
+    schema of their own (``?schema=``): its statements name lilota_task in that schema, for the
+    application's search_path is the application's."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, raw, schema):
+        super().__init__(raw)
+        self.table = f'"{schema}".lilota_task'
+
+    def execute(self, sql, params=()):
+        return super().execute(sql.replace("lilota_task", self.table), params)
+
+    def executemany(self, sql, seq_of_params):
+        return super().executemany(sql.replace("lilota_task", self.table), seq_of_params)
 
 
 # PostgreSQL drivers in the order one is chosen when the URL names none:
@@ -1754,6 +1874,26 @@ class PostgreSQLDialect(Dialect):
             ],
         }
         return {version: statements + extra.get(version, []) for version, statements in versions.items()}
+
+    def adopt_connection(self, raw):
+        driver = type(raw).__module__.partition(".")[0]
+        if driver not in _POSTGRES_DRIVERS:
+            raise TypeError(f"connection= is {_connection_kind(raw)}, but db_url names the {self.describe()}: "
+                            f"pass a psycopg, psycopg2 or pg8000 connection to it")
+        if not hasattr(raw, "cursor") or type(raw).__name__.startswith("Async"):
+            raise TypeError(f"connection= is {_connection_kind(raw)}, which is not a DB-API connection: "
+                            f"pass psycopg.connect(...), psycopg2.connect(...) or pg8000.dbapi.connect(...)")
+        conn = _SchemaConnection(raw, self.schema) if self.schema else DBAPIConnection(raw)
+        return conn, bool(getattr(raw, "autocommit", False))
+
+    #: The first key of the advisory locks on unique keys (the second: the key's hashtext). Locks of
+    #: two int4 keys and of one bigint key (the migration's) do not conflict.
+    unique_lock_class = 0x6C696C6F   # "lilo"
+
+    def lock_unique_keys(self, conn, keys):
+        # Only the schedulers of the same key (or of one whose hash is the same) wait for each other.
+        for key in keys:
+            conn.execute(f"SELECT pg_advisory_xact_lock({self.unique_lock_class}, hashtext(%s))", (key,)).fetchall()
 
     # --- the claim ---
 
@@ -2044,8 +2184,13 @@ class Storage:
         # Hot statements, translated once.
         self._insert_sql = sql(
             "INSERT INTO lilota_task (id, name, status, priority, run_at, attempts, max_attempts, timeout, "
-            "progress_percentage, input, created_at, cancel_requested, queue) "
-            f"VALUES (?, ?, 'scheduled', ?, {ts}, 0, ?, ?, 0, {js}, {ts}, 0, ?)")
+            "progress_percentage, input, created_at, cancel_requested, queue, unique_key, scheduled_for) "
+            f"VALUES (?, ?, 'scheduled', ?, {ts}, 0, ?, ?, 0, {js}, {ts}, 0, ?, ?, {ts})")
+        # The task that holds a unique key: an unfinished one, or one created after the cutoff
+        # (NULL: no unique_for window). Read under the key's lock (Dialect.lock_unique_keys).
+        self._unique_holder_sql = sql(
+            f"SELECT id FROM lilota_task WHERE unique_key = ? AND ({_UNFINISHED_SQL} OR created_at > {ts}) "
+            "ORDER BY created_at DESC LIMIT 1")
         # A task whose cancel() was answered "being stopped" ends cancelled even when it finished
         # before it could be stopped: its result is discarded, as cancel() promised.
         self._complete_sql = sql(
@@ -2308,22 +2453,76 @@ class Storage:
 
     # --- Storage: tasks, the scheduling side ------------------------------------------------------
 
-    def insert_tasks(self, rows):
-        """Store queued tasks in one transaction. ``rows``: (id, name, priority, run_at, max_attempts,
-        timeout, input_json, queue) tuples with run_at in epoch seconds, or None for "now": such a
-        task's run_at equals its created_at, which keeps it out of the index of delayed tasks."""
+    def insert_tasks(self, rows, connection=None):
+        """Store queued tasks in one transaction and return their ids (canonical strings).
+        ``rows``: (id, name, priority, run_at, max_attempts, timeout, input_json, queue, unique_key,
+        unique_for, scheduled_for) tuples with run_at in epoch seconds, or None for "now": such a task's run_at
+        equals its created_at, which keeps it out of the index of delayed tasks. A row with a
+        unique_key that an unfinished task holds -- or, with unique_for (seconds), a task created
+        within that window -- is not stored: its id in the result is that task's.
+
+        ``connection``: (the caller's connection, autocommit) from Dialect.adopt_connection: written
+        to inside the caller's transaction, which is never committed or rolled back here (in
+        autocommit mode these statements are one transaction of their own, as any statement is)."""
         d = self.dialect
         now = _now()
-        created = d.encode_time(now)
-        params = [(id_, name, priority, created if run_at is None else d.encode_time(run_at), max_attempts,
-                   timeout, d.encode_json(data), created, queue)
-                  for id_, name, priority, run_at, max_attempts, timeout, data, queue in rows]
-        if len(params) == 1:
+        params = self._insert_params(rows, now)
+        unique = any(row[8] is not None for row in rows)
+        if connection is not None:
+            conn, autocommit = connection
+            with self._guard:
+                pass   # lilota's tables exist, up to date (on lilota's own connection)
+            try:
+                if not autocommit:
+                    return self._insert_in(conn, rows, params, now, unique)
+                with _Transaction(conn, d.begin_write_sql):   # autocommit: what one call of it is
+                    return self._insert_in(conn, rows, params, now, unique)
+            except Exception as exc:
+                translated = None if isinstance(exc, LilotaError) else d.translate_error(exc)
+                if translated is not None:
+                    raise translated from exc
+                raise
+        if len(params) == 1 and not unique:
             with self._guard as conn:
                 conn.execute(self._insert_sql, params[0])  # one statement: its own transaction
-            return
+            return [params[0][0]]
         with self._write() as conn:
+            return self._insert_in(conn, rows, params, now, unique)
+
+    def _insert_params(self, rows, now):
+        """The parameters of _insert_sql for insert_tasks' ``rows``, stored at ``now``."""
+        d = self.dialect
+        created = d.encode_time(now)
+        return [(id_, name, priority, created if run_at is None else d.encode_time(run_at), max_attempts,
+                 timeout, d.encode_json(data), created, queue, unique_key, None if slot is None else d.encode_time(slot))
+                for id_, name, priority, run_at, max_attempts, timeout, data, queue, unique_key, _, slot in rows]
+
+    def _insert_in(self, conn, rows, params, now, unique):
+        """insert_tasks' statements on ``conn``, inside a transaction the caller holds. A unique
+        key is looked up and its task inserted under the key's lock, which concurrent schedulers of
+        the same key wait for until this transaction ends: then they see its task."""
+        if not unique:
             conn.executemany(self._insert_sql, params)
+            return [row[0] for row in params]
+        self.dialect.lock_unique_keys(conn, sorted({row[8] for row in rows if row[8] is not None}))
+        ids, holders, new = [], {}, []
+        for row, param in zip(rows, params):
+            key, window = row[8], row[9]
+            if key is not None and key not in holders:
+                cutoff = None if window is None else self.dialect.encode_time(now - window)
+                found = conn.execute(self._unique_holder_sql, (key, cutoff)).fetchone()
+                if found is None:
+                    new.append(param)
+                holders[key] = str(found[0]) if found else row[0]
+                ids.append(holders[key])
+            elif key is not None:
+                ids.append(holders[key])   # the same key twice in one call: one task
+            else:
+                new.append(param)
+                ids.append(row[0])
+        if new:
+            conn.executemany(self._insert_sql, new)
+        return ids
 
     def get_task(self, task_id):
         """The Task stored under ``task_id`` (a canonical UUID string), or None."""
@@ -2564,6 +2763,70 @@ class Storage:
         """Whether any task is queued or running."""
         with self._guard as conn:
             return conn.execute(f"SELECT 1 FROM lilota_task WHERE {_UNFINISHED_SQL} LIMIT 1").fetchone() is not None
+
+    # --- Storage: periodic schedules --------------------------------------------------------------
+
+    def record_periodic(self, schedules, now):
+        """Record this node's periodic schedules in lilota_periodic: (name, task, schedule text,
+        timezone, queue, next slot, latest slot) tuples, times in epoch seconds. A schedule new to
+        the database starts with its latest slot as done, so that its first task is for the next;
+        a known one keeps its last slot (a missed one is caught up) and takes this definition."""
+        d = self.dialect
+        ts = d.time_param
+        with self._write() as conn:
+            conn.executemany(d.sql(
+                "INSERT INTO lilota_periodic (name, task, schedule, timezone, queue, next_slot, last_slot, seen_at) "
+                f"VALUES (?, ?, ?, ?, ?, {ts}, {ts}, {ts}) ON CONFLICT (name) DO UPDATE SET task = excluded.task, "
+                "schedule = excluded.schedule, timezone = excluded.timezone, queue = excluded.queue, "
+                "next_slot = excluded.next_slot, seen_at = excluded.seen_at"),
+                [(name, task, schedule, zone, queue, d.encode_time(next_slot), d.encode_time(latest),
+                  d.encode_time(now)) for name, task, schedule, zone, queue, next_slot, latest in schedules])
+
+    def periodic_last_slots(self, names):
+        """{schedule name: its last slot enqueued (epoch seconds, None: none yet)} of ``names``."""
+        d = self.dialect
+        with self._guard as conn:
+            rows = conn.execute(d.sql("SELECT name, last_slot FROM lilota_periodic")).fetchall()
+        return {name: None if slot is None else d.decode_time(slot).timestamp() for name, slot in rows
+                if name in names}
+
+    def enqueue_periodic(self, name, slot, next_slot, row, now):
+        """Enqueue the task ``row`` (as insert_tasks takes it) for ``slot`` of schedule ``name``
+        unless that slot, or a later one, was enqueued already: the compare-and-set of the
+        schedule's last slot, in the task's transaction, lets one caller of all processes and
+        hosts through per slot. Returns the task id, or None when another node was first."""
+        d = self.dialect
+        ts = d.time_param
+        with self._write() as conn:
+            won = conn.execute(d.sql(
+                f"UPDATE lilota_periodic SET last_slot = {ts}, next_slot = {ts}, seen_at = {ts} "
+                f"WHERE name = ? AND (last_slot IS NULL OR last_slot < {ts})"),
+                (d.encode_time(slot), d.encode_time(next_slot), d.encode_time(now), name, d.encode_time(slot))).rowcount
+            if won != 1:
+                return None
+            task_id = self._insert_in(conn, [row], self._insert_params([row], now), now, row[8] is not None)[0]
+            conn.execute(d.sql("UPDATE lilota_periodic SET last_task_id = ? WHERE name = ?"), (task_id, name))
+            return task_id
+
+    def touch_periodic(self, names, now):
+        """Say that a running node still has these schedules (lilota_periodic.seen_at)."""
+        d = self.dialect
+        with self._guard as conn:
+            conn.executemany(d.sql(f"UPDATE lilota_periodic SET seen_at = {d.time_param} WHERE name = ?"),
+                             [(d.encode_time(now), name) for name in names])
+
+    def periodic_schedules(self):
+        """Every recorded :class:`PeriodicSchedule`, by name, with its last task's status."""
+        d = self.dialect
+        with self._guard as conn:
+            rows = conn.execute(
+                "SELECT p.name, p.task, p.schedule, p.timezone, p.queue, p.next_slot, p.last_slot, p.last_task_id, "
+                "t.status, p.seen_at FROM lilota_periodic p LEFT JOIN lilota_task t ON t.id = p.last_task_id "
+                "ORDER BY p.name").fetchall()
+        return [PeriodicSchedule(name, task, schedule, zone, queue, d.decode_time(next_slot), d.decode_time(last_slot),
+                                 None if task_id is None else uuid.UUID(str(task_id)),
+                                 None if status is None else TaskStatus(status), d.decode_time(seen_at))
+                for name, task, schedule, zone, queue, next_slot, last_slot, task_id, status, seen_at in rows]
 
     # --- Storage: tasks, the worker side ----------------------------------------------------------
 
@@ -2912,6 +3175,31 @@ def _rate(rate):
     return tasks, _seconds(period, "rate's period", allow_zero=False)
 
 
+_MAX_UNIQUE_KEY_LENGTH = 500
+
+
+def _unique_keys(keys, count, unique_for):
+    """``schedule_many``'s ``unique_keys`` (None: no key) checked: one str or None per input."""
+    if keys is None:
+        if unique_for is not None:
+            raise ValueError("unique_for without a unique key: give unique_key= (unique_keys= in schedule_many) too")
+        return [None] * count
+    if isinstance(keys, (str, bytes, dict)) or not hasattr(keys, "__iter__"):
+        raise TypeError("unique_keys must be a list of keys (str or None), one per input")
+    keys = list(keys)
+    if len(keys) != count:
+        raise ValueError(f"unique_keys has {len(keys)} keys for {count} inputs; give one per input (None: not unique)")
+    for key in keys:
+        if key is None:
+            continue
+        if not isinstance(key, str):
+            raise TypeError(f"a unique key must be a string, not {type(key).__name__}")
+        if not key or len(key) > _MAX_UNIQUE_KEY_LENGTH or "\x00" in key:
+            raise ValueError(f"a unique key must be 1 to {_MAX_UNIQUE_KEY_LENGTH} characters without U+0000, "
+                             f"got {key[:60]!r}{'...' if len(key) > 60 else ''}")
+    return keys
+
+
 def _check_attempts(value, what="max_attempts"):
     if value is None:
         return None
@@ -3133,7 +3421,7 @@ class LilotaScheduler(_NodeBase):
         """Called after tasks were stored; Lilota wakes its idle worker processes here."""
 
     def schedule(self, name, input=None, *, delay=None, run_at=None, priority=0, max_attempts=None,
-                 timeout=None, queue=DEFAULT_QUEUE):
+                 timeout=None, queue=DEFAULT_QUEUE, unique_key=None, unique_for=None, connection=None):
         """Store a task and return its id (a UUID).
 
         ``input`` (a dataclass, pydantic model, dict, ``as_dict()`` object or plain JSON value) is
@@ -3142,23 +3430,42 @@ class LilotaScheduler(_NodeBase):
         datetime) postpone it; higher ``priority`` runs first; ``max_attempts`` and ``timeout``
         override the worker's registered defaults for this task. Only workers that serve ``queue``
         run it.
+
+        ``unique_key`` (a string, stored as ``Task.unique_key``): while a task with that key is
+        unfinished (created, scheduled or running) -- or, with ``unique_for`` (timedelta or
+        seconds), was created within that window whatever its status -- nothing is written and
+        that task's id is returned. Race-free across processes and hosts.
+
+        ``connection``: the application's own DB-API connection to the same database (sqlite3,
+        psycopg 3, psycopg2, pg8000; also under an SQLAlchemy or Django wrapper): the task is
+        written inside its open transaction, which is never committed or rolled back here, and
+        exists only if the application commits. TypeError for a connection of another kind of
+        database than db_url's, ValueError for a SQLite connection to another file.
         """
-        return self._schedule(name, (input,), delay, run_at, priority, max_attempts, timeout, queue)[0]
+        return self._schedule(name, (input,), delay, run_at, priority, max_attempts, timeout, queue,
+                              unique_keys=None if unique_key is None else [unique_key], unique_for=unique_for,
+                              connection=connection)[0]
 
     def schedule_many(self, name, inputs, *, delay=None, run_at=None, priority=0, max_attempts=None,
-                      timeout=None, queue=DEFAULT_QUEUE):
+                      timeout=None, queue=DEFAULT_QUEUE, unique_keys=None, unique_for=None, connection=None):
         """Store one task per input in a single transaction; return their ids in order.
 
-        All inputs are serialized before anything is written: one bad input stores nothing."""
-        return self._schedule(name, inputs, delay, run_at, priority, max_attempts, timeout, queue)
+        All inputs are serialized before anything is written: one bad input stores nothing.
+        ``unique_keys``: one key (or None) per input, as ``schedule()``'s ``unique_key``; an input
+        whose key is held, or came earlier in the same call, gets the holding task's id.
+        ``connection``: as in ``schedule()``."""
+        return self._schedule(name, inputs, delay, run_at, priority, max_attempts, timeout, queue,
+                              unique_keys=unique_keys, unique_for=unique_for, connection=connection)
 
-    def _schedule(self, name, inputs, delay, run_at, priority, max_attempts, timeout, queue=DEFAULT_QUEUE):
+    def _schedule(self, name, inputs, delay, run_at, priority, max_attempts, timeout, queue=DEFAULT_QUEUE, *,
+                  unique_keys=None, unique_for=None, connection=None):
         _check_name(name)
         _check_queue(queue)
         if isinstance(priority, bool) or not isinstance(priority, int) or not -2**31 <= priority < 2**31:
             raise ValueError(f"priority must be an int (higher runs first), got {priority!r}")
         _check_attempts(max_attempts)
         timeout = _seconds(timeout, "timeout", allow_zero=False)
+        unique_for = _seconds(unique_for, "unique_for", allow_zero=False)
         if delay is not None and run_at is not None:
             raise ValueError("give either delay or run_at, not both")
         if run_at is not None:
@@ -3180,12 +3487,21 @@ class LilotaScheduler(_NodeBase):
                                  f"dates lilota can store (year 9999 at the latest)") from None
         if isinstance(inputs, (str, bytes, dict)) or not hasattr(inputs, "__iter__"):
             raise TypeError("schedule_many() takes an iterable of inputs, e.g. a list")
+        if connection is not None:
+            connection = self._dialect.adopt_connection(_unwrap_connection(connection))
         payloads = [dumps(value, "input") for value in inputs]
+        keys = _unique_keys(unique_keys, len(payloads), unique_for)
         ids = _new_task_ids(len(payloads))
         if payloads:
-            self.storage.insert_tasks([(str(task_id), name, priority, when, max_attempts, timeout, payload, queue)
-                                       for task_id, payload in zip(ids, payloads)])
-            self._notify_workers()
+            stored = self.storage.insert_tasks([(str(task_id), name, priority, when, max_attempts, timeout, payload,
+                                                 queue, key, unique_for, None)
+                                                for task_id, payload, key in zip(ids, payloads, keys)], connection)
+            if unique_keys is not None:
+                ids = [uuid.UUID(task_id) for task_id in stored]
+            if connection is None:
+                # In the application's transaction the tasks exist from its commit on, which
+                # wakes idle workers itself: a NOTIFY on PostgreSQL, data_version on SQLite.
+                self._notify_workers()
         return ids
 
     def find_task_ids(self, prefix, limit=None):
@@ -3198,6 +3514,11 @@ class LilotaScheduler(_NodeBase):
             raise ValueError(f"limit must be a positive int or None, got {limit!r}")
         low, high = (str(uuid.UUID(digits.ljust(32, pad))) for pad in "0f")
         return [uuid.UUID(task_id) for task_id in self.storage.task_ids_between(low, high, limit)]
+
+    def get_periodic(self):
+        """The periodic schedules running nodes recorded (:class:`PeriodicSchedule`), by name: what
+        each enqueues and when, its next slot, and its last task's id and status."""
+        return self.storage.periodic_schedules()
 
     def list_tasks(self, status=None, name=None, limit=100, queue=None):
         """Stored tasks, newest first: only those with ``status`` (a TaskStatus or its value),
@@ -3429,24 +3750,46 @@ class LilotaScheduler(_NodeBase):
         return False
 
 
-class _Retention:
+class _BackgroundThread:
+    """A daemon thread that runs ``_run()`` until ``stop()``; ``_run`` waits on ``self._stop``."""
+
+    thread_name = "lilota-background"
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self):
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+
+class _Retention(_BackgroundThread):
     """``keep_finished``: deletes finished tasks older than that, in a background thread of a
     supervisor (Lilota) or standalone worker -- shortly after it starts, then every
     ``interval`` (a tenth of keep_finished, at most 5 minutes). Of all the nodes on a database
     only one deletes in each interval: the one whose compare-and-set on lilota_meta's time of the
     last turn succeeds (Storage.take_turn). It deletes as cleanup() does, in batches."""
 
+    thread_name = "lilota-retention"
     #: Seconds after start before the first turn.
     first_delay = 1.0
     #: Tasks deleted per transaction (None: Storage.delete_batch_size).
     batch_size = None
 
     def __init__(self, owner, keep_finished):
+        super().__init__()
         self.owner = owner           # what has the ``storage``: a LilotaScheduler or LilotaWorker
         self.keep_finished = keep_finished
         self.interval = max(1.0, min(keep_finished / 10, 300.0))
-        self._stop = threading.Event()
-        self._thread = None
 
     def step(self, now=None, stop=None):
         """Take this interval's turn if no other node has: delete and return how many tasks were
@@ -3472,17 +3815,294 @@ class _Retention:
             except Exception:
                 logger.exception("lilota could not delete old finished tasks; will retry")
 
-    def start(self):
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="lilota-retention", daemon=True)
-        self._thread.start()
-        return self
 
-    def stop(self):
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+# --- Periodic schedules ---------------------------------------------------------------------------
+#
+# A periodic schedule enqueues one task per *slot*: each time its cron expression matches (in its
+# time zone), or each multiple of its interval since the epoch. Every node that has the schedule --
+# each worker process of the scripts that define it -- enqueues each due slot; the database lets
+# one through per slot (Storage.enqueue_periodic: a compare-and-set of the schedule's last slot, and
+# a unique key per slot), so nodes may come and go without a leader.
+
+_CRON_ALIASES = {
+    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *",
+}
+_MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+# name, lowest and highest value, names (the first one's value is the lowest)
+_CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
+                ("month", 1, 12, _MONTH_NAMES), ("day of week", 0, 7, _DAY_NAMES))
+_DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)   # February of leap years
+
+
+def _cron_field(text, what, low, high, names):
+    """The set of values a cron field ``text`` allows: ``*``, numbers, names, ranges ``a-b``, steps
+    ``*/n``, ``a-b/n`` and ``a/n`` (a to the highest), and lists of these; ValueError naming the field."""
+    def value(token):
+        if token.isascii() and token.isdigit():
+            number = int(token)
+        elif token.lower() in names:
+            number = names.index(token.lower()) + low
+        else:
+            kinds = "a number or a name (" + ", ".join(names[:3]) + " ...)" if names else "a number"
+            raise ValueError(f"{what} field: {token!r} is not {kinds}")
+        if not low <= number <= high:
+            raise ValueError(f"{what} field: {number} is out of range {low}-{high}")
+        return number
+
+    values = set()
+    for item in text.split(","):
+        span, slash, step_text = item.partition("/")
+        step = 1
+        if slash:
+            if not (step_text.isascii() and step_text.isdigit()) or int(step_text) == 0:
+                raise ValueError(f"{what} field: the step in {item!r} must be a whole number of at least 1")
+            step = int(step_text)
+        if span == "*":
+            first, last = low, high
+        elif "-" in span:
+            start, _, end = span.partition("-")
+            first, last = value(start), value(end)
+            if first > last:
+                raise ValueError(f"{what} field: the range {span!r} runs backwards; write the smaller end first")
+        elif span:
+            first = value(span)
+            last = high if slash else first
+        else:
+            raise ValueError(f"{what} field: empty item in {text!r}")
+        values.update(range(first, last + 1, step))
+    return values
+
+
+class _Cron:
+    """A cron expression: the five standard fields (minute, hour, day of month, month, day of week)
+    or an alias (@hourly, @daily, @weekly, @monthly, @yearly), its slots in time zone ``zone``.
+
+    When both day fields are restricted (neither starts with ``*``), a day matching either one
+    is enough, as in every cron since Vixie's. Slots are times on the zone's wall clock: one that
+    a daylight-saving change skips runs once at the first valid time after the gap, and one that
+    a change repeats runs once, at its first occurrence."""
+
+    def __init__(self, expression, zone):
+        if not isinstance(expression, str):
+            raise TypeError(f"cron must be a string such as '*/15 * * * *' or '@daily', not {type(expression).__name__}")
+        self.expression = expression.strip()
+        text = _CRON_ALIASES.get(self.expression.lower(), self.expression)
+        if text.startswith("@"):
+            raise ValueError(f"cron: unknown alias {self.expression!r}; the aliases are {', '.join(_CRON_ALIASES)}")
+        fields = text.split()
+        if len(fields) != 5:
+            raise ValueError(f"cron: {self.expression!r} has {len(fields)} fields; it needs 5: minute hour "
+                             f"day-of-month month day-of-week, e.g. '*/15 * * * *'")
+        (self.minutes, self.hours, self.days, self.months, weekdays) = (
+            _cron_field(field, *spec) for field, spec in zip(fields, _CRON_FIELDS))
+        self.weekdays = {day % 7 for day in weekdays}   # 7 is Sunday too
+        self.any_day, self.any_weekday = fields[2].startswith("*"), fields[4].startswith("*")
+        if self.any_weekday and not any(day <= _DAYS_IN_MONTH[month - 1] for day in self.days for month in self.months):
+            raise ValueError(f"day of month field: {fields[2]!r} never falls in the months of the month field "
+                             f"({fields[3]!r})")
+        self.zone = zone
+
+    def _day_matches(self, wall):
+        in_month = wall.day in self.days
+        in_week = (wall.weekday() + 1) % 7 in self.weekdays   # cron: 0 is Sunday
+        if self.any_day or self.any_weekday:   # "*/2" counts as a star here, yet allows odd days only
+            return in_month and in_week
+        return in_month or in_week
+
+    def _next_wall(self, wall):
+        """The first wall-clock minute at or after ``wall`` (naive) that the fields allow, or None
+        within nine years (29 February comes at least every eight)."""
+        last_year = wall.year + 9
+        while wall.year <= last_year:
+            if wall.month not in self.months:
+                wall = datetime(wall.year + wall.month // 12, wall.month % 12 + 1, 1)
+            elif not self._day_matches(wall):
+                wall = datetime(wall.year, wall.month, wall.day) + timedelta(days=1)
+            elif wall.hour not in self.hours:
+                wall = datetime(wall.year, wall.month, wall.day, wall.hour) + timedelta(hours=1)
+            elif wall.minute not in self.minutes:
+                wall += timedelta(minutes=1)
+            else:
+                return wall
+        return None
+
+    def _instant(self, wall):
+        """Epoch seconds of a wall-clock time: its first occurrence, or for a time a change to
+        daylight-saving time skips, the first valid minute after the gap."""
+        for _ in range(24 * 60):
+            aware = wall.replace(tzinfo=self.zone)   # fold=0: the first of a repeated time
+            if aware.astimezone(timezone.utc).astimezone(self.zone).replace(tzinfo=None) == wall:
+                return aware.timestamp()
+            wall += timedelta(minutes=1)
+        raise ValueError(f"time zone {self.zone} skips more than a day at {wall}")
+
+    def next_after(self, seconds):
+        """The first slot after ``seconds`` (epoch), or None if there is none within nine years."""
+        wall = datetime.fromtimestamp(seconds, self.zone).replace(tzinfo=None, second=0, microsecond=0)
+        wall += timedelta(minutes=1)
+        while True:
+            wall = self._next_wall(wall)
+            if wall is None:
+                return None
+            instant = self._instant(wall)
+            if instant > seconds:   # not a repeated time's first occurrence, already past
+                return instant
+            wall += timedelta(minutes=1)
+
+
+def _time_zone(name):
+    """A ``timezone=`` (an IANA name such as 'Europe/Berlin', or a tzinfo; None: UTC) as (tzinfo, name)."""
+    if name is None:
+        return timezone.utc, "UTC"
+    if isinstance(name, _dt.tzinfo):
+        return name, str(getattr(name, "key", None) or name)
+    if not isinstance(name, str):
+        raise TypeError(f"timezone must be an IANA time zone name such as 'Europe/Berlin', not {type(name).__name__}")
+    import zoneinfo   # only where time zones are used: it costs every worker's start otherwise
+    try:
+        return zoneinfo.ZoneInfo(name), name
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"timezone {name!r} is not a known IANA time zone (e.g. 'Europe/Berlin', 'UTC'); on a "
+                         f"system without a zone database, pip install tzdata") from None
+
+
+class _Periodic:
+    """One periodic schedule: ``name`` enqueues task ``task`` with ``input`` (JSON text) in
+    ``queue`` at each slot of ``cron`` (in ``timezone``) or each multiple of ``every`` seconds since
+    the epoch. ``catch_up``: a slot missed while no node ran is enqueued once when a node starts
+    (only the latest of them); without it a slot is enqueued only within a grace of its time
+    (a minute, or its period when shorter)."""
+
+    def __init__(self, name, task, *, cron=None, every=None, timezone=None, input_json="null",
+                 queue=DEFAULT_QUEUE, catch_up=True):
+        self.name, self.task, self.input_json, self.queue = name, task, input_json, queue
+        self.catch_up = bool(catch_up)
+        if (cron is None) == (every is None):
+            raise ValueError(f"periodic schedule {name!r}: give either cron= (e.g. '*/15 * * * *') or every= "
+                             f"(e.g. timedelta(minutes=5)), one of them")
+        self.zone, self.timezone = _time_zone(timezone)
+        if cron is not None:
+            self.cron, self.every = _Cron(cron, self.zone), None
+            self.schedule = self.cron.expression
+        else:
+            self.cron, self.every = None, _seconds(every, "every", allow_zero=False)
+            if self.every < 1:
+                raise ValueError(f"every must be at least 1 second, got {every!r}")
+            self.schedule = f"every {self.every:g}s"
+
+    def next_after(self, seconds):
+        """The first slot after ``seconds`` (epoch seconds), or None (a cron with none for years)."""
+        if self.every is not None:
+            return (math.floor(seconds / self.every) + 1) * self.every
+        return self.cron.next_after(seconds)
+
+    def latest(self, seconds):
+        """The last slot at or before ``seconds``, or None."""
+        if self.every is not None:
+            return math.floor(seconds / self.every) * self.every
+        # The slots of a window before ``seconds``, the window doubled until it holds one.
+        span = 60.0
+        while span < 10 * 366 * 86400:
+            slot = self.next_after(seconds - span)
+            if slot is not None and slot <= seconds:
+                while True:
+                    following = self.next_after(slot)
+                    if following is None or following > seconds:
+                        return slot
+                    slot = following
+            span *= 2
+        return None
+
+    def grace(self, slot):
+        """How late a slot may still be enqueued without catch_up: a minute, or its period when shorter."""
+        following = self.next_after(slot)
+        return 60.0 if following is None else min(60.0, following - slot)
+
+    def unique_key(self, slot):
+        return f"lilota.periodic:{self.name}@{datetime.fromtimestamp(slot, timezone.utc).isoformat()}"
+
+
+class _PeriodicRunner(_BackgroundThread):
+    """Enqueues the due slots of a node's periodic schedules: ``tick()`` once, or from ``start()``
+    on in a thread that sleeps until the next slot. The schedules are recorded in lilota_periodic
+    first (and their ``seen_at`` renewed while it runs), so that ``get_periodic()`` and ``lilota
+    periodic`` show them."""
+
+    thread_name = "lilota-periodic"
+    #: Seconds between renewals of the schedules' seen_at, and the longest sleep.
+    touch_interval = 30.0
+
+    def __init__(self, owner, schedules):
+        super().__init__()
+        self.owner = owner            # what has the ``storage``: a LilotaWorker
+        self.schedules = list(schedules)
+        self._handled = {}            # name -> the last slot this node dealt with
+        self._recorded = False
+
+    def tick(self, now=None):
+        """Enqueue each schedule's latest due slot that no node has enqueued yet; return the ids of
+        the tasks this node enqueued. ``now``: epoch seconds (tests; default the clock)."""
+        now = _now() if now is None else now
+        storage = self.owner.storage
+        if not self._recorded:
+            self._record(self.schedules, now)
+            self._recorded = True
+        due = {}
+        for periodic in self.schedules:
+            slot = periodic.latest(now)
+            if slot is not None and slot > self._handled.get(periodic.name, -math.inf):
+                due[periodic.name] = slot
+        if not due:
+            return []
+        # A read first: of the nodes woken by one slot, only those that find it open try to write.
+        done = storage.periodic_last_slots(set(due))
+        lost = [p for p in self.schedules if p.name in due and p.name not in done]
+        if lost:   # their rows were deleted while this node ran: recorded again, as new schedules
+            self._record(lost, now)
+        enqueued = []
+        for periodic in self.schedules:
+            slot = due.get(periodic.name)
+            if slot is None or periodic in lost:
+                continue
+            last = done[periodic.name]
+            if (last is not None and last >= slot) or (not periodic.catch_up and now - slot > periodic.grace(slot)):
+                self._handled[periodic.name] = slot
+                continue
+            task_id = _new_task_ids(1)[0]
+            # unique_for back to the epoch: a task of this slot counts, whatever its age and status.
+            row = (str(task_id), periodic.task, 0, None, None, None, periodic.input_json, periodic.queue,
+                   periodic.unique_key(slot), now, slot)
+            stored = storage.enqueue_periodic(periodic.name, slot, periodic.next_after(slot), row, now)
+            self._handled[periodic.name] = slot   # only now: after an error the next tick tries again
+            if stored is not None:
+                enqueued.append(uuid.UUID(stored))
+                logger.debug("periodic %s: enqueued task %s for %s", periodic.name, stored, _to_datetime(slot))
+        return enqueued
+
+    def _record(self, schedules, now):
+        self.owner.storage.record_periodic([(p.name, p.task, p.schedule, p.timezone, p.queue, p.next_after(now),
+                                             p.latest(now)) for p in schedules], now)
+
+    def _run(self):
+        touched = _now()
+        wait = 0.0
+        while not self._stop.wait(wait):
+            try:
+                self.tick()
+                now = _now()
+                if now - touched >= self.touch_interval:
+                    self.owner.storage.touch_periodic([p.name for p in self.schedules], now)
+                    touched = now
+                upcoming = [slot for slot in (p.next_after(now) for p in self.schedules) if slot is not None]
+                wait = min([self.touch_interval] + [slot - now for slot in upcoming])
+            except StorageError:
+                logger.warning("lilota could not enqueue periodic tasks; will retry", exc_info=True)
+                wait = 1.0
+            except Exception:
+                logger.exception("lilota could not enqueue periodic tasks; will retry")
+                wait = 1.0
 
 
 # ==================================================================================================
@@ -3731,6 +4351,8 @@ class LilotaWorker(_NodeBase):
         # Standalone only: under a supervisor, the supervisor's keep_finished is what applies.
         self.keep_finished = _seconds(keep_finished, "keep_finished", allow_zero=False)
         self._registry = {}
+        self._periodic = {}           # schedule name -> _Periodic
+        self._periodic_runner = None  # run_periodic()'s, kept for what this node already handled
         self._claim = None
         self._claim_lost = False      # a claim may have been committed with its reply lost
         self._node_id = None
@@ -3772,18 +4394,71 @@ class LilotaWorker(_NodeBase):
         return decorator
 
     def task(self, func=None, *, name=None, timeout=timedelta(minutes=5), max_attempts=1, keep_input=True,
-             retry_on=None, no_retry_on=None):
+             retry_on=None, no_retry_on=None, cron=None, timezone=None, catch_up=True):
         """Decorator registering a task under the function's name (or ``name``), with the input and
         output models read from its annotations: ``@worker.task`` or ``@worker.task(name=...)``.
-        The other options are those of :meth:`register`."""
+        The other options are those of :meth:`register`. ``cron`` (with ``timezone`` and
+        ``catch_up``) also makes it periodic: see :meth:`periodic`."""
+        if cron is None and (timezone is not None or catch_up is not True):
+            raise ValueError("timezone= and catch_up= go with cron= (or worker.periodic(...)); give cron= too")
+
         def decorator(fn):
             try:
                 output_model = typing.get_type_hints(fn).get("return")
             except Exception:
                 output_model = None
+            if cron is not None:   # first: a bad expression registers nothing
+                self.periodic(name or fn.__name__, cron=cron, timezone=timezone, catch_up=catch_up)
             return self.register(name or fn.__name__, None, None if output_model is type(None) else output_model,
                                  None, timeout, max_attempts, keep_input, retry_on, no_retry_on)(fn)
         return decorator(func) if func is not None else decorator
+
+    def periodic(self, task, *, cron=None, every=None, timezone=None, input=None, queue=DEFAULT_QUEUE,
+                 catch_up=True, name=None):
+        """Enqueue task ``task`` with ``input`` in ``queue`` periodically, while this worker runs:
+        at each time ``cron`` matches ("*/15 * * * *", "@daily"; in ``timezone``, an IANA name,
+        default UTC), or every ``every`` (a timedelta or seconds, at least 1 s; slots are its
+        multiples since the epoch). However many nodes have the schedule, each slot gets one task
+        (``Task.scheduled_for``, ``ctx.scheduled_for``). A slot missed while no node ran is enqueued
+        once when one starts (the latest only), unless ``catch_up=False``. ``name``: the schedule's
+        name (default: ``task``), unique per worker and what the database records it under.
+
+        ValueError for a bad cron expression (naming the field and its range), an unknown time
+        zone, both or neither of cron and every, or a name given twice; TypeError for an input that
+        cannot be stored."""
+        if self._running:
+            raise LilotaError("add periodic schedules before worker.start(); the running worker cannot take new ones")
+        _check_name(task)
+        _check_queue(queue)
+        name = _check_name(task if name is None else name)
+        if name in self._periodic:
+            raise ValueError(f"a periodic schedule named {name!r} is already defined; give name= to tell them apart")
+        self._periodic[name] = _Periodic(name, task, cron=cron, every=every, timezone=timezone,
+                                         input_json=dumps(input, "input"), queue=queue, catch_up=catch_up)
+        self._periodic_runner = None
+
+    def run_periodic(self, now=None):
+        """Enqueue the due slots of this worker's periodic schedules, as a running worker does, as
+        of ``now`` (an aware datetime; default: the clock) -- the test helper, with
+        ``run_pending()`` to run them; returns the ids of the tasks enqueued. Later calls remember
+        the slots handled, as one running node does; each worker is a node of its own."""
+        if now is not None:
+            if not isinstance(now, datetime) or now.utcoffset() is None:
+                raise ValueError(f"now must be a timezone-aware datetime, got {now!r}")
+            now = now.timestamp()
+        if self._periodic_runner is None:
+            self._periodic_runner = _PeriodicRunner(self, self._periodic.values())
+        return self._periodic_runner.tick(now)
+
+    def _start_periodic(self):
+        """The thread that enqueues this worker's periodic slots (None without schedules)."""
+        if not self._periodic:
+            return None
+        unknown = sorted({p.task for p in self._periodic.values()} - set(self._registry))
+        if unknown:
+            self.logger.warning("periodic schedules enqueue task(s) %s that this worker does not register; "
+                                "workers elsewhere must run them", ", ".join(map(repr, unknown)))
+        return _PeriodicRunner(self, self._periodic.values()).start()
 
     def _add(self, task_function):
         if self._running:
@@ -3832,7 +4507,7 @@ class LilotaWorker(_NodeBase):
             if function.context_param is not None:
                 context = TaskContext(task_id=task.id, name=task.name, attempt=task.attempts,
                                       max_attempts=task.max_attempts or 1, progress=progress,
-                                      logger=logging.getLogger("task." + task.name))
+                                      logger=logging.getLogger("task." + task.name), scheduled_for=task.scheduled_for)
         self._current, self._interrupt = task, None
         self._tasks_run += 1
         try:
@@ -4035,10 +4710,13 @@ class LilotaWorker(_NodeBase):
             supervision.control.send(("no_timeout_retry", final_timeouts))
         supervision.control.send(("ready", os.getpid()))
         self._start_keeper(node_id, supervision.control, False)
+        periodic = self._start_periodic()
         try:
             self._loop(node_id, doorbell)
         finally:
             self._running = False
+            if periodic is not None:
+                periodic.stop()
             self._close_wake_pipe()
         if self._recycled is not None:
             # A clean exit, not a crash: the supervisor starts the successor at once.
@@ -4061,6 +4739,7 @@ class LilotaWorker(_NodeBase):
             previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_interrupt_signal)
         keeper = self._start_keeper(node_id, None, in_main_thread)
         retention = _Retention(self, self.keep_finished).start() if self.keep_finished else None
+        periodic = self._start_periodic()
         status = NodeStatus.STOPPED
         try:
             self._loop(node_id, None)
@@ -4078,6 +4757,8 @@ class LilotaWorker(_NodeBase):
             keeper.join(timeout=2 * self.heartbeat_interval)
             if retention is not None:
                 retention.stop()
+            if periodic is not None:
+                periodic.stop()
             self._close_wake_pipe()
             try:
                 _give_back(storage, node_id, "the worker stopped while running this task")
@@ -4539,11 +5220,11 @@ class Lilota(LilotaScheduler):
         return cls(db_url, mode=LilotaMode.WORKERS, script_path=script_path, number_of_workers=number_of_workers,
                    **options)
 
-    def _schedule(self, *args):
+    def _schedule(self, *args, **kwargs):
         if self.mode is LilotaMode.WORKERS:
             raise RuntimeError("this Lilota only runs workers (mode=LilotaMode.WORKERS) and cannot schedule "
                                "tasks; schedule with a Lilota in mode ALL or SCHEDULER (Lilota.scheduler(db_url))")
-        return super()._schedule(*args)
+        return super()._schedule(*args, **kwargs)
 
     # --- failure reporting ---
 
@@ -5487,7 +6168,8 @@ def _cmd_schedule(args):
     scheduler = _scheduler(args, create=True)
     try:
         task_id = scheduler.schedule(args.name, data, delay=args.delay, run_at=args.run_at, priority=args.priority,
-                                     max_attempts=args.max_attempts, timeout=args.timeout, queue=args.queue)
+                                     max_attempts=args.max_attempts, timeout=args.timeout, queue=args.queue,
+                                     unique_key=args.unique_key, unique_for=args.unique_for)
     except (TypeError, ValueError) as exc:   # a bad name or priority, an input JSON cannot hold
         raise _CliError(_one_line(exc), _EXIT_USAGE) from None
     if not args.wait:
@@ -5651,6 +6333,25 @@ def _cmd_queues(args):
     return 0
 
 
+def _cmd_periodic(args):
+    """List the periodic schedules that running nodes recorded: the task each enqueues, its cron
+    expression or interval and time zone, its next run, and its last slot's task and status.
+    SEEN is when a running node last had the schedule (older than a minute: no node runs it)."""
+    schedules = _scheduler(args).get_periodic()
+    if args.json:
+        for schedule in schedules:
+            _print_json(schedule.as_dict())
+        return 0
+    now = datetime.now(timezone.utc)
+    print(_table(["NAME", "TASK", "SCHEDULE", "ZONE", "QUEUE", "NEXT RUN", "LAST SLOT", "LAST TASK", "STATUS", "SEEN"],
+                 [[_short(p.name), _short(p.task), _short(p.schedule, 24), p.timezone, _short(p.queue),
+                   _format_age(p.next_run_at, now), _format_age(p.last_slot, now),
+                   "-" if p.last_task_id is None else str(p.last_task_id)[:8],
+                   "-" if p.last_status is None else str(p.last_status), _format_age(p.seen_at, now)]
+                  for p in schedules]))
+    return 0
+
+
 def _format_rate(rate):
     if rate is None:
         return "-"
@@ -5697,6 +6398,7 @@ _EXAMPLES = {
     "nodes": "{prog} nodes --json",
     "stats": "{prog} stats",
     "queues": "{prog} queues --json",
+    "periodic": "{prog} periodic --json",
     "queue": "{prog} queue limit images --concurrency 2 --rate 10/s",
 }
 
@@ -5768,6 +6470,10 @@ def _build_parser(prog):
                      help="stop a run that takes longer (default: the registered value)")
     sub.add_argument("--queue", type=_queue_arg, default=DEFAULT_QUEUE, metavar="NAME",
                      help=f"the queue to put it in (default: {DEFAULT_QUEUE})")
+    sub.add_argument("--unique-key", metavar="KEY",
+                     help="store nothing while a task with this key is unfinished; print that task's id")
+    sub.add_argument("--unique-for", type=_parse_duration, metavar="DURATION",
+                     help="with --unique-key: a task with the key created this recently counts too")
     sub.add_argument("--wait", action="store_true", help="wait for the task and print its output")
 
     sub = command("list", _cmd_list, "list tasks as a table")
@@ -5793,6 +6499,7 @@ def _build_parser(prog):
     command("nodes", _cmd_nodes, "list workers and schedulers with their liveness")
     command("stats", _cmd_stats, "task counts per status, name and queue, and throughput")
     command("queues", _cmd_queues, "list the queues with their pause, limits and counts")
+    command("periodic", _cmd_periodic, "list the periodic schedules with their next run and last status")
     sub = command("queue", _cmd_queue, "pause or resume a queue, or set its limits", reads=False)
     actions = sub.add_subparsers(dest="action", metavar="ACTION", required=True)
     for action, summary in (("pause", "start no new task of the queue"), ("resume", "let the queue's tasks start"),

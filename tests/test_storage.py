@@ -113,14 +113,14 @@ class SchemaTests(StorageTestCase):
         LilotaScheduler(self.db_url).storage.ensure_ready()
         tables = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.assertLessEqual({"lilota_task", "lilota_node", "lilota_meta"}, tables)
-        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("2",)])
-        self.assertEqual(lilota.SCHEMA_VERSION, 2)
+        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("3",)])
+        self.assertEqual(lilota.SCHEMA_VERSION, 3)
         indexes = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'index'")}
         self.assertIn("lilota_task_queue", indexes)
         columns = {r[1] for r in self.sql("PRAGMA table_info(lilota_task)")}
         for name in ("id", "name", "pid", "status", "run_at", "attempts", "max_attempts", "timeout", "expires_at",
                      "progress_percentage", "start_date_time", "end_date_time", "input", "output", "error",
-                     "locked_by", "locked_at"):
+                     "locked_by", "locked_at", "queue", "unique_key"):
             self.assertIn(name, columns)
 
     def test_reopening_keeps_data_and_version(self):
