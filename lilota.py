@@ -3473,13 +3473,15 @@ class _TaskWatcher:
     when its task has finished, so that a thousand waiters cost what one does. It looks at all
     the waited tasks in one query when the database changed -- SQLite's change counter, which a
     commit of another process moves, as an idle worker notices new tasks -- and at least every
-    ``reread`` seconds (writes of this process's own connection do not move the counter, and
-    PostgreSQL has none: it is read every ``reread`` then). It ends when nobody waits."""
+    ``reread`` seconds (writes of this process's own connection do not move the counter). Without
+    a counter (PostgreSQL) it reads them every ``poll`` seconds: a NOTIFY on every completion would
+    serialise all workers' commits. It ends when nobody waits."""
 
     _instances = {}
     _instances_lock = threading.Lock()
     tick = 0.002     # seconds between looks at the change counter
     reread = 0.05    # seconds between reads of the waited tasks' statuses without a change
+    poll = 0.005     # seconds between reads of them where the database has no change counter
 
     @classmethod
     def for_storage(cls, storage):
@@ -3539,7 +3541,7 @@ class _TaskWatcher:
             except StorageError:
                 logger.warning("lilota wait_async: cannot read the waited tasks; will retry", exc_info=True)
                 self.changed.wait(0.5)
-            self.changed.wait(self.tick if counter is not None else self.reread)
+            self.changed.wait(self.tick if counter is not None else self.poll)
 
     def _resolve(self, task_id, task=None, exception=None):
         with self.lock:

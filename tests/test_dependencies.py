@@ -2,17 +2,16 @@
 API and its errors, release in the completing commit, failure propagation for each on_failure
 through long chains, a diamond on two worker processes, and a worker killed mid-dependency."""
 
-import contextlib
-import io
 import json
 import os
-import signal
 import sqlite3
 import unittest
 import uuid
 
 import support
-from support import on_every_backend, process_alive, wait_until
+import test_crashes
+import test_queues
+from support import on_every_backend, wait_until
 from test_processes import WorkerTestCase
 
 import lilota
@@ -214,11 +213,7 @@ class DependencyApiTests(support.TempDirTestCase):
 
 @on_every_backend
 class DependencyCommandLineTests(support.TempDirTestCase):
-    def cli(self, *args):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = lilota.main([*args, "--db", self.db_url])
-        return code, out.getvalue(), err.getvalue()
+    cli = test_queues.QueueCommandLineTests.cli
 
     def test_schedule_with_dependencies_and_show_them(self):
         app = LilotaScheduler(self.db_url)
@@ -273,11 +268,7 @@ def record(data, ctx: TaskContext):
                         "b and c ran at the same time, one on each worker")
         self.assertEqual(out["d"]["deps"], ["b", "c"])
 
-    def kill_worker_running(self, app, task_id):
-        running = self.wait_status(app, task_id, "running")
-        self.assertTrue(process_alive(running.pid))
-        os.kill(running.pid, signal.SIGKILL)
-        return running
+    kill_worker_running = test_crashes.WorkerKilledTest.kill_worker_running
 
     def test_a_worker_killed_running_the_last_attempt_of_a_dependency_ends_its_dependents(self):
         app = self.start_lilota(self.script(), 1)
@@ -303,3 +294,23 @@ def record(data, ctx: TaskContext):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+@on_every_backend
+class DependencyMigrationTests(support.TempDirTestCase):
+    """A database of an earlier schema (version 1, as released) takes dependencies once migrated."""
+
+    def test_an_old_database_migrates_and_takes_dependencies(self):
+        test_queues.MigrationTests.make_version_1(self)
+        app = LilotaScheduler(self.db_url)
+        old = [t.id for t in app.list_tasks(status="scheduled", limit=None)]
+        self.assertEqual(self.db_execute("SELECT value FROM lilota_meta WHERE key = 'schema_version'"),
+                         [(str(lilota.SCHEMA_VERSION),)])
+        waiting = app.schedule("add", {"a": 1, "b": 2}, depends_on=old)
+        self.assertIs(app.get_task_by_id(waiting).status, TaskStatus.WAITING)
+        worker = LilotaWorker(self.db_url)
+        worker.register("add")(lambda data: {"sum": data["a"] + data["b"]})
+        self.assertEqual(len(worker.run_pending()), len(old) + 1)
+        self.assertEqual(app.get_task_by_id(waiting).output, {"sum": 3})
+        with self.assertRaises(Exception):   # the status CHECK still holds, 'waiting' added
+            self.db_execute("UPDATE lilota_task SET status = 'nonsense' WHERE id = ?", str(waiting))
