@@ -2871,6 +2871,9 @@ class Storage:
                                           f"AND end_date_time < {ts}"), (bound, cutoff)).rowcount
             nodes = conn.execute(sql(f"DELETE FROM lilota_node WHERE {_GONE_SQL} "
                                      f"AND last_seen_at < {ts}"), (cutoff,)).rowcount
+            if total:   # the dependencies of the tasks deleted (a primary-key probe per row)
+                conn.execute("DELETE FROM lilota_dependency WHERE NOT EXISTS "
+                             "(SELECT 1 FROM lilota_task t WHERE t.id = lilota_dependency.task_id)")
         return {"tasks": total, "nodes": nodes}
 
     def _delete_batch(self, bound, cutoff, batch_size):
@@ -2912,8 +2915,10 @@ class Storage:
                                 (repr(now), key, row[0])).rowcount == 1
 
     def delete_task(self, task_id):
-        """Delete one task whatever its status; False when there was none with that id."""
-        with self._guard as conn:
+        """Delete one task (and its dependencies' rows) whatever its status; False when there was
+        none with that id. Tasks that depend on it and still wait go on waiting (explain() says so)."""
+        with self._write() as conn:
+            conn.execute(self.dialect.sql("DELETE FROM lilota_dependency WHERE task_id = ?"), (task_id,))
             return conn.execute(self.dialect.sql("DELETE FROM lilota_task WHERE id = ?"), (task_id,)).rowcount == 1
 
     def has_unfinished_tasks(self):

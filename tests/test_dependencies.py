@@ -202,6 +202,24 @@ class DependencyApiTests(support.TempDirTestCase):
         self.app.schedule("step", "a")
         self.assertEqual(self.worker.run_pending()[0].output["deps"], {})
 
+    def test_deleting_tasks_deletes_their_dependency_rows(self):
+        a = self.app.schedule("step", "a")
+        b = self.app.schedule("step", "b", depends_on=[a])
+        c = self.app.schedule("step", "c", depends_on=[a])
+        self.assertTrue(self.app.delete_task_by_id(b))
+        self.assertEqual(self.db_execute("SELECT task_id FROM lilota_dependency"), [(str(c),)])
+        self.worker.run_pending()
+        self.assertEqual(self.app.cleanup(older_than=0)["tasks"], 2)
+        self.assertEqual(self.db_execute("SELECT COUNT(*) FROM lilota_dependency"), [(0,)])
+
+    def test_a_deleted_dependency_leaves_its_dependent_waiting_and_explain_says_so(self):
+        a = self.app.schedule("step", "a", delay=3600)
+        b = self.app.schedule("step", "b", depends_on=[a])
+        self.app.delete_task_by_id(a)
+        [reason] = self.app.explain(b)
+        self.assertIn(f"{a} (deleted: cancel this task)", reason.message)
+        self.assertTrue(self.app.cancel(b))
+
     @support.sqlite_only("the CHECK of the SQLite table, rewritten by the migration")
     def test_the_status_check_still_refuses_unknown_statuses(self):
         self.app.storage.ensure_ready()
