@@ -5,6 +5,7 @@ through long chains, a diamond on two worker processes, and a worker killed mid-
 import json
 import os
 import sqlite3
+import threading
 import unittest
 import uuid
 
@@ -227,6 +228,40 @@ class DependencyApiTests(support.TempDirTestCase):
             self.db_execute("INSERT INTO lilota_task (id, name, status, run_at, created_at) "
                             "VALUES ('x', 'y', 'nonsense', 0, 0)")
         self.assertEqual(self.db_execute("PRAGMA integrity_check"), [("ok",)])
+
+
+class ConcurrentEndsOnPostgresTests(support.TempDirTestCase):
+    """PostgreSQL: two dependencies of one task end in concurrent transactions. Neither sees the
+    other's end before it commits; the trigger's row lock on the dependent makes the second wait
+    for the first, and then see it, so the dependent is queued once both ended."""
+
+    backend = "postgres"
+
+    def test_the_dependent_of_two_concurrent_completions_is_queued(self):
+        app = LilotaScheduler(self.db_url)
+        b, c = app.schedule("step", "b", delay=3600), app.schedule("step", "c", delay=3600)
+        d = app.schedule("step", "d", depends_on=[b, c])
+        dialect = lilota._dialect_for_url(self.db_url)
+        first, second = dialect.connect(), dialect.connect()
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        end = "UPDATE lilota_task SET status = 'completed', end_date_time = now() WHERE id = %s"
+        first.execute("BEGIN")
+        first.execute(end, (str(b),))
+        second_done = threading.Event()
+
+        def end_c():
+            second.execute("BEGIN")
+            second.execute(end, (str(c),))   # its trigger waits for the first transaction
+            second.execute("COMMIT")
+            second_done.set()
+        thread = threading.Thread(target=end_c)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        self.assertFalse(second_done.wait(0.5), "the second end waits for the first commit")
+        first.execute("COMMIT")
+        self.assertTrue(second_done.wait(10))
+        self.assertIs(app.get_task_by_id(d).status, TaskStatus.SCHEDULED)
 
 
 @on_every_backend
