@@ -57,6 +57,7 @@ import select
 import signal
 import socket
 import sqlite3
+import string
 import sys
 import threading
 import time
@@ -73,13 +74,13 @@ __version__ = "0.1.0"
 __all__ = [
     "Lilota", "LilotaScheduler", "LilotaWorker",
     "Task", "TaskStatus", "TaskProgress", "TaskContext", "ModelProtocol",
-    "Node", "NodeStatus", "NodeType", "LilotaMode", "Queue", "DEFAULT_QUEUE", "PeriodicSchedule",
+    "Node", "NodeStatus", "NodeType", "LilotaMode", "Queue", "Reason", "DEFAULT_QUEUE", "PeriodicSchedule",
     "Dialect", "SQLiteDialect", "PostgreSQLDialect", "DBAPIConnection", "register_dialect",
     "LilotaError", "ConfigurationError", "DriverNotInstalledError", "StorageError",
     "DatabaseBusyError", "ReadOnlyDatabaseError", "DatabaseFullError", "CorruptDatabaseError",
     "DatabaseUnavailableError", "SchemaVersionError", "WorkerScriptError", "WorkersFailedError", "TaskNotFoundError", "UnserializableError",
     "TaskWaitTimeout", "TaskTimeoutError", "TaskCancelledError", "UnknownTaskError", "WorkerDiedError",
-    "TaskInterruptedError", "Retry",
+    "TaskInterruptedError", "DependencyFailedError", "Retry", "ON_FAILURE",
 ]
 
 # The original lilota's import paths (``from lilota.core import Lilota`` ...) name submodules of a
@@ -169,6 +170,12 @@ class TaskInterruptedError(LilotaError):
     """Recorded as a task's error when its worker was stopped and the task was queued again."""
 
 
+class DependencyFailedError(LilotaError):
+    """Recorded as the error of a task that did not run because a task it depends on failed,
+    expired or was cancelled for good: it ends ``cancelled`` (``on_failure="cancel"``) or
+    ``failed`` (``on_failure="fail"``). The record's ``dependency`` is the id of that task."""
+
+
 class StorageError(LilotaError):
     """The database refused or failed an operation."""
 
@@ -236,6 +243,7 @@ class TaskStatus(_StrEnum):
 
     CREATED = "created"      # reserved for rows written by other tools; lilota never writes it
     SCHEDULED = "scheduled"  # queued: runs once run_at has passed and a worker is free
+    WAITING = "waiting"      # for its dependencies (depends_on); queued when the last one completes
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -283,6 +291,10 @@ class LilotaMode(_StrEnum):
 #: The queue of a task scheduled without ``queue=``, and the one a worker serves without ``queues=``.
 DEFAULT_QUEUE = "default"
 
+#: What a task with dependencies does when one of them fails, expires or is cancelled for good:
+#: it is cancelled (the default), failed with a DependencyFailedError, or run anyway.
+ON_FAILURE = ("cancel", "fail", "run")
+
 
 class _Unchanged:
     """The default of a setting that a call leaves as it is, where None means "none" (no limit)."""
@@ -328,6 +340,8 @@ class Task:
     queue: str = DEFAULT_QUEUE
     unique_key: typing.Optional[str] = None   # schedule(..., unique_key=): see LilotaScheduler.schedule
     scheduled_for: typing.Optional[datetime] = None   # a periodic task's slot (ctx.scheduled_for)
+    depends_on: typing.Optional[typing.List[uuid.UUID]] = None   # the tasks it runs after (None: none)
+    on_failure: typing.Optional[str] = None   # what it does when one of them fails: cancel, fail or run
 
     @property
     def is_finished(self):
@@ -354,6 +368,24 @@ class Node:
     lease_expires_at: datetime   # dead once this passes without a heartbeat
     queues: typing.Optional[typing.List[str]] = None   # a worker's queues, in the order it serves them
     reason: typing.Optional[str] = None   # why it stopped, when that is not plain (e.g. "recycled: ...")
+    task_names: typing.Optional[typing.List[str]] = None   # a worker's registered task names
+
+
+@dataclasses.dataclass
+class Reason:
+    """One answer of ``explain()``, why a task is (not) running: ``code``, a stable keyword to act
+    on (see ``explain()``); ``message``, a sentence for people; ``details``, the values it was
+    made of (JSON-compatible: ids and times as strings, durations in seconds)."""
+
+    code: str
+    message: str
+    details: typing.Dict[str, typing.Any] = dataclasses.field(default_factory=dict)
+
+    def __str__(self):
+        return self.message
+
+    def as_dict(self):
+        return {"code": self.code, "message": self.message, "details": self.details}
 
 
 @dataclasses.dataclass
@@ -768,6 +800,36 @@ def _retry_time(task, base, cap):
     return None
 
 
+def _format_duration(seconds):
+    """``850ms``, ``12.3s``, ``5m03s``, ``2h``, ``7d04h``: the two largest units, zeros dropped."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}".rstrip("0").rstrip(".") + "s"
+    whole = int(seconds)
+    for big, size, small, small_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if whole >= size:
+            rest = (whole % size) // small_size
+            return f"{whole // size}{big}" + (f"{rest:02d}{small}" if rest else "")
+    return f"{whole}s"
+
+
+def _format_age(moment, now):
+    """How long ago (or, for a future moment, in how long) a datetime is: ``3s ago``, ``in 5m``."""
+    if moment is None:
+        return "-"
+    seconds = (now - moment).total_seconds()
+    return f"{_format_duration(seconds)} ago" if seconds >= 0 else f"in {_format_duration(-seconds)}"
+
+
+def _format_time(moment, now):
+    """A datetime in full, UTC, with how long ago it was (``now`` None: without that)."""
+    if moment is None:
+        return "-"
+    text = f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} UTC"
+    return text if now is None else f"{text} ({_format_age(moment, now)})"
+
+
 class TaskProgress:
     """Lets a task function store how far it has got (0-100) while it runs.
 
@@ -801,10 +863,12 @@ class TaskContext:
     ``scheduled_for`` (the slot a periodic task runs for, else None), ``progress`` (a
     :class:`TaskProgress`) and ``logger``: the logger ``task.<name>``, an ordinary
     logger outside lilota's own ``lilota`` hierarchy (which is silent unless configured), so that
-    its records go wherever the worker process's logging sends them, stderr when unconfigured."""
+    its records go wherever the worker process's logging sends them, stderr when unconfigured.
+    ``dependency_outputs``: {id: stored output} of the tasks it depends on (``depends_on``), read
+    from the database on first use; {} for a task without dependencies."""
 
     def __init__(self, *, task_id=None, name=None, attempt=1, max_attempts=1, progress=None, logger=None,
-                 scheduled_for=None):
+                 scheduled_for=None, dependency_outputs=None):
         self.task_id = task_id
         self.name = name
         self.attempt = attempt
@@ -812,6 +876,15 @@ class TaskContext:
         self.progress = progress
         self.logger = logger
         self.scheduled_for = scheduled_for   # a periodic task's slot (aware UTC datetime), else None
+        self._dependency_outputs = dependency_outputs   # a dict, or a function that reads it
+
+    @property
+    def dependency_outputs(self):
+        if callable(self._dependency_outputs):
+            self._dependency_outputs = self._dependency_outputs()
+        if self._dependency_outputs is None:
+            self._dependency_outputs = {}
+        return self._dependency_outputs
 
     def __repr__(self):
         return f"TaskContext(task_id={self.task_id!s}, name={self.name!r}, attempt={self.attempt})"
@@ -847,7 +920,9 @@ def _error_record(exc, **extra):
 #   running   -> scheduled                      finish_attempt with a retry, snooze, recover_tasks
 #   running   -> failed | expired               finish_attempt without one; claim: a row it cannot read
 #   running   -> cancelled                      complete, finish_attempt, snooze: cancel() asked while it ran
-#   created | scheduled -> cancelled            cancel
+#   created | scheduled | waiting -> cancelled  cancel
+#   waiting   -> scheduled                      the commit that completed its last dependency
+#   waiting   -> cancelled | failed             the commit that ended a dependency for good (on_failure)
 #   failed | expired | cancelled -> scheduled   requeue
 #
 # A statement names one status as its text ('running'); lists of statuses come from the enums.
@@ -858,10 +933,25 @@ def _sql_list(statuses):
     return "(" + ", ".join(f"'{s.value}'" for s in order if s in statuses) + ")"
 
 
+def _sql_format(template, **columns):
+    """A str.format() ``template`` as a SQL expression that builds the same text from ``columns``
+    (SQL expressions by field name): literals and columns joined with ``||``."""
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        if literal:
+            parts.append("'" + literal.replace("'", "''") + "'")
+        if field is not None:
+            parts.append(f"CAST({columns[field]} AS text)")
+    return " || ".join(parts)
+
+
 _FINISHED_SQL = "status IN " + _sql_list(_FINISHED)
 _REQUEUEABLE = _FINISHED - {TaskStatus.COMPLETED}
 _REQUEUEABLE_SQL = "status IN " + _sql_list(_REQUEUEABLE)
-_CANCELLABLE_SQL = "status IN " + _sql_list({TaskStatus.CREATED, TaskStatus.SCHEDULED})
+_CANCELLABLE_SQL = "status IN " + _sql_list({TaskStatus.CREATED, TaskStatus.SCHEDULED, TaskStatus.WAITING})
+_ENDED_BADLY_SQL = "IN " + _sql_list(_REQUEUEABLE)   # failed, expired, cancelled: what on_failure answers
+# The statuses version 1 allowed: its CHECK, as released (version 4 adds 'waiting').
+_V1_STATUSES = frozenset(TaskStatus) - {TaskStatus.WAITING}
 _UNFINISHED_SQL = "status IN " + _sql_list(set(TaskStatus) - _FINISHED)
 _ALIVE_NODE_STATUSES = frozenset({NodeStatus.IDLE, NodeStatus.STARTING, NodeStatus.RUNNING, NodeStatus.STOPPING})
 _ALIVE_SQL = "status IN " + _sql_list(_ALIVE_NODE_STATUSES)
@@ -871,7 +961,7 @@ _GONE_SQL = "status IN " + _sql_list(set(NodeStatus) - _ALIVE_NODE_STATUSES)
 # name, kind (the dialect's column type, see _schema, and how Storage._task decodes it), constraints.
 _TASK_TABLE_V1 = (
     ("id", "id", "PRIMARY KEY"), ("name", "text", "NOT NULL"),
-    ("status", "status", f"NOT NULL CHECK (status IN {_sql_list(TaskStatus)})"),
+    ("status", "status", f"NOT NULL CHECK (status IN {_sql_list(_V1_STATUSES)})"),
     ("priority", "integer", "NOT NULL DEFAULT 0"), ("pid", "integer", ""),
     ("run_at", "time", "NOT NULL"), ("attempts", "integer", "NOT NULL DEFAULT 0"),
     ("max_attempts", "integer", ""), ("timeout", "real", ""), ("expires_at", "time", ""),
@@ -886,16 +976,18 @@ _TASK_TABLE_V1 = (
 _TASK_COLUMNS_ADDED = {
     2: (("queue", "text", "NOT NULL DEFAULT 'default'"),),
     3: (("unique_key", "text", ""), ("scheduled_for", "time", "")),
+    4: (("depends_on", "ids", ""), ("on_failure", "text", "")),
 }
 _TASK_TABLE = _TASK_TABLE_V1 + tuple(column for version in sorted(_TASK_COLUMNS_ADDED)
                                      for column in _TASK_COLUMNS_ADDED[version])
 _TASK_COLUMNS = tuple(column for column, _, _ in _TASK_TABLE)
 _TASK_SELECT = ", ".join(_TASK_COLUMNS)
-_NODE_COLUMNS = "id, name, type, status, pid, hostname, created_at, last_seen_at, lease_expires_at, queues, reason"
+_NODE_COLUMNS = ("id, name, type, status, pid, hostname, created_at, last_seen_at, lease_expires_at, queues, reason, "
+                 "task_names")
 
 # --- Schema and migrations ------------------------------------------------------------------------
 
-SCHEMA_VERSION = 3   # the newest key of _schema()
+SCHEMA_VERSION = 4   # the newest key of _schema()
 
 
 def _schema(**types):
@@ -903,8 +995,8 @@ def _schema(**types):
     column types: ``id``, ``text``, ``integer``, ``real``, ``time``, ``json`` and ``flag`` (0/1).
     A version is never edited once released: a change to the schema is a new version, applied
     forward and automatically by ``Storage._migrate``."""
-    t = dict(types, status=types["text"])
-    return {1: _schema_v1(t), 2: _schema_v2(t), 3: _schema_v3(t)}
+    t = dict(types, status=types["text"], ids=types["json"])
+    return {1: _schema_v1(t), 2: _schema_v2(t), 3: _schema_v3(t), 4: _schema_v4(t)}
 
 
 def _column_ddl(column, kind, constraints, t):
@@ -1004,6 +1096,40 @@ def _schema_v3(t):
     ]
 
 
+def _schema_v4(t):
+    """Version 4: dependencies between tasks. A task's ``depends_on`` (the JSON list of ids, as
+    scheduled) and ``on_failure``; lilota_dependency, one row per (task, task it depends on),
+    read from the dependency's side when it ends; and the status 'waiting', which each dialect
+    adds to the status CHECK of version 1 in its own way (see its migrations()). Also the task
+    names each worker node serves, for explain()."""
+    return _added_columns(4, t) + [
+        f"""CREATE TABLE IF NOT EXISTS lilota_dependency (
+            task_id {t['id']} NOT NULL,
+            depends_on {t['id']} NOT NULL,
+            PRIMARY KEY (task_id, depends_on))""",
+        "CREATE INDEX IF NOT EXISTS lilota_dependency_depends_on ON lilota_dependency (depends_on)",
+        # The task names a worker has registered (a JSON list): what explain() checks a task against.
+        f"ALTER TABLE lilota_node ADD COLUMN task_names {t['text']}",
+    ]
+
+
+# The dependents a task that ended badly takes with it (rows (id, via): via is the dependency that
+# ended, or was ended, first): those waiting with on_failure cancel or fail, then theirs, and so on,
+# in one recursive query whatever the chain's length. {root}: the task that ended.
+_DOOMED_SQL = (
+    "SELECT d.task_id, d.depends_on FROM lilota_dependency d JOIN lilota_task t ON t.id = d.task_id "
+    "WHERE d.depends_on = {root} AND t.status = 'waiting' AND t.on_failure <> 'run' "
+    "UNION SELECT d.task_id, d.depends_on FROM reach JOIN lilota_dependency d ON d.depends_on = reach.id "
+    "JOIN lilota_task t ON t.id = d.task_id WHERE t.status = 'waiting' AND t.on_failure <> 'run'")
+# True for a waiting task ({task}) none of whose dependencies is open: each completed, or ended
+# otherwise when it runs anyway (on_failure 'run').
+_NO_OPEN_DEPENDENCY_SQL = (
+    "NOT EXISTS (SELECT 1 FROM lilota_dependency d JOIN lilota_task s ON s.id = d.depends_on "
+    "WHERE d.task_id = {task}.id AND s.status <> 'completed' "
+    f"AND (s.status NOT {_ENDED_BADLY_SQL} OR {{task}}.on_failure <> 'run'))")
+# The message of a DependencyFailedError, as Python formats it and as SQL (PostgreSQL) builds it.
+_DEPENDENCY_FAILED = "dependency {via} ended {ended}, so this task did not run (on_failure='{on_failure}')"
+
 #: lilota_meta's key for when old finished tasks were last deleted (see Storage.take_turn).
 _RETENTION_KEY = "retention_ran_at"
 
@@ -1016,10 +1142,13 @@ class Dialect:
 
     * ``connect()``: a new DB-API 2.0 connection in autocommit mode (one statement = one transaction);
     * ``placeholder``: the driver's positional placeholder; lilota writes ``?`` and translates;
-    * ``migrations()``: for each schema version, the DDL statements that create it;
+    * ``migrations()``: for each schema version, the DDL statements that create it (a statement
+      may be a function of the connection, for a change the database has no DDL for);
     * ``prepare_claim(defaults, queues)`` and ``claim(conn, prepared, node_id, pid, now)``: the one
       atomic statement that picks the next due task of the queues and marks it running;
     * ``complete_and_claim(...)``, optional: a completion and the next claim in one commit;
+    * ``settles_dependents``: whether the database settles a task's dependents itself when it
+      ends (else Storage does, in the same transaction), and ``share_lock``;
     * ``encode_time``/``decode_time`` and ``encode_json``/``decode_json``: column types;
     * ``time_param``/``json_param``: how a time or JSON parameter is written, with a cast where the
       database cannot infer its type (inside CASE); Storage writes every such parameter this way;
@@ -1042,6 +1171,13 @@ class Dialect:
     begin_write_sql = "BEGIN"
     #: False for a database that exists only inside one process (SQLite ``:memory:``).
     shared_between_processes = True
+    #: True when the database itself settles the dependents of a task that ends (a trigger); else
+    #: Storage does it in the transaction that ended the task (``Storage._settle``).
+    settles_dependents = False
+    #: Appended to the SELECT that reads the dependencies of a task being scheduled: a lock that
+    #: makes a concurrent end of one of them wait for the new task's commit (none where writers
+    #: take turns, as in SQLite).
+    share_lock = ""
 
     def __init__(self, url, parts):
         self.url = url
@@ -1089,9 +1225,11 @@ class Dialect:
         """Atomically mark the next due task running for ``node_id``; return its row or None."""
         raise NotImplementedError
 
-    def complete_and_claim(self, conn, completion, prepared, node_id, pid, now):
+    def complete_and_claim(self, conn, completion, prepared, node_id, pid, now, settle=None):
         """Run ``completion`` (an UPDATE: its sql and parameters) and ``claim()`` in one commit, so
-        that both happen or neither. Returns (rows the completion changed, the claimed row or None);
+        that both happen or neither; ``settle(conn)``, given unless ``settles_dependents``, goes
+        between them (what the completion releases can be claimed at once).
+        Returns (rows the completion changed, the claimed row or None);
         None when this dialect cannot, having done nothing: the worker then stores the completion
         and claims in two commits. A busy worker completes and claims once per task; one commit
         instead of two is what it saves."""
@@ -1360,6 +1498,24 @@ def _retry_busy(operation, timeout):
         delay = min(delay * 2, 0.1)
 
 
+def _sqlite_allow_waiting(conn):
+    """Version 4 on SQLite: let lilota_task.status be 'waiting'. SQLite cannot alter a CHECK
+    constraint; its documented way to loosen one is to edit the table's CREATE statement in
+    sqlite_schema (writable_schema) and bump the schema cookie, in the migration's transaction.
+    Every stored row satisfies the wider CHECK, so nothing else changes (see "Making Other Kinds
+    Of Table Schema Changes" at sqlite.org/lang_altertable.html)."""
+    old, new = (f"CHECK (status IN {_sql_list(statuses)})" for statuses in (_V1_STATUSES, frozenset(TaskStatus)))
+    cookie = conn.execute("PRAGMA schema_version").fetchone()[0]
+    conn.execute("PRAGMA writable_schema = ON")
+    try:
+        changed = conn.execute("UPDATE sqlite_master SET sql = replace(sql, ?, ?) WHERE type = 'table' "
+                               "AND name = 'lilota_task' AND instr(sql, ?) > 0", (old, new, old)).rowcount
+        if changed:
+            conn.execute(f"PRAGMA schema_version = {int(cookie) + 1}")
+    finally:
+        conn.execute("PRAGMA writable_schema = OFF")
+
+
 class SQLiteDialect(Dialect):
     """SQLite through the standard library: WAL, a busy timeout, ``synchronous=NORMAL`` (or FULL).
 
@@ -1461,6 +1617,7 @@ class SQLiteDialect(Dialect):
             "UPDATE lilota_queue_rate SET free_at = NEW.locked_at + "
             "(SELECT rate_period FROM lilota_queue WHERE name = NEW.queue) "
             "WHERE queue = NEW.queue AND slot = NEW.rate_slot; END")
+        versions[4].append(_sqlite_allow_waiting)
         return versions
 
     def adopt_connection(self, raw):
@@ -1497,11 +1654,13 @@ class SQLiteDialect(Dialect):
         return _PreparedClaim((pick, f"{update} WHERE id = :id AND status = 'scheduled'",
                                f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id = :id"), params)
 
-    def complete_and_claim(self, conn, completion, prepared, node_id, pid, now):
+    def complete_and_claim(self, conn, completion, prepared, node_id, pid, now, settle=None):
         if not self.returning:
             return None   # that claim is a transaction of its own
         with _Transaction(conn, self.begin_write_sql):
             changed = conn.execute(*completion).rowcount
+            if changed and settle is not None:
+                settle(conn)
             return changed, self.claim(conn, prepared, node_id, pid, now)
 
     def claim(self, conn, prepared, node_id, pid, now):
@@ -1672,6 +1831,8 @@ class PostgreSQLDialect(Dialect):
     time_param = "CAST(? AS timestamptz)"
     json_param = "CAST(? AS jsonb)"
     begin_write_sql = "BEGIN"
+    settles_dependents = True   # the trigger lilota_settle_dependents (schema version 4)
+    share_lock = " FOR SHARE"
     #: Key of the advisory lock that serialises schema migrations.
     migration_lock_key = 0x6C696C6F7461  # "lilota"
 
@@ -1872,6 +2033,59 @@ class PostgreSQLDialect(Dialect):
                 "CREATE TRIGGER lilota_queue_changed AFTER INSERT OR UPDATE ON lilota_queue "
                 "FOR EACH STATEMENT EXECUTE FUNCTION lilota_notify_queued()",
             ],
+            4: [
+                "ALTER TABLE lilota_task DROP CONSTRAINT IF EXISTS lilota_task_status_check",
+                f"ALTER TABLE lilota_task ADD CONSTRAINT lilota_task_status_check "
+                f"CHECK (status IN {_sql_list(TaskStatus)})",
+                # What Storage._settle does on SQLite, done by the database: whatever ends a task
+                # -- a completion that claims the next in the same statement, a failure, cancel(),
+                # a crash recovery, a row updated by hand -- settles its dependents in its own
+                # transaction. The closure of the dependents a failure ends is one recursive query;
+                # the trigger, firing again for each of them, returns at once (its depth is 2).
+                f"""CREATE OR REPLACE FUNCTION lilota_settle_dependents() RETURNS trigger
+                   LANGUAGE plpgsql AS $$
+                   DECLARE ended uuid[] := '{{}}';
+                   BEGIN
+                       IF pg_trigger_depth() > 1
+                          OR NOT EXISTS (SELECT 1 FROM lilota_dependency WHERE depends_on = NEW.id) THEN
+                           RETURN NULL;
+                       END IF;
+                       IF NEW.status <> 'completed' THEN
+                           WITH RECURSIVE reach(id, via) AS (
+                               {_DOOMED_SQL.format(root='NEW.id')}),
+                           cause AS (
+                               SELECT DISTINCT ON (r.id) r.id, r.via,
+                                      CASE WHEN r.via = NEW.id THEN NEW.status
+                                           WHEN v.on_failure = 'fail' THEN 'failed' ELSE 'cancelled' END AS ended
+                                 FROM reach r JOIN lilota_task v ON v.id = r.via
+                                ORDER BY r.id, r.via = NEW.id DESC, r.via),
+                           done AS (
+                               UPDATE lilota_task t
+                                  SET status = CASE WHEN t.on_failure = 'fail' THEN 'failed' ELSE 'cancelled' END,
+                                      end_date_time = COALESCE(NEW.end_date_time, now()),
+                                      error = jsonb_build_object('type', 'DependencyFailedError',
+                                          'message', {_sql_format(_DEPENDENCY_FAILED, via='c.via',
+                                                                  ended='c.ended', on_failure='t.on_failure')},
+                                          'traceback', '', 'dependency', c.via::text)
+                                 FROM cause c WHERE t.id = c.id AND t.status = 'waiting'
+                                RETURNING t.id)
+                           SELECT COALESCE(array_agg(id), '{{}}') INTO ended FROM done;
+                       END IF;
+                       -- Two dependencies of one task ending in concurrent transactions: the
+                       -- second waits here for the first to commit, and then sees it ended.
+                       PERFORM 1 FROM lilota_task WHERE status = 'waiting' AND id IN
+                           (SELECT task_id FROM lilota_dependency WHERE depends_on = NEW.id
+                                OR depends_on = ANY(ended)) ORDER BY id FOR UPDATE;
+                       UPDATE lilota_task t SET status = 'scheduled'
+                        WHERE t.status = 'waiting' AND t.id IN (SELECT task_id FROM lilota_dependency
+                              WHERE depends_on = NEW.id OR depends_on = ANY(ended))
+                          AND {_NO_OPEN_DEPENDENCY_SQL.format(task='t')};
+                       RETURN NULL;
+                   END $$""",
+                "CREATE TRIGGER lilota_task_settle_dependents AFTER UPDATE OF status ON lilota_task FOR EACH ROW "
+                f"WHEN (NEW.status IN {_sql_list(_FINISHED)} AND OLD.status NOT IN {_sql_list(_FINISHED)}) "
+                "EXECUTE FUNCTION lilota_settle_dependents()",
+            ],
         }
         return {version: statements + extra.get(version, []) for version, statements in versions.items()}
 
@@ -1915,7 +2129,7 @@ class PostgreSQLDialect(Dialect):
     def claim(self, conn, prepared, node_id, pid, now):
         return conn.execute(prepared.sql, self._claim_params(prepared.params, node_id, pid, now)).fetchone()
 
-    def complete_and_claim(self, conn, completion, prepared, node_id, pid, now):
+    def complete_and_claim(self, conn, completion, prepared, node_id, pid, now, settle=None):
         # One statement: one round trip and one commit. Every data-modifying WITH clause runs, once,
         # in one snapshot; the completed row is running, so the claim cannot pick it. The outer
         # join returns the completion's count when there is no task left to claim. The claim reads
@@ -2176,7 +2390,8 @@ class Storage:
         # How a stored value becomes the Task's, for the columns of _TASK_TABLE that need it, and
         # the nullable columns, whose NULL stays None.
         by_kind = {"id": lambda v: uuid.UUID(str(v)), "time": dialect.decode_time, "json": dialect.decode_json,
-                   "real": lambda v: timedelta(seconds=float(v)), "flag": bool, "status": TaskStatus}
+                   "real": lambda v: timedelta(seconds=float(v)), "flag": bool, "status": TaskStatus,
+                   "ids": lambda v: [uuid.UUID(i) for i in dialect.decode_json(v)]}
         self._decoders = {column: by_kind[kind] for column, kind, _ in _TASK_TABLE if kind in by_kind}
         self._nullable = {column for column, _, constraints in _TASK_TABLE
                           if "NOT NULL" not in constraints and "PRIMARY KEY" not in constraints}
@@ -2184,8 +2399,9 @@ class Storage:
         # Hot statements, translated once.
         self._insert_sql = sql(
             "INSERT INTO lilota_task (id, name, status, priority, run_at, attempts, max_attempts, timeout, "
-            "progress_percentage, input, created_at, cancel_requested, queue, unique_key, scheduled_for) "
-            f"VALUES (?, ?, 'scheduled', ?, {ts}, 0, ?, ?, 0, {js}, {ts}, 0, ?, ?, {ts})")
+            "progress_percentage, input, created_at, cancel_requested, queue, unique_key, scheduled_for, "
+            "depends_on, on_failure, end_date_time, error) "
+            f"VALUES (?, ?, ?, ?, {ts}, 0, ?, ?, 0, {js}, {ts}, 0, ?, ?, {ts}, {js}, ?, {ts}, {js})")
         # The task that holds a unique key: an unfinished one, or one created after the cutoff
         # (NULL: no unique_for window). Read under the key's lock (Dialect.lock_unique_keys).
         self._unique_holder_sql = sql(
@@ -2235,6 +2451,17 @@ class Storage:
             TaskCancelledError("cancelled while running; the task asked to run again (Retry), which the "
                                "cancel overrides")), "error")
         self._get_sql = sql(f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id = ?")
+        # Storage._settle's statements (SQLite; PostgreSQL's trigger has its own).
+        self._settle_probe_sql = sql("SELECT status, end_date_time FROM lilota_task WHERE id = ? AND EXISTS "
+                                     "(SELECT 1 FROM lilota_dependency WHERE depends_on = ?)")
+        self._doomed_sql = sql(f"WITH RECURSIVE reach(id, via) AS ({_DOOMED_SQL.format(root='?')}) "
+                               "SELECT r.id, r.via, t.on_failure, v.on_failure FROM reach r "
+                               "JOIN lilota_task t ON t.id = r.id JOIN lilota_task v ON v.id = r.via")
+        self._doom_sql = sql(f"UPDATE lilota_task SET status = ?, end_date_time = ?, error = {js} "
+                             "WHERE id = ? AND status = 'waiting'")
+        self._release_sql = ("UPDATE lilota_task SET status = 'scheduled' WHERE status = 'waiting' AND id IN "
+                             "(SELECT task_id FROM lilota_dependency WHERE depends_on IN ({marks})) AND "
+                             + _NO_OPEN_DEPENDENCY_SQL.format(task="lilota_task").replace("{", "{{").replace("}", "}}"))
         # Called when a claim found nothing due: then every queued task is a delayed one, or in a
         # queue out of rate-limit slots until one is free again.
         self._next_run_at_sql = sql(
@@ -2288,9 +2515,57 @@ class Storage:
 
     @contextlib.contextmanager
     def _write(self):
-        """``with self._write() as conn``: one operation (``self._guard``) in one transaction."""
-        with self._guard as conn, _Transaction(conn, self.dialect.begin_write_sql):
+        """``with self._write() as conn``: one operation (``self._guard``) in one transaction; inside
+        another ``_write()`` of the same thread, part of that one (which commits)."""
+        with self._guard as conn:
+            if self._depth > 1 and conn.in_transaction:
+                yield conn
+            else:
+                with _Transaction(conn, self.dialect.begin_write_sql):
+                    yield conn
+
+    @contextlib.contextmanager
+    def _ending(self, task_ids):
+        """``with self._ending(ids) as conn``: one operation whose statements may end the tasks
+        ``ids`` (str), and then settle their dependents in the same transaction (_settle). Where
+        the database does that itself (``Dialect.settles_dependents``), just the operation."""
+        if self.dialect.settles_dependents:
+            with self._guard as conn:
+                yield conn
+            return
+        with self._write() as conn:
             yield conn
+            self._settle(conn, task_ids)
+
+    def _settle(self, conn, task_ids):
+        """In the transaction that may have ended the tasks ``task_ids``: end for good, as their
+        on_failure says, the waiting dependents of those that ended otherwise than completed, and
+        theirs in turn (one recursive query, whatever the chain's length); then queue the waiting
+        dependents of all these that have no open dependency left. What PostgreSQL's trigger
+        lilota_settle_dependents does (SQLite's triggers cannot run a recursive query)."""
+        d = self.dialect
+        for task_id in task_ids:
+            row = conn.execute(self._settle_probe_sql, (task_id, task_id)).fetchone()
+            if row is None or row[0] not in _FINISHED:
+                continue   # no dependents (the common case: one index probe), or not ended
+            status, ended_at = row[0], row[1] if row[1] is not None else d.encode_time(_now())
+            released_by = [task_id]
+            if status != TaskStatus.COMPLETED:
+                causes = {}
+                for dependent, via, on_failure, via_on_failure in conn.execute(self._doomed_sql, (task_id,)):
+                    dependent, via = str(dependent), str(via)
+                    ended = status if via == task_id else "failed" if via_on_failure == "fail" else "cancelled"
+                    if dependent not in causes or via == task_id:
+                        causes[dependent] = (via, ended, on_failure)
+                conn.executemany(self._doom_sql, [
+                    ("failed" if on_failure == "fail" else "cancelled", ended_at, d.encode_json(dumps(_error_record(
+                        DependencyFailedError(_DEPENDENCY_FAILED.format(via=via, ended=ended, on_failure=on_failure)),
+                        dependency=via), "error")), dependent)
+                    for dependent, (via, ended, on_failure) in causes.items()])
+                released_by += list(causes)
+            for start in range(0, len(released_by), 500):
+                chunk = released_by[start:start + 500]
+                conn.execute(d.sql(self._release_sql.format(marks=", ".join("?" for _ in chunk))), chunk)
 
     def _forked(self):
         """True in a child made by fork until _adopt(): the lock, connection and listener are the
@@ -2373,8 +2648,8 @@ class Storage:
             current = version()
             for number, statements in sorted(self.dialect.migrations().items()):
                 if number > current:
-                    for statement in statements:
-                        conn.execute(statement)
+                    for statement in statements:   # SQL, or a function that changes what SQL cannot
+                        statement(conn) if callable(statement) else conn.execute(statement)
             conn.execute(self.dialect.sql("DELETE FROM lilota_meta WHERE key = 'schema_version'"))
             conn.execute(self.dialect.sql("INSERT INTO lilota_meta (key, value) VALUES ('schema_version', ?)"),
                          (str(SCHEMA_VERSION),))
@@ -2445,21 +2720,27 @@ class Storage:
 
     def _node(self, row):
         d = self.dialect
-        id_, name, type_, status, pid, hostname, created_at, last_seen_at, lease, queues, reason = row
+        id_, name, type_, status, pid, hostname, created_at, last_seen_at, lease, queues, reason, task_names = row
         return Node(id=uuid.UUID(str(id_)), name=name, type=NodeType(type_), status=NodeStatus(status),
                     pid=pid, hostname=hostname, created_at=d.decode_time(created_at),
                     last_seen_at=d.decode_time(last_seen_at), lease_expires_at=d.decode_time(lease),
-                    queues=queues.split(",") if queues else None, reason=reason)
+                    queues=queues.split(",") if queues else None, reason=reason, task_names=loads(task_names))
 
     # --- Storage: tasks, the scheduling side ------------------------------------------------------
 
-    def insert_tasks(self, rows, connection=None):
-        """Store queued tasks in one transaction and return their ids (canonical strings).
-        ``rows``: (id, name, priority, run_at, max_attempts, timeout, input_json, queue, unique_key,
-        unique_for, scheduled_for) tuples with run_at in epoch seconds, or None for "now": such a task's run_at
-        equals its created_at, which keeps it out of the index of delayed tasks. A row with a
-        unique_key that an unfinished task holds -- or, with unique_for (seconds), a task created
-        within that window -- is not stored: its id in the result is that task's.
+    def insert_tasks(self, rows, connection=None, depends_on=(), on_failure="cancel"):
+        """Store queued tasks in one transaction: (their ids as canonical strings, the status they
+        were stored with). ``rows``: (id, name, priority, run_at, max_attempts, timeout, input_json,
+        queue, unique_key, unique_for, scheduled_for) tuples with run_at in epoch seconds, or None
+        for "now": such a task's run_at equals its created_at, which keeps it out of the index of
+        delayed tasks. A row with a unique_key that an unfinished task holds -- or, with unique_for
+        (seconds), a task created within that window -- is not stored: its id in the result is
+        that task's.
+
+        ``depends_on``: ids (canonical strings) of stored tasks that each of these runs after. The
+        tasks are 'waiting' until those completed; 'scheduled' at once when they have; ended at
+        once as ``on_failure`` says when one of them already failed, expired or was cancelled.
+        An id that is not stored raises TaskNotFoundError, and nothing is written.
 
         ``connection``: (the caller's connection, autocommit) from Dialect.adopt_connection: written
         to inside the caller's transaction, which is never committed or rolled back here (in
@@ -2468,61 +2749,118 @@ class Storage:
         now = _now()
         params = self._insert_params(rows, now)
         unique = any(row[8] is not None for row in rows)
+        depends_on = list(depends_on)
+
+        def insert(conn):
+            return self._insert_in(conn, rows, params, now, unique, depends_on, on_failure)
         if connection is not None:
             conn, autocommit = connection
             with self._guard:
                 pass   # lilota's tables exist, up to date (on lilota's own connection)
             try:
                 if not autocommit:
-                    return self._insert_in(conn, rows, params, now, unique)
+                    return insert(conn)
                 with _Transaction(conn, d.begin_write_sql):   # autocommit: what one call of it is
-                    return self._insert_in(conn, rows, params, now, unique)
+                    return insert(conn)
             except Exception as exc:
                 translated = None if isinstance(exc, LilotaError) else d.translate_error(exc)
                 if translated is not None:
                     raise translated from exc
                 raise
-        if len(params) == 1 and not unique:
+        if len(params) == 1 and not unique and not depends_on:
             with self._guard as conn:
                 conn.execute(self._insert_sql, params[0])  # one statement: its own transaction
-            return [params[0][0]]
+            return [params[0][0]], TaskStatus.SCHEDULED
         with self._write() as conn:
-            return self._insert_in(conn, rows, params, now, unique)
+            return insert(conn)
 
     def _insert_params(self, rows, now):
-        """The parameters of _insert_sql for insert_tasks' ``rows``, stored at ``now``."""
+        """The parameters of _insert_sql for insert_tasks' ``rows``, stored at ``now``: queued, and
+        without dependencies (_insert_in sets those)."""
         d = self.dialect
         created = d.encode_time(now)
-        return [(id_, name, priority, created if run_at is None else d.encode_time(run_at), max_attempts,
-                 timeout, d.encode_json(data), created, queue, unique_key, None if slot is None else d.encode_time(slot))
+        return [(id_, name, TaskStatus.SCHEDULED.value, priority, created if run_at is None else d.encode_time(run_at),
+                 max_attempts, timeout, d.encode_json(data), created, queue, unique_key,
+                 None if slot is None else d.encode_time(slot), None, None, None, None)
                 for id_, name, priority, run_at, max_attempts, timeout, data, queue, unique_key, _, slot in rows]
 
-    def _insert_in(self, conn, rows, params, now, unique):
-        """insert_tasks' statements on ``conn``, inside a transaction the caller holds. A unique
-        key is looked up and its task inserted under the key's lock, which concurrent schedulers of
-        the same key wait for until this transaction ends: then they see its task."""
+    def _insert_in(self, conn, rows, params, now, unique, depends_on=(), on_failure="cancel"):
+        """insert_tasks' statements on ``conn``, inside a transaction the caller holds: (ids,
+        status). A unique key is looked up and its task inserted under the key's lock, which
+        concurrent schedulers of the same key wait for until this transaction ends: then they see
+        its task."""
+        d = self.dialect
+        status = TaskStatus.SCHEDULED
+        if depends_on:
+            status, end, error = self._dependency_status(conn, depends_on, on_failure, now)
+            ids_json = d.encode_json(dumps(depends_on, "depends_on"))
+            params = [param[:2] + (status.value,) + param[3:12] + (ids_json, on_failure, end, error)
+                      for param in params]
         if not unique:
-            conn.executemany(self._insert_sql, params)
-            return [row[0] for row in params]
-        self.dialect.lock_unique_keys(conn, sorted({row[8] for row in rows if row[8] is not None}))
-        ids, holders, new = [], {}, []
-        for row, param in zip(rows, params):
-            key, window = row[8], row[9]
-            if key is not None and key not in holders:
-                cutoff = None if window is None else self.dialect.encode_time(now - window)
-                found = conn.execute(self._unique_holder_sql, (key, cutoff)).fetchone()
-                if found is None:
+            ids, new = [param[0] for param in params], params
+        else:
+            d.lock_unique_keys(conn, sorted({row[8] for row in rows if row[8] is not None}))
+            ids, holders, new = [], {}, []
+            for row, param in zip(rows, params):
+                key, window = row[8], row[9]
+                if key is not None and key not in holders:
+                    cutoff = None if window is None else d.encode_time(now - window)
+                    found = conn.execute(self._unique_holder_sql, (key, cutoff)).fetchone()
+                    if found is None:
+                        new.append(param)
+                    holders[key] = str(found[0]) if found else row[0]
+                    ids.append(holders[key])
+                elif key is not None:
+                    ids.append(holders[key])   # the same key twice in one call: one task
+                else:
                     new.append(param)
-                holders[key] = str(found[0]) if found else row[0]
-                ids.append(holders[key])
-            elif key is not None:
-                ids.append(holders[key])   # the same key twice in one call: one task
-            else:
-                new.append(param)
-                ids.append(row[0])
+                    ids.append(row[0])
         if new:
             conn.executemany(self._insert_sql, new)
-        return ids
+            if depends_on:
+                conn.executemany(d.sql("INSERT INTO lilota_dependency (task_id, depends_on) VALUES (?, ?)"),
+                                 [(param[0], task_id) for param in new for task_id in depends_on])
+        return ids, status
+
+    def _dependency_status(self, conn, depends_on, on_failure, now):
+        """(status, end time, error JSON) for tasks stored now that depend on ``depends_on``:
+        'waiting'; 'scheduled' when all of them completed (or ended otherwise, with on_failure
+        "run"); ended at once as on_failure says when one failed, expired or was cancelled.
+        TaskNotFoundError when one of them is not stored."""
+        d = self.dialect
+        created = d.encode_time(now)
+        marks = ", ".join("?" for _ in depends_on)
+        # The share lock (PostgreSQL): a dependency ending now waits for this commit, and its
+        # settling then sees these tasks; one that ended before is read as ended.
+        found = {str(task_id): TaskStatus(status) for task_id, status in conn.execute(d.sql(
+            f"SELECT id, status FROM lilota_task WHERE id IN ({marks}){d.share_lock}"), depends_on)}
+        missing = [task_id for task_id in depends_on if task_id not in found]
+        if missing:
+            raise TaskNotFoundError(f"depends_on names {len(missing)} task(s) that are not stored: "
+                                    f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
+                                    f"a task can only depend on tasks scheduled before it")
+        failed = next((task_id for task_id in depends_on if found[task_id] in _REQUEUEABLE), None)
+        if failed is not None and on_failure != "run":
+            error = d.encode_json(dumps(_error_record(DependencyFailedError(_DEPENDENCY_FAILED.format(
+                via=failed, ended=found[failed], on_failure=on_failure)), dependency=failed), "error"))
+            return TaskStatus.FAILED if on_failure == "fail" else TaskStatus.CANCELLED, created, error
+        if all(found[task_id] in _FINISHED for task_id in depends_on):
+            return TaskStatus.SCHEDULED, None, None   # completed (or ended otherwise, with on_failure="run")
+        return TaskStatus.WAITING, None, None
+
+    def dependencies(self, task_id):
+        """The tasks ``task_id`` depends on, as (id, status, output) rows in the order they were
+        given; status None for one deleted since."""
+        task = self.get_task(task_id)
+        if task is None or not task.depends_on:
+            return []
+        ids = [str(i) for i in task.depends_on]
+        marks = ", ".join("?" for _ in ids)
+        with self._guard as conn:
+            rows = {str(r[0]): r[1:] for r in conn.execute(self.dialect.sql(
+                f"SELECT id, status, output FROM lilota_task WHERE id IN ({marks})"), ids)}
+        return [(uuid.UUID(i), TaskStatus(rows[i][0]) if i in rows else None,
+                 self.dialect.decode_json(rows[i][1]) if i in rows else None) for i in ids]
 
     def get_task(self, task_id):
         """The Task stored under ``task_id`` (a canonical UUID string), or None."""
@@ -2546,6 +2884,18 @@ class Storage:
             row = conn.execute(self.dialect.sql("SELECT status FROM lilota_task WHERE id = ?"),
                                (task_id,)).fetchone()
             return (row[0] if row else None), self.dialect.change_counter(conn)
+
+    def task_statuses(self, task_ids):
+        """{id: status} of the tasks ``task_ids`` (canonical strings) that are stored: one query per
+        500 ids, whatever their number (the shared watcher of wait_async)."""
+        found = {}
+        with self._guard as conn:
+            for start in range(0, len(task_ids), 500):
+                chunk = task_ids[start:start + 500]
+                marks = ", ".join("?" for _ in chunk)
+                found.update((str(task_id), TaskStatus(status)) for task_id, status in conn.execute(
+                    self.dialect.sql(f"SELECT id, status FROM lilota_task WHERE id IN ({marks})"), chunk))
+        return found
 
     def change_counter(self):
         """The dialect's change counter on this process's connection (see Dialect.change_counter)."""
@@ -2637,13 +2987,37 @@ class Storage:
             q.rate = None if rate_limit is None else (int(rate_limit), timedelta(seconds=float(rate_period)))
         return [found[name] for name in sorted(found)]
 
+    def queue_situation(self, task):
+        """What stands between a queued ``task`` and a worker in its queue, for explain(): a dict
+        of ``running`` (its queue's running tasks), ``rate_free`` (how many rate-limit slots are
+        free now) and ``rate_next`` (epoch seconds when the next one frees, or None), and
+        ``ahead``: due queued tasks of its queue that a claim takes first (higher priority, or the
+        same and an earlier run_at)."""
+        d = self.dialect
+        now = d.encode_time(_now())
+        run_at = d.encode_time(task.run_at.timestamp())
+        with self._guard as conn:
+            running = conn.execute(d.sql("SELECT COUNT(*) FROM lilota_task WHERE status = 'running' AND queue = ?"),
+                                   (task.queue,)).fetchone()[0]
+            free, next_free = conn.execute(d.sql(
+                f"SELECT SUM(CASE WHEN free_at <= {d.time_param} THEN 1 ELSE 0 END), MIN(free_at) "
+                "FROM lilota_queue_rate WHERE queue = ?"), (now, task.queue)).fetchone()
+            ahead = conn.execute(d.sql(
+                f"SELECT COUNT(*) FROM lilota_task WHERE status = 'scheduled' AND queue = ? AND id <> ? "
+                f"AND (run_at <= {d.time_param} OR run_at <= created_at) AND (priority > ? OR (priority = ? "
+                f"AND (run_at < {d.time_param} OR (run_at = {d.time_param} AND id < ?))))"),
+                (task.queue, str(task.id), now, task.priority, task.priority, run_at, run_at, str(task.id))).fetchone()[0]
+        return {"running": int(running), "rate_free": int(free or 0),
+                "rate_next": None if next_free is None else d.decode_time(next_free).timestamp(),
+                "ahead": int(ahead)}
+
     def cancel(self, task_id):
         """Cancel a queued task, or ask for a running one to be stopped.
 
         Returns "cancelled", "stopping", or the status it already had when it cannot be cancelled;
         None for an unknown id."""
         sql, ts, js = self.dialect.sql, self.dialect.time_param, self.dialect.json_param
-        with self._write() as conn:
+        with self._write() as conn, self._ending([task_id]):
             cur = conn.execute(sql(f"UPDATE lilota_task SET status = 'cancelled', end_date_time = {ts}, "
                                    f"error = {js} WHERE id = ? AND {_CANCELLABLE_SQL}"),
                                (self.dialect.encode_time(_now()), self.dialect.encode_json(dumps(
@@ -2714,6 +3088,9 @@ class Storage:
                                           f"AND end_date_time < {ts}"), (bound, cutoff)).rowcount
             nodes = conn.execute(sql(f"DELETE FROM lilota_node WHERE {_GONE_SQL} "
                                      f"AND last_seen_at < {ts}"), (cutoff,)).rowcount
+            if total:   # the dependencies of the tasks deleted (a primary-key probe per row)
+                conn.execute("DELETE FROM lilota_dependency WHERE NOT EXISTS "
+                             "(SELECT 1 FROM lilota_task t WHERE t.id = lilota_dependency.task_id)")
         return {"tasks": total, "nodes": nodes}
 
     def _delete_batch(self, bound, cutoff, batch_size):
@@ -2755,8 +3132,10 @@ class Storage:
                                 (repr(now), key, row[0])).rowcount == 1
 
     def delete_task(self, task_id):
-        """Delete one task whatever its status; False when there was none with that id."""
-        with self._guard as conn:
+        """Delete one task (and its dependencies' rows) whatever its status; False when there was
+        none with that id. Tasks that depend on it and still wait go on waiting (explain() says so)."""
+        with self._write() as conn:
+            conn.execute(self.dialect.sql("DELETE FROM lilota_dependency WHERE task_id = ?"), (task_id,))
             return conn.execute(self.dialect.sql("DELETE FROM lilota_task WHERE id = ?"), (task_id,)).rowcount == 1
 
     def has_unfinished_tasks(self):
@@ -2804,7 +3183,7 @@ class Storage:
                 (d.encode_time(slot), d.encode_time(next_slot), d.encode_time(now), name, d.encode_time(slot))).rowcount
             if won != 1:
                 return None
-            task_id = self._insert_in(conn, [row], self._insert_params([row], now), now, row[8] is not None)[0]
+            task_id = self._insert_in(conn, [row], self._insert_params([row], now), now, row[8] is not None)[0][0]
             conn.execute(d.sql("UPDATE lilota_periodic SET last_task_id = ? WHERE name = ?"), (task_id, name))
             return task_id
 
@@ -2859,7 +3238,7 @@ class Storage:
             if getattr(exc, "column", "row") == "row":
                 raise   # not the task's own data: failing task after task for it would not help
             logger.warning("%s", exc)
-            with self._guard as conn:
+            with self._ending([str(row[0])]) as conn:
                 conn.execute(self.dialect.sql(
                     "UPDATE lilota_task SET status = 'failed', end_date_time = ?, error = ? "
                     "WHERE id = ? AND status = 'running' AND locked_by = ?"),
@@ -2878,7 +3257,7 @@ class Storage:
     def complete(self, task_id, node_id, output_json, keep_progress):
         """Mark a task completed (cancelled, if its cancel was asked for while it ran); False when it
         was no longer this node's (recovered elsewhere)."""
-        with self._guard as conn:
+        with self._ending([task_id]) as conn:
             cur = conn.execute(self._complete_sql, self._completion(task_id, node_id, output_json, keep_progress,
                                                                     self.dialect.encode_time(_now())))
             return cur.rowcount == 1
@@ -2893,7 +3272,9 @@ class Storage:
         completion = (self._complete_sql, self._completion(task_id, node_id, output_json, keep_progress, now))
         try:
             with self._guard as conn:
-                result = d.complete_and_claim(conn, completion, prepared, node_id, pid, now)
+                result = d.complete_and_claim(conn, completion, prepared, node_id, pid, now,
+                                              None if d.settles_dependents else
+                                              lambda conn: self._settle(conn, [task_id]))
         except _ClaimConflict:
             return None   # the claim's slot was taken concurrently; nothing was done: two commits then
         if result is None:
@@ -2920,7 +3301,7 @@ class Storage:
             status, run_at, end = str(final_status), None, now
         params = self._fail_params(status=status, run_at=run_at, now=now, end=end, error=d.encode_json(dumps(error, "error")),
                                    given_back=0 if count_attempt else 1, requeue=requeue, id=str(task.id), node=node_id)
-        with self._guard as conn:
+        with self._ending([str(task.id)]) as conn:
             return conn.execute(self._fail_sql, params).rowcount == 1
 
     def snooze(self, task, node_id, run_at):
@@ -2930,7 +3311,7 @@ class Storage:
         d = self.dialect
         now = d.encode_time(_now())
         params = (d.encode_time(run_at), now, d.encode_json(self._cancelled_retry_json), str(task.id), node_id)
-        with self._guard as conn:
+        with self._ending([str(task.id)]) as conn:
             return conn.execute(self._snooze_sql, params).rowcount == 1
 
     def set_progress(self, task_id, node_id, progress):
@@ -2977,28 +3358,31 @@ class Storage:
 
     # --- Storage: nodes ---------------------------------------------------------------------------
 
-    def add_node(self, node_id, name, node_type, status, pid, lease, queues=None):
+    def add_node(self, node_id, name, node_type, status, pid, lease, queues=None, task_names=None):
         """Record a node of this host, alive for ``lease`` seconds unless its heartbeat renews it;
-        ``queues``: the queues a worker serves."""
+        ``queues``: the queues a worker serves; ``task_names``: the task names it has registered."""
         d = self.dialect
         now = _now()
         with self._guard as conn:
             conn.execute(d.sql(f"INSERT INTO lilota_node ({_NODE_COLUMNS}, host_key) VALUES "
-                               f"(?, ?, ?, ?, ?, ?, {d.time_param}, {d.time_param}, {d.time_param}, ?, NULL, ?)"),
+                               f"(?, ?, ?, ?, ?, ?, {d.time_param}, {d.time_param}, {d.time_param}, ?, NULL, ?, ?)"),
                          (node_id, name, str(node_type), str(status), pid, socket.gethostname(),
                           d.encode_time(now), d.encode_time(now), d.encode_time(now + lease),
-                          ",".join(queues) if queues else None, _host_key()))
+                          ",".join(queues) if queues else None,
+                          None if task_names is None else dumps(list(task_names), "task_names"), _host_key()))
 
-    def set_node_status(self, node_id, status=None, pid=None, reason=None, queues=None):
-        """Record a node's status, pid, why it stopped and/or the queues it serves (None keeps the
-        stored value) and that it was seen now."""
+    def set_node_status(self, node_id, status=None, pid=None, reason=None, queues=None, task_names=None):
+        """Record a node's status, pid, why it stopped, the queues it serves and/or the task names
+        it registered (None keeps the stored value) and that it was seen now."""
         d = self.dialect
         with self._guard as conn:
             conn.execute(d.sql("UPDATE lilota_node SET status = COALESCE(?, status), pid = COALESCE(?, pid), "
                                "reason = COALESCE(?, reason), queues = COALESCE(?, queues), "
-                               f"last_seen_at = {d.time_param} WHERE id = ?"),
+                               f"task_names = COALESCE(?, task_names), last_seen_at = {d.time_param} WHERE id = ?"),
                          (None if status is None else str(status), pid, reason,
-                          ",".join(queues) if queues else None, d.encode_time(_now()), node_id))
+                          ",".join(queues) if queues else None,
+                          None if task_names is None else dumps(list(task_names), "task_names"),
+                          d.encode_time(_now()), node_id))
 
     def heartbeat(self, node_ids, lease):
         """Renew the lease of nodes that are still alive; return the ids that are not (another
@@ -3367,11 +3751,11 @@ class _NodeBase:
         """Every node recorded in ``lilota_node``: worker processes and scheduling applications."""
         return self.storage.nodes()
 
-    def _add_node(self, node_type, queues=None):
+    def _add_node(self, node_type, queues=None, task_names=None):
         """Record this process as a running node (named ``name``, else host:pid); return its id."""
         node_id = str(uuid.uuid4())
         self.storage.add_node(node_id, self.name or f"{socket.gethostname()}:{os.getpid()}", node_type,
-                              NodeStatus.RUNNING, os.getpid(), self.node_timeout, queues)
+                              NodeStatus.RUNNING, os.getpid(), self.node_timeout, queues, task_names)
         return node_id
 
     def _renew_leases(self, node_ids):
@@ -3390,6 +3774,140 @@ class _NodeBase:
         with self._fds_lock:
             fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None
             _close_fds(*fds)
+
+
+# --- The watcher of wait_async() -----------------------------------------------------------------
+
+
+class _TaskWatcher:
+    """One per process and database: a thread that tells every asyncio waiter (``wait_async``)
+    when its task has finished, so that a thousand waiters cost what one does. It looks at all
+    the waited tasks in one query when the database changed -- SQLite's change counter, which a
+    commit of another process moves, as an idle worker notices new tasks -- and at least every
+    ``reread`` seconds (writes of this process's own connection do not move the counter). Without
+    a counter (PostgreSQL) it reads them every ``poll`` seconds: a NOTIFY on every completion would
+    serialise all workers' commits. It ends when nobody waits."""
+
+    _instances = {}
+    _instances_lock = threading.Lock()
+    tick = 0.002     # seconds between looks at the change counter
+    reread = 0.05    # seconds between reads of the waited tasks' statuses without a change
+    poll = 0.005     # seconds between reads of them where the database has no change counter
+
+    @classmethod
+    def for_storage(cls, storage):
+        key = (os.getpid(), storage.dialect.connection_key)
+        with cls._instances_lock:
+            watcher = cls._instances.get(key)
+            if watcher is None:
+                watcher = cls._instances[key] = cls(storage)
+            return watcher
+
+    def __init__(self, storage):
+        self.storage = storage
+        self.lock = threading.Lock()
+        self.waiters = {}            # task id -> {future: its event loop}
+        self.changed = threading.Event()
+        self.thread = None
+
+    def add(self, task_id, future, loop):
+        """Resolve ``future`` (of ``loop``) with the Task once ``task_id`` has finished, or with
+        TaskNotFoundError when it is not stored."""
+        with self.lock:
+            self.waiters.setdefault(task_id, {})[future] = loop
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="lilota-wait-async", daemon=True)
+                self.thread.start()
+        self.changed.set()   # look at once: it may have finished already
+
+    def remove(self, task_id, future):
+        with self.lock:
+            futures = self.waiters.get(task_id)
+            if futures is not None:
+                futures.pop(future, None)
+                if not futures:
+                    del self.waiters[task_id]
+
+    def _run(self):
+        counter, last_read = None, -math.inf
+        while True:
+            with self.lock:
+                if not self.waiters:
+                    self.thread = None
+                    return
+                waited = list(self.waiters)
+            try:
+                new_counter = self.storage.change_counter()
+                if (self.changed.is_set() or new_counter is None or new_counter != counter
+                        or time.monotonic() - last_read >= self.reread):
+                    self.changed.clear()
+                    counter, last_read = new_counter, time.monotonic()
+                    statuses = self.storage.task_statuses(waited)
+                    for task_id in waited:
+                        status = statuses.get(task_id)
+                        if status is None:
+                            self._resolve(task_id, exception=TaskNotFoundError(f"no task with id {task_id}"))
+                        elif status.is_finished:
+                            self._resolve(task_id, task=self.storage.get_task(task_id))
+            except StorageError:
+                logger.warning("lilota wait_async: cannot read the waited tasks; will retry", exc_info=True)
+                self.changed.wait(0.5)
+            self.changed.wait(self.tick if counter is not None else self.poll)
+
+    def _resolve(self, task_id, task=None, exception=None):
+        with self.lock:
+            futures = self.waiters.pop(task_id, {})
+        for future, loop in futures.items():
+            try:
+                loop.call_soon_threadsafe(_settle_future, future, task, exception)
+            except RuntimeError:   # its loop was closed: nobody waits any more
+                pass
+
+
+def _settle_future(future, task, exception):
+    if not future.done():
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(task)
+
+
+# --- explain() ------------------------------------------------------------------------------------
+
+def _ended_reason(task, now):
+    """explain() for a finished task: how it ended, when, after how many attempts, with the error."""
+    details = {"status": task.status.value, "end": task.end_date_time and task.end_date_time.isoformat(),
+               "attempts": task.attempts}
+    when = f" at {_format_time(task.end_date_time, now)}" if task.end_date_time else ""
+    attempts = f" after {task.attempts} attempt(s)" if task.attempts else " without running"
+    text = f"it {task.status.value}{when}{attempts}"
+    if task.error and task.status != TaskStatus.COMPLETED:
+        details["error"] = {"type": task.error.get("type"), "message": task.error.get("message")}
+        text += f": {task.error.get('type')}: {task.error.get('message')}"
+    return Reason("finished", text, details)
+
+
+def _running_reasons(task, node, now):
+    """explain() for a running task: where and since when, its node's last heartbeat, progress."""
+    details = {"node": task.locked_by and str(task.locked_by), "since": task.start_date_time.isoformat()
+               if task.start_date_time else None, "progress": task.progress_percentage, "pid": task.pid}
+    where = "an unknown node"
+    if node is not None:
+        where = f"node {node.name or node.id} (pid {node.pid}, {node.hostname})"
+        details["last_heartbeat_seconds"] = (now - node.last_seen_at).total_seconds()
+        details["node_status"] = node.status.value
+        where += f", last heartbeat {_format_age(node.last_seen_at, now)}"
+        if node.status not in _ALIVE_NODE_STATUSES:
+            where += f"; the node is {node.status.value}: its task is being recovered"
+    text = (f"running on {where}, since {_format_time(task.start_date_time, now)}; progress "
+            f"{task.progress_percentage}%, attempt {task.attempts} of {task.max_attempts or 1}")
+    if task.expires_at is not None:
+        details["expires_at"] = task.expires_at.isoformat()
+        text += f"; it times out at {_format_time(task.expires_at, now)}"
+    reasons = [Reason("running", text, details)]
+    if task.cancel_requested:
+        reasons.append(Reason("cancel_requested", "cancel() was asked: it is being stopped", {}))
+    return reasons
 
 
 # --- The scheduler --------------------------------------------------------------------------------
@@ -3421,7 +3939,8 @@ class LilotaScheduler(_NodeBase):
         """Called after tasks were stored; Lilota wakes its idle worker processes here."""
 
     def schedule(self, name, input=None, *, delay=None, run_at=None, priority=0, max_attempts=None,
-                 timeout=None, queue=DEFAULT_QUEUE, unique_key=None, unique_for=None, connection=None):
+                 timeout=None, queue=DEFAULT_QUEUE, unique_key=None, unique_for=None, depends_on=None,
+                 on_failure="cancel", connection=None):
         """Store a task and return its id (a UUID).
 
         ``input`` (a dataclass, pydantic model, dict, ``as_dict()`` object or plain JSON value) is
@@ -3436,6 +3955,14 @@ class LilotaScheduler(_NodeBase):
         seconds), was created within that window whatever its status -- nothing is written and
         that task's id is returned. Race-free across processes and hosts.
 
+        ``depends_on`` (ids of stored tasks): the task waits, status ``waiting``, until all of them
+        completed, and is queued in the commit that completes the last one (at once when they
+        already have). When one fails, expires or is cancelled for good, ``on_failure`` decides:
+        ``"cancel"`` (the default) cancels it, ``"fail"`` fails it with a DependencyFailedError
+        naming that task -- either way its own dependents follow, by their on_failure -- and
+        ``"run"`` runs it anyway once all ended. An id that is not stored raises
+        TaskNotFoundError, and nothing is written.
+
         ``connection``: the application's own DB-API connection to the same database (sqlite3,
         psycopg 3, psycopg2, pg8000; also under an SQLAlchemy or Django wrapper): the task is
         written inside its open transaction, which is never committed or rolled back here, and
@@ -3444,23 +3971,32 @@ class LilotaScheduler(_NodeBase):
         """
         return self._schedule(name, (input,), delay, run_at, priority, max_attempts, timeout, queue,
                               unique_keys=None if unique_key is None else [unique_key], unique_for=unique_for,
-                              connection=connection)[0]
+                              depends_on=depends_on, on_failure=on_failure, connection=connection)[0]
 
     def schedule_many(self, name, inputs, *, delay=None, run_at=None, priority=0, max_attempts=None,
-                      timeout=None, queue=DEFAULT_QUEUE, unique_keys=None, unique_for=None, connection=None):
+                      timeout=None, queue=DEFAULT_QUEUE, unique_keys=None, unique_for=None, depends_on=None,
+                      on_failure="cancel", connection=None):
         """Store one task per input in a single transaction; return their ids in order.
 
         All inputs are serialized before anything is written: one bad input stores nothing.
         ``unique_keys``: one key (or None) per input, as ``schedule()``'s ``unique_key``; an input
         whose key is held, or came earlier in the same call, gets the holding task's id.
+        ``depends_on``: every one of these tasks depends on those (see ``schedule()``).
         ``connection``: as in ``schedule()``."""
         return self._schedule(name, inputs, delay, run_at, priority, max_attempts, timeout, queue,
-                              unique_keys=unique_keys, unique_for=unique_for, connection=connection)
+                              unique_keys=unique_keys, unique_for=unique_for, depends_on=depends_on,
+                              on_failure=on_failure, connection=connection)
 
     def _schedule(self, name, inputs, delay, run_at, priority, max_attempts, timeout, queue=DEFAULT_QUEUE, *,
-                  unique_keys=None, unique_for=None, connection=None):
+                  unique_keys=None, unique_for=None, depends_on=None, on_failure="cancel", connection=None):
         _check_name(name)
         _check_queue(queue)
+        if on_failure not in ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {', '.join(map(repr, ON_FAILURE))}, got {on_failure!r}")
+        if depends_on is not None and (isinstance(depends_on, (str, bytes, uuid.UUID))
+                                       or not hasattr(depends_on, "__iter__")):
+            raise TypeError("depends_on takes a list of task ids, e.g. depends_on=[task_id]")
+        depends_on = list(dict.fromkeys(_task_id(task_id) for task_id in depends_on or ()))
         if isinstance(priority, bool) or not isinstance(priority, int) or not -2**31 <= priority < 2**31:
             raise ValueError(f"priority must be an int (higher runs first), got {priority!r}")
         _check_attempts(max_attempts)
@@ -3493,12 +4029,12 @@ class LilotaScheduler(_NodeBase):
         keys = _unique_keys(unique_keys, len(payloads), unique_for)
         ids = _new_task_ids(len(payloads))
         if payloads:
-            stored = self.storage.insert_tasks([(str(task_id), name, priority, when, max_attempts, timeout, payload,
-                                                 queue, key, unique_for, None)
-                                                for task_id, payload, key in zip(ids, payloads, keys)], connection)
+            stored, status = self.storage.insert_tasks(
+                [(str(task_id), name, priority, when, max_attempts, timeout, payload, queue, key, unique_for, None)
+                 for task_id, payload, key in zip(ids, payloads, keys)], connection, depends_on, on_failure)
             if unique_keys is not None:
                 ids = [uuid.UUID(task_id) for task_id in stored]
-            if connection is None:
+            if connection is None and status == TaskStatus.SCHEDULED:
                 # In the application's transaction the tasks exist from its commit on, which
                 # wakes idle workers itself: a NOTIFY on PostgreSQL, data_version on SQLite.
                 self._notify_workers()
@@ -3646,6 +4182,141 @@ class LilotaScheduler(_NodeBase):
                 counter = new_counter
                 status = storage.task_state(key)[0]
                 last_read = time.monotonic()
+
+    def explain(self, task_id):
+        """Why the task is where it is: a short list of :class:`Reason` records, each a ``code``, a
+        sentence and its ``details``. TaskNotFoundError for an unknown id. Nothing is changed.
+
+        Codes: ``finished`` (how it ended); ``running`` (on which node since when, the node's last
+        heartbeat, progress) and ``cancel_requested``; ``waiting_for_dependencies`` (which are
+        open, and their statuses); ``due_later`` (when, in how long) or ``retry_backoff`` (which
+        attempt failed, when the next is due); ``queue_paused``, ``queue_concurrency`` and
+        ``queue_rate`` (its queue's pause and limits); ``no_worker`` (no live worker serves its
+        queue) or ``not_registered`` (none of those that do registered its name); ``tasks_ahead``
+        (due tasks of its queue a worker takes first); ``next`` when nothing is in its way;
+        ``created`` for a row another tool wrote, which lilota does not run."""
+        key = _task_id(task_id)
+        storage = self.storage
+        task = storage.get_task(key)
+        if task is None:
+            raise TaskNotFoundError(f"no task with id {key}")
+        now = datetime.now(timezone.utc)
+        if task.is_finished:
+            return [_ended_reason(task, now)]
+        if task.status == TaskStatus.RUNNING:
+            return _running_reasons(task, storage.node(str(task.locked_by)) if task.locked_by else None, now)
+        if task.status == TaskStatus.WAITING:
+            dependencies = [{"id": str(i), "status": None if s is None else s.value}
+                            for i, s, _ in storage.dependencies(key) if s is None or not s.is_finished]
+            listed = ", ".join(f"{d['id']} ({d['status'] or 'deleted: cancel this task'})" for d in dependencies)
+            return [Reason("waiting_for_dependencies",
+                           f"waiting for {len(dependencies)} of its {len(task.depends_on)} dependencies to "
+                           f"complete: {listed}", {"open": dependencies, "on_failure": task.on_failure})]
+        if task.status == TaskStatus.CREATED:
+            return [Reason("created", "status 'created': written by another tool; lilota runs only "
+                                      "'scheduled' tasks", {})]
+        return self._queued_reasons(task, now)
+
+    def _queued_reasons(self, task, now):
+        """explain() for a scheduled task: its time, its queue's pause and limits, the workers
+        that could take it, and the tasks a worker takes first."""
+        storage = self.storage
+        reasons = []
+        due = task.run_at <= now or task.run_at <= task.created_at
+        if not due:
+            wait = {"run_at": task.run_at.isoformat(), "in_seconds": (task.run_at - now).total_seconds()}
+            when = _format_time(task.run_at, now)
+            if task.attempts and task.error:
+                reasons.append(Reason("retry_backoff", f"waiting out the backoff after attempt {task.attempts} of "
+                                      f"{task.max_attempts or 1} failed ({task.error.get('type')}: "
+                                      f"{str(task.error.get('message', ''))[:100]}); attempt {task.attempts + 1} "
+                                      f"is due at {when}", dict(wait, failed_attempt=task.attempts,
+                                                                max_attempts=task.max_attempts or 1)))
+            else:
+                reasons.append(Reason("due_later", f"due later: at {when}", wait))
+        queue = next(q for q in storage.queues([task.queue]) if q.name == task.queue)
+        situation = storage.queue_situation(task)
+        if queue.paused:
+            reasons.append(Reason("queue_paused", f"its queue {queue.name!r} is paused (resume_queue, or "
+                                  f"lilota queue resume {queue.name})", {"queue": queue.name}))
+        if queue.concurrency is not None and situation["running"] >= queue.concurrency:
+            reasons.append(Reason("queue_concurrency", f"its queue {queue.name!r} is at its concurrency limit: "
+                                  f"{situation['running']} of {queue.concurrency} running",
+                                  {"queue": queue.name, "running": situation["running"],
+                                   "concurrency": queue.concurrency}))
+        if queue.rate is not None and situation["rate_free"] == 0:
+            free_at = _to_datetime(situation["rate_next"])
+            reasons.append(Reason("queue_rate", f"its queue {queue.name!r} used its rate limit of {queue.rate[0]} "
+                                  f"per {_format_duration(queue.rate[1].total_seconds())}; the next start is "
+                                  f"possible at {_format_time(free_at, now)}",
+                                  {"queue": queue.name, "tasks": queue.rate[0],
+                                   "per_seconds": queue.rate[1].total_seconds(),
+                                   "next_start": free_at and free_at.isoformat()}))
+        workers = [n for n in storage.nodes() if n.type == NodeType.WORKER and n.status in _ALIVE_NODE_STATUSES
+                   and n.lease_expires_at > now]
+        serving = [n for n in workers if task.queue in (n.queues or [DEFAULT_QUEUE])]
+        if not serving:
+            served = sorted({q for n in workers for q in (n.queues or [DEFAULT_QUEUE])})
+            reasons.append(Reason("no_worker", f"no live worker serves its queue {task.queue!r} ("
+                                  + (f"live workers serve {', '.join(served)}" if served else "no worker is alive")
+                                  + ")", {"queue": task.queue, "served_queues": served}))
+        elif all(n.task_names is not None and task.name not in n.task_names for n in serving):
+            names = sorted({name for n in serving for name in n.task_names})
+            reasons.append(Reason("not_registered", f"no live worker of its queue {task.queue!r} has the task "
+                                  f"name {task.name!r} registered (they have: {', '.join(names) or 'none'})",
+                                  {"queue": task.queue, "name": task.name, "registered": names}))
+        if due and situation["ahead"]:
+            reasons.append(Reason("tasks_ahead", f"{situation['ahead']} task(s) of higher priority or older are "
+                                  f"ahead of it in queue {task.queue!r}",
+                                  {"queue": task.queue, "ahead": situation["ahead"]}))
+        if not reasons:
+            reasons.append(Reason("next", f"nothing is in its way: it is next in queue {task.queue!r}, for the first "
+                                  f"of its {len(serving)} live worker(s) that is free",
+                                  {"queue": task.queue, "workers": len(serving)}))
+        return reasons
+
+    # --- asyncio ---
+
+    async def schedule_async(self, name, input=None, **options):
+        """``schedule()`` for asyncio applications: the same arguments, errors and id; the database
+        write runs in a thread (asyncio.to_thread), so the event loop never blocks."""
+        import asyncio
+        return await asyncio.to_thread(self.schedule, name, input, **options)
+
+    async def get_task_by_id_async(self, task_id):
+        """``get_task_by_id()`` for asyncio applications (the read runs in a thread)."""
+        import asyncio
+        return await asyncio.to_thread(self.get_task_by_id, task_id)
+
+    async def wait_async(self, task_id, timeout=None):
+        """``wait()`` for asyncio applications: the same result and errors (TaskNotFoundError,
+        TaskWaitTimeout, WorkersFailedError), without blocking the event loop and without a query
+        per waiter: one watcher thread per process serves all the waiters of all its loops (see
+        _TaskWatcher). Cancelling the awaiting coroutine stops the wait, not the task."""
+        import asyncio
+        key = _task_id(task_id)
+        limit = _seconds(timeout, "timeout")
+        loop = asyncio.get_running_loop()
+        deadline = None if limit is None else loop.time() + limit
+        future = loop.create_future()
+        watcher = _TaskWatcher.for_storage(self.storage)
+        watcher.add(key, future, loop)
+        try:
+            while True:
+                self._check_workers()
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:
+                    task = await self.get_task_by_id_async(key)
+                    raise TaskWaitTimeout(f"task {key} is still {task.status if task else 'unknown'} "
+                                          f"after {limit:g}s")
+                # A look at the workers' health every second: no database in that.
+                done, _ = await asyncio.wait({future}, timeout=1.0 if left is None else min(1.0, left))
+                if done:
+                    return future.result()
+        finally:
+            watcher.remove(key, future)
+            if not future.done():
+                future.cancel()
 
     def _check_workers(self):
         """Called by wait() while the task is unfinished; Lilota raises there when its workers failed
@@ -4216,6 +4887,8 @@ class _TaskFunction:
                  retry_on=None, no_retry_on=None):
         self.name = name
         self.func = func
+        # An async def: called, it returns a coroutine, which the worker runs on its event loop.
+        self.is_async = inspect.iscoroutinefunction(func)
         self.output_model = output_model
         self.timeout = _seconds(timeout, f"timeout of task {name!r}", allow_zero=False)
         self.max_attempts = _check_attempts(max_attempts, f"max_attempts of task {name!r}")
@@ -4364,6 +5037,8 @@ class LilotaWorker(_NodeBase):
         self._current = None          # the task being executed, for the keeper thread
         self._interrupt = None        # (task id, reason) the keeper asked to stop
         self._interruptible = False
+        self._event_loop = None       # where async task functions run: one per process, kept
+        self._coroutine_task = None   # the asyncio.Task of the async task function running now
         self._tasks_run = 0           # by this process: what max_tasks_per_worker counts
         self._recycled = None         # why this worker process stops to be replaced, once it does
         self.logger = logging.getLogger("lilota.worker")
@@ -4507,15 +5182,20 @@ class LilotaWorker(_NodeBase):
             if function.context_param is not None:
                 context = TaskContext(task_id=task.id, name=task.name, attempt=task.attempts,
                                       max_attempts=task.max_attempts or 1, progress=progress,
-                                      logger=logging.getLogger("task." + task.name), scheduled_for=task.scheduled_for)
+                                      logger=logging.getLogger("task." + task.name), scheduled_for=task.scheduled_for,
+                                      dependency_outputs=task.depends_on and functools.partial(
+                                          self._dependency_outputs, task))
         self._current, self._interrupt = task, None
         self._tasks_run += 1
         try:
             try:
-                self._interruptible = True
+                # A signal stops a plain function; a coroutine is cancelled on its loop instead.
+                self._interruptible = not function.is_async
                 if self._interrupt is not None:  # asked to stop before we got here
                     raise _Interrupted(self._interrupt[1])
                 result = function(task.input, progress, context)
+                if function.is_async:
+                    result = self._await(task, result)
             finally:
                 self._interruptible = False
             output = function.output(result)
@@ -4544,6 +5224,11 @@ class LilotaWorker(_NodeBase):
             self.logger.info("task %s finished but was no longer this worker's (cancelled or recovered); "
                              "its result was not stored", task.id)
         return next_task
+
+    def _dependency_outputs(self, task):
+        """{id: stored output} of the tasks ``task`` depends on (TaskContext.dependency_outputs)."""
+        return {task_id: output for task_id, _, output in
+                self._retry_until_stored(self.storage.dependencies, str(task.id))}
 
     def _store_output(self, task, node_id, output, claim_next):
         """Store a completed task's output: (stored, the next task claimed in the same commit or None)."""
@@ -4666,6 +5351,7 @@ class LilotaWorker(_NodeBase):
                 # goes back to the queue; the attempt does not count.
                 _give_back(self.storage, node_id, "run_pending() stopped before running this task")
             finally:
+                self._close_event_loop()
                 self.storage.set_node_status(node_id, NodeStatus.STOPPED)
         return done
 
@@ -4700,7 +5386,8 @@ class LilotaWorker(_NodeBase):
         node_id = supervision.node_id
         self.storage.ensure_ready()
         self._prepared_claim()
-        self.storage.set_node_status(node_id, NodeStatus.RUNNING, os.getpid(), queues=self.queues)
+        self.storage.set_node_status(node_id, NodeStatus.RUNNING, os.getpid(), queues=self.queues,
+                                     task_names=self.registered_names)
         supervision.started = True
         doorbell = supervision.doorbell.fileno()
         os.set_blocking(doorbell, False)
@@ -4708,6 +5395,10 @@ class LilotaWorker(_NodeBase):
         final_timeouts = [t.name for t in self._registry.values() if not t.retries(TaskTimeoutError())]
         if final_timeouts:
             supervision.control.send(("no_timeout_retry", final_timeouts))
+        # Those the supervisor asks to stop (their coroutine is cancelled) before it kills the process.
+        async_names = [t.name for t in self._registry.values() if t.is_async]
+        if async_names:
+            supervision.control.send(("async_tasks", async_names))
         supervision.control.send(("ready", os.getpid()))
         self._start_keeper(node_id, supervision.control, False)
         periodic = self._start_periodic()
@@ -4718,6 +5409,7 @@ class LilotaWorker(_NodeBase):
             if periodic is not None:
                 periodic.stop()
             self._close_wake_pipe()
+            self._close_event_loop()
         if self._recycled is not None:
             # A clean exit, not a crash: the supervisor starts the successor at once.
             self._retry_until_stored(self.storage.set_node_status, node_id, NodeStatus.STOPPED,
@@ -4729,7 +5421,7 @@ class LilotaWorker(_NodeBase):
         storage = self.storage
         storage.ensure_ready()
         self._prepared_claim()
-        node_id = self._node_id = self._add_node(NodeType.WORKER, self.queues)
+        node_id = self._node_id = self._add_node(NodeType.WORKER, self.queues, self.registered_names)
         self._stopping.clear()
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = {}
@@ -4760,6 +5452,7 @@ class LilotaWorker(_NodeBase):
             if periodic is not None:
                 periodic.stop()
             self._close_wake_pipe()
+            self._close_event_loop()
             try:
                 _give_back(storage, node_id, "the worker stopped while running this task")
                 storage.set_node_status(node_id, status)
@@ -4788,10 +5481,64 @@ class LilotaWorker(_NodeBase):
         if self._interruptible and request is not None and task is not None and task.id == request[0]:
             raise _Interrupted(request[1])
 
-    def _request_interrupt(self, task, reason, can_interrupt):
-        if can_interrupt and self._interrupt is None and self._current is task:
+    def _request_interrupt(self, task, reason, can_interrupt=False):
+        """Stop the running ``task`` for ``reason`` (timeout, cancel, lost): an async task function
+        by cancelling its coroutine, on its loop; a plain one (``can_interrupt``: this worker
+        runs in its process's main thread) by a signal that raises _Interrupted in it."""
+        if self._interrupt is not None or self._current is not task:
+            return
+        coroutine_task = self._coroutine_task
+        if coroutine_task is not None:
+            self._interrupt = (task.id, reason)
+            coroutine_task.get_loop().call_soon_threadsafe(coroutine_task.cancel)
+        elif can_interrupt:
             self._interrupt = (task.id, reason)
             signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+    def _close_event_loop(self):
+        """Close the loop of the async task functions, if one was made (the next makes a new one)."""
+        loop, self._event_loop = self._event_loop, None
+        if loop is not None and not loop.is_closed():
+            loop.close()
+
+    def _await(self, task, coroutine):
+        """Run an async task function's coroutine to its end on this process's event loop (made on
+        first use, kept for the next tasks) and return its result. Past the task's timeout the
+        coroutine is cancelled (_Interrupted("timeout")); _request_interrupt cancels it too."""
+        import asyncio
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:   # run_pending() called from async code: this thread's loop is busy running it
+            import concurrent.futures
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lilota-async-task") as pool:
+                return pool.submit(self._await, task, coroutine).result()
+        loop = self._event_loop
+        if loop is None or loop.is_closed():
+            loop = self._event_loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+        limit = None if task.expires_at is None else max(0.0, task.expires_at.timestamp() - _now())
+
+        async def run():
+            deadline = None if limit is None else loop.time() + limit
+            try:
+                return await asyncio.wait_for(coroutine, limit)
+            except asyncio.TimeoutError:
+                if deadline is not None and loop.time() >= deadline:
+                    raise _Interrupted("timeout") from None
+                raise   # the task's own
+        runner = self._coroutine_task = loop.create_task(run())
+        try:
+            if self._interrupt is not None:   # asked before the coroutine could be cancelled
+                runner.cancel()
+            return loop.run_until_complete(runner)
+        except asyncio.CancelledError:
+            if self._interrupt is not None:
+                raise _Interrupted(self._interrupt[1]) from None
+            raise
+        finally:
+            self._coroutine_task = None
 
     def _start_keeper(self, node_id, control, can_interrupt):
         """Mark the worker running and start its keeper thread (see _keep) beside the loop."""
@@ -4849,6 +5596,10 @@ class LilotaWorker(_NodeBase):
             os._exit(1)
         if message and message[0] == "stop":
             self.stop()
+        elif message and message[0] == "interrupt":   # the supervisor's: stop this async task
+            task = self._current
+            if task is not None and str(task.id) == message[1]:
+                self._request_interrupt(task, message[2])
         return True
 
     def _loop(self, node_id, doorbell):
@@ -5089,6 +5840,8 @@ class _WorkerHandle:
         self.fatal = None       # what it reported before dying, if anything
         self.recycled = None    # why it exits to be replaced (a recycling limit), if it does
         self.no_timeout_retry = frozenset()   # task names whose timeout ends them (retry_on/no_retry_on)
+        self.async_names = frozenset()        # task names of async functions: cancelled before a kill
+        self.interrupted = {}                 # task id -> monotonic time its coroutine was asked to stop
 
 
 class Lilota(LilotaScheduler):
@@ -5530,6 +6283,8 @@ class Lilota(LilotaScheduler):
                     handle.fatal = message[1]
                 elif message[0] == "no_timeout_retry":
                     handle.no_timeout_retry = frozenset(message[1])
+                elif message[0] == "async_tasks":
+                    handle.async_names = frozenset(message[1])
                 elif message[0] == "recycled":
                     handle.recycled = message[1]
         except (EOFError, OSError):
@@ -5572,13 +6327,30 @@ class Lilota(LilotaScheduler):
                        f" while running task {tasks[0].id}" if tasks else "",
                        f":\n{handle.fatal}" if handle.fatal else "")
 
+    #: Seconds an async task function has, once asked to stop (timeout, cancel), to end its coroutine
+    #: before its worker process is killed.
+    async_stop_grace = 5.0
+
     def _stop_overdue_and_cancelled(self, context):
-        """Kill workers whose task ran past its timeout or was cancelled; record it and replace them."""
+        """Kill workers whose task ran past its timeout or was cancelled; record it and replace them.
+        An async task's coroutine is asked to stop first (the worker cancels it and records the
+        end), and its process is killed only if the task still runs ``async_stop_grace`` later."""
         by_node = {h.node_id: h for h in self._handles if h is not None and h.ready}
         if not by_node:
             return
         for task in self.storage.running_tasks(list(by_node), only_overdue_or_cancelled=True):
             handle = by_node[str(task.locked_by)]
+            if task.name in handle.async_names:
+                asked = handle.interrupted.get(task.id)
+                if asked is None:
+                    handle.interrupted[task.id] = time.monotonic()
+                    try:
+                        handle.control.send(("interrupt", str(task.id), _stop_reason(task)))
+                        continue
+                    except (OSError, ValueError):
+                        pass   # its pipe is gone: the process is ending; kill it
+                elif time.monotonic() - asked < self.async_stop_grace:
+                    continue
             self._kill(handle)
             reason = _stop_reason(task)
             error, status, retry = _stopped_end(task, reason, task.name not in handle.no_timeout_retry,
@@ -5908,36 +6680,6 @@ def _print_json(value):
     print(json.dumps(value))
 
 
-def _format_duration(seconds):
-    """``850ms``, ``12.3s``, ``5m03s``, ``2h``, ``7d04h``: the two largest units, zeros dropped."""
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
-        return f"{seconds:.1f}".rstrip("0").rstrip(".") + "s"
-    whole = int(seconds)
-    for big, size, small, small_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
-        if whole >= size:
-            rest = (whole % size) // small_size
-            return f"{whole // size}{big}" + (f"{rest:02d}{small}" if rest else "")
-    return f"{whole}s"
-
-
-def _format_age(moment, now):
-    """How long ago (or, for a future moment, in how long) a datetime is: ``3s ago``, ``in 5m``."""
-    if moment is None:
-        return "-"
-    seconds = (now - moment).total_seconds()
-    return f"{_format_duration(seconds)} ago" if seconds >= 0 else f"in {_format_duration(-seconds)}"
-
-
-def _format_time(moment, now):
-    """A datetime in full, UTC, with how long ago it was (``now`` None: without that)."""
-    if moment is None:
-        return "-"
-    text = f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} UTC"
-    return text if now is None else f"{text} ({_format_age(moment, now)})"
-
-
 def _table(headers, rows, right=()):
     """Columns padded to their widest cell, two spaces apart; the columns numbered in ``right``
     aligned right."""
@@ -5970,13 +6712,26 @@ def _task_row(task, now):
             _format_age(task.created_at, now).replace(" ago", ""), duration]
 
 
-def _describe_task(task, now):
+def _dependency_states(scheduler, task):
+    """The dependencies of ``task`` for ``show``: [{"id", "status", "open"}], in the order given;
+    open: not ended yet (status None: deleted since, which leaves the task waiting)."""
+    return [{"id": str(task_id), "status": None if status is None else status.value,
+             "open": status is None or not status.is_finished}
+            for task_id, status, _ in scheduler.storage.dependencies(str(task.id))] if task.depends_on else []
+
+
+def _describe_task(task, now, dependencies=()):
     """Every field of a task, one per line; input, output and error pretty-printed, the error's
-    traceback in full."""
+    traceback in full; ``dependencies`` (_dependency_states) one per line."""
     lines = []
     for field in dataclasses.fields(task):
         value = getattr(task, field.name)
         if field.name in ("input", "output", "error"):
+            continue
+        if field.name == "depends_on" and dependencies:
+            lines.append(f"depends_on:           {sum(d['open'] for d in dependencies)} of {len(dependencies)} open")
+            lines += [f"  {d['id']}  {d['status'] or 'deleted'}{'  (open)' if d['open'] else ''}"
+                      for d in dependencies]
             continue
         if isinstance(value, datetime):
             # A deadline counts down only while the task runs: "in 4m" would mislead once it ended.
@@ -6166,10 +6921,12 @@ def _cmd_schedule(args):
     (progress on stderr) and print its output; the exit code says whether it completed."""
     data = _parse_json_input(args.input)
     scheduler = _scheduler(args, create=True)
+    depends_on = [_resolve_task_id(scheduler, text) for text in args.depends_on]
     try:
         task_id = scheduler.schedule(args.name, data, delay=args.delay, run_at=args.run_at, priority=args.priority,
                                      max_attempts=args.max_attempts, timeout=args.timeout, queue=args.queue,
-                                     unique_key=args.unique_key, unique_for=args.unique_for)
+                                     unique_key=args.unique_key, unique_for=args.unique_for,
+                                     depends_on=depends_on, on_failure=args.on_failure)
     except (TypeError, ValueError) as exc:   # a bad name or priority, an input JSON cannot hold
         raise _CliError(_one_line(exc), _EXIT_USAGE) from None
     if not args.wait:
@@ -6212,10 +6969,22 @@ def _cmd_show(args):
     task = scheduler.get_task_by_id(task_id)
     if task is None:
         raise TaskNotFoundError(f"no task with id {task_id}")
+    dependencies = _dependency_states(scheduler, task)
     if args.json:
-        _print_json(task.as_dict())
+        _print_json(dict(task.as_dict(), dependencies=dependencies) if task.depends_on else task.as_dict())
     else:
-        print(_describe_task(task, datetime.now(timezone.utc)))
+        print(_describe_task(task, datetime.now(timezone.utc), dependencies))
+    return 0
+
+
+def _cmd_explain(args):
+    """Say why a task is (not) running: one line per reason (see LilotaScheduler.explain)."""
+    scheduler = _scheduler(args)
+    reasons = scheduler.explain(_resolve_task_id(scheduler, args.id))
+    if args.json:
+        _print_json([reason.as_dict() for reason in reasons])
+    else:
+        print("\n".join(f"- {reason.message}" for reason in reasons))
     return 0
 
 
@@ -6391,6 +7160,7 @@ _EXAMPLES = {
     "schedule": "{prog} schedule add '{{\"a\": 2, \"b\": 3}}' --delay 30s --priority 5 --wait",
     "list": "{prog} list --status failed --name add --limit 10",
     "show": "{prog} show 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e",
+    "explain": "{prog} explain 8c3f6a8e",
     "wait": "{prog} wait 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e --timeout 5m",
     "cancel": "{prog} cancel 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e",
     "retry": "{prog} retry 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e",
@@ -6474,6 +7244,10 @@ def _build_parser(prog):
                      help="store nothing while a task with this key is unfinished; print that task's id")
     sub.add_argument("--unique-for", type=_parse_duration, metavar="DURATION",
                      help="with --unique-key: a task with the key created this recently counts too")
+    sub.add_argument("--depends-on", action="append", type=_task_id_arg, default=[], metavar="ID",
+                     help="run it after this task completed (repeat it for several; " + _ID_HELP + ")")
+    sub.add_argument("--on-failure", choices=ON_FAILURE, default="cancel",
+                     help="when a --depends-on task fails: cancel this one (default), fail it, or run it anyway")
     sub.add_argument("--wait", action="store_true", help="wait for the task and print its output")
 
     sub = command("list", _cmd_list, "list tasks as a table")
@@ -6484,6 +7258,9 @@ def _build_parser(prog):
 
     command("show", _cmd_show, "show every field of a task").add_argument("id", type=_task_id_arg, metavar="ID",
                                                                           help=_ID_HELP)
+
+    command("explain", _cmd_explain, "say why a task is not running (or how it ended)").add_argument(
+        "id", type=_task_id_arg, metavar="ID", help=_ID_HELP)
 
     sub = command("wait", _cmd_wait, "wait for a task with a progress bar")
     sub.add_argument("id", type=_task_id_arg, metavar="ID", help=_ID_HELP)

@@ -762,7 +762,7 @@ class ConcurrentSchemaCreationTest(PostgresTestCase):
         self.assertEqual(self.db_execute("SELECT tgname FROM pg_trigger WHERE tgrelid = "
                                          "CAST('lilota_task' AS regclass) AND NOT tgisinternal ORDER BY tgname"),
                          [("lilota_rate_slot_taken",), ("lilota_task_inserted",), ("lilota_task_requeued",),
-                          ("lilota_task_slot_freed",)])
+                          ("lilota_task_settle_dependents",), ("lilota_task_slot_freed",)])
 
 
 # --- 4. LISTEN/NOTIFY wake-up ----------------------------------------------------------------------

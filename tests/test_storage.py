@@ -113,8 +113,8 @@ class SchemaTests(StorageTestCase):
         LilotaScheduler(self.db_url).storage.ensure_ready()
         tables = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.assertLessEqual({"lilota_task", "lilota_node", "lilota_meta"}, tables)
-        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("3",)])
-        self.assertEqual(lilota.SCHEMA_VERSION, 3)
+        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("4",)])
+        self.assertEqual(lilota.SCHEMA_VERSION, 4)
         indexes = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'index'")}
         self.assertIn("lilota_task_queue", indexes)
         columns = {r[1] for r in self.sql("PRAGMA table_info(lilota_task)")}
