@@ -6065,15 +6065,18 @@ class Lilota(LilotaScheduler):
         finish; those still running then are stopped and queued again. Blocks until done. Called
         in the main thread, a SIGINT (Ctrl-C) or SIGTERM meanwhile cuts the wait short: the workers
         are stopped at once and their tasks queued again."""
-        with self._lock:
-            if self.node_id is None:
-                return
-            self._stop_timeout_now = self.stop_timeout if timeout is None else _seconds(timeout, "timeout")
-            self._stop_requested.set()
-            self._notify_supervisor()
-            thread = self._thread
+        # Take the signals over before the supervisor hears of the stop: from the moment the
+        # workers are told to stop, a second signal means "stop now", never an exception out of
+        # the middle of stop().
         restore = self._catch_stop_signals()
         try:
+            with self._lock:
+                if self.node_id is None:
+                    return
+                self._stop_timeout_now = self.stop_timeout if timeout is None else _seconds(timeout, "timeout")
+                self._stop_requested.set()
+                self._notify_supervisor()
+                thread = self._thread
             if thread is not None and thread is not threading.current_thread():
                 thread.join()
             with self._lock:
@@ -6094,7 +6097,7 @@ class Lilota(LilotaScheduler):
         try:
             try:
                 self.stop()
-            except KeyboardInterrupt:   # Ctrl-C before stop() took over the signals: stop at once
+            except (KeyboardInterrupt, SystemExit):   # a signal before stop() took them over: stop at once
                 self._stop_at_once = True
                 self.stop(timeout=0)
         except Exception:
