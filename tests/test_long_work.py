@@ -1,0 +1,288 @@
+"""Long work: durable steps (ctx.step), log records stored with their task, and every attempt kept;
+their API, command line, cleanup and the migration that brings their tables. Every class runs on
+SQLite and PostgreSQL."""
+
+import concurrent.futures
+import dataclasses
+import io
+import json
+import logging
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from contextlib import redirect_stdout
+from unittest import mock
+
+import support
+from support import wait_until
+
+import lilota
+from lilota import (Attempt, AttemptOutcome, Lilota, LilotaScheduler, LilotaWorker, Step, TaskContext, TaskLog,
+                    TaskNotFoundError, TaskStatus, UnserializableError)
+
+
+@dataclasses.dataclass
+class Chunk:
+    index: int
+    rows: list
+
+
+# A worker script whose task "five" runs five steps, each recording its call in side-effects.txt;
+# the attempt named by $KILL_AT_ATTEMPT (a file's content) misbehaves between steps 3 and 4 as
+# $HOW says: kill (SIGKILL of its own process), raise, or hang (past its timeout).
+FIVE_STEPS = """
+import signal
+
+SIDE_EFFECTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "side-effects.txt")
+HOW = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "how.txt")).read().strip()
+
+
+def effect(name, value):
+    with open(SIDE_EFFECTS, "a") as f:
+        f.write(name + "\\n")
+    return value
+
+
+@worker.task(max_attempts=3, timeout=timedelta(seconds=3))
+def five(n: int, ctx: TaskContext) -> int:
+    ctx.logger.info("attempt %d starts", ctx.attempt)
+    total = 0
+    for i in (1, 2, 3):
+        total += ctx.step(f"s{i}", effect, f"s{i}", i * n)
+    if ctx.attempt == 1:
+        ctx.logger.warning("misbehaving: %s", HOW)
+        ctx.step("flush", effect, "flush", 0)   # the record above is written with this step
+        if HOW == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif HOW == "raise":
+            raise RuntimeError("between steps 3 and 4")
+        else:
+            time.sleep(60)
+    total += ctx.step("s4", effect, "s4", 4 * n)
+    total += ctx.step("s5", effect, "s5", 5 * n)
+    return total
+"""
+
+
+@support.on_every_backend
+class StepsAcrossAttemptsTests(support.TempDirTestCase):
+    """A task of five steps whose first attempt dies, raises or times out between steps 3 and 4:
+    the next attempt calls neither step 1, 2 nor 3 again, runs 4 and 5 once, and returns the right
+    output; the steps, the log lines flushed before and the attempts are all kept."""
+
+    def run_five(self, how):
+        self.write("how.txt", how)
+        script = self.worker_script(FIVE_STEPS)
+        app = self.start_lilota(script, number_of_workers=1, retry_delay=0.05, retry_max_delay=0.1)
+        task_id = app.schedule("five", 10)
+        task = app.wait(task_id, timeout=60)
+        self.assertEqual(task.status, TaskStatus.COMPLETED, task.error)
+        self.assertEqual(task.output, 10 + 20 + 30 + 40 + 50)
+        self.assertEqual(task.attempts, 2)
+        with open(self.path("side-effects.txt")) as f:
+            self.assertEqual(f.read().split(), ["s1", "s2", "s3", "flush", "s4", "s5"])
+        steps = app.get_task_steps(task_id)
+        self.assertEqual([(s.name, s.attempt, s.output) for s in steps],
+                         [("s1", 1, 10), ("s2", 1, 20), ("s3", 1, 30), ("flush", 1, 0), ("s4", 2, 40), ("s5", 2, 50)])
+        self.assertTrue(all(isinstance(s, Step) and s.started_at <= s.ended_at for s in steps))
+        logs = app.get_task_logs(task_id)
+        self.assertEqual([(r.attempt, r.level, r.logger, r.message) for r in logs][:2],
+                         [(1, "INFO", "task.five", "attempt 1 starts"), (1, "WARNING", "task.five", f"misbehaving: {how}")])
+        self.assertIn((2, "INFO", "task.five", "attempt 2 starts"), [(r.attempt, r.level, r.logger, r.message) for r in logs])
+        attempts = app.get_task_attempts(task_id)
+        self.assertEqual([(a.number, a.outcome) for a in attempts], [(1, self.FIRST[how]), (2, AttemptOutcome.COMPLETED)])
+        self.assertIsNone(attempts[1].error)
+        self.assertEqual(attempts[0].error["type"], self.ERROR[how])
+        return app, task_id
+
+    FIRST = {"kill": AttemptOutcome.WORKER_DIED, "raise": AttemptOutcome.FAILED, "hang": AttemptOutcome.EXPIRED}
+    ERROR = {"kill": "WorkerDiedError", "raise": "RuntimeError", "hang": "TaskTimeoutError"}
+
+    def test_worker_killed_between_steps(self):
+        app, task_id = self.run_five("kill")
+        self.assertIn("died", app.get_task_attempts(task_id)[0].error["message"])
+
+    def test_exception_between_steps(self):
+        self.run_five("raise")
+
+    def test_timeout_between_steps(self):
+        self.run_five("hang")
+
+
+@support.on_every_backend
+class StepTests(support.TempDirTestCase):
+    """ctx.step in the calling process (run_pending): numbering in a loop, revival to the return
+    annotation, errors, keep_steps, the lease, the API's errors and the command line."""
+
+    def setUp(self):
+        super().setUp()
+        self.app = LilotaScheduler(self.db_url)
+        self.worker = LilotaWorker(self.db_url, retry_delay=0)
+        self.calls = []
+
+    def call(self, name, value):
+        self.calls.append(name)
+        return value
+
+    def test_steps_in_a_loop_are_numbered_and_not_called_again(self):
+        def render(i) -> Chunk:
+            return self.call(f"render{i}", Chunk(i, [i] * i))
+
+        @self.worker.task(max_attempts=2)
+        def chunks(n: int, ctx: TaskContext) -> list:
+            done = [ctx.step("render", render, i) for i in range(n)]
+            if ctx.attempt == 1:
+                raise RuntimeError("after the loop")
+            return [chunk.index for chunk in done]
+
+        task_id = self.app.schedule("chunks", 3)
+        self.worker.run_pending()
+        task = self.app.get_task_by_id(task_id)
+        self.assertEqual((task.status, task.output), (TaskStatus.COMPLETED, [0, 1, 2]))
+        self.assertEqual(self.calls, ["render0", "render1", "render2"])
+        self.assertEqual([s.name for s in self.app.get_task_steps(task_id)], ["render", "render#2", "render#3"])
+        self.assertEqual(self.app.get_task_steps(task_id)[2].output, {"index": 2, "rows": [2, 2]})
+
+    def test_stored_result_is_revived_to_the_return_annotation(self):
+        def make_chunk() -> Chunk:
+            self.calls.append("make")
+            return Chunk(7, [1])
+
+        seen = []
+
+        @self.worker.task(max_attempts=2)
+        def revive(n: int, ctx: TaskContext) -> int:
+            chunk = ctx.step("make", make_chunk)
+            seen.append(chunk)
+            if ctx.attempt == 1:
+                raise RuntimeError("again")
+            return chunk.index
+
+        task_id = self.app.schedule("revive", 1)
+        self.worker.run_pending()
+        self.assertEqual(self.app.get_task_by_id(task_id).output, 7)
+        self.assertEqual(self.calls, ["make"])
+        self.assertEqual(seen, [Chunk(7, [1]), Chunk(7, [1])])
+
+    def test_unserializable_result_fails_the_task_naming_the_step(self):
+        @self.worker.task
+        def bad(n: int, ctx: TaskContext) -> int:
+            ctx.step("fine", self.call, "fine", 1)
+            ctx.step("fine", self.call, "fine", 2)
+            ctx.step("fine", self.call, "fine", {1, 2})
+            return 0
+
+        task_id = self.app.schedule("bad", 1)
+        self.worker.run_pending()
+        task = self.app.get_task_by_id(task_id)
+        self.assertEqual(task.status, TaskStatus.FAILED)
+        self.assertEqual(task.error["type"], "UnserializableError")
+        self.assertIn("step 'fine#3'", task.error["message"])
+        self.assertEqual([s.name for s in self.app.get_task_steps(task_id)], ["fine", "fine#2"])
+
+    def test_a_step_that_raises_stores_nothing_and_is_retried_with_its_task(self):
+        def flaky():
+            self.calls.append("flaky")
+            if len(self.calls) < 3:
+                raise ConnectionError("try again")
+            return "ok"
+
+        @self.worker.task(max_attempts=3)
+        def uses_flaky(n: int, ctx: TaskContext) -> str:
+            return ctx.step("flaky", flaky)
+
+        task_id = self.app.schedule("uses_flaky", 1)
+        self.worker.run_pending()
+        task = self.app.get_task_by_id(task_id)
+        self.assertEqual((task.status, task.output, task.attempts), (TaskStatus.COMPLETED, "ok", 3))
+        self.assertEqual(self.calls, ["flaky"] * 3)
+        self.assertEqual([(s.name, s.attempt) for s in self.app.get_task_steps(task_id)], [("flaky", 3)])
+
+    def test_bad_step_names(self):
+        @self.worker.task
+        def named(name, ctx: TaskContext):
+            ctx.step(name, self.call, "x", 1)
+
+        for bad, error in (("", lilota.ConfigurationError), ("a#2", lilota.ConfigurationError),
+                           ("x" * 201, lilota.ConfigurationError)):
+            task_id = self.app.schedule("named", bad)
+            self.worker.run_pending()
+            task = self.app.get_task_by_id(task_id)
+            self.assertEqual((task.status, task.error["type"]), (TaskStatus.FAILED, error.__name__), bad)
+            self.assertIn("'#'", task.error["message"])
+        with self.assertRaises(TypeError):
+            TaskContext().step(3, self.call, "x", 1)
+
+    def test_a_context_made_by_hand_just_calls(self):
+        self.assertEqual(TaskContext().step("s", self.call, "s", 5), 5)
+        self.assertEqual(self.calls, ["s"])
+
+    def test_keep_steps_false_drops_them_when_the_task_completes(self):
+        @self.worker.task(keep_steps=False)
+        def dropped(n: int, ctx: TaskContext) -> int:
+            return ctx.step("one", self.call, "one", n)
+
+        @self.worker.task(keep_steps=False)
+        def failing(n: int, ctx: TaskContext) -> int:
+            ctx.step("one", self.call, "one", n)
+            raise ValueError("no")
+
+        done, failed = self.app.schedule("dropped", 1), self.app.schedule("failing", 2)
+        self.worker.run_pending()
+        self.assertEqual(self.app.get_task_by_id(done).output, 1)
+        self.assertEqual(self.app.get_task_steps(done), [])
+        self.assertEqual([s.output for s in self.app.get_task_steps(failed)], [2])   # kept: it may run again
+
+    def test_a_step_renews_the_lease_of_its_worker(self):
+        leases = []
+
+        @self.worker.task
+        def slow(n: int, ctx: TaskContext) -> int:
+            node = str(self.app.get_task_by_id(ctx.task_id).locked_by)
+            self.db_execute("UPDATE lilota_node SET lease_expires_at = ? WHERE id = ?", self.db_time(time.time() - 60),
+                            node)
+            ctx.step("one", self.call, "one", n)
+            leases.append(self.db_execute("SELECT lease_expires_at FROM lilota_node WHERE id = ?", node)[0][0])
+            return n
+
+        self.app.schedule("slow", 1)
+        self.worker.run_pending()
+        lease = leases[0]
+        lease = lease.timestamp() if hasattr(lease, "timestamp") else float(lease)
+        self.assertGreater(lease, time.time() + self.worker.node_timeout / 2)
+
+    def test_unknown_task_and_bad_ids(self):
+        unknown = uuid.uuid4()
+        for read in (self.app.get_task_steps, self.app.get_task_logs, self.app.get_task_attempts):
+            with self.assertRaises(TaskNotFoundError):
+                read(unknown)
+            with self.assertRaises(ValueError):
+                read("nope")
+        task_id = self.app.schedule("x", 1)
+        self.assertEqual(self.app.get_task_steps(task_id), [])
+        self.assertEqual(self.app.get_task_logs(task_id), [])
+        self.assertEqual(self.app.get_task_attempts(task_id), [])
+        with self.assertRaises(TypeError):
+            self.app.get_task_logs(task_id, after="1")
+
+    def test_show_lists_the_steps(self):
+        @self.worker.task
+        def shown(n: int, ctx: TaskContext) -> int:
+            return ctx.step("query", self.call, "query", {"rows": n})["rows"]
+
+        task_id = self.app.schedule("shown", 4)
+        self.worker.run_pending()
+        out = io.StringIO()
+        with redirect_stdout(out):
+            self.assertEqual(lilota.main(["show", str(task_id), "--db", self.db_url]), 0)
+        self.assertIn("steps (1):", out.getvalue())
+        self.assertIn('{"rows": 4}', out.getvalue())
+        out = io.StringIO()
+        with redirect_stdout(out):
+            self.assertEqual(lilota.main(["show", str(task_id), "--db", self.db_url, "--json"]), 0)
+        shown = json.loads(out.getvalue())
+        self.assertEqual([(s["name"], s["attempt"], s["output"]) for s in shown["steps"]], [("query", 1, {"rows": 4})])
