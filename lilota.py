@@ -4097,16 +4097,16 @@ class _TaskRun:
         database error loses them, with a warning: a task's log must not fail the task."""
         with self.flush_lock:
             records = self._take()
-            if final and self.dropped:
-                records.append((self.attempt, _now(), "WARNING", "lilota", f"{self.dropped} log record(s) of this "
-                                f"attempt were left out: a task keeps at most {MAX_TASK_LOG_RECORDS} records and "
-                                f"{MAX_TASK_LOG_CHARS} characters of log", True))
-                self.dropped = 0
-            if not records:
-                return
+            bounds = (MAX_TASK_LOG_RECORDS, MAX_TASK_LOG_CHARS)
             try:
-                self.dropped += self.worker.storage.write_logs(self.task_id, self.node_id, records,
-                                                               (MAX_TASK_LOG_RECORDS, MAX_TASK_LOG_CHARS))
+                if records:
+                    self.dropped += self.worker.storage.write_logs(self.task_id, self.node_id, records, bounds)
+                if final and self.dropped:   # rare: a commit of its own, once every count is known
+                    records = [(self.attempt, _now(), "WARNING", "lilota", f"{self.dropped} log record(s) of this "
+                                f"attempt were left out: a task keeps at most {bounds[0]} records and {bounds[1]} "
+                                f"characters of log", True)]
+                    self.dropped = 0
+                    self.worker.storage.write_logs(self.task_id, self.node_id, records, bounds)
             except StorageError as exc:
                 self.worker.logger.warning("task %s: %d log record(s) could not be stored (%s)", self.task_id,
                                            len(records), exc)
@@ -6051,17 +6051,23 @@ def _cmd_list(args):
     return 0
 
 
+#: How many of a task's last log records ``show`` prints.
+_SHOWN_LOG_LINES = 10
+
+
 def _cmd_show(args):
     """Show every field of a task; input, output and error pretty-printed, with the traceback; then
-    its stored steps (--json: under "steps")."""
+    its stored steps and its last 10 log records (--json: under "steps" and "logs")."""
     scheduler = _scheduler(args)
     task_id = _resolve_task_id(scheduler, args.id)
     task = scheduler.get_task_by_id(task_id)
     if task is None:
         raise TaskNotFoundError(f"no task with id {task_id}")
     steps = scheduler.get_task_steps(task_id)
+    logs = scheduler.storage.logs(task_id, last=_SHOWN_LOG_LINES)
     if args.json:
-        _print_json(dict(task.as_dict(), steps=[step.as_dict() for step in steps]))
+        _print_json(dict(task.as_dict(), steps=[step.as_dict() for step in steps],
+                         logs=[record.as_dict() for record in logs]))
         return 0
     now = datetime.now(timezone.utc)
     print(_describe_task(task, now))
@@ -6072,7 +6078,43 @@ def _cmd_show(args):
                               _format_duration((step.ended_at - step.started_at).total_seconds()),
                               _short(json.dumps(step.output, ensure_ascii=False), 60)] for step in steps],
                             right={1, 3}).replace("\n", "\n  "))
+    if logs:
+        print(f"log (the last {len(logs)}; lilota logs ID prints them all):" if logs[0].seq > 1 else "log:")
+        for record in logs:
+            print("  " + _log_line(record).replace("\n", "\n  "))
     return 0
+
+
+def _log_line(record):
+    """A stored log record as the ``logs`` command prints it: time (UTC), level, logger, [attempt]
+    and message (a traceback on the lines that follow)."""
+    moment = record.time
+    return (f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} {record.level:<8} {record.logger} "
+            f"[{record.attempt}] {record.message}")
+
+
+def _cmd_logs(args):
+    """Print the log records stored with a task, in order: time (UTC), level, logger, [attempt]
+    and message. --follow prints new records as the worker stores them (at least every second)
+    and ends when the task has ended; --json prints a JSON line per record."""
+    scheduler = _scheduler(args)
+    task_id = _resolve_task_id(scheduler, args.id)
+    after = None
+    while True:
+        # The status first: a task that had ended by then has every record stored before the logs are read.
+        task = scheduler.get_task_by_id(task_id)
+        if task is None:
+            raise TaskNotFoundError(f"no task with id {task_id}")
+        for record in scheduler.get_task_logs(task_id, after):
+            if args.json:
+                _print_json(record.as_dict())
+            else:
+                print(_log_line(record))
+            after = record.seq
+        sys.stdout.flush()
+        if not args.follow or task.is_finished:
+            return 0
+        time.sleep(0.2)
 
 
 def _cmd_wait(args):
@@ -6226,6 +6268,7 @@ _EXAMPLES = {
     "schedule": "{prog} schedule add '{{\"a\": 2, \"b\": 3}}' --delay 30s --priority 5 --wait",
     "list": "{prog} list --status failed --name add --limit 10",
     "show": "{prog} show 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e",
+    "logs": "{prog} logs 8c3f6a8e --follow",
     "wait": "{prog} wait 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e --timeout 5m",
     "cancel": "{prog} cancel 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e",
     "retry": "{prog} retry 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e",
@@ -6314,6 +6357,11 @@ def _build_parser(prog):
 
     command("show", _cmd_show, "show every field of a task").add_argument("id", type=_task_id_arg, metavar="ID",
                                                                           help=_ID_HELP)
+
+    sub = command("logs", _cmd_logs, "print the log records stored with a task")
+    sub.add_argument("id", type=_task_id_arg, metavar="ID", help=_ID_HELP)
+    sub.add_argument("-f", "--follow", action="store_true",
+                     help="print new records as they are stored, until the task has ended")
 
     sub = command("wait", _cmd_wait, "wait for a task with a progress bar")
     sub.add_argument("id", type=_task_id_arg, metavar="ID", help=_ID_HELP)

@@ -286,3 +286,154 @@ class StepTests(support.TempDirTestCase):
             self.assertEqual(lilota.main(["show", str(task_id), "--db", self.db_url, "--json"]), 0)
         shown = json.loads(out.getvalue())
         self.assertEqual([(s["name"], s["attempt"], s["output"]) for s in shown["steps"]], [("query", 1, {"rows": 4})])
+
+
+library_logger = logging.getLogger("somelibrary.module")   # a library's logging.getLogger(__name__)
+
+
+@support.on_every_backend
+class TaskLogTests(support.TempDirTestCase):
+    """Log records of a task's thread are stored with it, from ctx.logger and from any logger, at
+    the task's level; not those of other threads nor lilota's own; bounded; the command line."""
+
+    def setUp(self):
+        super().setUp()
+        self.app = LilotaScheduler(self.db_url)
+        self.worker = LilotaWorker(self.db_url, retry_delay=0)
+
+    def records(self, task_id):
+        return [(r.attempt, r.level, r.logger, r.message) for r in self.app.get_task_logs(task_id)]
+
+    def test_records_of_the_task_thread_in_order_with_levels(self):
+        @self.worker.task(max_attempts=2)
+        def chatty(n: int, ctx: TaskContext) -> int:
+            ctx.logger.info("starting %d", n)
+            ctx.logger.debug("below the level: not stored")
+            library_logger.warning("library says %s", "hello")
+            other = threading.Thread(target=library_logger.warning, args=("from another thread",))
+            other.start()
+            other.join()
+            logging.getLogger("lilota.worker").warning("lilota's own: not stored")
+            try:
+                raise KeyError("inner")
+            except KeyError:
+                ctx.logger.exception("caught")
+            if ctx.attempt == 1:
+                raise RuntimeError("first attempt fails")
+            ctx.logger.error("done")
+            return n
+
+        task_id = self.app.schedule("chatty", 3)
+        self.worker.run_pending()
+        self.assertEqual(self.app.get_task_by_id(task_id).status, TaskStatus.COMPLETED)
+        records = self.records(task_id)
+        plain = [(a, level, name, message.splitlines()[0]) for a, level, name, message in records]
+        self.assertEqual(plain, [
+            (1, "INFO", "task.chatty", "starting 3"), (1, "WARNING", "somelibrary.module", "library says hello"),
+            (1, "ERROR", "task.chatty", "caught"),
+            (2, "INFO", "task.chatty", "starting 3"), (2, "WARNING", "somelibrary.module", "library says hello"),
+            (2, "ERROR", "task.chatty", "caught"), (2, "ERROR", "task.chatty", "done")])
+        self.assertIn("KeyError: 'inner'", records[2][3])
+        self.assertIn("Traceback", records[2][3])
+        logs = self.app.get_task_logs(task_id)
+        self.assertTrue(all(isinstance(r, TaskLog) for r in logs))
+        self.assertEqual([r.seq for r in logs], list(range(1, 8)))
+        self.assertEqual([r.seq for r in self.app.get_task_logs(task_id, after=5)], [6, 7])
+        self.assertEqual(self.app.get_task_logs(task_id, after=7), [])
+
+    def test_log_level_on_register_and_on_the_worker(self):
+        worker = LilotaWorker(self.db_url, task_log_level="WARNING")
+
+        @worker.task(log_level=logging.DEBUG)
+        def verbose(n: int, ctx: TaskContext) -> int:
+            ctx.logger.debug("debug kept")
+            return n
+
+        @worker.task
+        def quiet(n: int, ctx: TaskContext) -> int:
+            ctx.logger.info("info dropped")
+            ctx.logger.warning("warning kept")
+            return n
+
+        verbose_id, quiet_id = self.app.schedule("verbose", 1), self.app.schedule("quiet", 1)
+        worker.run_pending()
+        self.assertEqual(self.records(verbose_id), [(1, "DEBUG", "task.verbose", "debug kept")])
+        self.assertEqual(self.records(quiet_id), [(1, "WARNING", "task.quiet", "warning kept")])
+        for bad, error in (("LOUD", ValueError), (1.5, TypeError)):
+            with self.assertRaises(error):
+                LilotaWorker(self.db_url, task_log_level=bad)
+            with self.assertRaises(error):
+                worker.register("x" + str(id(bad)), log_level=bad)(lambda n: n)
+
+    def test_the_bound_holds_and_says_how_many_were_left_out(self):
+        @self.worker.task(max_attempts=2)
+        def flood(n: int, ctx: TaskContext) -> int:
+            for i in range(n):
+                ctx.logger.info("line %d", i)
+            if ctx.attempt == 1:
+                raise RuntimeError("again")
+            return n
+
+        task_id = self.app.schedule("flood", 12)
+        with mock.patch.object(lilota, "MAX_TASK_LOG_RECORDS", 8):
+            self.worker.run_pending()
+        records = self.records(task_id)
+        self.assertEqual(records[:8], [(1, "INFO", "task.flood", f"line {i}") for i in range(8)])
+        self.assertEqual(len(records), 10)   # the bound, and a note per attempt
+        self.assertEqual(records[8][:3], (1, "WARNING", "lilota"))
+        self.assertIn("4 log record(s) of this attempt were left out", records[8][3])
+        self.assertIn("12 log record(s) of this attempt were left out", records[9][3])
+        # The characters too.
+        task_id = self.app.schedule("flood", 3)
+        with mock.patch.object(lilota, "MAX_TASK_LOG_CHARS", 13):
+            self.worker.run_pending()
+        self.assertEqual([r[3][:30] for r in self.records(task_id)][:2], ["line 0", "line 1"])
+        self.assertIn("1 log record(s)", self.records(task_id)[2][3])
+
+    def test_follow_shows_a_line_while_the_task_runs_and_ends_with_it(self):
+        script = self.worker_script(f"""
+            import logging
+            helper = logging.getLogger("helper")
+
+            @worker.task(timeout=None)
+            def waits(n: int, ctx: TaskContext) -> int:
+                ctx.logger.info("first line")
+                deadline = time.monotonic() + 60
+                while not os.path.exists({self.path("go")!r}) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                helper.info("last line")
+                return n
+            """)
+        app = self.start_lilota(script, number_of_workers=1)
+        task_id = app.schedule("waits", 1)
+        follow = self.popen_python("-m", "lilota", "logs", str(task_id), "--follow", "--db", self.db_url,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = follow.stdout.readline()
+        self.assertIn("INFO     task.waits [1] first line", first)
+        self.assertEqual(app.get_task_by_id(task_id).status, TaskStatus.RUNNING)
+        self.write("go", "")
+        rest, err = follow.communicate(timeout=60)
+        self.assertEqual(follow.returncode, 0, err)
+        self.assertIn("INFO     helper [1] last line", rest)
+        self.assertEqual(app.get_task_by_id(task_id).status, TaskStatus.COMPLETED)
+        # Without --follow, and as JSON lines; show prints the last lines.
+        result = self.run_python("-m", "lilota", "logs", str(task_id), "--json", "--db", self.db_url)
+        lines = [json.loads(line) for line in result.stdout.splitlines()]
+        self.assertEqual([(r["seq"], r["level"], r["logger"], r["message"]) for r in lines],
+                         [(1, "INFO", "task.waits", "first line"), (2, "INFO", "helper", "last line")])
+        out = io.StringIO()
+        with redirect_stdout(out):
+            self.assertEqual(lilota.main(["show", str(task_id), "--db", self.db_url]), 0)
+        self.assertIn("log:\n", out.getvalue())
+        self.assertIn("[1] last line", out.getvalue())
+        out = io.StringIO()
+        with redirect_stdout(out):
+            self.assertEqual(lilota.main(["show", str(task_id), "--db", self.db_url, "--json"]), 0)
+        self.assertEqual([r["message"] for r in json.loads(out.getvalue())["logs"]], ["first line", "last line"])
+
+    def test_logs_of_an_unknown_task(self):
+        err = io.StringIO()
+        with mock.patch("sys.stderr", err):
+            self.app.schedule("x", 1)   # the database exists
+            self.assertEqual(lilota.main(["logs", str(uuid.uuid4()), "--db", self.db_url]), 3)
+        self.assertIn("no task", err.getvalue())
