@@ -6051,35 +6051,53 @@ def _cmd_list(args):
     return 0
 
 
+def _attempt_row(attempt, now):
+    """An attempt as a row of ``show``'s table: number, outcome, start, duration (so far while it
+    runs), pid, node (short), error on one line."""
+    end = attempt.ended_at or (now if attempt.outcome == AttemptOutcome.RUNNING else None)
+    duration = "-" if attempt.started_at is None or end is None else \
+        _format_duration((end - attempt.started_at).total_seconds())
+    error = attempt.error or {}
+    return [attempt.number, attempt.outcome, _format_age(attempt.started_at, now), duration,
+            "-" if attempt.pid is None else attempt.pid, "-" if attempt.node is None else str(attempt.node)[:8],
+            _short(_one_line(f"{error.get('type')}: {error.get('message', '')}"), 70) if error else "-"]
+
+
 #: How many of a task's last log records ``show`` prints.
 _SHOWN_LOG_LINES = 10
 
 
 def _cmd_show(args):
     """Show every field of a task; input, output and error pretty-printed, with the traceback; then
-    its stored steps and its last 10 log records (--json: under "steps" and "logs")."""
+    its attempts (outcome and error of each), its stored steps and its last 10 log records
+    (--json: under "attempt_records", "steps" and "logs")."""
     scheduler = _scheduler(args)
     task_id = _resolve_task_id(scheduler, args.id)
     task = scheduler.get_task_by_id(task_id)
     if task is None:
         raise TaskNotFoundError(f"no task with id {task_id}")
     steps = scheduler.get_task_steps(task_id)
+    attempts = scheduler.get_task_attempts(task_id)
     logs = scheduler.storage.logs(task_id, last=_SHOWN_LOG_LINES)
     if args.json:
-        _print_json(dict(task.as_dict(), steps=[step.as_dict() for step in steps],
-                         logs=[record.as_dict() for record in logs]))
+        _print_json(dict(task.as_dict(), attempt_records=[attempt.as_dict() for attempt in attempts],
+                         steps=[step.as_dict() for step in steps], logs=[record.as_dict() for record in logs]))
         return 0
     now = datetime.now(timezone.utc)
     print(_describe_task(task, now))
+    if attempts:
+        print(f"\nattempts ({len(attempts)}):")
+        print("  " + _table(["#", "OUTCOME", "STARTED", "DURATION", "PID", "NODE", "ERROR"],
+                            [_attempt_row(attempt, now) for attempt in attempts], right={0, 3, 4}).replace("\n", "\n  "))
     if steps:
-        print(f"steps ({len(steps)}):")
+        print(f"\nsteps ({len(steps)}):")
         print("  " + _table(["NAME", "ATTEMPT", "ENDED", "DURATION", "OUTPUT"],
                             [[_short(step.name), step.attempt, _format_age(step.ended_at, now),
                               _format_duration((step.ended_at - step.started_at).total_seconds()),
                               _short(json.dumps(step.output, ensure_ascii=False), 60)] for step in steps],
                             right={1, 3}).replace("\n", "\n  "))
     if logs:
-        print(f"log (the last {len(logs)}; lilota logs ID prints them all):" if logs[0].seq > 1 else "log:")
+        print(f"\nlog (the last {len(logs)}; lilota logs ID prints them all):" if logs[0].seq > 1 else "\nlog:")
         for record in logs:
             print("  " + _log_line(record).replace("\n", "\n  "))
     return 0

@@ -437,3 +437,207 @@ class TaskLogTests(support.TempDirTestCase):
             self.app.schedule("x", 1)   # the database exists
             self.assertEqual(lilota.main(["logs", str(uuid.uuid4()), "--db", self.db_url]), 3)
         self.assertIn("no task", err.getvalue())
+
+
+@support.on_every_backend
+class AttemptTests(support.TempDirTestCase):
+    """Every attempt is kept with its outcome and error; task.error stays the last error."""
+
+    def setUp(self):
+        super().setUp()
+        self.app = LilotaScheduler(self.db_url)
+        self.worker = LilotaWorker(self.db_url, retry_delay=0)
+
+    def outcomes(self, task_id):
+        return [(a.number, str(a.outcome)) for a in self.app.get_task_attempts(task_id)]
+
+    def test_two_failures_and_a_success(self):
+        seen = []
+
+        @self.worker.task(max_attempts=3)
+        def third_time(n: int, ctx: TaskContext) -> int:
+            seen.append(self.outcomes(ctx.task_id))   # the running attempt is listed too
+            if ctx.attempt < 3:
+                raise ValueError(f"failure {ctx.attempt}")
+            return n
+
+        task_id = self.app.schedule("third_time", 5)
+        self.worker.run_pending()
+        task = self.app.get_task_by_id(task_id)
+        self.assertEqual((task.status, task.output), (TaskStatus.COMPLETED, 5))
+        attempts = self.app.get_task_attempts(task_id)
+        self.assertTrue(all(isinstance(a, Attempt) for a in attempts))
+        self.assertEqual([(a.number, a.outcome) for a in attempts],
+                         [(1, AttemptOutcome.FAILED), (2, AttemptOutcome.FAILED), (3, AttemptOutcome.COMPLETED)])
+        self.assertEqual([a.error and (a.error["type"], a.error["message"]) for a in attempts],
+                         [("ValueError", "failure 1"), ("ValueError", "failure 2"), None])
+        self.assertIn("Traceback", attempts[0].error["traceback"])
+        self.assertEqual(task.error["message"], "failure 2")   # the last error, as before
+        self.assertEqual({a.pid for a in attempts}, {os.getpid()})
+        self.assertEqual({a.node for a in attempts}, {task.locked_by})
+        for before, after in zip(attempts, attempts[1:]):
+            self.assertLessEqual(before.started_at, before.ended_at)
+            self.assertLessEqual(before.ended_at, after.started_at)
+        self.assertEqual(seen, [[(1, "running")], [(1, "failed"), (2, "running")],
+                                [(1, "failed"), (2, "failed"), (3, "running")]])
+        self.assertEqual(attempts[2].as_dict()["outcome"], "completed")
+        # retry() of a task keeps its earlier attempts.
+        failing = self.app.schedule("third_time", 1, max_attempts=1)
+        self.worker.run_pending()
+        self.assertTrue(self.app.retry(failing))
+        self.worker.run_pending()
+        self.assertEqual(self.outcomes(failing), [(1, "failed"), (1, "failed")])
+
+    def test_cancelled_interrupted_and_retry(self):
+        @self.worker.task
+        def cancels_itself(n: int, ctx: TaskContext) -> int:
+            self.app.cancel(ctx.task_id)
+            if n:
+                raise RuntimeError("stopped")
+            return n
+
+        failed, completed = self.app.schedule("cancels_itself", 1), self.app.schedule("cancels_itself", 0)
+        self.worker.run_pending()
+        self.assertEqual(self.outcomes(failed), [(1, "cancelled")])
+        self.assertEqual(self.outcomes(completed), [(1, "cancelled")])
+        self.assertEqual(self.app.get_task_attempts(completed)[0].error["type"], "TaskCancelledError")
+
+        snoozed = []
+
+        @self.worker.task
+        def snoozes(n: int, ctx: TaskContext) -> int:
+            if not snoozed:
+                snoozed.append(1)
+                raise lilota.Retry(0)
+            return n
+
+        task_id = self.app.schedule("snoozes", 1)
+        self.worker.run_pending()
+        self.assertEqual(self.outcomes(task_id), [(1, "completed")])   # a Retry gives the attempt back: no record
+
+        # A worker stopped while running it gives the task back: the attempt is given back too.
+        task_id = self.app.schedule("snoozes", 2)
+        storage, node = self.worker.storage, str(uuid.uuid4())
+        claimed = storage.claim(self.worker._prepared_claim(), node, os.getpid())
+        self.assertEqual(claimed.id, task_id)
+        lilota._give_back(storage, node, "the worker stopped while running this task")
+        self.assertEqual(self.outcomes(task_id), [(1, "interrupted")])
+        self.worker.run_pending()
+        self.assertEqual(self.outcomes(task_id), [(1, "interrupted"), (1, "completed")])
+        self.assertEqual(self.app.get_task_attempts(task_id)[0].error["type"], "TaskInterruptedError")
+
+    def test_a_lost_node_reads_worker_died(self):
+        task_id = self.app.schedule("x", 1, max_attempts=2)
+        storage, node = self.worker.storage, str(uuid.uuid4())
+        storage.add_node(node, "gone", lilota.NodeType.WORKER, lilota.NodeStatus.RUNNING, 999999, 0.0)
+        storage.claim(storage.prepare_claim([]), node, 999999)
+        lilota._recover_lost_nodes(storage, 0, 0)
+        [attempt] = self.app.get_task_attempts(task_id)
+        self.assertEqual((attempt.number, attempt.outcome, attempt.pid, str(attempt.node)),
+                         (1, AttemptOutcome.WORKER_DIED, 999999, node))
+        self.assertIn("was lost", attempt.error["message"])
+        self.assertIsNotNone(attempt.ended_at)
+
+    def test_show_lists_the_attempts(self):
+        @self.worker.task(max_attempts=2)
+        def once_more(n: int, ctx: TaskContext) -> int:
+            if ctx.attempt == 1:
+                raise OSError("disk\nfull")
+            return n
+
+        task_id = self.app.schedule("once_more", 1)
+        self.worker.run_pending()
+        out = io.StringIO()
+        with redirect_stdout(out):
+            self.assertEqual(lilota.main(["show", str(task_id), "--db", self.db_url]), 0)
+        text = out.getvalue()
+        self.assertIn("attempts (2):", text)
+        self.assertRegex(text, r"\n  1  failed +\S+ ago .* OSError: disk full\n")
+        self.assertRegex(text, r"\n  2  completed .* -\n")
+        out = io.StringIO()
+        with redirect_stdout(out):
+            self.assertEqual(lilota.main(["show", str(task_id), "--db", self.db_url, "--json"]), 0)
+        shown = json.loads(out.getvalue())
+        self.assertEqual([(a["number"], a["outcome"], a["error"] and a["error"]["type"]) for a in shown["attempt_records"]],
+                         [(1, "failed", "OSError"), (2, "completed", None)])
+
+
+@support.on_every_backend
+class CleanupAndMigrationTests(support.TempDirTestCase):
+    """cleanup() and delete_task_by_id() take a task's steps, logs and attempts with it; a
+    database of schema version 2 gets the new tables, keeps its tasks, also when several processes
+    open it at once."""
+
+    def counts(self):
+        return [self.db_execute(f"SELECT COUNT(*) FROM {table}")[0][0] for table in lilota._TASK_DETAIL_TABLES]
+
+    def test_cleanup_removes_steps_logs_and_attempts(self):
+        app = LilotaScheduler(self.db_url)
+        worker = LilotaWorker(self.db_url, retry_delay=0)
+
+        @worker.task(max_attempts=2)
+        def work(n: int, ctx: TaskContext) -> int:
+            ctx.logger.info("working")
+            ctx.step("one", int, n)
+            if ctx.attempt == 1:
+                raise RuntimeError("again")
+            return n
+
+        old, deleted, kept = (app.schedule("work", i) for i in range(3))
+        worker.run_pending()
+        self.assertEqual(self.counts(), [3, 6, 3])
+        self.assertTrue(app.delete_task_by_id(deleted))
+        self.assertEqual(self.counts(), [2, 4, 2])
+        self.db_execute("UPDATE lilota_task SET end_date_time = ? WHERE id = ?", self.db_time(time.time() - 86400),
+                        str(old))
+        self.assertEqual(app.cleanup(older_than=3600), {"tasks": 1, "log_entries": 2, "nodes": 0})
+        self.assertEqual(self.counts(), [1, 2, 1])
+        self.assertEqual([s.name for s in app.get_task_steps(kept)], ["one"])
+        for read in (app.get_task_steps, app.get_task_logs, app.get_task_attempts):
+            with self.assertRaises(TaskNotFoundError):
+                read(old)
+
+    def make_version_2(self):
+        """A database as the release with schema version 2 wrote it (its statements are never
+        edited), with a task in it."""
+        dialect = lilota._dialect_for_url(self.db_url)
+        conn = dialect.connect()
+        try:
+            dialect.begin_migration(conn)
+            conn.execute("CREATE TABLE lilota_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            for version in (1, 2):
+                for statement in dialect.migrations()[version]:
+                    conn.execute(statement)
+            conn.execute("INSERT INTO lilota_meta VALUES ('schema_version', '2')")
+            conn.execute(dialect.sql(
+                f"INSERT INTO lilota_task (id, name, status, run_at, input, created_at, queue) VALUES "
+                f"(?, 'work', 'scheduled', {dialect.time_param}, {dialect.json_param}, {dialect.time_param}, 'default')"),
+                (str(uuid.uuid4()), dialect.encode_time(time.time()), "3", dialect.encode_time(time.time())))
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def test_a_version_2_database_is_migrated_by_several_processes_at_once(self):
+        self.make_version_2()
+        with concurrent.futures.ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+            self.assertEqual(list(pool.map(_open_and_count, [self.db_url] * 4)), [1] * 4)
+        self.assertEqual(self.db_execute("SELECT value FROM lilota_meta WHERE key = 'schema_version'"),
+                         [(str(lilota.SCHEMA_VERSION),)])
+        self.assertEqual(self.counts(), [0, 0, 0])
+        worker = LilotaWorker(self.db_url)
+
+        @worker.task
+        def work(n: int, ctx: TaskContext) -> int:
+            ctx.logger.info("migrated")
+            return ctx.step("double", int, 2 * n)
+
+        [task] = worker.run_pending()
+        self.assertEqual((task.status, task.output), (TaskStatus.COMPLETED, 6))
+        app = LilotaScheduler(self.db_url)
+        self.assertEqual([r.message for r in app.get_task_logs(task.id)], ["migrated"])
+        self.assertEqual([(a.number, a.outcome) for a in app.get_task_attempts(task.id)],
+                         [(1, AttemptOutcome.COMPLETED)])
+
+
+def _open_and_count(url):
+    return len(LilotaScheduler(url).list_tasks(limit=None))
