@@ -4013,7 +4013,7 @@ class _TaskRun:
         self.function = function
         self.level = function.log_level if function.log_level is not None else worker.task_log_level
         self.stored_steps = None   # {name: stored value}, read at the first step
-        self.calls = collections.Counter()
+        self.calls = {}            # step name -> how often this attempt called it
         self.used_steps = False
         self.records = []          # (attempt, time, level, logger, message, forced)
         self.buffered_chars = 0
@@ -4025,8 +4025,7 @@ class _TaskRun:
     # --- steps ---
 
     def step(self, name, fn, args, kwargs):
-        self.calls[name] += 1
-        count = self.calls[name]
+        count = self.calls[name] = self.calls.get(name, 0) + 1
         key = name if count == 1 else f"{name}#{count}"
         storage = self.worker.storage
         if self.stored_steps is None:
@@ -4040,17 +4039,13 @@ class _TaskRun:
             return _revive(None if hint is type(None) else hint, self.stored_steps[key])
         started = _now()
         result = fn(*args, **kwargs)
-        try:
-            output = dumps(result, f"step {key!r}")
-        except UnserializableError as exc:
-            raise UnserializableError(f"the result of step {key!r} cannot be stored: {exc}") from None
-        stored, dropped = self.worker._retry_until_stored(
-            storage.save_step, self.task_id, self.node_id, key, self.attempt, started, output,
-            self.worker.node_timeout, self._take(), (MAX_TASK_LOG_RECORDS, MAX_TASK_LOG_CHARS))
-        self.dropped += dropped
-        if stored:
-            self.stored_steps[key] = loads(output)
-        else:
+        output = dumps(result, f"the result of step {key!r}")   # UnserializableError names the step
+        with self.flush_lock:   # after the records a timer's flush is writing, if any: they keep their order
+            stored, dropped = self.worker._retry_until_stored(
+                storage.save_step, self.task_id, self.node_id, key, self.attempt, started, output,
+                self.worker.node_timeout, self._take(), (MAX_TASK_LOG_RECORDS, MAX_TASK_LOG_CHARS))
+            self.dropped += dropped
+        if not stored:
             self.worker.logger.warning("task %s: step %s was not stored: the task is no longer this worker's",
                                        self.task_id, key)
         return result
