@@ -4339,6 +4339,7 @@ class LilotaWorker(_NodeBase):
         self._current, self._interrupt = task, None
         self._tasks_run += 1
         thread = threading.get_ident()
+        failure = None
         try:
             try:
                 _TASK_LOGS.runs[thread] = run   # from here the thread's log records are the task's
@@ -4364,10 +4365,14 @@ class LilotaWorker(_NodeBase):
                                      "the worker was interrupted; the task was queued again", task)
             raise
         except BaseException as exc:  # the task's own failure, SystemExit included
-            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts), retry=function.retries(exc))
-            return None
+            failure = _error_record(exc, attempt=task.attempts), function.retries(exc)
         finally:
             self._current = None
+        if failure is not None:
+            # Stored once the exception is gone: its traceback holds the task's frames and what
+            # they hold, e.g. the memory whose lack raised a MemoryError, which storing needs.
+            self._end_failed(task, node_id, failure[0], retry=failure[1])
+            return None
         try:
             stored, next_task = self._store_output(task, node_id, output, claim_next)
         except UnserializableError as exc:   # the database refused this output (PostgreSQL: U+0000, size)
