@@ -4010,7 +4010,6 @@ class _TaskRun:
         self.task_id = str(task.id)
         self.attempt = task.attempts
         self.node_id = node_id
-        self.function = function
         self.level = function.log_level if function.log_level is not None else worker.task_log_level
         self.stored_steps = None   # {name: stored value}, read at the first step
         self.calls = {}            # step name -> how often this attempt called it
