@@ -3808,12 +3808,14 @@ class _Supervision:
     recycling limit (to be replaced at once); the supervisor sends ``("stop",)``. The supervisor
     renews its workers' leases and kills the one whose task must stop; a standalone worker does
     both itself. ``queues``: the queues the application assigned this process (None: the
-    script's own); ``max_tasks`` and ``max_memory``: when it is recycled (None: never)."""
+    script's own); ``max_tasks`` and ``max_memory``: when it is recycled (None: never);
+    ``node_timeout``: the supervisor's, which then applies to the worker too."""
 
     def __init__(self, db_url, node_id, control, doorbell, doorbell_writer, parent_pid, queues=None,
-                 max_tasks=None, max_memory=None):
+                 max_tasks=None, max_memory=None, node_timeout=None):
         self.db_url = db_url
         self.node_id = node_id
+        self.node_timeout = node_timeout    # the lease the supervisor gives the node (a step renews it)
         self.queues = queues
         self.max_tasks = max_tasks
         self.max_memory = max_memory
@@ -4546,6 +4548,8 @@ class LilotaWorker(_NodeBase):
                 f"{supervisor_db.describe()}; give both the same db_url "
                 f"(or leave LilotaWorker's db_url out to use the supervisor's)")
         node_id = supervision.node_id
+        if supervision.node_timeout is not None:   # the lease a step renews is the supervisor's
+            self.node_timeout = supervision.node_timeout
         self.storage.ensure_ready()
         self._prepared_claim()
         self.storage.set_node_status(node_id, NodeStatus.RUNNING, os.getpid(), queues=self.queues)
@@ -5353,7 +5357,7 @@ class Lilota(LilotaScheduler):
         parent_pid = None if self.start_method == "forkserver" else os.getpid()
         supervision = _Supervision(self.db_url_for_workers, node_id, child_end, reader, writer, parent_pid,
                                    queues if self._queues_given else None, self.max_tasks_per_worker,
-                                   self.max_worker_memory)
+                                   self.max_worker_memory, self.node_timeout)
         process = context.Process(target=_worker_process_main, args=(self.script_path, supervision),
                                   name=f"lilota-worker-{index}")
         process.start()

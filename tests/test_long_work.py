@@ -112,6 +112,18 @@ class StepsAcrossAttemptsTests(support.TempDirTestCase):
     def test_timeout_between_steps(self):
         self.run_five("hang")
 
+    def test_a_step_renews_the_lease_its_supervisor_gives(self):
+        script = self.worker_script("""
+            @worker.task
+            def lease(n: int, ctx: TaskContext) -> float:
+                ctx.step("one", int, n)
+                node = worker.storage.node(str(worker.get_task_by_id(ctx.task_id).locked_by))
+                return (node.lease_expires_at - node.last_seen_at).total_seconds()
+            """)
+        app = self.start_lilota(script, number_of_workers=1, node_timeout=7)
+        task = app.wait(app.schedule("lease", 1), timeout=60)
+        self.assertEqual((task.status, round(task.output, 3)), (TaskStatus.COMPLETED, 7.0))
+
 
 @support.on_every_backend
 class StepTests(support.TempDirTestCase):
