@@ -966,7 +966,8 @@ class TaskContext:
         A step runs at least once (the worker may die after ``fn`` returned and before the commit);
         its identity is its name and occurrence, so renaming or reordering steps runs them afresh.
         Raises what ``fn`` raises (nothing is stored), UnserializableError naming the step when
-        its result cannot be stored, TypeError/ConfigurationError for a bad name. A context made
+        its result cannot be stored, TypeError/ConfigurationError for a bad name. For an ``async
+        def`` fn it returns an awaitable: ``await ctx.step(...)`` in an async task. A context made
         by hand (no worker) just calls ``fn``."""
         _check_step_name(name)
         if self._run is None:
@@ -5308,6 +5309,11 @@ MAX_TASK_LOG_CHARS = 1 << 20
 TASK_LOG_FLUSH_INTERVAL = 1.0
 
 
+async def _awaitable(value):
+    """``value``, as an awaitable: a stored step result where an async step's caller awaits one."""
+    return value
+
+
 class _TaskRun:
     """One attempt of a task in a worker: its steps (``ctx.step``) and its buffered log records,
     written with each step, at least every TASK_LOG_FLUSH_INTERVAL by a timer, and at its end."""
@@ -5331,6 +5337,8 @@ class _TaskRun:
     # --- steps ---
 
     def step(self, name, fn, args, kwargs):
+        """TaskContext.step() in a worker: the stored result, or ``fn``'s, stored. For an ``async
+        def`` fn, an awaitable of either (``await ctx.step(...)`` in an async task)."""
         count = self.calls[name] = self.calls.get(name, 0) + 1
         key = name if count == 1 else f"{name}#{count}"
         storage = self.worker.storage
@@ -5342,10 +5350,21 @@ class _TaskRun:
                 hint = typing.get_type_hints(fn).get("return")
             except Exception:
                 hint = None
-            return _revive(None if hint is type(None) else hint, self.stored_steps[key])
+            value = _revive(None if hint is type(None) else hint, self.stored_steps[key])
+            return _awaitable(value) if inspect.iscoroutinefunction(fn) else value
         started = _now()
         result = fn(*args, **kwargs)
+        if inspect.isawaitable(result):   # an async def step, in an async task: awaited there
+            return self._store_awaited(key, started, result)
+        return self._store(key, started, result)
+
+    async def _store_awaited(self, key, started, awaitable):
+        return self._store(key, started, await awaitable)
+
+    def _store(self, key, started, result):
+        """Store the result of step ``key`` (in a commit of its own) and return it."""
         output = dumps(result, f"the result of step {key!r}")   # UnserializableError names the step
+        storage = self.worker.storage
         with self.flush_lock:   # after the records a timer's flush is writing, if any: they keep their order
             stored, dropped = self.worker._retry_until_stored(
                 storage.save_step, self.task_id, self.node_id, key, self.attempt, started, output,

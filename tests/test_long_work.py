@@ -2,6 +2,7 @@
 their API, command line, cleanup and the migration that brings their tables. Every class runs on
 SQLite and PostgreSQL."""
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import io
@@ -179,6 +180,27 @@ class StepTests(support.TempDirTestCase):
         self.assertEqual(self.app.get_task_by_id(task_id).output, 7)
         self.assertEqual(self.calls, ["make"])
         self.assertEqual(seen, [Chunk(7, [1]), Chunk(7, [1])])
+
+    def test_an_async_step_in_an_async_task_is_awaited_and_not_called_again(self):
+        async def fetch(i) -> Chunk:
+            self.calls.append(f"fetch{i}")
+            await asyncio.sleep(0)
+            return Chunk(i, [i])
+
+        @self.worker.task(max_attempts=2)
+        async def gather(n: int, ctx: TaskContext) -> list:
+            chunks = [await ctx.step("fetch", fetch, i) for i in range(n)]
+            if ctx.attempt == 1:
+                raise RuntimeError("after the steps")
+            return [chunk.index for chunk in chunks]
+
+        task_id = self.app.schedule("gather", 2)
+        self.worker.run_pending()
+        task = self.app.get_task_by_id(task_id)
+        self.assertEqual((task.status, task.output), (TaskStatus.COMPLETED, [0, 1]))
+        self.assertEqual(self.calls, ["fetch0", "fetch1"])   # the second attempt read them back
+        self.assertEqual([(s.name, s.output) for s in self.app.get_task_steps(task_id)],
+                         [("fetch", {"index": 0, "rows": [0]}), ("fetch#2", {"index": 1, "rows": [1]})])
 
     def test_unserializable_result_fails_the_task_naming_the_step(self):
         @self.worker.task
