@@ -7749,6 +7749,10 @@ def _cmd_periodic(args):
         for schedule in schedules:
             _print_json(schedule.as_dict())
         return 0
+    if not schedules:
+        print("no periodic schedules (a worker script declares them with @worker.task(cron=...) or "
+              "worker.periodic(...); they show here once a worker runs it)")
+        return 0
     now = datetime.now(timezone.utc)
     print(_table(["NAME", "TASK", "SCHEDULE", "ZONE", "QUEUE", "NEXT RUN", "LAST SLOT", "LAST TASK", "STATUS", "SEEN"],
                  [[_short(p.name), _short(p.task), _short(p.schedule, 24), p.timezone, _short(p.queue),

@@ -245,6 +245,10 @@ class PeriodicWorkerTests(support.TempDirTestCase):
         self.assertEqual([self.app.get_task_by_id(i).name for i in node.run_periodic()], ["cleanup"])
 
     def test_command_line(self):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(lilota.main(["periodic", "--db", self.db_url]), 0)
+        self.assertTrue(out.getvalue().startswith("no periodic schedules"), out.getvalue())
         node = self.make_worker()
         node.run_periodic()
         self.clock.advance(minutes=8)
