@@ -245,6 +245,7 @@ class PeriodicWorkerTests(support.TempDirTestCase):
         self.assertEqual([self.app.get_task_by_id(i).name for i in node.run_periodic()], ["cleanup"])
 
     def test_command_line(self):
+        self.app.storage.ensure_ready()
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             self.assertEqual(lilota.main(["periodic", "--db", self.db_url]), 0)
