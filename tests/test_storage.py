@@ -114,7 +114,7 @@ class SchemaTests(StorageTestCase):
         tables = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.assertLessEqual({"lilota_task", "lilota_node", "lilota_meta"}, tables)
         self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("2",)])
-        self.assertEqual(lilota.SCHEMA_VERSION, 2)
+        self.assertEqual(lilota.SCHEMA_VERSION, 6)
         indexes = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'index'")}
         self.assertIn("lilota_task_queue", indexes)
         columns = {r[1] for r in self.sql("PRAGMA table_info(lilota_task)")}
