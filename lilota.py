@@ -962,7 +962,9 @@ def _schema_v6(t):
     return [
         "CREATE INDEX IF NOT EXISTS lilota_task_ended ON lilota_task (end_date_time) "
         "WHERE end_date_time IS NOT NULL",
-        "CREATE INDEX IF NOT EXISTS lilota_task_counts ON lilota_task (status, queue, name)",
+        # name first: a status first would offer the planner this index for the claim's and the
+        # idle worker's lookups of queued tasks, which have partial indexes of their own.
+        "CREATE INDEX IF NOT EXISTS lilota_task_counts ON lilota_task (name, queue, status)",
     ]
 
 
@@ -2414,7 +2416,7 @@ class Storage:
         where ``finished`` holds, for each time in ``finished_since`` (epoch seconds), how many of
         those tasks ended then or later (only a finished task has an end_date_time)."""
         d = self.dialect
-        query = "SELECT name, queue, status, COUNT(*) FROM lilota_task GROUP BY status, queue, name"
+        query = "SELECT name, queue, status, COUNT(*) FROM lilota_task GROUP BY name, queue, status"
         windows = ", ".join(f"SUM(CASE WHEN end_date_time >= {d.time_param} THEN 1 ELSE 0 END)"
                             for _ in finished_since)
         times = [d.encode_time(t) for t in finished_since]
@@ -2424,7 +2426,7 @@ class Storage:
             if finished_since:   # a range of the index of ended tasks, not a scan of every task
                 for name, queue, status, *finished in conn.execute(d.sql(
                         f"SELECT name, queue, status, {windows} FROM lilota_task WHERE end_date_time >= "
-                        f"{d.time_param} GROUP BY status, queue, name"), times + [min(times)]).fetchall():
+                        f"{d.time_param} GROUP BY name, queue, status"), times + [min(times)]).fetchall():
                     recent[name, queue, status] = [int(n or 0) for n in finished]
         zeros = [0] * len(finished_since)
         return [(name, queue, status, int(count), *recent.get((name, queue, status), zeros))

@@ -113,7 +113,7 @@ class SchemaTests(StorageTestCase):
         LilotaScheduler(self.db_url).storage.ensure_ready()
         tables = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.assertLessEqual({"lilota_task", "lilota_node", "lilota_meta"}, tables)
-        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("2",)])
+        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("6",)])
         self.assertEqual(lilota.SCHEMA_VERSION, 6)
         indexes = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'index'")}
         self.assertIn("lilota_task_queue", indexes)
