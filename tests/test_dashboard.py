@@ -440,5 +440,182 @@ class DashboardSchemaTests(support.TempDirTestCase):
                          [(str(lilota.SCHEMA_VERSION),)])
 
 
+# --- in a real browser ------------------------------------------------------------------------------
+
+def _browser_problem():
+    """None when headless Chromium can be driven by Playwright here, else why not."""
+    if shutil.which("chromium") is None:
+        return "the browser tests need Chromium: apt-get install chromium"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the browser tests need Playwright for Python: pip install playwright"
+    return None
+
+
+class DashboardBrowserTests(DashboardTestCase):
+    """The pages in headless Chromium (one browser for the class, a new page per test): what a
+    person sees and clicks."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        problem = _browser_problem()
+        if problem is not None:
+            if support.IN_CI:
+                raise AssertionError(problem + " (CI=true: the browser tests must run; .ci/run installs both)")
+            raise unittest.SkipTest(problem)
+        from playwright.sync_api import sync_playwright
+        cls.playwright = sync_playwright().start()
+        cls.browser = cls.playwright.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.browser.close()
+        cls.playwright.stop()
+        super().tearDownClass()
+
+    def setUp(self):
+        super().setUp()
+        self.app = LilotaScheduler(self.db_url)
+        self.dialogs = []
+        self.errors = []
+
+    def open(self, server, path, context=None):
+        page = (context or self.browser).new_page()
+        self.addCleanup(page.close)
+        page.set_default_timeout(20000)
+        page.on("dialog", lambda dialog: (self.dialogs.append(dialog.message), dialog.dismiss()))
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+        page.goto(server.url.rstrip("/") + path)
+        return page
+
+    def tearDown(self):
+        self.assertEqual(self.errors, [], "script errors on the page")
+        super().tearDown()
+
+    def test_overview_counts_and_the_list_filters(self):
+        self.app.schedule_many("send", [1, 2, 3])
+        self.fail_tasks(self.app, "report", ["no address", "no address"])
+        server, _ = self.serve()
+        page = self.open(server, "/")
+        page.wait_for_selector("#counts [data-status=scheduled] .n")
+        self.assertEqual(page.inner_text("#counts [data-status=scheduled] .n"), "3")
+        self.assertEqual(page.inner_text("#counts [data-status=failed] .n"), "2")
+        self.assertIn("no address", page.inner_text("main"))
+        self.assertEqual(page.locator("svg.chart rect.bad").count(), 1)
+        # The list, filtered through its form.
+        page.click("nav >> text=Tasks")
+        page.wait_for_selector("#task-list tbody tr")
+        self.assertEqual(page.locator("#task-list tbody tr").count(), 5)
+        page.select_option("select[name=status]", "failed")
+        page.click("button:has-text('Filter')")
+        page.wait_for_url("**/tasks?status=failed*")
+        wait_until(lambda: page.locator("#task-list tbody tr").count() == 2, 20, message="two failed tasks listed")
+        self.assertNotIn("Scheduled", page.inner_text("#task-list"))
+        page.fill("input[name=q]", "nothing like this")
+        page.click("button:has-text('Filter')")
+        page.wait_for_selector("text=No tasks match these filters.")
+
+    def test_progress_moves_and_the_running_task_is_cancelled(self):
+        script = self.worker_script("""
+            @worker.register("crunch", task_progress=TaskProgress, timeout=None)
+            def crunch(data, progress):
+                for step in range(1, 101):
+                    time.sleep(0.15)
+                    progress.set(step)
+        """)
+        self.start_lilota(script, number_of_workers=1)
+        task_id = self.app.schedule("crunch", {"rows": 100})
+        server, _ = self.serve()
+        page = self.open(server, f"/tasks/{task_id}")
+        page.wait_for_selector("#progress-value")
+
+        def percent():
+            return int(page.inner_text("#progress-value").rstrip("%"))
+        wait_until(lambda: percent() > 0, 30, message="progress above 0")
+        first = percent()
+        wait_until(lambda: percent() > first, 20, message="the progress bar moving")
+        page.click("button:has-text('Cancel task')")
+        page.click("button:has-text('Yes, cancel it')")
+        page.wait_for_selector(".flash")
+        self.assertIn("asked to stop", page.inner_text(".flash"))
+        page.wait_for_selector("h1 .badge.s-cancelled", timeout=30000)
+        self.assertEqual(self.app.get_task_by_id(task_id).status, TaskStatus.CANCELLED)
+
+    def test_a_failed_task_is_retried(self):
+        task_id = self.fail_tasks(self.app, "report", ["boom"])[0]
+        server, _ = self.serve()
+        page = self.open(server, f"/tasks/{task_id}")
+        page.wait_for_selector("#error")
+        self.assertIn("ValueError: boom", page.inner_text("#error"))
+        self.assertIn("Traceback", page.inner_text("#error pre"))
+        page.click("button:has-text('Retry')")
+        page.click("button:has-text('Keep it')")   # the confirmation can be declined
+        self.assertEqual(self.app.get_task_by_id(task_id).status, TaskStatus.FAILED)
+        page.click("button:has-text('Retry')")
+        page.click("button:has-text('Yes, retry')")
+        page.wait_for_selector("h1 .badge.s-scheduled")
+        self.assertIn("queued again", page.inner_text(".flash"))
+        self.assertEqual(self.app.get_task_by_id(task_id).status, TaskStatus.SCHEDULED)
+
+    def test_markup_from_the_database_is_shown_as_text(self):
+        worker = LilotaWorker(self.db_url)
+        task_id = self.app.schedule(EVIL[1], {"a": EVIL[0], "b": EVIL[1]})
+
+        @worker.register(EVIL[1])
+        def fail(data):
+            raise ValueError(EVIL[0] + " " + EVIL[1])
+        with self.assertLogs("lilota", "WARNING"):
+            worker.run_pending()
+        worker.storage.add_node(str(uuid.uuid4()), EVIL[0] + "<b>node</b>", lilota.NodeType.WORKER,
+                                lilota.NodeStatus.RUNNING, 1, 30)
+        server, _ = self.serve()
+        for path, shown in ((f"/tasks/{task_id}", EVIL[1]), ("/", EVIL[1]), ("/tasks", EVIL[1]),
+                            ("/nodes", EVIL[0] + "<b>node</b>")):
+            page = self.open(server, path)
+            page.wait_for_selector("main h1")
+            page.wait_for_function("document.querySelectorAll('main table, main pre').length > 0")
+            self.assertEqual(page.locator("main img, main script, main b").count(), 0, path)
+            self.assertIn(shown, page.inner_text("main"), path)
+        page = self.open(server, f"/tasks/{task_id}")
+        page.wait_for_selector("#input")
+        self.assertEqual(json.loads(page.inner_text("#input")), {"a": EVIL[0], "b": EVIL[1]})
+        self.assertIn(f"ValueError: {EVIL[0]} {EVIL[1]}", page.inner_text("#error"))
+        self.assertEqual(self.dialogs, [])
+
+    def test_a_wrong_token_shows_nothing_and_the_login_form_lets_in(self):
+        self.app.schedule("secret_task_name", {"card": "4111"})
+        server, _ = self.serve(token="correct-horse")
+        context = self.browser.new_context(extra_http_headers={"Authorization": "Bearer wrong-horse"})
+        self.addCleanup(context.close)
+        page = self.open(server, "/tasks", context)
+        page.wait_for_selector("form[action='/login']")
+        self.assertNotIn("secret_task_name", page.content())
+        context = self.browser.new_context()
+        self.addCleanup(context.close)
+        page = self.open(server, "/", context)
+        page.fill("input[name=token]", "wrong-horse")
+        page.click("button:has-text('Log in')")
+        page.wait_for_selector("text=Wrong token.")
+        self.assertNotIn("secret_task_name", page.content())
+        page.fill("input[name=token]", "correct-horse")
+        page.click("button:has-text('Log in')")
+        page.wait_for_selector("#counts [data-status=scheduled] .n")
+        self.assertIn("secret_task_name", page.inner_text("main"))
+
+    def test_an_unreachable_database_is_said_and_the_last_data_kept(self):
+        self.app.schedule_many("send", [1, 2])
+        server, _ = self.serve()
+        page = self.open(server, "/")
+        page.wait_for_selector("#counts [data-status=scheduled] .n")
+        with mock.patch.object(lilota.Storage, "task_counts",
+                               side_effect=lilota.DatabaseUnavailableError("connection refused")):
+            page.wait_for_selector("#notice:not([hidden])")
+            self.assertIn("cannot be reached", page.inner_text("#notice"))
+            self.assertEqual(page.inner_text("#counts [data-status=scheduled] .n"), "2")
+        page.wait_for_selector("#notice", state="hidden")
+
+
 if __name__ == "__main__":
     unittest.main()
