@@ -2423,10 +2423,13 @@ class Storage:
         with self._guard as conn:
             counts = conn.execute(query).fetchall()
             recent = {}
-            if finished_since:   # a range of the index of ended tasks, not a scan of every task
+            if finished_since:
+                # A range of the index of ended tasks, not a scan of every task. The subquery keeps
+                # SQLite from walking the counts index instead, for its order.
                 for name, queue, status, *finished in conn.execute(d.sql(
-                        f"SELECT name, queue, status, {windows} FROM lilota_task WHERE end_date_time >= "
-                        f"{d.time_param} GROUP BY name, queue, status"), times + [min(times)]).fetchall():
+                        f"SELECT name, queue, status, {windows} FROM (SELECT name, queue, status, end_date_time "
+                        f"FROM lilota_task WHERE end_date_time >= {d.time_param} ORDER BY end_date_time) AS ended "
+                        f"GROUP BY name, queue, status"), times + [min(times)]).fetchall():
                     recent[name, queue, status] = [int(n or 0) for n in finished]
         zeros = [0] * len(finished_since)
         return [(name, queue, status, int(count), *recent.get((name, queue, status), zeros))
@@ -2500,12 +2503,15 @@ class Storage:
                                            f"VALUES (?, ?, {d.time_param})"),
                                      [(name, slot, value) for slot, value in enumerate(free_at, 1)])
 
-    def queues(self, names=()):
-        """Every queue that has tasks or settings, and ``names``, as :class:`Queue` records by name."""
+    def queues(self, names=(), counted=True):
+        """Every queue that has tasks or settings, and ``names``, as :class:`Queue` records by name;
+        ``counted=False``: without counting the tasks (every count 0, only queues with settings
+        and ``names``)."""
         with self._guard as conn:
             settings = conn.execute("SELECT name, paused, concurrency, rate_limit, rate_period "
                                     "FROM lilota_queue").fetchall()
-            counts = conn.execute("SELECT queue, status, COUNT(*) FROM lilota_task GROUP BY queue, status").fetchall()
+            counts = conn.execute("SELECT queue, status, COUNT(*) FROM lilota_task GROUP BY queue, status"
+                                  ).fetchall() if counted else ()
         found = {}
 
         def queue(name):
@@ -3363,9 +3369,19 @@ class LilotaScheduler(_NodeBase):
     def get_queues(self):
         """Every queue that has tasks or settings, the default queue and the queues live workers
         serve, as :class:`Queue` records (name, paused, concurrency, rate, counts by status), by name."""
+        return self._queue_records()
+
+    def _queue_records(self, counts=None):
+        """get_queues(), or with ``counts`` ({queue: {status: n}}, e.g. stats()' by_queue) instead
+        of counting the tasks again."""
         served = {name for node in self.storage.nodes() if node.queues and node.status in _ALIVE_NODE_STATUSES
                   for name in node.queues}
-        return self.storage.queues({DEFAULT_QUEUE} | served)
+        if counts is None:
+            return self.storage.queues({DEFAULT_QUEUE} | served)
+        queues = self.storage.queues({DEFAULT_QUEUE} | served | set(counts), counted=False)
+        for queue in queues:
+            queue.counts.update(counts.get(queue.name, {}))
+        return queues
 
     def wait(self, task_id, timeout=None):
         """Block until the task is finished (completed, failed, expired or cancelled) and return it.
@@ -5136,9 +5152,57 @@ def _task_summary(task):
     return summary
 
 
-def _dashboard_overview(scheduler):
-    """The overview's data: the counts of stats(), the queues, the tasks started and finished per
-    minute over the last hour and the most frequent errors of the last day, grouped."""
+class _CountsCache:
+    """stats() for the overview and the queues page. Counting every task is a scan of an index
+    (some 150 ms for a million tasks), so the pages read this copy, which a thread of its own
+    counts again while pages ask for it: a second after the last count, or ten times as long as
+    a count took when that is longer, which keeps the dashboard's share of the database small.
+    The first read counts at once (and raises what the database raises)."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self._lock = threading.Lock()
+        self._stats, self._counted_at, self._took = None, 0.0, 0.0
+        self._wanted_at = 0.0
+        self._thread = None
+        self._stop = threading.Event()
+
+    def get(self):
+        """(stats(), its age in seconds)."""
+        self._wanted_at = time.monotonic()
+        if self._stats is None:
+            self._count()
+        with self._lock:
+            if not self._stop.is_set() and (self._thread is None or not self._thread.is_alive()):
+                self._thread = threading.Thread(target=self._run, name="lilota-dashboard-counts", daemon=True)
+                self._thread.start()
+            return self._stats, time.monotonic() - self._counted_at
+
+    def _count(self):
+        began = time.monotonic()
+        stats = self.scheduler.stats()
+        with self._lock:
+            self._stats, self._counted_at, self._took = stats, time.monotonic(), time.monotonic() - began
+
+    def _run(self):
+        # Counts while pages ask (an open overview polls every 2 s); ends a minute after the last.
+        while not self._stop.wait(max(1.0, 10 * self._took)) and time.monotonic() - self._wanted_at < 60:
+            try:
+                self._count()
+            except StorageError:
+                pass   # the pages' own reads say that the database is out of reach
+
+    def stop(self):
+        self._stop.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+
+
+def _dashboard_overview(scheduler, counts):
+    """The overview's data: the counts of stats() (``counts``: a _CountsCache) and their age, the
+    queues, the tasks started and finished per minute over the last hour and the most frequent
+    errors of the last day, grouped."""
     storage = scheduler.storage
     now = _now()
     since = (math.floor(now / 60) - 59) * 60.0   # 60 whole minutes, the current one last
@@ -5157,8 +5221,9 @@ def _dashboard_overview(scheduler):
                                              "last_at": _to_json(ended, "time"), "task_id": task_id}
         group["count"] += 1
     errors = sorted(groups.values(), key=lambda g: -g["count"])[:10]
-    return {"now": _to_json(_to_datetime(now), "now"), "stats": scheduler.stats(),
-            "queues": [q.as_dict() for q in scheduler.get_queues()],
+    stats, age = counts.get()
+    return {"now": _to_json(_to_datetime(now), "now"), "stats": stats, "counted_seconds_ago": round(age, 1),
+            "queues": [q.as_dict() for q in scheduler._queue_records(stats["by_queue"])],
             "activity": {"since": _to_json(_to_datetime(since), "since"),
                          "minutes": [{"started": s, "finished": f, "failed": x} for s, f, x in minutes]},
             "errors": errors, "errors_sampled": _DASHBOARD_ERROR_SAMPLE}
@@ -5429,11 +5494,13 @@ class _DashboardHandler:
         if query:
             raise DashboardError(400, f"{path} takes no parameters")
         if path == "/api/stats":
-            return self._send_json(200, _dashboard_overview(scheduler), "GET")
+            return self._send_json(200, _dashboard_overview(scheduler, dashboard.counts), "GET")
         if path == "/api/nodes":
             return self._send_json(200, _dashboard_nodes(scheduler), "GET")
         if path == "/api/queues":
-            return self._send_json(200, {"queues": [q.as_dict() for q in scheduler.get_queues()]}, "GET")
+            stats, age = dashboard.counts.get()
+            return self._send_json(200, {"queues": [q.as_dict() for q in scheduler._queue_records(stats["by_queue"])],
+                                         "counted_seconds_ago": round(age, 1)}, "GET")
         match = re.fullmatch(r"/api/tasks/([^/]{1,100})", path)
         if match:
             try:
@@ -5513,6 +5580,7 @@ class DashboardServer:
                 f"refusing to serve the dashboard on {host} without a token: anyone who reaches that address "
                 f"could read every task and cancel them; give --token (token=) or bind to 127.0.0.1")
         self.scheduler = LilotaScheduler(db_url)
+        self.counts = _CountsCache(self.scheduler)
         self.token, self.read_only = token, read_only
         secret = secrets.token_bytes(32)
         self.csrf_token = hmac.new(secret, b"csrf", "sha256").hexdigest()
@@ -5554,6 +5622,7 @@ class DashboardServer:
         self._http.shutdown()
         self._http.server_close()
         self._thread.join()
+        self.counts.stop()
 
     def __enter__(self):
         return self
@@ -5632,7 +5701,7 @@ h2{font-size:15px;margin:0 0 12px;font-weight:600}
 .sub{color:var(--muted);margin:0 0 20px}.muted{color:var(--muted)}
 .card{background:var(--panel);border:1px solid var(--line);border-radius:12px;box-shadow:var(--shadow);
 padding:18px 20px;margin-bottom:20px;min-width:0;overflow-x:auto}
-.grid{display:grid;gap:20px}.two{grid-template-columns:1fr 1fr}
+.grid{display:grid;gap:20px}.two{grid-template-columns:minmax(0,1fr) minmax(0,1.25fr)}
 @media (max-width:900px){.two{grid-template-columns:1fr}}
 .counts{display:grid;grid-template-columns:repeat(auto-fit,minmax(140px,1fr));gap:14px;margin-bottom:20px}
 .count{display:block;background:var(--panel);border:1px solid var(--line);border-radius:12px;padding:14px 16px;
@@ -5650,9 +5719,9 @@ white-space:nowrap;text-transform:capitalize}
 .s-running.badge::before{animation:pulse 1.2s ease-in-out infinite}
 @keyframes pulse{50%{opacity:.25}}
 table{width:100%;border-collapse:collapse}
-th{text-align:left;font-weight:600;color:var(--muted);font-size:12px;text-transform:uppercase;letter-spacing:.04em;
-padding:8px 10px;border-bottom:1px solid var(--line);white-space:nowrap}
-td{padding:9px 10px;border-bottom:1px solid var(--line);vertical-align:middle}
+th{text-align:left;font-weight:600;color:var(--muted);font-size:11.5px;text-transform:uppercase;letter-spacing:.03em;
+padding:8px 8px;border-bottom:1px solid var(--line);white-space:nowrap}
+td{padding:9px 8px;border-bottom:1px solid var(--line);vertical-align:middle}
 tr:last-child td{border-bottom:0}tbody tr:hover td{background:color-mix(in srgb,var(--bg) 60%,transparent)}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 td.zero{color:var(--muted);opacity:.55}
@@ -5675,6 +5744,7 @@ button.primary{background:var(--accent);border-color:var(--accent);color:var(--a
 button.danger{background:var(--failed);border-color:var(--failed);color:#fff}
 button:disabled{opacity:.5;cursor:default}
 .actions{display:flex;gap:8px;align-items:center;flex-wrap:wrap;margin:14px 0}
+td .actions{flex-wrap:nowrap;margin:0}
 .confirm{display:flex;gap:8px;align-items:center;padding:8px 12px;border-radius:10px;background:var(--warn-bg);
 color:var(--warn-text);flex-wrap:wrap}
 .flash{padding:10px 14px;border-radius:10px;margin:0 0 16px;background:var(--ok-bg);color:var(--ok-text)}
@@ -5893,7 +5963,7 @@ _DASHBOARD_JS = r"""
   }
   function niceMax(v) {
     const p = Math.pow(10, Math.floor(Math.log10(v)));
-    for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+    for (const m of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (m * p >= v) return m * p;
     return 10 * p;
   }
   function compact(v) { return v >= 1000 ? (Math.round(v / 100) / 10) + "k" : String(Math.round(v * 10) / 10); }
@@ -5925,7 +5995,8 @@ _DASHBOARD_JS = r"""
       : h("p", {class: "muted"}, "No failures in the last 24 hours.");
     main.replaceChildren(
       h("h1", {}, "Overview"),
-      h("p", {class: "sub"}, number(stats.total) + " tasks \u00b7 " + number(stats.last_minute.finished) +
+      h("p", {class: "sub"}, (data.counted_seconds_ago > 5 ? "Counted " + seconds(data.counted_seconds_ago) + " ago: " : "") +
+        number(stats.total) + " tasks \u00b7 " + number(stats.last_minute.finished) +
         " finished in the last minute (" + stats.last_minute.per_second + "/s) \u00b7 " + number(stats.last_hour.finished) +
         " in the last hour"),
       h("div", {class: "counts", id: "counts"}, shown.map((s) => h("a", {class: "count s-" + s, href: listHref({status: s}),

@@ -609,7 +609,7 @@ class DashboardBrowserTests(DashboardTestCase):
         server, _ = self.serve()
         page = self.open(server, "/")
         page.wait_for_selector("#counts [data-status=scheduled] .n")
-        with mock.patch.object(lilota.Storage, "task_counts",
+        with mock.patch.object(lilota.Storage, "activity",
                                side_effect=lilota.DatabaseUnavailableError("connection refused")):
             page.wait_for_selector("#notice:not([hidden])")
             self.assertIn("cannot be reached", page.inner_text("#notice"))
