@@ -2443,14 +2443,17 @@ class Storage:
         started = d.minute_sql("start_date_time")
         ended = d.minute_sql("end_date_time")
         failed = _sql_list({TaskStatus.FAILED, TaskStatus.EXPIRED})
-        query = (f"SELECT {started}, COUNT(*), 0, 0 FROM lilota_task WHERE start_date_time >= {ts} AND "
-                 f"(status = 'running' OR (end_date_time >= {ts} AND {_FINISHED_SQL})) GROUP BY 1 "
+        # Three ranges of partial indexes (ended tasks, running tasks), never a scan of all tasks.
+        query = (f"SELECT {started}, COUNT(*), 0, 0 FROM lilota_task WHERE status = 'running' "
+                 f"AND start_date_time >= {ts} GROUP BY 1 "
+                 f"UNION ALL SELECT {started}, COUNT(*), 0, 0 FROM lilota_task WHERE end_date_time >= {ts} "
+                 f"AND start_date_time >= {ts} AND {_FINISHED_SQL} GROUP BY 1 "
                  f"UNION ALL SELECT {ended}, 0, COUNT(*), SUM(CASE WHEN status IN {failed} THEN 1 ELSE 0 END) "
                  f"FROM lilota_task WHERE end_date_time >= {ts} AND {_FINISHED_SQL} GROUP BY 1")
         at = d.encode_time(since)
         minutes = {}
         with self._guard as conn:
-            for minute, *counts in conn.execute(d.sql(query), [since, at, at, since, at]).fetchall():
+            for minute, *counts in conn.execute(d.sql(query), [since, at, since, at, at, since, at]).fetchall():
                 total = minutes.setdefault(int(minute), [0, 0, 0])
                 for i, n in enumerate(counts):
                     total[i] += int(n or 0)
@@ -5159,7 +5162,11 @@ class _CountsCache:
     The first read counts at once (and raises what the database raises)."""
 
     def __init__(self, scheduler):
-        self.scheduler = scheduler
+        self.scheduler = LilotaScheduler(scheduler.db_url_for_workers)
+        # A connection of its own: a count that takes seconds must not hold up the pages' reads,
+        # which share the process's one (and its lock).
+        if scheduler._dialect.shared_between_processes:
+            self.scheduler._storage = Storage(self.scheduler._dialect)
         self._lock = threading.Lock()
         self._stats, self._counted_at, self._took = None, 0.0, 0.0
         self._wanted_at = 0.0
@@ -5196,6 +5203,9 @@ class _CountsCache:
         thread = self._thread
         if thread is not None:
             thread.join()
+        if self.scheduler._storage is not None and self.scheduler._storage is not Storage._instances.get(
+                self.scheduler._dialect.connection_key):
+            self.scheduler._storage.close()
 
 
 def _dashboard_overview(scheduler, counts):
