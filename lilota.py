@@ -5155,10 +5155,11 @@ def _task_summary(task):
 
 
 class _CountsCache:
-    """stats() for the overview and the queues page. Counting every task is a scan of an index
-    (some 150 ms for a million tasks), so the pages read this copy, which a thread of its own
-    counts again while pages ask for it: a second after the last count, or ten times as long as
-    a count took when that is longer, which keeps the dashboard's share of the database small.
+    """stats() for the overview and the queues page. Counting every task is a scan of the table
+    (about 2 s for a million tasks on a small machine), so the pages read this copy, which a
+    thread of its own counts again while pages ask for it: a second after the last count, or ten
+    times as long as a count took when that is longer, which keeps the dashboard's share of the
+    database small.
     The first read counts at once (and raises what the database raises)."""
 
     def __init__(self, scheduler):
@@ -5564,7 +5565,7 @@ class _DashboardHandler:
             self.send_header("WWW-Authenticate", 'Bearer realm="lilota"')
         self._common_headers()
         self.end_headers()
-        if method != "HEAD":
+        if self.command != "HEAD":
             self.wfile.write(data)
 
 
