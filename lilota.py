@@ -5735,7 +5735,7 @@ td{padding:9px 8px;border-bottom:1px solid var(--line);vertical-align:middle}
 tr:last-child td{border-bottom:0}tbody tr:hover td{background:color-mix(in srgb,var(--bg) 60%,transparent)}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 td.zero{color:var(--muted);opacity:.55}
-.clip{max-width:360px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.nowrap{white-space:nowrap}.clip{max-width:360px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 .bar{position:relative;height:8px;border-radius:99px;background:var(--line);overflow:hidden;min-width:70px}
 .bar>span{position:absolute;inset:0 auto 0 0;background:var(--c,var(--accent));border-radius:99px;
 transition:width .4s ease}
@@ -6001,7 +6001,7 @@ _DASHBOARD_JS = r"""
       h("tbody", {}, data.errors.map((e) => h("tr", {},
         h("td", {}, h("div", {class: "clip"}, h("strong", {}, e.type), e.message ? ": " + e.message : ""),
           h("a", {class: "muted", href: taskHref(e.task_id)}, "latest task \u2192")),
-        h("td", {class: "num"}, number(e.count)), h("td", {class: "muted"}, age(e.last_at))))))
+        h("td", {class: "num"}, number(e.count)), h("td", {class: "muted nowrap"}, age(e.last_at))))))
       : h("p", {class: "muted"}, "No failures in the last 24 hours.");
     main.replaceChildren(
       h("h1", {}, "Overview"),
