@@ -360,6 +360,15 @@ class DashboardAccessTests(DashboardTestCase):
         self.assertEqual(self.app.get_task_by_id(self.task).status, TaskStatus.SCHEDULED)
         self.assertFalse({q.name: q for q in self.app.get_queues()}["default"].paused)
 
+    def test_the_database_name_in_the_page_is_escaped(self):
+        url = "sqlite:///" + self.path(EVIL[1] + ".db")
+        LilotaScheduler(url).schedule("x", 1)
+        with lilota.serve_dashboard(url, port=0) as server:
+            status, _, text = DashboardClient(server).request("GET", "/")
+        self.assertEqual(status, 200)
+        self.assertNotIn("<img", text)
+        self.assertIn("&quot;&gt;&lt;img src=x onerror=alert(1)&gt;.db", text)
+
     def test_binding(self):
         with self.assertRaises(lilota.ConfigurationError) as caught:
             lilota.serve_dashboard(self.db_url, host="0.0.0.0", port=0)
