@@ -5622,7 +5622,9 @@ class DashboardServer:
     def shell(self):
         """The HTML every page starts as: the script fills <main> from the API."""
         return _DASHBOARD_SHELL.format(csrf=self.csrf_token, read_only="1" if self.read_only else "0",
-                                       database=_html_escape(self.scheduler._dialect.describe()))
+                                       database=_html_escape(self.scheduler._dialect.describe()),
+                                       statuses=" ".join(s.value for s in TaskStatus),
+                                       finished=" ".join(s.value for s in TaskStatus if s.is_finished))
 
     def login_page(self, wrong=False):
         return _DASHBOARD_LOGIN.format(message="Wrong token." if wrong else "This dashboard needs its token.")
@@ -5658,6 +5660,7 @@ _DASHBOARD_ICON = ("data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg'
 _DASHBOARD_SHELL = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="csrf-token" content="{csrf}"><meta name="read-only" content="{read_only}">
+<meta name="statuses" content="{statuses}"><meta name="finished" content="{finished}">
 <title>lilota</title><link rel="icon" href="%s"><link rel="stylesheet" href="/static/dashboard.css">
 <script src="/static/dashboard.js" defer></script></head>
 <body><header class="top"><a class="brand" href="/"><span class="logo">L</span>lilota</a>
@@ -5788,8 +5791,9 @@ _DASHBOARD_JS = r"""
   const meta = (name) => document.querySelector('meta[name="' + name + '"]').content;
   const CSRF = meta("csrf-token");
   const READ_ONLY = meta("read-only") === "1";
-  const STATUSES = ["created", "scheduled", "running", "completed", "failed", "expired", "cancelled"];
-  const FINISHED = ["completed", "failed", "expired", "cancelled"];
+  // TaskStatus, from the server: a status added there shows here without a change.
+  const STATUSES = meta("statuses").split(" ");
+  const FINISHED = meta("finished").split(" ");
   const main = document.getElementById("main");
   const notice = document.getElementById("notice");
   let holds = 0;          // confirmations open or inputs being edited: live updates wait
