@@ -25,8 +25,9 @@ The file reads top to bottom; each section depends only on those above it:
 
 Where what is to come goes: queues in 2 (a column of the task row, a condition of the one claim)
 and 3; dependencies in 2 (a ``waiting`` status a completion releases) and 3; async task functions
-in 4 (stopped through the same keeper and ``_stopped_end``); periodic schedules in a section of
-their own after the worker (the supervisor runs them, one node a turn, as ``_Retention`` does); the
+in 4 (stopped through the same keeper and ``_stopped_end``); periodic schedules are in 3 (the cron
+parser and ``_PeriodicRunner``, a thread beside ``_Retention`` that each worker process with
+schedules runs; the database lets one node through per slot); the
 dashboard in a section of its own before the command line, its HTML, CSS and JavaScript one
 compact block, as bottle's templates are.
 
@@ -57,6 +58,7 @@ import select
 import signal
 import socket
 import sqlite3
+import string
 import sys
 import threading
 import time
@@ -73,13 +75,14 @@ __version__ = "0.1.0"
 __all__ = [
     "Lilota", "LilotaScheduler", "LilotaWorker",
     "Task", "TaskStatus", "TaskProgress", "TaskContext", "ModelProtocol",
-    "Node", "NodeStatus", "NodeType", "LilotaMode", "Queue", "DEFAULT_QUEUE",
+    "Node", "NodeStatus", "NodeType", "LilotaMode", "Queue", "Reason", "DEFAULT_QUEUE", "PeriodicSchedule",
     "Dialect", "SQLiteDialect", "PostgreSQLDialect", "DBAPIConnection", "register_dialect",
     "LilotaError", "ConfigurationError", "DriverNotInstalledError", "StorageError",
     "DatabaseBusyError", "ReadOnlyDatabaseError", "DatabaseFullError", "CorruptDatabaseError",
     "DatabaseUnavailableError", "SchemaVersionError", "WorkerScriptError", "WorkersFailedError", "TaskNotFoundError", "UnserializableError",
     "TaskWaitTimeout", "TaskTimeoutError", "TaskCancelledError", "UnknownTaskError", "WorkerDiedError",
-    "TaskInterruptedError", "Retry", "serve_dashboard", "DashboardServer", "DashboardError",
+    "TaskInterruptedError", "DependencyFailedError", "Retry", "ON_FAILURE",
+    "serve_dashboard", "DashboardServer", "DashboardError",
 ]
 
 # The original lilota's import paths (``from lilota.core import Lilota`` ...) name submodules of a
@@ -169,6 +172,12 @@ class TaskInterruptedError(LilotaError):
     """Recorded as a task's error when its worker was stopped and the task was queued again."""
 
 
+class DependencyFailedError(LilotaError):
+    """Recorded as the error of a task that did not run because a task it depends on failed,
+    expired or was cancelled for good: it ends ``cancelled`` (``on_failure="cancel"``) or
+    ``failed`` (``on_failure="fail"``). The record's ``dependency`` is the id of that task."""
+
+
 class StorageError(LilotaError):
     """The database refused or failed an operation."""
 
@@ -236,6 +245,7 @@ class TaskStatus(_StrEnum):
 
     CREATED = "created"      # reserved for rows written by other tools; lilota never writes it
     SCHEDULED = "scheduled"  # queued: runs once run_at has passed and a worker is free
+    WAITING = "waiting"      # for its dependencies (depends_on); queued when the last one completes
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -283,6 +293,10 @@ class LilotaMode(_StrEnum):
 #: The queue of a task scheduled without ``queue=``, and the one a worker serves without ``queues=``.
 DEFAULT_QUEUE = "default"
 
+#: What a task with dependencies does when one of them fails, expires or is cancelled for good:
+#: it is cancelled (the default), failed with a DependencyFailedError, or run anyway.
+ON_FAILURE = ("cancel", "fail", "run")
+
 
 class _Unchanged:
     """The default of a setting that a call leaves as it is, where None means "none" (no limit)."""
@@ -326,6 +340,10 @@ class Task:
     cancel_requested: bool = False
     keep_input: typing.Optional[bool] = None   # the registered keep_input, known from the first claim
     queue: str = DEFAULT_QUEUE
+    unique_key: typing.Optional[str] = None   # schedule(..., unique_key=): see LilotaScheduler.schedule
+    scheduled_for: typing.Optional[datetime] = None   # a periodic task's slot (ctx.scheduled_for)
+    depends_on: typing.Optional[typing.List[uuid.UUID]] = None   # the tasks it runs after (None: none)
+    on_failure: typing.Optional[str] = None   # what it does when one of them fails: cancel, fail or run
 
     @property
     def is_finished(self):
@@ -352,6 +370,24 @@ class Node:
     lease_expires_at: datetime   # dead once this passes without a heartbeat
     queues: typing.Optional[typing.List[str]] = None   # a worker's queues, in the order it serves them
     reason: typing.Optional[str] = None   # why it stopped, when that is not plain (e.g. "recycled: ...")
+    task_names: typing.Optional[typing.List[str]] = None   # a worker's registered task names
+
+
+@dataclasses.dataclass
+class Reason:
+    """One answer of ``explain()``, why a task is (not) running: ``code``, a stable keyword to act
+    on (see ``explain()``); ``message``, a sentence for people; ``details``, the values it was
+    made of (JSON-compatible: ids and times as strings, durations in seconds)."""
+
+    code: str
+    message: str
+    details: typing.Dict[str, typing.Any] = dataclasses.field(default_factory=dict)
+
+    def __str__(self):
+        return self.message
+
+    def as_dict(self):
+        return {"code": self.code, "message": self.message, "details": self.details}
 
 
 @dataclasses.dataclass
@@ -371,6 +407,29 @@ class Queue:
         rate = None if self.rate is None else {"tasks": self.rate[0], "per_seconds": self.rate[1].total_seconds()}
         return {"name": self.name, "paused": self.paused, "concurrency": self.concurrency, "rate": rate,
                 "counts": dict(self.counts)}
+
+
+@dataclasses.dataclass
+class PeriodicSchedule:
+    """A periodic schedule as running nodes recorded it in ``lilota_periodic`` (``get_periodic()``):
+    the ``task`` it enqueues in ``queue``, ``schedule`` (the cron expression, or ``every 300s``) in
+    ``timezone``, the next slot, the last slot enqueued and that task's id and status, and when a
+    running node last showed it (``seen_at``)."""
+
+    name: str
+    task: str
+    schedule: str
+    timezone: str
+    queue: str
+    next_run_at: typing.Optional[datetime]
+    last_slot: typing.Optional[datetime]
+    last_task_id: typing.Optional[uuid.UUID]
+    last_status: typing.Optional[TaskStatus]
+    seen_at: datetime
+
+    def as_dict(self):
+        """The schedule as JSON-compatible values."""
+        return {f.name: _to_json(getattr(self, f.name), f.name) for f in dataclasses.fields(self)}
 
 
 @typing.runtime_checkable
@@ -743,6 +802,36 @@ def _retry_time(task, base, cap):
     return None
 
 
+def _format_duration(seconds):
+    """``850ms``, ``12.3s``, ``5m03s``, ``2h``, ``7d04h``: the two largest units, zeros dropped."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}".rstrip("0").rstrip(".") + "s"
+    whole = int(seconds)
+    for big, size, small, small_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if whole >= size:
+            rest = (whole % size) // small_size
+            return f"{whole // size}{big}" + (f"{rest:02d}{small}" if rest else "")
+    return f"{whole}s"
+
+
+def _format_age(moment, now):
+    """How long ago (or, for a future moment, in how long) a datetime is: ``3s ago``, ``in 5m``."""
+    if moment is None:
+        return "-"
+    seconds = (now - moment).total_seconds()
+    return f"{_format_duration(seconds)} ago" if seconds >= 0 else f"in {_format_duration(-seconds)}"
+
+
+def _format_time(moment, now):
+    """A datetime in full, UTC, with how long ago it was (``now`` None: without that)."""
+    if moment is None:
+        return "-"
+    text = f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} UTC"
+    return text if now is None else f"{text} ({_format_age(moment, now)})"
+
+
 class TaskProgress:
     """Lets a task function store how far it has got (0-100) while it runs.
 
@@ -773,17 +862,31 @@ class TaskProgress:
 class TaskContext:
     """What a running task may want to know about itself; declare a parameter annotated
     ``TaskContext`` to receive it: ``task_id``, ``name``, ``attempt``, ``max_attempts``,
-    ``progress`` (a :class:`TaskProgress`) and ``logger``: the logger ``task.<name>``, an ordinary
+    ``scheduled_for`` (the slot a periodic task runs for, else None), ``progress`` (a
+    :class:`TaskProgress`) and ``logger``: the logger ``task.<name>``, an ordinary
     logger outside lilota's own ``lilota`` hierarchy (which is silent unless configured), so that
-    its records go wherever the worker process's logging sends them, stderr when unconfigured."""
+    its records go wherever the worker process's logging sends them, stderr when unconfigured.
+    ``dependency_outputs``: {id: stored output} of the tasks it depends on (``depends_on``), read
+    from the database on first use; {} for a task without dependencies."""
 
-    def __init__(self, *, task_id=None, name=None, attempt=1, max_attempts=1, progress=None, logger=None):
+    def __init__(self, *, task_id=None, name=None, attempt=1, max_attempts=1, progress=None, logger=None,
+                 scheduled_for=None, dependency_outputs=None):
         self.task_id = task_id
         self.name = name
         self.attempt = attempt
         self.max_attempts = max_attempts
         self.progress = progress
         self.logger = logger
+        self.scheduled_for = scheduled_for   # a periodic task's slot (aware UTC datetime), else None
+        self._dependency_outputs = dependency_outputs   # a dict, or a function that reads it
+
+    @property
+    def dependency_outputs(self):
+        if callable(self._dependency_outputs):
+            self._dependency_outputs = self._dependency_outputs()
+        if self._dependency_outputs is None:
+            self._dependency_outputs = {}
+        return self._dependency_outputs
 
     def __repr__(self):
         return f"TaskContext(task_id={self.task_id!s}, name={self.name!r}, attempt={self.attempt})"
@@ -819,7 +922,9 @@ def _error_record(exc, **extra):
 #   running   -> scheduled                      finish_attempt with a retry, snooze, recover_tasks
 #   running   -> failed | expired               finish_attempt without one; claim: a row it cannot read
 #   running   -> cancelled                      complete, finish_attempt, snooze: cancel() asked while it ran
-#   created | scheduled -> cancelled            cancel
+#   created | scheduled | waiting -> cancelled  cancel
+#   waiting   -> scheduled                      the commit that completed its last dependency
+#   waiting   -> cancelled | failed             the commit that ended a dependency for good (on_failure)
 #   failed | expired | cancelled -> scheduled   requeue
 #
 # A statement names one status as its text ('running'); lists of statuses come from the enums.
@@ -830,10 +935,25 @@ def _sql_list(statuses):
     return "(" + ", ".join(f"'{s.value}'" for s in order if s in statuses) + ")"
 
 
+def _sql_format(template, **columns):
+    """A str.format() ``template`` as a SQL expression that builds the same text from ``columns``
+    (SQL expressions by field name): literals and columns joined with ``||``."""
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        if literal:
+            parts.append("'" + literal.replace("'", "''") + "'")
+        if field is not None:
+            parts.append(f"CAST({columns[field]} AS text)")
+    return " || ".join(parts)
+
+
 _FINISHED_SQL = "status IN " + _sql_list(_FINISHED)
 _REQUEUEABLE = _FINISHED - {TaskStatus.COMPLETED}
 _REQUEUEABLE_SQL = "status IN " + _sql_list(_REQUEUEABLE)
-_CANCELLABLE_SQL = "status IN " + _sql_list({TaskStatus.CREATED, TaskStatus.SCHEDULED})
+_CANCELLABLE_SQL = "status IN " + _sql_list({TaskStatus.CREATED, TaskStatus.SCHEDULED, TaskStatus.WAITING})
+_ENDED_BADLY_SQL = "IN " + _sql_list(_REQUEUEABLE)   # failed, expired, cancelled: what on_failure answers
+# The statuses version 1 allowed: its CHECK, as released (version 4 adds 'waiting').
+_V1_STATUSES = frozenset(TaskStatus) - {TaskStatus.WAITING}
 _UNFINISHED_SQL = "status IN " + _sql_list(set(TaskStatus) - _FINISHED)
 _ALIVE_NODE_STATUSES = frozenset({NodeStatus.IDLE, NodeStatus.STARTING, NodeStatus.RUNNING, NodeStatus.STOPPING})
 _ALIVE_SQL = "status IN " + _sql_list(_ALIVE_NODE_STATUSES)
@@ -843,7 +963,7 @@ _GONE_SQL = "status IN " + _sql_list(set(NodeStatus) - _ALIVE_NODE_STATUSES)
 # name, kind (the dialect's column type, see _schema, and how Storage._task decodes it), constraints.
 _TASK_TABLE_V1 = (
     ("id", "id", "PRIMARY KEY"), ("name", "text", "NOT NULL"),
-    ("status", "status", f"NOT NULL CHECK (status IN {_sql_list(TaskStatus)})"),
+    ("status", "status", f"NOT NULL CHECK (status IN {_sql_list(_V1_STATUSES)})"),
     ("priority", "integer", "NOT NULL DEFAULT 0"), ("pid", "integer", ""),
     ("run_at", "time", "NOT NULL"), ("attempts", "integer", "NOT NULL DEFAULT 0"),
     ("max_attempts", "integer", ""), ("timeout", "real", ""), ("expires_at", "time", ""),
@@ -857,12 +977,15 @@ _TASK_TABLE_V1 = (
 # they follow the version-1 columns in every row, in this order.
 _TASK_COLUMNS_ADDED = {
     2: (("queue", "text", "NOT NULL DEFAULT 'default'"),),
+    3: (("unique_key", "text", ""), ("scheduled_for", "time", "")),
+    4: (("depends_on", "ids", ""), ("on_failure", "text", "")),
 }
 _TASK_TABLE = _TASK_TABLE_V1 + tuple(column for version in sorted(_TASK_COLUMNS_ADDED)
                                      for column in _TASK_COLUMNS_ADDED[version])
 _TASK_COLUMNS = tuple(column for column, _, _ in _TASK_TABLE)
 _TASK_SELECT = ", ".join(_TASK_COLUMNS)
-_NODE_COLUMNS = "id, name, type, status, pid, hostname, created_at, last_seen_at, lease_expires_at, queues, reason"
+_NODE_COLUMNS = ("id, name, type, status, pid, hostname, created_at, last_seen_at, lease_expires_at, queues, reason, "
+                 "task_names")
 
 # --- Schema and migrations ------------------------------------------------------------------------
 
@@ -874,8 +997,8 @@ def _schema(**types):
     column types: ``id``, ``text``, ``integer``, ``real``, ``time``, ``json`` and ``flag`` (0/1).
     A version is never edited once released: a change to the schema is a new version, applied
     forward and automatically by ``Storage._migrate``."""
-    t = dict(types, status=types["text"])
-    return {1: _schema_v1(t), 2: _schema_v2(t), 6: _schema_v6(t)}
+    t = dict(types, status=types["text"], ids=types["json"])
+    return {1: _schema_v1(t), 2: _schema_v2(t), 3: _schema_v3(t), 4: _schema_v4(t), 6: _schema_v6(t)}
 
 
 def _column_ddl(column, kind, constraints, t):
@@ -933,7 +1056,9 @@ def _schema_v2(t):
         "DROP INDEX IF EXISTS lilota_task_queue",
         "CREATE INDEX IF NOT EXISTS lilota_task_queue ON lilota_task (queue, priority DESC, run_at) "
         "WHERE status = 'scheduled'",
-        "CREATE UNIQUE INDEX IF NOT EXISTS lilota_task_slot ON lilota_task (queue, slot) WHERE status = 'running'",
+        # Only tasks that hold a slot: claims and completions of unlimited queues never write it.
+        "CREATE UNIQUE INDEX IF NOT EXISTS lilota_task_slot ON lilota_task (queue, slot) "
+        "WHERE status = 'running' AND slot IS NOT NULL",
         f"""CREATE TABLE IF NOT EXISTS lilota_queue (
             name {t['text']} PRIMARY KEY,
             paused {t['flag']} NOT NULL DEFAULT 0,
@@ -952,6 +1077,44 @@ def _schema_v2(t):
     ]
 
 
+def _schema_v3(t):
+    """Version 3: unique and periodic tasks. A task's ``unique_key`` and the index that finds the
+    tasks holding a key (unfinished, or created within a ``unique_for`` window); a periodic task's
+    slot (``scheduled_for``); and the periodic schedules of running nodes (lilota_periodic): what
+    they enqueue and when, and the last slot enqueued, which each slot's enqueuer compares and sets."""
+    return _added_columns(3, t) + [
+        "CREATE INDEX IF NOT EXISTS lilota_task_unique ON lilota_task (unique_key, created_at) "
+        "WHERE unique_key IS NOT NULL",
+        f"""CREATE TABLE IF NOT EXISTS lilota_periodic (
+            name {t['text']} PRIMARY KEY,
+            task {t['text']} NOT NULL,
+            schedule {t['text']} NOT NULL,
+            timezone {t['text']} NOT NULL,
+            queue {t['text']} NOT NULL,
+            next_slot {t['time']},
+            last_slot {t['time']},
+            last_task_id {t['id']},
+            seen_at {t['time']} NOT NULL)""",
+    ]
+
+
+def _schema_v4(t):
+    """Version 4: dependencies between tasks. A task's ``depends_on`` (the JSON list of ids, as
+    scheduled) and ``on_failure``; lilota_dependency, one row per (task, task it depends on),
+    read from the dependency's side when it ends; and the status 'waiting', which each dialect
+    adds to the status CHECK of version 1 in its own way (see its migrations()). Also the task
+    names each worker node serves, for explain()."""
+    return _added_columns(4, t) + [
+        f"""CREATE TABLE IF NOT EXISTS lilota_dependency (
+            task_id {t['id']} NOT NULL,
+            depends_on {t['id']} NOT NULL,
+            PRIMARY KEY (task_id, depends_on))""",
+        "CREATE INDEX IF NOT EXISTS lilota_dependency_depends_on ON lilota_dependency (depends_on)",
+        # The task names a worker has registered (a JSON list): what explain() checks a task against.
+        f"ALTER TABLE lilota_node ADD COLUMN task_names {t['text']}",
+    ]
+
+
 def _schema_v6(t):
     """Version 6: the dashboard's reads (and stats()'). Finished tasks by when they ended: the
     overview's chart of the last hour, its recent errors and the last minute/hour of stats() read
@@ -967,6 +1130,23 @@ def _schema_v6(t):
     ]
 
 
+# The dependents a task that ended badly takes with it (rows (id, via): via is the dependency that
+# ended, or was ended, first): those waiting with on_failure cancel or fail, then theirs, and so on,
+# in one recursive query whatever the chain's length. {root}: the task that ended.
+_DOOMED_SQL = (
+    "SELECT d.task_id, d.depends_on FROM lilota_dependency d JOIN lilota_task t ON t.id = d.task_id "
+    "WHERE d.depends_on = {root} AND t.status = 'waiting' AND t.on_failure <> 'run' "
+    "UNION SELECT d.task_id, d.depends_on FROM reach JOIN lilota_dependency d ON d.depends_on = reach.id "
+    "JOIN lilota_task t ON t.id = d.task_id WHERE t.status = 'waiting' AND t.on_failure <> 'run'")
+# True for a waiting task ({task}) none of whose dependencies is open: each completed, or ended
+# otherwise when it runs anyway (on_failure 'run').
+_NO_OPEN_DEPENDENCY_SQL = (
+    "NOT EXISTS (SELECT 1 FROM lilota_dependency d JOIN lilota_task s ON s.id = d.depends_on "
+    "WHERE d.task_id = {task}.id AND s.status <> 'completed' "
+    f"AND (s.status NOT {_ENDED_BADLY_SQL} OR {{task}}.on_failure <> 'run'))")
+# The message of a DependencyFailedError, as Python formats it and as SQL (PostgreSQL) builds it.
+_DEPENDENCY_FAILED = "dependency {via} ended {ended}, so this task did not run (on_failure='{on_failure}')"
+
 #: lilota_meta's key for when old finished tasks were last deleted (see Storage.take_turn).
 _RETENTION_KEY = "retention_ran_at"
 
@@ -979,14 +1159,18 @@ class Dialect:
 
     * ``connect()``: a new DB-API 2.0 connection in autocommit mode (one statement = one transaction);
     * ``placeholder``: the driver's positional placeholder; lilota writes ``?`` and translates;
-    * ``migrations()``: for each schema version, the DDL statements that create it;
+    * ``migrations()``: for each schema version, the DDL statements that create it (a statement
+      may be a function of the connection, for a change the database has no DDL for);
     * ``prepare_claim(defaults, queues)`` and ``claim(conn, prepared, node_id, pid, now)``: the one
       atomic statement that picks the next due task of the queues and marks it running;
     * ``complete_and_claim(...)``, optional: a completion and the next claim in one commit;
+    * ``settles_dependents``: whether the database settles a task's dependents itself when it
+      ends (else Storage does, in the same transaction), and ``share_lock``;
     * ``encode_time``/``decode_time`` and ``encode_json``/``decode_json``: column types;
     * ``time_param``/``json_param``: how a time or JSON parameter is written, with a cast where the
       database cannot infer its type (inside CASE); Storage writes every such parameter this way;
     * ``begin_migration(conn)``: BEGIN the schema's transaction, serialised against other processes;
+    * ``lock_unique_keys(conn, keys)``: serialise the schedulers of the same unique keys;
     * ``change_counter(conn)``: a cheap value that changes when other connections commit (or None);
     * ``listen()``: a connection that is told when tasks are queued (or None);
     * ``translate_error(exc)``: a specific :class:`StorageError` for a driver exception, and
@@ -1004,6 +1188,13 @@ class Dialect:
     begin_write_sql = "BEGIN"
     #: False for a database that exists only inside one process (SQLite ``:memory:``).
     shared_between_processes = True
+    #: True when the database itself settles the dependents of a task that ends (a trigger); else
+    #: Storage does it in the transaction that ended the task (``Storage._settle``).
+    settles_dependents = False
+    #: Appended to the SELECT that reads the dependencies of a task being scheduled: a lock that
+    #: makes a concurrent end of one of them wait for the new task's commit (none where writers
+    #: take turns, as in SQLite).
+    share_lock = ""
 
     def __init__(self, url, parts):
         self.url = url
@@ -1051,13 +1242,29 @@ class Dialect:
         """Atomically mark the next due task running for ``node_id``; return its row or None."""
         raise NotImplementedError
 
-    def complete_and_claim(self, conn, completion, prepared, node_id, pid, now):
+    def complete_and_claim(self, conn, completion, prepared, node_id, pid, now, settle=None):
         """Run ``completion`` (an UPDATE: its sql and parameters) and ``claim()`` in one commit, so
-        that both happen or neither. Returns (rows the completion changed, the claimed row or None);
+        that both happen or neither; ``settle(conn)``, given unless ``settles_dependents``, goes
+        between them (what the completion releases can be claimed at once).
+        Returns (rows the completion changed, the claimed row or None);
         None when this dialect cannot, having done nothing: the worker then stores the completion
         and claims in two commits. A busy worker completes and claims once per task; one commit
         instead of two is what it saves."""
         return None
+
+    def adopt_connection(self, raw):
+        """The caller's DB-API connection (``schedule(..., connection=raw)``) as (a connection in
+        the shape Storage uses, whether it is in autocommit mode: then lilota's statements need a
+        transaction of their own). TypeError for a connection of another kind of database."""
+        raise TypeError(f"{self.describe()} takes no connection= ({_connection_kind(raw)}): "
+                        f"this dialect does not support writing through the application's connection")
+
+    def lock_unique_keys(self, conn, keys):
+        """Inside the transaction open on ``conn``, take locks on the unique ``keys`` (sorted) that a
+        concurrent transaction scheduling one of them waits for until this one ends. This
+        default takes the database's write lock (what SQLite's BEGIN IMMEDIATE holds already; a
+        caller's connection may not have it yet): every writer waits, which is race-free."""
+        conn.execute("UPDATE lilota_meta SET value = value WHERE key = 'schema_version'")
 
     def begin_migration(self, conn):
         """Begin the transaction that creates or migrates the schema, so that a concurrent
@@ -1146,6 +1353,28 @@ def _dialect_for_url(url):
                                  f"this lilota knows {known}. Other databases plug in through "
                                  f"lilota.register_dialect(scheme, DialectClass)")
     return dialect_class(url, parts)
+
+
+def _connection_kind(raw):
+    """What a connection given as ``connection=`` is, for error messages: 'a psycopg2 connection'."""
+    kind = type(raw)
+    return f"a {kind.__module__}.{kind.__qualname__}"
+
+
+def _unwrap_connection(raw):
+    """The driver's connection under an SQLAlchemy pool proxy (``session.connection().connection``)
+    or a Django connection wrapper (``django.db.connection``), else ``raw`` itself."""
+    if type(raw).__module__.startswith("sqlalchemy"):
+        # A pool's proxy: its driver connection (SQLAlchemy 2; 1.4: dbapi_connection); a
+        # Connection: its proxy.
+        for attribute in ("driver_connection", "dbapi_connection", "connection"):
+            inner = getattr(raw, attribute, None)
+            if inner is not None and not isinstance(inner, types.MethodType):   # Session.connection()
+                return _unwrap_connection(inner)
+    if type(raw).__module__.startswith("django.") and hasattr(raw, "ensure_connection"):   # also its proxy
+        raw.ensure_connection()
+        return raw.connection
+    return raw
 
 
 def _rollback(conn):
@@ -1291,6 +1520,24 @@ def _retry_busy(operation, timeout):
         delay = min(delay * 2, 0.1)
 
 
+def _sqlite_allow_waiting(conn):
+    """Version 4 on SQLite: let lilota_task.status be 'waiting'. SQLite cannot alter a CHECK
+    constraint; its documented way to loosen one is to edit the table's CREATE statement in
+    sqlite_schema (writable_schema) and bump the schema cookie, in the migration's transaction.
+    Every stored row satisfies the wider CHECK, so nothing else changes (see "Making Other Kinds
+    Of Table Schema Changes" at sqlite.org/lang_altertable.html)."""
+    old, new = (f"CHECK (status IN {_sql_list(statuses)})" for statuses in (_V1_STATUSES, frozenset(TaskStatus)))
+    cookie = conn.execute("PRAGMA schema_version").fetchone()[0]
+    conn.execute("PRAGMA writable_schema = ON")
+    try:
+        changed = conn.execute("UPDATE sqlite_master SET sql = replace(sql, ?, ?) WHERE type = 'table' "
+                               "AND name = 'lilota_task' AND instr(sql, ?) > 0", (old, new, old)).rowcount
+        if changed:
+            conn.execute(f"PRAGMA schema_version = {int(cookie) + 1}")
+    finally:
+        conn.execute("PRAGMA writable_schema = OFF")
+
+
 class SQLiteDialect(Dialect):
     """SQLite through the standard library: WAL, a busy timeout, ``synchronous=NORMAL`` (or FULL).
 
@@ -1392,7 +1639,22 @@ class SQLiteDialect(Dialect):
             "UPDATE lilota_queue_rate SET free_at = NEW.locked_at + "
             "(SELECT rate_period FROM lilota_queue WHERE name = NEW.queue) "
             "WHERE queue = NEW.queue AND slot = NEW.rate_slot; END")
+        versions[4].append(_sqlite_allow_waiting)
         return versions
+
+    def adopt_connection(self, raw):
+        if not isinstance(raw, sqlite3.Connection):
+            raise TypeError(f"connection= is {_connection_kind(raw)}, but db_url names the {self.describe()}: "
+                            f"pass a sqlite3.Connection to that file")
+        files = [row[2] for row in raw.execute("PRAGMA database_list").fetchall() if row[1] == "main"]
+        if self.memory or not files or not files[0] or os.path.realpath(files[0]) != os.path.realpath(self.path):
+            raise ValueError(f"connection= is connected to {files[0] if files and files[0] else 'an in-memory database'!r}, "
+                             f"not to the {self.describe()} of db_url; connect it to that file")
+        # sqlite3 opens a transaction itself before a write unless it is in autocommit mode
+        # (isolation_level=None, or autocommit=True from Python 3.12 on).
+        control = getattr(raw, "autocommit", -1)
+        autocommit = not raw.in_transaction and (control is True or (control == -1 and raw.isolation_level is None))
+        return raw, autocommit
 
     def begin_migration(self, conn):
         # BEGIN IMMEDIATE takes the write lock that serialises concurrent starters; when several
@@ -1414,11 +1676,13 @@ class SQLiteDialect(Dialect):
         return _PreparedClaim((pick, f"{update} WHERE id = :id AND status = 'scheduled'",
                                f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id = :id"), params)
 
-    def complete_and_claim(self, conn, completion, prepared, node_id, pid, now):
+    def complete_and_claim(self, conn, completion, prepared, node_id, pid, now, settle=None):
         if not self.returning:
             return None   # that claim is a transaction of its own
         with _Transaction(conn, self.begin_write_sql):
             changed = conn.execute(*completion).rowcount
+            if changed and settle is not None:
+                settle(conn)
             return changed, self.claim(conn, prepared, node_id, pid, now)
 
     def claim(self, conn, prepared, node_id, pid, now):
@@ -1523,6 +1787,24 @@ class DBAPIConnection:
         self.raw.close()
 
 
+class _SchemaConnection(DBAPIConnection):
+    """The application's connection (``schedule(..., connection=)``) when lilota's tables are in a
+    schema of their own (``?schema=``): its statements name lilota_task in that schema, for the
+    application's search_path is the application's."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, raw, schema):
+        super().__init__(raw)
+        self.table = f'"{schema}".lilota_task'
+
+    def execute(self, sql, params=()):
+        return super().execute(sql.replace("lilota_task", self.table), params)
+
+    def executemany(self, sql, seq_of_params):
+        return super().executemany(sql.replace("lilota_task", self.table), seq_of_params)
+
+
 # PostgreSQL drivers in the order one is chosen when the URL names none:
 # URL suffix -> (module to import, what to pip install)
 _POSTGRES_DRIVERS = {
@@ -1571,6 +1853,8 @@ class PostgreSQLDialect(Dialect):
     time_param = "CAST(? AS timestamptz)"
     json_param = "CAST(? AS jsonb)"
     begin_write_sql = "BEGIN"
+    settles_dependents = True   # the trigger lilota_settle_dependents (schema version 4)
+    share_lock = " FOR SHARE"
     #: Key of the advisory lock that serialises schema migrations.
     migration_lock_key = 0x6C696C6F7461  # "lilota"
 
@@ -1771,8 +2055,81 @@ class PostgreSQLDialect(Dialect):
                 "CREATE TRIGGER lilota_queue_changed AFTER INSERT OR UPDATE ON lilota_queue "
                 "FOR EACH STATEMENT EXECUTE FUNCTION lilota_notify_queued()",
             ],
+            4: [
+                "ALTER TABLE lilota_task DROP CONSTRAINT IF EXISTS lilota_task_status_check",
+                f"ALTER TABLE lilota_task ADD CONSTRAINT lilota_task_status_check "
+                f"CHECK (status IN {_sql_list(TaskStatus)})",
+                # What Storage._settle does on SQLite, done by the database: whatever ends a task
+                # -- a completion that claims the next in the same statement, a failure, cancel(),
+                # a crash recovery, a row updated by hand -- settles its dependents in its own
+                # transaction. The closure of the dependents a failure ends is one recursive query;
+                # the trigger, firing again for each of them, returns at once (its depth is 2).
+                f"""CREATE OR REPLACE FUNCTION lilota_settle_dependents() RETURNS trigger
+                   LANGUAGE plpgsql AS $$
+                   DECLARE ended uuid[] := '{{}}';
+                   BEGIN
+                       IF pg_trigger_depth() > 1
+                          OR NOT EXISTS (SELECT 1 FROM lilota_dependency WHERE depends_on = NEW.id) THEN
+                           RETURN NULL;
+                       END IF;
+                       IF NEW.status <> 'completed' THEN
+                           WITH RECURSIVE reach(id, via) AS (
+                               {_DOOMED_SQL.format(root='NEW.id')}),
+                           cause AS (
+                               SELECT DISTINCT ON (r.id) r.id, r.via,
+                                      CASE WHEN r.via = NEW.id THEN NEW.status
+                                           WHEN v.on_failure = 'fail' THEN 'failed' ELSE 'cancelled' END AS ended
+                                 FROM reach r JOIN lilota_task v ON v.id = r.via
+                                ORDER BY r.id, r.via = NEW.id DESC, r.via),
+                           done AS (
+                               UPDATE lilota_task t
+                                  SET status = CASE WHEN t.on_failure = 'fail' THEN 'failed' ELSE 'cancelled' END,
+                                      end_date_time = COALESCE(NEW.end_date_time, now()),
+                                      error = jsonb_build_object('type', 'DependencyFailedError',
+                                          'message', {_sql_format(_DEPENDENCY_FAILED, via='c.via',
+                                                                  ended='c.ended', on_failure='t.on_failure')},
+                                          'traceback', '', 'dependency', c.via::text)
+                                 FROM cause c WHERE t.id = c.id AND t.status = 'waiting'
+                                RETURNING t.id)
+                           SELECT COALESCE(array_agg(id), '{{}}') INTO ended FROM done;
+                       END IF;
+                       -- Two dependencies of one task ending in concurrent transactions: the
+                       -- second waits here for the first to commit, and then sees it ended.
+                       PERFORM 1 FROM lilota_task WHERE status = 'waiting' AND id IN
+                           (SELECT task_id FROM lilota_dependency WHERE depends_on = NEW.id
+                                OR depends_on = ANY(ended)) ORDER BY id FOR UPDATE;
+                       UPDATE lilota_task t SET status = 'scheduled'
+                        WHERE t.status = 'waiting' AND t.id IN (SELECT task_id FROM lilota_dependency
+                              WHERE depends_on = NEW.id OR depends_on = ANY(ended))
+                          AND {_NO_OPEN_DEPENDENCY_SQL.format(task='t')};
+                       RETURN NULL;
+                   END $$""",
+                "CREATE TRIGGER lilota_task_settle_dependents AFTER UPDATE OF status ON lilota_task FOR EACH ROW "
+                f"WHEN (NEW.status IN {_sql_list(_FINISHED)} AND OLD.status NOT IN {_sql_list(_FINISHED)}) "
+                "EXECUTE FUNCTION lilota_settle_dependents()",
+            ],
         }
         return {version: statements + extra.get(version, []) for version, statements in versions.items()}
+
+    def adopt_connection(self, raw):
+        driver = type(raw).__module__.partition(".")[0]
+        if driver not in _POSTGRES_DRIVERS:
+            raise TypeError(f"connection= is {_connection_kind(raw)}, but db_url names the {self.describe()}: "
+                            f"pass a psycopg, psycopg2 or pg8000 connection to it")
+        if not hasattr(raw, "cursor") or type(raw).__name__.startswith("Async"):
+            raise TypeError(f"connection= is {_connection_kind(raw)}, which is not a DB-API connection: "
+                            f"pass psycopg.connect(...), psycopg2.connect(...) or pg8000.dbapi.connect(...)")
+        conn = _SchemaConnection(raw, self.schema) if self.schema else DBAPIConnection(raw)
+        return conn, bool(getattr(raw, "autocommit", False))
+
+    #: The first key of the advisory locks on unique keys (the second: the key's hashtext). Locks of
+    #: two int4 keys and of one bigint key (the migration's) do not conflict.
+    unique_lock_class = 0x6C696C6F   # "lilo"
+
+    def lock_unique_keys(self, conn, keys):
+        # Only the schedulers of the same key (or of one whose hash is the same) wait for each other.
+        for key in keys:
+            conn.execute(f"SELECT pg_advisory_xact_lock({self.unique_lock_class}, hashtext(%s))", (key,)).fetchall()
 
     # --- the claim ---
 
@@ -1794,7 +2151,7 @@ class PostgreSQLDialect(Dialect):
     def claim(self, conn, prepared, node_id, pid, now):
         return conn.execute(prepared.sql, self._claim_params(prepared.params, node_id, pid, now)).fetchone()
 
-    def complete_and_claim(self, conn, completion, prepared, node_id, pid, now):
+    def complete_and_claim(self, conn, completion, prepared, node_id, pid, now, settle=None):
         # One statement: one round trip and one commit. Every data-modifying WITH clause runs, once,
         # in one snapshot; the completed row is running, so the claim cannot pick it. The outer
         # join returns the completion's count when there is no task left to claim. The claim reads
@@ -2058,7 +2415,8 @@ class Storage:
         # How a stored value becomes the Task's, for the columns of _TASK_TABLE that need it, and
         # the nullable columns, whose NULL stays None.
         by_kind = {"id": lambda v: uuid.UUID(str(v)), "time": dialect.decode_time, "json": dialect.decode_json,
-                   "real": lambda v: timedelta(seconds=float(v)), "flag": bool, "status": TaskStatus}
+                   "real": lambda v: timedelta(seconds=float(v)), "flag": bool, "status": TaskStatus,
+                   "ids": lambda v: [uuid.UUID(i) for i in dialect.decode_json(v)]}
         self._decoders = {column: by_kind[kind] for column, kind, _ in _TASK_TABLE if kind in by_kind}
         self._nullable = {column for column, _, constraints in _TASK_TABLE
                           if "NOT NULL" not in constraints and "PRIMARY KEY" not in constraints}
@@ -2066,8 +2424,14 @@ class Storage:
         # Hot statements, translated once.
         self._insert_sql = sql(
             "INSERT INTO lilota_task (id, name, status, priority, run_at, attempts, max_attempts, timeout, "
-            "progress_percentage, input, created_at, cancel_requested, queue) "
-            f"VALUES (?, ?, 'scheduled', ?, {ts}, 0, ?, ?, 0, {js}, {ts}, 0, ?)")
+            "progress_percentage, input, created_at, cancel_requested, queue, unique_key, scheduled_for, "
+            "depends_on, on_failure, end_date_time, error) "
+            f"VALUES (?, ?, ?, ?, {ts}, 0, ?, ?, 0, {js}, {ts}, 0, ?, ?, {ts}, {js}, ?, {ts}, {js})")
+        # The task that holds a unique key: an unfinished one, or one created after the cutoff
+        # (NULL: no unique_for window). Read under the key's lock (Dialect.lock_unique_keys).
+        self._unique_holder_sql = sql(
+            f"SELECT id FROM lilota_task WHERE unique_key = ? AND ({_UNFINISHED_SQL} OR created_at > {ts}) "
+            "ORDER BY created_at DESC LIMIT 1")
         # A task whose cancel() was answered "being stopped" ends cancelled even when it finished
         # before it could be stopped: its result is discarded, as cancel() promised.
         self._complete_sql = sql(
@@ -2112,6 +2476,17 @@ class Storage:
             TaskCancelledError("cancelled while running; the task asked to run again (Retry), which the "
                                "cancel overrides")), "error")
         self._get_sql = sql(f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id = ?")
+        # Storage._settle's statements (SQLite; PostgreSQL's trigger has its own).
+        self._settle_probe_sql = sql("SELECT status, end_date_time FROM lilota_task WHERE id = ? AND EXISTS "
+                                     "(SELECT 1 FROM lilota_dependency WHERE depends_on = ?)")
+        self._doomed_sql = sql(f"WITH RECURSIVE reach(id, via) AS ({_DOOMED_SQL.format(root='?')}) "
+                               "SELECT r.id, r.via, t.on_failure, v.on_failure FROM reach r "
+                               "JOIN lilota_task t ON t.id = r.id JOIN lilota_task v ON v.id = r.via")
+        self._doom_sql = sql(f"UPDATE lilota_task SET status = ?, end_date_time = ?, error = {js} "
+                             "WHERE id = ? AND status = 'waiting'")
+        self._release_sql = ("UPDATE lilota_task SET status = 'scheduled' WHERE status = 'waiting' AND id IN "
+                             "(SELECT task_id FROM lilota_dependency WHERE depends_on IN ({marks})) AND "
+                             + _NO_OPEN_DEPENDENCY_SQL.format(task="lilota_task").replace("{", "{{").replace("}", "}}"))
         # Called when a claim found nothing due: then every queued task is a delayed one, or in a
         # queue out of rate-limit slots until one is free again.
         self._next_run_at_sql = sql(
@@ -2165,9 +2540,57 @@ class Storage:
 
     @contextlib.contextmanager
     def _write(self):
-        """``with self._write() as conn``: one operation (``self._guard``) in one transaction."""
-        with self._guard as conn, _Transaction(conn, self.dialect.begin_write_sql):
+        """``with self._write() as conn``: one operation (``self._guard``) in one transaction; inside
+        another ``_write()`` of the same thread, part of that one (which commits)."""
+        with self._guard as conn:
+            if self._depth > 1 and conn.in_transaction:
+                yield conn
+            else:
+                with _Transaction(conn, self.dialect.begin_write_sql):
+                    yield conn
+
+    @contextlib.contextmanager
+    def _ending(self, task_ids):
+        """``with self._ending(ids) as conn``: one operation whose statements may end the tasks
+        ``ids`` (str), and then settle their dependents in the same transaction (_settle). Where
+        the database does that itself (``Dialect.settles_dependents``), just the operation."""
+        if self.dialect.settles_dependents:
+            with self._guard as conn:
+                yield conn
+            return
+        with self._write() as conn:
             yield conn
+            self._settle(conn, task_ids)
+
+    def _settle(self, conn, task_ids):
+        """In the transaction that may have ended the tasks ``task_ids``: end for good, as their
+        on_failure says, the waiting dependents of those that ended otherwise than completed, and
+        theirs in turn (one recursive query, whatever the chain's length); then queue the waiting
+        dependents of all these that have no open dependency left. What PostgreSQL's trigger
+        lilota_settle_dependents does (SQLite's triggers cannot run a recursive query)."""
+        d = self.dialect
+        for task_id in task_ids:
+            row = conn.execute(self._settle_probe_sql, (task_id, task_id)).fetchone()
+            if row is None or row[0] not in _FINISHED:
+                continue   # no dependents (the common case: one index probe), or not ended
+            status, ended_at = row[0], row[1] if row[1] is not None else d.encode_time(_now())
+            released_by = [task_id]
+            if status != TaskStatus.COMPLETED:
+                causes = {}
+                for dependent, via, on_failure, via_on_failure in conn.execute(self._doomed_sql, (task_id,)):
+                    dependent, via = str(dependent), str(via)
+                    ended = status if via == task_id else "failed" if via_on_failure == "fail" else "cancelled"
+                    if dependent not in causes or via == task_id:
+                        causes[dependent] = (via, ended, on_failure)
+                conn.executemany(self._doom_sql, [
+                    ("failed" if on_failure == "fail" else "cancelled", ended_at, d.encode_json(dumps(_error_record(
+                        DependencyFailedError(_DEPENDENCY_FAILED.format(via=via, ended=ended, on_failure=on_failure)),
+                        dependency=via), "error")), dependent)
+                    for dependent, (via, ended, on_failure) in causes.items()])
+                released_by += list(causes)
+            for start in range(0, len(released_by), 500):
+                chunk = released_by[start:start + 500]
+                conn.execute(d.sql(self._release_sql.format(marks=", ".join("?" for _ in chunk))), chunk)
 
     def _forked(self):
         """True in a child made by fork until _adopt(): the lock, connection and listener are the
@@ -2250,8 +2673,8 @@ class Storage:
             current = version()
             for number, statements in sorted(self.dialect.migrations().items()):
                 if number > current:
-                    for statement in statements:
-                        conn.execute(statement)
+                    for statement in statements:   # SQL, or a function that changes what SQL cannot
+                        statement(conn) if callable(statement) else conn.execute(statement)
             conn.execute(self.dialect.sql("DELETE FROM lilota_meta WHERE key = 'schema_version'"))
             conn.execute(self.dialect.sql("INSERT INTO lilota_meta (key, value) VALUES ('schema_version', ?)"),
                          (str(SCHEMA_VERSION),))
@@ -2322,30 +2745,147 @@ class Storage:
 
     def _node(self, row):
         d = self.dialect
-        id_, name, type_, status, pid, hostname, created_at, last_seen_at, lease, queues, reason = row
+        id_, name, type_, status, pid, hostname, created_at, last_seen_at, lease, queues, reason, task_names = row
         return Node(id=uuid.UUID(str(id_)), name=name, type=NodeType(type_), status=NodeStatus(status),
                     pid=pid, hostname=hostname, created_at=d.decode_time(created_at),
                     last_seen_at=d.decode_time(last_seen_at), lease_expires_at=d.decode_time(lease),
-                    queues=queues.split(",") if queues else None, reason=reason)
+                    queues=queues.split(",") if queues else None, reason=reason, task_names=loads(task_names))
 
     # --- Storage: tasks, the scheduling side ------------------------------------------------------
 
-    def insert_tasks(self, rows):
-        """Store queued tasks in one transaction. ``rows``: (id, name, priority, run_at, max_attempts,
-        timeout, input_json, queue) tuples with run_at in epoch seconds, or None for "now": such a
-        task's run_at equals its created_at, which keeps it out of the index of delayed tasks."""
+    def insert_tasks(self, rows, connection=None, depends_on=(), on_failure="cancel"):
+        """Store queued tasks in one transaction: (their ids as canonical strings, the status they
+        were stored with). ``rows``: (id, name, priority, run_at, max_attempts, timeout, input_json,
+        queue, unique_key, unique_for, scheduled_for) tuples with run_at in epoch seconds, or None
+        for "now": such a task's run_at equals its created_at, which keeps it out of the index of
+        delayed tasks. A row with a unique_key that an unfinished task holds -- or, with unique_for
+        (seconds), a task created within that window -- is not stored: its id in the result is
+        that task's.
+
+        ``depends_on``: ids (canonical strings) of stored tasks that each of these runs after. The
+        tasks are 'waiting' until those completed; 'scheduled' at once when they have; ended at
+        once as ``on_failure`` says when one of them already failed, expired or was cancelled.
+        An id that is not stored raises TaskNotFoundError, and nothing is written.
+
+        ``connection``: (the caller's connection, autocommit) from Dialect.adopt_connection: written
+        to inside the caller's transaction, which is never committed or rolled back here (in
+        autocommit mode these statements are one transaction of their own, as any statement is)."""
         d = self.dialect
         now = _now()
-        created = d.encode_time(now)
-        params = [(id_, name, priority, created if run_at is None else d.encode_time(run_at), max_attempts,
-                   timeout, d.encode_json(data), created, queue)
-                  for id_, name, priority, run_at, max_attempts, timeout, data, queue in rows]
-        if len(params) == 1:
+        params = self._insert_params(rows, now)
+        unique = any(row[8] is not None for row in rows)
+        depends_on = list(depends_on)
+
+        def insert(conn):
+            return self._insert_in(conn, rows, params, now, unique, depends_on, on_failure)
+        if connection is not None:
+            conn, autocommit = connection
+            with self._guard:
+                pass   # lilota's tables exist, up to date (on lilota's own connection)
+            try:
+                if not autocommit:
+                    return insert(conn)
+                with _Transaction(conn, d.begin_write_sql):   # autocommit: what one call of it is
+                    return insert(conn)
+            except Exception as exc:
+                translated = None if isinstance(exc, LilotaError) else d.translate_error(exc)
+                if translated is not None:
+                    raise translated from exc
+                raise
+        if len(params) == 1 and not unique and not depends_on:
             with self._guard as conn:
                 conn.execute(self._insert_sql, params[0])  # one statement: its own transaction
-            return
+            return [params[0][0]], TaskStatus.SCHEDULED
         with self._write() as conn:
-            conn.executemany(self._insert_sql, params)
+            return insert(conn)
+
+    def _insert_params(self, rows, now):
+        """The parameters of _insert_sql for insert_tasks' ``rows``, stored at ``now``: queued, and
+        without dependencies (_insert_in sets those)."""
+        d = self.dialect
+        created = d.encode_time(now)
+        return [(id_, name, TaskStatus.SCHEDULED.value, priority, created if run_at is None else d.encode_time(run_at),
+                 max_attempts, timeout, d.encode_json(data), created, queue, unique_key,
+                 None if slot is None else d.encode_time(slot), None, None, None, None)
+                for id_, name, priority, run_at, max_attempts, timeout, data, queue, unique_key, _, slot in rows]
+
+    def _insert_in(self, conn, rows, params, now, unique, depends_on=(), on_failure="cancel"):
+        """insert_tasks' statements on ``conn``, inside a transaction the caller holds: (ids,
+        status). A unique key is looked up and its task inserted under the key's lock, which
+        concurrent schedulers of the same key wait for until this transaction ends: then they see
+        its task."""
+        d = self.dialect
+        status = TaskStatus.SCHEDULED
+        if depends_on:
+            status, end, error = self._dependency_status(conn, depends_on, on_failure, now)
+            ids_json = d.encode_json(dumps(depends_on, "depends_on"))
+            params = [param[:2] + (status.value,) + param[3:12] + (ids_json, on_failure, end, error)
+                      for param in params]
+        if not unique:
+            ids, new = [param[0] for param in params], params
+        else:
+            d.lock_unique_keys(conn, sorted({row[8] for row in rows if row[8] is not None}))
+            ids, holders, new = [], {}, []
+            for row, param in zip(rows, params):
+                key, window = row[8], row[9]
+                if key is not None and key not in holders:
+                    cutoff = None if window is None else d.encode_time(now - window)
+                    found = conn.execute(self._unique_holder_sql, (key, cutoff)).fetchone()
+                    if found is None:
+                        new.append(param)
+                    holders[key] = str(found[0]) if found else row[0]
+                    ids.append(holders[key])
+                elif key is not None:
+                    ids.append(holders[key])   # the same key twice in one call: one task
+                else:
+                    new.append(param)
+                    ids.append(row[0])
+        if new:
+            conn.executemany(self._insert_sql, new)
+            if depends_on:
+                conn.executemany(d.sql("INSERT INTO lilota_dependency (task_id, depends_on) VALUES (?, ?)"),
+                                 [(param[0], task_id) for param in new for task_id in depends_on])
+        return ids, status
+
+    def _dependency_status(self, conn, depends_on, on_failure, now):
+        """(status, end time, error JSON) for tasks stored now that depend on ``depends_on``:
+        'waiting'; 'scheduled' when all of them completed (or ended otherwise, with on_failure
+        "run"); ended at once as on_failure says when one failed, expired or was cancelled.
+        TaskNotFoundError when one of them is not stored."""
+        d = self.dialect
+        created = d.encode_time(now)
+        marks = ", ".join("?" for _ in depends_on)
+        # The share lock (PostgreSQL): a dependency ending now waits for this commit, and its
+        # settling then sees these tasks; one that ended before is read as ended.
+        found = {str(task_id): TaskStatus(status) for task_id, status in conn.execute(d.sql(
+            f"SELECT id, status FROM lilota_task WHERE id IN ({marks}){d.share_lock}"), depends_on)}
+        missing = [task_id for task_id in depends_on if task_id not in found]
+        if missing:
+            raise TaskNotFoundError(f"depends_on names {len(missing)} task(s) that are not stored: "
+                                    f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
+                                    f"a task can only depend on tasks scheduled before it")
+        failed = next((task_id for task_id in depends_on if found[task_id] in _REQUEUEABLE), None)
+        if failed is not None and on_failure != "run":
+            error = d.encode_json(dumps(_error_record(DependencyFailedError(_DEPENDENCY_FAILED.format(
+                via=failed, ended=found[failed], on_failure=on_failure)), dependency=failed), "error"))
+            return TaskStatus.FAILED if on_failure == "fail" else TaskStatus.CANCELLED, created, error
+        if all(found[task_id] in _FINISHED for task_id in depends_on):
+            return TaskStatus.SCHEDULED, None, None   # completed (or ended otherwise, with on_failure="run")
+        return TaskStatus.WAITING, None, None
+
+    def dependencies(self, task_id):
+        """The tasks ``task_id`` depends on, as (id, status, output) rows in the order they were
+        given; status None for one deleted since."""
+        task = self.get_task(task_id)
+        if task is None or not task.depends_on:
+            return []
+        ids = [str(i) for i in task.depends_on]
+        marks = ", ".join("?" for _ in ids)
+        with self._guard as conn:
+            rows = {str(r[0]): r[1:] for r in conn.execute(self.dialect.sql(
+                f"SELECT id, status, output FROM lilota_task WHERE id IN ({marks})"), ids)}
+        return [(uuid.UUID(i), TaskStatus(rows[i][0]) if i in rows else None,
+                 self.dialect.decode_json(rows[i][1]) if i in rows else None) for i in ids]
 
     def get_task(self, task_id):
         """The Task stored under ``task_id`` (a canonical UUID string), or None."""
@@ -2369,6 +2909,18 @@ class Storage:
             row = conn.execute(self.dialect.sql("SELECT status FROM lilota_task WHERE id = ?"),
                                (task_id,)).fetchone()
             return (row[0] if row else None), self.dialect.change_counter(conn)
+
+    def task_statuses(self, task_ids):
+        """{id: status} of the tasks ``task_ids`` (canonical strings) that are stored: one query per
+        500 ids, whatever their number (the shared watcher of wait_async)."""
+        found = {}
+        with self._guard as conn:
+            for start in range(0, len(task_ids), 500):
+                chunk = task_ids[start:start + 500]
+                marks = ", ".join("?" for _ in chunk)
+                found.update((str(task_id), TaskStatus(status)) for task_id, status in conn.execute(
+                    self.dialect.sql(f"SELECT id, status FROM lilota_task WHERE id IN ({marks})"), chunk))
+        return found
 
     def change_counter(self):
         """The dialect's change counter on this process's connection (see Dialect.change_counter)."""
@@ -2530,13 +3082,37 @@ class Storage:
             q.rate = None if rate_limit is None else (int(rate_limit), timedelta(seconds=float(rate_period)))
         return [found[name] for name in sorted(found)]
 
+    def queue_situation(self, task):
+        """What stands between a queued ``task`` and a worker in its queue, for explain(): a dict
+        of ``running`` (its queue's running tasks), ``rate_free`` (how many rate-limit slots are
+        free now) and ``rate_next`` (epoch seconds when the next one frees, or None), and
+        ``ahead``: due queued tasks of its queue that a claim takes first (higher priority, or the
+        same and an earlier run_at)."""
+        d = self.dialect
+        now = d.encode_time(_now())
+        run_at = d.encode_time(task.run_at.timestamp())
+        with self._guard as conn:
+            running = conn.execute(d.sql("SELECT COUNT(*) FROM lilota_task WHERE status = 'running' AND queue = ?"),
+                                   (task.queue,)).fetchone()[0]
+            free, next_free = conn.execute(d.sql(
+                f"SELECT SUM(CASE WHEN free_at <= {d.time_param} THEN 1 ELSE 0 END), MIN(free_at) "
+                "FROM lilota_queue_rate WHERE queue = ?"), (now, task.queue)).fetchone()
+            ahead = conn.execute(d.sql(
+                f"SELECT COUNT(*) FROM lilota_task WHERE status = 'scheduled' AND queue = ? AND id <> ? "
+                f"AND (run_at <= {d.time_param} OR run_at <= created_at) AND (priority > ? OR (priority = ? "
+                f"AND (run_at < {d.time_param} OR (run_at = {d.time_param} AND id < ?))))"),
+                (task.queue, str(task.id), now, task.priority, task.priority, run_at, run_at, str(task.id))).fetchone()[0]
+        return {"running": int(running), "rate_free": int(free or 0),
+                "rate_next": None if next_free is None else d.decode_time(next_free).timestamp(),
+                "ahead": int(ahead)}
+
     def cancel(self, task_id):
         """Cancel a queued task, or ask for a running one to be stopped.
 
         Returns "cancelled", "stopping", or the status it already had when it cannot be cancelled;
         None for an unknown id."""
         sql, ts, js = self.dialect.sql, self.dialect.time_param, self.dialect.json_param
-        with self._write() as conn:
+        with self._write() as conn, self._ending([task_id]):
             cur = conn.execute(sql(f"UPDATE lilota_task SET status = 'cancelled', end_date_time = {ts}, "
                                    f"error = {js} WHERE id = ? AND {_CANCELLABLE_SQL}"),
                                (self.dialect.encode_time(_now()), self.dialect.encode_json(dumps(
@@ -2607,6 +3183,9 @@ class Storage:
                                           f"AND end_date_time < {ts}"), (bound, cutoff)).rowcount
             nodes = conn.execute(sql(f"DELETE FROM lilota_node WHERE {_GONE_SQL} "
                                      f"AND last_seen_at < {ts}"), (cutoff,)).rowcount
+            if total:   # the dependencies of the tasks deleted (a primary-key probe per row)
+                conn.execute("DELETE FROM lilota_dependency WHERE NOT EXISTS "
+                             "(SELECT 1 FROM lilota_task t WHERE t.id = lilota_dependency.task_id)")
         return {"tasks": total, "nodes": nodes}
 
     def _delete_batch(self, bound, cutoff, batch_size):
@@ -2648,14 +3227,80 @@ class Storage:
                                 (repr(now), key, row[0])).rowcount == 1
 
     def delete_task(self, task_id):
-        """Delete one task whatever its status; False when there was none with that id."""
-        with self._guard as conn:
+        """Delete one task (and its dependencies' rows) whatever its status; False when there was
+        none with that id. Tasks that depend on it and still wait go on waiting (explain() says so)."""
+        with self._write() as conn:
+            conn.execute(self.dialect.sql("DELETE FROM lilota_dependency WHERE task_id = ?"), (task_id,))
             return conn.execute(self.dialect.sql("DELETE FROM lilota_task WHERE id = ?"), (task_id,)).rowcount == 1
 
     def has_unfinished_tasks(self):
         """Whether any task is queued or running."""
         with self._guard as conn:
             return conn.execute(f"SELECT 1 FROM lilota_task WHERE {_UNFINISHED_SQL} LIMIT 1").fetchone() is not None
+
+    # --- Storage: periodic schedules --------------------------------------------------------------
+
+    def record_periodic(self, schedules, now):
+        """Record this node's periodic schedules in lilota_periodic: (name, task, schedule text,
+        timezone, queue, next slot, latest slot) tuples, times in epoch seconds. A schedule new to
+        the database starts with its latest slot as done, so that its first task is for the next;
+        a known one keeps its last slot (a missed one is caught up) and takes this definition."""
+        d = self.dialect
+        ts = d.time_param
+        with self._write() as conn:
+            conn.executemany(d.sql(
+                "INSERT INTO lilota_periodic (name, task, schedule, timezone, queue, next_slot, last_slot, seen_at) "
+                f"VALUES (?, ?, ?, ?, ?, {ts}, {ts}, {ts}) ON CONFLICT (name) DO UPDATE SET task = excluded.task, "
+                "schedule = excluded.schedule, timezone = excluded.timezone, queue = excluded.queue, "
+                "next_slot = excluded.next_slot, seen_at = excluded.seen_at"),
+                [(name, task, schedule, zone, queue, d.encode_time(next_slot), d.encode_time(latest),
+                  d.encode_time(now)) for name, task, schedule, zone, queue, next_slot, latest in schedules])
+
+    def periodic_last_slots(self, names):
+        """{schedule name: its last slot enqueued (epoch seconds, None: none yet)} of ``names``."""
+        d = self.dialect
+        with self._guard as conn:
+            rows = conn.execute(d.sql("SELECT name, last_slot FROM lilota_periodic")).fetchall()
+        return {name: None if slot is None else d.decode_time(slot).timestamp() for name, slot in rows
+                if name in names}
+
+    def enqueue_periodic(self, name, slot, next_slot, row, now):
+        """Enqueue the task ``row`` (as insert_tasks takes it) for ``slot`` of schedule ``name``
+        unless that slot, or a later one, was enqueued already: the compare-and-set of the
+        schedule's last slot, in the task's transaction, lets one caller of all processes and
+        hosts through per slot. Returns the task id, or None when another node was first."""
+        d = self.dialect
+        ts = d.time_param
+        with self._write() as conn:
+            won = conn.execute(d.sql(
+                f"UPDATE lilota_periodic SET last_slot = {ts}, next_slot = {ts}, seen_at = {ts} "
+                f"WHERE name = ? AND (last_slot IS NULL OR last_slot < {ts})"),
+                (d.encode_time(slot), d.encode_time(next_slot), d.encode_time(now), name, d.encode_time(slot))).rowcount
+            if won != 1:
+                return None
+            task_id = self._insert_in(conn, [row], self._insert_params([row], now), now, row[8] is not None)[0][0]
+            conn.execute(d.sql("UPDATE lilota_periodic SET last_task_id = ? WHERE name = ?"), (task_id, name))
+            return task_id
+
+    def touch_periodic(self, names, now):
+        """Say that a running node still has these schedules (lilota_periodic.seen_at)."""
+        d = self.dialect
+        with self._guard as conn:
+            conn.executemany(d.sql(f"UPDATE lilota_periodic SET seen_at = {d.time_param} WHERE name = ?"),
+                             [(d.encode_time(now), name) for name in names])
+
+    def periodic_schedules(self):
+        """Every recorded :class:`PeriodicSchedule`, by name, with its last task's status."""
+        d = self.dialect
+        with self._guard as conn:
+            rows = conn.execute(
+                "SELECT p.name, p.task, p.schedule, p.timezone, p.queue, p.next_slot, p.last_slot, p.last_task_id, "
+                "t.status, p.seen_at FROM lilota_periodic p LEFT JOIN lilota_task t ON t.id = p.last_task_id "
+                "ORDER BY p.name").fetchall()
+        return [PeriodicSchedule(name, task, schedule, zone, queue, d.decode_time(next_slot), d.decode_time(last_slot),
+                                 None if task_id is None else uuid.UUID(str(task_id)),
+                                 None if status is None else TaskStatus(status), d.decode_time(seen_at))
+                for name, task, schedule, zone, queue, next_slot, last_slot, task_id, status, seen_at in rows]
 
     # --- Storage: tasks, the worker side ----------------------------------------------------------
 
@@ -2688,7 +3333,7 @@ class Storage:
             if getattr(exc, "column", "row") == "row":
                 raise   # not the task's own data: failing task after task for it would not help
             logger.warning("%s", exc)
-            with self._guard as conn:
+            with self._ending([str(row[0])]) as conn:
                 conn.execute(self.dialect.sql(
                     "UPDATE lilota_task SET status = 'failed', end_date_time = ?, error = ? "
                     "WHERE id = ? AND status = 'running' AND locked_by = ?"),
@@ -2707,7 +3352,7 @@ class Storage:
     def complete(self, task_id, node_id, output_json, keep_progress):
         """Mark a task completed (cancelled, if its cancel was asked for while it ran); False when it
         was no longer this node's (recovered elsewhere)."""
-        with self._guard as conn:
+        with self._ending([task_id]) as conn:
             cur = conn.execute(self._complete_sql, self._completion(task_id, node_id, output_json, keep_progress,
                                                                     self.dialect.encode_time(_now())))
             return cur.rowcount == 1
@@ -2722,7 +3367,9 @@ class Storage:
         completion = (self._complete_sql, self._completion(task_id, node_id, output_json, keep_progress, now))
         try:
             with self._guard as conn:
-                result = d.complete_and_claim(conn, completion, prepared, node_id, pid, now)
+                result = d.complete_and_claim(conn, completion, prepared, node_id, pid, now,
+                                              None if d.settles_dependents else
+                                              lambda conn: self._settle(conn, [task_id]))
         except _ClaimConflict:
             return None   # the claim's slot was taken concurrently; nothing was done: two commits then
         if result is None:
@@ -2749,7 +3396,7 @@ class Storage:
             status, run_at, end = str(final_status), None, now
         params = self._fail_params(status=status, run_at=run_at, now=now, end=end, error=d.encode_json(dumps(error, "error")),
                                    given_back=0 if count_attempt else 1, requeue=requeue, id=str(task.id), node=node_id)
-        with self._guard as conn:
+        with self._ending([str(task.id)]) as conn:
             return conn.execute(self._fail_sql, params).rowcount == 1
 
     def snooze(self, task, node_id, run_at):
@@ -2759,7 +3406,7 @@ class Storage:
         d = self.dialect
         now = d.encode_time(_now())
         params = (d.encode_time(run_at), now, d.encode_json(self._cancelled_retry_json), str(task.id), node_id)
-        with self._guard as conn:
+        with self._ending([str(task.id)]) as conn:
             return conn.execute(self._snooze_sql, params).rowcount == 1
 
     def set_progress(self, task_id, node_id, progress):
@@ -2806,28 +3453,31 @@ class Storage:
 
     # --- Storage: nodes ---------------------------------------------------------------------------
 
-    def add_node(self, node_id, name, node_type, status, pid, lease, queues=None):
+    def add_node(self, node_id, name, node_type, status, pid, lease, queues=None, task_names=None):
         """Record a node of this host, alive for ``lease`` seconds unless its heartbeat renews it;
-        ``queues``: the queues a worker serves."""
+        ``queues``: the queues a worker serves; ``task_names``: the task names it has registered."""
         d = self.dialect
         now = _now()
         with self._guard as conn:
             conn.execute(d.sql(f"INSERT INTO lilota_node ({_NODE_COLUMNS}, host_key) VALUES "
-                               f"(?, ?, ?, ?, ?, ?, {d.time_param}, {d.time_param}, {d.time_param}, ?, NULL, ?)"),
+                               f"(?, ?, ?, ?, ?, ?, {d.time_param}, {d.time_param}, {d.time_param}, ?, NULL, ?, ?)"),
                          (node_id, name, str(node_type), str(status), pid, socket.gethostname(),
                           d.encode_time(now), d.encode_time(now), d.encode_time(now + lease),
-                          ",".join(queues) if queues else None, _host_key()))
+                          ",".join(queues) if queues else None,
+                          None if task_names is None else dumps(list(task_names), "task_names"), _host_key()))
 
-    def set_node_status(self, node_id, status=None, pid=None, reason=None, queues=None):
-        """Record a node's status, pid, why it stopped and/or the queues it serves (None keeps the
-        stored value) and that it was seen now."""
+    def set_node_status(self, node_id, status=None, pid=None, reason=None, queues=None, task_names=None):
+        """Record a node's status, pid, why it stopped, the queues it serves and/or the task names
+        it registered (None keeps the stored value) and that it was seen now."""
         d = self.dialect
         with self._guard as conn:
             conn.execute(d.sql("UPDATE lilota_node SET status = COALESCE(?, status), pid = COALESCE(?, pid), "
                                "reason = COALESCE(?, reason), queues = COALESCE(?, queues), "
-                               f"last_seen_at = {d.time_param} WHERE id = ?"),
+                               f"task_names = COALESCE(?, task_names), last_seen_at = {d.time_param} WHERE id = ?"),
                          (None if status is None else str(status), pid, reason,
-                          ",".join(queues) if queues else None, d.encode_time(_now()), node_id))
+                          ",".join(queues) if queues else None,
+                          None if task_names is None else dumps(list(task_names), "task_names"),
+                          d.encode_time(_now()), node_id))
 
     def heartbeat(self, node_ids, lease):
         """Renew the lease of nodes that are still alive; return the ids that are not (another
@@ -3004,6 +3654,31 @@ def _rate(rate):
     return tasks, _seconds(period, "rate's period", allow_zero=False)
 
 
+_MAX_UNIQUE_KEY_LENGTH = 500
+
+
+def _unique_keys(keys, count, unique_for):
+    """``schedule_many``'s ``unique_keys`` (None: no key) checked: one str or None per input."""
+    if keys is None:
+        if unique_for is not None:
+            raise ValueError("unique_for without a unique key: give unique_key= (unique_keys= in schedule_many) too")
+        return [None] * count
+    if isinstance(keys, (str, bytes, dict)) or not hasattr(keys, "__iter__"):
+        raise TypeError("unique_keys must be a list of keys (str or None), one per input")
+    keys = list(keys)
+    if len(keys) != count:
+        raise ValueError(f"unique_keys has {len(keys)} keys for {count} inputs; give one per input (None: not unique)")
+    for key in keys:
+        if key is None:
+            continue
+        if not isinstance(key, str):
+            raise TypeError(f"a unique key must be a string, not {type(key).__name__}")
+        if not key or len(key) > _MAX_UNIQUE_KEY_LENGTH or "\x00" in key:
+            raise ValueError(f"a unique key must be 1 to {_MAX_UNIQUE_KEY_LENGTH} characters without U+0000, "
+                             f"got {key[:60]!r}{'...' if len(key) > 60 else ''}")
+    return keys
+
+
 def _check_attempts(value, what="max_attempts"):
     if value is None:
         return None
@@ -3171,11 +3846,11 @@ class _NodeBase:
         """Every node recorded in ``lilota_node``: worker processes and scheduling applications."""
         return self.storage.nodes()
 
-    def _add_node(self, node_type, queues=None):
+    def _add_node(self, node_type, queues=None, task_names=None):
         """Record this process as a running node (named ``name``, else host:pid); return its id."""
         node_id = str(uuid.uuid4())
         self.storage.add_node(node_id, self.name or f"{socket.gethostname()}:{os.getpid()}", node_type,
-                              NodeStatus.RUNNING, os.getpid(), self.node_timeout, queues)
+                              NodeStatus.RUNNING, os.getpid(), self.node_timeout, queues, task_names)
         return node_id
 
     def _renew_leases(self, node_ids):
@@ -3194,6 +3869,140 @@ class _NodeBase:
         with self._fds_lock:
             fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None
             _close_fds(*fds)
+
+
+# --- The watcher of wait_async() -----------------------------------------------------------------
+
+
+class _TaskWatcher:
+    """One per process and database: a thread that tells every asyncio waiter (``wait_async``)
+    when its task has finished, so that a thousand waiters cost what one does. It looks at all
+    the waited tasks in one query when the database changed -- SQLite's change counter, which a
+    commit of another process moves, as an idle worker notices new tasks -- and at least every
+    ``reread`` seconds (writes of this process's own connection do not move the counter). Without
+    a counter (PostgreSQL) it reads them every ``poll`` seconds: a NOTIFY on every completion would
+    serialise all workers' commits. It ends when nobody waits."""
+
+    _instances = {}
+    _instances_lock = threading.Lock()
+    tick = 0.002     # seconds between looks at the change counter
+    reread = 0.05    # seconds between reads of the waited tasks' statuses without a change
+    poll = 0.005     # seconds between reads of them where the database has no change counter
+
+    @classmethod
+    def for_storage(cls, storage):
+        key = (os.getpid(), storage.dialect.connection_key)
+        with cls._instances_lock:
+            watcher = cls._instances.get(key)
+            if watcher is None:
+                watcher = cls._instances[key] = cls(storage)
+            return watcher
+
+    def __init__(self, storage):
+        self.storage = storage
+        self.lock = threading.Lock()
+        self.waiters = {}            # task id -> {future: its event loop}
+        self.changed = threading.Event()
+        self.thread = None
+
+    def add(self, task_id, future, loop):
+        """Resolve ``future`` (of ``loop``) with the Task once ``task_id`` has finished, or with
+        TaskNotFoundError when it is not stored."""
+        with self.lock:
+            self.waiters.setdefault(task_id, {})[future] = loop
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="lilota-wait-async", daemon=True)
+                self.thread.start()
+        self.changed.set()   # look at once: it may have finished already
+
+    def remove(self, task_id, future):
+        with self.lock:
+            futures = self.waiters.get(task_id)
+            if futures is not None:
+                futures.pop(future, None)
+                if not futures:
+                    del self.waiters[task_id]
+
+    def _run(self):
+        counter, last_read = None, -math.inf
+        while True:
+            with self.lock:
+                if not self.waiters:
+                    self.thread = None
+                    return
+                waited = list(self.waiters)
+            try:
+                new_counter = self.storage.change_counter()
+                if (self.changed.is_set() or new_counter is None or new_counter != counter
+                        or time.monotonic() - last_read >= self.reread):
+                    self.changed.clear()
+                    counter, last_read = new_counter, time.monotonic()
+                    statuses = self.storage.task_statuses(waited)
+                    for task_id in waited:
+                        status = statuses.get(task_id)
+                        if status is None:
+                            self._resolve(task_id, exception=TaskNotFoundError(f"no task with id {task_id}"))
+                        elif status.is_finished:
+                            self._resolve(task_id, task=self.storage.get_task(task_id))
+            except StorageError:
+                logger.warning("lilota wait_async: cannot read the waited tasks; will retry", exc_info=True)
+                self.changed.wait(0.5)
+            self.changed.wait(self.tick if counter is not None else self.poll)
+
+    def _resolve(self, task_id, task=None, exception=None):
+        with self.lock:
+            futures = self.waiters.pop(task_id, {})
+        for future, loop in futures.items():
+            try:
+                loop.call_soon_threadsafe(_settle_future, future, task, exception)
+            except RuntimeError:   # its loop was closed: nobody waits any more
+                pass
+
+
+def _settle_future(future, task, exception):
+    if not future.done():
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(task)
+
+
+# --- explain() ------------------------------------------------------------------------------------
+
+def _ended_reason(task, now):
+    """explain() for a finished task: how it ended, when, after how many attempts, with the error."""
+    details = {"status": task.status.value, "end": task.end_date_time and task.end_date_time.isoformat(),
+               "attempts": task.attempts}
+    when = f" at {_format_time(task.end_date_time, now)}" if task.end_date_time else ""
+    attempts = f" after {task.attempts} attempt(s)" if task.attempts else " without running"
+    text = f"it {task.status.value}{when}{attempts}"
+    if task.error and task.status != TaskStatus.COMPLETED:
+        details["error"] = {"type": task.error.get("type"), "message": task.error.get("message")}
+        text += f": {task.error.get('type')}: {task.error.get('message')}"
+    return Reason("finished", text, details)
+
+
+def _running_reasons(task, node, now):
+    """explain() for a running task: where and since when, its node's last heartbeat, progress."""
+    details = {"node": task.locked_by and str(task.locked_by), "since": task.start_date_time.isoformat()
+               if task.start_date_time else None, "progress": task.progress_percentage, "pid": task.pid}
+    where = "an unknown node"
+    if node is not None:
+        where = f"node {node.name or node.id} (pid {node.pid}, {node.hostname})"
+        details["last_heartbeat_seconds"] = (now - node.last_seen_at).total_seconds()
+        details["node_status"] = node.status.value
+        where += f", last heartbeat {_format_age(node.last_seen_at, now)}"
+        if node.status not in _ALIVE_NODE_STATUSES:
+            where += f"; the node is {node.status.value}: its task is being recovered"
+    text = (f"running on {where}, since {_format_time(task.start_date_time, now)}; progress "
+            f"{task.progress_percentage}%, attempt {task.attempts} of {task.max_attempts or 1}")
+    if task.expires_at is not None:
+        details["expires_at"] = task.expires_at.isoformat()
+        text += f"; it times out at {_format_time(task.expires_at, now)}"
+    reasons = [Reason("running", text, details)]
+    if task.cancel_requested:
+        reasons.append(Reason("cancel_requested", "cancel() was asked: it is being stopped", {}))
+    return reasons
 
 
 # --- The scheduler --------------------------------------------------------------------------------
@@ -3225,7 +4034,8 @@ class LilotaScheduler(_NodeBase):
         """Called after tasks were stored; Lilota wakes its idle worker processes here."""
 
     def schedule(self, name, input=None, *, delay=None, run_at=None, priority=0, max_attempts=None,
-                 timeout=None, queue=DEFAULT_QUEUE):
+                 timeout=None, queue=DEFAULT_QUEUE, unique_key=None, unique_for=None, depends_on=None,
+                 on_failure="cancel", connection=None):
         """Store a task and return its id (a UUID).
 
         ``input`` (a dataclass, pydantic model, dict, ``as_dict()`` object or plain JSON value) is
@@ -3234,23 +4044,59 @@ class LilotaScheduler(_NodeBase):
         datetime) postpone it; higher ``priority`` runs first; ``max_attempts`` and ``timeout``
         override the worker's registered defaults for this task. Only workers that serve ``queue``
         run it.
+
+        ``unique_key`` (a string, stored as ``Task.unique_key``): while a task with that key is
+        unfinished (created, scheduled or running) -- or, with ``unique_for`` (timedelta or
+        seconds), was created within that window whatever its status -- nothing is written and
+        that task's id is returned. Race-free across processes and hosts.
+
+        ``depends_on`` (ids of stored tasks): the task waits, status ``waiting``, until all of them
+        completed, and is queued in the commit that completes the last one (at once when they
+        already have). When one fails, expires or is cancelled for good, ``on_failure`` decides:
+        ``"cancel"`` (the default) cancels it, ``"fail"`` fails it with a DependencyFailedError
+        naming that task -- either way its own dependents follow, by their on_failure -- and
+        ``"run"`` runs it anyway once all ended. An id that is not stored raises
+        TaskNotFoundError, and nothing is written.
+
+        ``connection``: the application's own DB-API connection to the same database (sqlite3,
+        psycopg 3, psycopg2, pg8000; also under an SQLAlchemy or Django wrapper): the task is
+        written inside its open transaction, which is never committed or rolled back here, and
+        exists only if the application commits. TypeError for a connection of another kind of
+        database than db_url's, ValueError for a SQLite connection to another file.
         """
-        return self._schedule(name, (input,), delay, run_at, priority, max_attempts, timeout, queue)[0]
+        return self._schedule(name, (input,), delay, run_at, priority, max_attempts, timeout, queue,
+                              unique_keys=None if unique_key is None else [unique_key], unique_for=unique_for,
+                              depends_on=depends_on, on_failure=on_failure, connection=connection)[0]
 
     def schedule_many(self, name, inputs, *, delay=None, run_at=None, priority=0, max_attempts=None,
-                      timeout=None, queue=DEFAULT_QUEUE):
+                      timeout=None, queue=DEFAULT_QUEUE, unique_keys=None, unique_for=None, depends_on=None,
+                      on_failure="cancel", connection=None):
         """Store one task per input in a single transaction; return their ids in order.
 
-        All inputs are serialized before anything is written: one bad input stores nothing."""
-        return self._schedule(name, inputs, delay, run_at, priority, max_attempts, timeout, queue)
+        All inputs are serialized before anything is written: one bad input stores nothing.
+        ``unique_keys``: one key (or None) per input, as ``schedule()``'s ``unique_key``; an input
+        whose key is held, or came earlier in the same call, gets the holding task's id.
+        ``depends_on``: every one of these tasks depends on those (see ``schedule()``).
+        ``connection``: as in ``schedule()``."""
+        return self._schedule(name, inputs, delay, run_at, priority, max_attempts, timeout, queue,
+                              unique_keys=unique_keys, unique_for=unique_for, depends_on=depends_on,
+                              on_failure=on_failure, connection=connection)
 
-    def _schedule(self, name, inputs, delay, run_at, priority, max_attempts, timeout, queue=DEFAULT_QUEUE):
+    def _schedule(self, name, inputs, delay, run_at, priority, max_attempts, timeout, queue=DEFAULT_QUEUE, *,
+                  unique_keys=None, unique_for=None, depends_on=None, on_failure="cancel", connection=None):
         _check_name(name)
         _check_queue(queue)
+        if on_failure not in ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {', '.join(map(repr, ON_FAILURE))}, got {on_failure!r}")
+        if depends_on is not None and (isinstance(depends_on, (str, bytes, uuid.UUID))
+                                       or not hasattr(depends_on, "__iter__")):
+            raise TypeError("depends_on takes a list of task ids, e.g. depends_on=[task_id]")
+        depends_on = list(dict.fromkeys(_task_id(task_id) for task_id in depends_on or ()))
         if isinstance(priority, bool) or not isinstance(priority, int) or not -2**31 <= priority < 2**31:
             raise ValueError(f"priority must be an int (higher runs first), got {priority!r}")
         _check_attempts(max_attempts)
         timeout = _seconds(timeout, "timeout", allow_zero=False)
+        unique_for = _seconds(unique_for, "unique_for", allow_zero=False)
         if delay is not None and run_at is not None:
             raise ValueError("give either delay or run_at, not both")
         if run_at is not None:
@@ -3272,12 +4118,21 @@ class LilotaScheduler(_NodeBase):
                                  f"dates lilota can store (year 9999 at the latest)") from None
         if isinstance(inputs, (str, bytes, dict)) or not hasattr(inputs, "__iter__"):
             raise TypeError("schedule_many() takes an iterable of inputs, e.g. a list")
+        if connection is not None:
+            connection = self._dialect.adopt_connection(_unwrap_connection(connection))
         payloads = [dumps(value, "input") for value in inputs]
+        keys = _unique_keys(unique_keys, len(payloads), unique_for)
         ids = _new_task_ids(len(payloads))
         if payloads:
-            self.storage.insert_tasks([(str(task_id), name, priority, when, max_attempts, timeout, payload, queue)
-                                       for task_id, payload in zip(ids, payloads)])
-            self._notify_workers()
+            stored, status = self.storage.insert_tasks(
+                [(str(task_id), name, priority, when, max_attempts, timeout, payload, queue, key, unique_for, None)
+                 for task_id, payload, key in zip(ids, payloads, keys)], connection, depends_on, on_failure)
+            if unique_keys is not None:
+                ids = [uuid.UUID(task_id) for task_id in stored]
+            if connection is None and status == TaskStatus.SCHEDULED:
+                # In the application's transaction the tasks exist from its commit on, which
+                # wakes idle workers itself: a NOTIFY on PostgreSQL, data_version on SQLite.
+                self._notify_workers()
         return ids
 
     def find_task_ids(self, prefix, limit=None):
@@ -3290,6 +4145,11 @@ class LilotaScheduler(_NodeBase):
             raise ValueError(f"limit must be a positive int or None, got {limit!r}")
         low, high = (str(uuid.UUID(digits.ljust(32, pad))) for pad in "0f")
         return [uuid.UUID(task_id) for task_id in self.storage.task_ids_between(low, high, limit)]
+
+    def get_periodic(self):
+        """The periodic schedules running nodes recorded (:class:`PeriodicSchedule`), by name: what
+        each enqueues and when, its next slot, and its last task's id and status."""
+        return self.storage.periodic_schedules()
 
     def list_tasks(self, status=None, name=None, limit=100, queue=None):
         """Stored tasks, newest first: only those with ``status`` (a TaskStatus or its value),
@@ -3428,6 +4288,141 @@ class LilotaScheduler(_NodeBase):
                 status = storage.task_state(key)[0]
                 last_read = time.monotonic()
 
+    def explain(self, task_id):
+        """Why the task is where it is: a short list of :class:`Reason` records, each a ``code``, a
+        sentence and its ``details``. TaskNotFoundError for an unknown id. Nothing is changed.
+
+        Codes: ``finished`` (how it ended); ``running`` (on which node since when, the node's last
+        heartbeat, progress) and ``cancel_requested``; ``waiting_for_dependencies`` (which are
+        open, and their statuses); ``due_later`` (when, in how long) or ``retry_backoff`` (which
+        attempt failed, when the next is due); ``queue_paused``, ``queue_concurrency`` and
+        ``queue_rate`` (its queue's pause and limits); ``no_worker`` (no live worker serves its
+        queue) or ``not_registered`` (none of those that do registered its name); ``tasks_ahead``
+        (due tasks of its queue a worker takes first); ``next`` when nothing is in its way;
+        ``created`` for a row another tool wrote, which lilota does not run."""
+        key = _task_id(task_id)
+        storage = self.storage
+        task = storage.get_task(key)
+        if task is None:
+            raise TaskNotFoundError(f"no task with id {key}")
+        now = datetime.now(timezone.utc)
+        if task.is_finished:
+            return [_ended_reason(task, now)]
+        if task.status == TaskStatus.RUNNING:
+            return _running_reasons(task, storage.node(str(task.locked_by)) if task.locked_by else None, now)
+        if task.status == TaskStatus.WAITING:
+            dependencies = [{"id": str(i), "status": None if s is None else s.value}
+                            for i, s, _ in storage.dependencies(key) if s is None or not s.is_finished]
+            listed = ", ".join(f"{d['id']} ({d['status'] or 'deleted: cancel this task'})" for d in dependencies)
+            return [Reason("waiting_for_dependencies",
+                           f"waiting for {len(dependencies)} of its {len(task.depends_on)} dependencies to "
+                           f"complete: {listed}", {"open": dependencies, "on_failure": task.on_failure})]
+        if task.status == TaskStatus.CREATED:
+            return [Reason("created", "status 'created': written by another tool; lilota runs only "
+                                      "'scheduled' tasks", {})]
+        return self._queued_reasons(task, now)
+
+    def _queued_reasons(self, task, now):
+        """explain() for a scheduled task: its time, its queue's pause and limits, the workers
+        that could take it, and the tasks a worker takes first."""
+        storage = self.storage
+        reasons = []
+        due = task.run_at <= now or task.run_at <= task.created_at
+        if not due:
+            wait = {"run_at": task.run_at.isoformat(), "in_seconds": (task.run_at - now).total_seconds()}
+            when = _format_time(task.run_at, now)
+            if task.attempts and task.error:
+                reasons.append(Reason("retry_backoff", f"waiting out the backoff after attempt {task.attempts} of "
+                                      f"{task.max_attempts or 1} failed ({task.error.get('type')}: "
+                                      f"{str(task.error.get('message', ''))[:100]}); attempt {task.attempts + 1} "
+                                      f"is due at {when}", dict(wait, failed_attempt=task.attempts,
+                                                                max_attempts=task.max_attempts or 1)))
+            else:
+                reasons.append(Reason("due_later", f"due later: at {when}", wait))
+        queue = next(q for q in storage.queues([task.queue]) if q.name == task.queue)
+        situation = storage.queue_situation(task)
+        if queue.paused:
+            reasons.append(Reason("queue_paused", f"its queue {queue.name!r} is paused (resume_queue, or "
+                                  f"lilota queue resume {queue.name})", {"queue": queue.name}))
+        if queue.concurrency is not None and situation["running"] >= queue.concurrency:
+            reasons.append(Reason("queue_concurrency", f"its queue {queue.name!r} is at its concurrency limit: "
+                                  f"{situation['running']} of {queue.concurrency} running",
+                                  {"queue": queue.name, "running": situation["running"],
+                                   "concurrency": queue.concurrency}))
+        if queue.rate is not None and situation["rate_free"] == 0:
+            free_at = _to_datetime(situation["rate_next"])
+            reasons.append(Reason("queue_rate", f"its queue {queue.name!r} used its rate limit of {queue.rate[0]} "
+                                  f"per {_format_duration(queue.rate[1].total_seconds())}; the next start is "
+                                  f"possible at {_format_time(free_at, now)}",
+                                  {"queue": queue.name, "tasks": queue.rate[0],
+                                   "per_seconds": queue.rate[1].total_seconds(),
+                                   "next_start": free_at and free_at.isoformat()}))
+        workers = [n for n in storage.nodes() if n.type == NodeType.WORKER and n.status in _ALIVE_NODE_STATUSES
+                   and n.lease_expires_at > now]
+        serving = [n for n in workers if task.queue in (n.queues or [DEFAULT_QUEUE])]
+        if not serving:
+            served = sorted({q for n in workers for q in (n.queues or [DEFAULT_QUEUE])})
+            reasons.append(Reason("no_worker", f"no live worker serves its queue {task.queue!r} ("
+                                  + (f"live workers serve {', '.join(served)}" if served else "no worker is alive")
+                                  + ")", {"queue": task.queue, "served_queues": served}))
+        elif all(n.task_names is not None and task.name not in n.task_names for n in serving):
+            names = sorted({name for n in serving for name in n.task_names})
+            reasons.append(Reason("not_registered", f"no live worker of its queue {task.queue!r} has the task "
+                                  f"name {task.name!r} registered (they have: {', '.join(names) or 'none'})",
+                                  {"queue": task.queue, "name": task.name, "registered": names}))
+        if due and situation["ahead"]:
+            reasons.append(Reason("tasks_ahead", f"{situation['ahead']} task(s) of higher priority or older are "
+                                  f"ahead of it in queue {task.queue!r}",
+                                  {"queue": task.queue, "ahead": situation["ahead"]}))
+        if not reasons:
+            reasons.append(Reason("next", f"nothing is in its way: it is next in queue {task.queue!r}, for the first "
+                                  f"of its {len(serving)} live worker(s) that is free",
+                                  {"queue": task.queue, "workers": len(serving)}))
+        return reasons
+
+    # --- asyncio ---
+
+    async def schedule_async(self, name, input=None, **options):
+        """``schedule()`` for asyncio applications: the same arguments, errors and id; the database
+        write runs in a thread (asyncio.to_thread), so the event loop never blocks."""
+        import asyncio
+        return await asyncio.to_thread(self.schedule, name, input, **options)
+
+    async def get_task_by_id_async(self, task_id):
+        """``get_task_by_id()`` for asyncio applications (the read runs in a thread)."""
+        import asyncio
+        return await asyncio.to_thread(self.get_task_by_id, task_id)
+
+    async def wait_async(self, task_id, timeout=None):
+        """``wait()`` for asyncio applications: the same result and errors (TaskNotFoundError,
+        TaskWaitTimeout, WorkersFailedError), without blocking the event loop and without a query
+        per waiter: one watcher thread per process serves all the waiters of all its loops (see
+        _TaskWatcher). Cancelling the awaiting coroutine stops the wait, not the task."""
+        import asyncio
+        key = _task_id(task_id)
+        limit = _seconds(timeout, "timeout")
+        loop = asyncio.get_running_loop()
+        deadline = None if limit is None else loop.time() + limit
+        future = loop.create_future()
+        watcher = _TaskWatcher.for_storage(self.storage)
+        watcher.add(key, future, loop)
+        try:
+            while True:
+                self._check_workers()
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:
+                    task = await self.get_task_by_id_async(key)
+                    raise TaskWaitTimeout(f"task {key} is still {task.status if task else 'unknown'} "
+                                          f"after {limit:g}s")
+                # A look at the workers' health every second: no database in that.
+                done, _ = await asyncio.wait({future}, timeout=1.0 if left is None else min(1.0, left))
+                if done:
+                    return future.result()
+        finally:
+            watcher.remove(key, future)
+            if not future.done():
+                future.cancel()
+
     def _check_workers(self):
         """Called by wait() while the task is unfinished; Lilota raises there when its workers failed
         for good (waiting on would never end)."""
@@ -3531,24 +4526,46 @@ class LilotaScheduler(_NodeBase):
         return False
 
 
-class _Retention:
+class _BackgroundThread:
+    """A daemon thread that runs ``_run()`` until ``stop()``; ``_run`` waits on ``self._stop``."""
+
+    thread_name = "lilota-background"
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self):
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+
+class _Retention(_BackgroundThread):
     """``keep_finished``: deletes finished tasks older than that, in a background thread of a
     supervisor (Lilota) or standalone worker -- shortly after it starts, then every
     ``interval`` (a tenth of keep_finished, at most 5 minutes). Of all the nodes on a database
     only one deletes in each interval: the one whose compare-and-set on lilota_meta's time of the
     last turn succeeds (Storage.take_turn). It deletes as cleanup() does, in batches."""
 
+    thread_name = "lilota-retention"
     #: Seconds after start before the first turn.
     first_delay = 1.0
     #: Tasks deleted per transaction (None: Storage.delete_batch_size).
     batch_size = None
 
     def __init__(self, owner, keep_finished):
+        super().__init__()
         self.owner = owner           # what has the ``storage``: a LilotaScheduler or LilotaWorker
         self.keep_finished = keep_finished
         self.interval = max(1.0, min(keep_finished / 10, 300.0))
-        self._stop = threading.Event()
-        self._thread = None
 
     def step(self, now=None, stop=None):
         """Take this interval's turn if no other node has: delete and return how many tasks were
@@ -3574,17 +4591,294 @@ class _Retention:
             except Exception:
                 logger.exception("lilota could not delete old finished tasks; will retry")
 
-    def start(self):
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="lilota-retention", daemon=True)
-        self._thread.start()
-        return self
 
-    def stop(self):
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+# --- Periodic schedules ---------------------------------------------------------------------------
+#
+# A periodic schedule enqueues one task per *slot*: each time its cron expression matches (in its
+# time zone), or each multiple of its interval since the epoch. Every node that has the schedule --
+# each worker process of the scripts that define it -- enqueues each due slot; the database lets
+# one through per slot (Storage.enqueue_periodic: a compare-and-set of the schedule's last slot, and
+# a unique key per slot), so nodes may come and go without a leader.
+
+_CRON_ALIASES = {
+    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *",
+}
+_MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+# name, lowest and highest value, names (the first one's value is the lowest)
+_CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
+                ("month", 1, 12, _MONTH_NAMES), ("day of week", 0, 7, _DAY_NAMES))
+_DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)   # February of leap years
+
+
+def _cron_field(text, what, low, high, names):
+    """The set of values a cron field ``text`` allows: ``*``, numbers, names, ranges ``a-b``, steps
+    ``*/n``, ``a-b/n`` and ``a/n`` (a to the highest), and lists of these; ValueError naming the field."""
+    def value(token):
+        if token.isascii() and token.isdigit():
+            number = int(token)
+        elif token.lower() in names:
+            number = names.index(token.lower()) + low
+        else:
+            kinds = "a number or a name (" + ", ".join(names[:3]) + " ...)" if names else "a number"
+            raise ValueError(f"{what} field: {token!r} is not {kinds}")
+        if not low <= number <= high:
+            raise ValueError(f"{what} field: {number} is out of range {low}-{high}")
+        return number
+
+    values = set()
+    for item in text.split(","):
+        span, slash, step_text = item.partition("/")
+        step = 1
+        if slash:
+            if not (step_text.isascii() and step_text.isdigit()) or int(step_text) == 0:
+                raise ValueError(f"{what} field: the step in {item!r} must be a whole number of at least 1")
+            step = int(step_text)
+        if span == "*":
+            first, last = low, high
+        elif "-" in span:
+            start, _, end = span.partition("-")
+            first, last = value(start), value(end)
+            if first > last:
+                raise ValueError(f"{what} field: the range {span!r} runs backwards; write the smaller end first")
+        elif span:
+            first = value(span)
+            last = high if slash else first
+        else:
+            raise ValueError(f"{what} field: empty item in {text!r}")
+        values.update(range(first, last + 1, step))
+    return values
+
+
+class _Cron:
+    """A cron expression: the five standard fields (minute, hour, day of month, month, day of week)
+    or an alias (@hourly, @daily, @weekly, @monthly, @yearly), its slots in time zone ``zone``.
+
+    When both day fields are restricted (neither starts with ``*``), a day matching either one
+    is enough, as in every cron since Vixie's. Slots are times on the zone's wall clock: one that
+    a daylight-saving change skips runs once at the first valid time after the gap, and one that
+    a change repeats runs once, at its first occurrence."""
+
+    def __init__(self, expression, zone):
+        if not isinstance(expression, str):
+            raise TypeError(f"cron must be a string such as '*/15 * * * *' or '@daily', not {type(expression).__name__}")
+        self.expression = expression.strip()
+        text = _CRON_ALIASES.get(self.expression.lower(), self.expression)
+        if text.startswith("@"):
+            raise ValueError(f"cron: unknown alias {self.expression!r}; the aliases are {', '.join(_CRON_ALIASES)}")
+        fields = text.split()
+        if len(fields) != 5:
+            raise ValueError(f"cron: {self.expression!r} has {len(fields)} fields; it needs 5: minute hour "
+                             f"day-of-month month day-of-week, e.g. '*/15 * * * *'")
+        (self.minutes, self.hours, self.days, self.months, weekdays) = (
+            _cron_field(field, *spec) for field, spec in zip(fields, _CRON_FIELDS))
+        self.weekdays = {day % 7 for day in weekdays}   # 7 is Sunday too
+        self.any_day, self.any_weekday = fields[2].startswith("*"), fields[4].startswith("*")
+        if self.any_weekday and not any(day <= _DAYS_IN_MONTH[month - 1] for day in self.days for month in self.months):
+            raise ValueError(f"day of month field: {fields[2]!r} never falls in the months of the month field "
+                             f"({fields[3]!r})")
+        self.zone = zone
+
+    def _day_matches(self, wall):
+        in_month = wall.day in self.days
+        in_week = (wall.weekday() + 1) % 7 in self.weekdays   # cron: 0 is Sunday
+        if self.any_day or self.any_weekday:   # "*/2" counts as a star here, yet allows odd days only
+            return in_month and in_week
+        return in_month or in_week
+
+    def _next_wall(self, wall):
+        """The first wall-clock minute at or after ``wall`` (naive) that the fields allow, or None
+        within nine years (29 February comes at least every eight)."""
+        last_year = wall.year + 9
+        while wall.year <= last_year:
+            if wall.month not in self.months:
+                wall = datetime(wall.year + wall.month // 12, wall.month % 12 + 1, 1)
+            elif not self._day_matches(wall):
+                wall = datetime(wall.year, wall.month, wall.day) + timedelta(days=1)
+            elif wall.hour not in self.hours:
+                wall = datetime(wall.year, wall.month, wall.day, wall.hour) + timedelta(hours=1)
+            elif wall.minute not in self.minutes:
+                wall += timedelta(minutes=1)
+            else:
+                return wall
+        return None
+
+    def _instant(self, wall):
+        """Epoch seconds of a wall-clock time: its first occurrence, or for a time a change to
+        daylight-saving time skips, the first valid minute after the gap."""
+        for _ in range(24 * 60):
+            aware = wall.replace(tzinfo=self.zone)   # fold=0: the first of a repeated time
+            if aware.astimezone(timezone.utc).astimezone(self.zone).replace(tzinfo=None) == wall:
+                return aware.timestamp()
+            wall += timedelta(minutes=1)
+        raise ValueError(f"time zone {self.zone} skips more than a day at {wall}")
+
+    def next_after(self, seconds):
+        """The first slot after ``seconds`` (epoch), or None if there is none within nine years."""
+        wall = datetime.fromtimestamp(seconds, self.zone).replace(tzinfo=None, second=0, microsecond=0)
+        wall += timedelta(minutes=1)
+        while True:
+            wall = self._next_wall(wall)
+            if wall is None:
+                return None
+            instant = self._instant(wall)
+            if instant > seconds:   # not a repeated time's first occurrence, already past
+                return instant
+            wall += timedelta(minutes=1)
+
+
+def _time_zone(name):
+    """A ``timezone=`` (an IANA name such as 'Europe/Berlin', or a tzinfo; None: UTC) as (tzinfo, name)."""
+    if name is None:
+        return timezone.utc, "UTC"
+    if isinstance(name, _dt.tzinfo):
+        return name, str(getattr(name, "key", None) or name)
+    if not isinstance(name, str):
+        raise TypeError(f"timezone must be an IANA time zone name such as 'Europe/Berlin', not {type(name).__name__}")
+    import zoneinfo   # only where time zones are used: it costs every worker's start otherwise
+    try:
+        return zoneinfo.ZoneInfo(name), name
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"timezone {name!r} is not a known IANA time zone (e.g. 'Europe/Berlin', 'UTC'); on a "
+                         f"system without a zone database, pip install tzdata") from None
+
+
+class _Periodic:
+    """One periodic schedule: ``name`` enqueues task ``task`` with ``input`` (JSON text) in
+    ``queue`` at each slot of ``cron`` (in ``timezone``) or each multiple of ``every`` seconds since
+    the epoch. ``catch_up``: a slot missed while no node ran is enqueued once when a node starts
+    (only the latest of them); without it a slot is enqueued only within a grace of its time
+    (a minute, or its period when shorter)."""
+
+    def __init__(self, name, task, *, cron=None, every=None, timezone=None, input_json="null",
+                 queue=DEFAULT_QUEUE, catch_up=True):
+        self.name, self.task, self.input_json, self.queue = name, task, input_json, queue
+        self.catch_up = bool(catch_up)
+        if (cron is None) == (every is None):
+            raise ValueError(f"periodic schedule {name!r}: give either cron= (e.g. '*/15 * * * *') or every= "
+                             f"(e.g. timedelta(minutes=5)), one of them")
+        self.zone, self.timezone = _time_zone(timezone)
+        if cron is not None:
+            self.cron, self.every = _Cron(cron, self.zone), None
+            self.schedule = self.cron.expression
+        else:
+            self.cron, self.every = None, _seconds(every, "every", allow_zero=False)
+            if self.every < 1:
+                raise ValueError(f"every must be at least 1 second, got {every!r}")
+            self.schedule = f"every {self.every:g}s"
+
+    def next_after(self, seconds):
+        """The first slot after ``seconds`` (epoch seconds), or None (a cron with none for years)."""
+        if self.every is not None:
+            return (math.floor(seconds / self.every) + 1) * self.every
+        return self.cron.next_after(seconds)
+
+    def latest(self, seconds):
+        """The last slot at or before ``seconds``, or None."""
+        if self.every is not None:
+            return math.floor(seconds / self.every) * self.every
+        # The slots of a window before ``seconds``, the window doubled until it holds one.
+        span = 60.0
+        while span < 10 * 366 * 86400:
+            slot = self.next_after(seconds - span)
+            if slot is not None and slot <= seconds:
+                while True:
+                    following = self.next_after(slot)
+                    if following is None or following > seconds:
+                        return slot
+                    slot = following
+            span *= 2
+        return None
+
+    def grace(self, slot):
+        """How late a slot may still be enqueued without catch_up: a minute, or its period when shorter."""
+        following = self.next_after(slot)
+        return 60.0 if following is None else min(60.0, following - slot)
+
+    def unique_key(self, slot):
+        return f"lilota.periodic:{self.name}@{datetime.fromtimestamp(slot, timezone.utc).isoformat()}"
+
+
+class _PeriodicRunner(_BackgroundThread):
+    """Enqueues the due slots of a node's periodic schedules: ``tick()`` once, or from ``start()``
+    on in a thread that sleeps until the next slot. The schedules are recorded in lilota_periodic
+    first (and their ``seen_at`` renewed while it runs), so that ``get_periodic()`` and ``lilota
+    periodic`` show them."""
+
+    thread_name = "lilota-periodic"
+    #: Seconds between renewals of the schedules' seen_at, and the longest sleep.
+    touch_interval = 30.0
+
+    def __init__(self, owner, schedules):
+        super().__init__()
+        self.owner = owner            # what has the ``storage``: a LilotaWorker
+        self.schedules = list(schedules)
+        self._handled = {}            # name -> the last slot this node dealt with
+        self._recorded = False
+
+    def tick(self, now=None):
+        """Enqueue each schedule's latest due slot that no node has enqueued yet; return the ids of
+        the tasks this node enqueued. ``now``: epoch seconds (tests; default the clock)."""
+        now = _now() if now is None else now
+        storage = self.owner.storage
+        if not self._recorded:
+            self._record(self.schedules, now)
+            self._recorded = True
+        due = {}
+        for periodic in self.schedules:
+            slot = periodic.latest(now)
+            if slot is not None and slot > self._handled.get(periodic.name, -math.inf):
+                due[periodic.name] = slot
+        if not due:
+            return []
+        # A read first: of the nodes woken by one slot, only those that find it open try to write.
+        done = storage.periodic_last_slots(set(due))
+        lost = [p for p in self.schedules if p.name in due and p.name not in done]
+        if lost:   # their rows were deleted while this node ran: recorded again, as new schedules
+            self._record(lost, now)
+        enqueued = []
+        for periodic in self.schedules:
+            slot = due.get(periodic.name)
+            if slot is None or periodic in lost:
+                continue
+            last = done[periodic.name]
+            if (last is not None and last >= slot) or (not periodic.catch_up and now - slot > periodic.grace(slot)):
+                self._handled[periodic.name] = slot
+                continue
+            task_id = _new_task_ids(1)[0]
+            # unique_for back to the epoch: a task of this slot counts, whatever its age and status.
+            row = (str(task_id), periodic.task, 0, None, None, None, periodic.input_json, periodic.queue,
+                   periodic.unique_key(slot), now, slot)
+            stored = storage.enqueue_periodic(periodic.name, slot, periodic.next_after(slot), row, now)
+            self._handled[periodic.name] = slot   # only now: after an error the next tick tries again
+            if stored is not None:
+                enqueued.append(uuid.UUID(stored))
+                logger.debug("periodic %s: enqueued task %s for %s", periodic.name, stored, _to_datetime(slot))
+        return enqueued
+
+    def _record(self, schedules, now):
+        self.owner.storage.record_periodic([(p.name, p.task, p.schedule, p.timezone, p.queue, p.next_after(now),
+                                             p.latest(now)) for p in schedules], now)
+
+    def _run(self):
+        touched = _now()
+        wait = 0.0
+        while not self._stop.wait(wait):
+            try:
+                self.tick()
+                now = _now()
+                if now - touched >= self.touch_interval:
+                    self.owner.storage.touch_periodic([p.name for p in self.schedules], now)
+                    touched = now
+                upcoming = [slot for slot in (p.next_after(now) for p in self.schedules) if slot is not None]
+                wait = min([self.touch_interval] + [slot - now for slot in upcoming])
+            except StorageError:
+                logger.warning("lilota could not enqueue periodic tasks; will retry", exc_info=True)
+                wait = 1.0
+            except Exception:
+                logger.exception("lilota could not enqueue periodic tasks; will retry")
+                wait = 1.0
 
 
 # ==================================================================================================
@@ -3698,6 +4992,8 @@ class _TaskFunction:
                  retry_on=None, no_retry_on=None):
         self.name = name
         self.func = func
+        # An async def: called, it returns a coroutine, which the worker runs on its event loop.
+        self.is_async = inspect.iscoroutinefunction(func)
         self.output_model = output_model
         self.timeout = _seconds(timeout, f"timeout of task {name!r}", allow_zero=False)
         self.max_attempts = _check_attempts(max_attempts, f"max_attempts of task {name!r}")
@@ -3833,6 +5129,8 @@ class LilotaWorker(_NodeBase):
         # Standalone only: under a supervisor, the supervisor's keep_finished is what applies.
         self.keep_finished = _seconds(keep_finished, "keep_finished", allow_zero=False)
         self._registry = {}
+        self._periodic = {}           # schedule name -> _Periodic
+        self._periodic_runner = None  # run_periodic()'s, kept for what this node already handled
         self._claim = None
         self._claim_lost = False      # a claim may have been committed with its reply lost
         self._node_id = None
@@ -3844,6 +5142,8 @@ class LilotaWorker(_NodeBase):
         self._current = None          # the task being executed, for the keeper thread
         self._interrupt = None        # (task id, reason) the keeper asked to stop
         self._interruptible = False
+        self._event_loop = None       # where async task functions run: one per process, kept
+        self._coroutine_task = None   # the asyncio.Task of the async task function running now
         self._tasks_run = 0           # by this process: what max_tasks_per_worker counts
         self._recycled = None         # why this worker process stops to be replaced, once it does
         self.logger = logging.getLogger("lilota.worker")
@@ -3874,18 +5174,71 @@ class LilotaWorker(_NodeBase):
         return decorator
 
     def task(self, func=None, *, name=None, timeout=timedelta(minutes=5), max_attempts=1, keep_input=True,
-             retry_on=None, no_retry_on=None):
+             retry_on=None, no_retry_on=None, cron=None, timezone=None, catch_up=True):
         """Decorator registering a task under the function's name (or ``name``), with the input and
         output models read from its annotations: ``@worker.task`` or ``@worker.task(name=...)``.
-        The other options are those of :meth:`register`."""
+        The other options are those of :meth:`register`. ``cron`` (with ``timezone`` and
+        ``catch_up``) also makes it periodic: see :meth:`periodic`."""
+        if cron is None and (timezone is not None or catch_up is not True):
+            raise ValueError("timezone= and catch_up= go with cron= (or worker.periodic(...)); give cron= too")
+
         def decorator(fn):
             try:
                 output_model = typing.get_type_hints(fn).get("return")
             except Exception:
                 output_model = None
+            if cron is not None:   # first: a bad expression registers nothing
+                self.periodic(name or fn.__name__, cron=cron, timezone=timezone, catch_up=catch_up)
             return self.register(name or fn.__name__, None, None if output_model is type(None) else output_model,
                                  None, timeout, max_attempts, keep_input, retry_on, no_retry_on)(fn)
         return decorator(func) if func is not None else decorator
+
+    def periodic(self, task, *, cron=None, every=None, timezone=None, input=None, queue=DEFAULT_QUEUE,
+                 catch_up=True, name=None):
+        """Enqueue task ``task`` with ``input`` in ``queue`` periodically, while this worker runs:
+        at each time ``cron`` matches ("*/15 * * * *", "@daily"; in ``timezone``, an IANA name,
+        default UTC), or every ``every`` (a timedelta or seconds, at least 1 s; slots are its
+        multiples since the epoch). However many nodes have the schedule, each slot gets one task
+        (``Task.scheduled_for``, ``ctx.scheduled_for``). A slot missed while no node ran is enqueued
+        once when one starts (the latest only), unless ``catch_up=False``. ``name``: the schedule's
+        name (default: ``task``), unique per worker and what the database records it under.
+
+        ValueError for a bad cron expression (naming the field and its range), an unknown time
+        zone, both or neither of cron and every, or a name given twice; TypeError for an input that
+        cannot be stored."""
+        if self._running:
+            raise LilotaError("add periodic schedules before worker.start(); the running worker cannot take new ones")
+        _check_name(task)
+        _check_queue(queue)
+        name = _check_name(task if name is None else name)
+        if name in self._periodic:
+            raise ValueError(f"a periodic schedule named {name!r} is already defined; give name= to tell them apart")
+        self._periodic[name] = _Periodic(name, task, cron=cron, every=every, timezone=timezone,
+                                         input_json=dumps(input, "input"), queue=queue, catch_up=catch_up)
+        self._periodic_runner = None
+
+    def run_periodic(self, now=None):
+        """Enqueue the due slots of this worker's periodic schedules, as a running worker does, as
+        of ``now`` (an aware datetime; default: the clock) -- the test helper, with
+        ``run_pending()`` to run them; returns the ids of the tasks enqueued. Later calls remember
+        the slots handled, as one running node does; each worker is a node of its own."""
+        if now is not None:
+            if not isinstance(now, datetime) or now.utcoffset() is None:
+                raise ValueError(f"now must be a timezone-aware datetime, got {now!r}")
+            now = now.timestamp()
+        if self._periodic_runner is None:
+            self._periodic_runner = _PeriodicRunner(self, self._periodic.values())
+        return self._periodic_runner.tick(now)
+
+    def _start_periodic(self):
+        """The thread that enqueues this worker's periodic slots (None without schedules)."""
+        if not self._periodic:
+            return None
+        unknown = sorted({p.task for p in self._periodic.values()} - set(self._registry))
+        if unknown:
+            self.logger.warning("periodic schedules enqueue task(s) %s that this worker does not register; "
+                                "workers elsewhere must run them", ", ".join(map(repr, unknown)))
+        return _PeriodicRunner(self, self._periodic.values()).start()
 
     def _add(self, task_function):
         if self._running:
@@ -3913,7 +5266,6 @@ class LilotaWorker(_NodeBase):
                 ((t.name, t.timeout, t.max_attempts, t.keep_input) for t in self._registry.values()), self.queues)
         return self._claim
 
-
     # --- executing one task ---
 
     def _execute(self, task, node_id, claim_next=None):
@@ -3935,15 +5287,20 @@ class LilotaWorker(_NodeBase):
             if function.context_param is not None:
                 context = TaskContext(task_id=task.id, name=task.name, attempt=task.attempts,
                                       max_attempts=task.max_attempts or 1, progress=progress,
-                                      logger=logging.getLogger("task." + task.name))
+                                      logger=logging.getLogger("task." + task.name), scheduled_for=task.scheduled_for,
+                                      dependency_outputs=task.depends_on and functools.partial(
+                                          self._dependency_outputs, task))
         self._current, self._interrupt = task, None
         self._tasks_run += 1
         try:
             try:
-                self._interruptible = True
+                # A signal stops a plain function; a coroutine is cancelled on its loop instead.
+                self._interruptible = not function.is_async
                 if self._interrupt is not None:  # asked to stop before we got here
                     raise _Interrupted(self._interrupt[1])
                 result = function(task.input, progress, context)
+                if function.is_async:
+                    result = self._await(task, result)
             finally:
                 self._interruptible = False
             output = function.output(result)
@@ -3972,6 +5329,11 @@ class LilotaWorker(_NodeBase):
             self.logger.info("task %s finished but was no longer this worker's (cancelled or recovered); "
                              "its result was not stored", task.id)
         return next_task
+
+    def _dependency_outputs(self, task):
+        """{id: stored output} of the tasks ``task`` depends on (TaskContext.dependency_outputs)."""
+        return {task_id: output for task_id, _, output in
+                self._retry_until_stored(self.storage.dependencies, str(task.id))}
 
     def _store_output(self, task, node_id, output, claim_next):
         """Store a completed task's output: (stored, the next task claimed in the same commit or None)."""
@@ -4070,7 +5432,7 @@ class LilotaWorker(_NodeBase):
         if self._helper_node_id is None:
             self._helper_node_id = str(uuid.uuid4())
             self.storage.add_node(self._helper_node_id, "run_pending", NodeType.WORKER, NodeStatus.RUNNING,
-                                  os.getpid(), self.node_timeout)
+                                  os.getpid(), self.node_timeout, self.queues)
         else:
             self.storage.set_node_status(self._helper_node_id, NodeStatus.RUNNING)
         node_id, done, task, prepared = self._helper_node_id, [], None, self._prepared_claim()
@@ -4094,6 +5456,7 @@ class LilotaWorker(_NodeBase):
                 # goes back to the queue; the attempt does not count.
                 _give_back(self.storage, node_id, "run_pending() stopped before running this task")
             finally:
+                self._close_event_loop()
                 self.storage.set_node_status(node_id, NodeStatus.STOPPED)
         return done
 
@@ -4128,7 +5491,8 @@ class LilotaWorker(_NodeBase):
         node_id = supervision.node_id
         self.storage.ensure_ready()
         self._prepared_claim()
-        self.storage.set_node_status(node_id, NodeStatus.RUNNING, os.getpid(), queues=self.queues)
+        self.storage.set_node_status(node_id, NodeStatus.RUNNING, os.getpid(), queues=self.queues,
+                                     task_names=self.registered_names)
         supervision.started = True
         doorbell = supervision.doorbell.fileno()
         os.set_blocking(doorbell, False)
@@ -4136,13 +5500,21 @@ class LilotaWorker(_NodeBase):
         final_timeouts = [t.name for t in self._registry.values() if not t.retries(TaskTimeoutError())]
         if final_timeouts:
             supervision.control.send(("no_timeout_retry", final_timeouts))
+        # Those the supervisor asks to stop (their coroutine is cancelled) before it kills the process.
+        async_names = [t.name for t in self._registry.values() if t.is_async]
+        if async_names:
+            supervision.control.send(("async_tasks", async_names))
         supervision.control.send(("ready", os.getpid()))
         self._start_keeper(node_id, supervision.control, False)
+        periodic = self._start_periodic()
         try:
             self._loop(node_id, doorbell)
         finally:
             self._running = False
+            if periodic is not None:
+                periodic.stop()
             self._close_wake_pipe()
+            self._close_event_loop()
         if self._recycled is not None:
             # A clean exit, not a crash: the supervisor starts the successor at once.
             self._retry_until_stored(self.storage.set_node_status, node_id, NodeStatus.STOPPED,
@@ -4154,7 +5526,7 @@ class LilotaWorker(_NodeBase):
         storage = self.storage
         storage.ensure_ready()
         self._prepared_claim()
-        node_id = self._node_id = self._add_node(NodeType.WORKER, self.queues)
+        node_id = self._node_id = self._add_node(NodeType.WORKER, self.queues, self.registered_names)
         self._stopping.clear()
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = {}
@@ -4164,6 +5536,7 @@ class LilotaWorker(_NodeBase):
             previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_interrupt_signal)
         keeper = self._start_keeper(node_id, None, in_main_thread)
         retention = _Retention(self, self.keep_finished).start() if self.keep_finished else None
+        periodic = self._start_periodic()
         status = NodeStatus.STOPPED
         try:
             self._loop(node_id, None)
@@ -4181,7 +5554,10 @@ class LilotaWorker(_NodeBase):
             keeper.join(timeout=2 * self.heartbeat_interval)
             if retention is not None:
                 retention.stop()
+            if periodic is not None:
+                periodic.stop()
             self._close_wake_pipe()
+            self._close_event_loop()
             try:
                 _give_back(storage, node_id, "the worker stopped while running this task")
                 storage.set_node_status(node_id, status)
@@ -4210,10 +5586,64 @@ class LilotaWorker(_NodeBase):
         if self._interruptible and request is not None and task is not None and task.id == request[0]:
             raise _Interrupted(request[1])
 
-    def _request_interrupt(self, task, reason, can_interrupt):
-        if can_interrupt and self._interrupt is None and self._current is task:
+    def _request_interrupt(self, task, reason, can_interrupt=False):
+        """Stop the running ``task`` for ``reason`` (timeout, cancel, lost): an async task function
+        by cancelling its coroutine, on its loop; a plain one (``can_interrupt``: this worker
+        runs in its process's main thread) by a signal that raises _Interrupted in it."""
+        if self._interrupt is not None or self._current is not task:
+            return
+        coroutine_task = self._coroutine_task
+        if coroutine_task is not None:
+            self._interrupt = (task.id, reason)
+            coroutine_task.get_loop().call_soon_threadsafe(coroutine_task.cancel)
+        elif can_interrupt:
             self._interrupt = (task.id, reason)
             signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+    def _close_event_loop(self):
+        """Close the loop of the async task functions, if one was made (the next makes a new one)."""
+        loop, self._event_loop = self._event_loop, None
+        if loop is not None and not loop.is_closed():
+            loop.close()
+
+    def _await(self, task, coroutine):
+        """Run an async task function's coroutine to its end on this process's event loop (made on
+        first use, kept for the next tasks) and return its result. Past the task's timeout the
+        coroutine is cancelled (_Interrupted("timeout")); _request_interrupt cancels it too."""
+        import asyncio
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:   # run_pending() called from async code: this thread's loop is busy running it
+            import concurrent.futures
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lilota-async-task") as pool:
+                return pool.submit(self._await, task, coroutine).result()
+        loop = self._event_loop
+        if loop is None or loop.is_closed():
+            loop = self._event_loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+        limit = None if task.expires_at is None else max(0.0, task.expires_at.timestamp() - _now())
+
+        async def run():
+            deadline = None if limit is None else loop.time() + limit
+            try:
+                return await asyncio.wait_for(coroutine, limit)
+            except asyncio.TimeoutError:
+                if deadline is not None and loop.time() >= deadline:
+                    raise _Interrupted("timeout") from None
+                raise   # the task's own
+        runner = self._coroutine_task = loop.create_task(run())
+        try:
+            if self._interrupt is not None:   # asked before the coroutine could be cancelled
+                runner.cancel()
+            return loop.run_until_complete(runner)
+        except asyncio.CancelledError:
+            if self._interrupt is not None:
+                raise _Interrupted(self._interrupt[1]) from None
+            raise
+        finally:
+            self._coroutine_task = None
 
     def _start_keeper(self, node_id, control, can_interrupt):
         """Mark the worker running and start its keeper thread (see _keep) beside the loop."""
@@ -4271,6 +5701,10 @@ class LilotaWorker(_NodeBase):
             os._exit(1)
         if message and message[0] == "stop":
             self.stop()
+        elif message and message[0] == "interrupt":   # the supervisor's: stop this async task
+            task = self._current
+            if task is not None and str(task.id) == message[1]:
+                self._request_interrupt(task, message[2])
         return True
 
     def _loop(self, node_id, doorbell):
@@ -4511,6 +5945,8 @@ class _WorkerHandle:
         self.fatal = None       # what it reported before dying, if anything
         self.recycled = None    # why it exits to be replaced (a recycling limit), if it does
         self.no_timeout_retry = frozenset()   # task names whose timeout ends them (retry_on/no_retry_on)
+        self.async_names = frozenset()        # task names of async functions: cancelled before a kill
+        self.interrupted = {}                 # task id -> monotonic time its coroutine was asked to stop
 
 
 class Lilota(LilotaScheduler):
@@ -4642,11 +6078,11 @@ class Lilota(LilotaScheduler):
         return cls(db_url, mode=LilotaMode.WORKERS, script_path=script_path, number_of_workers=number_of_workers,
                    **options)
 
-    def _schedule(self, *args):
+    def _schedule(self, *args, **kwargs):
         if self.mode is LilotaMode.WORKERS:
             raise RuntimeError("this Lilota only runs workers (mode=LilotaMode.WORKERS) and cannot schedule "
                                "tasks; schedule with a Lilota in mode ALL or SCHEDULER (Lilota.scheduler(db_url))")
-        return super()._schedule(*args)
+        return super()._schedule(*args, **kwargs)
 
     # --- failure reporting ---
 
@@ -4734,15 +6170,18 @@ class Lilota(LilotaScheduler):
         finish; those still running then are stopped and queued again. Blocks until done. Called
         in the main thread, a SIGINT (Ctrl-C) or SIGTERM meanwhile cuts the wait short: the workers
         are stopped at once and their tasks queued again."""
-        with self._lock:
-            if self.node_id is None:
-                return
-            self._stop_timeout_now = self.stop_timeout if timeout is None else _seconds(timeout, "timeout")
-            self._stop_requested.set()
-            self._notify_supervisor()
-            thread = self._thread
+        # Take the signals over before the supervisor hears of the stop: from the moment the
+        # workers are told to stop, a second signal means "stop now", never an exception out of
+        # the middle of stop().
         restore = self._catch_stop_signals()
         try:
+            with self._lock:
+                if self.node_id is None:
+                    return
+                self._stop_timeout_now = self.stop_timeout if timeout is None else _seconds(timeout, "timeout")
+                self._stop_requested.set()
+                self._notify_supervisor()
+                thread = self._thread
             if thread is not None and thread is not threading.current_thread():
                 thread.join()
             with self._lock:
@@ -4763,7 +6202,7 @@ class Lilota(LilotaScheduler):
         try:
             try:
                 self.stop()
-            except KeyboardInterrupt:   # Ctrl-C before stop() took over the signals: stop at once
+            except (KeyboardInterrupt, SystemExit):   # a signal before stop() took them over: stop at once
                 self._stop_at_once = True
                 self.stop(timeout=0)
         except Exception:
@@ -4952,6 +6391,8 @@ class Lilota(LilotaScheduler):
                     handle.fatal = message[1]
                 elif message[0] == "no_timeout_retry":
                     handle.no_timeout_retry = frozenset(message[1])
+                elif message[0] == "async_tasks":
+                    handle.async_names = frozenset(message[1])
                 elif message[0] == "recycled":
                     handle.recycled = message[1]
         except (EOFError, OSError):
@@ -4994,13 +6435,30 @@ class Lilota(LilotaScheduler):
                        f" while running task {tasks[0].id}" if tasks else "",
                        f":\n{handle.fatal}" if handle.fatal else "")
 
+    #: Seconds an async task function has, once asked to stop (timeout, cancel), to end its coroutine
+    #: before its worker process is killed.
+    async_stop_grace = 5.0
+
     def _stop_overdue_and_cancelled(self, context):
-        """Kill workers whose task ran past its timeout or was cancelled; record it and replace them."""
+        """Kill workers whose task ran past its timeout or was cancelled; record it and replace them.
+        An async task's coroutine is asked to stop first (the worker cancels it and records the
+        end), and its process is killed only if the task still runs ``async_stop_grace`` later."""
         by_node = {h.node_id: h for h in self._handles if h is not None and h.ready}
         if not by_node:
             return
         for task in self.storage.running_tasks(list(by_node), only_overdue_or_cancelled=True):
             handle = by_node[str(task.locked_by)]
+            if task.name in handle.async_names:
+                asked = handle.interrupted.get(task.id)
+                if asked is None:
+                    handle.interrupted[task.id] = time.monotonic()
+                    try:
+                        handle.control.send(("interrupt", str(task.id), _stop_reason(task)))
+                        continue
+                    except (OSError, ValueError):
+                        pass   # its pipe is gone: the process is ending; kill it
+                elif time.monotonic() - asked < self.async_stop_grace:
+                    continue
             self._kill(handle)
             reason = _stop_reason(task)
             error, status, retry = _stopped_end(task, reason, task.name not in handle.no_timeout_retry,
@@ -6431,36 +7889,6 @@ def _print_json(value):
     print(json.dumps(value))
 
 
-def _format_duration(seconds):
-    """``850ms``, ``12.3s``, ``5m03s``, ``2h``, ``7d04h``: the two largest units, zeros dropped."""
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
-        return f"{seconds:.1f}".rstrip("0").rstrip(".") + "s"
-    whole = int(seconds)
-    for big, size, small, small_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
-        if whole >= size:
-            rest = (whole % size) // small_size
-            return f"{whole // size}{big}" + (f"{rest:02d}{small}" if rest else "")
-    return f"{whole}s"
-
-
-def _format_age(moment, now):
-    """How long ago (or, for a future moment, in how long) a datetime is: ``3s ago``, ``in 5m``."""
-    if moment is None:
-        return "-"
-    seconds = (now - moment).total_seconds()
-    return f"{_format_duration(seconds)} ago" if seconds >= 0 else f"in {_format_duration(-seconds)}"
-
-
-def _format_time(moment, now):
-    """A datetime in full, UTC, with how long ago it was (``now`` None: without that)."""
-    if moment is None:
-        return "-"
-    text = f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} UTC"
-    return text if now is None else f"{text} ({_format_age(moment, now)})"
-
-
 def _table(headers, rows, right=()):
     """Columns padded to their widest cell, two spaces apart; the columns numbered in ``right``
     aligned right."""
@@ -6493,13 +7921,26 @@ def _task_row(task, now):
             _format_age(task.created_at, now).replace(" ago", ""), duration]
 
 
-def _describe_task(task, now):
+def _dependency_states(scheduler, task):
+    """The dependencies of ``task`` for ``show``: [{"id", "status", "open"}], in the order given;
+    open: not ended yet (status None: deleted since, which leaves the task waiting)."""
+    return [{"id": str(task_id), "status": None if status is None else status.value,
+             "open": status is None or not status.is_finished}
+            for task_id, status, _ in scheduler.storage.dependencies(str(task.id))] if task.depends_on else []
+
+
+def _describe_task(task, now, dependencies=()):
     """Every field of a task, one per line; input, output and error pretty-printed, the error's
-    traceback in full."""
+    traceback in full; ``dependencies`` (_dependency_states) one per line."""
     lines = []
     for field in dataclasses.fields(task):
         value = getattr(task, field.name)
         if field.name in ("input", "output", "error"):
+            continue
+        if field.name == "depends_on" and dependencies:
+            lines.append(f"depends_on:           {sum(d['open'] for d in dependencies)} of {len(dependencies)} open")
+            lines += [f"  {d['id']}  {d['status'] or 'deleted'}{'  (open)' if d['open'] else ''}"
+                      for d in dependencies]
             continue
         if isinstance(value, datetime):
             # A deadline counts down only while the task runs: "in 4m" would mislead once it ended.
@@ -6689,9 +8130,12 @@ def _cmd_schedule(args):
     (progress on stderr) and print its output; the exit code says whether it completed."""
     data = _parse_json_input(args.input)
     scheduler = _scheduler(args, create=True)
+    depends_on = [_resolve_task_id(scheduler, text) for text in args.depends_on]
     try:
         task_id = scheduler.schedule(args.name, data, delay=args.delay, run_at=args.run_at, priority=args.priority,
-                                     max_attempts=args.max_attempts, timeout=args.timeout, queue=args.queue)
+                                     max_attempts=args.max_attempts, timeout=args.timeout, queue=args.queue,
+                                     unique_key=args.unique_key, unique_for=args.unique_for,
+                                     depends_on=depends_on, on_failure=args.on_failure)
     except (TypeError, ValueError) as exc:   # a bad name or priority, an input JSON cannot hold
         raise _CliError(_one_line(exc), _EXIT_USAGE) from None
     if not args.wait:
@@ -6734,10 +8178,22 @@ def _cmd_show(args):
     task = scheduler.get_task_by_id(task_id)
     if task is None:
         raise TaskNotFoundError(f"no task with id {task_id}")
+    dependencies = _dependency_states(scheduler, task)
     if args.json:
-        _print_json(task.as_dict())
+        _print_json(dict(task.as_dict(), dependencies=dependencies) if task.depends_on else task.as_dict())
     else:
-        print(_describe_task(task, datetime.now(timezone.utc)))
+        print(_describe_task(task, datetime.now(timezone.utc), dependencies))
+    return 0
+
+
+def _cmd_explain(args):
+    """Say why a task is (not) running: one line per reason (see LilotaScheduler.explain)."""
+    scheduler = _scheduler(args)
+    reasons = scheduler.explain(_resolve_task_id(scheduler, args.id))
+    if args.json:
+        _print_json([reason.as_dict() for reason in reasons])
+    else:
+        print("\n".join(f"- {reason.message}" for reason in reasons))
     return 0
 
 
@@ -6792,7 +8248,8 @@ def _cmd_cleanup(args):
 
 def _cmd_nodes(args):
     """List the nodes, oldest first: worker processes and the applications that schedule or
-    supervise them, with their liveness (alive while their heartbeat lease holds)."""
+    supervise them, with their liveness (alive while their heartbeat lease holds), the queues a
+    worker serves and why a worker process was replaced (recycled)."""
     nodes = _scheduler(args).get_all_nodes()
     now = datetime.now(timezone.utc)
     if args.json:
@@ -6802,9 +8259,10 @@ def _cmd_nodes(args):
     if not nodes:
         print("no nodes")
         return 0
-    print(_table(["ID", "NAME", "TYPE", "STATUS", "PID", "LAST SEEN", "LIVENESS"],
+    print(_table(["ID", "NAME", "TYPE", "STATUS", "PID", "LAST SEEN", "LIVENESS", "QUEUES", "REASON"],
                  [[n.id, _short(n.name or "-"), n.type, n.status, "-" if n.pid is None else n.pid,
-                   _format_age(n.last_seen_at, now), _node_liveness(n, now)] for n in nodes], right={4}))
+                   _format_age(n.last_seen_at, now), _node_liveness(n, now), _short(",".join(n.queues or ["-"])),
+                   _one_line(n.reason or "-")] for n in nodes], right={4}))
     return 0
 
 
@@ -6850,6 +8308,25 @@ def _cmd_queues(args):
                  [[_short(q.name), "yes" if q.paused else "-", "-" if q.concurrency is None else q.concurrency,
                    _format_rate(q.rate)] + [q.counts.get(s, 0) for s in shown] for q in queues],
                  right=set(range(2, len(shown) + 4))))
+    return 0
+
+
+def _cmd_periodic(args):
+    """List the periodic schedules that running nodes recorded: the task each enqueues, its cron
+    expression or interval and time zone, its next run, and its last slot's task and status.
+    SEEN is when a running node last had the schedule (older than a minute: no node runs it)."""
+    schedules = _scheduler(args).get_periodic()
+    if args.json:
+        for schedule in schedules:
+            _print_json(schedule.as_dict())
+        return 0
+    now = datetime.now(timezone.utc)
+    print(_table(["NAME", "TASK", "SCHEDULE", "ZONE", "QUEUE", "NEXT RUN", "LAST SLOT", "LAST TASK", "STATUS", "SEEN"],
+                 [[_short(p.name), _short(p.task), _short(p.schedule, 24), p.timezone, _short(p.queue),
+                   _format_age(p.next_run_at, now), _format_age(p.last_slot, now),
+                   "-" if p.last_task_id is None else str(p.last_task_id)[:8],
+                   "-" if p.last_status is None else str(p.last_status), _format_age(p.seen_at, now)]
+                  for p in schedules]))
     return 0
 
 
@@ -6918,6 +8395,7 @@ _EXAMPLES = {
     "schedule": "{prog} schedule add '{{\"a\": 2, \"b\": 3}}' --delay 30s --priority 5 --wait",
     "list": "{prog} list --status failed --name add --limit 10",
     "show": "{prog} show 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e",
+    "explain": "{prog} explain 8c3f6a8e",
     "wait": "{prog} wait 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e --timeout 5m",
     "cancel": "{prog} cancel 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e",
     "retry": "{prog} retry 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e",
@@ -6925,6 +8403,7 @@ _EXAMPLES = {
     "nodes": "{prog} nodes --json",
     "stats": "{prog} stats",
     "queues": "{prog} queues --json",
+    "periodic": "{prog} periodic --json",
     "queue": "{prog} queue limit images --concurrency 2 --rate 10/s",
     "dashboard": "{prog} dashboard --db sqlite:////srv/app/lilota.db --port 8765",
 }
@@ -6997,6 +8476,14 @@ def _build_parser(prog):
                      help="stop a run that takes longer (default: the registered value)")
     sub.add_argument("--queue", type=_queue_arg, default=DEFAULT_QUEUE, metavar="NAME",
                      help=f"the queue to put it in (default: {DEFAULT_QUEUE})")
+    sub.add_argument("--unique-key", metavar="KEY",
+                     help="store nothing while a task with this key is unfinished; print that task's id")
+    sub.add_argument("--unique-for", type=_parse_duration, metavar="DURATION",
+                     help="with --unique-key: a task with the key created this recently counts too")
+    sub.add_argument("--depends-on", action="append", type=_task_id_arg, default=[], metavar="ID",
+                     help="run it after this task completed (repeat it for several; " + _ID_HELP + ")")
+    sub.add_argument("--on-failure", choices=ON_FAILURE, default="cancel",
+                     help="when a --depends-on task fails: cancel this one (default), fail it, or run it anyway")
     sub.add_argument("--wait", action="store_true", help="wait for the task and print its output")
 
     sub = command("list", _cmd_list, "list tasks as a table")
@@ -7007,6 +8494,9 @@ def _build_parser(prog):
 
     command("show", _cmd_show, "show every field of a task").add_argument("id", type=_task_id_arg, metavar="ID",
                                                                           help=_ID_HELP)
+
+    command("explain", _cmd_explain, "say why a task is not running (or how it ended)").add_argument(
+        "id", type=_task_id_arg, metavar="ID", help=_ID_HELP)
 
     sub = command("wait", _cmd_wait, "wait for a task with a progress bar")
     sub.add_argument("id", type=_task_id_arg, metavar="ID", help=_ID_HELP)
@@ -7022,6 +8512,7 @@ def _build_parser(prog):
     command("nodes", _cmd_nodes, "list workers and schedulers with their liveness")
     command("stats", _cmd_stats, "task counts per status, name and queue, and throughput")
     command("queues", _cmd_queues, "list the queues with their pause, limits and counts")
+    command("periodic", _cmd_periodic, "list the periodic schedules with their next run and last status")
     sub = command("queue", _cmd_queue, "pause or resume a queue, or set its limits", reads=False)
     actions = sub.add_subparsers(dest="action", metavar="ACTION", required=True)
     for action, summary in (("pause", "start no new task of the queue"), ("resume", "let the queue's tasks start"),

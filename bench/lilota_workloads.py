@@ -98,15 +98,20 @@ def _drain(app, raw, ids, timeout):
     wait_until(lambda: raw.unfinished() == 0, timeout)
 
 
-def drain(args, task="noop", ideal_task_seconds=None):
-    app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers, stop_timeout=60)
-    ids = app.schedule_many(task, [{"i": i} for i in range(args.n)])
+def _start_and_drain(app, ids):
+    """Start the workers, drain the queue and stop them; returns the Raw reader of the database."""
     raw = Raw(app)
     app.start()
     try:
         _drain(app, raw, ids, timeout=600)
     finally:
         app.stop()
+    return raw
+
+
+def drain(args, task="noop", ideal_task_seconds=None):
+    app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers, stop_timeout=60)
+    raw = _start_and_drain(app, app.schedule_many(task, [{"i": i} for i in range(args.n)]))
     count, first, last = raw.window()
     raw.close()
     emit_drain(count, first, last, args.workers, ideal_task_seconds)
@@ -117,13 +122,7 @@ def queues_alone(args):
     that limit lets through."""
     app = Lilota(args.url, script_path=TASKS, number_of_workers=1, stop_timeout=60, queues=["limited"])
     app.set_queue_limit("limited", concurrency=1)
-    ids = app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="limited")
-    raw = Raw(app)
-    app.start()
-    try:
-        _drain(app, raw, ids, timeout=600)
-    finally:
-        app.stop()
+    raw = _start_and_drain(app, app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="limited"))
     count, first, last = raw.window(queue="limited")
     raw.close()
     emit_drain(count, first, last, 1)
@@ -136,14 +135,7 @@ def queues_two(args):
     app.set_queue_limit("limited", concurrency=1)
     limited = app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="limited")
     free = app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="free")
-    raw = Raw(app)
-    app.start()
-    try:
-        app.wait(limited[-1], timeout=600)
-        app.wait(free[-1], timeout=600)
-        wait_until(lambda: raw.unfinished() == 0, 600)
-    finally:
-        app.stop()
+    raw = _start_and_drain(app, limited + free)
     count, first, last = raw.window(queue="limited")
     free_count, free_first, free_last = raw.window(queue="free")
     raw.close()

@@ -197,10 +197,10 @@ class Case:
         self.borrow = borrow or {}    # {system key: case key}: show that case's results here too
 
 
-def make_cases(quick):
+def make_cases(quick, repetitions=None):
     q = quick
-    reps = 2 if q else 5        # cheap workloads
-    few = 1 if q else 3         # expensive ones
+    reps = repetitions or (2 if q else 5)        # cheap workloads
+    few = repetitions or (1 if q else 3)         # expensive ones
     up = dict(n=20 if q else 40)   # upstream lilota runs about 9 tasks/s per worker by design
     rate = [("rate", "throughput", "tasks/s", True)]
     cases = [
@@ -560,6 +560,8 @@ def main():
     parser.add_argument("--backend", choices=["sqlite", "postgres", "all"], default="all",
                         help="all (default): SQLite, then PostgreSQL when it can be measured")
     parser.add_argument("--only", default="", help="comma-separated: " + ", ".join(WORKLOAD_GROUPS))
+    parser.add_argument("--reps", type=int, default=None, metavar="N",
+                        help="repetitions of every workload (default: 2 or 1 with --quick, 5 or 3 without)")
     parser.add_argument("--no-peers", action="store_true", help="measure lilota and the floor only")
     parser.add_argument("--refresh-peers", action="store_true", help="reinstall the peers' virtual environments")
     parser.add_argument("--baseline", metavar="DIR",
@@ -606,7 +608,7 @@ def main():
         for text in skipped:
             log(f"  skipped: {text}")
             notes.append(f"{backend}: skipped {text}.")
-        cases = make_cases(args.quick)
+        cases = make_cases(args.quick, args.reps)
         if only:
             wanted = set()
             for name in only:

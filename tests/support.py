@@ -39,6 +39,51 @@ def wait_until(predicate, timeout=20.0, interval=0.01, message="condition"):
     return _bench_common.wait_until(predicate, timeout, interval, message, error=AssertionError)
 
 
+def race_in_processes(target, *args, processes=2, threads=4, timeout=300):
+    """Call ``target(*args)`` (a module-level function, so that spawned processes can import it) in
+    ``threads`` threads of each of ``processes`` new processes, all let go at once; return the
+    results, one list per process with one result per thread. An exception in a process fails
+    the test with its repr."""
+    import multiprocessing
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(processes), context.Queue()
+    started = [context.Process(target=_race_process, args=(target, args, threads, barrier, results))
+               for _ in range(processes)]
+    for process in started:
+        process.start()
+    try:
+        outcomes = [results.get(timeout=timeout) for _ in started]
+    finally:
+        for process in started:
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+    for outcome in outcomes:
+        if not isinstance(outcome, list):
+            raise AssertionError(f"a racing process failed: {outcome}")
+    return outcomes
+
+
+def _race_process(target, args, threads, barrier, results):
+    import threading
+    try:
+        start = threading.Barrier(threads)
+        outcome = [None] * threads
+
+        def run(n):
+            start.wait()
+            outcome[n] = target(*args)
+        workers = [threading.Thread(target=run, args=(n,)) for n in range(threads)]
+        barrier.wait(60)
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        results.put(outcome)
+    except BaseException as exc:
+        results.put(repr(exc))
+
+
 def live_processes():
     """(pid, parent pid, session id) of every live (non-zombie) process, from /proc."""
     for entry in os.listdir("/proc"):

@@ -287,7 +287,8 @@ class TaskRecordTests(ApiTestCase):
 
     def test_statuses(self):
         self.assertEqual({s.value for s in TaskStatus},
-                         {"created", "scheduled", "running", "completed", "failed", "expired", "cancelled"})
+                         {"created", "scheduled", "waiting", "running", "completed", "failed", "expired",
+                          "cancelled"})
         self.assertEqual(TaskStatus("failed"), "failed")
 
     def test_unknown_task_name_fails_and_worker_goes_on(self):

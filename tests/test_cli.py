@@ -564,11 +564,13 @@ class NodesAndStatsCommandTest(CliTestCase):
         self.addCleanup(app.stop)
         self.worker.run_pending()   # leaves a stopped worker node
         lines = self.assertOk(self.cli("nodes")).splitlines()
-        self.assertEqual(lines[0].split(), ["ID", "NAME", "TYPE", "STATUS", "PID", "LAST", "SEEN", "LIVENESS"])
+        self.assertEqual(lines[0].split(), ["ID", "NAME", "TYPE", "STATUS", "PID", "LAST", "SEEN", "LIVENESS",
+                                            "QUEUES", "REASON"])
         rows = {line.split()[1]: line.split() for line in lines[1:]}
-        self.assertEqual(rows["web-app"][2:5] + rows["web-app"][-1:], ["scheduler", "running", str(os.getpid()),
-                                                                       "alive"])
-        self.assertEqual(rows["run_pending"][2:4] + rows["run_pending"][-1:], ["worker", "stopped", "-"])
+        # ID NAME TYPE STATUS PID LAST SEEN (two words) LIVENESS QUEUES REASON
+        self.assertEqual(rows["web-app"][2:5] + rows["web-app"][7:10], ["scheduler", "running", str(os.getpid()),
+                                                                        "alive", "-", "-"])
+        self.assertEqual(rows["run_pending"][2:4] + rows["run_pending"][7:9], ["worker", "stopped", "-", "default"])
         conn = sqlite3.connect(self.db_path)
         with conn:
             conn.execute("UPDATE lilota_node SET lease_expires_at = ? WHERE name = 'web-app'", (time.time() - 1,))
@@ -583,14 +585,14 @@ class NodesAndStatsCommandTest(CliTestCase):
         self.worker.run_pending()
         self.scheduler.schedule("add", {"a": 0, "b": 0}, delay=60)
         out = self.assertOk(self.cli("stats"))
-        self.assertIn("scheduled      1\nrunning        0\ncompleted      3\nfailed         1\n", out)
+        self.assertIn("scheduled      1\nwaiting        0\nrunning        0\ncompleted      3\nfailed         1\n", out)
         self.assertIn("total          5\n", out)
         self.assertNotIn("created", out)
         by_name = {line.split()[0]: line.split()[1:] for line in out.split("\n\n")[1].splitlines()}
-        self.assertEqual(by_name["NAME"], ["SCHEDULED", "RUNNING", "COMPLETED", "FAILED", "EXPIRED", "CANCELLED",
-                                           "TOTAL"])
-        self.assertEqual((by_name["add"], by_name["boom"]), (["1", "0", "3", "0", "0", "0", "4"],
-                                                             ["0", "0", "0", "1", "0", "0", "1"]))
+        self.assertEqual(by_name["NAME"], ["SCHEDULED", "WAITING", "RUNNING", "COMPLETED", "FAILED", "EXPIRED",
+                                           "CANCELLED", "TOTAL"])
+        self.assertEqual((by_name["add"], by_name["boom"]), (["1", "0", "0", "3", "0", "0", "0", "4"],
+                                                             ["0", "0", "0", "0", "1", "0", "0", "1"]))
         self.assertIn("last minute: 4 finished (0.067/s): 3 completed, 1 failed, 0 expired, 0 cancelled", out)
         stats = json.loads(self.assertOk(self.cli("stats", "--json")))
         self.assertEqual((stats["by_status"]["completed"], stats["last_hour"]["finished"]), (3, 4))
@@ -774,7 +776,7 @@ class QueryApiTest(TempDirTestCase):
         conn.close()
         stats = self.scheduler.stats()
         self.assertEqual(stats["total"], 6)
-        self.assertEqual(stats["by_status"], {"created": 0, "scheduled": 1, "running": 0, "completed": 4,
+        self.assertEqual(stats["by_status"], {"created": 0, "scheduled": 1, "waiting": 0, "running": 0, "completed": 4,
                                               "failed": 1, "expired": 0, "cancelled": 0})
         self.assertEqual(stats["by_name"], {"add": {"completed": 4, "scheduled": 1}, "boom": {"failed": 1}})
         for window, seconds in (("last_minute", 60), ("last_hour", 3600)):

@@ -693,7 +693,9 @@ class ErrorsTest(PostgresTestCase):
         url = server_url(scheme="postgresql+pg8000", schema=self.schema, connect_timeout=1)
         scheduler = LilotaScheduler(url)
         task_id = scheduler.schedule("echo", {"n": 1})
-        locked, released = threading.Event(), threading.Event()
+        # releasing: set just before the COMMIT that ends the lock (set after it, the reader,
+        # woken by that commit, may look before this thread runs again).
+        locked, releasing = threading.Event(), threading.Event()
         holder = lilota._dialect_for_url(self.db_url).connect()
         self.addCleanup(holder.close)
 
@@ -704,8 +706,8 @@ class ErrorsTest(PostgresTestCase):
                 locked.set()
                 time.sleep(2.5)
             finally:
+                releasing.set()
                 holder.execute("COMMIT")
-                released.set()
         thread = threading.Thread(target=hold)
         thread.start()
         self.addCleanup(thread.join, 10)
@@ -713,7 +715,7 @@ class ErrorsTest(PostgresTestCase):
         started = time.monotonic()
         task = scheduler.get_task_by_id(task_id)   # blocks behind the lock, then reads
         waited = time.monotonic() - started
-        self.assertTrue(released.is_set())
+        self.assertTrue(releasing.is_set())   # it read once the lock was let go, not before
         self.assertGreater(waited, 1.5)
         self.assertEqual((task.status, task.input), ("scheduled", {"n": 1}))
         self.assertEqual(scheduler.get_task_by_id(scheduler.schedule("echo", {"n": 2})).input, {"n": 2})
@@ -762,7 +764,7 @@ class ConcurrentSchemaCreationTest(PostgresTestCase):
         self.assertEqual(self.db_execute("SELECT tgname FROM pg_trigger WHERE tgrelid = "
                                          "CAST('lilota_task' AS regclass) AND NOT tgisinternal ORDER BY tgname"),
                          [("lilota_rate_slot_taken",), ("lilota_task_inserted",), ("lilota_task_requeued",),
-                          ("lilota_task_slot_freed",)])
+                          ("lilota_task_settle_dependents",), ("lilota_task_slot_freed",)])
 
 
 # --- 4. LISTEN/NOTIFY wake-up ----------------------------------------------------------------------

@@ -120,7 +120,7 @@ class SchemaTests(StorageTestCase):
         columns = {r[1] for r in self.sql("PRAGMA table_info(lilota_task)")}
         for name in ("id", "name", "pid", "status", "run_at", "attempts", "max_attempts", "timeout", "expires_at",
                      "progress_percentage", "start_date_time", "end_date_time", "input", "output", "error",
-                     "locked_by", "locked_at"):
+                     "locked_by", "locked_at", "queue", "unique_key"):
             self.assertIn(name, columns)
 
     def test_reopening_keeps_data_and_version(self):

@@ -134,6 +134,37 @@ class SignalTest(TempDirTestCase):
         proc = self.signal_twice(signal.SIGTERM, signal.SIGTERM)
         self.assertEqual(proc.returncode, 128 + signal.SIGTERM)
 
+    def test_second_signal_the_moment_the_workers_are_told_to_stop(self):
+        # The second SIGTERM arrives as stop() tells the supervisor to stop (here: sent by the
+        # application to itself right then). It must cut the stop short, not raise out of the
+        # middle of stop() and leave the graceful stop to run out its 30 s at exit.
+        script = self.worker_script(TASKS)
+        text = APP.format(root=ROOT, db_url=self.db_url, script=script).replace(
+            'if __name__ == "__main__":\n', '''if __name__ == "__main__":
+    import os, signal
+    told = Lilota._notify_supervisor
+
+    def notify_then_signal(self):
+        told(self)
+        if self._stop_requested.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+    Lilota._notify_supervisor = notify_then_signal
+''')
+        app = self.write("app.py", text)
+        stderr = open(self.path("app.stderr"), "w")
+        self.addCleanup(stderr.close)
+        proc = self.popen_python(app, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        self.addCleanup(proc.stdout.close)
+        ids = proc.stdout.readline().split()
+        self.assertEqual(len(ids), 2, self.stderr())
+        self.wait_running(ids)
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+        self.check_given_back(proc, ids, time.monotonic() - sent)
+        self.assertEqual(proc.returncode, 128 + signal.SIGTERM)
+        self.assertNotIn("Traceback", self.stderr())
+
     def test_sigterm_stops_gracefully(self):
         # One SIGTERM: the application stops as on Ctrl-C (by default it would die on the spot and
         # its workers with it, their tasks left running); here the stop timeout runs out.
