@@ -6598,7 +6598,9 @@ _LIST_PARAMETERS = ("status", "name", "queue", "q", "before", "limit")
 #: A task page's reads beyond the Task itself: {key in /api/tasks/ID's answer: function(scheduler,
 #: task) -> JSON value}. A feature that stores more about a task (its attempts, logs, steps) adds
 #: its read here and its section to TASK_SECTIONS in the script.
-_DASHBOARD_TASK_READS = {}
+_DASHBOARD_TASK_READS = {
+    "explain": lambda scheduler, task: [reason.as_dict() for reason in scheduler.explain(task.id)],
+}
 
 
 def _task_summary(task):
@@ -7142,12 +7144,12 @@ _DASHBOARD_CSS = r"""
 :root{--bg:#f6f7f9;--panel:#fff;--text:#1d2330;--muted:#667085;--line:#e4e7ec;--accent:#4f46e5;
 --accent-text:#fff;--code:#f2f4f7;--shadow:0 1px 2px rgba(16,24,40,.06),0 1px 3px rgba(16,24,40,.08);
 --created:#64748b;--scheduled:#2563eb;--running:#7c3aed;--completed:#16a34a;--failed:#dc2626;
---expired:#ea580c;--cancelled:#6b7280;--warn-bg:#fff4e5;--warn-text:#8a4b00;--ok-bg:#ecfdf3;--ok-text:#05603a;
+--expired:#ea580c;--cancelled:#6b7280;--waiting:#0891b2;--warn-bg:#fff4e5;--warn-text:#8a4b00;--ok-bg:#ecfdf3;--ok-text:#05603a;
 --bad-bg:#fef3f2;--bad-text:#b42318}
 @media (prefers-color-scheme:dark){:root{--bg:#0f1117;--panel:#171a23;--text:#e6e8ee;--muted:#98a2b3;
 --line:#2a2f3c;--accent:#818cf8;--accent-text:#0f1117;--code:#0b0d12;--shadow:none;--created:#94a3b8;
 --scheduled:#60a5fa;--running:#a78bfa;--completed:#4ade80;--failed:#f87171;--expired:#fb923c;
---cancelled:#9ca3af;--warn-bg:#3a2a10;--warn-text:#fcd9a5;--ok-bg:#0f2e1d;--ok-text:#a6f4c5;--bad-bg:#3b1414;
+--cancelled:#9ca3af;--waiting:#22d3ee;--warn-bg:#3a2a10;--warn-text:#fcd9a5;--ok-bg:#0f2e1d;--ok-text:#a6f4c5;--bad-bg:#3b1414;
 --bad-text:#fecdca}}
 *{box-sizing:border-box}
 body{margin:0;background:var(--bg);color:var(--text);font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,
@@ -7182,7 +7184,8 @@ box-shadow:var(--shadow);border-top:3px solid var(--c,var(--line));color:var(--t
 .count .l{color:var(--muted);font-size:13px;text-transform:capitalize}
 .s-created{--c:var(--created)}.s-scheduled{--c:var(--scheduled)}.s-running{--c:var(--running)}
 .s-completed{--c:var(--completed)}.s-failed{--c:var(--failed)}.s-expired{--c:var(--expired)}
-.s-cancelled{--c:var(--cancelled)}
+.s-cancelled{--c:var(--cancelled)}.s-waiting{--c:var(--waiting)}
+.reasons{margin:0;padding-left:18px}.reasons li{margin:4px 0}
 .badge{display:inline-flex;align-items:center;gap:6px;padding:1px 9px 1px 8px;border-radius:999px;font-size:12px;
 font-weight:600;color:var(--c,var(--muted));background:color-mix(in srgb,var(--c,var(--muted)) 13%,transparent);
 white-space:nowrap;text-transform:capitalize}
@@ -7529,6 +7532,11 @@ _DASHBOARD_JS = r"""
         progressBar(t.progress_percentage, t.status, true),
         t.status === "running" ? h("p", {class: "muted"}, "Running for " + duration(t) + ", attempt " + t.attempts +
           (t.max_attempts ? " of " + t.max_attempts : "") + ".") : null);
+    },
+    function why(data) {
+      if (FINISHED.includes(data.task.status) || !data.explain || !data.explain.length) return null;
+      return h("div", {class: "card", id: "explain"}, h("h2", {}, "Why it is where it is"),
+        h("ul", {class: "reasons"}, data.explain.map((r) => h("li", {"data-code": r.code}, r.message))));
     },
     function error(data) {
       const e = data.task.error;

@@ -199,6 +199,10 @@ class DashboardApiTests(DashboardTestCase):
         self.assertEqual(task["error"]["message"], EVIL[0])
         self.assertIn("Traceback", task["error"]["traceback"])
         self.assertEqual(set(task), {f.name for f in lilota.dataclasses.fields(lilota.Task)})
+        self.assertEqual([r["code"] for r in data["explain"]], ["finished"])   # explain(), a task page's read
+        queued = self.app.schedule("later", 1, delay=3600)
+        reasons = self.client.json("GET", f"/api/tasks/{queued}")[1]["explain"]
+        self.assertIn("due_later", [r["code"] for r in reasons])
         # The task page's extra reads: one place, each a key of the answer.
         with mock.patch.dict(lilota._DASHBOARD_TASK_READS, {"extra": lambda scheduler, t: [t.name]}):
             self.assertEqual(self.client.json("GET", f"/api/tasks/{task_id}")[1]["extra"], ["report"])
