@@ -76,6 +76,7 @@ __all__ = [
     "Lilota", "LilotaScheduler", "LilotaWorker",
     "Task", "TaskStatus", "TaskProgress", "TaskContext", "ModelProtocol",
     "Node", "NodeStatus", "NodeType", "LilotaMode", "Queue", "Reason", "DEFAULT_QUEUE", "PeriodicSchedule",
+    "Step", "TaskLog", "Attempt", "AttemptOutcome",
     "Dialect", "SQLiteDialect", "PostgreSQLDialect", "DBAPIConnection", "register_dialect",
     "LilotaError", "ConfigurationError", "DriverNotInstalledError", "StorageError",
     "DatabaseBusyError", "ReadOnlyDatabaseError", "DatabaseFullError", "CorruptDatabaseError",
@@ -429,6 +430,73 @@ class PeriodicSchedule:
 
     def as_dict(self):
         """The schedule as JSON-compatible values."""
+        return {f.name: _to_json(getattr(self, f.name), f.name) for f in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass
+class Step:
+    """A step result stored by ``ctx.step()`` (``get_task_steps()``): its ``name`` (``render``, then
+    ``render#2``, ... for a name called again), the ``attempt`` that ran it, when it started and
+    ended, and ``output``, its stored JSON value."""
+
+    name: str
+    attempt: int
+    started_at: datetime
+    ended_at: datetime
+    output: typing.Any = None
+
+    def as_dict(self):
+        """The step as JSON-compatible values."""
+        return {f.name: _to_json(getattr(self, f.name), f.name) for f in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass
+class TaskLog:
+    """A log record stored with its task (``get_task_logs()``): ``seq`` numbers a task's records in
+    order (``after=`` takes one), ``attempt`` is the attempt that logged it, ``level`` its level's
+    name, ``logger`` the logger's name, ``message`` the formatted message and exception, if any."""
+
+    seq: int
+    attempt: int
+    time: datetime
+    level: str
+    logger: str
+    message: str
+
+    def as_dict(self):
+        """The record as JSON-compatible values."""
+        return {f.name: _to_json(getattr(self, f.name), f.name) for f in dataclasses.fields(self)}
+
+
+class AttemptOutcome(_StrEnum):
+    """How an attempt of a task ended (``Attempt.outcome``)."""
+
+    RUNNING = "running"            # not ended yet
+    COMPLETED = "completed"
+    FAILED = "failed"              # the task raised (or its row could not be read)
+    EXPIRED = "expired"            # ran past its timeout
+    CANCELLED = "cancelled"
+    WORKER_DIED = "worker died"    # its worker process died, or its node was lost
+    INTERRUPTED = "interrupted"    # its worker was stopped; the task was queued again, the attempt given back
+
+
+@dataclasses.dataclass
+class Attempt:
+    """One execution of a task (``get_task_attempts()``): its ``number`` (the task's ``attempts``
+    then; an interrupted attempt is given back, so the next one has its number again), the worker
+    ``node`` id and ``pid`` that ran it, when it started and ended (None while it runs), its
+    ``outcome`` and ``error`` (the error dict, None when it completed)."""
+
+    number: int
+    node: typing.Optional[uuid.UUID]
+    pid: typing.Optional[int]
+    started_at: typing.Optional[datetime]
+    ended_at: typing.Optional[datetime]
+    outcome: AttemptOutcome
+    error: typing.Optional[dict] = None
+
+    def as_dict(self):
+        """The attempt as JSON-compatible values."""
         return {f.name: _to_json(getattr(self, f.name), f.name) for f in dataclasses.fields(self)}
 
 
@@ -865,12 +933,14 @@ class TaskContext:
     ``scheduled_for`` (the slot a periodic task runs for, else None), ``progress`` (a
     :class:`TaskProgress`) and ``logger``: the logger ``task.<name>``, an ordinary
     logger outside lilota's own ``lilota`` hierarchy (which is silent unless configured), so that
-    its records go wherever the worker process's logging sends them, stderr when unconfigured.
+    its records go wherever the worker process's logging sends them, stderr when unconfigured --
+    and are stored with the task, as the records of every logger the task's thread uses are.
     ``dependency_outputs``: {id: stored output} of the tasks it depends on (``depends_on``), read
-    from the database on first use; {} for a task without dependencies."""
+    from the database on first use; {} for a task without dependencies. ``step()`` runs a durable
+    step."""
 
     def __init__(self, *, task_id=None, name=None, attempt=1, max_attempts=1, progress=None, logger=None,
-                 scheduled_for=None, dependency_outputs=None):
+                 scheduled_for=None, dependency_outputs=None, run=None):
         self.task_id = task_id
         self.name = name
         self.attempt = attempt
@@ -879,6 +949,7 @@ class TaskContext:
         self.logger = logger
         self.scheduled_for = scheduled_for   # a periodic task's slot (aware UTC datetime), else None
         self._dependency_outputs = dependency_outputs   # a dict, or a function that reads it
+        self._run = run   # the worker's record of this attempt; None for a context made by hand
 
     @property
     def dependency_outputs(self):
@@ -888,8 +959,34 @@ class TaskContext:
             self._dependency_outputs = {}
         return self._dependency_outputs
 
+    def step(self, name, fn, *args, **kwargs):
+        """Call ``fn(*args, **kwargs)`` as the step ``name`` and store its result (JSON) in a commit
+        of its own before returning it. On a later attempt of the task the stored result is
+        returned -- revived to ``fn``'s return annotation where it names a model -- and ``fn`` is
+        not called. A name called again in an attempt is numbered: ``name``, ``name#2``, ...
+
+        A step runs at least once (the worker may die after ``fn`` returned and before the commit);
+        its identity is its name and occurrence, so renaming or reordering steps runs them afresh.
+        Raises what ``fn`` raises (nothing is stored), UnserializableError naming the step when
+        its result cannot be stored, TypeError/ConfigurationError for a bad name. For an ``async
+        def`` fn it returns an awaitable: ``await ctx.step(...)`` in an async task. A context made
+        by hand (no worker) just calls ``fn``."""
+        _check_step_name(name)
+        if self._run is None:
+            return fn(*args, **kwargs)
+        return self._run.step(name, fn, args, kwargs)
+
     def __repr__(self):
         return f"TaskContext(task_id={self.task_id!s}, name={self.name!r}, attempt={self.attempt})"
+
+
+def _check_step_name(name):
+    """A step's name: a non-empty string without ``#``, which numbers a name called again."""
+    if not isinstance(name, str):
+        raise TypeError(f"a step name must be a string, not {type(name).__name__}")
+    if not name or "#" in name or len(name) > 200:
+        raise ConfigurationError(f"step name {name!r}: give 1 to 200 characters without '#' ('#' numbers a "
+                                 f"name called again in one attempt: render, render#2, ...)")
 
 
 def _error_record(exc, **extra):
@@ -998,7 +1095,8 @@ def _schema(**types):
     A version is never edited once released: a change to the schema is a new version, applied
     forward and automatically by ``Storage._migrate``."""
     t = dict(types, status=types["text"], ids=types["json"])
-    return {1: _schema_v1(t), 2: _schema_v2(t), 3: _schema_v3(t), 4: _schema_v4(t), 6: _schema_v6(t)}
+    return {1: _schema_v1(t), 2: _schema_v2(t), 3: _schema_v3(t), 4: _schema_v4(t), 5: _schema_v5(t),
+            6: _schema_v6(t)}
 
 
 def _column_ddl(column, kind, constraints, t):
@@ -1146,6 +1244,53 @@ _NO_OPEN_DEPENDENCY_SQL = (
     f"AND (s.status NOT {_ENDED_BADLY_SQL} OR {{task}}.on_failure <> 'run'))")
 # The message of a DependencyFailedError, as Python formats it and as SQL (PostgreSQL) builds it.
 _DEPENDENCY_FAILED = "dependency {via} ended {ended}, so this task did not run (on_failure='{on_failure}')"
+def _schema_v5(t):
+    """Version 5: long work. A task's stored step results (lilota_step: one row per step name and
+    occurrence, ``render#2``), its log records (lilota_log, numbered per task by ``seq``) and its
+    ended attempts (lilota_attempt, numbered per task by ``seq``; the attempt a task row still
+    describes -- running, or ended by completion -- has no row: get_task_attempts() reads it from
+    the task). Rows go with their task (cleanup(), delete_task_by_id()); no foreign key, so that
+    rows of tasks written before this version, or by hand, need nothing."""
+    return [
+        f"""CREATE TABLE IF NOT EXISTS lilota_step (
+            task_id {t['id']} NOT NULL,
+            name {t['text']} NOT NULL,
+            attempt {t['integer']} NOT NULL,
+            started_at {t['time']} NOT NULL,
+            ended_at {t['time']} NOT NULL,
+            output {t['json']},
+            PRIMARY KEY (task_id, name))""",
+        f"""CREATE TABLE IF NOT EXISTS lilota_log (
+            task_id {t['id']} NOT NULL,
+            seq {t['integer']} NOT NULL,
+            attempt {t['integer']} NOT NULL,
+            logged_at {t['time']} NOT NULL,
+            level {t['text']} NOT NULL,
+            logger {t['text']} NOT NULL,
+            message {t['text']} NOT NULL,
+            PRIMARY KEY (task_id, seq))""",
+        f"""CREATE TABLE IF NOT EXISTS lilota_attempt (
+            task_id {t['id']} NOT NULL,
+            seq {t['integer']} NOT NULL,
+            number {t['integer']} NOT NULL,
+            node {t['id']},
+            pid {t['integer']},
+            started_at {t['time']},
+            ended_at {t['time']} NOT NULL,
+            outcome {t['text']} NOT NULL,
+            error {t['json']},
+            PRIMARY KEY (task_id, seq))""",
+    ]
+
+
+#: The tables whose rows belong to a task (``task_id``) and are deleted with it: its steps, log
+#: records and attempts, and which tasks it depends on (tasks that depend on it keep their rows).
+_TASK_DETAIL_TABLES = ("lilota_step", "lilota_log", "lilota_attempt", "lilota_dependency")
+
+#: The outcome of an attempt that ended with one of lilota's own error records (others: failed).
+_OUTCOME_OF_ERROR = {"TaskTimeoutError": AttemptOutcome.EXPIRED, "TaskCancelledError": AttemptOutcome.CANCELLED,
+                     "WorkerDiedError": AttemptOutcome.WORKER_DIED,
+                     "TaskInterruptedError": AttemptOutcome.INTERRUPTED}
 
 #: lilota_meta's key for when old finished tasks were last deleted (see Storage.take_turn).
 _RETENTION_KEY = "retention_ran_at"
@@ -2475,6 +2620,14 @@ class Storage:
         self._cancelled_retry_json = dumps(_error_record(
             TaskCancelledError("cancelled while running; the task asked to run again (Retry), which the "
                                "cancel overrides")), "error")
+        # The record of an attempt that ends other than by complete(), from its task's row: the
+        # task's attempt count, node, pid and start; cancelled when a cancel was asked meanwhile.
+        self._attempt_sql = sql(
+            "INSERT INTO lilota_attempt (task_id, seq, number, node, pid, started_at, ended_at, outcome, error) "
+            "SELECT id, COALESCE((SELECT MAX(a.seq) FROM lilota_attempt a WHERE a.task_id = lilota_task.id), 0) + 1, "
+            f"attempts, locked_by, pid, start_date_time, {ts}, "
+            f"CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE CAST(? AS TEXT) END, {js} "
+            "FROM lilota_task WHERE id = ? AND status = 'running' AND locked_by = ?")
         self._get_sql = sql(f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id = ?")
         # Storage._settle's statements (SQLite; PostgreSQL's trigger has its own).
         self._settle_probe_sql = sql("SELECT status, end_date_time FROM lilota_task WHERE id = ? AND EXISTS "
@@ -2550,17 +2703,19 @@ class Storage:
                     yield conn
 
     @contextlib.contextmanager
-    def _ending(self, task_ids):
+    def _ending(self, task_ids, transaction=False):
         """``with self._ending(ids) as conn``: one operation whose statements may end the tasks
         ``ids`` (str), and then settle their dependents in the same transaction (_settle). Where
-        the database does that itself (``Dialect.settles_dependents``), just the operation."""
-        if self.dialect.settles_dependents:
+        the database does that itself (``Dialect.settles_dependents``), just the operation: one
+        statement, unless ``transaction`` asks for a transaction around several."""
+        if self.dialect.settles_dependents and not transaction:
             with self._guard as conn:
                 yield conn
             return
         with self._write() as conn:
             yield conn
-            self._settle(conn, task_ids)
+            if not self.dialect.settles_dependents:
+                self._settle(conn, task_ids)
 
     def _settle(self, conn, task_ids):
         """In the transaction that may have ended the tasks ``task_ids``: end for good, as their
@@ -3152,7 +3307,8 @@ class Storage:
 
     def delete_finished(self, before, batch_size=None, stop=None, everywhere=True):
         """Delete tasks that finished before ``before`` (epoch seconds), oldest first, then nodes
-        gone since then; return how many rows of each: ``{"tasks": n, "nodes": n}``.
+        gone since then; return how many rows of each: ``{"tasks": n, "log_entries": n, "nodes": n}``
+        (log entries: the tasks' stored log records, deleted with them as their steps and attempts).
 
         Old tasks are found through the primary key: lilota's ids grow with time
         (_first_task_id_at), so a task that finished before ``before`` was created before it and
@@ -3167,35 +3323,41 @@ class Storage:
         cutoff = self.dialect.encode_time(before)
         bound = _first_task_id_at(before)
         sql, ts = self.dialect.sql, self.dialect.time_param
-        total = 0
+        total = logs = 0
         while True:
             started = time.monotonic()
-            deleted = self._delete_batch(bound, cutoff, batch_size)
-            total += deleted
+            deleted, deleted_logs = self._delete_batch(bound, cutoff, batch_size)
+            total, logs = total + deleted, logs + deleted_logs
             if deleted < batch_size:
                 break
             pause = min(1.0, max(0.001, time.monotonic() - started))
             if stop.wait(pause) if stop is not None else time.sleep(pause):
-                return {"tasks": total, "nodes": 0}
-        with self._guard as conn:
+                return {"tasks": total, "log_entries": logs, "nodes": 0}
+        with self._write() as conn:
             if everywhere:
-                total += conn.execute(sql(f"DELETE FROM lilota_task WHERE id >= ? AND {_FINISHED_SQL} "
-                                          f"AND end_date_time < {ts}"), (bound, cutoff)).rowcount
+                deleted, deleted_logs = self._delete_tasks(
+                    conn, f"SELECT id FROM lilota_task WHERE id >= ? AND {_FINISHED_SQL} AND end_date_time < {ts}",
+                    (bound, cutoff))
+                total, logs = total + deleted, logs + deleted_logs
             nodes = conn.execute(sql(f"DELETE FROM lilota_node WHERE {_GONE_SQL} "
                                      f"AND last_seen_at < {ts}"), (cutoff,)).rowcount
-            if total:   # the dependencies of the tasks deleted (a primary-key probe per row)
-                conn.execute("DELETE FROM lilota_dependency WHERE NOT EXISTS "
-                             "(SELECT 1 FROM lilota_task t WHERE t.id = lilota_dependency.task_id)")
-        return {"tasks": total, "nodes": nodes}
+        return {"tasks": total, "log_entries": logs, "nodes": nodes}
 
     def _delete_batch(self, bound, cutoff, batch_size):
-        """One statement (one transaction): delete up to ``batch_size`` of the oldest tasks created
-        before the id ``bound`` that finished before ``cutoff``, read along the primary key."""
-        with self._guard as conn:
-            return conn.execute(self.dialect.sql(
-                f"DELETE FROM lilota_task WHERE id IN (SELECT id FROM lilota_task WHERE id < ? AND {_FINISHED_SQL} "
-                f"AND end_date_time < {self.dialect.time_param} ORDER BY id LIMIT ?)"),
-                (bound, cutoff, batch_size)).rowcount
+        """One transaction: delete up to ``batch_size`` of the oldest tasks created before the id
+        ``bound`` that finished before ``cutoff``, read along the primary key; (tasks, log records)."""
+        with self._write() as conn:
+            return self._delete_tasks(conn, f"SELECT id FROM lilota_task WHERE id < ? AND {_FINISHED_SQL} "
+                                            f"AND end_date_time < {self.dialect.time_param} ORDER BY id LIMIT ?",
+                                      (bound, cutoff, batch_size))
+
+    def _delete_tasks(self, conn, select, params):
+        """Inside a transaction: delete the tasks ``select`` picks (a SELECT of ids), with their
+        steps, log records and attempts; return how many (tasks, log records)."""
+        counts = {table: conn.execute(self.dialect.sql(f"DELETE FROM {table} WHERE task_id IN ({select})"),
+                                      params).rowcount for table in _TASK_DETAIL_TABLES}
+        tasks = conn.execute(self.dialect.sql(f"DELETE FROM lilota_task WHERE id IN ({select})"), params).rowcount
+        return tasks, counts["lilota_log"]
 
     def take_turn(self, key, interval, now):
         """Compare-and-set on the time stored in lilota_meta under ``key``: True for the one caller,
@@ -3227,11 +3389,11 @@ class Storage:
                                 (repr(now), key, row[0])).rowcount == 1
 
     def delete_task(self, task_id):
-        """Delete one task (and its dependencies' rows) whatever its status; False when there was
-        none with that id. Tasks that depend on it and still wait go on waiting (explain() says so)."""
+        """Delete one task, with its steps, logs, attempts and dependency rows, whatever its status;
+        False when there was none with that id. Tasks that depend on it and still wait go on
+        waiting (explain() says so)."""
         with self._write() as conn:
-            conn.execute(self.dialect.sql("DELETE FROM lilota_dependency WHERE task_id = ?"), (task_id,))
-            return conn.execute(self.dialect.sql("DELETE FROM lilota_task WHERE id = ?"), (task_id,)).rowcount == 1
+            return self._delete_tasks(conn, "SELECT id FROM lilota_task WHERE id = ?", (task_id,))[0] == 1
 
     def has_unfinished_tasks(self):
         """Whether any task is queued or running."""
@@ -3394,9 +3556,13 @@ class Storage:
             status, run_at, end = "scheduled", d.encode_time(retry_at if retry_at is not None else _now()), None
         else:
             status, run_at, end = str(final_status), None, now
-        params = self._fail_params(status=status, run_at=run_at, now=now, end=end, error=d.encode_json(dumps(error, "error")),
+        error_json = d.encode_json(dumps(error, "error"))
+        params = self._fail_params(status=status, run_at=run_at, now=now, end=end, error=error_json,
                                    given_back=0 if count_attempt else 1, requeue=requeue, id=str(task.id), node=node_id)
-        with self._ending([str(task.id)]) as conn:
+        outcome = _OUTCOME_OF_ERROR.get(error.get("type"), AttemptOutcome.FAILED)
+        with self._ending([str(task.id)], transaction=True) as conn:
+            # The attempt's record first, from the row as it still is (running, this node's).
+            conn.execute(self._attempt_sql, (now, str(outcome), error_json, str(task.id), node_id))
             return conn.execute(self._fail_sql, params).rowcount == 1
 
     def snooze(self, task, node_id, run_at):
@@ -3442,14 +3608,140 @@ class Storage:
         if task_id is not None:
             query += " AND id = ?"
             params.append(str(task_id))
-        with self._write() as conn:
+        with self._guard as conn:
             tasks = [self._task(r) for r in conn.execute(d.sql(query), params).fetchall()]
-            for task in tasks:
-                retry_at = _retry_time(task, retry_delay, retry_max_delay) if retry and count_attempt else None
-                record = dict(error, attempt=task.attempts)
-                self.finish_attempt(task, node_id, record, final_status=final_status, retry_at=retry_at,
-                                    count_attempt=count_attempt)
+        # Each in a transaction of its own: finish_attempt() does nothing to a task that is no
+        # longer running on this node by then.
+        for task in tasks:
+            retry_at = _retry_time(task, retry_delay, retry_max_delay) if retry and count_attempt else None
+            record = dict(error, attempt=task.attempts)
+            self.finish_attempt(task, node_id, record, final_status=final_status, retry_at=retry_at,
+                                count_attempt=count_attempt)
         return tasks
+
+    # --- Storage: steps, logs and attempts ------------------------------------------------------
+
+    def _holds(self, conn, task_id, node_id):
+        """Whether ``node_id`` still runs the task (it was not recovered elsewhere meanwhile)."""
+        return conn.execute(self.dialect.sql("SELECT 1 FROM lilota_task WHERE id = ? AND status = 'running' "
+                                             "AND locked_by = ?"), (task_id, node_id)).fetchone() is not None
+
+    def step_outputs(self, task_id):
+        """{step name: its stored JSON value} of a task's stored steps."""
+        d = self.dialect
+        with self._guard as conn:
+            rows = conn.execute(d.sql("SELECT name, output FROM lilota_step WHERE task_id = ?"), (task_id,)).fetchall()
+        return {name: d.decode_json(output) for name, output in rows}
+
+    def save_step(self, task_id, node_id, name, attempt, started, output_json, lease, logs=(), log_bounds=None):
+        """In one commit: store a step's result (JSON text) under ``name``, renew the lease of
+        ``node_id`` for ``lease`` seconds and write the log records ``logs`` (see write_logs).
+        Returns (stored, log records left out); nothing is stored when the task is no longer
+        this node's."""
+        d = self.dialect
+        now = _now()
+        with self._write() as conn:
+            if not self._holds(conn, task_id, node_id):
+                return False, 0
+            conn.execute(d.sql(f"INSERT INTO lilota_step (task_id, name, attempt, started_at, ended_at, output) "
+                               f"VALUES (?, ?, ?, {d.time_param}, {d.time_param}, {d.json_param})"),
+                         (task_id, name, attempt, d.encode_time(started), d.encode_time(now), d.encode_json(output_json)))
+            conn.execute(d.sql(f"UPDATE lilota_node SET last_seen_at = {d.time_param}, lease_expires_at = "
+                               f"{d.time_param} WHERE id = ? AND {_ALIVE_SQL}"),
+                         (d.encode_time(now), d.encode_time(now + lease), node_id))
+            dropped = self._insert_logs(conn, task_id, logs, log_bounds) if logs else 0
+        return True, dropped
+
+    def delete_steps(self, task_id):
+        """Delete a task's stored steps."""
+        with self._guard as conn:
+            conn.execute(self.dialect.sql("DELETE FROM lilota_step WHERE task_id = ?"), (task_id,))
+
+    def steps(self, task_id):
+        """A task's stored steps, in the order they were stored."""
+        d = self.dialect
+        with self._guard as conn:
+            rows = conn.execute(d.sql("SELECT name, attempt, started_at, ended_at, output FROM lilota_step "
+                                      "WHERE task_id = ? ORDER BY ended_at, name"), (task_id,)).fetchall()
+        return [Step(name, attempt, d.decode_time(started), d.decode_time(ended), d.decode_json(output))
+                for name, attempt, started, ended, output in rows]
+
+    def write_logs(self, task_id, node_id, records, bounds):
+        """Store a running task's log records in one commit, if ``node_id`` still runs it. Returns
+        how many were left out (see _insert_logs)."""
+        with self._write() as conn:
+            if not self._holds(conn, task_id, node_id):
+                return 0
+            return self._insert_logs(conn, task_id, records, bounds)
+
+    def _insert_logs(self, conn, task_id, records, bounds):
+        """Append log records -- (attempt, epoch seconds, level name, logger name, message, forced)
+        tuples -- to a task's, numbered on from its last. ``bounds`` (records, characters): what a
+        task keeps at most, the records stored before included; records past that are left out
+        (not those ``forced``: the note that some were) and counted in the return value."""
+        d = self.dialect
+        last, count, size = conn.execute(d.sql(
+            "SELECT COALESCE(MAX(seq), 0), COUNT(*), COALESCE(SUM(LENGTH(message)), 0) FROM lilota_log "
+            "WHERE task_id = ?"), (task_id,)).fetchone()
+        max_records, max_size = bounds
+        rows, dropped = [], 0
+        for attempt, logged_at, level, name, message, forced in records:
+            if not forced and (count >= max_records or size + len(message) > max_size):
+                dropped += 1
+                continue
+            count, size, last = count + 1, size + len(message), last + 1
+            rows.append((task_id, last, attempt, d.encode_time(logged_at), level, name, message))
+        if rows:
+            conn.executemany(d.sql(f"INSERT INTO lilota_log (task_id, seq, attempt, logged_at, level, logger, "
+                                   f"message) VALUES (?, ?, ?, {d.time_param}, ?, ?, ?)"), rows)
+        return dropped
+
+    def logs(self, task_id, after=None, limit=None, last=None):
+        """A task's log records in order: those after the ``seq`` ``after``, at most ``limit``; or
+        its ``last`` ones."""
+        d = self.dialect
+        query = "SELECT seq, attempt, logged_at, level, logger, message FROM lilota_log WHERE task_id = ?"
+        params = [task_id]
+        if after is not None:
+            query += " AND seq > ?"
+            params.append(after)
+        query += " ORDER BY seq DESC LIMIT ?" if last is not None else " ORDER BY seq"
+        if last is not None:
+            params.append(last)
+        elif limit is not None:
+            query += " LIMIT ?"
+            params.append(limit)
+        with self._guard as conn:
+            rows = conn.execute(d.sql(query), params).fetchall()
+        if last is not None:
+            rows.reverse()
+        return [TaskLog(int(seq), attempt, d.decode_time(at), level, name, message)
+                for seq, attempt, at, level, name, message in rows]
+
+    def attempts(self, task_id):
+        """A task's attempts in order, or None when there is no such task. The ended ones are rows
+        of lilota_attempt; the one the task's row still describes (running, or ended by a
+        completion, which writes no attempt row) is read from the task."""
+        d = self.dialect
+        with self._guard as conn:
+            rows = conn.execute(d.sql("SELECT number, node, pid, started_at, ended_at, outcome, error "
+                                      "FROM lilota_attempt WHERE task_id = ? ORDER BY seq"), (task_id,)).fetchall()
+            task = self._task(conn.execute(self._get_sql, (task_id,)).fetchone())
+        if task is None:
+            return None
+        attempts = [Attempt(number, None if node is None else uuid.UUID(str(node)), pid, d.decode_time(started),
+                            d.decode_time(ended), AttemptOutcome(outcome), d.decode_json(error))
+                    for number, node, pid, started, ended, outcome, error in rows]
+        started = task.start_date_time
+        if started is not None and (task.status == TaskStatus.RUNNING or (
+                task.is_finished and all(a.started_at != started for a in attempts))):
+            running = task.status == TaskStatus.RUNNING
+            outcome = AttemptOutcome.RUNNING if running else AttemptOutcome(str(task.status))
+            attempts.append(Attempt(task.attempts, task.locked_by, task.pid, started,
+                                    None if running else task.end_date_time, outcome,
+                                    None if outcome in (AttemptOutcome.RUNNING, AttemptOutcome.COMPLETED)
+                                    else task.error))
+        return attempts
 
     # --- Storage: nodes ---------------------------------------------------------------------------
 
@@ -3710,6 +4002,12 @@ def _logging_level(name, value):
         raise ValueError(f"{name}: unknown logging level {value!r}")
 
 
+def _log_level(name, value):
+    """A logging level given as a number or a name (``"INFO"``), as its number."""
+    _logging_level(name, value)
+    return value if isinstance(value, int) else logging.getLevelName(value)
+
+
 #: The constructor arguments of upstream lilota 1.x (``LilotaWorker``, ``LilotaScheduler``, ``Lilota``),
 #: accepted so that its applications run unchanged: upstream name -> (the argument of ours it sets,
 #: or None where lilota has no such knob; the check upstream's value must pass). README: "Coming
@@ -3836,6 +4134,30 @@ class _NodeBase:
     def get_task_by_id(self, task_id):
         """The stored :class:`Task`, or None when there is no task with that id."""
         return self.storage.get_task(_task_id(task_id))
+
+    def get_task_steps(self, task_id):
+        """The task's stored steps (``ctx.step``) as :class:`Step` records, in the order they were
+        stored. TaskNotFoundError when there is no such task."""
+        return self._task_details(task_id, self.storage.steps)
+
+    def get_task_logs(self, task_id, after=None):
+        """The task's stored log records as :class:`TaskLog` records, in order; with ``after`` (a
+        record's ``seq``), only the later ones. TaskNotFoundError when there is no such task."""
+        if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
+            raise TypeError(f"after must be the seq (an int >= 0) of a log record, not {after!r}")
+        return self._task_details(task_id, self.storage.logs, after)
+
+    def get_task_attempts(self, task_id):
+        """One :class:`Attempt` per execution of the task, in order, the running one included.
+        TaskNotFoundError when there is no such task."""
+        return self._task_details(task_id, self.storage.attempts)
+
+    def _task_details(self, task_id, read, *args):
+        task_id = _task_id(task_id)
+        details = read(task_id, *args)
+        if details is None or (not details and self.storage.task_state(task_id)[0] is None):
+            raise TaskNotFoundError(f"no task with id {task_id}")
+        return details
 
     def delete_task_by_id(self, task_id):
         """Delete a task whatever its status; True when it was deleted, False when there was no task
@@ -4457,12 +4779,13 @@ class LilotaScheduler(_NodeBase):
 
     def cleanup(self, older_than=timedelta(days=30)):
         """Delete tasks that finished more than ``older_than`` ago, and nodes stopped, crashed or
-        dead since longer; return how many rows of each kind: ``{"tasks": n, "log_entries": 0,
-        "nodes": n}`` (as upstream lilota 1.4; lilota stores no log entries). Queued and running
+        dead since longer; return how many rows of each kind: ``{"tasks": n, "log_entries": n,
+        "nodes": n}`` (as upstream lilota 1.4; log entries: the tasks' stored log records, deleted
+        with them as their steps and attempts are). Queued and running
         tasks are never deleted. It deletes in batches, each a transaction of its own, so that running
         workers are not held up."""
         deleted = self.storage.delete_finished(_now() - _seconds(older_than, "older_than"))
-        return {"tasks": deleted["tasks"], "log_entries": 0, "nodes": deleted["nodes"]}
+        return deleted
 
     def get_all_nodes(self):
         """The same as ``get_nodes()`` (both are upstream lilota's names)."""
@@ -4895,12 +5218,14 @@ class _Supervision:
     recycling limit (to be replaced at once); the supervisor sends ``("stop",)``. The supervisor
     renews its workers' leases and kills the one whose task must stop; a standalone worker does
     both itself. ``queues``: the queues the application assigned this process (None: the
-    script's own); ``max_tasks`` and ``max_memory``: when it is recycled (None: never)."""
+    script's own); ``max_tasks`` and ``max_memory``: when it is recycled (None: never);
+    ``node_timeout``: the supervisor's, which then applies to the worker too."""
 
     def __init__(self, db_url, node_id, control, doorbell, doorbell_writer, parent_pid, queues=None,
-                 max_tasks=None, max_memory=None):
+                 max_tasks=None, max_memory=None, node_timeout=None):
         self.db_url = db_url
         self.node_id = node_id
+        self.node_timeout = node_timeout    # the lease the supervisor gives the node (a step renews it)
         self.queues = queues
         self.max_tasks = max_tasks
         self.max_memory = max_memory
@@ -4989,11 +5314,13 @@ class _TaskFunction:
     """A registered task function with what lilota needs to call it."""
 
     def __init__(self, name, func, input_model, output_model, wants_progress, timeout, max_attempts, keep_input,
-                 retry_on=None, no_retry_on=None):
+                 retry_on=None, no_retry_on=None, keep_steps=True, log_level=None):
         self.name = name
         self.func = func
         # An async def: called, it returns a coroutine, which the worker runs on its event loop.
         self.is_async = inspect.iscoroutinefunction(func)
+        self.keep_steps = bool(keep_steps)
+        self.log_level = None if log_level is None else _log_level(f"log_level of task {name!r}", log_level)
         self.output_model = output_model
         self.timeout = _seconds(timeout, f"timeout of task {name!r}", allow_zero=False)
         self.max_attempts = _check_attempts(max_attempts, f"max_attempts of task {name!r}")
@@ -5078,6 +5405,204 @@ class _TaskFunction:
         return self.func(*args, **kwargs)
 
 
+# --- Steps and log records of a running task -----------------------------------------------------
+
+#: What a task's stored log keeps at most (its attempts together); past that, one record of each
+#: attempt says how many were left out.
+MAX_TASK_LOG_RECORDS = 10_000
+MAX_TASK_LOG_CHARS = 1 << 20
+#: How often (seconds) at most the log records of a running task wait in memory before being written.
+TASK_LOG_FLUSH_INTERVAL = 1.0
+
+
+async def _awaitable(value):
+    """``value``, as an awaitable: a stored step result where an async step's caller awaits one."""
+    return value
+
+
+class _TaskRun:
+    """One attempt of a task in a worker: its steps (``ctx.step``) and its buffered log records,
+    written with each step, at least every TASK_LOG_FLUSH_INTERVAL by a timer, and at its end."""
+
+    def __init__(self, worker, task, node_id, function):
+        self.worker = worker
+        self.task_id = str(task.id)
+        self.attempt = task.attempts
+        self.node_id = node_id
+        self.level = function.log_level if function.log_level is not None else worker.task_log_level
+        self.stored_steps = None   # {name: stored value}, read at the first step
+        self.calls = {}            # step name -> how often this attempt called it
+        self.used_steps = False
+        self.records = []          # (attempt, time, level, logger, message, forced)
+        self.buffered_chars = 0
+        self.dropped = 0
+        self.lock = threading.Lock()         # the buffer
+        self.flush_lock = threading.Lock()   # one writer at a time: records stay in order
+        self.timer = None
+
+    # --- steps ---
+
+    def step(self, name, fn, args, kwargs):
+        """TaskContext.step() in a worker: the stored result, or ``fn``'s, stored. For an ``async
+        def`` fn, an awaitable of either (``await ctx.step(...)`` in an async task)."""
+        count = self.calls[name] = self.calls.get(name, 0) + 1
+        key = name if count == 1 else f"{name}#{count}"
+        storage = self.worker.storage
+        if self.stored_steps is None:
+            self.stored_steps = self.worker._retry_until_stored(storage.step_outputs, self.task_id)
+        self.used_steps = True
+        if key in self.stored_steps:
+            try:
+                hint = typing.get_type_hints(fn).get("return")
+            except Exception:
+                hint = None
+            value = _revive(None if hint is type(None) else hint, self.stored_steps[key])
+            return _awaitable(value) if inspect.iscoroutinefunction(fn) else value
+        started = _now()
+        result = fn(*args, **kwargs)
+        if inspect.isawaitable(result):   # an async def step, in an async task: awaited there
+            return self._store_awaited(key, started, result)
+        return self._store(key, started, result)
+
+    async def _store_awaited(self, key, started, awaitable):
+        return self._store(key, started, await awaitable)
+
+    def _store(self, key, started, result):
+        """Store the result of step ``key`` (in a commit of its own) and return it."""
+        output = dumps(result, f"the result of step {key!r}")   # UnserializableError names the step
+        storage = self.worker.storage
+        with self.flush_lock:   # after the records a timer's flush is writing, if any: they keep their order
+            stored, dropped = self.worker._retry_until_stored(
+                storage.save_step, self.task_id, self.node_id, key, self.attempt, started, output,
+                self.worker.node_timeout, self._take(), (MAX_TASK_LOG_RECORDS, MAX_TASK_LOG_CHARS))
+            self.dropped += dropped
+        if not stored:
+            self.worker.logger.warning("task %s: step %s was not stored: the task is no longer this worker's",
+                                       self.task_id, key)
+        return result
+
+    # --- log records ---
+
+    def add(self, record):
+        """Buffer a log record of the task's thread (called by _TaskLogCapture, in that thread)."""
+        try:
+            message = record.getMessage()
+        except Exception:   # arguments that do not fit the format: keep what there is
+            message = f"{record.msg!r} {record.args!r}"
+        if record.exc_info:
+            message += "\n" + _LOG_FORMATTER.formatException(record.exc_info)
+        if record.stack_info:
+            message += "\n" + record.stack_info
+        message = message.replace("\x00", "\\x00")   # PostgreSQL text cannot hold U+0000
+        with self.lock:
+            if len(self.records) >= MAX_TASK_LOG_RECORDS or self.buffered_chars + len(message) > MAX_TASK_LOG_CHARS:
+                self.dropped += 1
+                return
+            self.records.append((self.attempt, record.created, record.levelname, record.name, message, False))
+            self.buffered_chars += len(message)
+            if self.timer is None:
+                self.timer = threading.Timer(TASK_LOG_FLUSH_INTERVAL, self._timed_flush)
+                self.timer.daemon = True
+                self.timer.start()
+
+    def _take(self):
+        with self.lock:
+            records, self.records, self.buffered_chars = self.records, [], 0
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+        return records
+
+    def _timed_flush(self):
+        with self.lock:
+            self.timer = None
+        self.flush()
+
+    def flush(self, final=False):
+        """Write the buffered records (``final``: and the note of those left out, if any). A
+        database error loses them, with a warning: a task's log must not fail the task."""
+        with self.flush_lock:
+            records = self._take()
+            bounds = (MAX_TASK_LOG_RECORDS, MAX_TASK_LOG_CHARS)
+            try:
+                if records:
+                    self.dropped += self.worker.storage.write_logs(self.task_id, self.node_id, records, bounds)
+                if final and self.dropped:   # rare: a commit of its own, once every count is known
+                    records = [(self.attempt, _now(), "WARNING", "lilota", f"{self.dropped} log record(s) of this "
+                                f"attempt were left out: a task keeps at most {bounds[0]} records and {bounds[1]} "
+                                f"characters of log", True)]
+                    self.dropped = 0
+                    self.worker.storage.write_logs(self.task_id, self.node_id, records, bounds)
+            except StorageError as exc:
+                self.worker.logger.warning("task %s: %d log record(s) could not be stored (%s)", self.task_id,
+                                           len(records), exc)
+
+
+_LOG_FORMATTER = logging.Formatter()
+
+
+class _TaskLogCapture(logging.Handler):
+    """The handler on the root logger that stores the log records of running tasks: those of a
+    thread that runs a task (``runs``), at the task's level or above, from any logger but lilota's
+    own. The root logger's level is lowered to the lowest task level while workers run, and only
+    when logging is unconfigured (no handler on the root): then Python's last resort (stderr,
+    WARNING and above) was the only output, and this handler passes it on what it would have got."""
+
+    def __init__(self):
+        super().__init__()
+        self.runs = {}         # thread ident -> _TaskRun
+        self.users = 0         # workers running in this process
+        self.lowered = None    # (the root's level before, the level set) while lowered
+        self.forward = False
+
+    def emit(self, record):
+        run = self.runs.get(record.thread)
+        if run is not None and record.levelno >= run.level and not (
+                record.name == "lilota" or record.name.startswith("lilota.")):
+            run.add(record)
+        last_resort = logging.lastResort
+        if self.forward and last_resort is not None and record.levelno >= last_resort.level \
+                and not self._others(record.name):
+            last_resort.handle(record)
+
+    def _others(self, name):
+        """Whether a handler other than this one sees records of logger ``name``."""
+        log = logging.getLogger(name) if name != "root" else logging.getLogger()
+        while log is not None:
+            if any(handler is not self for handler in log.handlers):
+                return True
+            if not log.propagate:
+                return False
+            log = log.parent
+        return False
+
+    def install(self, level):
+        """Called by a worker starting to run tasks whose lowest log level is ``level``."""
+        root = logging.getLogger()
+        with _TASK_LOGS_LOCK:
+            self.users += 1
+            if self.users == 1:
+                self.forward = not root.handlers
+                if self.forward and root.level > level:
+                    self.lowered = (root.level, level)
+                    root.setLevel(level)
+                root.addHandler(self)
+
+    def uninstall(self):
+        root = logging.getLogger()
+        with _TASK_LOGS_LOCK:
+            self.users -= 1
+            if self.users == 0:
+                root.removeHandler(self)
+                if self.lowered is not None and root.level == self.lowered[1]:
+                    root.setLevel(self.lowered[0])
+                self.lowered = None
+
+
+_TASK_LOGS_LOCK = threading.Lock()
+_TASK_LOGS = _TaskLogCapture()
+
+
 # --- The worker -----------------------------------------------------------------------------------
 
 def _rss_bytes():
@@ -5116,7 +5641,8 @@ class LilotaWorker(_NodeBase):
                  heartbeat_interval=5.0, node_timeout=30.0, retry_delay=timedelta(seconds=1),
                  retry_max_delay=timedelta(minutes=10), node_heartbeat_interval=None,
                  node_heartbeat_interval_jitter=None, node_timeout_sec=None, task_heartbeat_interval=None,
-                 max_task_heartbeat_interval=None, logging_level=None, keep_finished=None, queues=None):
+                 max_task_heartbeat_interval=None, logging_level=None, keep_finished=None, queues=None,
+                 task_log_level=logging.INFO):
         # Upstream lilota's arguments (the six before keep_finished): see _UPSTREAM_OPTIONS.
         self._set_up(db_url or (_supervision.db_url if _supervision else None), LilotaWorker.__init__, locals())
         # The application's assignment (Lilota(queues=...)) wins over the script's own.
@@ -5128,6 +5654,8 @@ class LilotaWorker(_NodeBase):
         self.poll_interval = _seconds(poll_interval, "poll_interval", allow_zero=False)
         # Standalone only: under a supervisor, the supervisor's keep_finished is what applies.
         self.keep_finished = _seconds(keep_finished, "keep_finished", allow_zero=False)
+        # The level from which a task's log records are stored with it (register(log_level=) wins).
+        self.task_log_level = _log_level("task_log_level", task_log_level)
         self._registry = {}
         self._periodic = {}           # schedule name -> _Periodic
         self._periodic_runner = None  # run_periodic()'s, kept for what this node already handled
@@ -5151,7 +5679,8 @@ class LilotaWorker(_NodeBase):
     # --- registration ---
 
     def register(self, name, input_model=None, output_model=None, task_progress=None,
-                 timeout=timedelta(minutes=5), max_attempts=1, keep_input=True, retry_on=None, no_retry_on=None):
+                 timeout=timedelta(minutes=5), max_attempts=1, keep_input=True, retry_on=None, no_retry_on=None,
+                 keep_steps=True, log_level=None):
         """Decorator registering a task function under ``name``.
 
         The function receives its input as an ``input_model`` instance (the stored dict when there
@@ -5166,15 +5695,20 @@ class LilotaWorker(_NodeBase):
         raising one of these end the task at once, others are retried. A type matching both is not
         retried. A timeout counts as :class:`TaskTimeoutError` (a ``TimeoutError``); a worker
         crash is retried whatever the filters. Raising :class:`Retry` is never a failure.
+
+        ``keep_steps=False`` deletes the task's stored steps (``ctx.step``) once it completes
+        (else they are kept until the task is deleted). ``log_level`` (a logging level; None: the
+        worker's ``task_log_level``): the level from which the task's log records are stored.
         """
         def decorator(func):
             self._add(_TaskFunction(_check_name(name), func, input_model, output_model, bool(task_progress),
-                                    timeout, max_attempts, keep_input, retry_on, no_retry_on))
+                                    timeout, max_attempts, keep_input, retry_on, no_retry_on, keep_steps, log_level))
             return func
         return decorator
 
     def task(self, func=None, *, name=None, timeout=timedelta(minutes=5), max_attempts=1, keep_input=True,
-             retry_on=None, no_retry_on=None, cron=None, timezone=None, catch_up=True):
+             retry_on=None, no_retry_on=None, cron=None, timezone=None, catch_up=True, keep_steps=True,
+             log_level=None):
         """Decorator registering a task under the function's name (or ``name``), with the input and
         output models read from its annotations: ``@worker.task`` or ``@worker.task(name=...)``.
         The other options are those of :meth:`register`. ``cron`` (with ``timezone`` and
@@ -5190,7 +5724,8 @@ class LilotaWorker(_NodeBase):
             if cron is not None:   # first: a bad expression registers nothing
                 self.periodic(name or fn.__name__, cron=cron, timezone=timezone, catch_up=catch_up)
             return self.register(name or fn.__name__, None, None if output_model is type(None) else output_model,
-                                 None, timeout, max_attempts, keep_input, retry_on, no_retry_on)(fn)
+                                 None, timeout, max_attempts, keep_input, retry_on, no_retry_on, keep_steps,
+                                 log_level)(fn)
         return decorator(func) if func is not None else decorator
 
     def periodic(self, task, *, cron=None, every=None, timezone=None, input=None, queue=DEFAULT_QUEUE,
@@ -5282,6 +5817,7 @@ class LilotaWorker(_NodeBase):
                 f"register it with @worker.register({task.name!r}) in the worker script"), attempt=task.attempts))
             return None
         progress = context = None
+        run = _TaskRun(self, task, node_id, function)
         if function.progress_param is not None or function.context_param is not None:  # only if it takes them
             progress = TaskProgress(task.id, functools.partial(self._store_progress, node_id))
             if function.context_param is not None:
@@ -5289,11 +5825,14 @@ class LilotaWorker(_NodeBase):
                                       max_attempts=task.max_attempts or 1, progress=progress,
                                       logger=logging.getLogger("task." + task.name), scheduled_for=task.scheduled_for,
                                       dependency_outputs=task.depends_on and functools.partial(
-                                          self._dependency_outputs, task))
+                                          self._dependency_outputs, task), run=run)
         self._current, self._interrupt = task, None
         self._tasks_run += 1
+        thread = threading.get_ident()
+        failure = None
         try:
             try:
+                _TASK_LOGS.runs[thread] = run   # from here the thread's log records are the task's
                 # A signal stops a plain function; a coroutine is cancelled on its loop instead.
                 self._interruptible = not function.is_async
                 if self._interrupt is not None:  # asked to stop before we got here
@@ -5303,6 +5842,9 @@ class LilotaWorker(_NodeBase):
                     result = self._await(task, result)
             finally:
                 self._interruptible = False
+                _TASK_LOGS.runs.pop(thread, None)
+                if run.records or run.dropped:
+                    run.flush(final=True)
             output = function.output(result)
         except _Interrupted as stop:
             self._end_interrupted(task, node_id, str(stop), function)
@@ -5316,10 +5858,14 @@ class LilotaWorker(_NodeBase):
                                      "the worker was interrupted; the task was queued again", task)
             raise
         except BaseException as exc:  # the task's own failure, SystemExit included
-            self._end_failed(task, node_id, _error_record(exc, attempt=task.attempts), retry=function.retries(exc))
-            return None
+            failure = _error_record(exc, attempt=task.attempts), function.retries(exc)
         finally:
             self._current = None
+        if failure is not None:
+            # Stored once the exception is gone: its traceback holds the task's frames and what
+            # they hold, e.g. the memory whose lack raised a MemoryError, which storing needs.
+            self._end_failed(task, node_id, failure[0], retry=failure[1])
+            return None
         try:
             stored, next_task = self._store_output(task, node_id, output, claim_next)
         except UnserializableError as exc:   # the database refused this output (PostgreSQL: U+0000, size)
@@ -5328,6 +5874,11 @@ class LilotaWorker(_NodeBase):
         if not stored:
             self.logger.info("task %s finished but was no longer this worker's (cancelled or recovered); "
                              "its result was not stored", task.id)
+        elif run.used_steps and not function.keep_steps:
+            try:
+                storage.delete_steps(str(task.id))
+            except StorageError as exc:
+                self.logger.warning("task %s: could not delete its steps (keep_steps=False): %s", task.id, exc)
         return next_task
 
     def _dependency_outputs(self, task):
@@ -5437,6 +5988,7 @@ class LilotaWorker(_NodeBase):
             self.storage.set_node_status(self._helper_node_id, NodeStatus.RUNNING)
         node_id, done, task, prepared = self._helper_node_id, [], None, self._prepared_claim()
         self._claim_lost = False
+        _TASK_LOGS.install(self._lowest_log_level())
         try:
             while limit is None or len(done) < limit:
                 self.storage.heartbeat([node_id], self.node_timeout)
@@ -5456,9 +6008,16 @@ class LilotaWorker(_NodeBase):
                 # goes back to the queue; the attempt does not count.
                 _give_back(self.storage, node_id, "run_pending() stopped before running this task")
             finally:
-                self._close_event_loop()
+                try:
+                    self._close_event_loop()
+                finally:
+                    _TASK_LOGS.uninstall()
                 self.storage.set_node_status(node_id, NodeStatus.STOPPED)
         return done
+
+    def _lowest_log_level(self):
+        """The lowest level from which a registered task's log records are stored."""
+        return min([self.task_log_level] + [t.log_level for t in self._registry.values() if t.log_level is not None])
 
     # --- the worker loop ---
 
@@ -5489,6 +6048,8 @@ class LilotaWorker(_NodeBase):
                 f"{supervisor_db.describe()}; give both the same db_url "
                 f"(or leave LilotaWorker's db_url out to use the supervisor's)")
         node_id = supervision.node_id
+        if supervision.node_timeout is not None:   # the lease a step renews is the supervisor's
+            self.node_timeout = supervision.node_timeout
         self.storage.ensure_ready()
         self._prepared_claim()
         self.storage.set_node_status(node_id, NodeStatus.RUNNING, os.getpid(), queues=self.queues,
@@ -5717,52 +6278,56 @@ class LilotaWorker(_NodeBase):
         errors = 0
         self._claim_lost = False   # also set by _store_output, when a completion's claim may be lost
         drained_at = time.monotonic()
-        while not stopping.is_set():
-            try:
-                if self._claim_lost:
-                    self._release_lost_claim(node_id)
-                self._recycled = self._recycle_reason()
-                if self._recycled is not None:
-                    return
-                task = storage.claim(prepared, node_id, pid)
-                if task is None:
-                    # Idle. Empty the doorbell, read the change counter and make sure the listener
-                    # listens, then claim once more: a task stored after that claim rang the bell,
-                    # moved the counter or notified after its commit, so it is either claimed now
-                    # or wakes us below.
-                    rings = _drain(doorbell) if doorbell is not None else 0
-                    counter = storage.change_counter()
-                    listening = storage.listen_fd()
+        _TASK_LOGS.install(self._lowest_log_level())   # the running tasks' log records are stored
+        try:
+            while not stopping.is_set():
+                try:
+                    if self._claim_lost:
+                        self._release_lost_claim(node_id)
+                    self._recycled = self._recycle_reason()
+                    if self._recycled is not None:
+                        return
                     task = storage.claim(prepared, node_id, pid)
                     if task is None:
-                        errors = 0
-                        self._idle(waitables if listening is None else waitables + [listening], counter,
-                                   listening)
-                        continue
-                    if rings > 1:   # more work was announced: pass the wake-up on to another worker
-                        _ring(_supervision.doorbell_writer.fileno() if _supervision else None)
-                errors = 0
-                # Busy: each completion claims the next task in the completion's commit, until none
-                # is due or stop() is called.
-                while task is not None:
-                    task = self._execute(task, node_id, prepared)
-                    if task is not None and stopping.is_set():
-                        # stop() came while the commit that claimed it was under way: give it back.
-                        self._retry_until_stored(_give_back, storage, node_id,
-                                                 "the worker stopped before running this task", task)
-                        break
-                    if time.monotonic() - drained_at > 1.0:
-                        storage.drain_notifications()
-                        drained_at = time.monotonic()
-            except StorageError as exc:
-                # Locked, full, the server gone (restarting, network): wait it out here. A worker
-                # that died of it would be replaced by one that meets the same error: a crash loop.
-                # A claim whose reply was lost with the connection may have been committed:
-                # release it first.
-                self._claim_lost = self._claim_lost or isinstance(exc, DatabaseUnavailableError)
-                errors += 1
-                self.logger.warning("worker %s: database error, retrying: %s", node_id, exc)
-                stopping.wait(min(2.0, 0.01 * 2 ** min(errors, 8)))
+                        # Idle. Empty the doorbell, read the change counter and make sure the listener
+                        # listens, then claim once more: a task stored after that claim rang the bell,
+                        # moved the counter or notified after its commit, so it is either claimed now
+                        # or wakes us below.
+                        rings = _drain(doorbell) if doorbell is not None else 0
+                        counter = storage.change_counter()
+                        listening = storage.listen_fd()
+                        task = storage.claim(prepared, node_id, pid)
+                        if task is None:
+                            errors = 0
+                            self._idle(waitables if listening is None else waitables + [listening], counter,
+                                       listening)
+                            continue
+                        if rings > 1:   # more work was announced: pass the wake-up on to another worker
+                            _ring(_supervision.doorbell_writer.fileno() if _supervision else None)
+                    errors = 0
+                    # Busy: each completion claims the next task in the completion's commit, until none
+                    # is due or stop() is called.
+                    while task is not None:
+                        task = self._execute(task, node_id, prepared)
+                        if task is not None and stopping.is_set():
+                            # stop() came while the commit that claimed it was under way: give it back.
+                            self._retry_until_stored(_give_back, storage, node_id,
+                                                     "the worker stopped before running this task", task)
+                            break
+                        if time.monotonic() - drained_at > 1.0:
+                            storage.drain_notifications()
+                            drained_at = time.monotonic()
+                except StorageError as exc:
+                    # Locked, full, the server gone (restarting, network): wait it out here. A worker
+                    # that died of it would be replaced by one that meets the same error: a crash loop.
+                    # A claim whose reply was lost with the connection may have been committed:
+                    # release it first.
+                    self._claim_lost = self._claim_lost or isinstance(exc, DatabaseUnavailableError)
+                    errors += 1
+                    self.logger.warning("worker %s: database error, retrying: %s", node_id, exc)
+                    stopping.wait(min(2.0, 0.01 * 2 ** min(errors, 8)))
+        finally:
+            _TASK_LOGS.uninstall()
 
     def _release_lost_claim(self, node_id):
         """Requeue tasks this worker holds but does not execute: claimed by a statement whose
@@ -6368,7 +6933,7 @@ class Lilota(LilotaScheduler):
         parent_pid = None if self.start_method == "forkserver" else os.getpid()
         supervision = _Supervision(self.db_url_for_workers, node_id, child_end, reader, writer, parent_pid,
                                    queues if self._queues_given else None, self.max_tasks_per_worker,
-                                   self.max_worker_memory)
+                                   self.max_worker_memory, self.node_timeout)
         process = context.Process(target=_worker_process_main, args=(self.script_path, supervision),
                                   name=f"lilota-worker-{index}")
         process.start()
@@ -8179,18 +8744,57 @@ def _cmd_list(args):
     return 0
 
 
+def _attempt_row(attempt, now):
+    """An attempt as a row of ``show``'s table: number, outcome, start, duration (so far while it
+    runs), pid, node (short), error on one line."""
+    end = attempt.ended_at or (now if attempt.outcome == AttemptOutcome.RUNNING else None)
+    duration = "-" if attempt.started_at is None or end is None else \
+        _format_duration((end - attempt.started_at).total_seconds())
+    error = attempt.error or {}
+    return [attempt.number, attempt.outcome, _format_age(attempt.started_at, now), duration,
+            "-" if attempt.pid is None else attempt.pid, "-" if attempt.node is None else str(attempt.node)[:8],
+            _short(_one_line(f"{error.get('type')}: {error.get('message', '')}"), 70) if error else "-"]
+
+
+#: How many of a task's last log records ``show`` prints.
+_SHOWN_LOG_LINES = 10
+
+
 def _cmd_show(args):
-    """Show every field of a task; input, output and error pretty-printed, with the traceback."""
+    """Show every field of a task; input, output and error pretty-printed, with the traceback; then
+    its attempts (outcome and error of each), its stored steps and its last 10 log records
+    (--json: under "attempt_records", "steps" and "logs")."""
     scheduler = _scheduler(args)
     task_id = _resolve_task_id(scheduler, args.id)
     task = scheduler.get_task_by_id(task_id)
     if task is None:
         raise TaskNotFoundError(f"no task with id {task_id}")
     dependencies = _dependency_states(scheduler, task)
+    steps = scheduler.get_task_steps(task_id)
+    attempts = scheduler.get_task_attempts(task_id)
+    logs = scheduler.storage.logs(task_id, last=_SHOWN_LOG_LINES)
     if args.json:
-        _print_json(dict(task.as_dict(), dependencies=dependencies) if task.depends_on else task.as_dict())
-    else:
-        print(_describe_task(task, datetime.now(timezone.utc), dependencies))
+        shown = dict(task.as_dict(), dependencies=dependencies) if task.depends_on else task.as_dict()
+        _print_json(dict(shown, attempt_records=[attempt.as_dict() for attempt in attempts],
+                         steps=[step.as_dict() for step in steps], logs=[record.as_dict() for record in logs]))
+        return 0
+    now = datetime.now(timezone.utc)
+    print(_describe_task(task, now, dependencies))
+    if attempts:
+        print(f"\nattempts ({len(attempts)}):")
+        print("  " + _table(["#", "OUTCOME", "STARTED", "DURATION", "PID", "NODE", "ERROR"],
+                            [_attempt_row(attempt, now) for attempt in attempts], right={0, 3, 4}).replace("\n", "\n  "))
+    if steps:
+        print(f"\nsteps ({len(steps)}):")
+        print("  " + _table(["NAME", "ATTEMPT", "ENDED", "DURATION", "OUTPUT"],
+                            [[_short(step.name), step.attempt, _format_age(step.ended_at, now),
+                              _format_duration((step.ended_at - step.started_at).total_seconds()),
+                              _short(json.dumps(step.output, ensure_ascii=False), 60)] for step in steps],
+                            right={1, 3}).replace("\n", "\n  "))
+    if logs:
+        print(f"\nlog (the last {len(logs)}; lilota logs ID prints them all):" if logs[0].seq > 1 else "\nlog:")
+        for record in logs:
+            print("  " + _log_line(record).replace("\n", "\n  "))
     return 0
 
 
@@ -8203,6 +8807,38 @@ def _cmd_explain(args):
     else:
         print("\n".join(f"- {reason.message}" for reason in reasons))
     return 0
+
+
+def _log_line(record):
+    """A stored log record as the ``logs`` command prints it: time (UTC), level, logger, [attempt]
+    and message (a traceback on the lines that follow)."""
+    moment = record.time
+    return (f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} {record.level:<8} {record.logger} "
+            f"[{record.attempt}] {record.message}")
+
+
+def _cmd_logs(args):
+    """Print the log records stored with a task, in order: time (UTC), level, logger, [attempt]
+    and message. --follow prints new records as the worker stores them (at least every second)
+    and ends when the task has ended; --json prints a JSON line per record."""
+    scheduler = _scheduler(args)
+    task_id = _resolve_task_id(scheduler, args.id)
+    after = None
+    while True:
+        # The status first: a task that had ended by then has every record stored before the logs are read.
+        task = scheduler.get_task_by_id(task_id)
+        if task is None:
+            raise TaskNotFoundError(f"no task with id {task_id}")
+        for record in scheduler.get_task_logs(task_id, after):
+            if args.json:
+                _print_json(record.as_dict())
+            else:
+                print(_log_line(record))
+            after = record.seq
+        sys.stdout.flush()
+        if not args.follow or task.is_finished:
+            return 0
+        time.sleep(0.2)
 
 
 def _cmd_wait(args):
@@ -8404,6 +9040,7 @@ _EXAMPLES = {
     "list": "{prog} list --status failed --name add --limit 10",
     "show": "{prog} show 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e",
     "explain": "{prog} explain 8c3f6a8e",
+    "logs": "{prog} logs 8c3f6a8e --follow",
     "wait": "{prog} wait 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e --timeout 5m",
     "cancel": "{prog} cancel 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e",
     "retry": "{prog} retry 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e",
@@ -8505,6 +9142,10 @@ def _build_parser(prog):
 
     command("explain", _cmd_explain, "say why a task is not running (or how it ended)").add_argument(
         "id", type=_task_id_arg, metavar="ID", help=_ID_HELP)
+    sub = command("logs", _cmd_logs, "print the log records stored with a task")
+    sub.add_argument("id", type=_task_id_arg, metavar="ID", help=_ID_HELP)
+    sub.add_argument("-f", "--follow", action="store_true",
+                     help="print new records as they are stored, until the task has ended")
 
     sub = command("wait", _cmd_wait, "wait for a task with a progress bar")
     sub.add_argument("id", type=_task_id_arg, metavar="ID", help=_ID_HELP)

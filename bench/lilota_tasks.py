@@ -8,7 +8,7 @@ import time
 
 sys.path.insert(0, os.environ.get("BENCH_LILOTA_PATH") or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lilota import LilotaWorker  # noqa: E402
+from lilota import LilotaWorker, TaskContext  # noqa: E402
 
 worker = LilotaWorker()
 
@@ -31,6 +31,14 @@ def cpu10(data):
 def stamp(data):
     """The time the task function started, for the latency workload."""
     return {"t": time.time()}
+
+
+@worker.register("steps")
+def steps(data, ctx: TaskContext):
+    """``data["steps"]`` durable steps of a no-op, each storing a small result (issue 20)."""
+    for i in range(data["steps"]):
+        ctx.step("step", int, i)
+    return None
 
 
 if __name__ == "__main__":

@@ -98,21 +98,22 @@ def _drain(app, raw, ids, timeout):
     wait_until(lambda: raw.unfinished() == 0, timeout)
 
 
-def _start_and_drain(app, ids):
-    """Start the workers, drain the queue and stop them; returns the Raw reader of the database."""
+def _run_queued(app, ids, queue=None):
+    """Start the workers, wait until the queued tasks ``ids`` are done, stop; (completed count,
+    first claim, last completion) of ``queue``'s tasks (None: all) and the Raw connection, open."""
     raw = Raw(app)
     app.start()
     try:
         _drain(app, raw, ids, timeout=600)
     finally:
         app.stop()
-    return raw
+    return raw.window(queue=queue), raw
 
 
 def drain(args, task="noop", ideal_task_seconds=None):
     app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers, stop_timeout=60)
-    raw = _start_and_drain(app, app.schedule_many(task, [{"i": i} for i in range(args.n)]))
-    count, first, last = raw.window()
+    ids = app.schedule_many(task, [{"i": i} for i in range(args.n)])
+    (count, first, last), raw = _run_queued(app, ids)
     raw.close()
     emit_drain(count, first, last, args.workers, ideal_task_seconds)
 
@@ -122,8 +123,8 @@ def queues_alone(args):
     that limit lets through."""
     app = Lilota(args.url, script_path=TASKS, number_of_workers=1, stop_timeout=60, queues=["limited"])
     app.set_queue_limit("limited", concurrency=1)
-    raw = _start_and_drain(app, app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="limited"))
-    count, first, last = raw.window(queue="limited")
+    ids = app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="limited")
+    (count, first, last), raw = _run_queued(app, ids, queue="limited")
     raw.close()
     emit_drain(count, first, last, 1)
 
@@ -135,11 +136,22 @@ def queues_two(args):
     app.set_queue_limit("limited", concurrency=1)
     limited = app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="limited")
     free = app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="free")
-    raw = _start_and_drain(app, limited + free)
-    count, first, last = raw.window(queue="limited")
+    (count, first, last), raw = _run_queued(app, limited + free, queue="limited")
     free_count, free_first, free_last = raw.window(queue="free")
     raw.close()
     emit_drain(count, first, last, 2, free_rate=free_count / (free_last - free_first))
+
+
+def steps(args):
+    """Tasks of ``--depth`` durable steps each (ctx.step, a small result per step), ``--workers``
+    workers: steps/s from the first claim to the last completion (and the tasks/s)."""
+    app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers, stop_timeout=60)
+    ids = app.schedule_many("steps", [{"steps": args.depth}] * args.n)
+    (count, first, last), raw = _run_queued(app, ids)
+    stored = raw.rows("SELECT COUNT(*) FROM lilota_step")[0][0]
+    raw.close()
+    emit(rate=stored / (last - first), task_rate=count / (last - first), n=count, steps=stored,
+         workers=args.workers, seconds=last - first)
 
 
 def mixed(args):
@@ -265,7 +277,7 @@ def scale(args):
 
 
 WORKLOADS = {f.__name__: f for f in (enqueue_one, enqueue_many, drain, mixed, latency, startup, first_task,
-                                        footprint, scale, queues_alone, queues_two)}
+                                        footprint, scale, queues_alone, queues_two, steps)}
 
 
 if __name__ == "__main__":

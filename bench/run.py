@@ -279,6 +279,13 @@ def make_cases(quick, repetitions=None):
             "lilota": ("queues_two", dict(n=2000 if q else 10000), reps), "baseline": None,
         }),
     ]
+    # Durable steps (lilota only; a baseline older than them cannot run them): tasks of 10 steps,
+    # each step a commit of its own; the cost of tasks without steps is drain's (--baseline).
+    for k in (1, 2):
+        cases.append(Case(f"steps{k}", f"steps: tasks of 10 ctx.step() each, {k} worker{'s' if k > 1 else ''}",
+                          [("rate", "steps stored", "steps/s", True), ("task_rate", "tasks", "tasks/s", True)], {
+            "lilota": ("steps", dict(n=300 if q else 1000, depth=10, workers=k), reps), "baseline": None,
+        }))
     for depth in ((10_000, 100_000) if q else (10_000, 100_000, 1_000_000)):
         measured = 5000 if q else 10_000
         cases.append(Case(f"scale{depth}", f"scale: {depth:,} queued, drain of the first {measured:,} "
@@ -293,7 +300,7 @@ WORKLOAD_GROUPS = {
     "enqueue": ("enqueue", "enqueue_many"), "drain": ("drain1", "drain2", "drain4"), "latency": ("latency",),
     "mixed": ("mixed",), "footprint": ("startup", "footprint"),
     "startup": tuple(f"start{k}{load}" for load in ("", "_busy") for k in (1, 2, 8)), "scale": ("scale10000", "scale100000", "scale1000000"),
-    "floor": (), "peers": (), "queues": ("queues_alone", "queues_two"),
+    "floor": (), "peers": (), "queues": ("queues_alone", "queues_two"), "steps": ("steps1", "steps2"),
 }
 
 

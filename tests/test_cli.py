@@ -407,7 +407,8 @@ class ShowCommandTest(CliTestCase):
         task_id = self.scheduler.schedule("boom", {"files": ["a.txt", "b.txt"]})
         self.worker.run_pending()
         out = self.assertOk(self.cli("show", str(task_id)))
-        fields = dict(line.split(":", 1) for line in out.splitlines() if line[:1].isalpha())
+        # The task's fields come first; the attempts, steps and log follow after a blank line.
+        fields = dict(line.split(":", 1) for line in out.split("\n\n")[0].splitlines() if line[:1].isalpha())
         self.assertEqual(set(fields), {f.name for f in __import__("dataclasses").fields(lilota.Task)})
         self.assertEqual((fields["id"].strip(), fields["status"].strip(), fields["attempts"].strip()),
                          (str(task_id), "failed", "1"))
@@ -432,7 +433,11 @@ class ShowCommandTest(CliTestCase):
         task_id = self.scheduler.schedule("add", {"a": 1, "b": 2})
         self.worker.run_pending()
         out = self.assertOk(self.cli("show", str(task_id), "--json"))
-        self.assertEqual(json.loads(out), self.scheduler.get_task_by_id(task_id).as_dict())
+        # The task's fields, then its attempts, steps and last log records (test_long_work checks those).
+        shown = json.loads(out)
+        self.assertEqual((shown.pop("steps"), shown.pop("logs")), ([], []))
+        self.assertEqual([(a["number"], a["outcome"]) for a in shown.pop("attempt_records")], [(1, "completed")])
+        self.assertEqual(shown, self.scheduler.get_task_by_id(task_id).as_dict())
 
     def test_bad_and_unknown_ids(self):
         self.scheduler.schedule("add", {"a": 1, "b": 2})

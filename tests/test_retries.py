@@ -396,8 +396,9 @@ class RetentionTests(RetryTestCase):
         delete_batch = lilota.Storage._delete_batch
 
         def spy(storage, bound, cutoff, batch_size):
-            batches.append(delete_batch(storage, bound, cutoff, batch_size))
-            return batches[-1]
+            deleted = delete_batch(storage, bound, cutoff, batch_size)
+            batches.append(deleted[0])   # (tasks, log records)
+            return deleted
 
         with mock.patch.object(lilota.Storage, "_delete_batch", spy):
             self.assertEqual(app._retention.step(), 23)

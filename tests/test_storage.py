@@ -112,7 +112,8 @@ class SchemaTests(StorageTestCase):
     def test_tables_and_schema_version(self):
         LilotaScheduler(self.db_url).storage.ensure_ready()
         tables = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        self.assertLessEqual({"lilota_task", "lilota_node", "lilota_meta"}, tables)
+        self.assertLessEqual({"lilota_task", "lilota_node", "lilota_meta", "lilota_step", "lilota_log",
+                              "lilota_attempt"}, tables)
         self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("6",)])
         self.assertEqual(lilota.SCHEMA_VERSION, 6)
         indexes = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'index'")}
@@ -177,7 +178,8 @@ class SchemaTests(StorageTestCase):
         self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"),
                          [(str(lilota.SCHEMA_VERSION),)])
         tables = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        self.assertLessEqual({"lilota_task", "lilota_node", "lilota_meta"}, tables)
+        self.assertLessEqual({"lilota_task", "lilota_node", "lilota_meta", "lilota_step", "lilota_log",
+                              "lilota_attempt"}, tables)
         self.assertEqual(self.sql("PRAGMA journal_mode")[0][0].lower(), "wal")
 
 

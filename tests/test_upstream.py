@@ -535,7 +535,7 @@ class UpstreamApplicationTests(UpstreamTestCase):
             "nodes ['scheduler', 'scheduler', 'worker', 'worker']",
             "own node scheduler",
             "deleted True False",
-            "cleanup 3 0 True",
+            "cleanup 3 1 True",
             "error None",
         ], result.stderr)
 
