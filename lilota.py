@@ -7153,11 +7153,13 @@ _DASHBOARD_MAX_BODY = 4096         # bytes of a POST body
 _DASHBOARD_MAX_TARGET = 2048       # characters of a request's path and query
 _DASHBOARD_MAX_TEXT = 200          # characters of a text filter
 _DASHBOARD_ERROR_SAMPLE = 500      # the latest failures the overview groups by error
+_DASHBOARD_LOG_TAIL = 100          # a task's latest log records on its page (more: /api/tasks/ID/logs)
+_DASHBOARD_LOG_PAGE = 1000         # log records per answer of /api/tasks/ID/logs
 _DASHBOARD_COOKIE = "lilota_dashboard"
 _DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                   "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 #: The pages: every one is the same shell, which the script fills from the API.
-_DASHBOARD_PAGES = re.compile(r"/(?:tasks(?:/[0-9a-fA-F-]{36})?|nodes|queues)?")
+_DASHBOARD_PAGES = re.compile(r"/(?:tasks(?:/[0-9a-fA-F-]{36})?|nodes|queues|periodic)?")
 _LIST_PARAMETERS = ("status", "name", "queue", "q", "before", "limit")
 
 #: A task page's reads beyond the Task itself: {key in /api/tasks/ID's answer: function(scheduler,
@@ -7165,7 +7167,22 @@ _LIST_PARAMETERS = ("status", "name", "queue", "q", "before", "limit")
 #: its read here and its section to TASK_SECTIONS in the script.
 _DASHBOARD_TASK_READS = {
     "explain": lambda scheduler, task: [reason.as_dict() for reason in scheduler.explain(task.id)],
+    "attempts": lambda scheduler, task: [a.as_dict() for a in scheduler.storage.attempts(str(task.id)) or []],
+    "steps": lambda scheduler, task: [s.as_dict() for s in scheduler.storage.steps(str(task.id)) or []],
+    # The latest records only: a task that logs a lot would make every poll of its page large; the
+    # page asks /api/tasks/ID/logs?after= for the rest.
+    "logs": lambda scheduler, task: [r.as_dict() for r in scheduler.storage.logs(str(task.id), last=_DASHBOARD_LOG_TAIL)],
+    "dependencies": lambda scheduler, task: _dependency_states(scheduler, task),
 }
+
+
+def _dependency_states(scheduler, task):
+    """The dependencies of ``task`` for ``show`` and the dashboard's task page: [{"id", "status",
+    "open"}], in the order given;
+    open: not ended yet (status None: deleted since, which leaves the task waiting)."""
+    return [{"id": str(task_id), "status": None if status is None else status.value,
+             "open": status is None or not status.is_finished}
+            for task_id, status, _ in scheduler.storage.dependencies(str(task.id))] if task.depends_on else []
 
 
 def _task_summary(task):
@@ -7342,6 +7359,29 @@ def _dashboard_task(scheduler, task_id):
     for key, read in _DASHBOARD_TASK_READS.items():
         answer[key] = read(scheduler, task)
     return answer
+
+
+def _dashboard_task_id(text):
+    try:
+        return _task_id(text)
+    except (TypeError, ValueError):
+        raise DashboardError(400, "a task id is a UUID, e.g. 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e") from None
+
+
+def _dashboard_logs(scheduler, task_id, query):
+    """A task's log records after the seq ``after`` (0: from the first), at most
+    _DASHBOARD_LOG_PAGE of them, and ``more``: whether later ones are left for the next ask."""
+    unknown = sorted(set(query) - {"after"})
+    if unknown:
+        raise DashboardError(400, f"unknown parameter {unknown[0]!r}; the logs take after (a record's seq)")
+    after = (_one_query_value(query, "after") or "0").strip()
+    if not after.isdigit() or len(after) > 18:
+        raise DashboardError(400, "after must be a log record's seq (a whole number >= 0)")
+    try:
+        records = scheduler._task_details(task_id, scheduler.storage.logs, int(after), _DASHBOARD_LOG_PAGE + 1)
+    except TaskNotFoundError as exc:
+        raise DashboardError(404, str(exc)) from None
+    return {"logs": [r.as_dict() for r in records[:_DASHBOARD_LOG_PAGE]], "more": len(records) > _DASHBOARD_LOG_PAGE}
 
 
 def _json_body(body):
@@ -7526,8 +7566,14 @@ class _DashboardHandler:
         scheduler = dashboard.scheduler
         if path == "/api/tasks":
             return self._send_json(200, _dashboard_tasks(scheduler, query), "GET")
+        match = re.fullmatch(r"/api/tasks/([^/]{1,100})/logs", path)
+        if match:
+            return self._send_json(200, _dashboard_logs(scheduler, _dashboard_task_id(match.group(1)), query), "GET")
         if query:
             raise DashboardError(400, f"{path} takes no parameters")
+        if path == "/api/periodic":
+            return self._send_json(200, {"now": _to_json(_to_datetime(_now()), "now"),
+                                         "periodic": [p.as_dict() for p in scheduler.get_periodic()]}, "GET")
         if path == "/api/stats":
             return self._send_json(200, _dashboard_overview(scheduler, dashboard.counts), "GET")
         if path == "/api/nodes":
@@ -7538,11 +7584,7 @@ class _DashboardHandler:
                                          "counted_seconds_ago": round(age, 1)}, "GET")
         match = re.fullmatch(r"/api/tasks/([^/]{1,100})", path)
         if match:
-            try:
-                task_id = _task_id(match.group(1))
-            except (TypeError, ValueError):
-                raise DashboardError(400, "a task id is a UUID, e.g. 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e") from None
-            return self._send_json(200, _dashboard_task(scheduler, task_id), "GET")
+            return self._send_json(200, _dashboard_task(scheduler, _dashboard_task_id(match.group(1))), "GET")
         raise DashboardError(404, f"no API endpoint {path[:100]}")
 
     def _login(self, dashboard, method, body):
@@ -7690,7 +7732,8 @@ _DASHBOARD_SHELL = """<!doctype html>
 <script src="/static/dashboard.js" defer></script></head>
 <body><header class="top"><a class="brand" href="/"><span class="logo">L</span>lilota</a>
 <nav><a href="/" data-nav="overview">Overview</a><a href="/tasks" data-nav="tasks">Tasks</a>
-<a href="/nodes" data-nav="nodes">Nodes</a><a href="/queues" data-nav="queues">Queues</a></nav>
+<a href="/nodes" data-nav="nodes">Nodes</a><a href="/queues" data-nav="queues">Queues</a>
+<a href="/periodic" data-nav="periodic">Periodic</a></nav>
 <span class="database" title="the database">{database}</span></header>
 <div id="notice" class="notice" role="alert" hidden></div>
 <main id="main"><p class="muted">Loading&hellip;</p></main></body></html>
@@ -7750,6 +7793,8 @@ box-shadow:var(--shadow);border-top:3px solid var(--c,var(--line));color:var(--t
 .s-created{--c:var(--created)}.s-scheduled{--c:var(--scheduled)}.s-running{--c:var(--running)}
 .s-completed{--c:var(--completed)}.s-failed{--c:var(--failed)}.s-expired{--c:var(--expired)}
 .s-cancelled{--c:var(--cancelled)}.s-waiting{--c:var(--waiting)}
+pre.small{max-height:160px;padding:6px 10px;font-size:12px}td.wide{min-width:240px;width:45%}
+pre.log{max-height:420px}.log-warning{color:var(--expired)}.log-error,.log-critical{color:var(--failed)}
 .reasons{margin:0;padding-left:18px}.reasons li{margin:4px 0}
 .badge{display:inline-flex;align-items:center;gap:6px;padding:1px 9px 1px 8px;border-radius:999px;font-size:12px;
 font-weight:600;color:var(--c,var(--muted));background:color-mix(in srgb,var(--c,var(--muted)) 13%,transparent);
@@ -8112,6 +8157,60 @@ _DASHBOARD_JS = r"""
         Object.keys(e).some((k) => !["type", "message", "traceback"].includes(k))
           ? h("pre", {}, json(Object.fromEntries(Object.entries(e).filter(([k]) => !["type", "message", "traceback"].includes(k))))) : null);
     },
+    function dependencies(data) {
+      const deps = data.dependencies || [];
+      if (!deps.length) return null;
+      const open = deps.filter((d) => d.open).length;
+      return h("div", {class: "card", id: "dependencies"}, h("div", {class: "split"}, h("h2", {}, "Depends on"),
+        h("span", {class: "pill"}, open + " of " + deps.length + " open")), h("table", {},
+        h("thead", {}, h("tr", {}, h("th", {}, "Task"), h("th", {}, "Status"), h("th", {}, "Open"))),
+        h("tbody", {}, deps.map((d) => h("tr", {"data-id": d.id},
+          h("td", {}, h("a", {class: "mono", href: taskHref(d.id)}, d.id)),
+          h("td", {}, d.status ? badge(d.status) : h("span", {class: "muted"}, "deleted")),
+          h("td", {class: d.open ? "" : "muted"}, d.open ? "open" : "done"))))));
+    },
+    function attempts(data) {
+      const rows = data.attempts || [];
+      if (!rows.length) return null;
+      return h("div", {class: "card", id: "attempts"}, h("h2", {}, "Attempts"), h("table", {},
+        h("thead", {}, h("tr", {}, h("th", {class: "num"}, "#"), h("th", {}, "Outcome"), h("th", {}, "Started"),
+          h("th", {class: "num"}, "Duration"), h("th", {}, "Node"), h("th", {}, "Error"))),
+        h("tbody", {}, rows.map((a) => h("tr", {},
+          h("td", {class: "num"}, a.number),
+          h("td", {}, h("span", {class: "badge s-" + OUTCOME_COLOURS[a.outcome]}, a.outcome)),
+          h("td", {class: "muted nowrap", title: a.started_at || ""}, age(a.started_at)),
+          h("td", {class: "num"}, span(a.started_at, a.ended_at)),
+          h("td", {class: "mono", title: a.node || ""}, a.node ? shortId(a.node) + (a.pid ? " · pid " + a.pid : "") : "–"),
+          h("td", {}, a.error ? h("div", {class: "clip muted", title: String(a.error.message || "")},
+            String(a.error.type || "error") + ": " + String(a.error.message || "")) : ""))))));
+    },
+    function steps(data) {
+      const rows = data.steps || [];
+      if (!rows.length) return null;
+      return h("div", {class: "card", id: "steps"}, h("h2", {}, "Steps"), h("table", {},
+        h("thead", {}, h("tr", {}, h("th", {}, "Step"), h("th", {class: "num"}, "Attempt"), h("th", {}, "Ended"),
+          h("th", {class: "num"}, "Duration"), h("th", {}, "Output"))),
+        h("tbody", {}, rows.map((s) => h("tr", {"data-step": s.name},
+          h("td", {class: "mono"}, s.name), h("td", {class: "num"}, s.attempt),
+          h("td", {class: "muted nowrap", title: s.ended_at || ""}, age(s.ended_at)),
+          h("td", {class: "num"}, span(s.started_at, s.ended_at)),
+          h("td", {class: "wide"}, h("pre", {class: "small"}, json(s.output))))))));
+    },
+    function logs(data) {
+      // The page's poll brings the latest records; "Show all" reads every one and then follows
+      // with /api/tasks/ID/logs?after= (only the records added since the last one shown).
+      const state = logState;
+      if (!state.all) state.records = data.logs || [];
+      if (!state.records.length) return null;
+      const first = state.records[0].seq;
+      return h("div", {class: "card", id: "logs"}, h("div", {class: "split"}, h("h2", {}, "Log"),
+        h("div", {class: "actions"}, h("span", {class: "muted"}, state.all ? "All " + state.records.length + " records" +
+            (FINISHED.includes(data.task.status) ? "" : ", following") : "The latest " + state.records.length + " records"),
+          !state.all && first > 1 ? h("button", {type: "button", onclick: () => showAllLogs(data.task.id)}, "Show all") : null)),
+        h("pre", {class: "log"}, state.records.map((r) => h("span", {class: "log-" + String(r.level).toLowerCase(), "data-seq": r.seq},
+          h("span", {class: "muted"}, r.time.slice(11, 23) + " "), String(r.level).padEnd(8) + " ",
+          h("span", {class: "muted"}, r.logger + ": "), r.message + "\n"))));
+    },
     function input(data) { return h("div", {class: "card"}, h("h2", {}, "Input"), h("pre", {id: "input"}, json(data.task.input))); },
     function output(data) {
       return data.task.status === "completed" || data.task.output !== null
@@ -8126,11 +8225,36 @@ _DASHBOARD_JS = r"""
     },
   ];
 
+  const OUTCOME_COLOURS = {"running": "running", "completed": "completed", "failed": "failed", "expired": "expired",
+                           "cancelled": "cancelled", "worker died": "failed", "interrupted": "scheduled"};
+  const span = (start, end) => start ? seconds(Math.max(0, (end ? time(end) : Date.now() / 1000) - time(start))) : "\u2013";
+  const logState = {all: false, records: []};
+  async function readLogs(id, after) {
+    for (;;) {
+      const page = await api("/api/tasks/" + encodeURIComponent(id) + "/logs?after=" + after);
+      logState.records.push(...page.logs);
+      if (page.logs.length) after = page.logs[page.logs.length - 1].seq;
+      if (!page.more) return;
+    }
+  }
+  function showAllLogs(id) {
+    logState.all = true;
+    logState.records = [];
+    readLogs(id, 0).then(refresh, (e) => showNotice(e.message));
+  }
+
   function taskPage(id) {
     let lastStatus = null;
     const head = h("div", {}), actions = h("div", {}), sections = h("div", {});
     main.replaceChildren(h("p", {class: "muted"}, h("a", {href: "/tasks"}, "Tasks"), " / ", id), head, actions, sections);
-    const load = () => api("/api/tasks/" + encodeURIComponent(id));
+    const load = async () => {
+      const data = await api("/api/tasks/" + encodeURIComponent(id));
+      if (logState.all) {
+        const records = logState.records;
+        await readLogs(id, records.length ? records[records.length - 1].seq : 0);
+      }
+      return data;
+    };
     refresh = () => load().then(draw).catch(() => {});
     function draw(data) {
       const t = data.task;
@@ -8208,6 +8332,25 @@ _DASHBOARD_JS = r"""
     flash = null;
   }
 
+  // --- Periodic schedules ---
+  function periodic(data) {
+    const rows = data.periodic.map((p) => h("tr", {"data-name": p.name},
+      h("td", {class: "clip"}, p.name), h("td", {class: "clip"}, h("a", {href: listHref({name: p.task})}, p.task)),
+      h("td", {class: "mono"}, p.schedule), h("td", {}, p.timezone),
+      h("td", {}, h("a", {href: listHref({queue: p.queue})}, p.queue)),
+      h("td", {class: "nowrap", title: p.next_run_at || ""}, age(p.next_run_at)),
+      h("td", {class: "muted nowrap", title: p.last_slot || ""}, age(p.last_slot)),
+      h("td", {}, p.last_task_id ? h("a", {class: "mono", href: taskHref(p.last_task_id), title: p.last_task_id}, shortId(p.last_task_id)) : "\u2013"),
+      h("td", {}, p.last_status ? badge(p.last_status) : "\u2013"),
+      h("td", {class: "muted nowrap", title: p.seen_at || ""}, age(p.seen_at))));
+    main.replaceChildren(h("h1", {}, "Periodic"),
+      h("p", {class: "sub"}, "The schedules running nodes enqueue from, as they last recorded them."),
+      h("div", {class: "card"}, rows.length ? h("table", {id: "periodic"},
+        h("thead", {}, h("tr", {}, ["Name", "Task", "Schedule", "Zone", "Queue", "Next run", "Last slot", "Last task",
+          "Status", "Seen"].map((c) => h("th", {}, c)))), h("tbody", {}, rows))
+        : h("div", {class: "empty"}, "No periodic schedules yet: a node records them when it starts with periodic tasks.")));
+  }
+
   // --- the page this is ---
   const path = location.pathname;
   const section = path === "/" ? "overview" : path.split("/")[1];
@@ -8216,6 +8359,7 @@ _DASHBOARD_JS = r"""
   else if (path === "/tasks") taskList();
   else if (path.startsWith("/tasks/")) taskPage(decodeURIComponent(path.slice(7)));
   else if (path === "/nodes") live(() => api("/api/nodes"), nodes, 2000);
+  else if (path === "/periodic") live(() => api("/api/periodic"), periodic, 5000);
   else if (path === "/queues") {
     const load = () => api("/api/queues");
     refresh = () => load().then((d) => { queues(d); applyWidths(main); });
@@ -8494,14 +8638,6 @@ def _task_row(task, now):
             _format_age(task.created_at, now).replace(" ago", ""), duration]
 
 
-def _dependency_states(scheduler, task):
-    """The dependencies of ``task`` for ``show``: [{"id", "status", "open"}], in the order given;
-    open: not ended yet (status None: deleted since, which leaves the task waiting)."""
-    return [{"id": str(task_id), "status": None if status is None else status.value,
-             "open": status is None or not status.is_finished}
-            for task_id, status, _ in scheduler.storage.dependencies(str(task.id))] if task.depends_on else []
-
-
 def _describe_task(task, now, dependencies=()):
     """Every field of a task, one per line; input, output and error pretty-printed, the error's
     traceback in full; ``dependencies`` (_dependency_states) one per line."""
@@ -8772,7 +8908,7 @@ def _cmd_show(args):
     dependencies = _dependency_states(scheduler, task)
     steps = scheduler.get_task_steps(task_id)
     attempts = scheduler.get_task_attempts(task_id)
-    logs = scheduler.storage.logs(task_id, last=_SHOWN_LOG_LINES)
+    logs = scheduler.storage.logs(str(task.id), last=_SHOWN_LOG_LINES)
     if args.json:
         shown = dict(task.as_dict(), dependencies=dependencies) if task.depends_on else task.as_dict()
         _print_json(dict(shown, attempt_records=[attempt.as_dict() for attempt in attempts],

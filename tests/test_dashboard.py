@@ -76,6 +76,27 @@ class DashboardTestCase(support.TempDirTestCase):
             worker.run_pending()
         return ids
 
+    def run_with_details(self, app, log_lines=3):
+        """A task "build" that a worker ran: two steps (ctx.step), ``log_lines`` log records (the
+        last one holds markup), one attempt; and a task "publish" that depends on it and one
+        still scheduled. Returns (build's id, publish's id, the scheduled one's id)."""
+        worker = LilotaWorker(self.db_url)
+        build = app.schedule("build", {"parts": 2})
+        other = app.schedule("other", 1, delay=3600)
+        publish = app.schedule("publish", 1, depends_on=[build, other])
+
+        @worker.register("build")
+        def run_build(data, ctx: lilota.TaskContext):
+            total = 0
+            for part in range(data["parts"]):
+                total += ctx.step("part", lambda n: {"part": n, "rows": [n, n * 2]}, part)["part"]
+            for line in range(log_lines - 1):
+                ctx.logger.info("line %d", line)
+            ctx.logger.warning("built %s", EVIL[0])
+            return total
+        worker.run_pending()
+        return build, publish, other
+
 
 @support.on_every_backend
 class DashboardApiTests(DashboardTestCase):
@@ -88,7 +109,7 @@ class DashboardApiTests(DashboardTestCase):
 
     def test_pages_are_one_shell_with_a_strict_policy(self):
         task = self.app.schedule("x", 1)
-        for path in ("/", "/tasks", f"/tasks/{task}", "/nodes", "/queues"):
+        for path in ("/", "/tasks", f"/tasks/{task}", "/nodes", "/queues", "/periodic"):
             status, headers, text = self.client.request("GET", path)
             self.assertEqual(status, 200, path)
             self.assertTrue(headers["Content-Type"].startswith("text/html"))
@@ -206,6 +227,64 @@ class DashboardApiTests(DashboardTestCase):
         # The task page's extra reads: one place, each a key of the answer.
         with mock.patch.dict(lilota._DASHBOARD_TASK_READS, {"extra": lambda scheduler, t: [t.name]}):
             self.assertEqual(self.client.json("GET", f"/api/tasks/{task_id}")[1]["extra"], ["report"])
+
+    def test_a_tasks_steps_logs_attempts_and_dependencies(self):
+        build, publish, other = self.run_with_details(self.app, log_lines=lilota._DASHBOARD_LOG_TAIL + 20)
+        data = self.client.json("GET", f"/api/tasks/{build}")[1]
+        self.assertEqual(data["task"]["status"], "completed")
+        self.assertEqual([(a["number"], a["outcome"]) for a in data["attempts"]], [(1, "completed")])
+        self.assertIsNotNone(data["attempts"][0]["started_at"])
+        self.assertEqual([(s["name"], s["attempt"], s["output"]) for s in data["steps"]],
+                         [("part", 1, {"part": 0, "rows": [0, 0]}), ("part#2", 1, {"part": 1, "rows": [1, 2]})])
+        # The latest records only; the rest through /logs?after=.
+        logs = data["logs"]
+        self.assertEqual(len(logs), lilota._DASHBOARD_LOG_TAIL)
+        self.assertEqual(logs[-1]["message"], "built " + EVIL[0])
+        self.assertEqual(logs[-1]["level"], "WARNING")
+        self.assertEqual(data["dependencies"], [])
+        status, page = self.client.json("GET", f"/api/tasks/{build}/logs")
+        self.assertEqual(status, 200)
+        self.assertEqual(len(page["logs"]), lilota._DASHBOARD_LOG_TAIL + 20)
+        self.assertFalse(page["more"])
+        self.assertEqual([r["seq"] for r in page["logs"]], sorted(r["seq"] for r in page["logs"]))
+        after = page["logs"][-3]["seq"]
+        tail = self.client.json("GET", f"/api/tasks/{build}/logs?after={after}")[1]["logs"]
+        self.assertEqual([r["seq"] for r in tail], [r["seq"] for r in page["logs"][-2:]])
+        with mock.patch.object(lilota, "_DASHBOARD_LOG_PAGE", 7):
+            first = self.client.json("GET", f"/api/tasks/{build}/logs?after=0")[1]
+        self.assertEqual((len(first["logs"]), first["more"]), (7, True))
+        # A dependent task: its dependencies, each with its status and whether it is still open.
+        data = self.client.json("GET", f"/api/tasks/{publish}")[1]
+        self.assertEqual(data["dependencies"], [{"id": str(build), "status": "completed", "open": False},
+                                                {"id": str(other), "status": "scheduled", "open": True}])
+        self.assertEqual((data["attempts"], data["steps"], data["logs"]), ([], [], []))
+        for path, code, message in ((f"/api/tasks/{build}/logs?after=x", 400, "after must be"),
+                                    (f"/api/tasks/{build}/logs?after=-1", 400, "after must be"),
+                                    (f"/api/tasks/{build}/logs?level=x", 400, "unknown parameter"),
+                                    (f"/api/tasks/{build}/logs?after=1&after=2", 400, "given 2 times"),
+                                    ("/api/tasks/nope/logs", 400, "a task id is a UUID"),
+                                    (f"/api/tasks/{uuid.uuid4()}/logs", 404, "no task with id")):
+            status, answer = self.client.json("GET", path)
+            self.assertEqual(status, code, path)
+            self.assertIn(message, answer["error"], path)
+
+    def test_periodic(self):
+        self.assertEqual(self.client.json("GET", "/api/periodic")[1]["periodic"], [])
+        worker = LilotaWorker(self.db_url, queues=["maintenance"])
+
+        @worker.register("cleanup")
+        def cleanup(data):
+            return None
+        worker.periodic("cleanup", every=timedelta(minutes=5), input={"days": 30}, queue="maintenance")
+        worker.run_periodic()
+        status, data = self.client.json("GET", "/api/periodic")
+        self.assertEqual(status, 200)
+        self.assertEqual([(p["name"], p["task"], p["schedule"], p["queue"]) for p in data["periodic"]],
+                         [("cleanup", "cleanup", "every 300s", "maintenance")])
+        self.assertEqual(set(data["periodic"][0]), {f.name for f in lilota.dataclasses.fields(lilota.PeriodicSchedule)})
+        self.assertIsNotNone(data["periodic"][0]["next_run_at"])
+        self.assertEqual(self.client.json("GET", "/api/periodic?x=1")[0], 400)
+        self.assertEqual(self.client.request("GET", "/periodic")[0], 200)
 
     def test_nodes(self):
         self.app.start()
@@ -595,6 +674,29 @@ class DashboardBrowserTests(DashboardTestCase):
         page.wait_for_selector("#input")
         self.assertEqual(json.loads(page.inner_text("#input")), {"a": EVIL[0], "b": EVIL[1]})
         self.assertIn(f"ValueError: {EVIL[0]} {EVIL[1]}", page.inner_text("#error"))
+        self.assertEqual(self.dialogs, [])
+
+    def test_a_task_page_shows_attempts_steps_logs_and_dependencies(self):
+        build, publish, other = self.run_with_details(self.app, log_lines=lilota._DASHBOARD_LOG_TAIL + 5)
+        server, _ = self.serve()
+        page = self.open(server, f"/tasks/{build}")
+        page.wait_for_selector("#logs pre")
+        self.assertIn("completed", page.text_content("#attempts tbody"))
+        self.assertEqual(page.locator("#steps tbody tr").count(), 2)
+        self.assertEqual(json.loads(page.inner_text("#steps tr[data-step='part#2'] pre")), {"part": 1, "rows": [1, 2]})
+        log = page.inner_text("#logs pre")
+        self.assertIn("built " + EVIL[0], log)           # the markup, as text
+        self.assertEqual(page.locator("#logs [data-seq]").count(), lilota._DASHBOARD_LOG_TAIL)
+        self.assertEqual(page.locator("main script").count(), 0)
+        page.click("#logs button:has-text('Show all')")   # every record, through /logs?after=
+        wait_until(lambda: page.locator("#logs [data-seq]").count() == lilota._DASHBOARD_LOG_TAIL + 5, 20,
+                   message="every log record shown")
+        self.assertIn("line 0", page.inner_text("#logs pre"))
+        page = self.open(server, f"/tasks/{publish}")
+        page.wait_for_selector("#dependencies tbody tr")
+        self.assertIn("1 of 2 open", page.inner_text("#dependencies"))
+        page.click(f"#dependencies a:has-text('{build}')")
+        page.wait_for_selector("#steps")
         self.assertEqual(self.dialogs, [])
 
     def test_a_wrong_token_shows_nothing_and_the_login_form_lets_in(self):
