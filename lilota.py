@@ -8204,8 +8204,9 @@ _DASHBOARD_JS = r"""
       if (!state.records.length) return null;
       const first = state.records[0].seq;
       return h("div", {class: "card", id: "logs"}, h("div", {class: "split"}, h("h2", {}, "Log"),
-        h("div", {class: "actions"}, h("span", {class: "muted"}, state.all ? "All " + state.records.length + " records" +
-            (FINISHED.includes(data.task.status) ? "" : ", following") : "The latest " + state.records.length + " records"),
+        h("div", {class: "actions"}, h("span", {class: "muted"}, (state.all || first <= 1 ? "All " : "The latest ") + state.records.length +
+            (state.records.length === 1 ? " record" : " records") +
+            (state.all && !FINISHED.includes(data.task.status) ? ", following" : "")),
           !state.all && first > 1 ? h("button", {type: "button", onclick: () => showAllLogs(data.task.id)}, "Show all") : null)),
         h("pre", {class: "log"}, state.records.map((r) => h("span", {class: "log-" + String(r.level).toLowerCase(), "data-seq": r.seq},
           h("span", {class: "muted"}, r.time.slice(11, 23) + " "), String(r.level).padEnd(8) + " ",

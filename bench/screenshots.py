@@ -32,7 +32,8 @@ OUT = os.path.join(ROOT, "docs", "screenshots")
 
 WORKER_SCRIPT = textwrap.dedent('''
     import time, random
-    from lilota import LilotaWorker, TaskProgress
+    from datetime import timedelta
+    from lilota import LilotaWorker, TaskContext, TaskProgress
 
     worker = LilotaWorker(DB_URL, set_progress_manually=True, queues=["default", "emails", "reports"])
 
@@ -41,11 +42,25 @@ WORKER_SCRIPT = textwrap.dedent('''
         return {"sent_to": data["to"], "message_id": "<%d@mail.example.com>" % random.randrange(10**9)}
 
     @worker.task(name="resize_image", timeout=600)
-    def resize_image(data, progress: TaskProgress):
+    def resize_image(data, ctx: TaskContext):
+        size = ctx.step("probe", lambda path: {"width": data["width"], "height": data["width"] * 3 // 4,
+                                               "format": "png", "bytes": 18_874_368}, data["path"])
+        ctx.step("fetch", lambda path: {"cached": "/var/cache/img/" + path.rsplit("/", 1)[1]}, data["path"])
+        ctx.logger.info("resizing %s: %dx%d to half", data["path"], size["width"], size["height"])
         for step in range(1, 301):
             time.sleep(data.get("seconds", 60) / 300)
-            progress.set(step // 3)
+            ctx.progress.set(step // 3)
+            if step % 6 == 0:
+                ctx.logger.info("tile %d of 300 written", step)
         return {"width": data["width"] // 2, "path": data["path"].replace(".png", "-small.png")}
+
+    @worker.task(name="cleanup_uploads")
+    def cleanup_uploads(data):
+        return {"removed": 0}
+
+    worker.periodic("cleanup_uploads", every=timedelta(minutes=15), input={"days": 30}, name="cleanup-uploads")
+    worker.periodic("generate_report", cron="0 6 1 * *", timezone="Europe/Berlin", input={"account": 1, "month": "auto"},
+                    queue="reports", name="monthly-report")
 
     @worker.task(name="generate_report", max_attempts=2)
     def generate_report(data):
@@ -83,16 +98,20 @@ def seed(directory):
     scheduler.schedule_many("generate_report", [{"account": i, "month": "2026-11"} for i in range(160)], queue="reports")
     scheduler.schedule_many("sync_inventory", [{"store": i} for i in range(120)])
     done = tasks.worker.run_pending()
+    tasks.worker.run_periodic()   # records the periodic schedules, as a running worker does
     logging.getLogger("lilota").setLevel(logging.WARNING)
     # Spread the finished tasks over the last hour, busier lately.
     db = sqlite3.connect(f"{directory}/app.db")
     now = time.time()
-    rows = db.execute("SELECT id FROM lilota_task WHERE end_date_time IS NOT NULL").fetchall()
-    for (task_id,) in rows:
+    rows = db.execute("SELECT id, start_date_time FROM lilota_task WHERE end_date_time IS NOT NULL").fetchall()
+    for task_id, old_start in rows:
         ended = now - 3600 * rng.random() ** 1.6
         started = ended - rng.uniform(0.05, 4)
         db.execute("UPDATE lilota_task SET start_date_time = ?, end_date_time = ?, created_at = ?, run_at = ? "
                    "WHERE id = ?", (started, ended, started - rng.uniform(0, 2), started - 1, task_id))
+        # Its attempt record moves with it (get_task_attempts() tells the task row's attempt by its start).
+        db.execute("UPDATE lilota_attempt SET started_at = ?, ended_at = ? WHERE task_id = ? AND started_at = ?",
+                   (started, ended, task_id, old_start))
     db.commit()
     db.close()
     # Queued work, a paused queue with a limit, and the evidence of a cancel.
@@ -116,7 +135,7 @@ def shoot(url, running, out):
     from playwright.sync_api import sync_playwright
     server = lilota.serve_dashboard(url, port=0)
     pages = [("overview", "/"), ("tasks", "/tasks"), ("task", f"/tasks/{running[0]}"), ("failed", None),
-             ("nodes", "/nodes"), ("queues", "/queues")]
+             ("nodes", "/nodes"), ("queues", "/queues"), ("periodic", "/periodic")]
     failed = lilota.LilotaScheduler(url).list_tasks(status="failed", name="sync_inventory", limit=1)[0]
     try:
         with sync_playwright() as p:
@@ -127,7 +146,7 @@ def shoot(url, running, out):
                 for name, path in pages:
                     page.goto(server.url.rstrip("/") + (path or f"/tasks/{failed.id}"))
                     page.wait_for_selector("main h1")
-                    page.wait_for_timeout(600)
+                    page.wait_for_timeout(2500 if name == "task" else 600)   # a few log records more
                     target = os.path.join(out, f"{name}-{scheme}.png")
                     page.screenshot(path=target, full_page=name in ("overview", "task", "failed"))
                     print("wrote", os.path.relpath(target, ROOT))
