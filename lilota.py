@@ -8230,18 +8230,26 @@ _DASHBOARD_JS = r"""
                            "cancelled": "cancelled", "worker died": "failed", "interrupted": "scheduled"};
   const span = (start, end) => start ? seconds(Math.max(0, (end ? time(end) : Date.now() / 1000) - time(start))) : "\u2013";
   const logState = {all: false, records: []};
-  async function readLogs(id, after) {
-    for (;;) {
-      const page = await api("/api/tasks/" + encodeURIComponent(id) + "/logs?after=" + after);
-      logState.records.push(...page.logs);
-      if (page.logs.length) after = page.logs[page.logs.length - 1].seq;
-      if (!page.more) return;
-    }
+  let logReads = Promise.resolve();
+  // Reads the records after the last one shown, one read at a time (a poll and "Show all" may
+  // overlap), so that each record is shown once.
+  function readLogs(id) {
+    const read = logReads.then(async () => {
+      for (;;) {
+        const records = logState.records;
+        const after = records.length ? records[records.length - 1].seq : 0;
+        const page = await api("/api/tasks/" + encodeURIComponent(id) + "/logs?after=" + after);
+        records.push(...page.logs.filter((r) => r.seq > after));
+        if (!page.more) return;
+      }
+    });
+    logReads = read.catch(() => {});
+    return read;
   }
   function showAllLogs(id) {
     logState.all = true;
     logState.records = [];
-    readLogs(id, 0).then(refresh, (e) => showNotice(e.message));
+    readLogs(id).then(refresh, (e) => showNotice(e.message));
   }
 
   function taskPage(id) {
@@ -8250,10 +8258,7 @@ _DASHBOARD_JS = r"""
     main.replaceChildren(h("p", {class: "muted"}, h("a", {href: "/tasks"}, "Tasks"), " / ", id), head, actions, sections);
     const load = async () => {
       const data = await api("/api/tasks/" + encodeURIComponent(id));
-      if (logState.all) {
-        const records = logState.records;
-        await readLogs(id, records.length ? records[records.length - 1].seq : 0);
-      }
+      if (logState.all) await readLogs(id);
       return data;
     };
     refresh = () => load().then(draw).catch(() => {});

@@ -699,6 +699,30 @@ class DashboardBrowserTests(DashboardTestCase):
         page.wait_for_selector("#steps")
         self.assertEqual(self.dialogs, [])
 
+    def test_show_all_follows_the_log_of_a_running_task(self):
+        script = self.worker_script("""
+            @worker.register("chatty", timeout=None)
+            def chatty(data, ctx: TaskContext):
+                for line in range(data["lines"]):
+                    ctx.logger.info("line %d", line)
+                    if line >= 110:
+                        time.sleep(0.1)
+        """)
+        self.start_lilota(script, number_of_workers=1)
+        task_id = self.app.schedule("chatty", {"lines": 400})
+        wait_until(lambda: len(self.app.get_task_logs(task_id)) > 110, 30, message="the first records stored")
+        server, _ = self.serve()
+        page = self.open(server, f"/tasks/{task_id}")
+        page.click("#logs button:has-text('Show all')")
+        page.wait_for_selector("#logs [data-seq='1']")
+        self.assertIn("following", page.inner_text("#logs"))
+        shown = page.locator("#logs [data-seq]").count()
+        self.assertGreater(shown, lilota._DASHBOARD_LOG_TAIL)
+        wait_until(lambda: page.locator("#logs [data-seq]").count() > shown + 5, 20, message="new records followed")
+        seqs = [int(s) for s in page.eval_on_selector_all("#logs [data-seq]", "els => els.map(e => e.dataset.seq)")]
+        self.assertEqual(seqs, list(range(1, len(seqs) + 1)), "each record once, in order")
+        self.app.cancel(task_id)
+
     def test_a_wrong_token_shows_nothing_and_the_login_form_lets_in(self):
         self.app.schedule("secret_task_name", {"card": "4111"})
         server, _ = self.serve(token="correct-horse")
