@@ -7178,8 +7178,8 @@ _DASHBOARD_TASK_READS = {
 
 def _dependency_states(scheduler, task):
     """The dependencies of ``task`` for ``show`` and the dashboard's task page: [{"id", "status",
-    "open"}], in the order given;
-    open: not ended yet (status None: deleted since, which leaves the task waiting)."""
+    "open"}], in the order given; open: not ended yet (status None: deleted since, which leaves the
+    task waiting)."""
     return [{"id": str(task_id), "status": None if status is None else status.value,
              "open": status is None or not status.is_finished}
             for task_id, status, _ in scheduler.storage.dependencies(str(task.id))] if task.depends_on else []
