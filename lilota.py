@@ -20,7 +20,8 @@ The file reads top to bottom; each section depends only on those above it:
 3. Scheduling API             -- what every node shares; LilotaScheduler: schedule, wait, cancel ...
 4. Worker                     -- the supervisor's protocol; LilotaWorker: registry, loop, keeper
 5. Supervisor                 -- worker processes; Lilota: crash recovery, timeouts, stop
-6. Command line               -- ``python -m lilota``
+6. Dashboard                  -- ``serve_dashboard()``: web pages and a JSON API over the database
+7. Command line               -- ``python -m lilota``
 
 Where what is to come goes: queues in 2 (a column of the task row, a condition of the one claim)
 and 3; dependencies in 2 (a ``waiting`` status a completion releases) and 3; async task functions
@@ -82,6 +83,7 @@ __all__ = [
     "DatabaseUnavailableError", "SchemaVersionError", "WorkerScriptError", "WorkersFailedError", "TaskNotFoundError", "UnserializableError",
     "TaskWaitTimeout", "TaskTimeoutError", "TaskCancelledError", "UnknownTaskError", "WorkerDiedError",
     "TaskInterruptedError", "DependencyFailedError", "Retry", "ON_FAILURE",
+    "serve_dashboard", "DashboardServer", "DashboardError",
 ]
 
 # The original lilota's import paths (``from lilota.core import Lilota`` ...) name submodules of a
@@ -1084,7 +1086,7 @@ _NODE_COLUMNS = ("id, name, type, status, pid, hostname, created_at, last_seen_a
 
 # --- Schema and migrations ------------------------------------------------------------------------
 
-SCHEMA_VERSION = 5   # the newest key of _schema()
+SCHEMA_VERSION = 6   # the newest key of _schema()
 
 
 def _schema(**types):
@@ -1093,7 +1095,8 @@ def _schema(**types):
     A version is never edited once released: a change to the schema is a new version, applied
     forward and automatically by ``Storage._migrate``."""
     t = dict(types, status=types["text"], ids=types["json"])
-    return {1: _schema_v1(t), 2: _schema_v2(t), 3: _schema_v3(t), 4: _schema_v4(t), 5: _schema_v5(t)}
+    return {1: _schema_v1(t), 2: _schema_v2(t), 3: _schema_v3(t), 4: _schema_v4(t), 5: _schema_v5(t),
+            6: _schema_v6(t)}
 
 
 def _column_ddl(column, kind, constraints, t):
@@ -1207,6 +1210,21 @@ def _schema_v4(t):
         "CREATE INDEX IF NOT EXISTS lilota_dependency_depends_on ON lilota_dependency (depends_on)",
         # The task names a worker has registered (a JSON list): what explain() checks a task against.
         f"ALTER TABLE lilota_node ADD COLUMN task_names {t['text']}",
+    ]
+
+
+def _schema_v6(t):
+    """Version 6: the dashboard's reads (and stats()'). Finished tasks by when they ended: the
+    overview's chart of the last hour, its recent errors and the last minute/hour of stats() read
+    a range of it instead of every task kept. A task enters it once, when it ends (a partial index:
+    queued and running tasks are not in it), which is all it costs the claim path. The task list
+    needs no index of its own: it pages through the primary key (ids increase with time). The
+    counts by status, queue and name get none either: an index on those columns changes at every
+    claim and completion (the drain ran some 10 % slower with one), so the dashboard counts in
+    the background instead (see _CountsCache)."""
+    return [
+        "CREATE INDEX IF NOT EXISTS lilota_task_ended ON lilota_task (end_date_time) "
+        "WHERE end_date_time IS NOT NULL",
     ]
 
 
@@ -1414,6 +1432,11 @@ class Dialect:
     def encode_json(self, text):
         """JSON text as the value stored in a JSON column."""
         return text
+
+    def minute_sql(self, column):
+        """SQL for the whole minutes from the epoch-seconds parameter ``?`` to the time in
+        ``column`` (never negative here: the rows read are those at or after it)."""
+        return f"CAST(({column} - ?) / 60 AS INTEGER)"
 
     def decode_json(self, value):
         """A stored JSON column as Python values."""
@@ -2299,6 +2322,9 @@ class PostgreSQLDialect(Dialect):
     def decode_time(self, value):
         return None if value is None else value.astimezone(timezone.utc)
 
+    def minute_sql(self, column):
+        return f"FLOOR((EXTRACT(EPOCH FROM {column}) - CAST(? AS double precision)) / 60)"
+
     def encode_json(self, text):
         # JSONB keeps numbers as numeric, which prints 1e+16 as 10000000000000000: an int when read
         # back. Written out in full with ".0", such a float comes back a float, and the same one.
@@ -3056,17 +3082,35 @@ class Storage:
         with self._guard as conn:
             return self.dialect.change_counter(conn)
 
-    def list_tasks(self, status=None, name=None, limit=None, queue=None):
+    def list_tasks(self, status=None, name=None, limit=None, queue=None, *, before=None, search=None):
         """Tasks newest first, only those with ``status``, ``name`` and/or ``queue`` when given, at
-        most ``limit``."""
+        most ``limit``. ``before`` (a task id) and ``search`` page through the primary key instead
+        (the dashboard's list): the tasks with a smaller id, i.e. made earlier, and only those whose
+        id starts with ``search`` or whose error contains it (any case)."""
         query, conditions, params = f"SELECT {_TASK_SELECT} FROM lilota_task", [], []
         for column, value in (("status", status), ("name", name), ("queue", queue)):
             if value is not None:
                 conditions.append(f"{column} = ?")
                 params.append(value)
+        by_id = before is not None or search is not None
+        if before is not None:
+            conditions.append("id < ?")
+            params.append(before)
+        if search:
+            digits = search.replace("-", "").lower()
+            pattern = "%" + re.sub(r"([\\%_])", r"\\\1", search.lower()) + "%"
+            text = f"LOWER(CAST(error AS TEXT)) LIKE ? ESCAPE '\\'"
+            if 0 < len(digits) <= 32 and not digits.strip("0123456789abcdef"):
+                low, high = (str(uuid.UUID(digits.ljust(32, pad))) for pad in "0f")
+                conditions.append(f"((id >= ? AND id <= ?) OR {text})")
+                params += [low, high, pattern]
+            else:
+                conditions.append(text)
+                params.append(pattern)
         if conditions:
             query += " WHERE " + " AND ".join(conditions)
-        query += " ORDER BY created_at DESC, id DESC"   # ids increase in creation order
+        # ids increase in creation order; the primary key serves the newest first.
+        query += " ORDER BY id DESC" if by_id else " ORDER BY created_at DESC, id DESC"
         if limit is not None:
             query += " LIMIT ?"
             params.append(limit)
@@ -3078,12 +3122,61 @@ class Storage:
         where ``finished`` holds, for each time in ``finished_since`` (epoch seconds), how many of
         those tasks ended then or later (only a finished task has an end_date_time)."""
         d = self.dialect
-        windows = "".join(f", SUM(CASE WHEN end_date_time >= {d.time_param} THEN 1 ELSE 0 END)"
-                          for _ in finished_since)
-        query = f"SELECT name, queue, status, COUNT(*){windows} FROM lilota_task GROUP BY name, queue, status"
+        query = "SELECT name, queue, status, COUNT(*) FROM lilota_task GROUP BY name, queue, status"
+        windows = ", ".join(f"SUM(CASE WHEN end_date_time >= {d.time_param} THEN 1 ELSE 0 END)"
+                            for _ in finished_since)
+        times = [d.encode_time(t) for t in finished_since]
         with self._guard as conn:
-            rows = conn.execute(d.sql(query), [d.encode_time(t) for t in finished_since]).fetchall()
-        return [(name, queue, status, *(int(n or 0) for n in counts)) for name, queue, status, *counts in rows]
+            counts = conn.execute(query).fetchall()
+            recent = {}
+            if finished_since:
+                # A range of the index of ended tasks, not a scan of every task. The subquery keeps
+                # SQLite from walking another index instead, for the GROUP BY's order.
+                for name, queue, status, *finished in conn.execute(d.sql(
+                        f"SELECT name, queue, status, {windows} FROM (SELECT name, queue, status, end_date_time "
+                        f"FROM lilota_task WHERE end_date_time >= {d.time_param} ORDER BY end_date_time) AS ended "
+                        f"GROUP BY name, queue, status"), times + [min(times)]).fetchall():
+                    recent[name, queue, status] = [int(n or 0) for n in finished]
+        zeros = [0] * len(finished_since)
+        return [(name, queue, status, int(count), *recent.get((name, queue, status), zeros))
+                for name, queue, status, count in counts]
+
+    def activity(self, since):
+        """Rows (minute, started, finished, failed) for each whole minute after epoch ``since`` in
+        which tasks started or ended: starts of the tasks running now or ended since then, endings
+        of those ended since then (failed: failed or expired)."""
+        d = self.dialect
+        ts = d.time_param
+        started = d.minute_sql("start_date_time")
+        ended = d.minute_sql("end_date_time")
+        failed = _sql_list({TaskStatus.FAILED, TaskStatus.EXPIRED})
+        # Three ranges of partial indexes (ended tasks, running tasks), never a scan of all tasks.
+        query = (f"SELECT {started}, COUNT(*), 0, 0 FROM lilota_task WHERE status = 'running' "
+                 f"AND start_date_time >= {ts} GROUP BY 1 "
+                 f"UNION ALL SELECT {started}, COUNT(*), 0, 0 FROM lilota_task WHERE end_date_time >= {ts} "
+                 f"AND start_date_time >= {ts} AND {_FINISHED_SQL} GROUP BY 1 "
+                 f"UNION ALL SELECT {ended}, 0, COUNT(*), SUM(CASE WHEN status IN {failed} THEN 1 ELSE 0 END) "
+                 f"FROM lilota_task WHERE end_date_time >= {ts} AND {_FINISHED_SQL} GROUP BY 1")
+        at = d.encode_time(since)
+        minutes = {}
+        with self._guard as conn:
+            for minute, *counts in conn.execute(d.sql(query), [since, at, since, at, at, since, at]).fetchall():
+                total = minutes.setdefault(int(minute), [0, 0, 0])
+                for i, n in enumerate(counts):
+                    total[i] += int(n or 0)
+        return [(minute, *counts) for minute, counts in sorted(minutes.items())]
+
+    def recent_errors(self, since, limit):
+        """(id, end_date_time, error) of the at most ``limit`` latest failed or expired tasks that
+        ended since epoch ``since``, the latest first."""
+        d = self.dialect
+        query = (f"SELECT id, end_date_time, error FROM lilota_task WHERE end_date_time >= {d.time_param} "
+                 f"AND status IN {_sql_list({TaskStatus.FAILED, TaskStatus.EXPIRED})} "
+                 f"ORDER BY end_date_time DESC LIMIT ?")
+        with self._guard as conn:
+            rows = conn.execute(d.sql(query), (d.encode_time(since), limit)).fetchall()
+        return [(str(id_), d.decode_time(end), d.decode_json(error) if error is not None else None)
+                for id_, end, error in rows]
 
     # --- Storage: queues --------------------------------------------------------------------------
 
@@ -3119,12 +3212,15 @@ class Storage:
                                            f"VALUES (?, ?, {d.time_param})"),
                                      [(name, slot, value) for slot, value in enumerate(free_at, 1)])
 
-    def queues(self, names=()):
-        """Every queue that has tasks or settings, and ``names``, as :class:`Queue` records by name."""
+    def queues(self, names=(), counted=True):
+        """Every queue that has tasks or settings, and ``names``, as :class:`Queue` records by name;
+        ``counted=False``: without counting the tasks (every count 0, only queues with settings
+        and ``names``)."""
         with self._guard as conn:
             settings = conn.execute("SELECT name, paused, concurrency, rate_limit, rate_period "
                                     "FROM lilota_queue").fetchall()
-            counts = conn.execute("SELECT queue, status, COUNT(*) FROM lilota_task GROUP BY queue, status").fetchall()
+            counts = conn.execute("SELECT queue, status, COUNT(*) FROM lilota_task GROUP BY queue, status"
+                                  ).fetchall() if counted else ()
         found = {}
 
         def queue(name):
@@ -4457,9 +4553,19 @@ class LilotaScheduler(_NodeBase):
     def get_queues(self):
         """Every queue that has tasks or settings, the default queue and the queues live workers
         serve, as :class:`Queue` records (name, paused, concurrency, rate, counts by status), by name."""
+        return self._queue_records()
+
+    def _queue_records(self, counts=None):
+        """get_queues(), or with ``counts`` ({queue: {status: n}}, e.g. stats()' by_queue) instead
+        of counting the tasks again."""
         served = {name for node in self.storage.nodes() if node.queues and node.status in _ALIVE_NODE_STATUSES
                   for name in node.queues}
-        return self.storage.queues({DEFAULT_QUEUE} | served)
+        if counts is None:
+            return self.storage.queues({DEFAULT_QUEUE} | served)
+        queues = self.storage.queues({DEFAULT_QUEUE} | served | set(counts), counted=False)
+        for queue in queues:
+            queue.counts.update(counts.get(queue.name, {}))
+        return queues
 
     def wait(self, task_id, timeout=None):
         """Block until the task is finished (completed, failed, expired or cancelled) and return it.
@@ -7016,7 +7122,1266 @@ class Lilota(LilotaScheduler):
 
 
 # ==================================================================================================
-# 6. Command line
+# 6. Dashboard
+# ==================================================================================================
+#
+# ``python -m lilota dashboard`` / ``serve_dashboard()``: a web page over the database, served by the
+# standard library's threaded http.server. The pages are one HTML shell, a stylesheet and a script
+# (the block at the end of this section); the script reads the JSON API under /api/ and builds the
+# page with DOM calls and textContent only, so no value from the database is ever parsed as HTML.
+#
+# The rules that make it safe to leave running: it binds to 127.0.0.1 unless given a token; with a
+# token every request but the login form and the static files needs it (a bearer header, or the
+# HttpOnly SameSite=Strict cookie the login form sets), compared in constant time; every POST
+# carries the page's CSRF token in a header, which a cross-site form cannot send; --read-only
+# answers every POST with 403; a Content-Security-Policy allows only our own script and styles;
+# the Host header must name the server (no DNS rebinding); parameters and bodies are bounded and
+# checked, and a bad one is a 400 with a message, never a traceback.
+
+class DashboardError(LilotaError):
+    """A request the dashboard refuses: ``status`` is the HTTP status it answers with (400 bad
+    parameter, 401 no or wrong token, 403 CSRF or read-only, 404, 405, 413 too large)."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+_DASHBOARD_PAGE_SIZE = 50          # tasks per page of the list (limit= up to _DASHBOARD_MAX_PAGE)
+_DASHBOARD_MAX_PAGE = 200
+_DASHBOARD_MAX_BODY = 4096         # bytes of a POST body
+_DASHBOARD_MAX_TARGET = 2048       # characters of a request's path and query
+_DASHBOARD_MAX_TEXT = 200          # characters of a text filter
+_DASHBOARD_ERROR_SAMPLE = 500      # the latest failures the overview groups by error
+_DASHBOARD_LOG_TAIL = 100          # a task's latest log records on its page (more: /api/tasks/ID/logs)
+_DASHBOARD_LOG_PAGE = 1000         # log records per answer of /api/tasks/ID/logs
+_DASHBOARD_COOKIE = "lilota_dashboard"
+_DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                  "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+#: The pages: every one is the same shell, which the script fills from the API.
+_DASHBOARD_PAGES = re.compile(r"/(?:tasks(?:/[0-9a-fA-F-]{36})?|nodes|queues|periodic)?")
+_LIST_PARAMETERS = ("status", "name", "queue", "q", "before", "limit")
+
+#: A task page's reads beyond the Task itself: {key in /api/tasks/ID's answer: function(scheduler,
+#: task) -> JSON value}. A feature that stores more about a task (its attempts, logs, steps) adds
+#: its read here and its section to TASK_SECTIONS in the script.
+_DASHBOARD_TASK_READS = {
+    "explain": lambda scheduler, task: [reason.as_dict() for reason in scheduler.explain(task.id)],
+    "attempts": lambda scheduler, task: [a.as_dict() for a in scheduler.storage.attempts(str(task.id)) or []],
+    "steps": lambda scheduler, task: [s.as_dict() for s in scheduler.storage.steps(str(task.id)) or []],
+    # The latest records only: a task that logs a lot would make every poll of its page large; the
+    # page asks /api/tasks/ID/logs?after= for the rest.
+    "logs": lambda scheduler, task: [r.as_dict() for r in scheduler.storage.logs(str(task.id), last=_DASHBOARD_LOG_TAIL)],
+    "dependencies": lambda scheduler, task: _dependency_states(scheduler, task),
+}
+
+
+def _dependency_states(scheduler, task):
+    """The dependencies of ``task`` for ``show`` and the dashboard's task page: [{"id", "status",
+    "open"}], in the order given; open: not ended yet (status None: deleted since, which leaves the
+    task waiting)."""
+    return [{"id": str(task_id), "status": None if status is None else status.value,
+             "open": status is None or not status.is_finished}
+            for task_id, status, _ in scheduler.storage.dependencies(str(task.id))] if task.depends_on else []
+
+
+def _task_summary(task):
+    """A task as the list shows it: its fields without input and output, the error's type and
+    message only."""
+    summary = {key: value for key, value in task.as_dict().items() if key not in ("input", "output", "error")}
+    if task.error:
+        summary["error"] = {"type": str(task.error.get("type", "")), "message": str(task.error.get("message", ""))[:300]}
+    else:
+        summary["error"] = None
+    return summary
+
+
+class _CountsCache:
+    """stats() for the overview and the queues page. Counting every task is a scan of the table
+    (about 2 s for a million tasks on a small machine), so the pages read this copy, which a
+    thread of its own counts again while pages ask for it: a second after the last count, or ten
+    times as long as a count took when that is longer, which keeps the dashboard's share of the
+    database small.
+    The first read counts at once (and raises what the database raises)."""
+
+    def __init__(self, scheduler):
+        self.scheduler = LilotaScheduler(scheduler.db_url_for_workers)
+        # A connection of its own: a count that takes seconds must not hold up the pages' reads,
+        # which share the process's one (and its lock).
+        if scheduler._dialect.shared_between_processes:
+            self.scheduler._storage = Storage(self.scheduler._dialect)
+        self._lock = threading.Lock()
+        self._stats, self._counted_at, self._took = None, 0.0, 0.0
+        self._wanted_at = 0.0
+        self._thread = None
+        self._stop = threading.Event()
+
+    def get(self):
+        """(stats(), its age in seconds)."""
+        self._wanted_at = time.monotonic()
+        if self._stats is None:
+            self._count()
+        with self._lock:
+            if not self._stop.is_set() and (self._thread is None or not self._thread.is_alive()):
+                self._thread = threading.Thread(target=self._run, name="lilota-dashboard-counts", daemon=True)
+                self._thread.start()
+            return self._stats, time.monotonic() - self._counted_at
+
+    def _count(self):
+        began = time.monotonic()
+        stats = self.scheduler.stats()
+        with self._lock:
+            self._stats, self._counted_at, self._took = stats, time.monotonic(), time.monotonic() - began
+
+    def _run(self):
+        # Counts while pages ask (an open overview polls every 2 s); ends a minute after the last.
+        while not self._stop.wait(max(1.0, 10 * self._took)) and time.monotonic() - self._wanted_at < 60:
+            try:
+                self._count()
+            except StorageError:
+                pass   # the pages' own reads say that the database is out of reach
+
+    def stop(self):
+        self._stop.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+        if self.scheduler._storage is not None and self.scheduler._storage is not Storage._instances.get(
+                self.scheduler._dialect.connection_key):
+            self.scheduler._storage.close()
+
+
+def _dashboard_overview(scheduler, counts):
+    """The overview's data: the counts of stats() (``counts``: a _CountsCache) and their age, the
+    queues, the tasks started and finished per minute over the last hour and the most frequent
+    errors of the last day, grouped."""
+    storage = scheduler.storage
+    now = _now()
+    since = (math.floor(now / 60) - 59) * 60.0   # 60 whole minutes, the current one last
+    minutes = [[0, 0, 0] for _ in range(60)]
+    for minute, started, finished, failed in storage.activity(since):
+        if 0 <= minute < 60:
+            minutes[minute] = [started, finished, failed]
+    groups = {}
+    for task_id, ended, error in storage.recent_errors(now - 86400, _DASHBOARD_ERROR_SAMPLE):
+        error = error if isinstance(error, dict) else {}
+        kind = str(error.get("type") or "error")
+        message = str(error.get("message") or "").strip().split("\n", 1)[0][:300]
+        group = groups.get((kind, message))
+        if group is None:   # the latest first: the first seen is the group's latest
+            group = groups[kind, message] = {"type": kind, "message": message, "count": 0,
+                                             "last_at": _to_json(ended, "time"), "task_id": task_id}
+        group["count"] += 1
+    errors = sorted(groups.values(), key=lambda g: -g["count"])[:10]
+    stats, age = counts.get()
+    return {"now": _to_json(_to_datetime(now), "now"), "stats": stats, "counted_seconds_ago": round(age, 1),
+            "queues": [q.as_dict() for q in scheduler._queue_records(stats["by_queue"])],
+            "activity": {"since": _to_json(_to_datetime(since), "since"),
+                         "minutes": [{"started": s, "finished": f, "failed": x} for s, f, x in minutes]},
+            "errors": errors, "errors_sampled": _DASHBOARD_ERROR_SAMPLE}
+
+
+def _dashboard_nodes(scheduler):
+    """The nodes, alive first, with their heartbeat's age, liveness and the tasks each runs."""
+    storage = scheduler.storage
+    now = _to_datetime(_now())
+    nodes = storage.nodes()
+    running = collections.defaultdict(list)
+    for task in storage.running_tasks([str(n.id) for n in nodes if n.status in _ALIVE_NODE_STATUSES]):
+        running[task.locked_by].append({"id": str(task.id), "name": task.name,
+                                        "progress_percentage": task.progress_percentage})
+    result = []
+    for node in nodes:
+        alive = node.status in _ALIVE_NODE_STATUSES and node.lease_expires_at > now
+        entry = _to_json(node, "node")
+        entry.update(alive=alive, heartbeat_age=round((now - node.last_seen_at).total_seconds(), 1),
+                     tasks=running.get(node.id, []))
+        result.append(entry)
+    result.sort(key=lambda n: (not n["alive"], n["created_at"]))
+    return {"now": _to_json(now, "now"), "nodes": result[:500]}
+
+
+def _one_query_value(query, key):
+    values = query.get(key, [])
+    if len(values) > 1:
+        raise DashboardError(400, f"parameter {key!r} is given {len(values)} times; give it once")
+    return values[0] if values else None
+
+
+def _list_filters(query):
+    """The task list's parameters, checked: status, name, queue, q (text in the id or error),
+    before (the id that ends the previous page), limit. DashboardError 400 for a bad one."""
+    unknown = sorted(set(query) - set(_LIST_PARAMETERS))
+    if unknown:
+        raise DashboardError(400, f"unknown parameter {unknown[0]!r}; the list takes {', '.join(_LIST_PARAMETERS)}")
+    values = {key: (_one_query_value(query, key) or "").strip() or None for key in _LIST_PARAMETERS}
+    if values["status"] is not None and values["status"] not in {s.value for s in TaskStatus}:
+        raise DashboardError(400, f"unknown status {values['status'][:40]!r}; the statuses are "
+                                  f"{', '.join(s.value for s in TaskStatus)}")
+    for key in ("name", "q", "queue"):
+        if values[key] is not None and len(values[key]) > _DASHBOARD_MAX_TEXT:
+            raise DashboardError(400, f"{key} is longer than {_DASHBOARD_MAX_TEXT} characters")
+    if values["queue"] is not None:
+        try:
+            _check_queue(values["queue"])
+        except ValueError as exc:
+            raise DashboardError(400, str(exc)) from None
+    if values["before"] is not None:
+        try:
+            values["before"] = str(uuid.UUID(values["before"]))
+        except ValueError:
+            raise DashboardError(400, "before must be a task id (the last id of the previous page)") from None
+    limit = values["limit"]
+    if limit is None:
+        values["limit"] = _DASHBOARD_PAGE_SIZE
+    elif not limit.isdigit() or not 1 <= int(limit) <= _DASHBOARD_MAX_PAGE:
+        raise DashboardError(400, f"limit must be a whole number from 1 to {_DASHBOARD_MAX_PAGE}")
+    else:
+        values["limit"] = int(limit)
+    return values
+
+
+def _dashboard_tasks(scheduler, query):
+    """A page of the task list, newest first, and the ``before`` of the next page (None: the last)."""
+    f = _list_filters(query)
+    tasks = scheduler.storage.list_tasks(f["status"], f["name"], f["limit"] + 1, f["queue"],
+                                         before=f["before"], search=f["q"] or "")
+    more, tasks = len(tasks) > f["limit"], tasks[:f["limit"]]
+    return {"tasks": [_task_summary(t) for t in tasks], "next": str(tasks[-1].id) if more else None,
+            "filters": {key: f[key] for key in _LIST_PARAMETERS if key != "limit" and f[key]}}
+
+
+def _dashboard_task(scheduler, task_id):
+    task = scheduler.get_task_by_id(task_id)
+    if task is None:
+        raise DashboardError(404, f"no task with id {task_id}")
+    answer = {"task": task.as_dict()}
+    for key, read in _DASHBOARD_TASK_READS.items():
+        answer[key] = read(scheduler, task)
+    return answer
+
+
+def _dashboard_task_id(text):
+    try:
+        return _task_id(text)
+    except (TypeError, ValueError):
+        raise DashboardError(400, "a task id is a UUID, e.g. 8c3f6a8e-2b1d-4c6e-9f0a-5d7e1b2c3d4e") from None
+
+
+def _dashboard_logs(scheduler, task_id, query):
+    """A task's log records after the seq ``after`` (0: from the first), at most
+    _DASHBOARD_LOG_PAGE of them, and ``more``: whether later ones are left for the next ask."""
+    unknown = sorted(set(query) - {"after"})
+    if unknown:
+        raise DashboardError(400, f"unknown parameter {unknown[0]!r}; the logs take after (a record's seq)")
+    after = (_one_query_value(query, "after") or "0").strip()
+    if not after.isdigit() or len(after) > 18:
+        raise DashboardError(400, "after must be a log record's seq (a whole number >= 0)")
+    try:
+        records = scheduler._task_details(task_id, scheduler.storage.logs, int(after), _DASHBOARD_LOG_PAGE + 1)
+    except TaskNotFoundError as exc:
+        raise DashboardError(404, str(exc)) from None
+    return {"logs": [r.as_dict() for r in records[:_DASHBOARD_LOG_PAGE]], "more": len(records) > _DASHBOARD_LOG_PAGE}
+
+
+def _json_body(body):
+    try:
+        value = json.loads(body.decode("utf-8")) if body.strip() else {}
+    except (UnicodeDecodeError, ValueError):
+        raise DashboardError(400, "the request body must be JSON") from None
+    if not isinstance(value, dict):
+        raise DashboardError(400, "the request body must be a JSON object")
+    return value
+
+
+def _dashboard_action(scheduler, kind, key, action, body):
+    """Carry out a POST: cancel or retry a task, pause, resume or limit a queue. Returns
+    {"ok": bool, "message": what happened}."""
+    if kind == "tasks":
+        task_id = _task_id(key)
+        if action == "cancel":
+            task = scheduler.get_task_by_id(task_id)
+            if task is not None and task.is_finished:   # cancel() answers True for a cancelled one
+                return {"ok": False, "message": f"The task is already {task.status}: nothing to cancel."}
+            if scheduler.cancel(task_id):
+                task = scheduler.get_task_by_id(task_id)
+                if task is not None and task.status == TaskStatus.RUNNING:
+                    return {"ok": True, "message": "The task is running: its worker was asked to stop it."}
+                return {"ok": True, "message": "The task is cancelled."}
+            task = scheduler.get_task_by_id(task_id)
+            return {"ok": False, "message": f"The task already {task.status if task else 'ended'}: nothing to cancel."}
+        if scheduler.retry(task_id):
+            return {"ok": True, "message": "The task is queued again, its attempts reset."}
+        task = scheduler.get_task_by_id(task_id)
+        return {"ok": False, "message": f"The task is {task.status if task else 'gone'}: only failed, expired or "
+                                        f"cancelled tasks can be retried."}
+    try:
+        _check_queue(key)
+    except ValueError as exc:
+        raise DashboardError(400, str(exc)) from None
+    if action == "pause":
+        scheduler.pause_queue(key)
+        return {"ok": True, "message": f"Queue {key} is paused: no new task of it starts; running ones finish."}
+    if action == "resume":
+        scheduler.resume_queue(key)
+        return {"ok": True, "message": f"Queue {key} is resumed."}
+    values = _json_body(body)
+    unknown = sorted(set(values) - {"concurrency", "rate"})
+    if unknown or not values:
+        raise DashboardError(400, "a limit takes concurrency (a number or null) and/or rate "
+                                  "({\"tasks\": n, \"per_seconds\": s} or null)")
+    changes = {}
+    try:
+        if "concurrency" in values:
+            changes["concurrency"] = values["concurrency"]
+        if "rate" in values:
+            rate = values["rate"]
+            if rate is not None:
+                if not isinstance(rate, dict) or set(rate) != {"tasks", "per_seconds"}:
+                    raise ValueError("rate must be {\"tasks\": n, \"per_seconds\": s} or null")
+                rate = (rate["tasks"], rate["per_seconds"])
+            changes["rate"] = rate
+        scheduler.set_queue_limit(key, **changes)
+    except (TypeError, ValueError) as exc:
+        raise DashboardError(400, str(exc)) from None
+    queue = next(q for q in scheduler.get_queues() if q.name == key)
+    rate = "none" if queue.rate is None else f"{queue.rate[0]} per {queue.rate[1].total_seconds():g}s"
+    return {"ok": True, "message": f"Queue {key}: concurrency {queue.concurrency or 'unlimited'}, rate {rate}."}
+
+
+_DASHBOARD_ACTIONS = re.compile(r"/api/(tasks)/([0-9a-fA-F-]{36})/(cancel|retry)|/api/(queues)/([^/]{1,200})/(pause|resume|limit)")
+
+
+def _html_escape(text):
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;").replace("'", "&#x27;"))
+
+
+class _DashboardHandler:
+    """One request (mixed into http.server's BaseHTTPRequestHandler when a dashboard starts, which
+    keeps http.server out of the import of lilota). The DashboardServer holds the scheduler and the
+    settings."""
+
+    server_version = "lilota-dashboard"
+    sys_version = ""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):   # the access log goes to lilota's logger, not stderr
+        logger.debug("dashboard: %s %s", self.address_string(), format % args)
+
+    def do_GET(self):
+        self._answer("GET")
+
+    def do_HEAD(self):
+        self._answer("HEAD")
+
+    def do_POST(self):
+        self._answer("POST")
+
+    def _answer(self, method):
+        dashboard = self.server.dashboard
+        try:
+            if len(self.path) > _DASHBOARD_MAX_TARGET:
+                raise DashboardError(400, f"the request's path and query are longer than {_DASHBOARD_MAX_TARGET} characters")
+            parts = urllib.parse.urlsplit(self.path)
+            path = parts.path
+            self._check_host(dashboard)
+            body = self._read_body() if method == "POST" else b""
+            if path.startswith("/static/"):
+                return self._static(path, method)
+            if path == "/login":
+                return self._login(dashboard, method, body)
+            if not self._authorized(dashboard):
+                raise DashboardError(401, "this dashboard needs its token: log in, or send Authorization: Bearer TOKEN")
+            if method == "POST":
+                return self._post(dashboard, path, body)
+            if path.startswith("/api/"):
+                return self._get_api(dashboard, path, parts.query)
+            if _DASHBOARD_PAGES.fullmatch(path):
+                return self._send(200, "text/html; charset=utf-8", dashboard.shell(), method)
+            raise DashboardError(404, f"no page {path[:100]}")
+        except DashboardError as exc:
+            self._refuse(exc.status, str(exc), method)
+        except StorageError as exc:
+            self._send_json(503, {"error": f"the database cannot be reached: {_one_line(exc)}"}, method)
+        except Exception:   # a bug: logged here, never shown to the browser
+            logger.exception("dashboard: %s %s failed", method, self.path[:200])
+            self._send_json(500, {"error": "internal error (see the dashboard's log)"}, method)
+
+    def _check_host(self, dashboard):
+        host = (self.headers.get("Host") or "").strip().lower()
+        if dashboard.allowed_hosts and host not in dashboard.allowed_hosts:
+            raise DashboardError(400, "unexpected Host header: open the dashboard by the address it printed")
+
+    def _read_body(self):
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit():
+            raise DashboardError(400, "Content-Length must be a number")
+        if int(length) > _DASHBOARD_MAX_BODY:
+            self.close_connection = True
+            raise DashboardError(413, f"the request body is larger than {_DASHBOARD_MAX_BODY} bytes")
+        return self.rfile.read(int(length))
+
+    def _authorized(self, dashboard):
+        if dashboard.token is None:
+            return True
+        given = self.headers.get("Authorization") or ""
+        if given.startswith("Bearer "):
+            return dashboard.token_matches(given[7:].strip())
+        cookies = (self.headers.get("Cookie") or "").split(";")
+        for cookie in cookies:
+            name, _, value = cookie.strip().partition("=")
+            if name == _DASHBOARD_COOKIE:
+                return dashboard.session_matches(value)
+        return False
+
+    def _post(self, dashboard, path, body):
+        if dashboard.read_only:
+            raise DashboardError(403, "this dashboard is read-only: it changes nothing")
+        import hmac
+        origin = self.headers.get("Origin")
+        if origin is not None and urllib.parse.urlsplit(origin).netloc.lower() != (self.headers.get("Host") or "").lower():
+            raise DashboardError(403, "a request from another site is refused (CSRF)")
+        given = self.headers.get("X-CSRF-Token") or ""
+        if not hmac.compare_digest(given.encode(), dashboard.csrf_token.encode()):
+            raise DashboardError(403, "missing or wrong CSRF token: reload the page and try again")
+        match = _DASHBOARD_ACTIONS.fullmatch(path)
+        if match is None:
+            raise DashboardError(404, f"no action {path[:100]}")
+        kind, key, action = match.group(1, 2, 3) if match.group(1) else match.group(4, 5, 6)
+        if kind == "queues":
+            key = urllib.parse.unquote(key)
+        try:
+            answer = _dashboard_action(dashboard.scheduler, kind, key, action, body)
+        except TaskNotFoundError as exc:
+            raise DashboardError(404, str(exc)) from None
+        self._send_json(200, answer, "POST")
+
+    def _get_api(self, dashboard, path, query_text):
+        try:
+            query = urllib.parse.parse_qs(query_text, keep_blank_values=True, strict_parsing=False,
+                                          max_num_fields=20)
+        except ValueError:
+            raise DashboardError(400, "too many query parameters") from None
+        scheduler = dashboard.scheduler
+        if path == "/api/tasks":
+            return self._send_json(200, _dashboard_tasks(scheduler, query), "GET")
+        match = re.fullmatch(r"/api/tasks/([^/]{1,100})/logs", path)
+        if match:
+            return self._send_json(200, _dashboard_logs(scheduler, _dashboard_task_id(match.group(1)), query), "GET")
+        if query:
+            raise DashboardError(400, f"{path} takes no parameters")
+        if path == "/api/periodic":
+            return self._send_json(200, {"now": _to_json(_to_datetime(_now()), "now"),
+                                         "periodic": [p.as_dict() for p in scheduler.get_periodic()]}, "GET")
+        if path == "/api/stats":
+            return self._send_json(200, _dashboard_overview(scheduler, dashboard.counts), "GET")
+        if path == "/api/nodes":
+            return self._send_json(200, _dashboard_nodes(scheduler), "GET")
+        if path == "/api/queues":
+            stats, age = dashboard.counts.get()
+            return self._send_json(200, {"queues": [q.as_dict() for q in scheduler._queue_records(stats["by_queue"])],
+                                         "counted_seconds_ago": round(age, 1)}, "GET")
+        match = re.fullmatch(r"/api/tasks/([^/]{1,100})", path)
+        if match:
+            return self._send_json(200, _dashboard_task(scheduler, _dashboard_task_id(match.group(1))), "GET")
+        raise DashboardError(404, f"no API endpoint {path[:100]}")
+
+    def _login(self, dashboard, method, body):
+        if method != "POST":
+            return self._send(200 if dashboard.token is None else 401, "text/html; charset=utf-8",
+                              dashboard.login_page(), method)
+        given = urllib.parse.parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
+        if dashboard.token is None or not dashboard.token_matches(given):
+            return self._send(401, "text/html; charset=utf-8", dashboard.login_page(wrong=True), method)
+        self.send_response(303)
+        self.send_header("Location", "/")
+        self.send_header("Set-Cookie", f"{_DASHBOARD_COOKIE}={dashboard.session}; HttpOnly; SameSite=Strict; Path=/")
+        self._common_headers()
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _static(self, path, method):
+        asset = _DASHBOARD_ASSETS.get(path)
+        if asset is None:
+            raise DashboardError(404, f"no file {path[:100]}")
+        self._send(200, asset[0], asset[1], method, cache="max-age=300")
+
+    def _refuse(self, status, message, method):
+        if status == 401 and not self.path.startswith("/api/") and method != "POST":
+            # A page: the login form, and nothing of the data.
+            return self._send(401, "text/html; charset=utf-8", self.server.dashboard.login_page(), method)
+        self._send_json(status, {"error": message}, method)
+
+    def _send_json(self, status, value, method):
+        self._send(status, "application/json", json.dumps(value), method)
+
+    def _common_headers(self):
+        self.send_header("Content-Security-Policy", _DASHBOARD_CSP)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("X-Frame-Options", "DENY")
+        self.send_header("Referrer-Policy", "no-referrer")
+
+    def _send(self, status, content_type, text, method, cache="no-store"):
+        data = text.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", cache)
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="lilota"')
+        self._common_headers()
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+
+class DashboardServer:
+    """A running dashboard (``serve_dashboard()``): ``url`` to open, ``stop()`` to end it. Its
+    requests are served by threads of their own; the scheduler they share reads the database."""
+
+    def __init__(self, db_url=None, *, host="127.0.0.1", port=8765, token=None, read_only=False):
+        import hmac
+        import http.server
+        import ipaddress
+        import secrets
+        if token is not None and (not isinstance(token, str) or len(token) < 8):
+            raise ConfigurationError("the dashboard's token must be a string of at least 8 characters "
+                                     "(e.g. python -c 'import secrets; print(secrets.token_urlsafe())')")
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback and token is None:
+            raise ConfigurationError(
+                f"refusing to serve the dashboard on {host} without a token: anyone who reaches that address "
+                f"could read every task and cancel them; give --token (token=) or bind to 127.0.0.1")
+        self.scheduler = LilotaScheduler(db_url)
+        self.counts = _CountsCache(self.scheduler)
+        self.token, self.read_only = token, read_only
+        secret = secrets.token_bytes(32)
+        self.csrf_token = hmac.new(secret, b"csrf", "sha256").hexdigest()
+        # The cookie holds a value derived from the token, not the token itself.
+        self.session = None if token is None else hmac.new(secret, token.encode(), "sha256").hexdigest()
+        handler = type("DashboardHandler", (_DashboardHandler, http.server.BaseHTTPRequestHandler), {})
+        self._http = http.server.ThreadingHTTPServer((host.strip("[]"), port), handler)
+        self._http.daemon_threads = True
+        self._http.dashboard = self
+        self.port = self._http.server_address[1]
+        shown = f"[{host.strip('[]')}]" if ":" in host else host
+        self.url = f"http://{shown}:{self.port}/"
+        # Behind a loopback address the Host header must name it (a page of another site that
+        # resolves its own name to 127.0.0.1 cannot read the dashboard); a token guards the rest.
+        self.allowed_hosts = None
+        if loopback:
+            self.allowed_hosts = {f"{name}:{self.port}" for name in ("127.0.0.1", "localhost", "[::1]", shown)}
+        self._thread = threading.Thread(target=self._http.serve_forever, name="lilota-dashboard", daemon=True)
+        self._thread.start()
+
+    def token_matches(self, given):
+        import hmac
+        return hmac.compare_digest(given.encode("utf-8", "replace"), self.token.encode("utf-8"))
+
+    def session_matches(self, given):
+        import hmac
+        return hmac.compare_digest(given.encode("utf-8", "replace"), self.session.encode())
+
+    def shell(self):
+        """The HTML every page starts as: the script fills <main> from the API."""
+        return _DASHBOARD_SHELL.format(csrf=self.csrf_token, read_only="1" if self.read_only else "0",
+                                       database=_html_escape(self.scheduler._dialect.describe()),
+                                       statuses=" ".join(s.value for s in TaskStatus),
+                                       finished=" ".join(s.value for s in TaskStatus if s.is_finished))
+
+    def login_page(self, wrong=False):
+        return _DASHBOARD_LOGIN.format(message="Wrong token." if wrong else "This dashboard needs its token.")
+
+    def stop(self):
+        """Stop serving and close the listening socket (requests under way finish first)."""
+        self._http.shutdown()
+        self._http.server_close()
+        self._thread.join()
+        self.counts.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.stop()
+
+
+def serve_dashboard(db_url=None, *, host="127.0.0.1", port=8765, token=None, read_only=False):
+    """Serve the dashboard of the database at ``db_url`` in a background thread and return the
+    running :class:`DashboardServer` (``.url``, ``.stop()``; a context manager). ``port=0`` takes a
+    free port. ConfigurationError for a non-loopback ``host`` without a ``token`` (of at least 8
+    characters); OSError when the address is taken."""
+    return DashboardServer(db_url, host=host, port=port, token=token, read_only=read_only)
+
+
+# --- Dashboard: the page, its styles and its script ---------------------------------------------
+
+_DASHBOARD_ICON = ("data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'%3E%3Crect "
+                   "width='16' height='16' rx='4' fill='%234f46e5'/%3E%3Cpath d='M5 3v10h6' stroke='white' "
+                   "stroke-width='2' fill='none'/%3E%3C/svg%3E")
+
+_DASHBOARD_SHELL = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="csrf-token" content="{csrf}"><meta name="read-only" content="{read_only}">
+<meta name="statuses" content="{statuses}"><meta name="finished" content="{finished}">
+<title>lilota</title><link rel="icon" href="%s"><link rel="stylesheet" href="/static/dashboard.css">
+<script src="/static/dashboard.js" defer></script></head>
+<body><header class="top"><a class="brand" href="/"><span class="logo">L</span>lilota</a>
+<nav><a href="/" data-nav="overview">Overview</a><a href="/tasks" data-nav="tasks">Tasks</a>
+<a href="/nodes" data-nav="nodes">Nodes</a><a href="/queues" data-nav="queues">Queues</a>
+<a href="/periodic" data-nav="periodic">Periodic</a></nav>
+<span class="database" title="the database">{database}</span></header>
+<div id="notice" class="notice" role="alert" hidden></div>
+<main id="main"><p class="muted">Loading&hellip;</p></main></body></html>
+""" % _DASHBOARD_ICON
+
+_DASHBOARD_LOGIN = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>lilota: log in</title><link rel="icon" href="%s"><link rel="stylesheet" href="/static/dashboard.css"></head>
+<body class="login"><form method="post" action="/login" class="card login-card">
+<h1><span class="logo">L</span>lilota</h1><p>{message}</p>
+<label>Token <input type="password" name="token" autocomplete="current-password" autofocus required></label>
+<button type="submit" class="primary">Log in</button></form></body></html>
+""" % _DASHBOARD_ICON
+
+_DASHBOARD_CSS = r"""
+:root{--bg:#f6f7f9;--panel:#fff;--text:#1d2330;--muted:#667085;--line:#e4e7ec;--accent:#4f46e5;
+--accent-text:#fff;--code:#f2f4f7;--shadow:0 1px 2px rgba(16,24,40,.06),0 1px 3px rgba(16,24,40,.08);
+--created:#64748b;--scheduled:#2563eb;--running:#7c3aed;--completed:#16a34a;--failed:#dc2626;
+--expired:#ea580c;--cancelled:#6b7280;--waiting:#0891b2;--warn-bg:#fff4e5;--warn-text:#8a4b00;--ok-bg:#ecfdf3;--ok-text:#05603a;
+--bad-bg:#fef3f2;--bad-text:#b42318}
+@media (prefers-color-scheme:dark){:root{--bg:#0f1117;--panel:#171a23;--text:#e6e8ee;--muted:#98a2b3;
+--line:#2a2f3c;--accent:#818cf8;--accent-text:#0f1117;--code:#0b0d12;--shadow:none;--created:#94a3b8;
+--scheduled:#60a5fa;--running:#a78bfa;--completed:#4ade80;--failed:#f87171;--expired:#fb923c;
+--cancelled:#9ca3af;--waiting:#22d3ee;--warn-bg:#3a2a10;--warn-text:#fcd9a5;--ok-bg:#0f2e1d;--ok-text:#a6f4c5;--bad-bg:#3b1414;
+--bad-text:#fecdca}}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--text);font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,
+"Helvetica Neue",Arial,sans-serif;-webkit-font-smoothing:antialiased}
+a{color:var(--accent);text-decoration:none}a:hover{text-decoration:underline}
+code,pre,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
+.top{display:flex;align-items:center;gap:28px;padding:0 28px;height:56px;background:var(--panel);
+border-bottom:1px solid var(--line);position:sticky;top:0;z-index:2}
+.brand{font-weight:700;font-size:17px;color:var(--text);display:flex;align-items:center;gap:8px}
+.brand:hover{text-decoration:none}
+.logo{display:inline-grid;place-items:center;width:26px;height:26px;border-radius:7px;background:var(--accent);
+color:var(--accent-text);font-weight:800;font-size:14px}
+nav{display:flex;gap:4px}nav a{color:var(--muted);padding:6px 12px;border-radius:8px;font-weight:500}
+nav a:hover{background:var(--bg);text-decoration:none;color:var(--text)}
+nav a.active{background:var(--bg);color:var(--text)}
+.database{margin-left:auto;color:var(--muted);font-size:12.5px;white-space:nowrap;overflow:hidden;
+text-overflow:ellipsis;max-width:40%}
+main{max-width:1240px;margin:0 auto;padding:24px 28px 48px}
+h1{font-size:22px;margin:0 0 4px;font-weight:650;letter-spacing:-.01em;display:flex;align-items:center;gap:12px;
+flex-wrap:wrap}
+h2{font-size:15px;margin:0 0 12px;font-weight:600}
+.sub{color:var(--muted);margin:0 0 20px}.muted{color:var(--muted)}
+.card{background:var(--panel);border:1px solid var(--line);border-radius:12px;box-shadow:var(--shadow);
+padding:18px 20px;margin-bottom:20px;min-width:0;overflow-x:auto}
+.grid{display:grid;gap:20px}.two{grid-template-columns:minmax(0,1fr) minmax(0,1.25fr)}
+@media (max-width:900px){.two{grid-template-columns:1fr}}
+.counts{display:grid;grid-template-columns:repeat(auto-fit,minmax(140px,1fr));gap:14px;margin-bottom:20px}
+.count{display:block;background:var(--panel);border:1px solid var(--line);border-radius:12px;padding:14px 16px;
+box-shadow:var(--shadow);border-top:3px solid var(--c,var(--line));color:var(--text)}
+.count:hover{text-decoration:none;border-color:var(--c)}
+.count .n{font-size:26px;font-weight:650;font-variant-numeric:tabular-nums;line-height:1.2}
+.count .l{color:var(--muted);font-size:13px;text-transform:capitalize}
+.s-created{--c:var(--created)}.s-scheduled{--c:var(--scheduled)}.s-running{--c:var(--running)}
+.s-completed{--c:var(--completed)}.s-failed{--c:var(--failed)}.s-expired{--c:var(--expired)}
+.s-cancelled{--c:var(--cancelled)}.s-waiting{--c:var(--waiting)}
+pre.small{max-height:160px;padding:6px 10px;font-size:12px}td.wide{min-width:240px;width:45%}
+pre.log{max-height:420px}.log-warning{color:var(--expired)}.log-error,.log-critical{color:var(--failed)}
+.reasons{margin:0;padding-left:18px}.reasons li{margin:4px 0}
+.badge{display:inline-flex;align-items:center;gap:6px;padding:1px 9px 1px 8px;border-radius:999px;font-size:12px;
+font-weight:600;color:var(--c,var(--muted));background:color-mix(in srgb,var(--c,var(--muted)) 13%,transparent);
+white-space:nowrap;text-transform:capitalize}
+.badge::before{content:"";width:6px;height:6px;border-radius:50%;background:currentColor}
+.s-running.badge::before{animation:pulse 1.2s ease-in-out infinite}
+@keyframes pulse{50%{opacity:.25}}
+table{width:100%;border-collapse:collapse}
+th{text-align:left;font-weight:600;color:var(--muted);font-size:11.5px;text-transform:uppercase;letter-spacing:.03em;
+padding:8px 8px;border-bottom:1px solid var(--line);white-space:nowrap}
+td{padding:9px 8px;border-bottom:1px solid var(--line);vertical-align:middle}
+tr:last-child td{border-bottom:0}tbody tr:hover td{background:color-mix(in srgb,var(--bg) 60%,transparent)}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+td.zero{color:var(--muted);opacity:.55}
+.nowrap{white-space:nowrap}.clip{max-width:360px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.bar{position:relative;height:8px;border-radius:99px;background:var(--line);overflow:hidden;min-width:70px}
+.bar>span{position:absolute;inset:0 auto 0 0;background:var(--c,var(--accent));border-radius:99px;
+transition:width .4s ease}
+.bar.big{height:14px}
+.progress-cell{display:flex;align-items:center;gap:8px}.progress-cell .bar{flex:1}
+.filters{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-end;margin-bottom:16px}
+label{display:flex;flex-direction:column;gap:4px;font-size:12px;color:var(--muted);font-weight:500}
+input,select{font:inherit;color:var(--text);background:var(--panel);border:1px solid var(--line);border-radius:8px;
+padding:7px 10px;min-width:0}
+input:focus,select:focus{outline:2px solid color-mix(in srgb,var(--accent) 45%,transparent);outline-offset:0}
+input.small{width:90px}
+button,.button{font:inherit;font-weight:600;border-radius:8px;padding:7px 14px;border:1px solid var(--line);
+background:var(--panel);color:var(--text);cursor:pointer;display:inline-block}
+button:hover,.button:hover{border-color:var(--muted);text-decoration:none}
+button.primary{background:var(--accent);border-color:var(--accent);color:var(--accent-text)}
+button.danger{background:var(--failed);border-color:var(--failed);color:#fff}
+button:disabled{opacity:.5;cursor:default}
+.actions{display:flex;gap:8px;align-items:center;flex-wrap:wrap;margin:14px 0}
+td .actions{flex-wrap:nowrap;margin:0}
+.confirm{display:flex;gap:8px;align-items:center;padding:8px 12px;border-radius:10px;background:var(--warn-bg);
+color:var(--warn-text);flex-wrap:wrap}
+.flash{padding:10px 14px;border-radius:10px;margin:0 0 16px;background:var(--ok-bg);color:var(--ok-text)}
+.flash.bad{background:var(--bad-bg);color:var(--bad-text)}
+.notice{max-width:1184px;margin:16px auto 0;padding:10px 14px;border-radius:10px;background:var(--warn-bg);
+color:var(--warn-text);font-weight:500}
+.pager{display:flex;gap:10px;justify-content:flex-end;margin-top:14px}
+pre{background:var(--code);border:1px solid var(--line);border-radius:10px;padding:12px 14px;overflow:auto;
+margin:0;max-height:480px;white-space:pre-wrap;word-break:break-word}
+dl.fields{display:grid;grid-template-columns:max-content 1fr;gap:6px 24px;margin:0}
+dl.fields dt{color:var(--muted)}dl.fields dd{margin:0;word-break:break-all}
+.error-head{font-weight:600;color:var(--failed);margin-bottom:8px;word-break:break-word}
+.chart{width:100%;height:auto;display:block}
+.chart .grid-line{stroke:var(--line)}.chart text{fill:var(--muted);font-size:11px;font-family:inherit}
+.chart .done{fill:var(--completed)}.chart .bad{fill:var(--failed)}
+.chart .started{fill:none;stroke:var(--scheduled);stroke-width:2;stroke-linejoin:round}
+.legend{display:flex;gap:16px;color:var(--muted);font-size:12.5px;margin-top:6px}
+.legend-started{background:var(--scheduled)}.legend-done{background:var(--completed)}
+.legend-bad{background:var(--failed)}
+.legend i{display:inline-block;width:10px;height:10px;border-radius:3px;margin-right:6px;vertical-align:-1px}
+.empty{padding:24px;text-align:center;color:var(--muted)}
+.split{display:flex;justify-content:space-between;align-items:baseline;gap:16px;flex-wrap:wrap}
+.pill{font-size:12px;color:var(--muted);border:1px solid var(--line);border-radius:999px;padding:1px 8px}
+.login{display:grid;place-items:center;min-height:100vh}
+.login-card{width:340px;display:flex;flex-direction:column;gap:14px}.login-card h1{gap:10px}
+"""
+
+_DASHBOARD_JS = r"""
+"use strict";
+(function () {
+  const meta = (name) => document.querySelector('meta[name="' + name + '"]').content;
+  const CSRF = meta("csrf-token");
+  const READ_ONLY = meta("read-only") === "1";
+  // TaskStatus, from the server: a status added there shows here without a change.
+  const STATUSES = meta("statuses").split(" ");
+  const FINISHED = meta("finished").split(" ");
+  const main = document.getElementById("main");
+  const notice = document.getElementById("notice");
+  let holds = 0;          // confirmations open or inputs being edited: live updates wait
+  let flash = null;       // the answer to the last action, shown until the next one
+
+  // --- building the page: elements and text nodes only, never HTML from data ---
+  function h(tag, attrs, ...children) {
+    const el = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === "class") el.className = value;
+      else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+      else el.setAttribute(key, value === true ? "" : String(value));
+    }
+    add(el, children);
+    return el;
+  }
+  function add(el, children) {
+    for (const child of children.flat(Infinity)) {
+      if (child === null || child === undefined || child === false) continue;
+      el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+  }
+  function svg(tag, attrs, ...children) {
+    const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [key, value] of Object.entries(attrs || {})) el.setAttribute(key, String(value));
+    for (const child of children) {
+      if (typeof child === "string") el.append(document.createTextNode(child)); else if (child) el.append(child);
+    }
+    return el;
+  }
+  // Ids made close together share their first (time) digits: the short form keeps both ends.
+  const shortId = (id) => id.slice(0, 8) + "\u2026" + id.slice(-4);
+  const taskHref = (id) => "/tasks/" + encodeURIComponent(id);
+  const listHref = (params) => "/tasks" + (Object.keys(params).length ? "?" + new URLSearchParams(params) : "");
+  const badge = (status) => h("span", {class: "badge s-" + status}, status);
+  const number = (n) => Number(n || 0).toLocaleString("en-US");
+  function seconds(s) {
+    if (s === null || s === undefined || isNaN(s)) return "\u2013";
+    if (s < 1) return Math.round(s * 1000) + "ms";
+    if (s < 60) return (Math.round(s * 10) / 10) + "s";
+    const units = [["d", 86400], ["h", 3600], ["m", 60], ["s", 1]];
+    for (let i = 0; i < 3; i++) {
+      if (s >= units[i][1]) {
+        const rest = Math.floor((s % units[i][1]) / units[i + 1][1]);
+        return Math.floor(s / units[i][1]) + units[i][0] + (rest ? String(rest).padStart(2, "0") + units[i + 1][0] : "");
+      }
+    }
+    return Math.round(s) + "s";
+  }
+  const time = (iso) => iso ? new Date(iso).getTime() / 1000 : null;
+  function age(iso) {
+    if (!iso) return "\u2013";
+    const s = Date.now() / 1000 - time(iso);
+    return s >= 0 ? seconds(s) + " ago" : "in " + seconds(-s);
+  }
+  function duration(task) {
+    if (!task.start_date_time) return "\u2013";
+    const end = task.status === "running" ? Date.now() / 1000 : time(task.end_date_time);
+    return end === null ? "\u2013" : seconds(Math.max(0, end - time(task.start_date_time)));
+  }
+  function progressBar(percent, status, big) {
+    const value = Math.max(0, Math.min(100, Number(percent) || 0));
+    return h("div", {class: "bar" + (big ? " big" : "") + " s-" + status, role: "progressbar",
+                     "aria-valuenow": value, "aria-valuemin": 0, "aria-valuemax": 100},
+             h("span", {style: null, "data-width": value}));
+  }
+  // The CSP forbids inline styles in markup; widths are set through the DOM (not markup).
+  function applyWidths(root) {
+    root.querySelectorAll("[data-width]").forEach((el) => { el.style.width = el.dataset.width + "%"; });
+  }
+  function json(value) { return JSON.stringify(value, null, 2); }
+
+  // --- talking to the API ---
+  class Unreachable extends Error {}
+  async function api(path, options) {
+    let response;
+    try {
+      response = await fetch(path, Object.assign({credentials: "same-origin", headers: {Accept: "application/json"}},
+                                                 options || {}));
+    } catch (e) {
+      throw new Unreachable("The dashboard server cannot be reached.");
+    }
+    let body = null;
+    try { body = await response.json(); } catch (e) { body = null; }
+    if (response.status === 503) throw new Unreachable((body && body.error) || "The database cannot be reached.");
+    if (response.status === 401) { location.reload(); throw new Error("not logged in"); }
+    if (!response.ok) throw new Error((body && body.error) || ("HTTP " + response.status));
+    return body;
+  }
+  function post(path, body) {
+    return api(path, {method: "POST", body: body === undefined ? "" : JSON.stringify(body),
+                      headers: {"Content-Type": "application/json", "X-CSRF-Token": CSRF, Accept: "application/json"}});
+  }
+  function showNotice(text) { notice.textContent = text; notice.hidden = false; }
+  function hideNotice() { notice.hidden = true; }
+
+  // Poll ``load`` every ``interval`` ms and hand the data to ``render`` (skipped while the user is
+  // in the middle of something); when the database or the server is out of reach, say so and keep
+  // the last data on the page.
+  function live(load, render, interval) {
+    let last = null;
+    async function tick() {
+      try {
+        const data = await load();
+        hideNotice();
+        last = data;
+        if (!holds) { render(data); applyWidths(main); }
+      } catch (e) {
+        if (e instanceof Unreachable) showNotice(e.message + " Showing what was last read; trying again\u2026");
+        else if (last === null) { main.replaceChildren(h("div", {class: "card empty"}, e.message)); }
+        else showNotice(e.message);
+      }
+      setTimeout(tick, interval);
+    }
+    tick();
+  }
+
+  // An action behind a confirmation: ``button`` opens "question [yes] [no]" in its place.
+  function confirmButton(label, question, yes, run, kind) {
+    const holder = h("span", {});
+    const button = h("button", {class: kind || "", type: "button", onclick: open}, label);
+    holder.append(button);
+    function open() {
+      holds++;
+      const box = h("span", {class: "confirm", role: "group"}, question,
+        h("button", {class: "danger", type: "button", onclick: async () => {
+          box.querySelectorAll("button").forEach((b) => { b.disabled = true; });
+          try {
+            const answer = await run();
+            flash = {ok: answer.ok, text: answer.message};
+          } catch (e) {
+            flash = {ok: false, text: e.message};
+          }
+          holds--;
+          refresh();
+        }}, yes),
+        h("button", {type: "button", onclick: () => { holds--; holder.replaceChildren(button); }}, "Keep it"));
+      holder.replaceChildren(box);
+    }
+    return holder;
+  }
+  function flashBox() {
+    return flash ? h("div", {class: "flash" + (flash.ok ? "" : " bad"), role: "status"}, flash.text) : null;
+  }
+  let refresh = () => {};
+
+  // --- Overview ---
+  function chart(activity) {
+    const minutes = activity.minutes, W = 960, H = 220, left = 36, bottom = 22, top = 8;
+    const peak = Math.max(1, ...minutes.map((m) => Math.max(m.started, m.finished)));
+    const scale = niceMax(peak);
+    const bw = (W - left) / minutes.length;
+    const y = (v) => top + (H - top - bottom) * (1 - v / scale);
+    const since = time(activity.since);
+    const root = svg("svg", {class: "chart", viewBox: "0 0 " + W + " " + H, role: "img",
+                             "aria-label": "tasks started and finished per minute, last hour"});
+    for (let i = 0; i <= 4; i++) {
+      const v = scale * i / 4;
+      root.append(svg("line", {class: "grid-line", x1: left, x2: W, y1: y(v), y2: y(v)}));
+      root.append(svg("text", {x: left - 6, y: y(v) + 4, "text-anchor": "end"}, compact(v)));
+    }
+    minutes.forEach((m, i) => {
+      const x = left + i * bw + 1, w = Math.max(1, bw - 2);
+      const at = new Date((since + i * 60) * 1000);
+      const label = at.toTimeString().slice(0, 5) + ": " + m.started + " started, " + m.finished + " finished, " +
+                    m.failed + " failed or expired";
+      const ok = m.finished - m.failed;
+      const g = svg("g", {}, svg("title", {}, label));
+      if (ok > 0) g.append(svg("rect", {class: "done", x: x, width: w, y: y(m.finished), height: y(m.failed) - y(m.finished), rx: 1.5}));
+      if (m.failed > 0) g.append(svg("rect", {class: "bad", x: x, width: w, y: y(m.failed), height: y(0) - y(m.failed), rx: 1.5}));
+      g.append(svg("rect", {x: x, width: w, y: top, height: H - top - bottom, fill: "transparent"}));
+      root.append(g);
+    });
+    const points = minutes.map((m, i) => (left + i * bw + bw / 2).toFixed(1) + "," + y(m.started).toFixed(1)).join(" ");
+    root.append(svg("polyline", {class: "started", points: points}));
+    [[0, "60 min ago"], [30, "30 min ago"], [59, "now"]].forEach(([i, text]) => {
+      root.append(svg("text", {x: left + i * bw + bw / 2, y: H - 6, "text-anchor": i === 0 ? "start" : i === 59 ? "end" : "middle"}, text));
+    });
+    return root;
+  }
+  function niceMax(v) {
+    const p = Math.pow(10, Math.floor(Math.log10(v)));
+    for (const m of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (m * p >= v) return m * p;
+    return 10 * p;
+  }
+  function compact(v) { return v >= 1000 ? (Math.round(v / 100) / 10) + "k" : String(Math.round(v * 10) / 10); }
+
+  function countsTable(title, rows, param, statuses) {
+    // The statuses that matter here: the usual four, and the others when some task has them.
+    const shown = statuses.filter((s) => ["scheduled", "running", "completed", "failed"].includes(s) ||
+                                         rows.some(([, counts]) => counts[s]));
+    if (!rows.length) return h("div", {class: "card"}, h("h2", {}, title), h("p", {class: "muted"}, "No tasks yet."));
+    return h("div", {class: "card"}, h("h2", {}, title), h("table", {},
+      h("thead", {}, h("tr", {}, h("th", {}, param === "queue" ? "Queue" : "Name"),
+        shown.map((s) => h("th", {class: "num"}, s)), h("th", {class: "num"}, "total"))),
+      h("tbody", {}, rows.map(([key, counts]) => h("tr", {},
+        h("td", {class: "clip"}, h("a", {href: listHref({[param]: key})}, key)),
+        shown.map((s) => h("td", {class: "num" + (counts[s] ? "" : " zero")},
+          counts[s] ? h("a", {href: listHref({[param]: key, status: s})}, number(counts[s])) : "0")),
+        h("td", {class: "num"}, number(Object.values(counts).reduce((a, b) => a + b, 0))))))));
+  }
+
+  function overview(data) {
+    const stats = data.stats;
+    const shown = STATUSES.filter((s) => s !== "created" || stats.by_status.created);
+    const errors = data.errors.length ? h("table", {},
+      h("thead", {}, h("tr", {}, h("th", {}, "Error"), h("th", {class: "num"}, "Count"), h("th", {}, "Last"))),
+      h("tbody", {}, data.errors.map((e) => h("tr", {},
+        h("td", {}, h("div", {class: "clip"}, h("strong", {}, e.type), e.message ? ": " + e.message : ""),
+          h("a", {class: "muted", href: taskHref(e.task_id)}, "latest task \u2192")),
+        h("td", {class: "num"}, number(e.count)), h("td", {class: "muted nowrap"}, age(e.last_at))))))
+      : h("p", {class: "muted"}, "No failures in the last 24 hours.");
+    main.replaceChildren(
+      h("h1", {}, "Overview"),
+      h("p", {class: "sub"}, (data.counted_seconds_ago > 5 ? "Counted " + seconds(data.counted_seconds_ago) + " ago: " : "") +
+        number(stats.total) + " tasks \u00b7 " + number(stats.last_minute.finished) +
+        " finished in the last minute (" + stats.last_minute.per_second + "/s) \u00b7 " + number(stats.last_hour.finished) +
+        " in the last hour"),
+      h("div", {class: "counts", id: "counts"}, shown.map((s) => h("a", {class: "count s-" + s, href: listHref({status: s}),
+        "data-status": s}, h("div", {class: "n"}, number(stats.by_status[s])), h("div", {class: "l"}, s)))),
+      h("div", {class: "card"}, h("div", {class: "split"}, h("h2", {}, "Last hour"),
+        h("div", {class: "legend"}, h("span", {}, h("i", {class: "legend-started"}), "started"),
+          h("span", {}, h("i", {class: "legend-done"}), "finished"), h("span", {}, h("i", {class: "legend-bad"}), "failed"))),
+        chart(data.activity)),
+      h("div", {class: "grid two"},
+        h("div", {class: "card"}, h("h2", {}, "Most frequent errors, last 24 hours"), errors),
+        countsTable("By queue", Object.entries(stats.by_queue), "queue", shown)),
+      countsTable("By task name", Object.entries(stats.by_name), "name", shown));
+  }
+
+  // --- Tasks ---
+  function taskList() {
+    const params = new URLSearchParams(location.search);
+    const value = (k) => params.get(k) || "";
+    const form = h("form", {class: "filters card", method: "get", action: "/tasks"},
+      h("label", {}, "Status", h("select", {name: "status"}, h("option", {value: ""}, "Any"),
+        STATUSES.map((s) => h("option", {value: s, selected: value("status") === s}, s)))),
+      h("label", {}, "Name", h("input", {name: "name", value: value("name"), placeholder: "task name"})),
+      h("label", {}, "Queue", h("input", {name: "queue", value: value("queue"), placeholder: "queue", class: "small"})),
+      h("label", {}, "Search", h("input", {name: "q", value: value("q"), placeholder: "id or error text", type: "search"})),
+      h("button", {type: "submit", class: "primary"}, "Filter"),
+      h("a", {class: "button", href: "/tasks"}, "Clear"));
+    const region = h("div", {});
+    main.replaceChildren(h("h1", {}, "Tasks"), h("p", {class: "sub"}, "Newest first."), form, region);
+    const query = new URLSearchParams();
+    for (const key of ["status", "name", "queue", "q", "before"]) if (value(key)) query.set(key, value(key));
+    live(() => api("/api/tasks?" + query), (data) => {
+      const rows = data.tasks.map((t) => h("tr", {"data-id": t.id},
+        h("td", {}, h("a", {class: "mono", href: taskHref(t.id), title: t.id}, shortId(t.id))),
+        h("td", {class: "clip"}, t.name), h("td", {}, t.queue), h("td", {}, badge(t.status)),
+        h("td", {}, h("div", {class: "progress-cell"}, progressBar(t.progress_percentage, t.status),
+          h("span", {class: "muted"}, t.progress_percentage + "%"))),
+        h("td", {class: "num"}, t.attempts + (t.max_attempts ? "/" + t.max_attempts : "")),
+        h("td", {class: "muted"}, age(t.created_at)), h("td", {class: "num"}, duration(t)),
+        h("td", {}, t.error ? h("div", {class: "clip muted"}, t.error.type + ": " + t.error.message) : "")));
+      const pager = h("div", {class: "pager"});
+      if (value("before")) { const first = new URLSearchParams(query); first.delete("before"); pager.append(h("a", {class: "button", href: "/tasks?" + first}, "\u2190 Newest")); }
+      if (data.next) { const next = new URLSearchParams(query); next.set("before", data.next); pager.append(h("a", {class: "button", href: "/tasks?" + next, rel: "next"}, "Older \u2192")); }
+      region.replaceChildren(h("div", {class: "card"}, rows.length ? h("table", {id: "task-list"},
+        h("thead", {}, h("tr", {}, ["ID", "Name", "Queue", "Status", "Progress"].map((c) => h("th", {}, c)),
+          h("th", {class: "num"}, "Attempts"), h("th", {}, "Created"), h("th", {class: "num"}, "Duration"), h("th", {}, "Error"))),
+        h("tbody", {}, rows)) : h("div", {class: "empty"}, "No tasks match these filters.")), pager);
+    }, 2000);
+  }
+
+  // A task page is these sections, in order; each returns an element or null. A feature that
+  // stores more about a task adds its read on the server (_DASHBOARD_TASK_READS) and a section here.
+  const TASK_SECTIONS = [
+    function progress(data) {
+      const t = data.task;
+      if (FINISHED.includes(t.status) && t.progress_percentage === 0) return null;
+      return h("div", {class: "card"}, h("div", {class: "split"}, h("h2", {}, "Progress"),
+        h("strong", {id: "progress-value"}, t.progress_percentage + "%")),
+        progressBar(t.progress_percentage, t.status, true),
+        t.status === "running" ? h("p", {class: "muted"}, "Running for " + duration(t) + ", attempt " + t.attempts +
+          (t.max_attempts ? " of " + t.max_attempts : "") + ".") : null);
+    },
+    function why(data) {
+      if (FINISHED.includes(data.task.status) || !data.explain || !data.explain.length) return null;
+      return h("div", {class: "card", id: "explain"}, h("h2", {}, "Why it is where it is"),
+        h("ul", {class: "reasons"}, data.explain.map((r) => h("li", {"data-code": r.code}, r.message))));
+    },
+    function error(data) {
+      const e = data.task.error;
+      if (!e) return null;
+      return h("div", {class: "card", id: "error"}, h("h2", {}, "Error"),
+        h("div", {class: "error-head"}, String(e.type || "error") + ": " + String(e.message || "")),
+        e.traceback ? h("pre", {}, String(e.traceback)) : null,
+        Object.keys(e).some((k) => !["type", "message", "traceback"].includes(k))
+          ? h("pre", {}, json(Object.fromEntries(Object.entries(e).filter(([k]) => !["type", "message", "traceback"].includes(k))))) : null);
+    },
+    function dependencies(data) {
+      const deps = data.dependencies || [];
+      if (!deps.length) return null;
+      const open = deps.filter((d) => d.open).length;
+      return h("div", {class: "card", id: "dependencies"}, h("div", {class: "split"}, h("h2", {}, "Depends on"),
+        h("span", {class: "pill"}, open + " of " + deps.length + " open")), h("table", {},
+        h("thead", {}, h("tr", {}, h("th", {}, "Task"), h("th", {}, "Status"), h("th", {}, "Open"))),
+        h("tbody", {}, deps.map((d) => h("tr", {"data-id": d.id},
+          h("td", {}, h("a", {class: "mono", href: taskHref(d.id)}, d.id)),
+          h("td", {}, d.status ? badge(d.status) : h("span", {class: "muted"}, "deleted")),
+          h("td", {class: d.open ? "" : "muted"}, d.open ? "open" : "done"))))));
+    },
+    function attempts(data) {
+      const rows = data.attempts || [];
+      if (!rows.length) return null;
+      return h("div", {class: "card", id: "attempts"}, h("h2", {}, "Attempts"), h("table", {},
+        h("thead", {}, h("tr", {}, h("th", {class: "num"}, "#"), h("th", {}, "Outcome"), h("th", {}, "Started"),
+          h("th", {class: "num"}, "Duration"), h("th", {}, "Node"), h("th", {}, "Error"))),
+        h("tbody", {}, rows.map((a) => h("tr", {},
+          h("td", {class: "num"}, a.number),
+          h("td", {}, h("span", {class: "badge s-" + OUTCOME_COLOURS[a.outcome]}, a.outcome)),
+          h("td", {class: "muted nowrap", title: a.started_at || ""}, age(a.started_at)),
+          h("td", {class: "num"}, span(a.started_at, a.ended_at)),
+          h("td", {class: "mono", title: a.node || ""}, a.node ? shortId(a.node) + (a.pid ? " · pid " + a.pid : "") : "–"),
+          h("td", {}, a.error ? h("div", {class: "clip muted", title: String(a.error.message || "")},
+            String(a.error.type || "error") + ": " + String(a.error.message || "")) : ""))))));
+    },
+    function steps(data) {
+      const rows = data.steps || [];
+      if (!rows.length) return null;
+      return h("div", {class: "card", id: "steps"}, h("h2", {}, "Steps"), h("table", {},
+        h("thead", {}, h("tr", {}, h("th", {}, "Step"), h("th", {class: "num"}, "Attempt"), h("th", {}, "Ended"),
+          h("th", {class: "num"}, "Duration"), h("th", {}, "Output"))),
+        h("tbody", {}, rows.map((s) => h("tr", {"data-step": s.name},
+          h("td", {class: "mono"}, s.name), h("td", {class: "num"}, s.attempt),
+          h("td", {class: "muted nowrap", title: s.ended_at || ""}, age(s.ended_at)),
+          h("td", {class: "num"}, span(s.started_at, s.ended_at)),
+          h("td", {class: "wide"}, h("pre", {class: "small"}, json(s.output))))))));
+    },
+    function logs(data) {
+      // The page's poll brings the latest records; "Show all" reads every one and then follows
+      // with /api/tasks/ID/logs?after= (only the records added since the last one shown).
+      const state = logState;
+      if (!state.all) state.records = data.logs || [];
+      if (!state.records.length) return null;
+      const first = state.records[0].seq;
+      return h("div", {class: "card", id: "logs"}, h("div", {class: "split"}, h("h2", {}, "Log"),
+        h("div", {class: "actions"}, h("span", {class: "muted"}, (state.all || first <= 1 ? "All " : "The latest ") + state.records.length +
+            (state.records.length === 1 ? " record" : " records") +
+            (state.all && !FINISHED.includes(data.task.status) ? ", following" : "")),
+          !state.all && first > 1 ? h("button", {type: "button", onclick: () => showAllLogs(data.task.id)}, "Show all") : null)),
+        h("pre", {class: "log"}, state.records.map((r) => h("span", {class: "log-" + String(r.level).toLowerCase(), "data-seq": r.seq},
+          h("span", {class: "muted"}, r.time.slice(11, 23) + " "), String(r.level).padEnd(8) + " ",
+          h("span", {class: "muted"}, r.logger + ": "), r.message + "\n"))));
+    },
+    function input(data) { return h("div", {class: "card"}, h("h2", {}, "Input"), h("pre", {id: "input"}, json(data.task.input))); },
+    function output(data) {
+      return data.task.status === "completed" || data.task.output !== null
+        ? h("div", {class: "card"}, h("h2", {}, "Output"), h("pre", {id: "output"}, json(data.task.output))) : null;
+    },
+    function fields(data) {
+      const t = data.task;
+      return h("div", {class: "card"}, h("h2", {}, "Fields"), h("dl", {class: "fields"},
+        Object.entries(t).filter(([k]) => !["input", "output", "error"].includes(k)).map(([k, v]) => [
+          h("dt", {}, k), h("dd", {class: "mono"},
+            v === null ? "\u2013" : typeof v === "object" ? json(v) : String(v) + (/_at$|date_time$/.test(k) && v ? "  (" + age(v) + ")" : ""))])));
+    },
+  ];
+
+  const OUTCOME_COLOURS = {"running": "running", "completed": "completed", "failed": "failed", "expired": "expired",
+                           "cancelled": "cancelled", "worker died": "failed", "interrupted": "scheduled"};
+  const span = (start, end) => start ? seconds(Math.max(0, (end ? time(end) : Date.now() / 1000) - time(start))) : "\u2013";
+  const logState = {all: false, records: []};
+  let logReads = Promise.resolve();
+  // Reads the records after the last one shown, one read at a time (a poll and "Show all" may
+  // overlap), so that each record is shown once.
+  function readLogs(id) {
+    const read = logReads.then(async () => {
+      for (;;) {
+        const records = logState.records;
+        const after = records.length ? records[records.length - 1].seq : 0;
+        const page = await api("/api/tasks/" + encodeURIComponent(id) + "/logs?after=" + after);
+        records.push(...page.logs.filter((r) => r.seq > after));
+        if (!page.more) return;
+      }
+    });
+    logReads = read.catch(() => {});
+    return read;
+  }
+  function showAllLogs(id) {
+    logState.all = true;
+    logState.records = [];
+    readLogs(id).then(refresh, (e) => showNotice(e.message));
+  }
+
+  function taskPage(id) {
+    let lastStatus = null;
+    const head = h("div", {}), actions = h("div", {}), sections = h("div", {});
+    main.replaceChildren(h("p", {class: "muted"}, h("a", {href: "/tasks"}, "Tasks"), " / ", id), head, actions, sections);
+    const load = async () => {
+      const data = await api("/api/tasks/" + encodeURIComponent(id));
+      if (logState.all) await readLogs(id);
+      return data;
+    };
+    refresh = () => load().then(draw).catch(() => {});
+    function draw(data) {
+      const t = data.task;
+      head.replaceChildren(h("h1", {}, t.name, badge(t.status)), h("p", {class: "sub mono"}, t.id + " \u00b7 queue " + t.queue));
+      if (t.status !== lastStatus || flash) {
+        lastStatus = t.status;
+        const buttons = h("div", {class: "actions"});
+        if (!READ_ONLY && !FINISHED.includes(t.status)) {
+          buttons.append(confirmButton("Cancel task", t.status === "running" ? "Stop this running task?" : "Cancel this task?",
+            "Yes, cancel it", () => post("/api/tasks/" + t.id + "/cancel")));
+        }
+        if (!READ_ONLY && ["failed", "expired", "cancelled"].includes(t.status)) {
+          buttons.append(confirmButton("Retry", "Queue this task again, attempts reset?", "Yes, retry",
+            () => post("/api/tasks/" + t.id + "/retry"), "primary"));
+        }
+        actions.replaceChildren(flashBox() || "", buttons);
+        flash = null;
+      }
+      sections.replaceChildren(...TASK_SECTIONS.map((section) => section(data)).filter(Boolean));
+      applyWidths(main);
+    }
+    live(load, draw, 1000);
+  }
+
+  // --- Nodes ---
+  function nodes(data) {
+    const rows = data.nodes.map((n) => h("tr", {},
+      h("td", {class: "clip"}, n.name || n.id), h("td", {}, n.type),
+      h("td", {}, h("span", {class: "badge " + (n.alive ? "s-completed" : "s-cancelled")}, n.alive ? n.status : (n.status === "stopped" ? "stopped" : "gone: " + n.status))),
+      h("td", {}, n.hostname || "\u2013"), h("td", {class: "num"}, n.pid === null ? "\u2013" : n.pid),
+      h("td", {}, n.queues ? n.queues.join(", ") : "\u2013"),
+      h("td", {class: "num"}, seconds(n.heartbeat_age) + " ago"),
+      h("td", {}, n.tasks.length ? n.tasks.map((t) => h("div", {}, h("a", {href: taskHref(t.id)}, t.name), " ",
+        h("span", {class: "muted"}, t.progress_percentage + "%"))) : h("span", {class: "muted"}, n.alive && n.type === "worker" ? "idle" : "\u2013"))));
+    const alive = data.nodes.filter((n) => n.alive).length;
+    main.replaceChildren(h("h1", {}, "Nodes"),
+      h("p", {class: "sub"}, alive + " alive of " + data.nodes.length + " known: worker processes and the applications that schedule or supervise them."),
+      h("div", {class: "card"}, rows.length ? h("table", {},
+        h("thead", {}, h("tr", {}, ["Name", "Type", "Status", "Host", "PID", "Queues", "Heartbeat", "Running"].map((c) =>
+          h("th", {class: c === "PID" || c === "Heartbeat" ? "num" : ""}, c)))), h("tbody", {}, rows))
+        : h("div", {class: "empty"}, "No nodes yet: start workers with python -m lilota worker SCRIPT.")));
+  }
+
+  // --- Queues ---
+  function queues(data) {
+    const rows = data.queues.map((q) => {
+      const path = "/api/queues/" + encodeURIComponent(q.name);
+      const concurrency = h("input", {type: "number", min: 1, class: "small", value: q.concurrency || "", placeholder: "no limit",
+        "aria-label": "concurrency of " + q.name, onfocus: () => holds++, onblur: () => holds--});
+      const tasks = h("input", {type: "number", min: 1, class: "small", value: q.rate ? q.rate.tasks : "", placeholder: "tasks",
+        "aria-label": "rate tasks of " + q.name, onfocus: () => holds++, onblur: () => holds--});
+      const per = h("input", {type: "number", min: 0.001, step: "any", class: "small", value: q.rate ? q.rate.per_seconds : "",
+        placeholder: "seconds", "aria-label": "rate period of " + q.name, onfocus: () => holds++, onblur: () => holds--});
+      const limit = () => post(path + "/limit", {concurrency: concurrency.value ? Number(concurrency.value) : null,
+        rate: tasks.value ? {tasks: Number(tasks.value), per_seconds: Number(per.value || 1)} : null});
+      return h("tr", {"data-queue": q.name},
+        h("td", {class: "clip"}, h("a", {href: listHref({queue: q.name})}, q.name)),
+        h("td", {}, q.paused ? h("span", {class: "badge s-expired"}, "paused") : h("span", {class: "badge s-completed"}, "active")),
+        ["scheduled", "running", "completed", "failed"].map((s) => h("td", {class: "num" + (q.counts[s] ? "" : " zero")}, number(q.counts[s]))),
+        h("td", {}, READ_ONLY ? (q.concurrency || "\u2013") : concurrency),
+        h("td", {}, READ_ONLY ? (q.rate ? q.rate.tasks + " per " + q.rate.per_seconds + "s" : "\u2013") : h("span", {class: "progress-cell"}, tasks, "per", per, "s")),
+        READ_ONLY ? null : h("td", {}, h("div", {class: "actions"},
+          confirmButton("Save limits", "Set these limits on " + q.name + "?", "Yes, set", limit),
+          q.paused ? confirmButton("Resume", "Resume " + q.name + "?", "Yes, resume", () => post(path + "/resume"), "primary")
+                   : confirmButton("Pause", "Pause " + q.name + "? Running tasks finish.", "Yes, pause", () => post(path + "/pause")))));
+    });
+    main.replaceChildren(h("h1", {}, "Queues"),
+      h("p", {class: "sub"}, "Limits and pauses hold for every worker on every host, from their next claim."),
+      flashBox() || "",
+      h("div", {class: "card"}, h("table", {},
+        h("thead", {}, h("tr", {}, h("th", {}, "Queue"), h("th", {}, "State"),
+          ["Scheduled", "Running", "Completed", "Failed"].map((c) => h("th", {class: "num"}, c)),
+          h("th", {}, "Concurrency"), h("th", {}, "Rate"), READ_ONLY ? null : h("th", {}, ""))),
+        h("tbody", {}, rows))));
+    flash = null;
+  }
+
+  // --- Periodic schedules ---
+  function periodic(data) {
+    const rows = data.periodic.map((p) => h("tr", {"data-name": p.name},
+      h("td", {class: "clip"}, p.name), h("td", {class: "clip"}, h("a", {href: listHref({name: p.task})}, p.task)),
+      h("td", {class: "mono"}, p.schedule), h("td", {}, p.timezone),
+      h("td", {}, h("a", {href: listHref({queue: p.queue})}, p.queue)),
+      h("td", {class: "nowrap", title: p.next_run_at || ""}, age(p.next_run_at)),
+      h("td", {class: "muted nowrap", title: p.last_slot || ""}, age(p.last_slot)),
+      h("td", {}, p.last_task_id ? h("a", {class: "mono", href: taskHref(p.last_task_id), title: p.last_task_id}, shortId(p.last_task_id)) : "\u2013"),
+      h("td", {}, p.last_status ? badge(p.last_status) : "\u2013"),
+      h("td", {class: "muted nowrap", title: p.seen_at || ""}, age(p.seen_at))));
+    main.replaceChildren(h("h1", {}, "Periodic"),
+      h("p", {class: "sub"}, "The schedules running nodes enqueue from, as they last recorded them."),
+      h("div", {class: "card"}, rows.length ? h("table", {id: "periodic"},
+        h("thead", {}, h("tr", {}, ["Name", "Task", "Schedule", "Zone", "Queue", "Next run", "Last slot", "Last task",
+          "Status", "Seen"].map((c) => h("th", {}, c)))), h("tbody", {}, rows))
+        : h("div", {class: "empty"}, "No periodic schedules yet: a node records them when it starts with periodic tasks.")));
+  }
+
+  // --- the page this is ---
+  const path = location.pathname;
+  const section = path === "/" ? "overview" : path.split("/")[1];
+  document.querySelectorAll("[data-nav]").forEach((a) => a.classList.toggle("active", a.dataset.nav === section));
+  if (path === "/") { const load = () => api("/api/stats"); refresh = () => load().then(overview); live(load, overview, 2000); }
+  else if (path === "/tasks") taskList();
+  else if (path.startsWith("/tasks/")) taskPage(decodeURIComponent(path.slice(7)));
+  else if (path === "/nodes") live(() => api("/api/nodes"), nodes, 2000);
+  else if (path === "/periodic") live(() => api("/api/periodic"), periodic, 5000);
+  else if (path === "/queues") {
+    const load = () => api("/api/queues");
+    refresh = () => load().then((d) => { queues(d); applyWidths(main); });
+    live(load, queues, 2000);
+  }
+})();
+"""
+
+_DASHBOARD_ASSETS = {
+    "/static/dashboard.css": ("text/css; charset=utf-8", _DASHBOARD_CSS),
+    "/static/dashboard.js": ("text/javascript; charset=utf-8", _DASHBOARD_JS),
+}
+
+
+# ==================================================================================================
+# 7. Command line
 # ==================================================================================================
 #
 # ``python -m lilota`` (``lilota`` once installed). ``worker`` runs worker processes in the
@@ -7277,14 +8642,6 @@ def _task_row(task, now):
     duration = "-" if start is None or end is None else _format_duration((end - start).total_seconds())
     return [task.id, _short(task.name), _short(task.queue), task.status, f"{task.progress_percentage}%", attempts,
             _format_age(task.created_at, now).replace(" ago", ""), duration]
-
-
-def _dependency_states(scheduler, task):
-    """The dependencies of ``task`` for ``show``: [{"id", "status", "open"}], in the order given;
-    open: not ended yet (status None: deleted since, which leaves the task waiting)."""
-    return [{"id": str(task_id), "status": None if status is None else status.value,
-             "open": status is None or not status.is_finished}
-            for task_id, status, _ in scheduler.storage.dependencies(str(task.id))] if task.depends_on else []
 
 
 def _describe_task(task, now, dependencies=()):
@@ -7557,7 +8914,7 @@ def _cmd_show(args):
     dependencies = _dependency_states(scheduler, task)
     steps = scheduler.get_task_steps(task_id)
     attempts = scheduler.get_task_attempts(task_id)
-    logs = scheduler.storage.logs(task_id, last=_SHOWN_LOG_LINES)
+    logs = scheduler.storage.logs(str(task.id), last=_SHOWN_LOG_LINES)
     if args.json:
         shown = dict(task.as_dict(), dependencies=dependencies) if task.depends_on else task.as_dict()
         _print_json(dict(shown, attempt_records=[attempt.as_dict() for attempt in attempts],
@@ -7795,6 +9152,32 @@ def _cmd_queue(args):
     return 0
 
 
+def _cmd_dashboard(args):
+    """Serve the dashboard -- overview, task list, task pages, nodes, queues, and a JSON API under
+    /api/ -- until Ctrl-C, and print the URL to open. It binds to 127.0.0.1 unless --token is given
+    (binding elsewhere without one is refused); --read-only hides the actions and refuses them."""
+    token = args.token if args.token is not None else (os.environ.get("LILOTA_DASHBOARD_TOKEN") or None)
+    _scheduler(args)   # an SQLite file that does not exist is a typo: say so instead of serving nothing
+    try:
+        server = serve_dashboard(args.db, host=args.host, port=args.port, token=token, read_only=args.read_only)
+    except OSError as exc:
+        raise _CliError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc} (is another dashboard "
+                        f"running there? --port picks another)", _EXIT_USAGE) from None
+    except ConfigurationError as exc:
+        raise _CliError(str(exc), _EXIT_USAGE) from None
+    print(f"lilota dashboard of {server.scheduler._dialect.describe()}: open {server.url}"
+          + (" (log in with the token)" if token else "") + (" -- read-only" if args.read_only else "")
+          + "; Ctrl-C stops it", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
 # --- The parser and main() ------------------------------------------------------------------------
 
 _EXAMPLES = {
@@ -7813,6 +9196,7 @@ _EXAMPLES = {
     "queues": "{prog} queues --json",
     "periodic": "{prog} periodic --json",
     "queue": "{prog} queue limit images --concurrency 2 --rate 10/s",
+    "dashboard": "{prog} dashboard --db sqlite:////srv/app/lilota.db --port 8765",
 }
 
 
@@ -7936,6 +9320,13 @@ def _build_parser(prog):
             part.add_argument("--rate", type=_rate_arg, default=_UNCHANGED, metavar="TASKS/PERIOD",
                               help="at most TASKS started in any window of PERIOD, e.g. 10/s, 100/m, 5/30s "
                                    "(none: no limit)")
+    sub = command("dashboard", _cmd_dashboard, "serve the web dashboard until Ctrl-C", reads=False)
+    sub.add_argument("--host", default="127.0.0.1", help="the address to bind (default: 127.0.0.1; any other "
+                                                         "needs --token)")
+    sub.add_argument("--port", type=int, default=8765, help="the port (default: 8765; 0: a free one)")
+    sub.add_argument("--token", default=None, help="the token every request needs (default: "
+                                                   "$LILOTA_DASHBOARD_TOKEN, else none on 127.0.0.1)")
+    sub.add_argument("--read-only", action="store_true", help="show, but do not cancel, retry or change queues")
     return parser
 
 

@@ -114,8 +114,8 @@ class SchemaTests(StorageTestCase):
         tables = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.assertLessEqual({"lilota_task", "lilota_node", "lilota_meta", "lilota_step", "lilota_log",
                               "lilota_attempt"}, tables)
-        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("5",)])
-        self.assertEqual(lilota.SCHEMA_VERSION, 5)
+        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("6",)])
+        self.assertEqual(lilota.SCHEMA_VERSION, 6)
         indexes = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'index'")}
         self.assertIn("lilota_task_queue", indexes)
         columns = {r[1] for r in self.sql("PRAGMA table_info(lilota_task)")}
