@@ -309,8 +309,16 @@ class _Unchanged:
 _UNCHANGED = _Unchanged()
 
 
+class _Record:
+    """A dataclass of lilota's records (Task, Step, ...) with ``as_dict()``."""
+
+    def as_dict(self):
+        """The record's fields as JSON-compatible values (ISO 8601 datetimes, string ids)."""
+        return {f.name: _to_json(getattr(self, f.name), f.name) for f in dataclasses.fields(self)}
+
+
 @dataclasses.dataclass
-class Task:
+class Task(_Record):
     """A task as stored in ``lilota_task``. Datetimes are timezone-aware UTC.
 
     ``input`` and ``output`` are the stored JSON values (dicts for models), so
@@ -350,10 +358,6 @@ class Task:
     def is_finished(self):
         """True once the task is completed, failed, expired or cancelled for good."""
         return self.status in _FINISHED
-
-    def as_dict(self):
-        """The task as JSON-compatible values (ISO 8601 datetimes, string ids)."""
-        return {f.name: _to_json(getattr(self, f.name), f.name) for f in dataclasses.fields(self)}
 
 
 @dataclasses.dataclass
@@ -411,7 +415,7 @@ class Queue:
 
 
 @dataclasses.dataclass
-class PeriodicSchedule:
+class PeriodicSchedule(_Record):
     """A periodic schedule as running nodes recorded it in ``lilota_periodic`` (``get_periodic()``):
     the ``task`` it enqueues in ``queue``, ``schedule`` (the cron expression, or ``every 300s``) in
     ``timezone``, the next slot, the last slot enqueued and that task's id and status, and when a
@@ -428,13 +432,9 @@ class PeriodicSchedule:
     last_status: typing.Optional[TaskStatus]
     seen_at: datetime
 
-    def as_dict(self):
-        """The schedule as JSON-compatible values."""
-        return {f.name: _to_json(getattr(self, f.name), f.name) for f in dataclasses.fields(self)}
-
 
 @dataclasses.dataclass
-class Step:
+class Step(_Record):
     """A step result stored by ``ctx.step()`` (``get_task_steps()``): its ``name`` (``render``, then
     ``render#2``, ... for a name called again), the ``attempt`` that ran it, when it started and
     ended, and ``output``, its stored JSON value."""
@@ -445,13 +445,9 @@ class Step:
     ended_at: datetime
     output: typing.Any = None
 
-    def as_dict(self):
-        """The step as JSON-compatible values."""
-        return {f.name: _to_json(getattr(self, f.name), f.name) for f in dataclasses.fields(self)}
-
 
 @dataclasses.dataclass
-class TaskLog:
+class TaskLog(_Record):
     """A log record stored with its task (``get_task_logs()``): ``seq`` numbers a task's records in
     order (``after=`` takes one), ``attempt`` is the attempt that logged it, ``level`` its level's
     name, ``logger`` the logger's name, ``message`` the formatted message and exception, if any."""
@@ -462,10 +458,6 @@ class TaskLog:
     level: str
     logger: str
     message: str
-
-    def as_dict(self):
-        """The record as JSON-compatible values."""
-        return {f.name: _to_json(getattr(self, f.name), f.name) for f in dataclasses.fields(self)}
 
 
 class AttemptOutcome(_StrEnum):
@@ -481,7 +473,7 @@ class AttemptOutcome(_StrEnum):
 
 
 @dataclasses.dataclass
-class Attempt:
+class Attempt(_Record):
     """One execution of a task (``get_task_attempts()``): its ``number`` (the task's ``attempts``
     then; an interrupted attempt is given back, so the next one has its number again), the worker
     ``node`` id and ``pid`` that ran it, when it started and ended (None while it runs), its
@@ -494,10 +486,6 @@ class Attempt:
     ended_at: typing.Optional[datetime]
     outcome: AttemptOutcome
     error: typing.Optional[dict] = None
-
-    def as_dict(self):
-        """The attempt as JSON-compatible values."""
-        return {f.name: _to_json(getattr(self, f.name), f.name) for f in dataclasses.fields(self)}
 
 
 @typing.runtime_checkable
@@ -3099,7 +3087,7 @@ class Storage:
         if search:
             digits = search.replace("-", "").lower()
             pattern = "%" + re.sub(r"([\\%_])", r"\\\1", search.lower()) + "%"
-            text = f"LOWER(CAST(error AS TEXT)) LIKE ? ESCAPE '\\'"
+            text = "LOWER(CAST(error AS TEXT)) LIKE ? ESCAPE '\\'"
             if 0 < len(digits) <= 32 and not digits.strip("0123456789abcdef"):
                 low, high = (str(uuid.UUID(digits.ljust(32, pad))) for pad in "0f")
                 conditions.append(f"((id >= ? AND id <= ?) OR {text})")
