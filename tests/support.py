@@ -1,9 +1,11 @@
 """Shared helpers for lilota's tests: temporary databases, worker scripts, polling with a deadline,
 and checks that no worker process outlives a test."""
 
+import contextlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -18,6 +20,40 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import lilota  # noqa: E402
+
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+
+
+def load_schema_1_dump(db_path):
+    """Make ``db_path`` the SQLite database that the release with schema version 1 wrote (the dump
+    tests/fixtures/schema-1.sql, made by that release)."""
+    with open(os.path.join(FIXTURES, "schema-1.sql")) as f:
+        script = f.read()
+    conn = sqlite3.connect(db_path)
+    try:
+        conn.executescript(script)
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def old_schema(db_url, version):
+    """``with old_schema(db_url, 2) as (conn, dialect):`` the tables of schema ``version`` as its
+    release made them (a released version's statements are never edited) and lilota_meta saying
+    so, in one transaction that the block may add rows to; committed when the block ends."""
+    dialect = lilota._dialect_for_url(db_url)
+    conn = dialect.connect()
+    try:
+        dialect.begin_migration(conn)
+        conn.execute("CREATE TABLE lilota_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        for each in range(1, version + 1):
+            for statement in dialect.migrations()[each]:
+                statement(conn) if callable(statement) else conn.execute(statement)
+        conn.execute(f"INSERT INTO lilota_meta VALUES ('schema_version', '{version}')")
+        yield conn, dialect
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
 
 
 def _load_bench_common():

@@ -3,15 +3,11 @@ both backends), the command line, the schema version that adds its indexes; and,
 headless Chromium driven by Playwright, the pages themselves (skipped with a message when
 Chromium or Playwright is missing; under CI=true they must run)."""
 
-import contextlib
 import http.client
 import json
-import os
 import shutil
 import signal
-import sqlite3
 import subprocess
-import sys
 import unittest
 import urllib.parse
 import uuid
@@ -24,7 +20,6 @@ from support import wait_until
 import lilota
 from lilota import LilotaScheduler, LilotaWorker, TaskStatus
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 EVIL = ["<script>alert(1)</script>", "\"><img src=x onerror=alert(1)>"]
 
 
@@ -502,25 +497,11 @@ class DashboardSchemaTests(support.TempDirTestCase):
 
     def test_an_older_database_gets_the_indexes(self):
         if self.backend == "sqlite":
-            with open(os.path.join(FIXTURES, "schema-1.sql")) as f:
-                script = f.read()
-            conn = sqlite3.connect(self.db_path)
-            conn.executescript(script)
-            conn.close()
+            support.load_schema_1_dump(self.db_path)
             indexes = "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'lilota_task_%'"
         else:
-            dialect = lilota._dialect_for_url(self.db_url)
-            conn = dialect.connect()
-            try:   # a database of version 2, as that release made it
-                dialect.begin_migration(conn)
-                conn.execute("CREATE TABLE lilota_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-                for version in (1, 2):
-                    for statement in dialect.migrations()[version]:
-                        conn.execute(statement)
-                conn.execute("INSERT INTO lilota_meta VALUES ('schema_version', '2')")
-                conn.execute("COMMIT")
-            finally:
-                conn.close()
+            with support.old_schema(self.db_url, 2):   # a database of version 2, as that release made it
+                pass
             indexes = f"SELECT indexname FROM pg_indexes WHERE schemaname = '{self.schema}'"
         before = {row[0] for row in self.db_execute(indexes)}
         self.assertNotIn("lilota_task_ended", before)

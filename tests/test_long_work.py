@@ -11,7 +11,6 @@ import logging
 import multiprocessing
 import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -19,11 +18,10 @@ from contextlib import redirect_stdout
 from unittest import mock
 
 import support
-from support import wait_until
 
 import lilota
-from lilota import (Attempt, AttemptOutcome, Lilota, LilotaScheduler, LilotaWorker, Step, TaskContext, TaskLog,
-                    TaskNotFoundError, TaskStatus, UnserializableError)
+from lilota import (Attempt, AttemptOutcome, LilotaScheduler, LilotaWorker, Step, TaskContext, TaskLog,
+                    TaskNotFoundError, TaskStatus)
 
 
 @dataclasses.dataclass
@@ -318,8 +316,8 @@ class StepTests(support.TempDirTestCase):
         out = io.StringIO()
         with redirect_stdout(out):
             self.assertEqual(lilota.main(["show", str(task_id), "--db", self.db_url, "--json"]), 0)
-        shown = json.loads(out.getvalue())
-        self.assertEqual([(s["name"], s["attempt"], s["output"]) for s in shown["steps"]], [("query", 1, {"rows": 4})])
+        record = json.loads(out.getvalue())
+        self.assertEqual([(s["name"], s["attempt"], s["output"]) for s in record["steps"]], [("query", 1, {"rows": 4})])
 
 
 library_logger = logging.getLogger("somelibrary.module")   # a library's logging.getLogger(__name__)
@@ -635,22 +633,11 @@ class CleanupAndMigrationTests(support.TempDirTestCase):
     def make_version_2(self):
         """A database as the release with schema version 2 wrote it (its statements are never
         edited), with a task in it."""
-        dialect = lilota._dialect_for_url(self.db_url)
-        conn = dialect.connect()
-        try:
-            dialect.begin_migration(conn)
-            conn.execute("CREATE TABLE lilota_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            for version in (1, 2):
-                for statement in dialect.migrations()[version]:
-                    conn.execute(statement)
-            conn.execute("INSERT INTO lilota_meta VALUES ('schema_version', '2')")
+        with support.old_schema(self.db_url, 2) as (conn, dialect):
             conn.execute(dialect.sql(
                 f"INSERT INTO lilota_task (id, name, status, run_at, input, created_at, queue) VALUES "
                 f"(?, 'work', 'scheduled', {dialect.time_param}, {dialect.json_param}, {dialect.time_param}, 'default')"),
                 (str(uuid.uuid4()), dialect.encode_time(time.time()), "3", dialect.encode_time(time.time())))
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
 
     def test_a_version_2_database_is_migrated_by_several_processes_at_once(self):
         self.make_version_2()

@@ -9,7 +9,6 @@ import json
 import multiprocessing
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 import uuid
@@ -21,7 +20,6 @@ from support import wait_until
 import lilota
 from lilota import Lilota, LilotaScheduler, LilotaWorker, Queue, TaskStatus
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
 @support.on_every_backend
@@ -416,31 +414,17 @@ class MigrationTests(support.TempDirTestCase):
     def make_version_1(self):
         if self.backend == "sqlite":
             # The dump of a database that the release with schema version 1 wrote.
-            with open(os.path.join(FIXTURES, "schema-1.sql")) as f:
-                script = f.read()
-            conn = sqlite3.connect(self.db_path)
-            conn.executescript(script)
-            conn.close()
+            support.load_schema_1_dump(self.db_path)
             return
         # PostgreSQL: version 1's statements, as released (a version is never edited), and rows
         # written the way that release wrote them.
-        dialect = lilota._dialect_for_url(self.db_url)
-        conn = dialect.connect()
-        try:
-            dialect.begin_migration(conn)
-            conn.execute("CREATE TABLE lilota_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            for statement in dialect.migrations()[1]:
-                conn.execute(statement)
-            conn.execute("INSERT INTO lilota_meta VALUES ('schema_version', '1')")
+        with support.old_schema(self.db_url, 1) as (conn, _):
             for i, status in enumerate(["scheduled", "completed", "scheduled", "cancelled", "scheduled"]):
                 conn.execute(
                     "INSERT INTO lilota_task (id, name, status, priority, run_at, attempts, input, output, "
                     "created_at) VALUES (%s, 'add', %s, %s, now(), %s, %s, %s, now())",
                     (str(uuid.uuid4()), status, 5 if i == 1 else 0, 1 if status == "completed" else 0,
                      json.dumps({"a": i, "b": i}), json.dumps({"sum": 2 * i}) if status == "completed" else None))
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
 
     def test_tasks_of_version_1_are_kept_and_run(self):
         self.make_version_1()

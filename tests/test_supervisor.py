@@ -71,10 +71,13 @@ class SignalTest(TempDirTestCase):
     """A first SIGINT/SIGTERM stops gracefully, a second at once; either way the running tasks go
     back to the queue, their attempt not counted, and every node ends stopped."""
 
-    def start_app(self, **options):
-        """The application in its own session; its task ids once both tasks run."""
+    def start_app(self, prelude=None, **options):
+        """The application in its own session; its task ids once both tasks run. ``prelude``:
+        code the application runs first under its ``if __name__ == "__main__":``."""
         script = self.worker_script(TASKS)
         text = APP.format(root=ROOT, db_url=self.db_url, script=script)
+        if prelude:
+            text = text.replace('if __name__ == "__main__":\n', 'if __name__ == "__main__":\n' + prelude)
         if options:
             text = text.replace("number_of_workers=2)", "number_of_workers=2, "
                                 + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")")
@@ -138,10 +141,7 @@ class SignalTest(TempDirTestCase):
         # The second SIGTERM arrives as stop() tells the supervisor to stop (here: sent by the
         # application to itself right then). It must cut the stop short, not raise out of the
         # middle of stop() and leave the graceful stop to run out its 30 s at exit.
-        script = self.worker_script(TASKS)
-        text = APP.format(root=ROOT, db_url=self.db_url, script=script).replace(
-            'if __name__ == "__main__":\n', '''if __name__ == "__main__":
-    import os, signal
+        proc, ids = self.start_app(prelude='''    import os, signal
     told = Lilota._notify_supervisor
 
     def notify_then_signal(self):
@@ -150,14 +150,6 @@ class SignalTest(TempDirTestCase):
             os.kill(os.getpid(), signal.SIGTERM)
     Lilota._notify_supervisor = notify_then_signal
 ''')
-        app = self.write("app.py", text)
-        stderr = open(self.path("app.stderr"), "w")
-        self.addCleanup(stderr.close)
-        proc = self.popen_python(app, stdout=subprocess.PIPE, stderr=stderr, text=True)
-        self.addCleanup(proc.stdout.close)
-        ids = proc.stdout.readline().split()
-        self.assertEqual(len(ids), 2, self.stderr())
-        self.wait_running(ids)
         sent = time.monotonic()
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
