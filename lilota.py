@@ -1074,7 +1074,7 @@ _NODE_COLUMNS = ("id, name, type, status, pid, hostname, created_at, last_seen_a
 
 # --- Schema and migrations ------------------------------------------------------------------------
 
-SCHEMA_VERSION = 6   # the newest key of _schema()
+SCHEMA_VERSION = 7   # the newest key of _schema()
 
 
 def _schema(**types):
@@ -1084,7 +1084,7 @@ def _schema(**types):
     forward and automatically by ``Storage._migrate``."""
     t = dict(types, status=types["text"], ids=types["json"])
     return {1: _schema_v1(t), 2: _schema_v2(t), 3: _schema_v3(t), 4: _schema_v4(t), 5: _schema_v5(t),
-            6: _schema_v6(t)}
+            6: _schema_v6(t), 7: _schema_v7(t)}
 
 
 def _column_ddl(column, kind, constraints, t):
@@ -1201,37 +1201,6 @@ def _schema_v4(t):
     ]
 
 
-def _schema_v6(t):
-    """Version 6: the dashboard's reads (and stats()'). Finished tasks by when they ended: the
-    overview's chart of the last hour, its recent errors and the last minute/hour of stats() read
-    a range of it instead of every task kept. A task enters it once, when it ends (a partial index:
-    queued and running tasks are not in it), which is all it costs the claim path. The task list
-    needs no index of its own: it pages through the primary key (ids increase with time). The
-    counts by status, queue and name get none either: an index on those columns changes at every
-    claim and completion (the drain ran some 10 % slower with one), so the dashboard counts in
-    the background instead (see _CountsCache)."""
-    return [
-        "CREATE INDEX IF NOT EXISTS lilota_task_ended ON lilota_task (end_date_time) "
-        "WHERE end_date_time IS NOT NULL",
-    ]
-
-
-# The dependents a task that ended badly takes with it (rows (id, via): via is the dependency that
-# ended, or was ended, first): those waiting with on_failure cancel or fail, then theirs, and so on,
-# in one recursive query whatever the chain's length. {root}: the task that ended.
-_DOOMED_SQL = (
-    "SELECT d.task_id, d.depends_on FROM lilota_dependency d JOIN lilota_task t ON t.id = d.task_id "
-    "WHERE d.depends_on = {root} AND t.status = 'waiting' AND t.on_failure <> 'run' "
-    "UNION SELECT d.task_id, d.depends_on FROM reach JOIN lilota_dependency d ON d.depends_on = reach.id "
-    "JOIN lilota_task t ON t.id = d.task_id WHERE t.status = 'waiting' AND t.on_failure <> 'run'")
-# True for a waiting task ({task}) none of whose dependencies is open: each completed, or ended
-# otherwise when it runs anyway (on_failure 'run').
-_NO_OPEN_DEPENDENCY_SQL = (
-    "NOT EXISTS (SELECT 1 FROM lilota_dependency d JOIN lilota_task s ON s.id = d.depends_on "
-    "WHERE d.task_id = {task}.id AND s.status <> 'completed' "
-    f"AND (s.status NOT {_ENDED_BADLY_SQL} OR {{task}}.on_failure <> 'run'))")
-# The message of a DependencyFailedError, as Python formats it and as SQL (PostgreSQL) builds it.
-_DEPENDENCY_FAILED = "dependency {via} ended {ended}, so this task did not run (on_failure='{on_failure}')"
 def _schema_v5(t):
     """Version 5: long work. A task's stored step results (lilota_step: one row per step name and
     occurrence, ``render#2``), its log records (lilota_log, numbered per task by ``seq``) and its
@@ -1271,6 +1240,53 @@ def _schema_v5(t):
     ]
 
 
+def _schema_v6(t):
+    """Version 6: the dashboard's reads (and stats()'). Finished tasks by when they ended: the
+    overview's chart of the last hour, its recent errors and the last minute/hour of stats() read
+    a range of it instead of every task kept. A task enters it once, when it ends (a partial index:
+    queued and running tasks are not in it), which is all it costs the claim path. The task list
+    needs no index of its own: it pages through the primary key (ids increase with time). The
+    counts by status, queue and name get none either: an index on those columns changes at every
+    claim and completion (the drain ran some 10 % slower with one), so the dashboard counts in
+    the background instead (see _CountsCache)."""
+    return [
+        "CREATE INDEX IF NOT EXISTS lilota_task_ended ON lilota_task (end_date_time) "
+        "WHERE end_date_time IS NOT NULL",
+    ]
+
+
+def _schema_v7(t):
+    """Version 7: what a task's end must tell others, as flags on its row, so that an end that
+    concerns nobody costs nothing. ``has_dependents``: a task scheduled later depends on this one
+    (set by that task's scheduler, under the row's lock); only then does PostgreSQL's settle
+    trigger run its function, and SQLite's Storage._settle its queries. ``watched``: a wait() waits
+    for it (set by the waiter); only then does PostgreSQL's end of it NOTIFY the waiters' listener
+    (a NOTIFY takes a lock that serialises the commits of every notifying transaction, so the
+    drain's completions must not send one each)."""
+    return [
+        f"ALTER TABLE lilota_task ADD COLUMN has_dependents {t['flag']} NOT NULL DEFAULT 0",
+        f"ALTER TABLE lilota_task ADD COLUMN watched {t['flag']} NOT NULL DEFAULT 0",
+        "UPDATE lilota_task SET has_dependents = 1 WHERE id IN (SELECT depends_on FROM lilota_dependency)",
+    ]
+
+
+# The dependents a task that ended badly takes with it (rows (id, via): via is the dependency that
+# ended, or was ended, first): those waiting with on_failure cancel or fail, then theirs, and so on,
+# in one recursive query whatever the chain's length. {root}: the task that ended.
+_DOOMED_SQL = (
+    "SELECT d.task_id, d.depends_on FROM lilota_dependency d JOIN lilota_task t ON t.id = d.task_id "
+    "WHERE d.depends_on = {root} AND t.status = 'waiting' AND t.on_failure <> 'run' "
+    "UNION SELECT d.task_id, d.depends_on FROM reach JOIN lilota_dependency d ON d.depends_on = reach.id "
+    "JOIN lilota_task t ON t.id = d.task_id WHERE t.status = 'waiting' AND t.on_failure <> 'run'")
+# True for a waiting task ({task}) none of whose dependencies is open: each completed, or ended
+# otherwise when it runs anyway (on_failure 'run').
+_NO_OPEN_DEPENDENCY_SQL = (
+    "NOT EXISTS (SELECT 1 FROM lilota_dependency d JOIN lilota_task s ON s.id = d.depends_on "
+    "WHERE d.task_id = {task}.id AND s.status <> 'completed' "
+    f"AND (s.status NOT {_ENDED_BADLY_SQL} OR {{task}}.on_failure <> 'run'))")
+# The message of a DependencyFailedError, as Python formats it and as SQL (PostgreSQL) builds it.
+_DEPENDENCY_FAILED = "dependency {via} ended {ended}, so this task did not run (on_failure='{on_failure}')"
+
 #: The tables whose rows belong to a task (``task_id``) and are deleted with it: its steps, log
 #: records and attempts, and which tasks it depends on (tasks that depend on it keep their rows).
 _TASK_DETAIL_TABLES = ("lilota_step", "lilota_log", "lilota_attempt", "lilota_dependency")
@@ -1298,7 +1314,7 @@ class Dialect:
       atomic statement that picks the next due task of the queues and marks it running;
     * ``complete_and_claim(...)``, optional: a completion and the next claim in one commit;
     * ``settles_dependents``: whether the database settles a task's dependents itself when it
-      ends (else Storage does, in the same transaction), and ``share_lock``;
+      ends (else Storage does, in the same transaction), and ``dependency_lock``;
     * ``encode_time``/``decode_time`` and ``encode_json``/``decode_json``: column types;
     * ``time_param``/``json_param``: how a time or JSON parameter is written, with a cast where the
       database cannot infer its type (inside CASE); Storage writes every such parameter this way;
@@ -1324,10 +1340,10 @@ class Dialect:
     #: True when the database itself settles the dependents of a task that ends (a trigger); else
     #: Storage does it in the transaction that ended the task (``Storage._settle``).
     settles_dependents = False
-    #: Appended to the SELECT that reads the dependencies of a task being scheduled: a lock that
-    #: makes a concurrent end of one of them wait for the new task's commit (none where writers
-    #: take turns, as in SQLite).
-    share_lock = ""
+    #: Appended to the SELECT that reads the dependencies of a task being scheduled (which then
+    #: get their has_dependents flag): a lock that makes a concurrent end of one of them wait for
+    #: the new task's commit, taken in id order (none where writers take turns, as in SQLite).
+    dependency_lock = ""
 
     def __init__(self, url, parts):
         self.url = url
@@ -1435,8 +1451,9 @@ class Dialect:
         idle workers notice other processes' tasks by their periodic claim only)."""
         return None
 
-    def listen(self):
-        """A listener woken when tasks are queued: an object with ``fileno()`` (None while the
+    def listen(self, event="queued"):
+        """A listener woken when tasks are queued (``event`` "queued") or when a watched task
+        ended (``event`` "ended", see Storage.watch): an object with ``fileno()`` (None while the
         database cannot be reached) and ``drain()``, or None when this database has no such thing."""
         return None
 
@@ -1940,6 +1957,11 @@ class _SchemaConnection(DBAPIConnection):
 
 # PostgreSQL drivers in the order one is chosen when the URL names none:
 # URL suffix -> (module to import, what to pip install)
+#: The channel on which the end of a watched task is sent, in the schema of the table
+#: (TG_TABLE_SCHEMA in a trigger): an identifier, so at most 63 bytes. Idle workers listen on
+#: 'lilota_' || schema for queued tasks (schema version 1); waiters on this one.
+_ENDED_CHANNEL_SQL = "left('lilota_ended_' || TG_TABLE_SCHEMA, 63)"
+
 _POSTGRES_DRIVERS = {
     "psycopg": ("psycopg", "psycopg[binary]"),
     "psycopg2": ("psycopg2", "psycopg2-binary"),
@@ -1987,7 +2009,7 @@ class PostgreSQLDialect(Dialect):
     json_param = "CAST(? AS jsonb)"
     begin_write_sql = "BEGIN"
     settles_dependents = True   # the trigger lilota_settle_dependents (schema version 4)
-    share_lock = " FOR SHARE"
+    dependency_lock = " ORDER BY id FOR NO KEY UPDATE"
     #: Key of the advisory lock that serialises schema migrations.
     migration_lock_key = 0x6C696C6F7461  # "lilota"
 
@@ -2241,6 +2263,27 @@ class PostgreSQLDialect(Dialect):
                 f"WHEN (NEW.status IN {_sql_list(_FINISHED)} AND OLD.status NOT IN {_sql_list(_FINISHED)}) "
                 "EXECUTE FUNCTION lilota_settle_dependents()",
             ],
+            7: [
+                # Settle only the ends of tasks that have dependents: the others' ends (the drain)
+                # call no function.
+                "DROP TRIGGER IF EXISTS lilota_task_settle_dependents ON lilota_task",
+                "CREATE TRIGGER lilota_task_settle_dependents AFTER UPDATE OF status ON lilota_task FOR EACH ROW "
+                f"WHEN (NEW.status IN {_sql_list(_FINISHED)} AND OLD.status NOT IN {_sql_list(_FINISHED)} "
+                "AND NEW.has_dependents = 1) EXECUTE FUNCTION lilota_settle_dependents()",
+                # wait(): the end of a watched task, or its deletion, is sent to the waiters of this
+                # schema (its id as the payload) when the transaction that ended it commits.
+                f"""CREATE OR REPLACE FUNCTION lilota_notify_ended() RETURNS trigger
+                   LANGUAGE plpgsql AS $$
+                   BEGIN
+                       PERFORM pg_notify({_ENDED_CHANNEL_SQL}, CASE WHEN TG_OP = 'DELETE' THEN OLD.id ELSE NEW.id END::text);
+                       RETURN NULL;
+                   END $$""",
+                "CREATE TRIGGER lilota_task_ended_watched AFTER UPDATE OF status ON lilota_task FOR EACH ROW "
+                f"WHEN (NEW.watched = 1 AND NEW.status IN {_sql_list(_FINISHED)} "
+                f"AND OLD.status NOT IN {_sql_list(_FINISHED)}) EXECUTE FUNCTION lilota_notify_ended()",
+                "CREATE TRIGGER lilota_task_deleted_watched AFTER DELETE ON lilota_task FOR EACH ROW "
+                "WHEN (OLD.watched = 1) EXECUTE FUNCTION lilota_notify_ended()",
+            ],
         }
         return {version: statements + extra.get(version, []) for version, statements in versions.items()}
 
@@ -2323,8 +2366,8 @@ class PostgreSQLDialect(Dialect):
 
     # --- wake-up and errors ---
 
-    def listen(self):
-        return _PostgresListener(self)
+    def listen(self, event="queued"):
+        return _PostgresListener(self, event)
 
     def missing_table(self, exc):
         return _sqlstate(exc) in ("42P01", "3F000")   # undefined table, undefined schema
@@ -2405,15 +2448,23 @@ register_dialect("postgres", PostgreSQLDialect)
 # --- The PostgreSQL listener ----------------------------------------------------------------------
 
 class _PostgresListener:
-    """A connection of its own that LISTENs for "tasks were queued" in lilota's schema. An idle
-    worker selects on its socket; whatever arrives there is a reason to claim again. The worker's
-    keeper thread drains it while a task runs, hence the lock. Its Storage drops it in a child made
-    by fork (Storage._adopt), which must not use the parent's socket."""
+    """A connection of its own that LISTENs for "tasks were queued" in lilota's schema (``event``
+    "queued"), or for "a watched task ended" ("ended"). An idle worker selects on its socket;
+    whatever arrives there is a reason to claim again (a waiter: to look at its tasks again). The
+    worker's keeper thread drains it while a task runs, hence the lock. Its Storage drops it in a
+    child made by fork (Storage._adopt), which must not use the parent's socket."""
 
-    def __init__(self, dialect):
+    #: The channel's name before the schema's, as the triggers of schema versions 1 and 7 build it.
+    prefixes = {"queued": "lilota_", "ended": "lilota_ended_"}
+
+    def __init__(self, dialect, event="queued"):
         self.dialect = dialect
+        self.prefix = self.prefixes[event]
         self.conn = None
         self.lock = threading.Lock()
+        # The payloads that arrived ("ended": the task ids), as the driver hands them over; for
+        # "queued" only that one came matters.
+        self.received = collections.deque(maxlen=None if event == "ended" else 1)
 
     def fileno(self):
         """Connect and LISTEN if not done yet (again after the connection broke), and return the
@@ -2436,15 +2487,17 @@ class _PostgresListener:
         conn = self.dialect.connect()
         try:
             raw = conn.raw
-            # The drivers keep every notification they read unless told otherwise: lilota only
-            # needs to know that one came.
+            # Each driver keeps the notifications it read in its own way; lilota's deque holds
+            # what it needs of them.
             if self.dialect.driver == "psycopg":
-                raw.add_notify_handler(lambda notification: None)
+                raw.add_notify_handler(lambda notification: self.received.append(notification.payload))
             elif self.dialect.driver == "psycopg2":
-                raw.notifies = collections.deque(maxlen=1)
+                raw.notifies = self.received   # psycopg2's Notify objects
+            else:
+                raw.notifications = self.received   # pg8000's (pid, channel, payload) tuples
             row = conn.execute("SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                                "WHERE c.oid = to_regclass('lilota_task')").fetchone()
-            channel = "lilota_" + (row[0] if row else "public")
+            channel = (self.prefix + (row[0] if row else "public"))[:63]   # as left(..., 63) in SQL
             conn.execute('LISTEN "' + channel.replace('"', '""') + '"')
         except BaseException:
             _close_quietly(conn)
@@ -2453,14 +2506,23 @@ class _PostgresListener:
 
     def drain(self):
         """Consume what arrived, if anything did (without waiting): the drivers read notifications
-        while they read a reply. Unread, they would pile up in the server's queue."""
+        while they read a reply. Unread, they would pile up in the server's queue. Returns the
+        payloads that arrived (none: an empty list), or None when the connection broke (what it
+        missed is unknown)."""
         if not self.lock.acquire(blocking=False):
-            return   # the other thread is at it
+            return []   # the other thread is at it
         try:
             if self.conn is not None and select.select([self.conn.fileno()], [], [], 0)[0]:
                 self.conn.execute("SELECT 1").fetchall()
+            payloads = []
+            while self.received:
+                notification = self.received.popleft()
+                payloads.append(notification if isinstance(notification, str) else
+                                notification[2] if isinstance(notification, tuple) else notification.payload)
+            return payloads
         except Exception:
             self._close()   # broken: the next fileno() reconnects and LISTENs again
+            return None
         finally:
             self.lock.release()
 
@@ -2544,7 +2606,8 @@ class Storage:
         sql = dialect.sql
         # Statements write ``?`` for a plain parameter and {ts} / {js} for a time / JSON one.
         ts, js = dialect.time_param, dialect.json_param
-        self._listener = None
+        self._listener = None         # the workers' "tasks were queued" (listen_fd)
+        self._ended_listener = None   # the waiters' "a watched task ended" (listen_ended)
         # How a stored value becomes the Task's, for the columns of _TASK_TABLE that need it, and
         # the nullable columns, whose NULL stays None.
         by_kind = {"id": lambda v: uuid.UUID(str(v)), "time": dialect.decode_time, "json": dialect.decode_json,
@@ -2618,8 +2681,7 @@ class Storage:
             "FROM lilota_task WHERE id = ? AND status = 'running' AND locked_by = ?")
         self._get_sql = sql(f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id = ?")
         # Storage._settle's statements (SQLite; PostgreSQL's trigger has its own).
-        self._settle_probe_sql = sql("SELECT status, end_date_time FROM lilota_task WHERE id = ? AND EXISTS "
-                                     "(SELECT 1 FROM lilota_dependency WHERE depends_on = ?)")
+        self._settle_probe_sql = sql("SELECT status, end_date_time FROM lilota_task WHERE id = ? AND has_dependents = 1")
         self._doomed_sql = sql(f"WITH RECURSIVE reach(id, via) AS ({_DOOMED_SQL.format(root='?')}) "
                                "SELECT r.id, r.via, t.on_failure, v.on_failure FROM reach r "
                                "JOIN lilota_task t ON t.id = r.id JOIN lilota_task v ON v.id = r.via")
@@ -2713,7 +2775,7 @@ class Storage:
         lilota_settle_dependents does (SQLite's triggers cannot run a recursive query)."""
         d = self.dialect
         for task_id in task_ids:
-            row = conn.execute(self._settle_probe_sql, (task_id, task_id)).fetchone()
+            row = conn.execute(self._settle_probe_sql, (task_id,)).fetchone()
             if row is None or row[0] not in _FINISHED:
                 continue   # no dependents (the common case: one index probe), or not ended
             status, ended_at = row[0], row[1] if row[1] is not None else d.encode_time(_now())
@@ -2748,7 +2810,7 @@ class Storage:
         self._lock = threading.RLock()
         self._depth = 0
         self._conn = None
-        self._listener = None
+        self._listener = self._ended_listener = None
         self._owner_pid = os.getpid()
 
     def _discard_connection(self, lost=False):
@@ -2837,9 +2899,10 @@ class Storage:
         self._adopt()   # the parent's connections are the parent's to close
         with self._lock:
             self._discard_connection()
-            if self._listener:
-                self._listener.close()
-            self._listener = None
+            for listener in (self._listener, self._ended_listener):
+                if listener:
+                    listener.close()
+            self._listener = self._ended_listener = None
 
     def listen_fd(self):
         """A file descriptor that becomes readable when a task is queued (with the listening in
@@ -2998,15 +3061,19 @@ class Storage:
         d = self.dialect
         created = d.encode_time(now)
         marks = ", ".join("?" for _ in depends_on)
-        # The share lock (PostgreSQL): a dependency ending now waits for this commit, and its
-        # settling then sees these tasks; one that ended before is read as ended.
+        # The lock (PostgreSQL): a dependency ending now waits for this commit, and then sees its
+        # has_dependents flag and these tasks; one that ended before is read as ended. (Not a
+        # share lock: two schedulers of dependents of one task would each wait for the other's
+        # share to set the flag.)
         found = {str(task_id): TaskStatus(status) for task_id, status in conn.execute(d.sql(
-            f"SELECT id, status FROM lilota_task WHERE id IN ({marks}){d.share_lock}"), depends_on)}
+            f"SELECT id, status FROM lilota_task WHERE id IN ({marks}){d.dependency_lock}"), depends_on)}
         missing = [task_id for task_id in depends_on if task_id not in found]
         if missing:
             raise TaskNotFoundError(f"depends_on names {len(missing)} task(s) that are not stored: "
                                     f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
                                     f"a task can only depend on tasks scheduled before it")
+        conn.execute(d.sql(f"UPDATE lilota_task SET has_dependents = 1 WHERE id IN ({marks}) AND has_dependents = 0"),
+                     depends_on)
         failed = next((task_id for task_id in depends_on if found[task_id] in _REQUEUEABLE), None)
         if failed is not None and on_failure != "run":
             error = d.encode_json(dumps(_error_record(DependencyFailedError(_DEPENDENCY_FAILED.format(
@@ -3053,6 +3120,19 @@ class Storage:
                                (task_id,)).fetchone()
             return (row[0] if row else None), self.dialect.change_counter(conn)
 
+    def tasks(self, task_ids):
+        """{id: Task} of the tasks ``task_ids`` (canonical strings) that are stored."""
+        found = {}
+        with self._guard as conn:
+            for start in range(0, len(task_ids), 500):
+                chunk = task_ids[start:start + 500]
+                marks = ", ".join("?" for _ in chunk)
+                for row in conn.execute(self.dialect.sql(f"SELECT {_TASK_SELECT} FROM lilota_task WHERE id IN ({marks})"),
+                                        chunk).fetchall():
+                    task = self._task(row)
+                    found[str(task.id)] = task
+        return found
+
     def task_statuses(self, task_ids):
         """{id: status} of the tasks ``task_ids`` (canonical strings) that are stored: one query per
         500 ids, whatever their number (the shared watcher of wait_async)."""
@@ -3064,6 +3144,42 @@ class Storage:
                 found.update((str(task_id), TaskStatus(status)) for task_id, status in conn.execute(
                     self.dialect.sql(f"SELECT id, status FROM lilota_task WHERE id IN ({marks})"), chunk))
         return found
+
+    def watch(self, task_ids):
+        """Mark tasks (canonical ids) as waited for, where their ends are then sent to the listeners
+        of ``listen_ended()`` (PostgreSQL: the trigger of schema version 7; SQLite needs no mark: its
+        waiters look at the change counter). A queued task is not marked: the mark locks its row
+        for a moment, and a worker's claim, which skips locked rows, would pass it by and go idle.
+        Returns the ids that are marked, or were not to be (SQLite); the waiters of the others
+        must look at them now and then (and try again): queued tasks, and all of them when the
+        listener cannot connect or the mark cannot be written (a role that may only read)."""
+        listener = self.listen_ended()
+        if listener is None:
+            return set(task_ids)
+        if listener.fileno() is None:
+            return set()   # (else the listening is in place before the mark: no end is missed)
+        marked = set()
+        try:
+            with self._guard as conn:
+                for start in range(0, len(task_ids), 500):
+                    chunk = task_ids[start:start + 500]
+                    marks = ", ".join("?" for _ in chunk)
+                    marked.update(str(row[0]) for row in conn.execute(self.dialect.sql(
+                        f"WITH marked AS (UPDATE lilota_task SET watched = 1 WHERE id IN ({marks}) AND watched = 0 "
+                        f"AND status <> 'scheduled' RETURNING id) SELECT id FROM marked "
+                        f"UNION ALL SELECT id FROM lilota_task WHERE id IN ({marks}) AND watched = 1"),
+                        chunk + chunk).fetchall())
+        except StorageError:
+            logger.debug("cannot mark tasks as waited for; their waiters will poll", exc_info=True)
+        return marked
+
+    def listen_ended(self):
+        """The listener that is woken when a watched task ends (one per process and database, its
+        own connection), or None where the database has none (SQLite)."""
+        self._adopt()
+        if self._ended_listener is None:
+            self._ended_listener = self.dialect.listen("ended") or False
+        return self._ended_listener or None
 
     def change_counter(self):
         """The dialect's change counter on this process's connection (see Dialect.change_counter)."""
@@ -4181,23 +4297,34 @@ class _NodeBase:
             _close_fds(*fds)
 
 
-# --- The watcher of wait_async() -----------------------------------------------------------------
+# --- The watcher of the waiters ------------------------------------------------------------------
 
 
 class _TaskWatcher:
-    """One per process and database: a thread that tells every asyncio waiter (``wait_async``)
-    when its task has finished, so that a thousand waiters cost what one does. It looks at all
-    the waited tasks in one query when the database changed -- SQLite's change counter, which a
-    commit of another process moves, as an idle worker notices new tasks -- and at least every
-    ``reread`` seconds (writes of this process's own connection do not move the counter). Without
-    a counter (PostgreSQL) it reads them every ``poll`` seconds: a NOTIFY on every completion would
-    serialise all workers' commits. It ends when nobody waits."""
+    """One per process and database: a thread that tells every waiter -- wait(), wait_async(), the
+    command line's wait -- when its task has ended, so that a thousand waiters cost what one does
+    and none of them polls the database. It reads the statuses of all the waited tasks in one
+    query whenever one of them may have ended:
+
+    * PostgreSQL: a notification arrived on its listener (Storage.listen_ended, one connection per
+      process), which the end of a task marked watched (Storage.watch) sends when its transaction
+      commits; and every ``reread`` seconds, in case one was lost with a connection.
+    * SQLite: the change counter moved (another connection committed), looked at every ``tick``
+      seconds; and every ``reread`` seconds, for writes of this process's own connection, which do
+      not move it.
+
+    While a waited task is still queued (it is marked once it runs: see Storage.watch), the
+    listener cannot connect or the mark cannot be written, it reads them and tries the mark again
+    every ``poll`` seconds instead -- at first more often: a task just scheduled is usually
+    claimed, and often done, within a millisecond or two. A new waiter rings it, so that it looks
+    at once. It ends when nobody waits."""
 
     _instances = {}
     _instances_lock = threading.Lock()
-    tick = 0.002     # seconds between looks at the change counter
-    reread = 0.05    # seconds between reads of the waited tasks' statuses without a change
-    poll = 0.005     # seconds between reads of them where the database has no change counter
+    tick = 0.001     # seconds between looks at SQLite's change counter
+    reread = 0.05    # seconds between reads of the waited tasks' statuses with nothing new
+    poll = 0.005     # the same, where the database tells nothing (starting at first_poll)
+    first_poll = 0.0005
 
     @classmethod
     def for_storage(cls, storage):
@@ -4211,19 +4338,30 @@ class _TaskWatcher:
     def __init__(self, storage):
         self.storage = storage
         self.lock = threading.Lock()
-        self.waiters = {}            # task id -> {future: its event loop}
-        self.changed = threading.Event()
+        self.waiters = {}            # task id -> {future: its event loop, or None for a thread's}
+        self.unmarked = set()        # waited task ids whose end is not told (yet): see Storage.watch
+        self.rung = threading.Event()
+        self.bell = None             # (read end, write end): rings the thread out of its select()
         self.thread = None
 
-    def add(self, task_id, future, loop):
-        """Resolve ``future`` (of ``loop``) with the Task once ``task_id`` has finished, or with
-        TaskNotFoundError when it is not stored."""
+    def add(self, task_id, future, loop=None):
+        """Resolve ``future`` with the Task once ``task_id`` has ended, or with TaskNotFoundError
+        when it is not stored (or deleted): an asyncio future of ``loop``, or, without a loop, a
+        concurrent.futures.Future. Returns at once: the watcher's thread marks the task watched
+        (Storage.watch) before it first reads it."""
         with self.lock:
+            if task_id not in self.waiters:
+                self.unmarked.add(task_id)
             self.waiters.setdefault(task_id, {})[future] = loop
+            if self.bell is None:
+                self.bell = os.pipe()
+                for end in self.bell:
+                    os.set_blocking(end, False)
             if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="lilota-wait-async", daemon=True)
+                self.thread = threading.Thread(target=self._run, name="lilota-wait", daemon=True)
                 self.thread.start()
-        self.changed.set()   # look at once: it may have finished already
+        self.rung.set()
+        _ring(self.bell[1])
 
     def remove(self, task_id, future):
         with self.lock:
@@ -4232,37 +4370,84 @@ class _TaskWatcher:
                 futures.pop(future, None)
                 if not futures:
                     del self.waiters[task_id]
+                    self.unmarked.discard(task_id)
+                    if not self.waiters:
+                        _ring(self.bell[1])   # the thread ends now, not at its next look
 
     def _run(self):
-        counter, last_read = None, -math.inf
+        storage = self.storage
+        counter, last_read, listening, backoff = None, -math.inf, False, self.first_poll
         while True:
             with self.lock:
                 if not self.waiters:
                     self.thread = None
                     return
-                waited = list(self.waiters)
+                waited, unmarked = set(self.waiters), list(self.unmarked)
+            interval = self.reread
             try:
-                new_counter = self.storage.change_counter()
-                if (self.changed.is_set() or new_counter is None or new_counter != counter
-                        or time.monotonic() - last_read >= self.reread):
-                    self.changed.clear()
-                    counter, last_read = new_counter, time.monotonic()
-                    statuses = self.storage.task_statuses(waited)
-                    for task_id in waited:
-                        status = statuses.get(task_id)
-                        if status is None:
-                            self._resolve(task_id, exception=TaskNotFoundError(f"no task with id {task_id}"))
-                        elif status.is_finished:
-                            self._resolve(task_id, task=self.storage.get_task(task_id))
-            except StorageError:
-                logger.warning("lilota wait_async: cannot read the waited tasks; will retry", exc_info=True)
-                self.changed.wait(0.5)
-            self.changed.wait(self.tick if counter is not None else self.poll)
+                marked = storage.watch(unmarked) if unmarked else ()
+                with self.lock:
+                    self.unmarked.difference_update(marked)
+                    polled = bool(self.unmarked)
+                if self.rung.is_set():
+                    backoff = self.first_poll
+                poll, backoff = (backoff, min(backoff * 1.5, self.poll)) if polled else (self.poll, self.first_poll)
+                listener = storage.listen_ended()
+                fd = listener.fileno() if listener is not None else None
+                if listener is not None:
+                    # Without the listening, nothing is told: look every poll seconds, and once
+                    # more when it is back (an end may have been sent meanwhile, to nobody).
+                    ended = listener.drain()
+                    changed = ended is None or fd is None or not listening
+                    listening = fd is not None
+                    ended = [i for i in set(ended or ()) if i in waited]
+                    if ended and not changed:   # the ids of the tasks that ended: read just those
+                        self._resolve_ended(storage.tasks(ended), ended)
+                    interval = poll if fd is None or polled else self.reread
+                else:
+                    new_counter = storage.change_counter()
+                    changed, counter = new_counter is None or new_counter != counter, new_counter
+                    interval = self.tick if new_counter is not None else poll
+                # Read after a mark too: the task may have ended before it.
+                if (self.rung.is_set() or changed or marked
+                        or time.monotonic() - last_read >= (poll if polled else self.reread)):
+                    self.rung.clear()
+                    _drain(self.bell[0])
+                    last_read = time.monotonic()
+                    statuses = storage.task_statuses(list(waited))
+                    ended = [i for i in waited if statuses.get(i) is None or statuses[i].is_finished]
+                    if ended:
+                        self._resolve_ended(storage.tasks(ended), ended)
+            except Exception:   # the database's trouble, or lilota's: the waiters must not hang on it
+                logger.warning("lilota wait: cannot read the waited tasks; will retry", exc_info=True)
+                self.rung.wait(0.5)
+                continue
+            if not self.waiters:
+                continue   # all resolved: end now (a waiter added since has rung the bell)
+            try:
+                select.select([self.bell[0]] + ([fd] if listener is not None and fd is not None else []), [], [],
+                              interval)
+            except (OSError, ValueError):   # the listener's socket closed under select()
+                pass
+
+    def _resolve_ended(self, tasks, task_ids):
+        """Resolve the waiters of ``task_ids`` whose task in ``tasks`` (read after they were told
+        it ended) is finished, or is gone: TaskNotFoundError."""
+        for task_id in task_ids:
+            task = tasks.get(task_id)
+            if task is None:
+                self._resolve(task_id, exception=TaskNotFoundError(f"no task with id {task_id}"))
+            elif task.is_finished:   # (else queued again meanwhile: retry())
+                self._resolve(task_id, task=task)
 
     def _resolve(self, task_id, task=None, exception=None):
         with self.lock:
             futures = self.waiters.pop(task_id, {})
+            self.unmarked.discard(task_id)
         for future, loop in futures.items():
+            if loop is None:
+                _settle_future(future, task, exception)
+                continue
             try:
                 loop.call_soon_threadsafe(_settle_future, future, task, exception)
             except RuntimeError:   # its loop was closed: nobody waits any more
@@ -4561,42 +4746,32 @@ class LilotaScheduler(_NodeBase):
         Raises TaskNotFoundError for an unknown id and TaskWaitTimeout when ``timeout`` (seconds or
         timedelta) passes first; the task itself is not affected. On a Lilota whose workers failed
         for good (``has_failed()``), an unfinished task raises WorkersFailedError at once."""
+        import concurrent.futures
         key = _task_id(task_id)
         limit = _seconds(timeout, "timeout")
         deadline = None if limit is None else time.monotonic() + limit
-        storage = self.storage
-        # The change counter is read before the row, never after it: a commit that lands between
-        # the two reads then moves the counter away from the value kept here, and the row is read
-        # again at once. (Read after the row, the counter could already include a completion the
-        # row missed, and wait() slept until its 50 ms re-read.)
-        counter = storage.change_counter()
-        status = storage.task_state(key)[0]
-        delay, last_read = 0.0005, time.monotonic()
-        started = last_read
-        while True:
-            if status is None:
-                raise TaskNotFoundError(f"no task with id {key}")
-            if TaskStatus(status).is_finished:
-                return storage.get_task(key)
-            self._check_workers()
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                raise TaskWaitTimeout(f"task {key} is still {status} after {limit:g}s")
-            pause = delay if deadline is None else min(delay, max(0.0, deadline - now))
-            time.sleep(pause)
-            if counter is not None:
-                cap = 0.005
-            else:   # each look is a query: quick during the first second, then every 100 ms
-                cap = 0.01 if time.monotonic() - started < 1.0 else 0.1
-            delay = min(delay * 1.5, cap)
-            # Re-read the row when another connection committed, and at least every 50 ms (writes
-            # made through this process's own connection do not move the counter). Without a
-            # counter (PostgreSQL), re-read it each time: a primary-key lookup.
-            new_counter = storage.change_counter() if counter is not None else None
-            if counter is None or new_counter != counter or time.monotonic() - last_read > 0.05:
-                counter = new_counter
-                status = storage.task_state(key)[0]
-                last_read = time.monotonic()
+        future = concurrent.futures.Future()
+        watcher = _TaskWatcher.for_storage(self.storage)
+        watcher.add(key, future)   # woken by the database when the task ends (see _TaskWatcher)
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                try:   # a look at the workers' health ten times a second: no database in that
+                    return future.result(timeout=0.1 if left is None else max(0.0, min(0.1, left)))
+                except concurrent.futures.TimeoutError:
+                    pass
+                if deadline is not None and time.monotonic() >= deadline:
+                    # A last look of its own: with timeout=0 the watcher may not have looked yet.
+                    status = self.storage.task_state(key)[0]
+                    if status is None:
+                        raise TaskNotFoundError(f"no task with id {key}")
+                    if TaskStatus(status).is_finished:
+                        return self.storage.get_task(key)
+                    self._check_workers()
+                    raise TaskWaitTimeout(f"task {key} is still {status} after {limit:g}s")
+                self._check_workers()
+        finally:
+            watcher.remove(key, future)
 
     def explain(self, task_id):
         """Why the task is where it is: a short list of :class:`Reason` records, each a ``code``, a

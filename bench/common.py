@@ -90,15 +90,19 @@ def emit_latency(samples, run_one, **extra):
     """Take ``samples`` latency samples, each after an idle gap of 0.25-1.25 s (the same seeded
     gaps for every system), and emit their percentiles. ``run_one()`` schedules a task that
     returns its start time and waits for it the system's own way; it returns (the time schedule()
-    returned, the time the task started, the time the wait ended)."""
+    returned, the time the task started, the time the wait ended), and, where the system stores
+    it, the time the task ended: then also how long the wait took to notice the end ("woken")."""
     import random
     rng = random.Random(1)
-    pickup, done = [], []
+    pickup, done, woken = [], [], []
     for _ in range(samples):
         time.sleep(rng.uniform(0.25, 1.25))    # idle: the workers are asleep again
-        scheduled, started, finished = run_one()
+        scheduled, started, finished, *ended = run_one()
         pickup.append(started - scheduled)
         done.append(finished - scheduled)
+        woken.extend(finished - end for end in ended)
+    if woken:
+        extra.update(woken_p50=percentile(woken, 50), woken_p95=percentile(woken, 95), woken_max=max(woken))
     emit(samples=len(pickup),
          pickup_p50=percentile(pickup, 50), pickup_p95=percentile(pickup, 95), pickup_max=max(pickup),
          done_p50=percentile(done, 50), done_p95=percentile(done, 95), done_max=max(done), **extra)

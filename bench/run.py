@@ -228,7 +228,8 @@ def make_cases(quick, repetitions=None):
         Case("latency", "latency on an idle system (2 workers, 20 samples per run, idle gaps 0.25-1.25 s)",
              [ms("pickup_p50", "schedule() -> task starts, p50"), ms("pickup_p95", "... p95"),
               ms("pickup_max", "... max"), ms("done_p50", "schedule() -> wait() returns, p50"),
-              ms("done_p95", "... p95"), ms("done_max", "... max")], {
+              ms("done_p95", "... p95"), ms("done_max", "... max"),
+              ms("woken_p50", "task ended -> wait() returns, p50"), ms("woken_p95", "... p95")], {
             "lilota": ("latency", dict(samples=20), 1 if q else 3),
             "huey": ("latency", dict(samples=20), 1 if q else 2),
             "up": ("latency", dict(samples=20), 1),
@@ -488,6 +489,8 @@ def evaluate_targets(all_results, backend):
         check(f"start() -> first task done, 8 workers ≤ 1.5× 1 worker ({shown})",
               (eight, one) if one and eight else None,
               lambda v: f"{v[0] * 1000:.0f} ms vs {v[1] * 1000:.0f} ms = {v[0] / v[1]:.2f}×", lambda v: v[0] <= 1.5 * v[1])
+    check("task ended -> wait() returns, p50 ≤ 2 ms (woken by the database)", median("latency", "woken_p50"),
+          lambda v: f"{v * 1000:.2f} ms", lambda v: v <= 0.002)
     if backend != "sqlite":
         check("PostgreSQL: idle pick-up p50 ≤ 10 ms (NOTIFY)", median("latency", "pickup_p50"),
               lambda v: f"{v * 1000:.1f} ms", lambda v: v <= 0.010)

@@ -185,7 +185,7 @@ class AsyncApplicationTests(WorkerTestCase):
             watchers = []
             waits = asyncio.gather(*(request(i) for i in range(200)))
             while not waits.done():
-                watchers.append(sum(t.name == "lilota-wait-async" for t in threading.enumerate()))
+                watchers.append(sum(t.name == "lilota-wait" for t in threading.enumerate()))
                 await asyncio.sleep(0.05)
             stop.set()
             await ticking

@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import unittest
 import uuid
 
@@ -367,3 +368,29 @@ class DependencyMigrationTests(support.TempDirTestCase):
         self.assertEqual(app.get_task_by_id(waiting).output, {"sum": 3})
         with self.assertRaises(Exception):   # the status CHECK still holds, 'waiting' added
             self.db_execute("UPDATE lilota_task SET status = 'nonsense' WHERE id = ?", str(waiting))
+
+    def test_dependents_waiting_in_a_version_6_database_are_released_once_migrated(self):
+        # Version 7 settles the end of a task only when its row says it has dependents: the
+        # migration must say so for the dependencies of the tasks already waiting.
+        a, b, c, d = (str(uuid.uuid4()) for _ in range(4))
+        with support.old_schema(self.db_url, 6) as (conn, dialect):
+            now = dialect.encode_time(time.time())
+            insert = dialect.sql(
+                "INSERT INTO lilota_task (id, name, status, priority, run_at, attempts, progress_percentage, input, "
+                f"created_at, cancel_requested, depends_on, on_failure) VALUES (?, 'step', ?, 0, {dialect.time_param}, "
+                f"0, 0, {dialect.json_param}, {dialect.time_param}, 0, {dialect.json_param}, ?)")
+            conn.execute(insert, (a, "scheduled", now, '"a"', now, None, None))
+            conn.execute(insert, (b, "scheduled", now, '"bad"', now, None, None))
+            conn.execute(insert, (c, "waiting", now, '"c"', now, json.dumps([a]), "cancel"))
+            conn.execute(insert, (d, "waiting", now, '"d"', now, json.dumps([b]), "cancel"))
+            conn.executemany(dialect.sql("INSERT INTO lilota_dependency (task_id, depends_on) VALUES (?, ?)"),
+                             [(c, a), (d, b)])
+        app = LilotaScheduler(self.db_url)
+        app.storage.ensure_ready()   # migrates
+        self.assertEqual(sorted(self.db_execute("SELECT id, has_dependents FROM lilota_task WHERE id IN (?, ?)", a, b)),
+                         sorted([(a, 1), (b, 1)]))
+        log = []
+        _worker(self.db_url, log, fail={"bad"}).run_pending()
+        self.assertEqual(sorted(log), ["a", "bad", "c"])
+        self.assertIs(app.get_task_by_id(c).status, TaskStatus.COMPLETED)
+        self.assertIs(app.get_task_by_id(d).status, TaskStatus.CANCELLED)

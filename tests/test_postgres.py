@@ -763,7 +763,8 @@ class ConcurrentSchemaCreationTest(PostgresTestCase):
         # Each trigger once, however many processes raced to create the schema.
         self.assertEqual(self.db_execute("SELECT tgname FROM pg_trigger WHERE tgrelid = "
                                          "CAST('lilota_task' AS regclass) AND NOT tgisinternal ORDER BY tgname"),
-                         [("lilota_rate_slot_taken",), ("lilota_task_inserted",), ("lilota_task_requeued",),
+                         [("lilota_rate_slot_taken",), ("lilota_task_deleted_watched",), ("lilota_task_ended_watched",),
+                          ("lilota_task_inserted",), ("lilota_task_requeued",),
                           ("lilota_task_settle_dependents",), ("lilota_task_slot_freed",)])
 
 

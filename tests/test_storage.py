@@ -114,14 +114,14 @@ class SchemaTests(StorageTestCase):
         tables = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.assertLessEqual({"lilota_task", "lilota_node", "lilota_meta", "lilota_step", "lilota_log",
                               "lilota_attempt"}, tables)
-        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("6",)])
-        self.assertEqual(lilota.SCHEMA_VERSION, 6)
+        self.assertEqual(self.sql("SELECT value FROM lilota_meta WHERE key = 'schema_version'"), [("7",)])
+        self.assertEqual(lilota.SCHEMA_VERSION, 7)
         indexes = {r[0] for r in self.sql("SELECT name FROM sqlite_master WHERE type = 'index'")}
         self.assertIn("lilota_task_queue", indexes)
         columns = {r[1] for r in self.sql("PRAGMA table_info(lilota_task)")}
         for name in ("id", "name", "pid", "status", "run_at", "attempts", "max_attempts", "timeout", "expires_at",
                      "progress_percentage", "start_date_time", "end_date_time", "input", "output", "error",
-                     "locked_by", "locked_at", "queue", "unique_key"):
+                     "locked_by", "locked_at", "queue", "unique_key", "has_dependents", "watched"):
             self.assertIn(name, columns)
 
     def test_reopening_keeps_data_and_version(self):
