@@ -277,8 +277,85 @@ def scale(args):
     emit(rate=count / (last - first), n=count, depth=args.depth, fill_rate=args.depth / fill, workers=args.workers)
 
 
+def _table_bytes(raw):
+    """{"table": bytes, index name: bytes, ...} of lilota_task: PostgreSQL's relation sizes (the
+    table with its TOAST), SQLite's pages by the dbstat table (its "table" holds the rows)."""
+    if raw.dialect.name == "postgresql":
+        rows = raw.rows("SELECT 'table', pg_table_size('lilota_task') UNION ALL "
+                        "SELECT c.relname, pg_relation_size(c.oid) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                        "WHERE i.indrelid = CAST('lilota_task' AS regclass)")
+    else:
+        rows = raw.rows("SELECT CASE name WHEN 'lilota_task' THEN 'table' ELSE name END, SUM(pgsize) FROM dbstat "
+                        "WHERE name = 'lilota_task' OR name IN (SELECT name FROM sqlite_master WHERE type = 'index' "
+                        "AND tbl_name = 'lilota_task') GROUP BY name")
+    return {name: int(size) for name, size in rows}
+
+
+def _dead_tuples(raw):
+    """(dead tuples, autovacuum runs) of lilota_task on PostgreSQL (the statistics lag a little)."""
+    if raw.dialect.name != "postgresql":
+        return None, None
+    return tuple(raw.rows("SELECT n_dead_tup, autovacuum_count FROM pg_stat_user_tables "
+                          "WHERE relid = CAST('lilota_task' AS regclass)")[0])
+
+
+def drain_deep(args):
+    """Queue ``depth`` tasks and drain ALL of them: the rate over the whole drain and in each tenth
+    of it (from samples of the queue's length every second), the dead tuples and the table's size
+    as it goes (PostgreSQL), then the bytes per task of the table and of each index with the
+    finished tasks stored, and what is left after cleanup() deleted them."""
+    import threading
+    app = Lilota(args.url, script_path=TASKS, number_of_workers=args.workers, stop_timeout=60)
+    app.storage.ensure_ready()
+    t0 = time.perf_counter()
+    last = None
+    for start in range(0, args.depth, 100_000):
+        last = app.schedule_many("noop", [None] * min(100_000, args.depth - start))[-1]
+    fill = time.perf_counter() - t0
+    raw = Raw(app)
+    samples, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            queued = raw.rows("SELECT COUNT(*) FROM lilota_task WHERE status = 'scheduled'")[0][0]
+            samples.append((time.time(), args.depth - queued, *_dead_tuples(raw), _table_bytes(raw)["table"]
+                            if raw.dialect.name == "postgresql" else None))
+            stop.wait(1.0)
+    app.start()
+    try:
+        _wait_workers_ready(app, args.workers)
+        ready = time.time()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        app.wait(last, timeout=36_000)
+        wait_until(lambda: raw.unfinished() == 0, 600)
+        stop.set()
+        sampler.join()
+    finally:
+        app.stop()
+    count, first, end = raw.window(since=ready)
+    tenths = []
+    for i in range(10):
+        low, high = args.depth * i / 10, args.depth * (i + 1) / 10
+        inside = [(t, done) for t, done, *_ in samples if low <= done <= high]
+        if len(inside) >= 2 and inside[-1][0] > inside[0][0]:
+            tenths.append((inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]))
+    stored = _table_bytes(raw)
+    deleted = app.cleanup(older_than=0)["tasks"]
+    left = _table_bytes(raw)
+    dead = [d for _, _, d, _, _ in samples if d is not None]
+    emit(rate=count / (end - first), n=count, depth=args.depth, workers=args.workers, fill_rate=args.depth / fill,
+         tenths=tenths, tenth_min=min(tenths) if tenths else None,
+         dead_max=max(dead) if dead else None, autovacuums=samples[-1][3] if samples else None,
+         table_max=max((b for *_, b in samples if b), default=None),
+         bytes_per_task={name: size / args.depth for name, size in stored.items()},
+         bytes_per_task_total=sum(stored.values()) / args.depth, deleted=deleted,
+         bytes_after_cleanup=sum(left.values()), bytes_after_cleanup_by={name: size for name, size in left.items()})
+    raw.close()
+
+
 WORKLOADS = {f.__name__: f for f in (enqueue_one, enqueue_many, drain, mixed, latency, startup, first_task,
-                                        footprint, scale, queues_alone, queues_two, steps)}
+                                        footprint, scale, drain_deep, queues_alone, queues_two, steps)}
 
 
 if __name__ == "__main__":
