@@ -39,7 +39,7 @@ class NumericSQLiteDialect(lilota.Dialect):
     def migrations(self):
         return lilota.SQLiteDialect("sqlite:///x", urllib.parse.urlsplit("sqlite:///x")).migrations()
 
-    def prepare_claim(self, defaults, queues):
+    def prepare_claim(self, defaults, queues, free=(), version=None):
         return ({name: (timeout, attempts, int(keep)) for name, timeout, attempts, keep in defaults}, queues)
 
     def claim(self, conn, prepared, node_id, pid, now):

@@ -756,7 +756,9 @@ class ConcurrentSchemaCreationTest(PostgresTestCase):
             self.assertEqual(proc.returncode, 0, err)
             ids.append(out.strip())
 
-        self.assertEqual(self.db_execute("SELECT key, value FROM lilota_meta"), [("schema_version", str(lilota.SCHEMA_VERSION))])
+        # Each row once: the schema's version, and that of the queue settings (none set yet).
+        self.assertEqual(self.db_execute("SELECT key, value FROM lilota_meta ORDER BY key"),
+                         [("queues_version", "0"), ("schema_version", str(lilota.SCHEMA_VERSION))])
         rows = self.db_execute("SELECT CAST(id AS text), input FROM lilota_task")
         self.assertEqual(sorted(r[0] for r in rows), sorted(ids))
         self.assertEqual(len(rows), count)

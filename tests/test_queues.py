@@ -190,6 +190,40 @@ class ClaimAcrossQueuesTests(support.TempDirTestCase):
         self.assertEqual(self.claim("images").id, ids[3])
         self.assertEqual(self.claim("images").id, ids[4])
 
+    def test_a_claim_held_across_settings_changes_obeys_them_at_its_next_claim(self):
+        # A worker prepares its claim once. For a queue without settings it reads neither the
+        # queue's row nor its rate ring, but the settings' version, which every change moves.
+        claim = self.storage.prepare_claim([], ("images",))
+        self.assertNotIn("lilota_queue ", str(claim.prepared.sql))
+        self.assertNotIn("lilota_queue_rate", str(claim.prepared.sql))
+        ids = self.app.schedule_many("i", list(range(4)), queue="images")
+        self.app.pause_queue("images")
+        self.assertIsNone(self.storage.claim(claim, self.node, os.getpid()), "paused")
+        self.app.resume_queue("images")
+        first = self.storage.claim(claim, self.node, os.getpid())
+        self.assertEqual(first.id, ids[0])
+        self.app.set_queue_limit("images", concurrency=1)
+        self.assertIsNone(self.storage.claim(claim, self.node, os.getpid()), "at its limit of 1")
+        stored, task = self.storage.complete_and_claim(str(first.id), self.node, "null", False, claim, os.getpid())
+        self.assertTrue(stored)
+        self.assertEqual(task.id, ids[1], "the slot freed is taken")
+        self.app.set_queue_limit("images", concurrency=None)
+        self.app.pause_queue("images")
+        # A completion's claim built before the pause takes nothing, and the claim after it neither.
+        stored, task = self.storage.complete_and_claim(str(task.id), self.node, "null", False, claim, os.getpid())
+        self.assertTrue(stored)
+        self.assertIsNone(task)
+        self.assertIsNone(self.storage.claim(claim, self.node, os.getpid()))
+        # A row written by hand moves the version too.
+        self.db_execute("UPDATE lilota_queue SET paused = 0 WHERE name = 'images'")
+        self.assertEqual(self.storage.claim(claim, self.node, os.getpid()).id, ids[2])
+        other = self.storage.prepare_claim([], ("mail",))
+        self.app.schedule("m", 1, queue="mail")
+        ts = lilota._dialect_for_url(self.db_url).time_param
+        self.db_execute(f"INSERT INTO lilota_queue (name, paused, updated_at) VALUES ('mail', 1, {ts})",
+                        lilota._dialect_for_url(self.db_url).encode_time(time.time()))
+        self.assertIsNone(self.storage.claim(other, self.node, os.getpid()))
+
     def test_a_completion_hands_its_slot_to_the_next_task_in_the_same_commit(self):
         # A busy worker of a limited queue completes and claims in one commit; the slot its task
         # frees is the one the next takes. (PostgreSQL does both in one statement, whose snapshot

@@ -275,7 +275,8 @@ class ClaimTests(StorageTestCase):
         params = {"now": now, "node": str(uuid.uuid4()), "pid": 1, "id": "x"}
         with mock.patch.object(lilota.SQLiteDialect, "returning", False):
             dialect = lilota._dialect_for_url(self.db_url)
-            (pick, _update, _fetch), extra = dialect.prepare_claim((), ("default",))[:2]
+            prepared = dialect.prepare_claim((), ("default",))
+            pick, extra = prepared.sql[0], prepared.params
         plan = self.sql("EXPLAIN QUERY PLAN " + pick, dict(params, **extra))
         details = " | ".join(str(r[-1]) for r in plan)
         self.assertIn("lilota_task_queue", details, details)
@@ -285,14 +286,22 @@ class ClaimTests(StorageTestCase):
         # The single UPDATE ... RETURNING statement reads the same index.
         with mock.patch.object(lilota.SQLiteDialect, "returning", True):
             dialect = lilota._dialect_for_url(self.db_url)
-            statement, extra = dialect.prepare_claim((("x", 5.0, 1, True),), ("default",))[:2]
-        plan = self.sql("EXPLAIN QUERY PLAN " + statement, dict(params, **extra))
+            prepared = dialect.prepare_claim((("x", 5.0, 1, True),), ("default",))
+        plan = self.sql("EXPLAIN QUERY PLAN " + prepared.sql, dict(params, **prepared.params))
+        details = " | ".join(str(r[-1]) for r in plan)
+        self.assertIn("lilota_task_queue", details, details)
+        # A queue without settings: the claim reads neither lilota_queue nor its rate ring, but the
+        # settings' version; the same index.
+        prepared = dialect.prepare_claim((), ("default",), free=("default",), version="0")
+        self.assertNotIn("lilota_queue ", prepared.sql)
+        self.assertNotIn("lilota_queue_rate", prepared.sql)
+        plan = self.sql("EXPLAIN QUERY PLAN " + prepared.sql, dict(params, **prepared.params))
         details = " | ".join(str(r[-1]) for r in plan)
         self.assertIn("lilota_task_queue", details, details)
         # Serving several queues: each queue's head is one probe of the index, in its order.
         with mock.patch.object(lilota.SQLiteDialect, "returning", True):
-            statement, extra = dialect.prepare_claim((), ("images", "default", "mail"))[:2]
-        plan = self.sql("EXPLAIN QUERY PLAN " + statement, dict(params, **extra))
+            prepared = dialect.prepare_claim((), ("images", "default", "mail"))
+        plan = self.sql("EXPLAIN QUERY PLAN " + prepared.sql, dict(params, **prepared.params))
         details = " | ".join(str(r[-1]) for r in plan)
         self.assertEqual(details.count("USING INDEX lilota_task_queue"), 3, details)
         self.assertNotIn("SCAN LILOTA_TASK", details.upper().replace("SCAN LILOTA_TASK USING", ""), details)
