@@ -98,8 +98,8 @@ def _find_python_312():
 
 
 def _venv(name, python, requirement, refresh, log):
-    """A throw-away venv under bench/.venvs with ``requirement`` (if any) installed; its python, or
-    None when it cannot be made."""
+    """A throw-away venv under bench/.venvs with ``requirement`` (if any; requirements separated by
+    spaces) installed; its python, or None when it cannot be made."""
     path = os.path.join(VENVS, name)
     exe = os.path.join(path, "bin", "python")
     marker = os.path.join(path, ".installed")
@@ -112,7 +112,7 @@ def _venv(name, python, requirement, refresh, log):
     try:
         subprocess.run([python, "-m", "venv", path], check=True, capture_output=True, timeout=300)
         if requirement:
-            subprocess.run([exe, "-m", "pip", "install", "-q", "--disable-pip-version-check", requirement],
+            subprocess.run([exe, "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirement.split()],
                            check=True, capture_output=True, text=True, timeout=900)
     except subprocess.CalledProcessError as exc:
         log(f"  could not install {requirement}: {(exc.stderr or '').strip()[-500:]}")
