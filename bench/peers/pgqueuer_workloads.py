@@ -165,9 +165,9 @@ def latency(args):
     procs = _workers(args.url, args.workers)
 
     async def schedule_and_wait():
+        _check_running(procs)
         job_id, = await queries.enqueue("stamp", port)
         scheduled = time.time()
-        _check_running(procs)
         await asyncio.wait_for(watcher.wait_for(job_id), 60)
         return scheduled
 
