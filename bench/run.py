@@ -1,8 +1,8 @@
 """lilota's benchmark: lilota against the raw database floor and its peers, in one run.
 
     python bench/run.py                      # the full run, SQLite then PostgreSQL (~35 minutes on a
-                                             # slow 2-core machine); rewrites the results block of
-                                             # bench/RESULTS.md
+                                             # slow 2-core machine, and ~20 more for the PostgreSQL
+                                             # peers); rewrites the results block of bench/RESULTS.md
     python bench/run.py --quick              # fewer, smaller runs for development (RESULTS.md untouched)
     python bench/run.py --only drain,latency # some workloads only (names: see --help)
     python bench/run.py --backend postgres   # PostgreSQL only (skipped, with the reason, when no server answers)

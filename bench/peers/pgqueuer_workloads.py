@@ -34,6 +34,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 from common import main, emit, emit_drain, emit_latency, rss_kib  # noqa: E402
 
 BATCH_SIZE = int(os.environ.get("BENCH_PGQUEUER_BATCH_SIZE", "10"))
+# A finished job leaves pgqueuer's queue table (its row goes to pgqueuer_log).
+JOB_GONE = "SELECT NOT EXISTS (SELECT 1 FROM pgqueuer WHERE id = $1) AS gone"
 
 
 def _version():
@@ -133,8 +135,7 @@ def drain(args):
         procs = _workers(args.url, args.workers)
         try:
             # Jobs are dequeued in id order: the last one enqueued is about the last one run.
-            await _poll(lambda: _gone(fetch, "SELECT NOT EXISTS (SELECT 1 FROM pgqueuer WHERE id = $1) AS gone",
-                                      ids[-1]), procs)
+            await _poll(lambda: _gone(fetch, JOB_GONE, ids[-1]), procs)
             await _poll(lambda: _gone(fetch, "SELECT NOT EXISTS (SELECT 1 FROM pgqueuer) AS gone"), procs)
         finally:
             _stop(procs)
@@ -196,8 +197,7 @@ def startup(args):
         procs = _workers(args.url, args.workers)
         try:
             job_id, = await queries.enqueue("noop", b"{}")
-            await _poll(lambda: _gone(queries.driver.fetch, "SELECT NOT EXISTS (SELECT 1 FROM pgqueuer WHERE id = $1) AS gone",
-                                      job_id), procs, 60, 0.001)
+            await _poll(lambda: _gone(queries.driver.fetch, JOB_GONE, job_id), procs, 60, 0.001)
             startup_s = time.perf_counter() - t0
             await asyncio.sleep(1.0)      # idle for a while
             rss = [rss_kib(proc.pid) for proc in procs]
