@@ -1,8 +1,8 @@
 """lilota's benchmark: lilota against the raw database floor and its peers, in one run.
 
     python bench/run.py                      # the full run, SQLite then PostgreSQL (~35 minutes on a
-                                             # slow 2-core machine); rewrites the results block of
-                                             # bench/RESULTS.md
+                                             # slow 2-core machine, and ~20 more for the PostgreSQL
+                                             # peers); rewrites the results block of bench/RESULTS.md
     python bench/run.py --quick              # fewer, smaller runs for development (RESULTS.md untouched)
     python bench/run.py --only drain,latency # some workloads only (names: see --help)
     python bench/run.py --backend postgres   # PostgreSQL only (skipped, with the reason, when no server answers)
@@ -11,15 +11,15 @@
     python bench/run.py --only enqueue,drain --url-options synchronous=FULL   # another durability setting
 
 Every repetition of every workload runs in a new process on a new, empty database. Repetitions
-of the systems are interleaved (lilota, floor, huey, upstream lilota, then again), so that noise
-from the machine falls on all of them alike; each figure is the median over the repetitions,
-with the min-max range, and the ratios compare medians measured in the same run.
+of the systems are interleaved (lilota, floor, the peers, then again), so that noise from the
+machine falls on all of them alike; each figure is the median over the repetitions, with the
+min-max range, and the ratios compare medians measured in the same run.
 
 The peers are installed by this script into throw-away virtual environments under
-bench/.venvs/ (gitignored; delete it, or pass --refresh-peers, to reinstall): huey (SqliteHuey)
-on this Python, and upstream lilota from PyPI -- 1.0.0, its last version with
-``LilotaWorker.register`` (1.1.0 replaced it with ``@worker.task``), and its newest -- on
-Python >= 3.12, which upstream lilota requires.
+bench/.venvs/ (gitignored; delete it, or pass --refresh-peers, to reinstall): on SQLite huey
+(SqliteHuey), on PostgreSQL procrastinate and pgqueuer, on this Python; and upstream lilota from
+PyPI -- 1.0.0, its last version with ``LilotaWorker.register`` (1.1.0 replaced it with
+``@worker.task``), and its newest -- on Python >= 3.12, which upstream lilota requires.
 """
 
 import argparse
@@ -46,6 +46,17 @@ VENVS = os.path.join(BENCH, ".venvs")
 RESULTS_MD = os.path.join(BENCH, "RESULTS.md")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 UPSTREAM_REGISTER_VERSION = "1.0.0"   # the last upstream release with LilotaWorker.register
+# The PostgreSQL queues measured beside lilota's PostgreSQL backend (issue 16): (key, the
+# requirements installed in its venv, its package's name, its settings for the workload scripts,
+# the settings as the list of systems shows them). Each runs with the driver its documentation
+# recommends: procrastinate on psycopg 3 (the binary build, as lilota's venv has it), pgqueuer on
+# asyncpg. Why these settings: bench/RESULTS.md, "PostgreSQL peers".
+POSTGRES_PEERS = (
+    ("procrastinate", "procrastinate psycopg[binary]", "procrastinate", {"BENCH_PROCRASTINATE_CONCURRENCY": "4"},
+     "(async tasks, worker --concurrency=4, a pool of 4 connections per worker)"),
+    ("pgqueuer", "pgqueuer[asyncpg]", "pgqueuer", {"BENCH_PGQUEUER_BATCH_SIZE": "100"},
+     "(async entrypoints, batch_size=100, one asyncpg connection per worker)"),
+)
 
 
 # Workload processes write and use byte-code caches, as an installed package has them (this
@@ -98,8 +109,8 @@ def _find_python_312():
 
 
 def _venv(name, python, requirement, refresh, log):
-    """A throw-away venv under bench/.venvs with ``requirement`` (if any) installed; its python, or
-    None when it cannot be made."""
+    """A throw-away venv under bench/.venvs with ``requirement`` (if any; requirements separated by
+    spaces) installed; its python, or None when it cannot be made."""
     path = os.path.join(VENVS, name)
     exe = os.path.join(path, "bin", "python")
     marker = os.path.join(path, ".installed")
@@ -112,7 +123,7 @@ def _venv(name, python, requirement, refresh, log):
     try:
         subprocess.run([python, "-m", "venv", path], check=True, capture_output=True, timeout=300)
         if requirement:
-            subprocess.run([exe, "-m", "pip", "install", "-q", "--disable-pip-version-check", requirement],
+            subprocess.run([exe, "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirement.split()],
                            check=True, capture_output=True, text=True, timeout=900)
     except subprocess.CalledProcessError as exc:
         log(f"  could not install {requirement}: {(exc.stderr or '').strip()[-500:]}")
@@ -164,8 +175,16 @@ def make_systems(args, log):
                                   os.path.join(BENCH, "peers", "huey_workloads.py"), db_arg="--db"))
         else:
             skipped.append("huey: could not be installed")
+        skipped.append("procrastinate, pgqueuer: PostgreSQL only")
     else:
         skipped.append("huey: the peer measured is huey's SQLite storage")
+        for key, requirement, package, settings, shown in POSTGRES_PEERS:
+            exe = _venv(key, sys.executable, requirement, args.refresh_peers, log)
+            if exe is None:
+                skipped.append(f"{key}: could not be installed")
+                continue
+            systems.append(System(key, f"{key} {_pip_version(exe, package)}", exe,
+                                  os.path.join(BENCH, "peers", f"{key}_workloads.py"), env=settings, detail=shown))
     py312 = _find_python_312()
     if py312 is None:
         skipped.append("upstream lilota: needs Python >= 3.12 and none was found (PATH, ~/.pyenv/versions)")
@@ -209,10 +228,14 @@ def make_cases(quick, repetitions=None):
             "floor": ("insert", dict(n=5000 if q else 20000), reps),
             "huey": ("enqueue_one", dict(n=1000 if q else 5000), reps),
             "up": ("enqueue_one", dict(n=200 if q else 500), few),
+            "procrastinate": ("enqueue_one", dict(n=5000 if q else 20000), reps),
+            "pgqueuer": ("enqueue_one", dict(n=5000 if q else 20000), reps),
         }),
         Case("enqueue_many", "enqueue: schedule_many() in one call", rate, {
             "lilota": ("enqueue_many", dict(n=100_000), reps),
             "floor": ("insert_many", dict(n=100_000), reps),
+            "procrastinate": ("enqueue_many", dict(n=100_000), reps),
+            "pgqueuer": ("enqueue_many", dict(n=100_000), reps),
         }),
     ]
     for k in (1, 2, 4):
@@ -222,6 +245,9 @@ def make_cases(quick, repetitions=None):
             "floor1": ("claim_complete_one_commit", dict(n=5000 if q else 20000), reps) if k == 1 else None,
             "huey": ("drain", dict(n=2000 if q else 5000, workers=k), reps),
             "up": ("drain", dict(up, workers=k), few),
+            # procrastinate drains some hundreds of tasks/s here: a run of 20,000 takes a minute
+            "procrastinate": ("drain", dict(n=5000 if q else 20000, workers=k), few),
+            "pgqueuer": ("drain", dict(n=5000 if q else 20000, workers=k), reps),
         }, borrow={} if k == 1 else {"floor": "drain1", "floor1": "drain1"}))
     ms = lambda field, title: (field, title, "ms", False)  # noqa: E731
     cases += [
@@ -233,6 +259,8 @@ def make_cases(quick, repetitions=None):
             "lilota": ("latency", dict(samples=20), 1 if q else 3),
             "huey": ("latency", dict(samples=20), 1 if q else 2),
             "up": ("latency", dict(samples=20), 1),
+            "procrastinate": ("latency", dict(samples=20), 1 if q else 3),
+            "pgqueuer": ("latency", dict(samples=20), 1 if q else 3),
         }),
         Case("mixed", "mixed: tasks of 10 ms CPU, 2 workers",
              [("rate", "tasks/s (ideal 200)", "tasks/s", True),
@@ -248,6 +276,8 @@ def make_cases(quick, repetitions=None):
             "lilota": ("startup", dict(workers=2), reps),
             "huey": ("startup", dict(workers=2), reps),
             "up": ("startup", dict(workers=2), few),
+            "procrastinate": ("startup", dict(workers=2), reps),
+            "pgqueuer": ("startup", dict(workers=2), reps),
         }),
         Case("footprint", f"footprint: {'20,000' if q else '100,000'} tasks scheduled one by one and run (2 workers)",
              [("app_rss_before_kib", "RSS of the application before", "MiB", False),
