@@ -4491,6 +4491,7 @@ class _TaskWatcher:
                         self._resolve_ended(storage.tasks(ended), ended)
             except Exception:   # the database's trouble, or lilota's: the waiters must not hang on it
                 logger.warning("lilota wait: cannot read the waited tasks; will retry", exc_info=True)
+                self.rung.clear()    # (it reads them all again next time anyway)
                 self.rung.wait(0.5)
                 continue
             if not self.waiters:

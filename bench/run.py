@@ -391,7 +391,9 @@ def run_case(case, systems, backend, log):
             if rep >= reps:
                 continue
             t0 = time.monotonic()
-            result = run_one(system, workload, params, backend, timeout=900, log=log)
+            # A repetition may take 15 minutes; the deep queue's million, an hour on a slow machine.
+            result = run_one(system, workload, params, backend, timeout=3600 if case.key.startswith("deep") else 900,
+                             log=log)
             if result is not None:
                 results[system.key].append(result)
                 shown = ", ".join(f"{f}={_fmt(result.get(f), u, raw=True)}" for f, _, u, _ in case.rows
