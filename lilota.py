@@ -523,7 +523,8 @@ def _new_task_id_ints(count):
     made by one process strictly increase, in creation order. Ids of different processes made in
     the same millisecond do not sort among each other. When the steps run out (some 30 million ids
     in one millisecond), the millisecond is borrowed from the future, as the RFC allows."""
-    steps = struct.unpack(f">{count}Q", os.urandom(8 * count))   # one draw for all: 64 bits per id
+    random_bytes = os.urandom(8 * count + 10)   # one draw: 64 bits per id, 80 for a new millisecond
+    steps = struct.unpack_from(f">{count}Q", random_bytes)
     first_mask = (1 << (_V7_RANDOM_BITS - 1)) - 1
     step_mask = (1 << _V7_STEP_BITS) - 1
     limit = 1 << _V7_RANDOM_BITS
@@ -536,7 +537,7 @@ def _new_task_id_ints(count):
         high = millis << 80 | _V7_MARKS
         for step in steps:
             if now > millis:
-                millis, rand = now, int.from_bytes(os.urandom(10), "big") & first_mask
+                millis, rand = now, int.from_bytes(random_bytes[-10:], "big") & first_mask
                 high = millis << 80 | _V7_MARKS
             else:
                 rand += 1 + (step & step_mask)
@@ -577,7 +578,7 @@ _DIRECT_UUIDS = _direct_uuids_work()
 
 def _uuids(ints):
     """UUID objects of 128-bit ``ints`` (task ids)."""
-    if _DIRECT_UUIDS:
+    if _DIRECT_UUIDS and len(ints) >= 10:   # below, the three loops cost more than they save
         return _uuids_made_directly(ints)
     return [uuid.UUID(int=value) for value in ints]
 
@@ -593,7 +594,7 @@ def _uuid_texts(ints):
     for all at once: the hex digits of all of them in one string, moved into their places by 32
     slice copies with a step (C loops), a third of the time str() takes for each id."""
     if len(ints) < 10:   # the copies cost a few microseconds whatever the count
-        return [str(uuid.UUID(int=value)) for value in ints]
+        return [f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}" for h in map("{:032x}".format, ints)]
     width = len(_UUID_TEXT_TEMPLATE)
     digits = b"".join(map(int.to_bytes, ints, itertools.repeat(16), itertools.repeat("big"))).hex().encode()
     text = bytearray(_UUID_TEXT_TEMPLATE * len(ints))
@@ -814,7 +815,7 @@ def dumps(value, path="input"):
 def _dumps_many(values, path="input"):
     """``[dumps(value, path) for value in values]`` (a list), faster when all of them are plain
     JSON: one check of the list, then the C encoder on each without a Python call in between."""
-    if _PLAIN_ENCODER is not None and _is_plain_json(values):
+    if _PLAIN_ENCODER is not None and len(values) > 1 and _is_plain_json(values):
         try:
             return list(map("".join, map(_PLAIN_ENCODER, values, itertools.repeat(0))))
         except ValueError:
@@ -2723,6 +2724,11 @@ def _named_params(text):
     return text, lambda **values: tuple(values[name] for name in names)
 
 
+#: Up to this many tasks in one call are written by the one-row INSERT (executemany): a statement
+#: built for their number (SQLite) or a COPY (PostgreSQL: a round trip more) would cost more.
+_FEW_TASKS = 10
+
+
 class _TaskBatch(typing.NamedTuple):
     """What the tasks of one schedule() or schedule_many() call (or one periodic slot) share, as
     Storage.insert_tasks takes it."""
@@ -2781,11 +2787,16 @@ class Storage:
                           if "NOT NULL" not in constraints and "PRIMARY KEY" not in constraints}
         self._unreachable_at = -math.inf   # time.monotonic() when the database was last out of reach
         # Hot statements, translated once.
-        self._insert_sql = sql(
-            "INSERT INTO lilota_task (id, name, status, priority, run_at, attempts, max_attempts, timeout, "
-            "progress_percentage, input, created_at, cancel_requested, queue, unique_key, scheduled_for, "
-            "depends_on, on_failure, end_date_time, error) "
-            f"VALUES (?, ?, ?, ?, {ts}, 0, ?, ?, 0, {js}, {ts}, 0, ?, ?, {ts}, {js}, ?, {ts}, {js})")
+        # The columns a new task's row is written with (the others keep their defaults) and the
+        # placeholder of each: the task's own id, input and unique key, then those that the tasks
+        # of one call share (_shared_task_values, in this order).
+        self._new_task_columns = (
+            ("id", "?"), ("input", js), ("unique_key", "?"), ("name", "?"), ("status", "?"), ("priority", "?"),
+            ("run_at", ts), ("attempts", "?"), ("max_attempts", "?"), ("timeout", "?"), ("progress_percentage", "?"),
+            ("created_at", ts), ("cancel_requested", "?"), ("queue", "?"), ("scheduled_for", ts), ("depends_on", js),
+            ("on_failure", "?"), ("end_date_time", ts), ("error", js))
+        self._insert_sql = sql(f"INSERT INTO lilota_task ({', '.join(name for name, _ in self._new_task_columns)}) "
+                               f"VALUES ({', '.join(mark for _, mark in self._new_task_columns)})")
         # A task whose cancel() was answered "being stopped" ends cancelled even when it finished
         # before it could be stopped: its result is discarded, as cancel() promised.
         self._complete_sql = sql(
@@ -3152,9 +3163,10 @@ class Storage:
         several = second is not None
         chunks = itertools.chain([first] if second is None else [first, second], chunks)
         depends_on = list(depends_on)
+        few = not several and len(first[0]) <= _FEW_TASKS
 
         def insert(conn):
-            return self._insert_in(conn, batch, chunks, keys, now, depends_on, on_failure)
+            return self._insert_in(conn, batch, chunks, keys, now, depends_on, on_failure, few)
         if connection is not None:
             conn, autocommit = connection
             with self._guard:
@@ -3173,51 +3185,45 @@ class Storage:
                     raise translated from exc
                 raise
         task_ids, texts, payloads = first
-        if not several and len(task_ids) == 1 and keys is None and not depends_on:
+        if few and len(task_ids) == 1 and keys is None and not depends_on:
             with self._guard as conn:   # one statement: its own transaction
-                conn.execute(self._insert_sql, self._insert_params(batch, texts[0], payloads[0], now))
+                conn.execute(self._insert_sql, (texts[0], d.encode_json(payloads[0]), None)
+                             + self._shared_task_values(batch, now))
             return task_ids, TaskStatus.SCHEDULED
         with self._write() as conn:
             return insert(conn)
 
-    def _insert_params(self, batch, task_id, payload, now):
-        """The parameters of _insert_sql for one task of ``batch`` (its id's text and input JSON),
-        stored at ``now``: queued, with no unique key and no dependencies."""
+    def _shared_task_values(self, batch, now, status=TaskStatus.SCHEDULED, dependency=(None, None, None, None)):
+        """The values, as stored, of the columns that the new tasks of ``batch`` share (those of
+        _new_task_columns after id, input and unique_key, in that order), stored at ``now``;
+        ``dependency``: (depends_on JSON, on_failure, end_date_time, error) of tasks with some."""
         d = self.dialect
         created = d.encode_time(now)
-        return (task_id, batch.name, TaskStatus.SCHEDULED.value, batch.priority,
-                created if batch.run_at is None else d.encode_time(batch.run_at), batch.max_attempts,
-                batch.timeout, d.encode_json(payload), created, batch.queue, None,
-                None if batch.scheduled_for is None else d.encode_time(batch.scheduled_for), None, None, None, None)
+        return (batch.name, status.value, batch.priority, created if batch.run_at is None else d.encode_time(batch.run_at),
+                0, batch.max_attempts, batch.timeout, 0, created, 0, batch.queue,
+                None if batch.scheduled_for is None else d.encode_time(batch.scheduled_for)) + tuple(dependency)
 
-    def _insert_in(self, conn, batch, chunks, keys, now, depends_on=(), on_failure="cancel"):
+    def _insert_in(self, conn, batch, chunks, keys, now, depends_on=(), on_failure="cancel", few=False):
         """insert_tasks' statements on ``conn``, inside a transaction the caller holds: (ids,
         status). The unique keys are locked -- concurrent schedulers of the same key wait until
         this transaction ends, and then see its task -- and their holders looked up, before any
-        task is written; then the tasks go to the dialect's insert_rows, chunk by chunk."""
+        task is written; then the tasks go to the dialect's insert_rows, chunk by chunk, or with
+        ``few`` (one chunk of at most _FEW_TASKS) to the one-row INSERT."""
         d = self.dialect
-        ts, js = d.time_param, d.json_param
-        status, end, error, depends_json = TaskStatus.SCHEDULED, None, None, None
+        status, dependency = TaskStatus.SCHEDULED, (None, None, None, None)
         if depends_on:
             status, end, error = self._dependency_status(conn, depends_on, on_failure, now)
-            depends_json = d.encode_json(dumps(depends_on, "depends_on"))
+            dependency = (d.encode_json(dumps(depends_on, "depends_on")), on_failure, end, error)
         holders = {}
         if keys is not None:
             distinct = sorted({key for key in keys if key is not None})
             d.lock_unique_keys(conn, distinct)
             holders = self._unique_holders(conn, distinct, batch.unique_for, now)
-        created = d.encode_time(now)
-        columns = [("id", "?"), ("input", js)] + ([("unique_key", "?")] if keys is not None else [])
-        shared = [("name", "?", batch.name), ("status", "?", status.value), ("priority", "?", batch.priority),
-                  ("run_at", ts, created if batch.run_at is None else d.encode_time(batch.run_at)),
-                  ("attempts", "?", 0), ("max_attempts", "?", batch.max_attempts), ("timeout", "?", batch.timeout),
-                  ("progress_percentage", "?", 0), ("created_at", ts, created), ("cancel_requested", "?", 0),
-                  ("queue", "?", batch.queue),
-                  ("scheduled_for", ts, None if batch.scheduled_for is None else d.encode_time(batch.scheduled_for)),
-                  ("depends_on", js, depends_json), ("on_failure", "?", on_failure if depends_on else None),
-                  ("end_date_time", ts, end), ("error", js, error)]
+        values = self._shared_task_values(batch, now, status, dependency)
+        own, rest = self._new_task_columns[:3], self._new_task_columns[3:]
+        shared = [(name, mark, value) for (name, mark), value in zip(rest, values)]
         if keys is None:
-            shared.append(("unique_key", "?", None))
+            own, shared = own[:2], shared + [("unique_key", "?", None)]
         # JSON that the dialect stores as it is (SQLite) needs no call per task.
         encode = d.encode_json if type(d).encode_json is not Dialect.encode_json else None
         ids, stored = [], []   # stored: the texts of the ids written, for their dependency rows
@@ -3247,7 +3253,12 @@ class Storage:
                     if depends_on:
                         stored.append(text)
                 yield new
-        d.insert_rows(conn, "lilota_task", columns, shared, rows())
+        if few:
+            for chunk in rows():
+                conn.executemany(self._insert_sql, [(row if keys is not None else row + (None,)) + values
+                                                    for row in chunk])
+        else:
+            d.insert_rows(conn, "lilota_task", own, shared, rows())
         if stored:
             conn.executemany(d.sql("INSERT INTO lilota_dependency (task_id, depends_on) VALUES (?, ?)"),
                              ((task_id, dependency) for task_id in stored for dependency in depends_on))
@@ -3710,7 +3721,8 @@ class Storage:
                 (d.encode_time(slot), d.encode_time(next_slot), d.encode_time(now), name, d.encode_time(slot))).rowcount
             if won != 1:
                 return None
-            stored = str(self._insert_in(conn, batch, [([task_id], [str(task_id)], [input_json])], [key], now)[0][0])
+            stored = str(self._insert_in(conn, batch, [([task_id], [str(task_id)], [input_json])], [key], now,
+                                         few=True)[0][0])
             conn.execute(d.sql("UPDATE lilota_periodic SET last_task_id = ? WHERE name = ?"), (stored, name))
             return stored
 

@@ -227,8 +227,15 @@ class BulkInTheCallersTransactionTests(BulkTestCase):
                 self.assertEqual(self.inputs_by_id(), {task_id: {"i": i} for i, task_id in enumerate(ids)})
 
                 self.app.schedule_many("noop", _inputs(CHUNK * 2), connection=conn)
+                self.app.schedule_many("noop", _inputs(CHUNK), connection=conn)   # one chunk: no savepoint
                 conn.rollback()
                 self.assertEqual(self.count(), CHUNK * 3 + 1)
+                one = self.app.schedule_many("noop", _inputs(CHUNK), connection=conn)
+                self.assertIsNone(self.app.get_task_by_id(one[0]))
+                conn.commit()
+                self.assertEqual(self.app.get_task_by_id(one[-1]).input, {"i": CHUNK - 1})
+                self.db_execute("DELETE FROM lilota_task WHERE id IN (?, ?)", str(one[0]), str(one[-1]))
+                self.assertEqual(self.count(), CHUNK * 4 - 1)
 
                 # A bad input in the third chunk: what the call wrote is undone, the transaction
                 # (and what the application wrote in it before and after) goes on.
@@ -240,7 +247,7 @@ class BulkInTheCallersTransactionTests(BulkTestCase):
                 cursor.execute("INSERT INTO orders (item) VALUES ('pen')")
                 kept = self.app.schedule_many("noop", _inputs(CHUNK * 2), connection=conn)
                 conn.commit()
-                self.assertEqual((self.count("orders"), self.count()), (2, CHUNK * 5 + 1))
+                self.assertEqual((self.count("orders"), self.count()), (2, CHUNK * 6 - 1))
                 self.assertEqual(self.app.get_task_by_id(kept[-1]).input, {"i": CHUNK * 2 - 1})
                 self.db_execute("DELETE FROM lilota_task")
                 self.db_execute("DELETE FROM orders")
