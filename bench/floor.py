@@ -1,14 +1,14 @@
 """The floor: the same SQL work as lilota, in a raw loop in one process, with no library around it.
 
-    python bench/floor.py insert|insert_many|claim_complete --url URL --n N
+    python bench/floor.py insert|insert_many|insert_bulk|claim_complete|claim_complete_one_commit --url URL --n N
 
 * insert:         N single-row INSERTs, each its own (durable) transaction -- what schedule() does.
 * insert_many:    N rows in one executemany() transaction: what schedule_many() did before issue 16.
 * insert_bulk:    the same N rows in one transaction the fastest raw way there is: on SQLite
                   multi-row INSERTs of 499 rows each (999 parameters, the limit of every SQLite;
-                  the shared values are numbered parameters that every row reuses) -- some 2.5
-                  times as fast as executemany(); on PostgreSQL one COPY ... FROM STDIN of the rows
-                  in COPY's text format, made before the clock starts -- some 4 times as fast.
+                  the shared values are numbered parameters that every row reuses) -- about
+                  twice as fast as executemany(); on PostgreSQL one COPY ... FROM STDIN of the rows
+                  in COPY's text format, made before the clock starts -- 4 to 5 times as fast.
                   schedule_many()'s target (issue 16) is a share of the faster of the two floors.
 * claim_complete: N queued tasks, then a loop of the claim UPDATE ... RETURNING followed by the
                   completion UPDATE, each its own transaction -- the floor the issue defines.
