@@ -4255,8 +4255,12 @@ def _keys_for_inputs(keys, inputs):
     """ValueError unless there is one unique key per input, told before anything is read when
     ``inputs`` has a length (else _task_chunks tells as it reads them)."""
     if keys is not None and hasattr(inputs, "__len__") and len(keys) != len(inputs):
-        raise ValueError(f"unique_keys has {len(keys)} keys for {len(inputs)} inputs; give one per input "
-                         f"(None: not unique)")
+        raise _key_count_error(len(keys), len(inputs))
+
+
+def _key_count_error(key_count, input_count):
+    return ValueError(f"unique_keys has {key_count} keys for {input_count} inputs; give one per input "
+                      f"(None: not unique)")
 
 
 #: How many inputs schedule_many() reads, serializes and writes at a time: what it holds at once
@@ -4277,12 +4281,12 @@ def _task_chunks(inputs, key_count=None):
             break
         count += len(values)
         if key_count is not None and count > key_count:
-            raise ValueError(f"unique_keys has {key_count} keys for more inputs; give one per input (None: not unique)")
+            raise _key_count_error(key_count, "more")
         payloads = _dumps_many(values)
         ids = _new_task_id_ints(len(values))
         yield _uuids(ids), _uuid_texts(ids), payloads
     if key_count is not None and count != key_count:
-        raise ValueError(f"unique_keys has {key_count} keys for {count} inputs; give one per input (None: not unique)")
+        raise _key_count_error(key_count, count)
 
 
 def _check_attempts(value, what="max_attempts"):
