@@ -2072,17 +2072,22 @@ class DBAPIConnection:
         COPY cleanly -- so they get one COPY per block, each made before it begins."""
         raw = self.raw
         driver = type(raw).__module__.partition(".")[0]
+        blocks = filter(None, blocks)
+        first = next(blocks, None)
+        if first is None:
+            return   # no row: no COPY, whose statement trigger would wake the workers for nothing
+        blocks = itertools.chain([first], blocks)
         if driver == "psycopg":
             with raw.cursor() as cursor, cursor.copy(sql) as copy:
                 for block in blocks:
                     copy.write(block)   # an exception in between: psycopg ends the COPY as failed
         elif driver == "psycopg2":
             with raw.cursor() as cursor:
-                for block in filter(None, blocks):
+                for block in blocks:
                     cursor.copy_expert(sql, io.StringIO(block), size=len(block))
         elif driver == "pg8000":
             cursor = raw.cursor()
-            for block in filter(None, blocks):
+            for block in blocks:
                 cursor.execute(sql, stream=[block])
         else:
             raise TypeError(f"COPY through {_connection_kind(raw)} is not supported; use psycopg, psycopg2 or pg8000")
@@ -3255,8 +3260,9 @@ class Storage:
                 yield new
         if few:
             for chunk in rows():
-                conn.executemany(self._insert_sql, [(row if keys is not None else row + (None,)) + values
-                                                    for row in chunk])
+                params = [(row if keys is not None else row + (None,)) + values for row in chunk]
+                if params:   # none when every key is held
+                    conn.executemany(self._insert_sql, params)
         else:
             d.insert_rows(conn, "lilota_task", own, shared, rows())
         if stored:

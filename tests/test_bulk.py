@@ -132,6 +132,17 @@ class BulkScheduleTests(BulkTestCase):
         self.assertEqual(stored[ids[0]], {"i": 0}, "the first input with a key holds it")
         self.assertEqual(stored[held], {"before": True})
 
+    def test_keys_all_held_write_nothing_and_wake_nobody(self):
+        if self.backend == "sqlite":
+            self.skipTest("SQLite: the lock of the unique keys is a write, which moves data_version")
+        keys = [f"k{i}" for i in range(CHUNK * 2)]
+        first = self.app.schedule_many("noop", _inputs(CHUNK * 2), unique_keys=keys)
+        woken = _wake_signal(self)
+        self.assertEqual(self.app.schedule_many("noop", _inputs(CHUNK * 2), unique_keys=keys), first)
+        self.assertEqual(self.app.schedule_many("noop", _inputs(3), unique_keys=keys[:3]), first[:3])
+        self.assertFalse(woken(0.3), "no task stored: no COPY, no NOTIFY")
+        self.assertEqual(self.count(), CHUNK * 2)
+
     def test_unique_keys_one_per_input(self):
         for inputs, keys, message in ((_inputs(CHUNK + 1), ["a"] * CHUNK, "100 keys for more inputs"),
                                       (_inputs(CHUNK), [None] * (CHUNK + 1), "101 keys for 100 inputs"),
