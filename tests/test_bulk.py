@@ -143,6 +143,19 @@ class BulkScheduleTests(BulkTestCase):
         self.assertFalse(woken(0.3), "no task stored: no COPY, no NOTIFY")
         self.assertEqual(self.count(), CHUNK * 2)
 
+    def test_race_of_calls_with_the_same_keys_in_other_orders(self):
+        """2 processes of 4 threads, each one schedule_many() of the same 1,200 keys (two chunks of
+        lilota's) in an order of its own: one task per key, and every caller gets its id."""
+        outcomes = support.race_in_processes(_schedule_shuffled_keys, self.db_url)
+        ids_per_key = {}
+        for outcome in outcomes:
+            for ids in outcome:
+                for key, task_id in ids.items():
+                    ids_per_key.setdefault(key, set()).add(task_id)
+        self.assertEqual(len(ids_per_key), 1200)
+        self.assertEqual({len(ids) for ids in ids_per_key.values()}, {1}, "every caller got the same id per key")
+        self.assertEqual(self.count(), 1200)
+
     def test_unique_keys_one_per_input(self):
         for inputs, keys, message in ((_inputs(CHUNK + 1), ["a"] * CHUNK, "100 keys for more inputs"),
                                       (_inputs(CHUNK), [None] * (CHUNK + 1), "101 keys for 100 inputs"),
@@ -173,6 +186,18 @@ class BulkScheduleTests(BulkTestCase):
         woken = _wake_signal(self)
         self.app.schedule_many("noop", _inputs(CHUNK * 3))
         self.assertTrue(woken(10), "what wakes idle workers after COPY / the INSERTs")
+
+
+def _schedule_shuffled_keys(db_url):
+    """One thread of the race: keys key0 ... key1199 shuffled (seeded by process and thread), one
+    schedule_many(); {key: its id}."""
+    import os
+    import random
+    import threading
+    keys = [f"key{i}" for i in range(1200)]
+    random.Random(os.getpid() * 1_000_003 + threading.get_ident()).shuffle(keys)
+    ids = LilotaScheduler(db_url).schedule_many("noop", [{"key": key} for key in keys], unique_keys=keys)
+    return {key: str(task_id) for key, task_id in zip(keys, ids)}
 
 
 def _wake_signal(test):
