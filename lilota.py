@@ -45,6 +45,8 @@ import functools
 import getpass
 import importlib
 import inspect
+import io
+import itertools
 import json
 import logging
 import math
@@ -59,6 +61,7 @@ import signal
 import socket
 import sqlite3
 import string
+import struct
 import sys
 import threading
 import time
@@ -505,9 +508,10 @@ _V7_SEQUENCE = [0, 0]                       # the last id made in this process: 
 _V7_LOCK = threading.Lock()
 
 
-def _new_task_ids(count):
-    """``count`` new task ids: version 7 UUIDs (RFC 9562), the current time in milliseconds followed
-    by 74 bits from os.urandom, increasing within a process (RFC 9562's "monotonic random" method).
+def _new_task_id_ints(count):
+    """``count`` new task ids as 128-bit ints: version 7 UUIDs (RFC 9562), the current time in
+    milliseconds followed by 74 bits from os.urandom, increasing within a process (RFC 9562's
+    "monotonic random" method).
 
     Ids made later sort later, so a new task's entry in the primary-key index lands next to the
     newest ones instead of on a random page of an index that grows with every task kept: with
@@ -519,27 +523,89 @@ def _new_task_ids(count):
     made by one process strictly increase, in creation order. Ids of different processes made in
     the same millisecond do not sort among each other. When the steps run out (some 30 million ids
     in one millisecond), the millisecond is borrowed from the future, as the RFC allows."""
-    random_bytes = os.urandom(10 * count)
-    from_bytes, make = int.from_bytes, uuid.UUID
+    random_bytes = os.urandom(8 * count + 10)   # one draw: 64 bits per id, 80 for a new millisecond
+    steps = struct.unpack_from(f">{count}Q", random_bytes)
     first_mask = (1 << (_V7_RANDOM_BITS - 1)) - 1
     step_mask = (1 << _V7_STEP_BITS) - 1
     limit = 1 << _V7_RANDOM_BITS
     low_mask = (1 << 62) - 1
     ids = []
+    append = ids.append
     with _V7_LOCK:
         now = time.time_ns() // 1_000_000
         millis, rand = _V7_SEQUENCE
-        for i in range(0, 10 * count, 10):
-            fresh = from_bytes(random_bytes[i:i + 10], "big")
+        high = millis << 80 | _V7_MARKS
+        for step in steps:
             if now > millis:
-                millis, rand = now, fresh & first_mask
+                millis, rand = now, int.from_bytes(random_bytes[-10:], "big") & first_mask
+                high = millis << 80 | _V7_MARKS
             else:
-                rand += 1 + (fresh & step_mask)
+                rand += 1 + (step & step_mask)
                 if rand >= limit:
-                    millis, rand = millis + 1, fresh >> 8 & first_mask
-            ids.append(make(int=millis << 80 | _V7_MARKS | (rand >> 62) << 64 | (rand & low_mask)))
+                    millis, rand = millis + 1, int.from_bytes(os.urandom(10), "big") & first_mask
+                    high = millis << 80 | _V7_MARKS
+            append(high | (rand >> 62) << 64 | (rand & low_mask))
         _V7_SEQUENCE[:] = (millis, rand)
     return ids
+
+
+def _uuids_made_directly(ints):
+    """UUID objects of 128-bit ``ints``, made as ``uuid.UUID(int=...)`` makes them but without its
+    argument checks, which a task id passes by construction: three C loops instead of a Python call
+    per id (a third of the time; Python 3.14's ``UUID._from_int`` does the same). None when this
+    Python's UUID is not built that way (then _uuids calls the constructor)."""
+    made = list(map(object.__new__, itertools.repeat(uuid.UUID, len(ints))))
+    for _ in map(object.__setattr__, made, itertools.repeat("int"), ints):
+        pass
+    for _ in map(object.__setattr__, made, itertools.repeat("is_safe"), itertools.repeat(uuid.SafeUUID.unknown)):
+        pass
+    return made
+
+
+def _direct_uuids_work():
+    """Whether _uuids_made_directly makes what the constructor makes, on this Python."""
+    try:
+        value = 0x0190F5A2_3B4C_7D5E_8F60_718293A4B5C6
+        made, built = _uuids_made_directly([value])[0], uuid.UUID(int=value)
+        return (made == built and str(made) == str(built) and hash(made) == hash(built)
+                and made.__getstate__() == built.__getstate__() and not hasattr(made, "__dict__"))
+    except Exception:
+        return False
+
+
+_DIRECT_UUIDS = _direct_uuids_work()
+
+
+def _uuids(ints):
+    """UUID objects of 128-bit ``ints`` (task ids)."""
+    if _DIRECT_UUIDS and len(ints) >= 10:   # below, the three loops cost more than they save
+        return _uuids_made_directly(ints)
+    return [uuid.UUID(int=value) for value in ints]
+
+
+# The canonical text of a UUID: 32 hex digits in groups of 8-4-4-4-12. _uuid_texts writes each
+# digit position into this template (a space after each id, which split() cuts at).
+_UUID_TEXT_TEMPLATE = b"00000000-0000-0000-0000-000000000000 "
+_UUID_DIGIT_POSITIONS = [i for i in range(36) if i not in (8, 13, 18, 23)]
+
+
+def _uuid_texts(ints):
+    """The canonical texts of 128-bit ``ints`` as UUIDs (``str(uuid.UUID(int=i))`` of each), made
+    for all at once: the hex digits of all of them in one string, moved into their places by 32
+    slice copies with a step (C loops), a third of the time str() takes for each id."""
+    if len(ints) < 10:   # the copies cost a few microseconds whatever the count
+        return [f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}" for h in map("{:032x}".format, ints)]
+    width = len(_UUID_TEXT_TEMPLATE)
+    digits = b"".join(map(int.to_bytes, ints, itertools.repeat(16), itertools.repeat("big"))).hex().encode()
+    text = bytearray(_UUID_TEXT_TEMPLATE * len(ints))
+    for digit, position in enumerate(_UUID_DIGIT_POSITIONS):
+        text[position::width] = digits[digit::32]
+    return text.decode("ascii").split()
+
+
+def _new_task_ids(count):
+    """``count`` new task ids as UUIDs (see _new_task_id_ints)."""
+    return _uuids(_new_task_id_ints(count))
 
 
 def _first_task_id_at(seconds):
@@ -719,7 +785,8 @@ def _is_plain_json(value, depth=0):
         return False
     if kind is dict:
         for key, item in value.items():
-            if type(key) is not str or not _is_text(key) or (
+            # isascii() first: the common key is decided without a call of _is_text.
+            if type(key) is not str or not (key.isascii() or _is_text(key)) or (
                     type(item) not in _JSON_SCALARS and not _is_plain_json(item, depth + 1)):
                 return False
         return True
@@ -743,6 +810,17 @@ def dumps(value, path="input"):
         raise
     except ValueError as exc:  # an int with more digits than Python turns into text (sys.get_int_max_str_digits)
         raise UnserializableError(f"{path}: {exc}") from None
+
+
+def _dumps_many(values, path="input"):
+    """``[dumps(value, path) for value in values]`` (a list), faster when all of them are plain
+    JSON: one check of the list, then the C encoder on each without a Python call in between."""
+    if _PLAIN_ENCODER is not None and len(values) > 1 and _is_plain_json(values):
+        try:
+            return list(map("".join, map(_PLAIN_ENCODER, values, itertools.repeat(0))))
+        except ValueError:
+            pass   # an int too long to write out: dumps says which, as it always does
+    return [dumps(value, path) for value in values]
 
 
 def loads(text):
@@ -1325,6 +1403,7 @@ class Dialect:
       database cannot infer its type (inside CASE); Storage writes every such parameter this way;
     * ``begin_migration(conn)``: BEGIN the schema's transaction, serialised against other processes;
     * ``lock_unique_keys(conn, keys)``: serialise the schedulers of the same unique keys;
+    * ``insert_rows(conn, table, columns, shared, chunks)``: many rows in one go (schedule_many);
     * ``change_counter(conn)``: a cheap value that changes when other connections commit (or None);
     * ``listen()``: a connection that is told when tasks are queued (or None);
     * ``translate_error(exc)``: a specific :class:`StorageError` for a driver exception, and
@@ -1426,6 +1505,21 @@ class Dialect:
         """Begin the transaction that creates or migrates the schema, so that a concurrent
         migrator waits until it has ended (and then finds the schema up to date)."""
         conn.execute(self.begin_write_sql)
+
+    def insert_rows(self, conn, table, columns, shared, chunks):
+        """Insert many rows into ``table`` inside the transaction open on ``conn``, as fast as the
+        database allows. ``columns``: (name, placeholder) of each value a row gives; ``shared``:
+        (name, placeholder, value) of each column that has the same value in every row, the value
+        as the column stores it (from encode_time / encode_json); the placeholder is ``?``,
+        ``time_param`` or ``json_param``. ``chunks``: an iterable of iterables of rows (tuples of
+        ``columns``' values), read one chunk at a time: an exception raised while reading one
+        leaves the transaction to be rolled back. This default: executemany() of a one-row INSERT."""
+        names = [name for name, _ in columns] + [name for name, _, _ in shared]
+        marks = [mark for _, mark in columns] + [mark for _, mark, _ in shared]
+        values = tuple(value for _, _, value in shared)
+        sql = self.sql(f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(marks)})")
+        for chunk in chunks:
+            conn.executemany(sql, [row + values for row in chunk])
 
     def sql(self, text):
         """``text`` with lilota's ``?`` placeholders in the driver's style (lilota's statements
@@ -1572,6 +1666,38 @@ class _Transaction:
                 raise
         else:
             _rollback(self.conn)
+        return False
+
+
+class _Savepoint:
+    """SAVEPOINT ... RELEASE inside the caller's open transaction, or ROLLBACK TO it on error: what
+    was written under it is undone and the transaction goes on (what a failed statement leaves
+    behind included, on PostgreSQL)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def __enter__(self):
+        conn = self.conn
+        # sqlite3 in its legacy transaction control begins a transaction itself before an INSERT,
+        # but not before a SAVEPOINT, which outside a transaction begins one that RELEASE commits:
+        # begin it as sqlite3 would have. (PostgreSQL drivers begin before any statement.)
+        if isinstance(conn, sqlite3.Connection) and not conn.in_transaction:
+            conn.execute(f"BEGIN {conn.isolation_level or ''}")
+        conn.execute("SAVEPOINT lilota_insert")
+        return conn
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.conn.execute("RELEASE SAVEPOINT lilota_insert")
+            return False
+        try:
+            self.conn.execute("ROLLBACK TO SAVEPOINT lilota_insert")
+            self.conn.execute("RELEASE SAVEPOINT lilota_insert")
+        except Exception:
+            pass   # e.g. the connection is gone: the exception that ended the block says more
         return False
 
 
@@ -1846,6 +1972,36 @@ class SQLiteDialect(Dialect):
         # processes create the file at once it can fail at once instead of waiting: retry then.
         _retry_busy(lambda: conn.execute(self.begin_write_sql), self.busy_timeout)
 
+    #: Parameters of one statement: the limit every SQLite build allows (newer ones allow more,
+    #: which makes inserts no faster).
+    max_parameters = 999
+
+    def insert_rows(self, conn, table, columns, shared, chunks):
+        # Many rows an INSERT: INSERT ... SELECT from a VALUES list of the rows' own values, the
+        # shared ones numbered parameters (?1, ?2 ...) that every row reuses. Twice as fast as
+        # executemany() of a one-row INSERT, which pays Python's and SQLite's work per statement
+        # for each row.
+        if sqlite3.sqlite_version_info < (3, 8, 3):   # VALUES in FROM came with 3.8.3
+            return super().insert_rows(conn, table, columns, shared, chunks)
+        width = len(columns)
+        per_statement = (self.max_parameters - len(shared)) // width
+        names = [name for name, _ in columns] + [name for name, _, _ in shared]
+        picked = [f"column{i}" for i in range(1, width + 1)] + [f"?{i}" for i in range(1, len(shared) + 1)]
+        head = f"INSERT INTO {table} ({', '.join(names)}) SELECT {', '.join(picked)} FROM (VALUES "
+        row_marks = "(" + ", ".join(["?"] * width) + ")"
+        values = [value for _, _, value in shared]
+        full, full_sql = per_statement * width, head + ", ".join([row_marks] * per_statement) + ")"
+        pending = []   # the values of rows not written yet, flat: they fill statements across chunks
+        for chunk in chunks:
+            pending.extend(itertools.chain.from_iterable(chunk))
+            if len(pending) >= full:
+                written = len(pending) - len(pending) % full
+                for start in range(0, written, full):
+                    conn.execute(full_sql, values + pending[start:start + full])
+                del pending[:written]
+        if pending:
+            conn.execute(head + ", ".join([row_marks] * (len(pending) // width)) + ")", values + pending)
+
     def prepare_claim(self, defaults, queues, free=(), version=None):
         params = {}
 
@@ -1961,6 +2117,34 @@ class DBAPIConnection:
         cursor.executemany(sql, seq_of_params)
         return cursor
 
+    def copy_in(self, sql, blocks):
+        """Run ``sql``, a PostgreSQL ``COPY ... FROM STDIN``, with the data ``blocks`` (str, in
+        COPY's text format). psycopg 3 streams all the blocks into one COPY, sending each while
+        the next is made; psycopg2 and pg8000 read the data they send from a file or an iterable,
+        which would make the next block inside the driver -- where an exception cannot end the
+        COPY cleanly -- so they get one COPY per block, each made before it begins."""
+        raw = self.raw
+        driver = type(raw).__module__.partition(".")[0]
+        blocks = filter(None, blocks)
+        first = next(blocks, None)
+        if first is None:
+            return   # no row: no COPY, whose statement trigger would wake the workers for nothing
+        blocks = itertools.chain([first], blocks)
+        if driver == "psycopg":
+            with raw.cursor() as cursor, cursor.copy(sql) as copy:
+                for block in blocks:
+                    copy.write(block)   # an exception in between: psycopg ends the COPY as failed
+        elif driver == "psycopg2":
+            with raw.cursor() as cursor:
+                for block in blocks:
+                    cursor.copy_expert(sql, io.StringIO(block), size=len(block))
+        elif driver == "pg8000":
+            cursor = raw.cursor()
+            for block in blocks:
+                cursor.execute(sql, stream=[block])
+        else:
+            raise TypeError(f"COPY through {_connection_kind(raw)} is not supported; use psycopg, psycopg2 or pg8000")
+
     def fileno(self):
         raw = self.raw
         if hasattr(raw, "fileno"):
@@ -1990,6 +2174,9 @@ class _SchemaConnection(DBAPIConnection):
     def executemany(self, sql, seq_of_params):
         return super().executemany(sql.replace("lilota_task", self.table), seq_of_params)
 
+    def copy_in(self, sql, blocks):
+        return super().copy_in(sql.replace("lilota_task", self.table), blocks)
+
 
 # PostgreSQL drivers in the order one is chosen when the URL names none:
 # URL suffix -> (module to import, what to pip install)
@@ -2012,6 +2199,20 @@ _PG_SYNCHRONOUS_COMMIT = ("on", "off", "local", "remote_write", "remote_apply")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,55}\Z")
 # In JSON text: a string (kept as it is), or a number with a positive exponent (1e+16).
 _STRING_OR_EXPONENT_FLOAT = re.compile(r'("[^"\\]*(?:\\.[^"\\]*)*")|(-?\d+(?:\.\d+)?[eE]\+\d+)')
+
+
+_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")   # what COPY's text format escapes
+
+
+def _copy_field(value):
+    """A value as a field of PostgreSQL's COPY text format: \\N for NULL, a time in ISO 8601, the
+    characters that delimit fields and rows escaped."""
+    if value is None:
+        return "\\N"
+    text = value.isoformat() if isinstance(value, datetime) else str(value)
+    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
+        text = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return text
 
 
 def _sqlstate(exc):
@@ -2348,10 +2549,31 @@ class PostgreSQLDialect(Dialect):
     #: two int4 keys and of one bigint key (the migration's) do not conflict.
     unique_lock_class = 0x6C696C6F   # "lilo"
 
+    def insert_rows(self, conn, table, columns, shared, chunks):
+        # COPY: the server parses rows as they stream in, while the next chunk is made here; many
+        # times faster than an INSERT per row. COPY fires the statement's triggers as INSERT does
+        # (lilota_task_inserted: the NOTIFY that wakes the workers) and checks every constraint.
+        names = [name for name, _ in columns] + [name for name, _, _ in shared]
+        tail = "".join("\t" + _copy_field(value) for _, _, value in shared) + "\n"
+
+        def block(chunk):
+            rows = list(chunk)
+            values = list(itertools.chain.from_iterable(rows))
+            # The common chunk -- texts with nothing to escape, as ids and lilota's JSON are -- is
+            # written by C loops, without a call of _copy_field per value.
+            if set(map(type, values)) <= {str} and not _COPY_SPECIAL.search("".join(values)):
+                return tail.join(map("\t".join, rows)) + tail if rows else ""
+            return "".join(["\t".join(map(_copy_field, row)) + tail for row in rows])
+        conn.copy_in(f"COPY {table} ({', '.join(names)}) FROM STDIN", map(block, chunks))
+
     def lock_unique_keys(self, conn, keys):
         # Only the schedulers of the same key (or of one whose hash is the same) wait for each other.
-        for key in keys:
-            conn.execute(f"SELECT pg_advisory_xact_lock({self.unique_lock_class}, hashtext(%s))", (key,)).fetchall()
+        # Up to 1,000 keys a statement, locked in the order given (WITH ORDINALITY ... ORDER BY: a
+        # volatile function in the select list runs after the sort), as one statement per key did.
+        for start in range(0, len(keys), 1000):
+            conn.execute(f"SELECT pg_advisory_xact_lock({self.unique_lock_class}, hashtext(key)) "
+                         "FROM unnest(CAST(%s AS text[])) WITH ORDINALITY AS given(key, position) ORDER BY position",
+                         (list(keys[start:start + 1000]),)).fetchall()
 
     # --- the claim ---
 
@@ -2619,6 +2841,25 @@ def _named_params(text):
     return text, lambda **values: tuple(values[name] for name in names)
 
 
+#: Up to this many tasks in one call are written by the one-row INSERT (executemany): a statement
+#: built for their number (SQLite) or a COPY (PostgreSQL: a round trip more) would cost more.
+_FEW_TASKS = 10
+
+
+class _TaskBatch(typing.NamedTuple):
+    """What the tasks of one schedule() or schedule_many() call (or one periodic slot) share, as
+    Storage.insert_tasks takes it."""
+
+    name: str
+    priority: int = 0
+    run_at: typing.Optional[float] = None          # epoch seconds; None: due when stored
+    max_attempts: typing.Optional[int] = None
+    timeout: typing.Optional[float] = None         # seconds
+    queue: str = DEFAULT_QUEUE
+    unique_for: typing.Optional[float] = None      # seconds: the window of a unique key
+    scheduled_for: typing.Optional[float] = None   # epoch seconds: a periodic schedule's slot
+
+
 class Storage:
     """Every read and write lilota makes, over one connection per process and database."""
 
@@ -2664,16 +2905,16 @@ class Storage:
                           if "NOT NULL" not in constraints and "PRIMARY KEY" not in constraints}
         self._unreachable_at = -math.inf   # time.monotonic() when the database was last out of reach
         # Hot statements, translated once.
-        self._insert_sql = sql(
-            "INSERT INTO lilota_task (id, name, status, priority, run_at, attempts, max_attempts, timeout, "
-            "progress_percentage, input, created_at, cancel_requested, queue, unique_key, scheduled_for, "
-            "depends_on, on_failure, end_date_time, error) "
-            f"VALUES (?, ?, ?, ?, {ts}, 0, ?, ?, 0, {js}, {ts}, 0, ?, ?, {ts}, {js}, ?, {ts}, {js})")
-        # The task that holds a unique key: an unfinished one, or one created after the cutoff
-        # (NULL: no unique_for window). Read under the key's lock (Dialect.lock_unique_keys).
-        self._unique_holder_sql = sql(
-            f"SELECT id FROM lilota_task WHERE unique_key = ? AND ({_UNFINISHED_SQL} OR created_at > {ts}) "
-            "ORDER BY created_at DESC LIMIT 1")
+        # The columns a new task's row is written with (the others keep their defaults) and the
+        # placeholder of each: the task's own id, input and unique key, then those that the tasks
+        # of one call share (_shared_task_values, in this order).
+        self._new_task_columns = (
+            ("id", "?"), ("input", js), ("unique_key", "?"), ("name", "?"), ("status", "?"), ("priority", "?"),
+            ("run_at", ts), ("attempts", "?"), ("max_attempts", "?"), ("timeout", "?"), ("progress_percentage", "?"),
+            ("created_at", ts), ("cancel_requested", "?"), ("queue", "?"), ("scheduled_for", ts), ("depends_on", js),
+            ("on_failure", "?"), ("end_date_time", ts), ("error", js))
+        self._insert_sql = sql(f"INSERT INTO lilota_task ({', '.join(name for name, _ in self._new_task_columns)}) "
+                               f"VALUES ({', '.join(mark for _, mark in self._new_task_columns)})")
         # A task whose cancel() was answered "being stopped" ends cancelled even when it finished
         # before it could be stopped: its result is discarded, as cancel() promised.
         self._complete_sql = sql(
@@ -3005,14 +3246,17 @@ class Storage:
 
     # --- Storage: tasks, the scheduling side ------------------------------------------------------
 
-    def insert_tasks(self, rows, connection=None, depends_on=(), on_failure="cancel"):
-        """Store queued tasks in one transaction: (their ids as canonical strings, the status they
-        were stored with). ``rows``: (id, name, priority, run_at, max_attempts, timeout, input_json,
-        queue, unique_key, unique_for, scheduled_for) tuples with run_at in epoch seconds, or None
-        for "now": such a task's run_at equals its created_at, which keeps it out of the index of
-        delayed tasks. A row with a unique_key that an unfinished task holds -- or, with unique_for
-        (seconds), a task created within that window -- is not stored: its id in the result is
-        that task's.
+    def insert_tasks(self, batch, chunks, keys=None, connection=None, depends_on=(), on_failure="cancel"):
+        """Store queued tasks in one transaction: (their ids, UUIDs in the order given; the status
+        they were stored with). ``batch``: what the tasks share (_TaskBatch); ``chunks``: an
+        iterable of (ids, their canonical texts, input JSON texts) lists, read one chunk at a time
+        as the tasks before it are written -- an exception that reading one raises writes nothing.
+        A task's run_at is its batch's, or for "now" (None) its created_at, which keeps it out of
+        the index of delayed tasks.
+
+        ``keys``: None, or each task's unique key (or None), in order. A task whose key an
+        unfinished task holds -- or, with ``batch.unique_for`` (seconds), a task created within that
+        window -- or an earlier task of these, is not stored: its id in the result is that task's.
 
         ``depends_on``: ids (canonical strings) of stored tasks that each of these runs after. The
         tasks are 'waiting' until those completed; 'scheduled' at once when they have; ended at
@@ -3021,83 +3265,141 @@ class Storage:
 
         ``connection``: (the caller's connection, autocommit) from Dialect.adopt_connection: written
         to inside the caller's transaction, which is never committed or rolled back here (in
-        autocommit mode these statements are one transaction of their own, as any statement is)."""
+        autocommit mode these statements are one transaction of their own, as any statement is).
+        When the tasks come in more than one chunk, they are written under a savepoint, which an
+        exception rolls back: the caller's transaction goes on without them."""
         d = self.dialect
         now = _now()
-        params = self._insert_params(rows, now)
-        unique = any(row[8] is not None for row in rows)
+        # The first two chunks are read before anything is written: when there is one, every task
+        # is serialized before the transaction begins, and otherwise the caller's transaction
+        # needs a savepoint.
+        chunks = iter(chunks)
+        first = next(chunks, None)
+        if first is None:
+            return [], TaskStatus.SCHEDULED
+        second = next(chunks, None)
+        several = second is not None
+        chunks = itertools.chain([first] if second is None else [first, second], chunks)
         depends_on = list(depends_on)
+        few = not several and len(first[0]) <= _FEW_TASKS
 
         def insert(conn):
-            return self._insert_in(conn, rows, params, now, unique, depends_on, on_failure)
+            return self._insert_in(conn, batch, chunks, keys, now, depends_on, on_failure, few)
         if connection is not None:
             conn, autocommit = connection
             with self._guard:
                 pass   # lilota's tables exist, up to date (on lilota's own connection)
             try:
-                if not autocommit:
-                    return insert(conn)
-                with _Transaction(conn, d.begin_write_sql):   # autocommit: what one call of it is
-                    return insert(conn)
+                if autocommit:
+                    with _Transaction(conn, d.begin_write_sql):   # what one call of it is
+                        return insert(conn)
+                if several:
+                    with _Savepoint(conn):
+                        return insert(conn)
+                return insert(conn)
             except Exception as exc:
                 translated = None if isinstance(exc, LilotaError) else d.translate_error(exc)
                 if translated is not None:
                     raise translated from exc
                 raise
-        if len(params) == 1 and not unique and not depends_on:
-            with self._guard as conn:
-                conn.execute(self._insert_sql, params[0])  # one statement: its own transaction
-            return [params[0][0]], TaskStatus.SCHEDULED
+        task_ids, texts, payloads = first
+        if few and len(task_ids) == 1 and keys is None and not depends_on:
+            with self._guard as conn:   # one statement: its own transaction
+                conn.execute(self._insert_sql, (texts[0], d.encode_json(payloads[0]), None)
+                             + self._shared_task_values(batch, now))
+            return task_ids, TaskStatus.SCHEDULED
         with self._write() as conn:
             return insert(conn)
 
-    def _insert_params(self, rows, now):
-        """The parameters of _insert_sql for insert_tasks' ``rows``, stored at ``now``: queued, and
-        without dependencies (_insert_in sets those)."""
+    def _shared_task_values(self, batch, now, status=TaskStatus.SCHEDULED, dependency=(None, None, None, None)):
+        """The values, as stored, of the columns that the new tasks of ``batch`` share (those of
+        _new_task_columns after id, input and unique_key, in that order), stored at ``now``;
+        ``dependency``: (depends_on JSON, on_failure, end_date_time, error) of tasks with some."""
         d = self.dialect
         created = d.encode_time(now)
-        return [(id_, name, TaskStatus.SCHEDULED.value, priority, created if run_at is None else d.encode_time(run_at),
-                 max_attempts, timeout, d.encode_json(data), created, queue, unique_key,
-                 None if slot is None else d.encode_time(slot), None, None, None, None)
-                for id_, name, priority, run_at, max_attempts, timeout, data, queue, unique_key, _, slot in rows]
+        return (batch.name, status.value, batch.priority, created if batch.run_at is None else d.encode_time(batch.run_at),
+                0, batch.max_attempts, batch.timeout, 0, created, 0, batch.queue,
+                None if batch.scheduled_for is None else d.encode_time(batch.scheduled_for)) + tuple(dependency)
 
-    def _insert_in(self, conn, rows, params, now, unique, depends_on=(), on_failure="cancel"):
+    def _insert_in(self, conn, batch, chunks, keys, now, depends_on=(), on_failure="cancel", few=False):
         """insert_tasks' statements on ``conn``, inside a transaction the caller holds: (ids,
-        status). A unique key is looked up and its task inserted under the key's lock, which
-        concurrent schedulers of the same key wait for until this transaction ends: then they see
-        its task."""
+        status). The unique keys are locked -- concurrent schedulers of the same key wait until
+        this transaction ends, and then see its task -- and their holders looked up, before any
+        task is written; then the tasks go to the dialect's insert_rows, chunk by chunk, or with
+        ``few`` (one chunk of at most _FEW_TASKS) to the one-row INSERT."""
         d = self.dialect
-        status = TaskStatus.SCHEDULED
+        status, dependency = TaskStatus.SCHEDULED, (None, None, None, None)
         if depends_on:
             status, end, error = self._dependency_status(conn, depends_on, on_failure, now)
-            ids_json = d.encode_json(dumps(depends_on, "depends_on"))
-            params = [param[:2] + (status.value,) + param[3:12] + (ids_json, on_failure, end, error)
-                      for param in params]
-        if not unique:
-            ids, new = [param[0] for param in params], params
+            dependency = (d.encode_json(dumps(depends_on, "depends_on")), on_failure, end, error)
+        holders = {}
+        if keys is not None:
+            distinct = sorted({key for key in keys if key is not None})
+            d.lock_unique_keys(conn, distinct)
+            holders = self._unique_holders(conn, distinct, batch.unique_for, now)
+        values = self._shared_task_values(batch, now, status, dependency)
+        own, rest = self._new_task_columns[:3], self._new_task_columns[3:]
+        shared = [(name, mark, value) for (name, mark), value in zip(rest, values)]
+        if keys is None:
+            own, shared = own[:2], shared + [("unique_key", "?", None)]
+        # JSON that the dialect stores as it is (SQLite) needs no call per task.
+        encode = d.encode_json if type(d).encode_json is not Dialect.encode_json else None
+        ids, stored = [], []   # stored: the texts of the ids written, for their dependency rows
+
+        def rows():
+            remaining_keys = iter(keys or ())
+            for task_ids, texts, payloads in chunks:
+                if encode is not None:
+                    payloads = list(map(encode, payloads))
+                if keys is None:
+                    ids.extend(task_ids)
+                    if depends_on:
+                        stored.extend(texts)
+                    yield zip(texts, payloads)
+                    continue
+                new = []
+                # remaining_keys last: zip stops at the chunk's end without taking a key too many.
+                for task_id, text, payload, key in zip(task_ids, texts, payloads, remaining_keys):
+                    holder = None if key is None else holders.get(key)
+                    if holder is not None:   # held before, or by an earlier task of these
+                        ids.append(holder)
+                        continue
+                    if key is not None:
+                        holders[key] = task_id
+                    ids.append(task_id)
+                    new.append((text, payload, key))
+                    if depends_on:
+                        stored.append(text)
+                yield new
+        if few:
+            for chunk in rows():
+                params = [(row if keys is not None else row + (None,)) + values for row in chunk]
+                if params:   # none when every key is held
+                    conn.executemany(self._insert_sql, params)
         else:
-            d.lock_unique_keys(conn, sorted({row[8] for row in rows if row[8] is not None}))
-            ids, holders, new = [], {}, []
-            for row, param in zip(rows, params):
-                key, window = row[8], row[9]
-                if key is not None and key not in holders:
-                    cutoff = None if window is None else d.encode_time(now - window)
-                    found = conn.execute(self._unique_holder_sql, (key, cutoff)).fetchone()
-                    if found is None:
-                        new.append(param)
-                    holders[key] = str(found[0]) if found else row[0]
-                    ids.append(holders[key])
-                elif key is not None:
-                    ids.append(holders[key])   # the same key twice in one call: one task
-                else:
-                    new.append(param)
-                    ids.append(row[0])
-        if new:
-            conn.executemany(self._insert_sql, new)
-            if depends_on:
-                conn.executemany(d.sql("INSERT INTO lilota_dependency (task_id, depends_on) VALUES (?, ?)"),
-                                 [(param[0], task_id) for param in new for task_id in depends_on])
+            d.insert_rows(conn, "lilota_task", own, shared, rows())
+        if stored:
+            conn.executemany(d.sql("INSERT INTO lilota_dependency (task_id, depends_on) VALUES (?, ?)"),
+                             ((task_id, dependency) for task_id in stored for dependency in depends_on))
         return ids, status
+
+    def _unique_holders(self, conn, keys, unique_for, now):
+        """{unique key: the id (UUID) of the task that holds it} for those of ``keys`` that are
+        held: by an unfinished task, or by one created after ``now - unique_for`` (seconds; None: no
+        window) -- the newest such task. Read 500 keys a query, under the keys' locks
+        (Dialect.lock_unique_keys)."""
+        d = self.dialect
+        cutoff = None if unique_for is None else d.encode_time(now - unique_for)
+        newest = {}
+        for start in range(0, len(keys), 500):
+            part = keys[start:start + 500]
+            marks = ", ".join("?" for _ in part)
+            for key, task_id, created_at in conn.execute(d.sql(
+                    f"SELECT unique_key, id, created_at FROM lilota_task WHERE unique_key IN ({marks}) "
+                    f"AND ({_UNFINISHED_SQL} OR created_at > {d.time_param})"), [*part, cutoff]):
+                if key not in newest or created_at > newest[key][1]:
+                    newest[key] = (task_id, created_at)
+        return {key: uuid.UUID(str(task_id)) for key, (task_id, _) in newest.items()}
 
     def _dependency_status(self, conn, depends_on, on_failure, now):
         """(status, end time, error JSON) for tasks stored now that depend on ``depends_on``:
@@ -3576,11 +3878,12 @@ class Storage:
         return {name: None if slot is None else d.decode_time(slot).timestamp() for name, slot in rows
                 if name in names}
 
-    def enqueue_periodic(self, name, slot, next_slot, row, now):
-        """Enqueue the task ``row`` (as insert_tasks takes it) for ``slot`` of schedule ``name``
-        unless that slot, or a later one, was enqueued already: the compare-and-set of the
-        schedule's last slot, in the task's transaction, lets one caller of all processes and
-        hosts through per slot. Returns the task id, or None when another node was first."""
+    def enqueue_periodic(self, name, slot, next_slot, batch, task_id, input_json, key, now):
+        """Enqueue a task of ``batch`` (its id, a UUID, input JSON and unique key) for ``slot`` of
+        schedule ``name`` unless that slot, or a later one, was enqueued already: the
+        compare-and-set of the schedule's last slot, in the task's transaction, lets one caller of
+        all processes and hosts through per slot. Returns the task id (the text of the task that
+        holds the key), or None when another node was first."""
         d = self.dialect
         ts = d.time_param
         with self._write() as conn:
@@ -3590,9 +3893,10 @@ class Storage:
                 (d.encode_time(slot), d.encode_time(next_slot), d.encode_time(now), name, d.encode_time(slot))).rowcount
             if won != 1:
                 return None
-            task_id = self._insert_in(conn, [row], self._insert_params([row], now), now, row[8] is not None)[0][0]
-            conn.execute(d.sql("UPDATE lilota_periodic SET last_task_id = ? WHERE name = ?"), (task_id, name))
-            return task_id
+            stored = str(self._insert_in(conn, batch, [([task_id], [str(task_id)], [input_json])], [key], now,
+                                         few=True)[0][0])
+            conn.execute(d.sql("UPDATE lilota_periodic SET last_task_id = ? WHERE name = ?"), (stored, name))
+            return stored
 
     def touch_periodic(self, names, now):
         """Say that a running node still has these schedules (lilota_periodic.seen_at)."""
@@ -4124,17 +4428,15 @@ def _rate(rate):
 _MAX_UNIQUE_KEY_LENGTH = 500
 
 
-def _unique_keys(keys, count, unique_for):
-    """``schedule_many``'s ``unique_keys`` (None: no key) checked: one str or None per input."""
+def _unique_keys(keys, unique_for):
+    """``schedule_many``'s ``unique_keys`` checked: None, or a list of one str or None per input."""
     if keys is None:
         if unique_for is not None:
             raise ValueError("unique_for without a unique key: give unique_key= (unique_keys= in schedule_many) too")
-        return [None] * count
+        return None
     if isinstance(keys, (str, bytes, dict)) or not hasattr(keys, "__iter__"):
         raise TypeError("unique_keys must be a list of keys (str or None), one per input")
     keys = list(keys)
-    if len(keys) != count:
-        raise ValueError(f"unique_keys has {len(keys)} keys for {count} inputs; give one per input (None: not unique)")
     for key in keys:
         if key is None:
             continue
@@ -4144,6 +4446,44 @@ def _unique_keys(keys, count, unique_for):
             raise ValueError(f"a unique key must be 1 to {_MAX_UNIQUE_KEY_LENGTH} characters without U+0000, "
                              f"got {key[:60]!r}{'...' if len(key) > 60 else ''}")
     return keys
+
+
+def _keys_for_inputs(keys, inputs):
+    """ValueError unless there is one unique key per input, told before anything is read when
+    ``inputs`` has a length (else _task_chunks tells as it reads them)."""
+    if keys is not None and hasattr(inputs, "__len__") and len(keys) != len(inputs):
+        raise _key_count_error(len(keys), len(inputs))
+
+
+def _key_count_error(key_count, input_count):
+    return ValueError(f"unique_keys has {key_count} keys for {input_count} inputs; give one per input "
+                      f"(None: not unique)")
+
+
+#: How many inputs schedule_many() reads, serializes and writes at a time: what it holds at once
+#: besides the inputs and the ids it returns, however many there are. On PostgreSQL each chunk
+#: streams to the server while the next one is made, so a small chunk lets the two overlap early.
+_BULK_CHUNK = 1000
+
+
+def _task_chunks(inputs, key_count=None):
+    """schedule_many()'s ``inputs`` as Storage.insert_tasks reads them: _BULK_CHUNK at a time, (new
+    ids, their texts, the inputs' JSON). ``key_count``: the number of unique keys given, which
+    must be the number of inputs (ValueError as soon as it is known not to be)."""
+    iterator = iter(inputs)
+    count = 0
+    while True:
+        values = list(itertools.islice(iterator, _BULK_CHUNK))
+        if not values:
+            break
+        count += len(values)
+        if key_count is not None and count > key_count:
+            raise _key_count_error(key_count, "more")
+        payloads = _dumps_many(values)
+        ids = _new_task_id_ints(len(values))
+        yield _uuids(ids), _uuid_texts(ids), payloads
+    if key_count is not None and count != key_count:
+        raise _key_count_error(key_count, count)
 
 
 def _check_attempts(value, what="max_attempts"):
@@ -4640,7 +4980,10 @@ class LilotaScheduler(_NodeBase):
                       on_failure="cancel", connection=None):
         """Store one task per input in a single transaction; return their ids in order.
 
-        All inputs are serialized before anything is written: one bad input stores nothing.
+        ``inputs``: any iterable, read and serialized a chunk at a time while the tasks are
+        written, so that a generator of a million inputs is never held at once. One bad input
+        stores nothing: its error rolls back the transaction (with ``connection=``, what this call
+        wrote in it), and with at most 1,000 inputs it is raised before anything is written.
         ``unique_keys``: one key (or None) per input, as ``schedule()``'s ``unique_key``; an input
         whose key is held, or came earlier in the same call, gets the holding task's id.
         ``depends_on``: every one of these tasks depends on those (see ``schedule()``).
@@ -4685,21 +5028,17 @@ class LilotaScheduler(_NodeBase):
                                  f"dates lilota can store (year 9999 at the latest)") from None
         if isinstance(inputs, (str, bytes, dict)) or not hasattr(inputs, "__iter__"):
             raise TypeError("schedule_many() takes an iterable of inputs, e.g. a list")
+        keys = _unique_keys(unique_keys, unique_for)
+        _keys_for_inputs(keys, inputs)
         if connection is not None:
             connection = self._dialect.adopt_connection(_unwrap_connection(connection))
-        payloads = [dumps(value, "input") for value in inputs]
-        keys = _unique_keys(unique_keys, len(payloads), unique_for)
-        ids = _new_task_ids(len(payloads))
-        if payloads:
-            stored, status = self.storage.insert_tasks(
-                [(str(task_id), name, priority, when, max_attempts, timeout, payload, queue, key, unique_for, None)
-                 for task_id, payload, key in zip(ids, payloads, keys)], connection, depends_on, on_failure)
-            if unique_keys is not None:
-                ids = [uuid.UUID(task_id) for task_id in stored]
-            if connection is None and status == TaskStatus.SCHEDULED:
-                # In the application's transaction the tasks exist from its commit on, which
-                # wakes idle workers itself: a NOTIFY on PostgreSQL, data_version on SQLite.
-                self._notify_workers()
+        batch = _TaskBatch(name, priority, when, max_attempts, timeout, queue, unique_for)
+        ids, status = self.storage.insert_tasks(batch, _task_chunks(inputs, None if keys is None else len(keys)),
+                                                keys, connection, depends_on, on_failure)
+        if ids and connection is None and status == TaskStatus.SCHEDULED:
+            # In the application's transaction the tasks exist from its commit on, which wakes
+            # idle workers itself: a NOTIFY on PostgreSQL, data_version on SQLite.
+            self._notify_workers()
         return ids
 
     def find_task_ids(self, prefix, limit=None):
@@ -5404,11 +5743,10 @@ class _PeriodicRunner(_BackgroundThread):
             if (last is not None and last >= slot) or (not periodic.catch_up and now - slot > periodic.grace(slot)):
                 self._handled[periodic.name] = slot
                 continue
-            task_id = _new_task_ids(1)[0]
             # unique_for back to the epoch: a task of this slot counts, whatever its age and status.
-            row = (str(task_id), periodic.task, 0, None, None, None, periodic.input_json, periodic.queue,
-                   periodic.unique_key(slot), now, slot)
-            stored = storage.enqueue_periodic(periodic.name, slot, periodic.next_after(slot), row, now)
+            batch = _TaskBatch(periodic.task, queue=periodic.queue, unique_for=now, scheduled_for=slot)
+            stored = storage.enqueue_periodic(periodic.name, slot, periodic.next_after(slot), batch,
+                                              _new_task_ids(1)[0], periodic.input_json, periodic.unique_key(slot), now)
             self._handled[periodic.name] = slot   # only now: after an error the next tick tries again
             if stored is not None:
                 enqueued.append(uuid.UUID(stored))

@@ -83,13 +83,20 @@ def enqueue_one(args):
 
 
 def enqueue_many(args):
+    """schedule_many() of n inputs; also the process's peak RSS, and by how much it grew during the
+    call (the ids it returns, and what it holds while it runs)."""
+    import resource   # here: see common.py on what the workload scripts import at the top
     app = Lilota.scheduler(args.url)
     app.storage.ensure_ready()
     inputs = [{"i": i} for i in range(args.n)]
+    gc.collect()
+    before = rss_kib(os.getpid())
     t0 = time.perf_counter()
     app.schedule_many("noop", inputs)
     elapsed = time.perf_counter() - t0
-    emit(rate=args.n / elapsed, n=args.n, seconds=elapsed)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
+    emit(rate=args.n / elapsed, n=args.n, seconds=elapsed, rss_before_kib=before, peak_rss_kib=peak,
+         growth_bytes_per_task=max(peak - before, 0) * 1024 / args.n)
 
 
 def _drain(app, raw, ids, timeout):

@@ -157,6 +157,8 @@ def make_systems(args, log):
         System("floor", f"floor (raw SQL loop){shown}", base, os.path.join(BENCH, "floor.py"), url_options=options),
         System("floor1", f"floor, one commit per task{shown}", base, os.path.join(BENCH, "floor.py"),
                url_options=options),
+        System("floor_bulk", f"floor, bulk: {'COPY' if args.backend != 'sqlite' else 'multi-row INSERT'}{shown}",
+               base, os.path.join(BENCH, "floor.py"), url_options=options),
     ]
     if args.baseline:
         # Another lilota.py, run through the same workloads: an A/B comparison of a change.
@@ -234,10 +236,23 @@ def make_cases(quick, repetitions=None):
         Case("enqueue_many", "enqueue: schedule_many() in one call", rate, {
             "lilota": ("enqueue_many", dict(n=100_000), reps),
             "floor": ("insert_many", dict(n=100_000), reps),
+            "floor_bulk": ("insert_bulk", dict(n=100_000), reps),
             "procrastinate": ("enqueue_many", dict(n=100_000), reps),
             "pgqueuer": ("enqueue_many", dict(n=100_000), reps),
         }),
     ]
+    # The bulk path (issue 16) at both ends: its rate against both floors, and the memory of the
+    # process -- its peak, and what it grew by during the call per task (the ids returned, ~100
+    # bytes each, and one chunk of work; not a copy of every input's row and JSON).
+    bulk_rows = rate + [("peak_rss_kib", "peak RSS of the process", "MiB", False),
+                        ("rss_before_kib", "RSS before the call (inputs made)", "MiB", False),
+                        ("growth_bytes_per_task", "peak RSS growth during the call per task", "bytes", False)]
+    for n, label, runs in ((10_000, "10k", reps), (1_000_000, "1m", repetitions or (1 if q else 2))):
+        cases.append(Case(f"enqueue_many_{label}", f"enqueue: schedule_many() of {n:,} inputs in one call", bulk_rows, {
+            "lilota": ("enqueue_many", dict(n=n), runs),
+            "floor": ("insert_many", dict(n=n), runs),
+            "floor_bulk": ("insert_bulk", dict(n=n), runs),
+        }))
     for k in (1, 2, 4):
         cases.append(Case(f"drain{k}", f"drain: no-op tasks, {k} worker{'s' if k > 1 else ''}", rate, {
             "lilota": ("drain", dict(n=5000 if q else 20000, workers=k), reps),
@@ -339,7 +354,8 @@ def make_cases(quick, repetitions=None):
 
 
 WORKLOAD_GROUPS = {
-    "enqueue": ("enqueue", "enqueue_many"), "drain": ("drain1", "drain2", "drain4"), "latency": ("latency",),
+    "enqueue": ("enqueue", "enqueue_many", "enqueue_many_10k", "enqueue_many_1m"),
+    "bulk": ("enqueue_many", "enqueue_many_10k", "enqueue_many_1m"), "drain": ("drain1", "drain2", "drain4"), "latency": ("latency",),
     "mixed": ("mixed",), "footprint": ("startup", "footprint"),
     "startup": tuple(f"start{k}{load}" for load in ("", "_busy") for k in (1, 2, 8)), "scale": ("scale10000", "scale100000", "scale1000000"),
     "floor": (), "peers": (), "queues": ("queues_alone", "queues_two"), "steps": ("steps1", "steps2"),
@@ -530,6 +546,13 @@ def evaluate_targets(all_results, backend):
 
     share("queues: the limited queue beside a free one ≥ 80 % of one worker on it alone", "queues_two",
           "queues_alone", "lilota", 0.8)
+    for case in ("enqueue_many_10k", "enqueue_many", "enqueue_many_1m"):
+        # Issue 16: a share of the faster raw bulk insert of the same rows, measured in the same run.
+        floors = [(_median(all_results, case, system, "rate"), system) for system in ("floor", "floor_bulk")]
+        floors = [(rate, system) for rate, system in floors if rate]
+        best = max(floors) if floors else (None, None)
+        n = {"enqueue_many_10k": "10,000", "enqueue_many": "100,000", "enqueue_many_1m": "1,000,000"}[case]
+        share(f"schedule_many() of {n} ≥ 85 % of the faster raw bulk insert", case, case, best[1] or "floor", 0.85)
     for load, shown in (("", "idle"), ("_busy", "cores busy")):
         one, eight = median(f"start1{load}", "startup"), median(f"start8{load}", "startup")
         check(f"start() -> first task done, 8 workers ≤ 1.5× 1 worker ({shown})",
@@ -673,9 +696,9 @@ def main():
             for name in only:
                 wanted.update(WORKLOAD_GROUPS[name])
             if "floor" in only or "peers" in only:
-                keep = {"lilota", "floor", "floor1"} if "floor" in only else set()
+                keep = {"lilota", "floor", "floor1", "floor_bulk"} if "floor" in only else set()
                 if "peers" in only:
-                    keep |= {s.key for s in systems if s.key not in ("floor", "floor1")}
+                    keep |= {s.key for s in systems if s.key not in ("floor", "floor1", "floor_bulk")}
                 systems = [s for s in systems if s.key in keep]
             if wanted:
                 cases = [c for c in cases if c.key in wanted]

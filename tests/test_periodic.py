@@ -328,8 +328,9 @@ def _enqueue_slots(db_url):
     won = []
     for i in range(50):
         slot = start + 1 + i
-        row = (str(uuid.uuid4()), "tick", 0, None, None, None, "null", "default", periodic.unique_key(slot), slot, slot)
-        if storage.enqueue_periodic("tick", slot, slot + 1, row, slot) is not None:
+        batch = lilota._TaskBatch("tick", unique_for=slot, scheduled_for=slot)
+        if storage.enqueue_periodic("tick", slot, slot + 1, batch, uuid.uuid4(), "null", periodic.unique_key(slot),
+                                    slot) is not None:
             won.append(i)
     return won
 
