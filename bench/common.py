@@ -57,6 +57,20 @@ def children_of(pid):
     return out
 
 
+def stop_processes(procs, sig, timeout=30):
+    """Send ``sig`` (the system's graceful stop) to the worker processes ``procs``; kill those
+    still running ``timeout`` seconds later."""
+    import subprocess
+    for proc in procs:
+        proc.send_signal(sig)
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def summary(values):
     """(median, min, max) of a list of numbers, or (None, None, None) when there are none."""
     import statistics

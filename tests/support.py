@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import unittest
 import uuid
 from dataclasses import dataclass
@@ -242,6 +241,25 @@ def sqlite_only(reason):
         run.__name__, run.__doc__ = test.__name__, test.__doc__
         return run
     return decorate
+
+
+def sqlalchemy_engine(test):
+    """A SQLAlchemy engine on ``test``'s database (its SQLite file, or its PostgreSQL schema),
+    disposed of after the test; the test is skipped without SQLAlchemy, except in CI."""
+    import importlib
+    try:
+        sqlalchemy = importlib.import_module("sqlalchemy")
+    except ImportError:
+        if IN_CI:
+            raise
+        test.skipTest("SQLAlchemy (a test-time dependency) is not installed")
+    if test.backend == "sqlite":
+        engine = sqlalchemy.create_engine("sqlite:///" + test.db_path)
+    else:
+        engine = sqlalchemy.create_engine(POSTGRES_URL.split("?")[0],
+                                          connect_args={"options": f"-c search_path={test.schema}"})
+    test.addCleanup(engine.dispose)
+    return sqlalchemy, engine
 
 
 class TempDirTestCase(unittest.TestCase):

@@ -289,18 +289,7 @@ class BulkInTheCallersTransactionTests(BulkTestCase):
                 self.db_execute("DELETE FROM orders")
 
     def test_sqlalchemy_connection(self):
-        try:
-            sqlalchemy = importlib.import_module("sqlalchemy")
-        except ImportError:
-            if support.IN_CI:
-                raise
-            self.skipTest("SQLAlchemy (a test-time dependency) is not installed")
-        if self.backend == "sqlite":
-            engine = sqlalchemy.create_engine("sqlite:///" + self.db_path)
-        else:
-            engine = sqlalchemy.create_engine(support.POSTGRES_URL.split("?")[0],
-                                              connect_args={"options": f"-c search_path={self.schema}"})
-        self.addCleanup(engine.dispose)
+        sqlalchemy, engine = support.sqlalchemy_engine(self)
         with engine.begin() as connection:
             ids = self.app.schedule_many("noop", _inputs(CHUNK * 2 + 1), connection=connection)
         self.assertEqual(self.count(), CHUNK * 2 + 1)

@@ -208,18 +208,7 @@ class TransactionalEnqueueTests(support.TempDirTestCase):
         self.assertEqual(self.count("lilota_task"), 0)
 
     def test_sqlalchemy_raw_connection(self):
-        try:
-            sqlalchemy = importlib.import_module("sqlalchemy")
-        except ImportError:
-            if support.IN_CI:
-                raise
-            self.skipTest("SQLAlchemy (a test-time dependency) is not installed")
-        if self.backend == "sqlite":
-            engine = sqlalchemy.create_engine("sqlite:///" + self.db_path)
-        else:
-            engine = sqlalchemy.create_engine(support.POSTGRES_URL.split("?")[0],
-                                              connect_args={"options": f"-c search_path={self.schema}"})
-        self.addCleanup(engine.dispose)
+        sqlalchemy, engine = support.sqlalchemy_engine(self)
         with engine.connect() as connection:
             connection.execute(sqlalchemy.text(self.orders_ddl()))
             connection.commit()

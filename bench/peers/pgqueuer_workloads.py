@@ -31,7 +31,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import main, emit, emit_drain, emit_latency, rss_kib  # noqa: E402
+from common import main, emit, stop_processes, emit_drain, emit_latency, rss_kib  # noqa: E402
 
 BATCH_SIZE = int(os.environ.get("BENCH_PGQUEUER_BATCH_SIZE", "10"))
 # A finished job leaves pgqueuer's queue table (its row goes to pgqueuer_log).
@@ -68,14 +68,7 @@ def _workers(url, k):
 
 
 def _stop(procs):
-    for proc in procs:
-        proc.send_signal(signal.SIGTERM)    # graceful: pgqueuer's signal handler
-    for proc in procs:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_processes(procs, signal.SIGTERM)   # graceful: pgqueuer's signal handler
 
 
 async def _poll(predicate, procs, timeout=600, interval=0.05):

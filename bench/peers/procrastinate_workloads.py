@@ -25,7 +25,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import main, emit, emit_drain, emit_latency, rss_kib, wait_until  # noqa: E402
+from common import main, emit, stop_processes, emit_drain, emit_latency, rss_kib, wait_until  # noqa: E402
 
 
 def _tasks(url):
@@ -60,14 +60,7 @@ def _workers(tasks, k):
 
 
 def _stop(procs):
-    for proc in procs:
-        proc.send_signal(signal.SIGTERM)    # graceful: procrastinate's signal handler
-    for proc in procs:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_processes(procs, signal.SIGTERM)   # graceful: procrastinate's signal handler
 
 
 def _rows(tasks, sql):
