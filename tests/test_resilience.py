@@ -665,10 +665,12 @@ class CompleteAndClaimTest(ResilienceTestCase):
         # The same claim, made to break the status CHECK constraint when it updates the next row.
         def break_it(sql):
             return sql.replace("status = 'running'", "status = 'no such status'", 1)
-        after = self.prepared.after_completion   # the claim of a completion's statement (PostgreSQL)
-        broken = self.prepared._replace(sql=break_it(self.prepared.sql),
-                                        after_completion=after and (break_it(after[0]), after[1]))
-        self.assertNotEqual(broken, self.prepared)
+        claim = self.prepared   # the worker's claim: the dialect's statement and what it was built from
+        after = claim.prepared.after_completion   # the claim of a completion's statement (PostgreSQL)
+        broken = lilota._Claim(claim.prepared._replace(sql=break_it(claim.prepared.sql),
+                                                       after_completion=after and (break_it(after[0]), after[1])),
+                               claim.defaults, claim.queues, claim.version)
+        self.assertNotEqual(broken.prepared, claim.prepared)
         with self.assertRaises(lilota.StorageError):
             self.storage.complete_and_claim(str(first), node, "1", False, broken, os.getpid())
         self.assertEqual(self.status(first), ("running", 1, node))
