@@ -243,6 +243,29 @@ def sqlite_only(reason):
     return decorate
 
 
+def wake_signal(test):
+    """A function ``changed(timeout)`` that says whether what wakes idle workers happened within
+    ``timeout`` seconds on ``test``'s database: a notification on PostgreSQL, a new data_version
+    on SQLite (both watched from a connection of the test's own, from this call on)."""
+    import select
+    if test.backend == "sqlite":
+        watcher = sqlite3.connect(test.db_path)
+        test.addCleanup(watcher.close)
+        start = watcher.execute("PRAGMA data_version").fetchone()[0]
+
+        def changed(timeout):
+            try:
+                wait_until(lambda: watcher.execute("PRAGMA data_version").fetchone()[0] != start, timeout)
+                return True
+            except AssertionError:
+                return False
+        return changed
+    listener = lilota._PostgresListener(lilota._dialect_for_url(test.db_url))
+    test.addCleanup(listener.close)
+    fd = listener.fileno()
+    return lambda timeout: bool(select.select([fd], [], [], timeout)[0])
+
+
 def sqlalchemy_engine(test):
     """A SQLAlchemy engine on ``test``'s database (its SQLite file, or its PostgreSQL schema),
     disposed of after the test; the test is skipped without SQLAlchemy, except in CI."""

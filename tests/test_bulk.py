@@ -8,7 +8,6 @@ What it makes for many inputs at once -- task ids, their texts, the inputs' JSON
 makes for one."""
 
 import importlib
-import select
 import sqlite3
 import unittest
 import unittest.mock
@@ -137,7 +136,7 @@ class BulkScheduleTests(BulkTestCase):
             self.skipTest("SQLite: the lock of the unique keys is a write, which moves data_version")
         keys = [f"k{i}" for i in range(CHUNK * 2)]
         first = self.app.schedule_many("noop", _inputs(CHUNK * 2), unique_keys=keys)
-        woken = _wake_signal(self)
+        woken = support.wake_signal(self)
         self.assertEqual(self.app.schedule_many("noop", _inputs(CHUNK * 2), unique_keys=keys), first)
         self.assertEqual(self.app.schedule_many("noop", _inputs(3), unique_keys=keys[:3]), first[:3])
         self.assertFalse(woken(0.3), "no task stored: no COPY, no NOTIFY")
@@ -183,7 +182,7 @@ class BulkScheduleTests(BulkTestCase):
         self.assertEqual(self.app.get_task_by_id(ids[3]).unique_key, f"{odd}3")
 
     def test_a_notification_wakes_the_workers(self):
-        woken = _wake_signal(self)
+        woken = support.wake_signal(self)
         self.app.schedule_many("noop", _inputs(CHUNK * 3))
         self.assertTrue(woken(10), "what wakes idle workers after COPY / the INSERTs")
 
@@ -198,27 +197,6 @@ def _schedule_shuffled_keys(db_url):
     random.Random(os.getpid() * 1_000_003 + threading.get_ident()).shuffle(keys)
     ids = LilotaScheduler(db_url).schedule_many("noop", [{"key": key} for key in keys], unique_keys=keys)
     return {key: str(task_id) for key, task_id in zip(keys, ids)}
-
-
-def _wake_signal(test):
-    """Whether what wakes idle workers happened within a timeout: a notification on PostgreSQL, a
-    new data_version on SQLite (as test_transactional's)."""
-    if test.backend == "sqlite":
-        watcher = sqlite3.connect(test.db_path)
-        test.addCleanup(watcher.close)
-        start = watcher.execute("PRAGMA data_version").fetchone()[0]
-
-        def changed(timeout):
-            try:
-                support.wait_until(lambda: watcher.execute("PRAGMA data_version").fetchone()[0] != start, timeout)
-                return True
-            except AssertionError:
-                return False
-        return changed
-    listener = lilota._PostgresListener(lilota._dialect_for_url(test.db_url))
-    test.addCleanup(listener.close)
-    fd = listener.fileno()
-    return lambda timeout: bool(select.select([fd], [], [], timeout)[0])
 
 
 def _driver_connect(driver, test):
@@ -254,7 +232,7 @@ class BulkInTheCallersTransactionTests(BulkTestCase):
         for driver in self.drivers():
             with self.subTest(driver=driver):
                 conn = _driver_connect(driver, self)
-                woken = _wake_signal(self)
+                woken = support.wake_signal(self)
                 ids = self.app.schedule_many("noop", _inputs(CHUNK * 3 + 1), connection=conn)
                 self.assertIsNone(self.app.get_task_by_id(ids[0]), "not visible before the commit")
                 self.assertFalse(woken(0.2), "nothing wakes the workers before the commit")

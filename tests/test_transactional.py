@@ -3,15 +3,12 @@ transaction (sqlite3, psycopg 3, psycopg2, pg8000, and through SQLAlchemy): the 
 the application commits, and workers wake at the commit. Every class runs on SQLite and PostgreSQL."""
 
 import importlib
-import select
 import sqlite3
 import threading
 import urllib.parse
 
 import support
-from support import wait_until
 
-import lilota
 from lilota import LilotaScheduler, LilotaWorker, TaskStatus
 
 
@@ -108,7 +105,7 @@ class TransactionalEnqueueTests(support.TempDirTestCase):
 
     def test_committed_task_runs_and_rolled_back_one_wakes_nobody(self):
         conn = self.connect()
-        counter = self.wake_signal()
+        counter = support.wake_signal(self)
         cursor = conn.cursor()
         cursor.execute("INSERT INTO orders (item) VALUES ('pen')")
         self.app.schedule("ship", {"item": "pen"}, connection=conn)
@@ -128,29 +125,9 @@ class TransactionalEnqueueTests(support.TempDirTestCase):
         self.assertEqual(app.wait(task_id, timeout=30).output, {"shipped": "book"})
         self.assertEqual(self.count("lilota_task"), 1)
 
-    def wake_signal(self):
-        """A function that says whether what wakes idle workers happened within ``timeout``:
-        a notification on PostgreSQL, a new data_version on SQLite."""
-        if self.backend == "sqlite":
-            watcher = sqlite3.connect(self.db_path)
-            self.addCleanup(watcher.close)
-            start = watcher.execute("PRAGMA data_version").fetchone()[0]
-
-            def changed(timeout):
-                try:
-                    wait_until(lambda: watcher.execute("PRAGMA data_version").fetchone()[0] != start, timeout)
-                    return True
-                except AssertionError:
-                    return False
-            return changed
-        listener = lilota._PostgresListener(lilota._dialect_for_url(self.db_url))
-        self.addCleanup(listener.close)
-        fd = listener.fileno()
-        return lambda timeout: bool(select.select([fd], [], [], timeout)[0])
-
     def test_commit_wakes_workers(self):
         conn = self.connect()
-        woken = self.wake_signal()
+        woken = support.wake_signal(self)
         self.app.schedule("ship", connection=conn)
         self.assertFalse(woken(0.2), "nothing before the commit")
         conn.commit()
