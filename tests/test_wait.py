@@ -2,7 +2,8 @@
 (the task is marked watched, and its end sends its id), the change counter on SQLite -- not by
 re-reading the task: with the re-reads made an hour apart, a waiter still returns at once. Also:
 one watcher thread and one listener per process, a waited task deleted, a lost listener
-connection, and a queued task left unmarked (its row lock would make a worker's claim pass it by)."""
+connection, and a queued task marked at once, the mark waking the workers (its row lock makes a
+worker's claim pass the task by for a moment)."""
 
 import asyncio
 import threading
@@ -116,15 +117,30 @@ class ListenerOnPostgresTests(support.TempDirTestCase):
         super().setUp()
         self.app = LilotaScheduler(self.db_url)
 
-    def test_a_queued_task_is_not_marked_until_it_runs(self):
+    def test_a_queued_task_is_marked_at_once_and_the_mark_wakes_the_workers(self):
+        # The mark locks the row for a moment, in which an idle worker's claim (SKIP LOCKED) passes
+        # the task by; the workers' wake-up that the mark sends makes that worker claim again.
+        self.app.storage.ensure_ready()   # (the listener listens on the channel of the table's schema)
+        queued = self.app.storage.dialect.listen("queued")
+        self.addCleanup(queued.close)
+        wait_until(lambda: queued.fileno() is not None, 10, message="the workers' listener to connect")
         task_id = self.app.schedule("step", "a", delay=3600)
+        wait_until(lambda: queued.drain(), 10, message="the NOTIFY of the schedule() itself")
         with self.assertRaises(TaskWaitTimeout):
             self.app.wait(task_id, timeout=0.3)
-        self.assertEqual(self.db_execute("SELECT watched FROM lilota_task WHERE id = ?", str(task_id)), [(0,)])
+        self.assertEqual(self.db_execute("SELECT watched FROM lilota_task WHERE id = ?", str(task_id)), [(1,)])
+        wait_until(lambda: queued.drain(), 10, message="the workers to be woken by the mark of a queued task")
+        # A task that is not queued is marked without waking anyone: what reaches the listener
+        # after that mark, and before a marker sent after it (in commit order), is nothing.
         waiting = self.app.schedule("step", "b", depends_on=[task_id])
+        wait_until(lambda: queued.drain(), 10, message="the NOTIFY of the second schedule()")
         with self.assertRaises(TaskWaitTimeout):
             self.app.wait(waiting, timeout=0.3)
         self.assertEqual(self.db_execute("SELECT watched FROM lilota_task WHERE id = ?", str(waiting)), [(1,)])
+        self.db_execute("SELECT pg_notify(?, 'marker')", "lilota_" + self.schema)
+        received = []
+        wait_until(lambda: received.extend(queued.drain()) or "marker" in received, 10, message="the marker")
+        self.assertEqual(received, ["marker"])
 
     def test_a_waiter_outlives_its_listener_connection(self):
         waiting = self.app.schedule("step", "b", depends_on=[self.app.schedule("step", "a", delay=3600)])
