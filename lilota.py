@@ -2120,6 +2120,9 @@ class _Result:
     def __iter__(self):
         return iter(self.fetchall())
 
+    def close(self):
+        """As a cursor's: nothing is held."""
+
 
 class DBAPIConnection:
     """A DB-API 2.0 connection in the shape Storage uses (that of ``sqlite3``): ``execute()`` and

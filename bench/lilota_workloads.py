@@ -149,6 +149,49 @@ def queues_two(args):
     emit_drain(count, first, last, 2, free_rate=free_count / (free_last - free_first))
 
 
+def queues_split(args):
+    """The same two queues, each served by a worker of its own (queues={"limited": 1, "free": 1}):
+    the limited queue's rate when no worker of the free queue ever looks at it."""
+    app = Lilota(args.url, script_path=TASKS, stop_timeout=60, queues={"limited": 1, "free": 1})
+    app.set_queue_limit("limited", concurrency=1)
+    limited = app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="limited")
+    free = app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="free")
+    (count, first, last), raw = _run_queued(app, limited + free, queue="limited")
+    free_count, free_first, free_last = raw.window(queue="free")
+    raw.close()
+    emit_drain(count, first, last, 2, free_rate=free_count / (free_last - free_first))
+
+
+def _apart_url(url):
+    """A second database beside ``url``'s, for an application that shares the machine but not the
+    database: a sibling SQLite file, or a schema of its own on the same PostgreSQL server."""
+    if url.startswith("sqlite"):
+        return url + "-apart"
+    return url + ("&" if "?" in url else "?") + "schema=lilota_apart"
+
+
+def queues_apart(args):
+    """The limited queue drained by one worker serving it alone (queues_alone), while a second
+    application's worker drains a free queue in a database of its own: what the machine leaves the
+    limited queue beside one busy worker, with no database shared between the two."""
+    app = Lilota(args.url, script_path=TASKS, number_of_workers=1, stop_timeout=60, queues=["limited"])
+    app.set_queue_limit("limited", concurrency=1)
+    ids = app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="limited")
+    other = Lilota(_apart_url(args.url), script_path=TASKS, number_of_workers=1, stop_timeout=60, queues=["free"])
+    # Twice as many: the free queue keeps its worker busy for the whole of the limited queue's drain.
+    other.schedule_many("noop", [{"i": i} for i in range(2 * args.n)], queue="free")
+    other.start()
+    try:
+        (count, first, last), raw = _run_queued(app, ids, queue="limited")
+        raw.close()
+        other_raw = Raw(other)
+        free_count, free_first, free_last = other_raw.window()
+        other_raw.close()
+    finally:
+        other.stop()
+    emit_drain(count, first, last, 1, free_rate=free_count / (free_last - free_first))
+
+
 def steps(args):
     """Tasks of ``--depth`` durable steps each (ctx.step, a small result per step), ``--workers``
     workers: steps/s from the first claim to the last completion (and the tasks/s)."""
@@ -361,7 +404,7 @@ def drain_deep(args):
     raw.close()
 
 
-WORKLOADS = {f.__name__: f for f in (enqueue_one, enqueue_many, drain, mixed, latency, startup, first_task,
+WORKLOADS = {f.__name__: f for f in (queues_split, queues_apart, enqueue_one, enqueue_many, drain, mixed, latency, startup, first_task,
                                         footprint, scale, drain_deep, queues_alone, queues_two, steps)}
 
 

@@ -324,6 +324,17 @@ def make_cases(quick, repetitions=None):
              [("rate", "the limited queue", "tasks/s", True), ("free_rate", "the free queue", "tasks/s", True)], {
             "lilota": ("queues_two", dict(n=2000 if q else 10000), reps), "baseline": None,
         }),
+        # Where the limited queue's share goes: workers of its own (nothing looks at the limited
+        # queue but its worker), and a busy worker of another application on another database
+        # (what the machine's cores leave it, no database shared).
+        Case("queues_split", "queues: the same two queues, one worker for each", [
+            ("rate", "the limited queue", "tasks/s", True), ("free_rate", "the free queue", "tasks/s", True)], {
+            "lilota": ("queues_split", dict(n=2000 if q else 10000), reps), "baseline": None,
+        }),
+        Case("queues_apart", "queues: the limited queue alone, another app's worker busy on another database", [
+            ("rate", "the limited queue", "tasks/s", True), ("free_rate", "the other database's queue", "tasks/s", True)], {
+            "lilota": ("queues_apart", dict(n=2000 if q else 10000), reps), "baseline": None,
+        }),
     ]
     # Durable steps (lilota only; a baseline older than them cannot run them): tasks of 10 steps,
     # each step a commit of its own; the cost of tasks without steps is drain's (--baseline).
@@ -358,7 +369,7 @@ WORKLOAD_GROUPS = {
     "bulk": ("enqueue_many", "enqueue_many_10k", "enqueue_many_1m"), "drain": ("drain1", "drain2", "drain4"), "latency": ("latency",),
     "mixed": ("mixed",), "footprint": ("startup", "footprint"),
     "startup": tuple(f"start{k}{load}" for load in ("", "_busy") for k in (1, 2, 8)), "scale": ("scale10000", "scale100000", "scale1000000"),
-    "floor": (), "peers": (), "queues": ("queues_alone", "queues_two"), "steps": ("steps1", "steps2"),
+    "floor": (), "peers": (), "queues": ("queues_alone", "queues_two", "queues_split", "queues_apart"), "steps": ("steps1", "steps2"),
     "deep": ("deep10000", "deep200000", "deep1000000"),
 }
 #: Groups a run leaves out unless --only names them (they take long).
