@@ -6921,6 +6921,7 @@ class LilotaWorker(_NodeBase):
         errors = 0
         self._claim_lost = False   # also set by _store_output, when a completion's claim may be lost
         drained_at = time.monotonic()
+        woken = False   # back from _idle: the claim that follows the look below is the only one
         _TASK_LOGS.install(self._lowest_log_level())   # the running tasks' log records are stored
         try:
             while not stopping.is_set():
@@ -6930,12 +6931,14 @@ class LilotaWorker(_NodeBase):
                     self._recycled = self._recycle_reason()
                     if self._recycled is not None:
                         return
-                    task = storage.claim(prepared, node_id, pid)
+                    task = None if woken else storage.claim(prepared, node_id, pid)
+                    woken = False
                     if task is None:
                         # Idle. Empty the doorbell, read the change counter and make sure the listener
                         # listens, then claim once more: a task stored after that claim rang the bell,
                         # moved the counter or notified after its commit, so it is either claimed now
-                        # or wakes us below.
+                        # or wakes us below. Woken, a worker starts here: every idle worker is woken
+                        # by each task queued, and all but one find nothing -- with one claim each.
                         rings = _drain(doorbell) if doorbell is not None else 0
                         counter = storage.change_counter()
                         listening = storage.listen_fd()
@@ -6944,6 +6947,7 @@ class LilotaWorker(_NodeBase):
                             errors = 0
                             self._idle(waitables if listening is None else waitables + [listening], counter,
                                        listening)
+                            woken = True
                             continue
                         if rings > 1:   # more work was announced: pass the wake-up on to another worker
                             _ring(_supervision.doorbell_writer.fileno() if _supervision else None)

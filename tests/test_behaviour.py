@@ -166,6 +166,33 @@ class IdleWakeUpTest(TempDirTestCase):
         thread.join(30)
         self.assertFalse(thread.is_alive())
 
+    def test_a_wake_that_finds_nothing_costs_one_claim(self):
+        # Every idle worker is woken by each task queued, and all but one find nothing: woken, a
+        # worker makes its race-free look (bell, counter, listener) and claims once, not twice.
+        claims = []
+        claim = self.worker.storage.claim
+
+        def counted_claim(*args):
+            claims.append(claim(*args))
+            return claims[-1]
+        self.worker.storage.claim = counted_claim
+        thread = threading.Thread(target=self.worker.start, name="test-worker", daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 30)
+        self.addCleanup(self.worker.stop)
+        wait_until(lambda: len(claims) >= 2, 30, message="the worker to claim and go idle")
+        wakes = 5
+        for _ in range(wakes):
+            before = len(claims)
+            lilota._ring(self.worker._wake_w)   # what wakes it is _idle's (see the tests above)
+            wait_until(lambda: len(claims) > before, 30, message="the worker to be woken")
+        self.worker.stop()
+        thread.join(30)
+        self.assertFalse(thread.is_alive())
+        self.assertEqual([task for task in claims if task is not None], [])
+        # Two before it first went idle, then one per wake (a wake may come as two claims begin).
+        self.assertLessEqual(len(claims), 2 + wakes + 1, claims)
+
 
 @dataclass
 class Thumb:
