@@ -2972,6 +2972,9 @@ class Storage:
         # Statements write ``?`` for a plain parameter and {ts} / {js} for a time / JSON one.
         ts, js = dialect.time_param, dialect.json_param
         self._listener = None         # the workers' "tasks were queued" (listen_fd)
+        # How to wake the idle standalone workers of this process that use this Storage: the
+        # commits of their own connection do not move their change counter (SQLite).
+        self.local_wakers = set()
         self._ended_listener = None   # the waiters' "a watched task ended" (listen_ended)
         # How a stored value becomes the Task's, for the columns of _TASK_TABLE that need it, and
         # the nullable columns, whose NULL stays None.
@@ -5008,7 +5011,10 @@ class LilotaScheduler(_NodeBase):
         return self._dialect.absolute_url
 
     def _notify_workers(self):
-        """Called after tasks were stored; Lilota wakes its idle worker processes here."""
+        """Called after tasks were stored: wakes the idle standalone workers of this process that
+        share its connection (Storage.local_wakers); Lilota also its idle worker processes."""
+        for wake in list(self.storage.local_wakers):
+            wake()
 
     def schedule(self, name, input=None, *, delay=None, run_at=None, priority=0, max_attempts=None,
                  timeout=None, queue=DEFAULT_QUEUE, unique_key=None, unique_for=None, depends_on=None,
@@ -6742,6 +6748,7 @@ class LilotaWorker(_NodeBase):
         retention = _Retention(self, self.keep_finished).start() if self.keep_finished else None
         periodic = self._start_periodic()
         status = NodeStatus.STOPPED
+        storage.local_wakers.add(self._ring_wake)
         try:
             self._loop(node_id, None)
         except KeyboardInterrupt:
@@ -6750,6 +6757,7 @@ class LilotaWorker(_NodeBase):
             status = NodeStatus.CRASHED
             raise
         finally:
+            storage.local_wakers.discard(self._ring_wake)
             if in_main_thread:   # stopping already: a further signal must not cut short the records below
                 for signum in (signal.SIGINT, signal.SIGTERM):
                     signal.signal(signum, signal.SIG_IGN)
@@ -6770,6 +6778,10 @@ class LilotaWorker(_NodeBase):
             finally:
                 for signum, handler in previous.items():
                     signal.signal(signum, handler)
+
+    def _ring_wake(self):
+        with self._fds_lock:
+            _ring(self._wake_w)
 
     def _on_stop_signal(self, signum, frame):
         """A standalone worker's Ctrl-C or SIGTERM: the first lets the running task finish, a second
@@ -7468,6 +7480,7 @@ class Lilota(LilotaScheduler):
         raise SystemExit(128 + signum)   # SIGTERM while running: exit through stop(), as Ctrl-C does
 
     def _notify_workers(self):
+        super()._notify_workers()
         with self._fds_lock:
             _ring(self._doorbell_fd)
 

@@ -166,6 +166,25 @@ class IdleWakeUpTest(TempDirTestCase):
         thread.join(30)
         self.assertFalse(thread.is_alive())
 
+    def test_a_scheduler_of_the_same_process_wakes_a_standalone_worker_thread(self):
+        # They share the process's connection: on SQLite its commits do not move the worker's
+        # change counter, so only the scheduler's word wakes the worker (the safety claim is off).
+        @self.worker.register("now")
+        def now(data):
+            return data
+
+        thread = threading.Thread(target=self.worker.start, name="test-worker", daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 30)
+        self.addCleanup(self.worker.stop)
+        scheduler = lilota.LilotaScheduler(self.db_url)
+        wait_until(lambda: scheduler.storage.local_wakers, 30, message="the worker to start")
+        for n in range(3):
+            self.assertEqual(scheduler.wait(scheduler.schedule("now", n), timeout=20).output, n)
+        self.worker.stop()
+        thread.join(30)
+        self.assertEqual(scheduler.storage.local_wakers, set())
+
     def test_a_wake_that_finds_nothing_costs_one_claim(self):
         # Every idle worker is woken by each task queued, and all but one find nothing: woken, a
         # worker makes its race-free look (bell, counter, listener) and claims once, not twice.
