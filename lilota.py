@@ -2139,13 +2139,13 @@ class DBAPIConnection:
         # on psycopg 3 about 5 % slower (measured on the insert alone).
         self._cursor = None
 
-    def _fresh_cursor(self):
+    def _statement_cursor(self):
         if self._cursor is None:
             self._cursor = self.raw.cursor()
         return self._cursor
 
     def execute(self, sql, params=()):
-        cursor = self._fresh_cursor()
+        cursor = self._statement_cursor()
         verb = sql[:8].upper()
         if verb.startswith("BEGIN"):
             self.in_transaction = True
@@ -2158,7 +2158,7 @@ class DBAPIConnection:
         return _Result(cursor)
 
     def executemany(self, sql, seq_of_params):
-        cursor = self._fresh_cursor()
+        cursor = self._statement_cursor()
         cursor.executemany(sql, seq_of_params)
         return _Result(cursor)
 
@@ -2695,6 +2695,7 @@ class PostgreSQLDialect(Dialect):
             f"woken AS (SELECT pg_notify(left('lilota_' || n.nspname, 63), '') FROM pg_class c "
             f"JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = 'lilota_task'::regclass "
             f"AND EXISTS (SELECT 1 FROM marked WHERE status = 'scheduled')) "
+            # (A WITH that only reads runs only where it is read: hence the joins and the count.)
             f"SELECT id FROM marked, quick WHERE (SELECT COUNT(*) FROM woken) >= 0 "
             f"UNION ALL SELECT id FROM lilota_task WHERE id IN ({marks}) AND watched = 1"),
             list(task_ids) * 2).fetchall()}

@@ -7,7 +7,6 @@ import time
 import unittest
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 
 from support import TempDirTestCase, wait_until, on_every_backend
 
@@ -56,6 +55,7 @@ class KeepInputTest(TempDirTestCase):
 
         task_id = lilota.LilotaScheduler(self.db_url).schedule("flaky", {"n": 1})
         [task] = worker.run_pending()
+        self.assertEqual(task.id, task_id)
         self.assertEqual(task.status, "scheduled")        # waiting for its retry
         self.assertEqual(task.input, {"n": 1})
 
