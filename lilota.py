@@ -2987,14 +2987,14 @@ class Storage:
                           if "NOT NULL" not in constraints and "PRIMARY KEY" not in constraints}
         self._unreachable_at = -math.inf   # time.monotonic() when the database was last out of reach
         # Hot statements, translated once.
-        # The columns a new task's row is written with (the others keep their defaults) and the
-        # placeholder of each: the task's own id, input and unique key, then those that the tasks
-        # of one call share (_shared_task_values, in this order).
+        # The columns a new task's row is written with (the others keep their defaults: attempts,
+        # progress_percentage and cancel_requested start at 0) and the placeholder of each: the
+        # task's own id, input and unique key, then those that the tasks of one call share
+        # (_shared_task_values, in this order).
         self._new_task_columns = (
             ("id", "?"), ("input", js), ("unique_key", "?"), ("name", "?"), ("status", "?"), ("priority", "?"),
-            ("run_at", ts), ("attempts", "?"), ("max_attempts", "?"), ("timeout", "?"), ("progress_percentage", "?"),
-            ("created_at", ts), ("cancel_requested", "?"), ("queue", "?"), ("scheduled_for", ts), ("depends_on", js),
-            ("on_failure", "?"), ("end_date_time", ts), ("error", js))
+            ("run_at", ts), ("max_attempts", "?"), ("timeout", "?"), ("created_at", ts), ("queue", "?"),
+            ("scheduled_for", ts), ("depends_on", js), ("on_failure", "?"), ("end_date_time", ts), ("error", js))
         self._insert_sql = sql(f"INSERT INTO lilota_task ({', '.join(name for name, _ in self._new_task_columns)}) "
                                f"VALUES ({', '.join(mark for _, mark in self._new_task_columns)})")
         # A task whose cancel() was answered "being stopped" ends cancelled even when it finished
@@ -3400,7 +3400,7 @@ class Storage:
         d = self.dialect
         created = d.encode_time(now)
         return (batch.name, status.value, batch.priority, created if batch.run_at is None else d.encode_time(batch.run_at),
-                0, batch.max_attempts, batch.timeout, 0, created, 0, batch.queue,
+                batch.max_attempts, batch.timeout, created, batch.queue,
                 None if batch.scheduled_for is None else d.encode_time(batch.scheduled_for)) + tuple(dependency)
 
     def _insert_in(self, conn, batch, chunks, keys, now, depends_on=(), on_failure="cancel", few=False):
