@@ -3180,6 +3180,7 @@ class Storage:
         self._depth = 0
         self._conn = None
         self._listener = self._ended_listener = None
+        self.local_wakers = set()   # the parent's workers are not this process's
         self._owner_pid = os.getpid()
 
     def _discard_connection(self, lost=False):
