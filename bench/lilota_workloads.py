@@ -404,8 +404,9 @@ def drain_deep(args):
     raw.close()
 
 
-WORKLOADS = {f.__name__: f for f in (queues_split, queues_apart, enqueue_one, enqueue_many, drain, mixed, latency, startup, first_task,
-                                        footprint, scale, drain_deep, queues_alone, queues_two, steps)}
+WORKLOADS = {f.__name__: f for f in (enqueue_one, enqueue_many, drain, mixed, latency, startup, first_task,
+                                        footprint, scale, drain_deep, queues_alone, queues_two, queues_split,
+                                        queues_apart, steps)}
 
 
 if __name__ == "__main__":
