@@ -136,30 +136,28 @@ def queues_alone(args):
     emit_drain(count, first, last, 1)
 
 
-def queues_two(args):
-    """Two workers that both serve "limited" (concurrency 1) and "free" (no limit), n tasks in
-    each: the rate of each queue, from its first claim to its last completion."""
-    app = Lilota(args.url, script_path=TASKS, number_of_workers=2, stop_timeout=60, queues=["limited", "free"])
+def _two_queues(app, n):
+    """n tasks in "limited" (concurrency 1) and in "free" (no limit), drained by ``app``'s two
+    workers: the rate of each queue, from its first claim to its last completion."""
     app.set_queue_limit("limited", concurrency=1)
-    limited = app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="limited")
-    free = app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="free")
+    limited = app.schedule_many("noop", [{"i": i} for i in range(n)], queue="limited")
+    free = app.schedule_many("noop", [{"i": i} for i in range(n)], queue="free")
     (count, first, last), raw = _run_queued(app, limited + free, queue="limited")
     free_count, free_first, free_last = raw.window(queue="free")
     raw.close()
     emit_drain(count, first, last, 2, free_rate=free_count / (free_last - free_first))
+
+
+def queues_two(args):
+    """Two workers that both serve "limited" and "free" (_two_queues)."""
+    _two_queues(Lilota(args.url, script_path=TASKS, number_of_workers=2, stop_timeout=60,
+                       queues=["limited", "free"]), args.n)
 
 
 def queues_split(args):
     """The same two queues, each served by a worker of its own (queues={"limited": 1, "free": 1}):
     the limited queue's rate when no worker of the free queue ever looks at it."""
-    app = Lilota(args.url, script_path=TASKS, stop_timeout=60, queues={"limited": 1, "free": 1})
-    app.set_queue_limit("limited", concurrency=1)
-    limited = app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="limited")
-    free = app.schedule_many("noop", [{"i": i} for i in range(args.n)], queue="free")
-    (count, first, last), raw = _run_queued(app, limited + free, queue="limited")
-    free_count, free_first, free_last = raw.window(queue="free")
-    raw.close()
-    emit_drain(count, first, last, 2, free_rate=free_count / (free_last - free_first))
+    _two_queues(Lilota(args.url, script_path=TASKS, stop_timeout=60, queues={"limited": 1, "free": 1}), args.n)
 
 
 def _apart_url(url):
