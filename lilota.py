@@ -8472,6 +8472,7 @@ tr:last-child td{border-bottom:0}tbody tr:hover td{background:color-mix(in srgb,
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 td.zero{color:var(--muted);opacity:.55}
 .nowrap{white-space:nowrap}.clip{max-width:360px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+td.fill{width:100%;max-width:0}td.fill .clip{max-width:100%}
 .bar{position:relative;height:8px;border-radius:99px;background:var(--line);overflow:hidden;min-width:70px}
 .bar>span{position:absolute;inset:0 auto 0 0;background:var(--c,var(--accent));border-radius:99px;
 transition:width .4s ease}
@@ -8678,7 +8679,7 @@ _DASHBOARD_JS = r"""
   function chart(activity) {
     const minutes = activity.minutes, W = 960, H = 220, left = 36, bottom = 22, top = 8;
     const peak = Math.max(1, ...minutes.map((m) => Math.max(m.started, m.finished)));
-    const scale = niceMax(peak);
+    const scale = 4 * niceStep(peak / 4);   // four gridlines, each at a whole number of tasks
     const bw = (W - left) / minutes.length;
     const y = (v) => top + (H - top - bottom) * (1 - v / scale);
     const since = time(activity.since);
@@ -8708,9 +8709,9 @@ _DASHBOARD_JS = r"""
     });
     return root;
   }
-  function niceMax(v) {
-    const p = Math.pow(10, Math.floor(Math.log10(v)));
-    for (const m of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (m * p >= v) return m * p;
+  function niceStep(v) {   // the smallest tidy whole number at least v
+    const p = Math.pow(10, Math.floor(Math.log10(Math.max(v, 1))));
+    for (const m of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (m * p >= v && Number.isInteger(m * p)) return m * p;
     return 10 * p;
   }
   function compact(v) { return v >= 1000 ? (Math.round(v / 100) / 10) + "k" : String(Math.round(v * 10) / 10); }
@@ -8736,7 +8737,8 @@ _DASHBOARD_JS = r"""
     const errors = data.errors.length ? h("table", {},
       h("thead", {}, h("tr", {}, h("th", {}, "Error"), h("th", {class: "num"}, "Count"), h("th", {}, "Last"))),
       h("tbody", {}, data.errors.map((e) => h("tr", {},
-        h("td", {}, h("div", {class: "clip"}, h("strong", {}, e.type), e.message ? ": " + e.message : ""),
+        h("td", {class: "fill"}, h("div", {class: "clip", title: e.type + (e.message ? ": " + e.message : "")},
+          h("strong", {}, e.type), e.message ? ": " + e.message : ""),
           h("a", {class: "muted", href: taskHref(e.task_id)}, "latest task \u2192")),
         h("td", {class: "num"}, number(e.count)), h("td", {class: "muted nowrap"}, age(e.last_at))))))
       : h("p", {class: "muted"}, "No failures in the last 24 hours.");

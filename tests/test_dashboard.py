@@ -590,6 +590,21 @@ class DashboardBrowserTests(DashboardTestCase):
         page.click("button:has-text('Filter')")
         page.wait_for_selector("text=No tasks match these filters.")
 
+    def test_a_long_error_message_leaves_the_error_cards_columns_in_view(self):
+        # The message is cut short with an ellipsis (its whole text in the title), not the card:
+        # on a laptop-wide window the card is half the page, and its last column was clipped.
+        self.fail_tasks(self.app, "sync", ["warehouse API at inventory.internal.example.com did not answer " * 3])
+        server, _ = self.serve()
+        page = self.open(server, "/")
+        page.set_viewport_size({"width": 1360, "height": 900})
+        cell = page.locator("tr:has-text('ValueError') td.nowrap")
+        cell.wait_for()
+        card = page.locator(".card:has(h2:has-text('Most frequent errors'))")
+        cell_box, card_box = cell.bounding_box(), card.bounding_box()
+        self.assertLessEqual(cell_box["x"] + cell_box["width"], card_box["x"] + card_box["width"])
+        self.assertEqual(card.evaluate("card => card.scrollWidth <= card.clientWidth"), True)
+        self.assertIn("did not answer", page.locator("tr:has-text('ValueError') .clip").get_attribute("title"))
+
     def test_progress_moves_and_the_running_task_is_cancelled(self):
         script = self.worker_script("""
             @worker.register("crunch", task_progress=TaskProgress, timeout=None)
