@@ -2096,15 +2096,15 @@ register_dialect("sqlite", SQLiteDialect)
 # --- PostgreSQL -----------------------------------------------------------------------------------
 
 class _Result:
-    """What one statement returned, read whole (its ``rowcount`` and ``description``; ``fetchone()``,
-    ``fetchall()`` and iteration over its rows), so that the connection's one cursor can run the
-    next statement."""
+    """What one statement returned, read whole (its ``rowcount``; ``fetchone()``, ``fetchall()``
+    and iteration over its rows: none for a statement without a result), so that the
+    connection's one cursor can run the next statement."""
 
-    __slots__ = ("rowcount", "description", "_rows", "_next")
+    __slots__ = ("rowcount", "_rows", "_next")
 
     def __init__(self, cursor):
-        self.rowcount, self.description = cursor.rowcount, cursor.description
-        self._rows = cursor.fetchall() if self.description is not None else []
+        self.rowcount = cursor.rowcount
+        self._rows = cursor.fetchall() if _returned_rows(cursor) else []
         self._next = 0
 
     def fetchone(self):
@@ -2122,6 +2122,19 @@ class _Result:
 
     def close(self):
         """As a cursor's: nothing is held."""
+
+
+def _returned_rows(cursor):
+    """Whether the statement just run on ``cursor`` returned rows (SELECT, RETURNING)."""
+    pgresult = getattr(cursor, "pgresult", None)
+    if pgresult is not None:
+        # psycopg 3: its description makes an object per column at every call (80 µs for a
+        # task's 26), where libpq's status is one attribute.
+        return pgresult.status == _PGRES_TUPLES_OK
+    return cursor.description is not None
+
+
+_PGRES_TUPLES_OK = 2   # libpq's ExecStatusType of a result with rows (psycopg.pq.ExecStatus)
 
 
 class DBAPIConnection:

@@ -313,7 +313,7 @@ class TempDirTestCase(unittest.TestCase):
         conn = dialect.connect()
         try:
             cursor = conn.execute(dialect.sql(statement), params)
-            rows = cursor.fetchall() if cursor.description else []
+            rows = cursor.fetchall()   # [] for a statement without a result
             # Ids as the text SQLite stores, whatever type the driver gives a uuid column.
             return [tuple(str(v) if isinstance(v, uuid.UUID) else v for v in row) for row in rows]
         finally:
