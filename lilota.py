@@ -1561,9 +1561,15 @@ class Dialect:
     def mark_watched(self, conn, task_ids):
         """Mark the tasks ``task_ids`` (canonical ids, at most 500) as waited for, so that their
         end reaches the "ended" listeners; return the ids that are marked now (before, too).
-        A dialect with such a listener must make sure a queued task the mark kept from a claim
-        for a moment (its row lock) is not left unclaimed by workers that went idle meanwhile."""
-        raise NotImplementedError(f"{type(self).__name__} has an 'ended' listener but no mark_watched()")
+        The mark locks a row for a moment, and a claim passes locked rows by: this default
+        leaves queued tasks unmarked (their waiters look at them now and then); a dialect that
+        marks them must wake the workers the mark may have turned away (as PostgreSQL's does)."""
+        marks = ", ".join("?" for _ in task_ids)
+        return {str(row[0]) for row in conn.execute(self.sql(
+            f"WITH marked AS (UPDATE lilota_task SET watched = 1 WHERE id IN ({marks}) AND watched = 0 "
+            f"AND status <> 'scheduled' RETURNING id) SELECT id FROM marked "
+            f"UNION ALL SELECT id FROM lilota_task WHERE id IN ({marks}) AND watched = 1"),
+            list(task_ids) * 2).fetchall()}
 
     def file_identity(self):
         """What identifies the file the database lives in (it changes when the file is deleted or
@@ -2242,6 +2248,10 @@ class _SchemaConnection(DBAPIConnection):
 #: (TG_TABLE_SCHEMA in a trigger): an identifier, so at most 63 bytes. Idle workers listen on
 #: 'lilota_' || schema for queued tasks (schema version 1); waiters on this one.
 _ENDED_CHANNEL_SQL = "left('lilota_ended_' || TG_TABLE_SCHEMA, 63)"
+#: The schema that lilota_task is in, as the connection's search_path finds it (no row before
+#: the table exists): that of the channels, outside a trigger.
+_TASK_SCHEMA_SQL = ("SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE c.oid = to_regclass('lilota_task')")
 
 _POSTGRES_DRIVERS = {
     "psycopg": ("psycopg", "psycopg[binary]"),
@@ -2705,9 +2715,8 @@ class PostgreSQLDialect(Dialect):
             f"WITH marked AS (UPDATE lilota_task SET watched = 1 WHERE id IN ({marks}) AND watched = 0 "
             f"RETURNING id, status), "
             f"quick AS (SELECT set_config('synchronous_commit', 'off', true)), "
-            f"woken AS (SELECT pg_notify(left('lilota_' || n.nspname, 63), '') FROM pg_class c "
-            f"JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = 'lilota_task'::regclass "
-            f"AND EXISTS (SELECT 1 FROM marked WHERE status = 'scheduled')) "
+            f"woken AS (SELECT pg_notify(left('lilota_' || ({_TASK_SCHEMA_SQL}), 63), '') "
+            f"WHERE EXISTS (SELECT 1 FROM marked WHERE status = 'scheduled')) "
             # (A WITH that only reads runs only where it is read: hence the joins and the count.)
             f"SELECT id FROM marked, quick WHERE (SELECT COUNT(*) FROM woken) >= 0 "
             f"UNION ALL SELECT id FROM lilota_task WHERE id IN ({marks}) AND watched = 1"),
@@ -2839,8 +2848,7 @@ class _PostgresListener:
                 raw.notifies = self.received   # psycopg2's Notify objects
             else:
                 raw.notifications = self.received   # pg8000's (pid, channel, payload) tuples
-            row = conn.execute("SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                               "WHERE c.oid = to_regclass('lilota_task')").fetchone()
+            row = conn.execute(_TASK_SCHEMA_SQL).fetchone()
             channel = (self.prefix + (row[0] if row else "public"))[:63]   # as left(..., 63) in SQL
             conn.execute('LISTEN "' + channel.replace('"', '""') + '"')
         except BaseException:

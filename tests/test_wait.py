@@ -142,6 +142,16 @@ class ListenerOnPostgresTests(support.TempDirTestCase):
         wait_until(lambda: received.extend(queued.drain()) or "marker" in received, 10, message="the marker")
         self.assertEqual(received, ["marker"])
 
+    def test_the_default_mark_of_a_dialect_leaves_queued_tasks_to_be_polled(self):
+        # Dialect.mark_watched, for a dialect of one's own with an "ended" listener: it cannot
+        # know how to wake the workers its row lock turns away, so it does not mark a queued task.
+        queued = str(self.app.schedule("step", "a", delay=3600))
+        waiting = str(self.app.schedule("step", "b", depends_on=[queued]))
+        with self.app.storage._guard as conn:
+            marked = lilota.Dialect.mark_watched(self.app.storage.dialect, conn, [queued, waiting])
+        self.assertEqual(marked, {waiting})
+        self.assertEqual(self.db_execute("SELECT id, watched FROM lilota_task ORDER BY id"), [(queued, 0), (waiting, 1)])
+
     def test_a_waiter_outlives_its_listener_connection(self):
         waiting = self.app.schedule("step", "b", depends_on=[self.app.schedule("step", "a", delay=3600)])
         waiter = _Waiter(self.app, waiting)
