@@ -279,8 +279,16 @@ def sqlalchemy_engine(test):
     if test.backend == "sqlite":
         engine = sqlalchemy.create_engine("sqlite:///" + test.db_path)
     else:
-        engine = sqlalchemy.create_engine(POSTGRES_URL.split("?")[0],
-                                          connect_args={"options": f"-c search_path={test.schema}"})
+        # The test's schema first on the search path, set on each new connection and committed
+        # (a SET in a transaction rolled back is undone): pg8000 takes no "options".
+        engine = sqlalchemy.create_engine(POSTGRES_URL.split("?")[0])
+
+        @sqlalchemy.event.listens_for(engine, "connect")
+        def use_the_tests_schema(dbapi_connection, _):
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f'SET search_path TO "{test.schema}"')
+            cursor.close()
+            dbapi_connection.commit()
     test.addCleanup(engine.dispose)
     return sqlalchemy, engine
 

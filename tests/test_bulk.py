@@ -8,6 +8,7 @@ What it makes for many inputs at once -- task ids, their texts, the inputs' JSON
 makes for one."""
 
 import importlib
+import re
 import sqlite3
 import unittest
 import unittest.mock
@@ -310,8 +311,7 @@ class BulkOnEachPostgresDriverTests(BulkTestCase):
                     if support.IN_CI and driver == "psycopg":
                         raise
                     continue
-                url = self.db_url.replace("postgresql://", f"postgresql+{driver}://", 1)
-                url = url.replace("postgresql+psycopg://", f"postgresql+{driver}://", 1)
+                url = re.sub(r"^postgres(ql)?(\+\w+)?://", f"postgresql+{driver}://", self.db_url)
                 app = LilotaScheduler(url)
                 app.storage.ensure_ready()
                 self.assertEqual(app.storage.dialect.driver, driver)
