@@ -2110,7 +2110,8 @@ class _Result:
 
     def __init__(self, cursor):
         self.rowcount = cursor.rowcount
-        self._rows = cursor.fetchall() if _returned_rows(cursor) else []
+        rows = cursor.fetchall() if _returned_rows(cursor) else []
+        self._rows = rows if type(rows) is list else list(rows)   # pg8000's is a tuple; callers may sort it
         self._next = 0
 
     def fetchone(self):

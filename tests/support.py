@@ -210,8 +210,9 @@ def postgres_admin(statement, url=None):
     """Run one statement on the test server (outside any test schema)."""
     conn = lilota._dialect_for_url(url or POSTGRES_URL).connect()
     try:
-        return conn.execute(statement).fetchall() if statement.lstrip().upper().startswith("SELECT") \
-            else conn.execute(statement)
+        if statement.lstrip().upper().startswith("SELECT"):
+            return [tuple(row) for row in conn.execute(statement).fetchall()]   # (pg8000's rows are lists)
+        return conn.execute(statement)
     finally:
         conn.close()
 
