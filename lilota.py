@@ -2111,7 +2111,7 @@ class _Result:
     def __init__(self, cursor):
         self.rowcount = cursor.rowcount
         rows = cursor.fetchall() if _returned_rows(cursor) else []
-        self._rows = rows if type(rows) is list else list(rows)   # pg8000's is a tuple; callers may sort it
+        self._rows = rows if type(rows) is list else list(rows)   # pg8000's is a tuple; callers reorder it
         self._next = 0
 
     def fetchone(self):
@@ -2131,6 +2131,9 @@ class _Result:
         """As a cursor's: nothing is held."""
 
 
+_PGRES_TUPLES_OK = 2   # libpq's ExecStatusType of a result with rows (psycopg.pq.ExecStatus)
+
+
 def _returned_rows(cursor):
     """Whether the statement just run on ``cursor`` returned rows (SELECT, RETURNING)."""
     pgresult = getattr(cursor, "pgresult", None)
@@ -2139,9 +2142,6 @@ def _returned_rows(cursor):
         # task's 26), where libpq's status is one attribute.
         return pgresult.status == _PGRES_TUPLES_OK
     return cursor.description is not None
-
-
-_PGRES_TUPLES_OK = 2   # libpq's ExecStatusType of a result with rows (psycopg.pq.ExecStatus)
 
 
 class DBAPIConnection:

@@ -140,5 +140,31 @@ class RegisteredDialectTest(TempDirTestCase):
         self.assertEqual(outputs, [n * 2 for n in range(20)] + [200])
 
 
+class DBAPIConnectionTest(unittest.TestCase):
+    """The wrapper of a DB-API driver, whatever shape of rows the driver returns."""
+
+    def test_a_statements_rows_are_a_list_the_caller_may_reorder(self):
+        # pg8000's fetchall() is a tuple (of lists); a task's last log records are read newest
+        # first and reversed in place (lilota show, lilota logs, the dashboard's task page).
+        class Cursor:
+            description, rowcount = (("seq",),), 2
+
+            def execute(self, sql, params=None):
+                pass
+
+            def fetchall(self):
+                return (["2"], ["1"])
+
+        class Raw:
+            def cursor(self):
+                return Cursor()
+
+        result = lilota.DBAPIConnection(Raw()).execute("SELECT seq FROM lilota_log ORDER BY seq DESC")
+        rows = result.fetchall()
+        rows.reverse()
+        self.assertEqual(rows, [["1"], ["2"]])
+        self.assertIsNone(result.fetchone())   # read whole
+
+
 if __name__ == "__main__":
     unittest.main()
